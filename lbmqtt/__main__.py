@@ -1,0 +1,5 @@
+"""``python -m lbmqtt`` is the ``lbmqtt`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

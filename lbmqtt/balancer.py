@@ -1,0 +1,748 @@
+"""The balancer: MQTT in -> scheduler -> MQTT out.
+
+It owns every task's record and the view of the nodes; the decisions come from
+:mod:`lbmqtt.scheduler`. Work is done in *ticks*: every inbound message only updates
+state and asks for a tick; the tick (run once per event-loop iteration, after all the
+messages already read) places tasks on free slots, publishes one assignment set per node
+whose set changed and one batch of task states per user. So a burst of submits or
+results costs a few outbound messages, not a few per task.
+
+Identity comes from the topic: the user of ``users/{u}/submit`` owns the tasks; cancel,
+ack and query only touch that user's tasks. Nothing a client sends can stop the balancer:
+every inbound message is validated, a bad one is counted, logged at a bounded rate, and
+answered on the sender's ``errors`` topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+from .config import Settings, coerce_settings
+from .errors import DecodeError, ErrorCode
+from .mqtt import MqttTransport, Will
+from .protocol import (
+    BalancerStats,
+    BalancerStatus,
+    ErrorInfo,
+    ErrorItem,
+    Errors,
+    Events,
+    Heartbeat,
+    IdList,
+    NameSummary,
+    NodeReport,
+    NodeStatus,
+    NodeSummary,
+    Result,
+    Status,
+    TaskSpec,
+    TaskState,
+    Topics,
+    UserSummary,
+    decode,
+    decode_submit,
+    encode_json,
+)
+from .scheduler import Group, NodeCaps, QueuedTask, Scheduler
+
+log = logging.getLogger(__name__)
+
+PLACED = frozenset({Status.ASSIGNED, Status.RUNNING})
+HEALTH_CHECK_S = 0.5
+EXPIRY_CHECK_S = 1.0
+BAD_LOG_INTERVAL_S = 10.0
+RECENTLY_LOST_S = 300.0
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """Everything the balancer keeps about one task."""
+
+    id: str
+    user: str
+    name: str
+    args_json: bytes
+    priority: int
+    seq: int
+    submitted_at: float
+    notify: str = "retained"
+    timeout_s: float | None = None
+    ref: str | None = None
+    status: Status = Status.QUEUED
+    attempt: int = 0
+    node: str | None = None
+    group: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: int = 0
+    result: Any = None
+    error: ErrorInfo | None = None
+    collected_at: float | None = None
+    assignment_json: bytes = b""
+
+    def same_submit(self, spec: TaskSpec, args_json: bytes) -> bool:
+        """True if ``spec`` is a resend of this task's submit (idempotent)."""
+        return (spec.name == self.name and spec.priority == self.priority
+                and args_json == self.args_json and spec.timeout_s == self.timeout_s)
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    """The balancer's view of one node."""
+
+    name: str
+    instance: str = ""
+    online: bool = False
+    status: NodeStatus | None = None
+    last_seen: float = 0.0
+    load: list[float] = field(default_factory=list)
+    assigned: dict[str, None] = field(default_factory=dict)
+    seq: int = 0
+    offline_since: float | None = None
+    offline_reason: str = ""
+
+
+class Balancer:
+    """The balancer as an async context manager (``lbmqtt balancer`` runs one).
+
+    Args:
+        parameters: settings, a parameters.json path, or None.
+    """
+
+    def __init__(self, parameters: Settings | str | os.PathLike[str] | None = None):
+        self.settings = coerce_settings(parameters)
+        self.topics = Topics(self.settings.topic_prefix)
+        self.instance = uuid.uuid4().hex[:12]
+        self.started_at = time.time()
+        self.scheduler = Scheduler()
+        self.tasks: dict[str, TaskRecord] = {}
+        self.nodes: dict[str, NodeInfo] = {}
+        self.ready = asyncio.Event()
+        """Set once connected and subscribed."""
+        self._transport: MqttTransport | None = None
+        self._seq = 0
+        self._tick_soon = False
+        self._round_wanted = False
+        self._dirty_nodes: set[str] = set()
+        self._states: dict[str, dict[str, TaskRecord]] = {}
+        self._errors: dict[str, list[ErrorItem]] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._why_cache: dict[tuple[str, int], str | None] = {}
+        self._bad_log: dict[str, float] = {}
+        self._bg: list[asyncio.Task[None]] = []
+        self.queued_by = Counter[tuple[str, int]]()  # (name, priority) -> queued
+        self.running_by_name = Counter[str]()
+        self.done_by_name = Counter[str]()
+        self.failed_by_name = Counter[str]()
+        self.counters = Counter[str]()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect, subscribe and start the housekeeping tasks."""
+        s, t = self.settings, self.topics
+        offline = BalancerStatus(online=False, instance=self.instance).encode()
+        self._transport = MqttTransport(
+            host=s.broker_host, port=s.broker_port,
+            client_id=f"lbmqtt-balancer-{self.instance}",
+            on_message=self._on_message,
+            subscriptions=[(t.all_submits, 1), (t.all_cancels, 1), (t.all_acks, 1),
+                           (t.all_queries, 1), (t.all_node_status, 1), (t.all_reports, 1),
+                           (t.all_heartbeats, 0)],
+            on_connect=self._on_connect, will=Will(t.balancer_status, offline),
+            keepalive_s=s.broker_keepalive_s, username=s.broker_username,
+            password=s.broker_password, connect_timeout_s=s.connect_timeout_s,
+        )
+        await self._transport.start()
+        self._bg = [
+            asyncio.create_task(self._health_loop(), name="balancer-health"),
+            asyncio.create_task(self._stats_loop(), name="balancer-stats"),
+            asyncio.create_task(self._expiry_loop(), name="balancer-expiry"),
+            asyncio.create_task(self._ready_watch(), name="balancer-ready"),
+        ]
+
+    async def stop(self) -> None:
+        """Publish offline status, stop housekeeping, disconnect."""
+        t = self._transport
+        for task in self._bg:
+            task.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        if t is not None:
+            if t.connected:
+                self._tick()
+                await t.publish_confirmed(
+                    self.topics.balancer_status,
+                    BalancerStatus(online=False, instance=self.instance).encode(),
+                    retain=True, timeout_s=2.0)
+            await t.close()
+        c = self.counters
+        log.info("balancer stopped: %d submitted, %d done, %d failed, %d cancelled, "
+                 "%d still queued", c["submitted"], c["done"], c["failed"], c["cancelled"],
+                 self.scheduler.queued)
+
+    async def __aenter__(self) -> Balancer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run(self, stop: asyncio.Event | None = None, *,
+                  on_ready: Callable[[Balancer], None] | None = None) -> None:
+        """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            if on_ready is not None:
+                ready = asyncio.ensure_future(self.ready.wait())
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                stopped.cancel()
+                if self.ready.is_set():
+                    on_ready(self)
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    async def _ready_watch(self) -> None:
+        assert self._transport is not None
+        await self._transport.wait_ready(float("inf"))
+        self.ready.set()
+
+    def _on_connect(self) -> None:
+        assert self._transport is not None
+        status = BalancerStatus(online=True, instance=self.instance, version=__version__,
+                                started_at=self.started_at, pid=os.getpid(),
+                                host=socket.gethostname())
+        self._transport.publish(self.topics.balancer_status, status.encode(), qos=1,
+                                retain=True)
+        # the broker may have restarted and lost the retained sets: publish them again
+        self._dirty_nodes.update(n for n, info in self.nodes.items() if info.online)
+        self._kick()
+
+    # ------------------------------------------------------------------ inbound
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = self.topics.parse(topic)
+        if parsed is None:
+            return
+        kind, name, rest = parsed
+        try:
+            if kind == "user":
+                if rest == "submit":
+                    self._on_submit(name, payload)
+                elif rest == "cancel":
+                    self._on_cancel(name, payload)
+                elif rest == "ack":
+                    self._on_ack(name, payload)
+                elif rest == "query":
+                    self._on_query(name, payload)
+            elif rest == "status":
+                self._on_node_status(name, payload)
+            elif rest == "heartbeat":
+                self._on_heartbeat(name, payload)
+            elif rest == "reports":
+                self._on_reports(name, payload)
+        except DecodeError as exc:
+            self._bad_message(kind, name, rest, exc)
+        except Exception as exc:
+            self.counters["internal_errors"] += 1
+            log.exception("failed to handle a message on %s", topic)
+            if kind == "user":
+                self._error(name, ErrorCode.INTERNAL,
+                            f"the balancer failed to handle this message: {exc}", topic=topic)
+        self._kick()
+
+    def _bad_message(self, kind: str, name: str, rest: str, exc: DecodeError) -> None:
+        self.counters["bad_messages"] += 1
+        sender = f"{kind} {name}"
+        now = time.monotonic()
+        if now - self._bad_log.get(sender, -1e9) > BAD_LOG_INTERVAL_S:
+            self._bad_log[sender] = now
+            log.warning("bad message from %s on %s: %s (raw %r)", sender, rest, exc,
+                        exc.raw[:120])
+        if kind == "user":
+            self._error(name, exc.code, f"bad message on {rest}: {exc}", task_id=exc.task_id,
+                        ref=exc.ref, topic=rest)
+
+    def _error(self, user: str, code: str, message: str, *, task_id: str | None = None,
+               ref: str | None = None, topic: str | None = None) -> None:
+        self._errors.setdefault(user, []).append(
+            ErrorItem(code=code, message=message, id=task_id, ref=ref, topic=topic))
+
+    def _on_submit(self, user: str, payload: bytes) -> None:
+        now = time.time()
+        for item in decode_submit(payload):
+            if isinstance(item, DecodeError):
+                self._bad_message("user", user, "submit", item)
+                self.counters["refused"] += 1
+                continue
+            self._accept(user, item, now)
+
+    def _accept(self, user: str, spec: TaskSpec, now: float) -> None:
+        args_json = encode_json(spec.args)
+        task_id = spec.id or uuid.uuid4().hex
+        old = self.tasks.get(task_id)
+        if old is not None:
+            if old.user == user and old.same_submit(spec, args_json):
+                self._emit(old)  # a resend: acknowledge again, run once
+                return
+            self.counters["refused"] += 1
+            self._error(user, ErrorCode.DUPLICATE_ID,
+                        f"task id {task_id!r} is already used by another task", task_id=task_id,
+                        ref=spec.ref)
+            return
+        cap = self.settings.lb_queing_maxperuser
+        if cap and self.scheduler.queued_for(user) >= cap:
+            self.counters["refused"] += 1
+            self._error(user, ErrorCode.QUOTA_EXCEEDED,
+                        f"user {user!r} already has {cap} queued tasks "
+                        f"(LB_QUEING_MAXPERUSER); task {spec.name!r} refused",
+                        task_id=task_id, ref=spec.ref)
+            return
+        self._seq += 1
+        rec = TaskRecord(id=task_id, user=user, name=spec.name, args_json=args_json,
+                         priority=spec.priority, seq=self._seq, submitted_at=now,
+                         notify=spec.notify, timeout_s=spec.timeout_s, ref=spec.ref)
+        self.tasks[task_id] = rec
+        self.counters["submitted"] += 1
+        self._enqueue(rec)
+        self._emit(rec)
+
+    def _on_cancel(self, user: str, payload: bytes) -> None:
+        ids = decode(IdList, payload).all_ids()
+        for tid in ids:
+            rec = self.tasks.get(tid)
+            if rec is None or rec.user != user:
+                self._error(user, ErrorCode.UNKNOWN_TASK, f"no task {tid!r} to cancel",
+                            task_id=tid, topic="cancel")
+                continue
+            if rec.status.final:
+                self._emit(rec)  # too late: tell the current state
+                continue
+            if rec.status == Status.QUEUED:
+                self.scheduler.remove(rec.id)
+                self._left_queue(rec)
+            else:
+                self._unplace(rec)
+            rec.error = ErrorInfo(type="Cancelled", message="cancelled by its user")
+            self._finalize(rec, Status.CANCELLED, time.time())
+
+    def _on_ack(self, user: str, payload: bytes) -> None:
+        now = time.time()
+        for tid in decode(IdList, payload).all_ids():
+            rec = self.tasks.get(tid)
+            if rec is None or rec.user != user or not rec.status.final:
+                continue
+            if rec.collected_at is None:
+                rec.collected_at = now
+                heapq.heappush(self._expiry, (self._expires_at(rec), rec.id))
+
+    def _on_query(self, user: str, payload: bytes) -> None:
+        for tid in decode(IdList, payload).all_ids():
+            rec = self.tasks.get(tid)
+            if rec is None or rec.user != user:
+                self._error(user, ErrorCode.UNKNOWN_TASK,
+                            f"no task {tid!r} (never submitted by {user!r}, or expired)",
+                            task_id=tid, topic="query")
+            else:
+                self._emit(rec)
+
+    # -- nodes ------------------------------------------------------------------------
+
+    def _on_node_status(self, name: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        st = decode(NodeStatus, payload)
+        if st.node != name:
+            raise DecodeError(f"status of node {st.node!r} published on node {name!r}'s topic",
+                              payload)
+        info = self.nodes.get(name)
+        if info is None:
+            info = self.nodes[name] = NodeInfo(name=name)
+            self._dirty_nodes.add(name)  # clear a stale set left by an earlier balancer
+        if not st.online:
+            if info.online and st.instance == info.instance:
+                self._node_lost(info, "went offline")
+            return
+        if info.online and info.instance != st.instance:
+            self._node_lost(info, "restarted")
+        if not info.online:
+            log.info("node %s online: %d slots, speed %g, tasks %s", name,
+                     sum(g.workers for g in st.groups), st.speed, ", ".join(st.tasks))
+        info.online = True
+        info.instance = st.instance
+        info.status = st
+        info.last_seen = time.monotonic()
+        info.offline_since = None
+        self.scheduler.set_node(NodeCaps(
+            name=name, tasks=frozenset(st.tasks), speed=st.speed,
+            groups=tuple(Group(g.index, g.workers, g.min_p, g.max_p) for g in st.groups)))
+        self._why_cache.clear()
+        self._dirty_nodes.add(name)
+        self._round_wanted = True
+
+    def _on_heartbeat(self, name: str, payload: bytes) -> None:
+        hb = decode(Heartbeat, payload)
+        info = self.nodes.get(name)
+        if info is None or not info.online or info.instance != hb.instance:
+            return
+        info.last_seen = time.monotonic()
+        info.load = hb.load
+
+    def _node_lost(self, info: NodeInfo, reason: str) -> None:
+        log.warning("node %s %s: %d of its tasks go back to the queue", info.name, reason,
+                    len(info.assigned))
+        info.online = False
+        info.offline_since = time.monotonic()
+        info.offline_reason = reason
+        self.scheduler.remove_node(info.name)
+        self._why_cache.clear()
+        now = time.time()
+        for tid in list(info.assigned):
+            rec = self.tasks.get(tid)
+            if rec is None:
+                continue
+            self._unplace(rec, release=False)
+            self._retry_or_fail(rec, ErrorInfo(
+                type="NodeLost", message=f"node {info.name} {reason} while it held the task"),
+                now)
+        info.assigned.clear()
+        self._dirty_nodes.add(info.name)
+        self._round_wanted = True
+
+    def _on_reports(self, name: str, payload: bytes) -> None:
+        rep = decode(NodeReport, payload)
+        info = self.nodes.get(name)
+        if info is None or rep.node != name:
+            return
+        if info.online and info.instance == rep.instance:
+            info.last_seen = time.monotonic()
+        now = time.time()
+        for s in rep.started:
+            rec = self._current(info, s.id, s.attempt)
+            if rec is not None and rec.status == Status.ASSIGNED:
+                self._set_status(rec, Status.RUNNING)
+                rec.started_at = now
+                self._emit(rec)
+        for p in rep.progress:
+            rec = self._current(info, p.id, p.attempt)
+            if rec is not None and rec.status in PLACED and p.progress != rec.progress:
+                rec.progress = p.progress
+                self._emit(rec)
+        for r in rep.results:
+            rec = self._current(info, r.id, r.attempt)
+            if rec is None:
+                # stale or already recorded: the node drops it once it sees a set without it
+                self._dirty_nodes.add(name)
+                continue
+            self._apply_result(rec, r, now)
+
+    def _current(self, info: NodeInfo, task_id: str, attempt: int) -> TaskRecord | None:
+        """The task record if this attempt is the one placed on this node, else None."""
+        rec = self.tasks.get(task_id)
+        if (rec is None or rec.status not in PLACED or rec.node != info.name
+                or rec.attempt != attempt or task_id not in info.assigned):
+            return None
+        return rec
+
+    def _apply_result(self, rec: TaskRecord, r: Result, now: float) -> None:
+        if rec.started_at is None:
+            rec.started_at = now
+        self._unplace(rec)
+        if r.status == "done":
+            rec.result = r.result
+            rec.progress = 100
+            self._finalize(rec, Status.DONE, now)
+        elif r.status == "lost":
+            self._retry_or_fail(rec, r.error or ErrorInfo(type="WorkerLost",
+                                                          message="worker process lost"), now)
+        else:  # failed, timeout, cancelled on the node
+            rec.error = r.error or ErrorInfo(type="Failed", message=f"task {r.status}")
+            self._finalize(rec, Status.FAILED, now)
+
+    # ------------------------------------------------------------------ transitions
+
+    def _set_status(self, rec: TaskRecord, new: Status) -> None:
+        old = rec.status
+        if old == new:
+            return
+        if old in PLACED and new not in PLACED:
+            self.running_by_name[rec.name] -= 1
+        if new in PLACED and old not in PLACED:
+            self.running_by_name[rec.name] += 1
+        rec.status = new
+
+    def _enqueue(self, rec: TaskRecord) -> None:
+        self._set_status(rec, Status.QUEUED)
+        rec.node = None
+        rec.group = None
+        self.scheduler.enqueue(QueuedTask(rec.id, rec.user, rec.name, rec.priority, rec.seq))
+        self.queued_by[(rec.name, rec.priority)] += 1
+        self._round_wanted = True
+
+    def _left_queue(self, rec: TaskRecord) -> None:
+        key = (rec.name, rec.priority)
+        self.queued_by[key] -= 1
+        if self.queued_by[key] <= 0:
+            del self.queued_by[key]
+
+    def _unplace(self, rec: TaskRecord, *, release: bool = True) -> None:
+        """Take a placed task off its node (its slot frees; its node's set changes)."""
+        if release:
+            self.scheduler.release(rec.id)
+        info = self.nodes.get(rec.node) if rec.node is not None else None
+        if info is not None and rec.id in info.assigned:
+            del info.assigned[rec.id]
+            self._dirty_nodes.add(info.name)
+        self._round_wanted = True
+
+    def _retry_or_fail(self, rec: TaskRecord, error: ErrorInfo, now: float) -> None:
+        if rec.attempt < self.settings.task_max_attempts:
+            log.info("task %s lost on attempt %d (%s): queued again", rec.id, rec.attempt,
+                     error.message)
+            self.counters["retried"] += 1
+            rec.progress = 0
+            rec.started_at = None
+            self._enqueue(rec)
+            self._emit(rec)
+        else:
+            rec.error = ErrorInfo(
+                type=error.type,
+                message=f"{error.message} (attempt {rec.attempt} of "
+                        f"{self.settings.task_max_attempts}: giving up)",
+                traceback=error.traceback)
+            self._finalize(rec, Status.FAILED, now)
+
+    def _finalize(self, rec: TaskRecord, status: Status, now: float) -> None:
+        self._set_status(rec, status)
+        rec.finished_at = now
+        rec.assignment_json = b""
+        if status == Status.DONE:
+            self.counters["done"] += 1
+            self.done_by_name[rec.name] += 1
+        elif status == Status.FAILED:
+            self.counters["failed"] += 1
+            self.failed_by_name[rec.name] += 1
+        else:
+            self.counters["cancelled"] += 1
+        heapq.heappush(self._expiry, (self._expires_at(rec), rec.id))
+        self._emit(rec)
+
+    def _expires_at(self, rec: TaskRecord) -> float:
+        finished = rec.finished_at or time.time()
+        t = finished + self.settings.result_ttl_s
+        if rec.collected_at is not None:
+            t = min(t, rec.collected_at + self.settings.result_collected_ttl_s)
+        return t
+
+    # ------------------------------------------------------------------ ticks
+
+    def _kick(self) -> None:
+        if not self._tick_soon:
+            self._tick_soon = True
+            asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self._tick_soon = False
+        if self._round_wanted:
+            self._round_wanted = False
+            self._round()
+        t = self._transport
+        if t is None or not t.connected:
+            return  # states and sets go out after the reconnect (sets are rebuilt whole)
+        for name in self._dirty_nodes:
+            self._publish_set(name)
+        self._dirty_nodes.clear()
+        self._flush_states()
+
+    def _round(self) -> None:
+        for p in self.scheduler.schedule():
+            rec = self.tasks[p.task.id]
+            info = self.nodes[p.node]
+            self._left_queue(rec)
+            self._set_status(rec, Status.ASSIGNED)
+            rec.attempt += 1
+            rec.node = p.node
+            rec.group = p.group
+            rec.progress = 0
+            rec.assignment_json = self._assignment_json(rec)
+            info.assigned[rec.id] = None
+            self._dirty_nodes.add(p.node)
+            self._emit(rec)
+
+    def _assignment_json(self, rec: TaskRecord) -> bytes:
+        # Built once per attempt from the stored args bytes: the set of a busy node is
+        # republished often, its tasks' arguments are never re-encoded.
+        head = encode_json({"id": rec.id, "attempt": rec.attempt, "user": rec.user,
+                            "name": rec.name, "priority": rec.priority, "group": rec.group,
+                            "timeout_s": rec.timeout_s})
+        return head[:-1] + b',"args":' + rec.args_json + b"}"
+
+    def _publish_set(self, name: str) -> None:
+        info = self.nodes.get(name)
+        if info is None or self._transport is None:
+            return
+        info.seq += 1
+        if info.assigned:
+            parts = [self.tasks[tid].assignment_json for tid in info.assigned]
+            head = encode_json({"v": 1, "node": name, "balancer": self.instance,
+                                "seq": info.seq})
+            payload = head[:-1] + b',"tasks":[' + b",".join(parts) + b"]}"
+        else:
+            payload = b""  # an empty retained payload clears the set
+        self._transport.publish(self.topics.assign(name), payload, qos=1, retain=True)
+
+    def _emit(self, rec: TaskRecord) -> None:
+        self._states.setdefault(rec.user, {})[rec.id] = rec
+
+    def state_of(self, rec: TaskRecord) -> TaskState:
+        """The wire state of a task record (with the current waiting reason if queued)."""
+        waiting = None
+        if rec.status == Status.QUEUED:
+            key = (rec.name, rec.priority)
+            if key not in self._why_cache:
+                self._why_cache[key] = self.scheduler.why_waiting(rec.name, rec.priority)
+            waiting = self._why_cache[key]
+        return TaskState(
+            id=rec.id, user=rec.user, name=rec.name, status=rec.status,
+            priority=rec.priority, progress=rec.progress, attempt=rec.attempt, node=rec.node,
+            submitted_at=rec.submitted_at, started_at=rec.started_at,
+            finished_at=rec.finished_at, result=rec.result, error=rec.error,
+            waiting=waiting, ref=rec.ref)
+
+    def _flush_states(self) -> None:
+        t = self._transport
+        assert t is not None
+        for user, recs in self._states.items():
+            states = [self.state_of(r) for r in recs.values()]
+            t.publish(self.topics.events(user), Events(states=states).encode(), qos=1)
+            for st, rec in zip(states, recs.values(), strict=True):
+                if rec.notify == "retained" and rec.id in self.tasks:
+                    data = st.encode()
+                    t.publish(self.topics.task(user, rec.id), data, qos=1, retain=True)
+                    if rec.status.final:
+                        t.publish(self.topics.result(user, rec.id), data, qos=1, retain=True)
+        self._states.clear()
+        for user, errs in self._errors.items():
+            t.publish(self.topics.errors(user), Errors(errors=errs).encode(), qos=1)
+        self._errors.clear()
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def _health_loop(self) -> None:
+        timeout = self.settings.node_timeout_s
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_S)
+            now = time.monotonic()
+            for info in list(self.nodes.values()):
+                if info.online and now - info.last_seen > timeout:
+                    self._node_lost(info, f"went silent (no heartbeat for {timeout:g} s)")
+            self._kick()
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_S)
+            self.expire(time.time())
+
+    def expire(self, now: float) -> int:
+        """Forget finished tasks past their retention; clear their retained states."""
+        n = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, tid = heapq.heappop(self._expiry)
+            rec = self.tasks.get(tid)
+            if rec is None or not rec.status.final or self._expires_at(rec) > now:
+                continue
+            del self.tasks[tid]
+            n += 1
+            if rec.notify == "retained" and self._transport is not None:
+                for topic in (self.topics.task(rec.user, tid), self.topics.result(rec.user, tid)):
+                    self._transport.publish(topic, b"", qos=1, retain=True)
+        return n
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval_s)
+            t = self._transport
+            if t is not None and t.connected:
+                t.publish(self.topics.balancer_stats, self.stats().encode(), qos=0,
+                          retain=True)
+
+    def stats(self) -> BalancerStats:
+        """A snapshot of queues, nodes, users and warnings."""
+        now_mono = time.monotonic()
+        now = time.time()
+        nodes: list[NodeSummary] = []
+        slots = busy = 0
+        for info in sorted(self.nodes.values(), key=lambda i: i.name):
+            st = info.status
+            n_slots = sum(g.workers for g in st.groups) if st else 0
+            n_busy = len(info.assigned)
+            if info.online:
+                slots += n_slots
+                busy += n_busy
+            nodes.append(NodeSummary(
+                name=info.name, online=info.online, host=st.host if st else "",
+                slots=n_slots, busy=n_busy, speed=st.speed if st else 1.0,
+                tasks=st.tasks if st else [], groups=st.groups if st else [],
+                last_seen=now - (now_mono - info.last_seen) if info.last_seen else 0.0,
+                load=info.load))
+        users = self.scheduler.users()
+        user_rows = [UserSummary(user=u, queued=self.scheduler.queued_for(u),
+                                 running=self.scheduler.running_for(u)) for u in sorted(users)]
+        queued_by_name = Counter[str]()
+        by_prio = Counter[str]()
+        for (name, prio), n in self.queued_by.items():
+            queued_by_name[name] += n
+            by_prio[str(prio)] += n
+        names = sorted(set(queued_by_name) | set(self.running_by_name) | set(self.done_by_name)
+                       | set(self.failed_by_name))
+        warnings: list[str] = []
+        online = [i for i in self.nodes.values() if i.online]
+        if not online:
+            warnings.append("no node is online: tasks wait until one joins "
+                            "(`lbmqtt node --tasks MODULE`)")
+        name_rows = []
+        for name in names:
+            reasons = {self.scheduler.why_waiting(n, p) for (n, p), c in self.queued_by.items()
+                       if n == name and c > 0}
+            reasons.discard(None)
+            waiting = "; ".join(sorted(r for r in reasons if r)) or None
+            if waiting and online:
+                warnings.append(f"{queued_by_name[name]} queued {name!r} task(s) wait: {waiting}")
+            name_rows.append(NameSummary(
+                name=name, queued=queued_by_name[name], running=self.running_by_name[name],
+                done=self.done_by_name[name], failed=self.failed_by_name[name],
+                waiting=waiting))
+        for info in self.nodes.values():
+            if (not info.online and info.offline_since is not None
+                    and now_mono - info.offline_since < RECENTLY_LOST_S):
+                warnings.append(f"node {info.name} {info.offline_reason} "
+                                f"{now_mono - info.offline_since:.0f} s ago")
+        c = self.counters
+        return BalancerStats(
+            time=now, instance=self.instance, started_at=self.started_at,
+            queued=self.scheduler.queued, running=sum(self.running_by_name.values()),
+            submitted_total=c["submitted"], done_total=c["done"], failed_total=c["failed"],
+            cancelled_total=c["cancelled"], refused_total=c["refused"],
+            bad_messages_total=c["bad_messages"], slots=slots, busy=busy, nodes=nodes,
+            users=user_rows, names=name_rows, queued_by_priority=dict(by_prio),
+            warnings=warnings)

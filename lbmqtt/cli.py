@@ -1,0 +1,378 @@
+"""The ``lbmqtt`` command: parse, build settings, configure logging, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from typing import Any
+
+from . import __version__
+from .config import Settings, load_settings
+from .errors import (
+    BalancerUnavailable,
+    BrokerUnavailable,
+    ConfigError,
+    LbmqttError,
+    SubmitRefused,
+    TaskCancelled,
+    TaskFailed,
+    UnknownTask,
+    WaitTimeout,
+)
+
+log = logging.getLogger("lbmqtt")
+
+
+class Exit(IntEnum):
+    """Exit statuses of the ``lbmqtt`` command."""
+
+    OK = 0
+    FAILED = 1          # a task failed or was cancelled; a component failed
+    USAGE = 2           # bad flags or parameters file
+    UNAVAILABLE = 3     # broker or balancer not reachable
+    TIMEOUT = 4         # --timeout passed
+    REFUSED = 5         # the balancer refused the submit (quota, invalid task)
+    INTERRUPTED = 130
+
+
+EXAMPLES = """\
+examples:
+  lbmqtt up                                   # broker, balancer, dashboard and a local node
+  lbmqtt submit HELLO '{"firstName": "John", "lastName": "Doe"}' --wait
+  lbmqtt submit SLEEP '{"seconds": 30}' --priority 10
+  lbmqtt status
+  lbmqtt cancel TASK_ID
+  lbmqtt node --tasks nodes/demo_tasks.py     # on another machine (set BROKER_HOST)
+  lbmqtt broker --parameters parameters.json
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("settings (override parameters.json and LBMQTT_* variables)")
+    g.add_argument("--parameters", metavar="FILE",
+                   help="parameters file (default: ./parameters.json if present)")
+    g.add_argument("--broker-host", metavar="HOST", help="BROKER_HOST")
+    g.add_argument("--broker-port", metavar="PORT", type=int, help="BROKER_PORT (0: pick one)")
+    g.add_argument("--prefix", metavar="PREFIX", help="TOPIC_PREFIX")
+    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="LOG_LEVEL")
+
+
+def _ready_fd(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lbmqtt`` command."""
+    ap = argparse.ArgumentParser(
+        prog="lbmqtt", description="A task load balancer for unequal machines on a LAN, "
+        "over MQTT.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"lbmqtt {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, help_: str, epilog: str = "") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p)
+        return p
+
+    p = cmd("up", "run broker, balancer, dashboard and a local node (Ctrl-C stops all)",
+            "example:\n  lbmqtt up --tasks nodes/demo_tasks.py")
+    p.add_argument("--tasks", action="append", default=[], metavar="MODULE",
+                   help="task module or .py file for the local node (default NODE_TASKS)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    p.add_argument("--no-node", action="store_true", help="do not start a local node")
+    p.add_argument("--monitor-port", type=int, metavar="PORT", help="MONITOR_PORT")
+
+    p = cmd("broker", "run the embedded MQTT broker (amqtt)",
+            "example:\n  lbmqtt broker --broker-port 1883")
+    p.add_argument("--bind", metavar="ADDR", help="BROKER_BIND: address to listen on")
+    _ready_fd(p)
+
+    p = cmd("balancer", "run the balancer", "example:\n  lbmqtt balancer")
+    _ready_fd(p)
+
+    p = cmd("node", "run a node daemon serving tasks in worker processes",
+            "examples:\n  lbmqtt node --tasks nodes/demo_tasks.py\n"
+            "  lbmqtt node --tasks mypackage.tasks --name gpu-box --workers 4")
+    p.add_argument("--tasks", action="append", default=[], metavar="MODULE",
+                   help="task module (dotted name) or .py file; repeatable (default NODE_TASKS)")
+    p.add_argument("--name", metavar="NAME", help="NODE_NAME (default: host name)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="one group of N slots for every priority (instead of WKHUB_WORKERS)")
+    p.add_argument("--speed", type=float, metavar="X", help="NODE_SPEED")
+    _ready_fd(p)
+
+    p = cmd("dashboard", "run the live dashboard (Bokeh server)",
+            "example:\n  lbmqtt dashboard --monitor-port 9000")
+    p.add_argument("--monitor-port", type=int, metavar="PORT", help="MONITOR_PORT")
+    _ready_fd(p)
+
+    p = cmd("submit", "submit a task; print its id, or its result with --wait",
+            "examples:\n  lbmqtt submit HELLO '{\"firstName\": \"John\", \"lastName\": \"Doe\"}' "
+            "--wait\n  lbmqtt submit SLEEP '{\"seconds\": 3}' --priority 10 --id my-sleep")
+    p.add_argument("name", help="task name, e.g. HELLO")
+    p.add_argument("args", nargs="?", default="null", help="task arguments as JSON")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--id", dest="task_id", metavar="ID", help="your own task id")
+    p.add_argument("--timeout-s", type=float, metavar="S", help="per-attempt time limit")
+    p.add_argument("--wait", action="store_true", help="wait and print the result")
+    p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
+    p.add_argument("--user", help="CLIENT_USER (default: login name)")
+    p.add_argument("--json", action="store_true", help="print the whole final state as JSON")
+
+    p = cmd("get", "print a task's state", "example:\n  lbmqtt get TASK_ID --json")
+    p.add_argument("task_id", metavar="ID")
+    p.add_argument("--user", help="CLIENT_USER (default: login name)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = cmd("cancel", "cancel tasks", "example:\n  lbmqtt cancel TASK_ID [TASK_ID...]")
+    p.add_argument("task_ids", nargs="+", metavar="ID")
+    p.add_argument("--user", help="CLIENT_USER (default: login name)")
+
+    p = cmd("status", "show queues, nodes and warnings", "example:\n  lbmqtt status --json")
+    p.add_argument("--json", action="store_true", help="print the balancer's stats as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="how long to wait for the balancer's stats")
+    return ap
+
+
+def _settings(ns: argparse.Namespace) -> Settings:
+    overrides = {
+        "BROKER_HOST": ns.broker_host, "BROKER_PORT": ns.broker_port,
+        "TOPIC_PREFIX": ns.prefix, "LOG_LEVEL": ns.log_level,
+        "MONITOR_PORT": getattr(ns, "monitor_port", None),
+        "NODE_NAME": getattr(ns, "name", None), "NODE_SPEED": getattr(ns, "speed", None),
+        "BROKER_BIND": getattr(ns, "bind", None),
+        "CLIENT_USER": getattr(ns, "user", None),
+    }
+    if getattr(ns, "workers", None) is not None:
+        overrides["WKHUB_WORKERS"] = [{"nWorkers": ns.workers, "minP": -(2**31),
+                                       "maxP": 2**31 - 1, "processP": 0}]
+    return load_settings(ns.parameters, overrides=overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    from .broker import quiet_amqtt_logs
+
+    quiet_amqtt_logs(getattr(logging, level))
+
+
+def _supervised() -> None:
+    """When ``lbmqtt up`` started us, die with it (even if it is SIGKILLed)."""
+    from .launcher import SUPERVISOR_ENV
+    from .worker import die_with_parent
+
+    pid = os.environ.get(SUPERVISOR_ENV)
+    if pid and pid.isdigit():
+        die_with_parent(int(pid), signal.SIGTERM)
+
+
+def _write_ready(fd: int | None, info: dict[str, Any]) -> None:
+    if fd is None:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(info) + "\n")
+
+
+def _common_args(ns: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for flag, value in (("--parameters", ns.parameters), ("--broker-host", ns.broker_host),
+                        ("--broker-port", ns.broker_port), ("--prefix", ns.prefix),
+                        ("--log-level", ns.log_level)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_up(ns: argparse.Namespace, s: Settings) -> int:
+    from .launcher import up
+
+    common = _common_args(ns)
+    if ns.monitor_port is not None:
+        # only the dashboard takes this flag: hand it down through the environment
+        os.environ["LBMQTT_MONITOR_PORT"] = str(ns.monitor_port)
+    return up(s, common, tasks=ns.tasks, dashboard=not ns.no_dashboard, node=not ns.no_node)
+
+
+def cmd_broker(ns: argparse.Namespace, s: Settings) -> int:
+    from .broker import serve
+
+    _supervised()
+    asyncio.run(serve(s, ready_fd=ns.ready_fd))
+    return Exit.OK
+
+
+def cmd_balancer(ns: argparse.Namespace, s: Settings) -> int:
+    from .balancer import Balancer
+
+    _supervised()
+
+    def ready(b: Balancer) -> None:
+        print(f"lbmqtt balancer: ready on {s.broker_host}:{s.broker_port}, topics under "
+              f"{s.topic_prefix}/ (instance {b.instance})", flush=True)
+        _write_ready(ns.ready_fd, {"instance": b.instance})
+
+    asyncio.run(Balancer(s).run(on_ready=ready))
+    return Exit.OK
+
+
+def cmd_node(ns: argparse.Namespace, s: Settings) -> int:
+    from .node import Node
+
+    _supervised()
+    node = Node(s, tasks=ns.tasks)
+
+    def ready(n: Node) -> None:
+        print(f"lbmqtt node {n.name}: ready with {n.slots} worker slots on "
+              f"{s.broker_host}:{s.broker_port}", flush=True)
+        _write_ready(ns.ready_fd, {"name": n.name, "slots": n.slots,
+                                   "tasks": n.task_names})
+
+    asyncio.run(node.run(on_ready=ready))
+    return Exit.OK
+
+
+def cmd_dashboard(ns: argparse.Namespace, s: Settings) -> int:
+    from .dashboard import serve
+
+    _supervised()
+    asyncio.run(serve(s, ready_fd=ns.ready_fd))
+    return Exit.OK
+
+
+def _print_result(value: Any) -> None:
+    print(value if isinstance(value, str) else json.dumps(value, indent=2))
+
+
+def cmd_submit(ns: argparse.Namespace, s: Settings) -> int:
+    from .client import Client
+
+    try:
+        args = json.loads(ns.args)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"ARGS is not valid JSON ({exc.msg} at column {exc.colno}): "
+                          f"{ns.args!r}") from exc
+    with Client(s) as client:
+        tid = client.submit(ns.name, args, priority=ns.priority, task_id=ns.task_id,
+                            timeout_s=ns.timeout_s)
+        if not ns.wait:
+            print(tid)
+            return Exit.OK
+        state = client.wait_state(tid, ns.timeout)
+        if ns.json:
+            print(state.model_dump_json(indent=2))
+            return Exit.OK if state.status == "done" else Exit.FAILED
+        from .client import outcome
+
+        _print_result(outcome(state))
+        return Exit.OK
+
+
+def cmd_get(ns: argparse.Namespace, s: Settings) -> int:
+    from .client import Client
+
+    with Client(s) as client:
+        state = client.get(ns.task_id)
+    if ns.json:
+        print(state.model_dump_json(indent=2))
+        return Exit.OK
+    print(f"{state.id}  {state.name}  {state.status.value}  progress {state.progress}%"
+          + (f"  on {state.node}" if state.node else "")
+          + (f"  ({state.waiting})" if state.waiting else ""))
+    if state.status == "done":
+        _print_result(state.result)
+    elif state.error is not None:
+        print(f"{state.error.type}: {state.error.message}")
+    return Exit.OK
+
+
+def cmd_cancel(ns: argparse.Namespace, s: Settings) -> int:
+    from .client import Client
+
+    rc = Exit.OK
+    with Client(s) as client:
+        for tid in ns.task_ids:
+            try:
+                ok = client.cancel(tid)
+            except UnknownTask as exc:
+                print(f"{tid}: {exc}", file=sys.stderr)
+                rc = Exit.FAILED
+                continue
+            print(f"{tid}: {'cancelled' if ok else 'already finished'}")
+            if not ok:
+                rc = Exit.FAILED
+    return rc
+
+
+def cmd_status(ns: argparse.Namespace, s: Settings) -> int:
+    from .status import fetch_stats, format_stats
+
+    stats = asyncio.run(fetch_stats(s, ns.timeout))
+    if ns.json:
+        print(stats.model_dump_json(indent=2))
+    else:
+        print(format_stats(stats))
+    return Exit.OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "up": cmd_up, "broker": cmd_broker, "balancer": cmd_balancer, "node": cmd_node,
+    "dashboard": cmd_dashboard, "submit": cmd_submit, "get": cmd_get, "cancel": cmd_cancel,
+    "status": cmd_status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lbmqtt`` command. Returns the exit status."""
+    ns = build_parser().parse_args(argv)
+    try:
+        s = _settings(ns)
+        _configure_logging(s.log_level)
+        return int(COMMANDS[ns.command](ns, s))
+    except ConfigError as exc:
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.USAGE
+    except (BrokerUnavailable, BalancerUnavailable) as exc:
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.UNAVAILABLE
+    except WaitTimeout as exc:
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.TIMEOUT
+    except SubmitRefused as exc:
+        print(f"lbmqtt: refused ({exc.code}): {exc}", file=sys.stderr)
+        return Exit.REFUSED
+    except (TaskFailed, TaskCancelled) as exc:
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        tb = getattr(exc, "traceback", "")
+        if tb:
+            print(textwrap.indent(tb.rstrip(), "  | "), file=sys.stderr)
+        return Exit.FAILED
+    except UnknownTask as exc:
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.FAILED
+    except OSError as exc:
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.FAILED
+    except LbmqttError as exc:
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.FAILED
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            print("lbmqtt: interrupted", file=sys.stderr)
+        return Exit.INTERRUPTED
+

@@ -1,0 +1,604 @@
+"""The Python client helper: submit, get, wait, cancel, map (sync and async).
+
+It speaks the same documented topics as any MQTT client. It submits with
+``notify: "events"``: task states come batched on ``users/{u}/events`` rather than one
+retained message per task. Every request is acknowledged by the balancer and resent until
+it is (submits carry a client-chosen id, so a resend never runs a task twice); after a
+reconnect the client asks again about every task it still waits for.
+
+Example::
+
+    from lbmqtt import Client
+
+    with Client(user="alice") as client:
+        task_id = client.submit("HELLO", {"firstName": "John", "lastName": "Doe"})
+        print(client.wait(task_id, timeout=30))        # Hello John Doe !
+        print(client.map("HELLO", [{"firstName": "A", "lastName": str(i)} for i in range(3)]))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import getpass
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .config import Settings, coerce_settings
+from .errors import (
+    BalancerUnavailable,
+    ConfigError,
+    LbmqttError,
+    SubmitRefused,
+    TaskCancelled,
+    TaskFailed,
+    UnknownTask,
+    WaitTimeout,
+    error_from_code,
+)
+from .mqtt import MqttTransport
+from .protocol import (
+    Errors,
+    Events,
+    IdList,
+    Status,
+    TaskSpec,
+    TaskState,
+    Topics,
+    decode,
+    encode_json,
+    is_valid_name,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RESEND_S = 2.0
+REQUERY_S = 10.0
+ACK_FLUSH_S = 0.05
+DEFAULT_BATCH = 500
+COLLECTED_CACHE = 10_000
+
+
+def default_user() -> str:
+    """The login name, reduced to a valid lbmqtt user name."""
+    try:
+        raw = getpass.getuser()
+    except (KeyError, OSError):
+        raw = "user"
+    name = "".join(c if c.isalnum() or c in "_.-" else "_" for c in raw)[:64]
+    return name if is_valid_name(name) else "user"
+
+
+@dataclass
+class _Tracked:
+    state: TaskState | None = None
+    next: list[asyncio.Future[TaskState]] = field(default_factory=list)
+    final: asyncio.Future[TaskState] | None = None
+
+
+def outcome(state: TaskState) -> Any:
+    """The result of a finished task, or the exception its end means.
+
+    Raises:
+        TaskFailed: the task failed (or expired).
+        TaskCancelled: the task was cancelled.
+    """
+    if state.status == Status.DONE:
+        return state.result
+    if state.status == Status.CANCELLED:
+        raise TaskCancelled(f"task {state.id} ({state.name}) was cancelled", state)
+    err = state.error
+    etype = err.type if err else "Failed"
+    msg = err.message if err else state.status.value
+    raise TaskFailed(f"task {state.id} ({state.name}) failed: {etype}: {msg}", state,
+                     error_type=etype, traceback=err.traceback if err else "")
+
+
+class AsyncClient:
+    """Asyncio client. Use ``async with AsyncClient(...) as client:``.
+
+    Args:
+        parameters: settings, a parameters.json path, or None (``./parameters.json`` or
+            defaults).
+        user: the user to submit as (default ``CLIENT_USER``, else the login name). With
+            authentication on, it must be the broker login.
+        ack_timeout_s: how long to wait for the balancer to acknowledge a request (default
+            ``CLIENT_ACK_TIMEOUT_S``) before raising :class:`BalancerUnavailable`.
+    """
+
+    def __init__(self, parameters: Settings | str | os.PathLike[str] | None = None, *,
+                 user: str | None = None, ack_timeout_s: float | None = None):
+        self.settings = coerce_settings(parameters)
+        self.user = user or self.settings.client_user or default_user()
+        if not is_valid_name(self.user):
+            raise ConfigError(f"invalid user name {self.user!r}: 1-64 letters, digits, _.-")
+        self.topics = Topics(self.settings.topic_prefix)
+        self.ack_timeout_s = ack_timeout_s or self.settings.client_ack_timeout_s
+        self._tracked: dict[str, _Tracked] = {}
+        self._collected: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
+        self._to_ack: set[str] = set()
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._transport: MqttTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect to the broker and subscribe to this user's events and errors.
+
+        Raises:
+            BrokerUnavailable: the broker is not reachable within ``CONNECT_TIMEOUT_S``.
+        """
+        s = self.settings
+        self._loop = asyncio.get_running_loop()
+        self._transport = MqttTransport(
+            host=s.broker_host, port=s.broker_port,
+            client_id=f"lbmqtt-client-{self.user}-{uuid.uuid4().hex[:8]}",
+            on_message=self._on_message,
+            subscriptions=[(self.topics.events(self.user), 1),
+                           (self.topics.errors(self.user), 1)],
+            on_connect=self._on_connect, keepalive_s=s.broker_keepalive_s,
+            username=s.broker_username, password=s.broker_password,
+            connect_timeout_s=s.connect_timeout_s,
+        )
+        try:
+            await self._transport.start(wait=True, timeout_s=s.connect_timeout_s)
+        except BaseException:
+            await self._transport.close()
+            raise
+
+    async def close(self) -> None:
+        """Send pending acknowledgements and disconnect."""
+        if self._transport is None:
+            return
+        self._flush_acks()
+        await self._transport.close()
+        self._transport = None
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _t(self) -> MqttTransport:
+        if self._transport is None:
+            raise LbmqttError("the client is not started (use `async with AsyncClient()`)")
+        return self._transport
+
+    # ------------------------------------------------------------------ API
+
+    async def submit(self, name: str, args: Any = None, *, priority: int = 0,
+                     task_id: str | None = None, timeout_s: float | None = None) -> str:
+        """Submit one task and wait for the balancer to accept it.
+
+        Args:
+            name: task name (a node must implement it).
+            args: any JSON value, passed to the task function.
+            priority: runs only on slots whose band contains it.
+            task_id: your own id (then submitting again is idempotent); default: random.
+            timeout_s: kill the task's worker if an attempt runs longer.
+
+        Returns:
+            The task id.
+
+        Raises:
+            QuotaExceeded: you already have ``LB_QUEING_MAXPERUSER`` queued tasks.
+            InvalidTask: the task is malformed (bad name, id, arguments...).
+            BalancerUnavailable: no acknowledgement within ``ack_timeout_s``.
+        """
+        ids = await self.submit_many([{"name": name, "args": args, "priority": priority,
+                                       "id": task_id, "timeout_s": timeout_s}])
+        return ids[0]
+
+    async def submit_many(self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *,
+                          batch_size: int = DEFAULT_BATCH) -> list[str]:
+        """Submit many tasks in batches (one message per ``batch_size`` tasks).
+
+        Each item is a :class:`TaskSpec` or a mapping with its fields (``name``, ``args``,
+        ``priority``, ``id``, ``timeout_s``). Returns the ids in order once every task is
+        accepted.
+
+        Raises:
+            SubmitRefused: (the first) refused task; the accepted ones stay submitted.
+            BalancerUnavailable: some task was not acknowledged within ``ack_timeout_s``.
+        """
+        specs: list[TaskSpec] = []
+        for item in tasks:
+            data = dict(item.model_dump() if isinstance(item, TaskSpec) else item)
+            data["id"] = data.get("id") or uuid.uuid4().hex
+            data["notify"] = "events"
+            try:
+                specs.append(TaskSpec.model_validate(data))
+            except ValueError as exc:
+                raise error_from_code("invalid", f"invalid task {data.get('name')!r}: {exc}",
+                                      data["id"]) from exc
+        t = self._t()
+        acks: list[asyncio.Future[TaskState]] = []
+        for spec in specs:
+            acks.append(self._watch_next(spec.id or ""))
+        for start in range(0, len(specs), batch_size):
+            chunk = specs[start:start + batch_size]
+            self._publish_submit(t, chunk)
+        await self._await_acks(specs, acks)
+        return [s.id or "" for s in specs]
+
+    def _publish_submit(self, t: MqttTransport, specs: list[TaskSpec]) -> None:
+        body = [s.model_dump(mode="json", exclude_none=True, exclude={"v"}) for s in specs]
+        payload = encode_json(body[0]) if len(body) == 1 else encode_json({"tasks": body})
+        t.publish(self.topics.submit(self.user), payload, qos=1)
+
+    async def _await_acks(self, specs: list[TaskSpec],
+                          acks: list[asyncio.Future[TaskState]]) -> None:
+        deadline = time.monotonic() + self.ack_timeout_s
+        while True:
+            pending = [f for f in acks if not f.done()]
+            if not pending:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for f in pending:
+                    f.cancel()
+                raise BalancerUnavailable(
+                    f"{len(pending)} of {len(specs)} submits not acknowledged within "
+                    f"{self.ack_timeout_s:g} s: is `lbmqtt balancer` (or `lbmqtt up`) running "
+                    f"on prefix {self.topics.prefix!r}?")
+            await asyncio.wait(pending, timeout=min(RESEND_S, remaining))
+            unacked = [s for s, f in zip(specs, acks, strict=True) if not f.done()]
+            if unacked and time.monotonic() < deadline:
+                for start in range(0, len(unacked), DEFAULT_BATCH):
+                    self._publish_submit(self._t(), unacked[start:start + DEFAULT_BATCH])
+        first_error: BaseException | None = None
+        for f in acks:
+            exc = f.exception()
+            if exc is not None and first_error is None:
+                first_error = exc
+        if first_error is not None:
+            raise first_error
+
+    async def get(self, task_id: str) -> TaskState:
+        """The current state of a task (status, progress, result, error, node, times).
+
+        A finished state returned here counts as collected: the balancer forgets the task
+        ``RESULT_COLLECTED_TTL_S`` later.
+
+        Raises:
+            UnknownTask: no such task for this user (or it expired).
+            BalancerUnavailable: no answer within ``ack_timeout_s``.
+        """
+        tr = self._tracked.get(task_id)
+        if tr is not None and tr.state is not None and self._t().connected:
+            state = tr.state
+        elif task_id in self._collected:
+            state = self._collected[task_id]
+        else:
+            state = await self._query(task_id)
+        if state.status.final:
+            self._collect(state)
+        return state
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for a task to finish and return its result.
+
+        Raises:
+            TaskFailed: the task raised (``.traceback`` has the worker's traceback), timed
+                out, or ran out of attempts.
+            TaskCancelled: it was cancelled.
+            WaitTimeout: not finished within ``timeout`` seconds (also a TimeoutError).
+            UnknownTask: no such task for this user.
+        """
+        state = await self.wait_state(task_id, timeout)
+        return outcome(state)
+
+    async def wait_state(self, task_id: str, timeout: float | None = None) -> TaskState:
+        """Like :meth:`wait`, but return the final :class:`TaskState` instead of raising."""
+        if task_id in self._collected:
+            return self._collected[task_id]
+        tr = self._tracked.get(task_id)
+        if tr is None or tr.state is None:
+            await self._query(task_id)
+            tr = self._tracked[task_id]
+        final = self._final_future(task_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not final.done():
+            wait_for = REQUERY_S
+            if deadline is not None:
+                wait_for = min(wait_for, deadline - time.monotonic())
+                if wait_for <= 0:
+                    st = tr.state.status.value if tr.state else "unknown"
+                    raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s "
+                                      f"(status: {st})")
+            await asyncio.wait([final], timeout=wait_for)
+            if not final.done() and self._t().connected:
+                self._publish_ids(self.topics.query(self.user), [task_id])  # lost event?
+        state = final.result()
+        self._collect(state)
+        return state
+
+    async def cancel(self, task_id: str) -> bool:
+        """Cancel a task: a queued one leaves the queue, a running one's worker is killed.
+
+        Returns:
+            True if the task is now cancelled; False if it had already finished.
+
+        Raises:
+            UnknownTask: no such task for this user.
+            BalancerUnavailable: no answer within ``ack_timeout_s``.
+        """
+        tr = self._tracked.setdefault(task_id, _Tracked())
+        if tr.state is not None and tr.state.status.final:
+            return tr.state.status == Status.CANCELLED
+        final = self._final_future(task_id)
+        nxt = self._watch_next(task_id)
+        deadline = time.monotonic() + self.ack_timeout_s
+        while not final.done():
+            if nxt.done() and nxt.exception() is not None:
+                raise nxt.exception()  # type: ignore[misc]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BalancerUnavailable(f"cancel of {task_id} not acknowledged within "
+                                          f"{self.ack_timeout_s:g} s")
+            self._publish_ids(self.topics.cancel(self.user), [task_id])
+            await asyncio.wait([final, nxt], timeout=min(RESEND_S, remaining),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if nxt.done() and nxt.exception() is not None:
+                raise nxt.exception()  # type: ignore[misc]
+        state = final.result()
+        self._collect(state)
+        return state.status == Status.CANCELLED
+
+    async def map(self, name: str, iterable: Iterable[Any], *, priority: int = 0,
+                  timeout: float | None = None, return_exceptions: bool = False,
+                  batch_size: int = DEFAULT_BATCH) -> list[Any]:
+        """Run task ``name`` once per argument, in batches; results in input order.
+
+        Args:
+            timeout: overall deadline in seconds for all results.
+            return_exceptions: put TaskFailed / TaskCancelled in the list instead of
+                raising the first one.
+
+        Raises:
+            TaskFailed, TaskCancelled: the first failed task (unless return_exceptions).
+            WaitTimeout: not all finished within ``timeout``.
+        """
+        ids = await self.submit_many(
+            ({"name": name, "args": a, "priority": priority} for a in iterable),
+            batch_size=batch_size)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finals = [self._final_future(i) for i in ids]
+        pending = [f for f in finals if not f.done()]
+        if pending:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _, not_done = await asyncio.wait(pending, timeout=remaining)
+            if not_done:
+                raise WaitTimeout(f"{len(not_done)} of {len(ids)} {name!r} tasks did not "
+                                  f"finish within {timeout:g} s")
+        out: list[Any] = []
+        for f in finals:
+            state = f.result()
+            self._collect(state)
+            try:
+                out.append(outcome(state))
+            except LbmqttError as exc:
+                if not return_exceptions:
+                    raise
+                out.append(exc)
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _watch_next(self, task_id: str) -> asyncio.Future[TaskState]:
+        assert self._loop is not None
+        fut: asyncio.Future[TaskState] = self._loop.create_future()
+        self._tracked.setdefault(task_id, _Tracked()).next.append(fut)
+        return fut
+
+    def _final_future(self, task_id: str) -> asyncio.Future[TaskState]:
+        assert self._loop is not None
+        tr = self._tracked.setdefault(task_id, _Tracked())
+        if tr.final is None:
+            tr.final = self._loop.create_future()
+            if tr.state is not None and tr.state.status.final:
+                tr.final.set_result(tr.state)
+        return tr.final
+
+    async def _query(self, task_id: str) -> TaskState:
+        fut = self._watch_next(task_id)
+        deadline = time.monotonic() + self.ack_timeout_s
+        while not fut.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                fut.cancel()
+                raise BalancerUnavailable(f"no answer about task {task_id} within "
+                                          f"{self.ack_timeout_s:g} s: is the balancer running?")
+            self._publish_ids(self.topics.query(self.user), [task_id])
+            await asyncio.wait([fut], timeout=min(RESEND_S, remaining))
+        try:
+            return fut.result()
+        except UnknownTask:
+            tr = self._tracked.get(task_id)
+            if tr is not None and tr.state is None and not tr.next:
+                del self._tracked[task_id]
+            raise
+
+    def _publish_ids(self, topic: str, ids: list[str]) -> None:
+        self._t().publish(topic, IdList(ids=ids).encode(), qos=1)
+
+    def _collect(self, state: TaskState) -> None:
+        """A final state reached the caller: remember it a while, tell the balancer."""
+        self._tracked.pop(state.id, None)
+        self._collected[state.id] = state
+        self._collected.move_to_end(state.id)
+        while len(self._collected) > COLLECTED_CACHE:
+            self._collected.popitem(last=False)
+        self._to_ack.add(state.id)
+        if self._ack_timer is None and self._loop is not None:
+            self._ack_timer = self._loop.call_later(ACK_FLUSH_S, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_timer = None
+        if not self._to_ack or self._transport is None:
+            return
+        ids = sorted(self._to_ack)
+        self._to_ack.clear()
+        for start in range(0, len(ids), 5000):
+            self._publish_ids(self.topics.ack(self.user), ids[start:start + 5000])
+
+    def _on_connect(self) -> None:
+        # Events may have been missed while disconnected: ask again about what we await.
+        waiting = [tid for tid, tr in self._tracked.items()
+                   if tr.final is not None and not tr.final.done()]
+        if waiting and self._transport is not None:
+            for start in range(0, len(waiting), 5000):
+                self._transport.publish(self.topics.query(self.user),
+                                        IdList(ids=waiting[start:start + 5000]).encode(), qos=1)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self.topics.events(self.user):
+            try:
+                events = decode(Events, payload)
+            except LbmqttError as exc:
+                log.warning("ignoring a malformed events message: %s", exc)
+                return
+            for st in events.states:
+                tr = self._tracked.get(st.id)
+                if tr is None:
+                    continue  # another client's task of the same user
+                tr.state = st
+                for fut in tr.next:
+                    if not fut.done():
+                        fut.set_result(st)
+                tr.next.clear()
+                if st.status.final and tr.final is not None and not tr.final.done():
+                    tr.final.set_result(st)
+        elif topic == self.topics.errors(self.user):
+            try:
+                errors = decode(Errors, payload)
+            except LbmqttError as exc:
+                log.warning("ignoring a malformed errors message: %s", exc)
+                return
+            for e in errors.errors:
+                tr = self._tracked.get(e.id) if e.id else None
+                if tr is None:
+                    log.warning("the balancer says: %s (%s)", e.message, e.code)
+                    continue
+                for fut in tr.next:
+                    if not fut.done():
+                        fut.set_exception(error_from_code(e.code, e.message, e.id))
+                tr.next.clear()
+
+
+class Client:
+    """Blocking client: the same API as :class:`AsyncClient`, for plain scripts.
+
+    It runs an :class:`AsyncClient` on a private event loop in a background thread.
+    Use it as a context manager, or call :meth:`close`.
+
+    Args:
+        parameters: settings, a parameters.json path, or None.
+        user: the user to submit as (default ``CLIENT_USER``, else the login name).
+        ack_timeout_s: see :class:`AsyncClient`.
+
+    Raises:
+        BrokerUnavailable: the broker is not reachable.
+    """
+
+    def __init__(self, parameters: Settings | str | os.PathLike[str] | None = None, *,
+                 user: str | None = None, ack_timeout_s: float | None = None):
+        self._async = AsyncClient(parameters, user=user, ack_timeout_s=ack_timeout_s)
+        self.user = self._async.user
+        self.settings = self._async.settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lbmqtt-client",
+                                        daemon=True)
+        self._thread.start()
+        self._closed = False
+        try:
+            self._call(self._async.start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._closed:
+            coro.close()
+            raise LbmqttError("the client is closed")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise WaitTimeout("timed out") from None
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise
+
+    def submit(self, name: str, args: Any = None, *, priority: int = 0,
+               task_id: str | None = None, timeout_s: float | None = None) -> str:
+        """See :meth:`AsyncClient.submit`."""
+        return self._call(self._async.submit(name, args, priority=priority, task_id=task_id,
+                                             timeout_s=timeout_s))
+
+    def submit_many(self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *,
+                    batch_size: int = DEFAULT_BATCH) -> list[str]:
+        """See :meth:`AsyncClient.submit_many`."""
+        return self._call(self._async.submit_many(list(tasks), batch_size=batch_size))
+
+    def get(self, task_id: str) -> TaskState:
+        """See :meth:`AsyncClient.get`."""
+        return self._call(self._async.get(task_id))
+
+    def wait(self, task_id: str, timeout: float | None = None) -> Any:
+        """See :meth:`AsyncClient.wait`."""
+        return self._call(self._async.wait(task_id, timeout))
+
+    def wait_state(self, task_id: str, timeout: float | None = None) -> TaskState:
+        """See :meth:`AsyncClient.wait_state`."""
+        return self._call(self._async.wait_state(task_id, timeout))
+
+    def cancel(self, task_id: str) -> bool:
+        """See :meth:`AsyncClient.cancel`."""
+        return self._call(self._async.cancel(task_id))
+
+    def map(self, name: str, iterable: Iterable[Any], *, priority: int = 0,
+            timeout: float | None = None, return_exceptions: bool = False,
+            batch_size: int = DEFAULT_BATCH) -> list[Any]:
+        """See :meth:`AsyncClient.map`."""
+        return self._call(self._async.map(name, list(iterable), priority=priority,
+                                          timeout=timeout, return_exceptions=return_exceptions,
+                                          batch_size=batch_size))
+
+    def close(self) -> None:
+        """Disconnect and stop the background thread."""
+        if self._closed:
+            return
+        try:
+            self._call(self._async.close(), timeout=10)
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["AsyncClient", "Client", "SubmitRefused", "outcome"]

@@ -1,0 +1,297 @@
+"""Settings: parameters.json -> typed, validated :class:`Settings`; ``LBMQTT_<KEY>`` overrides.
+
+The keys keep pyLoadBalancer's names where the meaning holds (``BROKER_*`` replace its
+socket ports, since everything now goes through one MQTT broker). Every command takes
+``--parameters FILE``; without it, ``./parameters.json`` is used when it exists, else the
+built-in defaults. Environment variables ``LBMQTT_<KEY>`` override the file; their value is
+parsed as JSON when it parses (``LBMQTT_BROKER_PORT=0``, ``LBMQTT_WKHUB_WORKERS='[...]'``),
+else taken as a string. Only this module reads the environment.
+
+A bad file raises :class:`~lbmqtt.errors.ConfigError` with one line naming the file and the
+offending key; the CLI prints that line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "LBMQTT_"
+DEFAULT_FILE = "parameters.json"
+
+#: pyLoadBalancer keys that have no meaning over a broker; accepted with a warning so an old
+#: parameters file keeps loading.
+_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"  # = protocol.NAME_PATTERN (no import cycle)
+
+OBSOLETE_KEYS = frozenset({
+    "SOCKET_TIMEOUT", "LB_IP", "LB_WKPULLPORT", "LB_HCREPPORT", "LB_CLIENTPULLPORT",
+    "WKHUB_IP", "WKHUB_LBPORT", "WKHUB_HCPORT",
+})
+
+
+class WorkerGroup(BaseModel):
+    """A group of worker slots on a node sharing a priority band (pyLoadBalancer's format).
+
+    A slot of the group runs a task of priority ``p`` only if ``minP <= p <= maxP``;
+    ``processP`` is the nice increment of its worker processes (10 = polite background work).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    n_workers: int = Field(alias="nWorkers", ge=0, le=1024)
+    min_p: int = Field(alias="minP", ge=-(2**31), le=2**31 - 1)
+    max_p: int = Field(alias="maxP", ge=-(2**31), le=2**31 - 1)
+    process_p: int = Field(default=0, alias="processP", ge=-20, le=19)
+
+    @model_validator(mode="after")
+    def _band_is_ordered(self) -> WorkerGroup:
+        if self.min_p > self.max_p:
+            raise ValueError(f"minP ({self.min_p}) must not exceed maxP ({self.max_p})")
+        return self
+
+
+def _default_groups() -> list[WorkerGroup]:
+    return [
+        WorkerGroup(nWorkers=2, minP=0, maxP=9, processP=10),
+        WorkerGroup(nWorkers=1, minP=10, maxP=1000, processP=0),
+    ]
+
+
+class Settings(BaseModel):
+    """Every setting of lbmqtt, keyed in parameters.json by its UPPER_CASE alias.
+
+    Durations are float seconds (``*_S``). Ports of 0 mean "pick a free one"; the chosen
+    port is printed and published by the component that binds it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # -- broker ---------------------------------------------------------------------------
+    broker_host: str = Field("127.0.0.1", alias="BROKER_HOST", min_length=1)
+    """Host every component connects to (and the embedded broker binds to by default)."""
+    broker_port: int = Field(1883, alias="BROKER_PORT", ge=0, le=65535)
+    broker_embedded: bool = Field(True, alias="BROKER_EMBEDDED")
+    """``lbmqtt up`` starts the embedded amqtt broker; false: use an external broker."""
+    broker_bind: str | None = Field(None, alias="BROKER_BIND")
+    """Address the embedded broker listens on (default: BROKER_HOST), e.g. ``0.0.0.0``."""
+    broker_username: str | None = Field(None, alias="BROKER_USERNAME")
+    broker_password: str | None = Field(None, alias="BROKER_PASSWORD")
+    broker_keepalive_s: int = Field(5, alias="BROKER_KEEPALIVE_S", ge=1, le=3600)
+    topic_prefix: str = Field("lbmqtt/v1", alias="TOPIC_PREFIX",
+                              pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+    # -- dashboard ------------------------------------------------------------------------
+    monitor_ip: str = Field("127.0.0.1", alias="MONITOR_IP", min_length=1)
+    monitor_port: int = Field(9000, alias="MONITOR_PORT", ge=0, le=65535)
+
+    # -- balancer -------------------------------------------------------------------------
+    lb_queing_maxperuser: int = Field(1000, alias="LB_QUEING_MAXPERUSER", ge=0)
+    """Maximum queued tasks per user; 0 = no cap."""
+    task_max_attempts: int = Field(3, alias="TASK_MAX_ATTEMPTS", ge=1, le=100)
+    """Attempts per task when a node or worker process is lost under it."""
+    result_ttl_s: float = Field(48 * 3600.0, alias="RESULT_TTL_S", gt=0)
+    """A finished task is kept at most this long."""
+    result_collected_ttl_s: float = Field(60.0, alias="RESULT_COLLECTED_TTL_S", ge=0)
+    """A finished task is kept this long after its result was collected."""
+    stats_interval_s: float = Field(0.5, alias="STATS_INTERVAL_S", gt=0)
+    node_timeout_s: float = Field(5.0, alias="NODE_TIMEOUT_S", gt=0)
+    """A node silent for this long is considered dead (its will covers dropped links)."""
+
+    # -- node -----------------------------------------------------------------------------
+    wkhub_workers: list[WorkerGroup] = Field(default_factory=_default_groups,
+                                             alias="WKHUB_WORKERS")
+    node_name: str | None = Field(None, alias="NODE_NAME", pattern=_NAME)
+    """Unique name of this node on the LAN (default: the host name)."""
+    node_tasks: list[str] = Field(default_factory=list, alias="NODE_TASKS")
+    """Task modules the node loads: dotted module names or .py paths (relative to the file)."""
+    node_speed: float = Field(1.0, alias="NODE_SPEED", gt=0)
+    """Relative speed of this machine (used by placement; 2.0 = twice as fast)."""
+    heartbeat_s: float = Field(1.0, alias="HEARTBEAT_S", gt=0)
+    result_resend_s: float = Field(3.0, alias="RESULT_RESEND_S", gt=0)
+    """A node resends a result the balancer has not acknowledged after this long."""
+
+    # -- client ---------------------------------------------------------------------------
+    client_user: str | None = Field(None, alias="CLIENT_USER", pattern=_NAME)
+    """User name the client submits as (default: the login name)."""
+    client_ack_timeout_s: float = Field(30.0, alias="CLIENT_ACK_TIMEOUT_S", gt=0)
+    """How long a client waits for the balancer to acknowledge a request."""
+    connect_timeout_s: float = Field(10.0, alias="CONNECT_TIMEOUT_S", gt=0)
+    """How long a client waits for the broker at start-up before giving up."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
+
+    # where the settings came from (not a key of the file)
+    source: str = Field("defaults", exclude=True)
+
+    @property
+    def bind_host(self) -> str:
+        """Address the embedded broker listens on."""
+        return self.broker_bind or self.broker_host
+
+    def with_overrides(self, **values: Any) -> Settings:
+        """Return a copy with some settings replaced (keys are field names), validated."""
+        data = self.model_dump(by_alias=False)
+        data.update(values)
+        data["source"] = self.source
+        try:
+            return Settings.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(self.source, exc)) from exc
+
+
+ALIASES: dict[str, str] = {
+    f.alias: name for name, f in Settings.model_fields.items() if f.alias is not None
+}
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = _format_loc(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        candidates = list(ALIASES) if len(err["loc"]) == 1 else [
+            "nWorkers", "minP", "maxP", "processP"]
+        close = difflib.get_close_matches(key, candidates, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{source}: unknown key {loc!r}{hint}"
+    value = err.get("input")
+    shown = json.dumps(value)[:60] if _jsonable(value) else repr(value)[:60]
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {loc or 'file'}: {err['msg']} (got {shown}){more}"
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such parameters file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read parameters file: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object of KEY: value")
+    return data
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):]
+        if name not in ALIASES:
+            continue  # LBMQTT_* variables of other tools or later versions are not ours
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        field = Settings.model_fields[ALIASES[name]]
+        if isinstance(value, (int, float, bool)) and field.annotation in (str, str | None):
+            value = raw  # e.g. LBMQTT_NODE_NAME=007 stays a string
+        out[name] = value
+    return out
+
+
+def _resolve_task_paths(items: list[Any], base: Path) -> list[Any]:
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, str) and (item.endswith(".py") or "/" in item):
+            p = Path(item).expanduser()
+            out.append(str(p if p.is_absolute() else (base / p).resolve()))
+        else:
+            out.append(item)
+    return out
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load settings from a parameters file, the environment and explicit overrides.
+
+    Args:
+        path: a parameters.json; ``None`` means ``./parameters.json`` if it exists, else
+            built-in defaults.
+        env: environment to read ``LBMQTT_<KEY>`` overrides from (default ``os.environ``).
+        overrides: final overrides keyed by UPPER_CASE key (e.g. from command-line flags).
+
+    Returns:
+        The validated, frozen settings.
+
+    Raises:
+        ConfigError: the file is missing, not JSON, has an unknown key or a bad value.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    source = "defaults"
+    base = Path.cwd()
+    if path is None and Path(DEFAULT_FILE).is_file():
+        path = DEFAULT_FILE
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        base = p.resolve().parent
+        data = _read_file(p)
+        for key in sorted(OBSOLETE_KEYS & data.keys()):
+            log.warning("%s: ignoring pyLoadBalancer key %s (lbmqtt talks through the MQTT "
+                        "broker: see BROKER_HOST / BROKER_PORT)", source, key)
+            del data[key]
+        if "NODE_TASKS" in data and isinstance(data["NODE_TASKS"], list):
+            data["NODE_TASKS"] = _resolve_task_paths(data["NODE_TASKS"], base)
+    env_values = _env_overrides(env)
+    if "NODE_TASKS" in env_values and isinstance(env_values["NODE_TASKS"], list):
+        env_values["NODE_TASKS"] = _resolve_task_paths(env_values["NODE_TASKS"], Path.cwd())
+    if env_values:
+        source_env = ", ".join(f"{ENV_PREFIX}{k}" for k in sorted(env_values))
+        data.update(env_values)
+        source = f"{source} (+ {source_env})"
+    if overrides:
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    data["source"] = source
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from exc
+
+
+def coerce_settings(parameters: Settings | str | os.PathLike[str] | None) -> Settings:
+    """Accept what the public API accepts for ``parameters``: settings, a file, or None."""
+    if isinstance(parameters, Settings):
+        return parameters
+    return load_settings(parameters)

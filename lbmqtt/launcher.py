@@ -1,0 +1,167 @@
+"""``lbmqtt up``: the whole system on one machine, as child processes.
+
+Starts the embedded broker (unless ``BROKER_EMBEDDED`` is false), the balancer, the
+dashboard and a local node, each as ``python -m lbmqtt <command>`` in its own process and
+session, and waits for each to say it is ready (one JSON line on an inherited pipe).
+Ctrl-C or SIGTERM stops them in reverse order (SIGTERM, then SIGKILL after a grace
+period); if one of them dies, the others are stopped too. Each child also asks the kernel
+to signal it if this supervisor dies, so none is left behind even after a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+SUPERVISOR_ENV = "LBMQTT_SUPERVISOR_PID"
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0
+
+
+class LaunchError(Exception):
+    """A component failed to start; the message says which and why."""
+
+
+@dataclass
+class Child:
+    """One supervised component."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    info: dict[str, Any]
+
+
+def _spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S) -> Child:
+    r, w = os.pipe()
+    env = dict(os.environ)
+    env[SUPERVISOR_ENV] = str(os.getpid())
+    cmd = [sys.executable, "-m", "lbmqtt", *args, "--ready-fd", str(w)]
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=(w,), env=env, start_new_session=True)
+    finally:
+        os.close(w)
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    try:
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                proc.kill()
+                proc.wait()
+                raise LaunchError(f"{name} did not become ready within {timeout_s:g} s")
+            ready, _, _ = select.select([r], [], [], min(remaining, 0.5))
+            if ready:
+                chunk = os.read(r, 4096)
+                if not chunk:
+                    rc = proc.wait()
+                    raise LaunchError(f"{name} exited with status {rc} before it was ready "
+                                      f"(see its messages above)")
+                buf += chunk
+    finally:
+        os.close(r)
+    return Child(name, proc, json.loads(buf.split(b"\n", 1)[0]))
+
+
+def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM each child in reverse start order, SIGKILL what outlives the grace period."""
+    for child in reversed(children):
+        if child.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %g s: killing it", child.name, grace_s)
+                child.proc.kill()
+                child.proc.wait()
+
+
+def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bool = True,
+       node: bool = True) -> int:
+    """Run the whole system until Ctrl-C / SIGTERM. Returns the exit status.
+
+    Args:
+        settings: the loaded settings (for ports and the prefix).
+        common: command-line arguments every child gets (``--parameters`` and overrides).
+        tasks: task sources for the local node (empty: ``NODE_TASKS``).
+        dashboard, node: start those components.
+    """
+    children: list[Child] = []
+    stopping = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        common = list(common)
+        broker_url = f"mqtt://{settings.broker_host}:{settings.broker_port}"
+        if settings.broker_embedded:
+            c = _spawn("broker", ["broker", *common])
+            children.append(c)
+            port = int(c.info["port"])
+            if "--broker-port" in common:  # e.g. 0 ("pick one"): the children need the real one
+                i = common.index("--broker-port")
+                del common[i:i + 2]
+            common += ["--broker-port", str(port)]
+            broker_url = f"mqtt://{settings.broker_host}:{port} (embedded amqtt)"
+        children.append(_spawn("balancer", ["balancer", *common]))
+        if dashboard:
+            children.append(_spawn("dashboard", ["dashboard", *common]))
+        if node:
+            node_args = ["node", *common]
+            for t in tasks:
+                node_args += ["--tasks", t]
+            children.append(_spawn("node", node_args))
+        lines = ["", "lbmqtt is up:", f"  broker     {broker_url}",
+                 f"  balancer   topics under {settings.topic_prefix}/"]
+        for c in children:
+            if c.name == "dashboard":
+                lines.append(f"  dashboard  {c.info.get('url')}")
+            if c.name == "node":
+                lines.append(f"  node       {c.info.get('name')}: {c.info.get('slots')} worker "
+                             f"slots, tasks {', '.join(c.info.get('tasks', []))}")
+        port_hint = ""
+        if "--broker-port" in common:
+            port_hint = f" --broker-port {common[common.index('--broker-port') + 1]}"
+        lines += ["", "Try:", f"  lbmqtt submit HELLO '{{\"firstName\": \"John\", \"lastName\": "
+                  f"\"Doe\"}}' --wait{port_hint}", f"  lbmqtt status{port_hint}",
+                  "Ctrl-C stops everything.", ""]
+        print("\n".join(lines), flush=True)
+        while not stopping:
+            for c in children:
+                rc = c.proc.poll()
+                if rc is not None:
+                    log.error("%s exited unexpectedly (status %s): stopping the others",
+                              c.name, rc)
+                    stop_children(children)
+                    return 1
+            time.sleep(0.2)  # a supervisor's poll, not a test wait
+        print("lbmqtt: stopping...", flush=True)
+        stop_children(children)
+        print("lbmqtt: stopped", flush=True)
+        return 0
+    except LaunchError as exc:
+        print(f"lbmqtt up: {exc}", file=sys.stderr, flush=True)
+        stop_children(children)
+        return 1
+    except BaseException:
+        stop_children(children)
+        raise
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

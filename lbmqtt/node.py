@@ -1,0 +1,608 @@
+"""The node daemon: runs assigned tasks in worker processes and reports on them.
+
+One worker process per slot, in the groups of ``WKHUB_WORKERS`` (nice level from
+``processP``). The node announces itself with a retained status (capabilities) and a
+retained last will ``online: false``, heartbeats every ``HEARTBEAT_S``, and follows the
+retained assignment set the balancer keeps for it:
+
+* a task in the set that the node does not hold yet is queued for a slot of its group
+  and started as soon as a worker of that group is idle;
+* a task the node holds that is no longer in the set was cancelled, moved, or its result
+  was recorded: a running one has its worker killed (and restarted), a finished one is
+  forgotten;
+* a finished task stays held (and its result is resent every ``RESULT_RESEND_S`` and
+  after a reconnect) until it leaves the set: that is the balancer's acknowledgement.
+
+A worker process that dies under a task reports the attempt ``lost`` (the balancer retries
+it); a task past its ``timeout_s`` has its worker killed and is reported ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import __version__
+from .config import Settings, WorkerGroup, coerce_settings
+from .errors import ConfigError
+from .mqtt import MqttTransport, Will
+from .protocol import (
+    Assignment,
+    AssignmentSet,
+    ErrorInfo,
+    GroupInfo,
+    Heartbeat,
+    NodeReport,
+    NodeStatus,
+    Progress,
+    Result,
+    Started,
+    TaskRef,
+    Topics,
+    decode,
+    encode_json,
+)
+from .registry import Registry, function_reference, load_sources
+from .worker import _HEADER
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FLUSH_S = 0.1
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+def default_node_name() -> str:
+    """The host name, reduced to a valid node name."""
+    raw = socket.gethostname().split(".")[0] or "node"
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in raw)[:64]
+    return name if name[0].isalnum() or name[0] == "_" else f"n{name}"[:64]
+
+
+def _memory_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20)
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+@dataclass
+class _LocalTask:
+    a: Assignment
+    args_json: bytes
+    state: Literal["pending", "running", "finished"] = "pending"
+    worker: _Worker | None = None
+    result: Result | None = None
+    result_sent_at: float = 0.0
+    started_mono: float = 0.0
+    timeout_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.a.id, self.a.attempt)
+
+
+@dataclass
+class _Worker:
+    group: GroupInfo
+    slot: int
+    state: Literal["starting", "idle", "busy", "dead"] = "starting"
+    proc: asyncio.subprocess.Process | None = None
+    writer: asyncio.StreamWriter | None = None
+    task: _LocalTask | None = None
+    kill_expected: bool = False
+    pid: int = 0
+    deaths: deque[float] = field(default_factory=lambda: deque(maxlen=5))
+
+    def kill(self) -> None:
+        self.kill_expected = True
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+class Node:
+    """A node daemon: use as an async context manager, or :meth:`run_forever`.
+
+    Args:
+        parameters: settings, a parameters.json path, or None (``./parameters.json`` or
+            defaults).
+        name: node name (default ``NODE_NAME``, else the host name); unique on the LAN.
+        tasks: task sources (dotted modules or .py paths) to load, in addition to
+            ``NODE_TASKS`` and the tasks registered on this object.
+        groups: worker groups (default ``WKHUB_WORKERS``).
+
+    Example::
+
+        node = Node("parameters.json")
+
+        @node.task("HELLO")
+        def hello(args, ctx):
+            return f"Hello {args['firstName']} {args['lastName']} !"
+
+        if __name__ == "__main__":
+            node.run_forever()
+    """
+
+    def __init__(
+        self,
+        parameters: Settings | str | os.PathLike[str] | None = None,
+        *,
+        name: str | None = None,
+        tasks: Sequence[str] = (),
+        groups: Sequence[WorkerGroup] | None = None,
+    ):
+        self.settings = coerce_settings(parameters)
+        self.name = name or self.settings.node_name or default_node_name()
+        self.registry = Registry()
+        self._sources = [*self.settings.node_tasks, *tasks]
+        self._groups = list(groups if groups is not None else self.settings.wkhub_workers)
+        self.topics = Topics(self.settings.topic_prefix)
+        self.instance = uuid.uuid4().hex[:12]
+        self.ready = asyncio.Event()
+        """Set once connected, subscribed, and every worker process has started."""
+        self._workers_ready = asyncio.Event()
+        self._local: dict[str, _LocalTask] = {}
+        self._pending: dict[int, deque[_LocalTask]] = {}
+        self._workers: list[_Worker] = []
+        self._worker_tasks: list[asyncio.Task[None]] = []
+        self._bg: list[asyncio.Task[None]] = []
+        self._transport: MqttTransport | None = None
+        self._started: list[Started] = []
+        self._progress: dict[str, Progress] = {}
+        self._results: dict[str, Result] = {}
+        self._flush_soon = False
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self._hb_seq = 0
+        self._stopping = False
+        self._all_names: list[str] = []
+        self._worker_args: list[str] = []
+        self.started_at = time.time()
+        self.counters = {"started": 0, "done": 0, "failed": 0, "lost": 0, "killed": 0}
+
+    # --------------------------------------------------------------- registry
+
+    def task(self, name: str | None = None) -> Callable[[Any], Any]:
+        """Decorator: register a module-level function as task ``name``."""
+        return self.registry.task(name)
+
+    def add_task(self, name: str, fn: Callable[..., Any]) -> None:
+        """Register a module-level function as task ``name``."""
+        self.registry.add_task(name, fn)
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Load tasks, start worker processes, connect and announce.
+
+        Raises:
+            ConfigError: a task module cannot be imported, or no task is defined.
+        """
+        try:
+            loaded = load_sources(self._sources)
+        except (ImportError, ValueError, SyntaxError) as exc:
+            raise ConfigError(f"cannot load task modules {self._sources}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        names = set(loaded.names())
+        refs = []
+        for tname, fn in self.registry.items():
+            refs.append(f"{tname}={function_reference(fn)}")
+            names.add(tname)
+        if not names:
+            raise ConfigError("this node has no tasks: pass --tasks MODULE (or NODE_TASKS in "
+                              "parameters.json, or register tasks with node.task)")
+        self._all_names = sorted(names)
+        args: list[str] = []
+        for src in self._sources:
+            args += ["--source", src]
+        for r in refs:
+            args += ["--ref", r]
+        self._worker_args = args
+        groups = [GroupInfo(index=i, workers=g.n_workers, min_p=g.min_p, max_p=g.max_p,
+                            nice=g.process_p) for i, g in enumerate(self._groups)]
+        self._group_info = groups
+        s = self.settings
+        will = Will(self.topics.node_status(self.name),
+                    NodeStatus(node=self.name, instance=self.instance, online=False).encode())
+        self._transport = MqttTransport(
+            host=s.broker_host, port=s.broker_port, client_id=f"lbmqtt-node-{self.name}",
+            on_message=self._on_message, subscriptions=[(self.topics.assign(self.name), 1)],
+            on_connect=self._on_connect, will=will, keepalive_s=s.broker_keepalive_s,
+            username=s.broker_username, password=s.broker_password,
+            connect_timeout_s=s.connect_timeout_s,
+        )
+        for g in groups:
+            self._pending[g.index] = deque()
+            for slot in range(g.workers):
+                w = _Worker(group=g, slot=slot)
+                self._workers.append(w)
+                self._worker_tasks.append(asyncio.create_task(
+                    self._worker_loop(w), name=f"worker-{g.index}-{slot}"))
+        await self._transport.start()
+        self._bg = [
+            asyncio.create_task(self._heartbeat_loop(), name="node-heartbeat"),
+            asyncio.create_task(self._resend_loop(), name="node-resend"),
+            asyncio.create_task(self._ready_watch(), name="node-ready"),
+        ]
+        log.info("node %s: %d worker slots in %d groups, tasks: %s", self.name,
+                 len(self._workers), len(groups), ", ".join(self._all_names))
+
+    async def stop(self) -> None:
+        """Announce offline, kill the worker processes, disconnect."""
+        if self._stopping:
+            return
+        self._stopping = True
+        t = self._transport
+        if t is not None and t.connected:
+            self._flush()
+            await t.publish_confirmed(
+                self.topics.node_status(self.name),
+                NodeStatus(node=self.name, instance=self.instance, online=False).encode(),
+                retain=True, timeout_s=2.0)
+        for task in self._bg:
+            task.cancel()
+        for w in self._workers:
+            w.kill()
+        for task in self._worker_tasks:
+            task.cancel()
+        await asyncio.gather(*self._bg, *self._worker_tasks, return_exceptions=True)
+        for w in self._workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(w.proc.wait(), 5)
+        if t is not None:
+            await t.close()
+        c = self.counters
+        log.info("node %s stopped: %d started, %d done, %d failed, %d lost", self.name,
+                 c["started"], c["done"], c["failed"], c["lost"])
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run(self, stop: asyncio.Event | None = None, *,
+                  on_ready: Callable[[Node], None] | None = None) -> None:
+        """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            if on_ready is not None:
+                ready = asyncio.ensure_future(self.ready.wait())
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                stopped.cancel()
+                if self.ready.is_set():
+                    on_ready(self)
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def run_forever(self) -> None:
+        """Blocking: run the node until Ctrl-C / SIGTERM."""
+        asyncio.run(self.run())
+
+    @property
+    def slots(self) -> int:
+        """Number of worker slots (processes)."""
+        return len(self._workers)
+
+    @property
+    def task_names(self) -> list[str]:
+        """Names of the tasks this node serves (known after :meth:`start`)."""
+        return list(self._all_names)
+
+    # --------------------------------------------------------------- MQTT in
+
+    def _on_connect(self) -> None:
+        assert self._transport is not None
+        status = NodeStatus(
+            node=self.name, instance=self.instance, online=True, host=socket.gethostname(),
+            pid=os.getpid(), version=__version__, started_at=self.started_at,
+            groups=self._group_info, tasks=self._all_names, cores=os.cpu_count() or 1,
+            memory_mb=_memory_mb(), speed=self.settings.node_speed,
+            heartbeat_s=self.settings.heartbeat_s,
+        )
+        self._transport.publish(self.topics.node_status(self.name), status.encode(), qos=1,
+                                retain=True)
+        # after a reconnect, everything not yet acknowledged goes again
+        for lt in self._local.values():
+            if lt.state == "finished" and lt.result is not None:
+                self._results[lt.a.id] = lt.result
+        self._schedule_flush()
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic != self.topics.assign(self.name):
+            return
+        if not payload:
+            self._apply_set([])
+            return
+        try:
+            aset = decode(AssignmentSet, payload)
+        except Exception as exc:
+            log.warning("ignoring a malformed assignment set: %s", exc)
+            return
+        if aset.node != self.name:
+            log.warning("ignoring an assignment set addressed to %r", aset.node)
+            return
+        self._apply_set(aset.tasks)
+
+    def _apply_set(self, tasks: list[Assignment]) -> None:
+        wanted = {a.id: a for a in tasks}
+        for tid, lt in list(self._local.items()):
+            a = wanted.get(tid)
+            if a is not None and a.attempt == lt.a.attempt:
+                continue
+            # gone from the set (or replaced by a newer attempt): cancelled, moved or acked
+            del self._local[tid]
+            self._results.pop(tid, None)
+            self._progress.pop(tid, None)
+            if lt.timeout_handle is not None:
+                lt.timeout_handle.cancel()
+            if lt.state == "running" and lt.worker is not None:
+                log.info("task %s (attempt %d) withdrawn while running: killing its worker",
+                         tid, lt.a.attempt)
+                self.counters["killed"] += 1
+                lt.worker.kill()
+        for a in tasks:
+            if a.id in self._local:
+                continue
+            if a.group not in self._pending:
+                log.warning("task %s assigned to unknown group %d; ignored", a.id, a.group)
+                continue
+            lt = _LocalTask(a=a, args_json=encode_json(a.args))
+            self._local[a.id] = lt
+            self._pending[a.group].append(lt)
+        self._dispatch()
+
+    # --------------------------------------------------------------- running
+
+    def _dispatch(self) -> None:
+        for w in self._workers:
+            if w.state != "idle":
+                continue
+            queue = self._pending[w.group.index]
+            while queue:
+                lt = queue.popleft()
+                if self._local.get(lt.a.id) is lt and lt.state == "pending":
+                    self._start_on(w, lt)
+                    break
+
+    def _start_on(self, w: _Worker, lt: _LocalTask) -> None:
+        assert w.writer is not None
+        a = lt.a
+        meta = {"user": a.user, "name": a.name, "priority": a.priority}
+        frame = pickle.dumps(("run", a.id, a.attempt, a.name, lt.args_json, meta),
+                             protocol=pickle.HIGHEST_PROTOCOL)
+        w.writer.write(_HEADER.pack(len(frame)) + frame)
+        w.state = "busy"
+        w.task = lt
+        lt.state = "running"
+        lt.worker = w
+        lt.started_mono = time.monotonic()
+        self.counters["started"] += 1
+        if a.timeout_s is not None:
+            lt.timeout_handle = asyncio.get_running_loop().call_later(
+                a.timeout_s, self._on_timeout, lt)
+        self._started.append(Started(id=a.id, attempt=a.attempt, time=time.time()))
+        self._schedule_flush()
+
+    def _on_timeout(self, lt: _LocalTask) -> None:
+        if lt.state != "running" or self._local.get(lt.a.id) is not lt or lt.worker is None:
+            return
+        log.info("task %s passed its timeout of %g s: killing its worker", lt.a.id,
+                 lt.a.timeout_s or 0)
+        w = lt.worker
+        self._finish(lt, Result(
+            id=lt.a.id, attempt=lt.a.attempt, status="timeout",
+            error=ErrorInfo(type="TimeoutError",
+                            message=f"task {lt.a.name!r} exceeded its timeout of "
+                                    f"{lt.a.timeout_s:g} s; its worker process was killed"),
+            runtime_s=time.monotonic() - lt.started_mono, finished_at=time.time()))
+        w.kill()
+
+    def _finish(self, lt: _LocalTask, result: Result) -> None:
+        lt.state = "finished"
+        lt.result = result
+        w = lt.worker
+        lt.worker = None
+        if w is not None and w.task is lt:
+            w.task = None
+        if lt.timeout_handle is not None:
+            lt.timeout_handle.cancel()
+            lt.timeout_handle = None
+        self._progress.pop(lt.a.id, None)
+        self._results[lt.a.id] = result
+        key = {"done": "done", "lost": "lost"}.get(result.status, "failed")
+        self.counters[key] += 1
+        self._schedule_flush()
+
+    def _on_worker_message(self, w: _Worker, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            w.state = "idle"
+            w.pid = msg[1]
+            if all(x.state in ("idle", "busy") for x in self._workers):
+                self._workers_ready.set()
+            self._dispatch()
+            return
+        lt = w.task
+        if lt is None or msg[1] != lt.a.id or msg[2] != lt.a.attempt:
+            return  # a late message about a task already withdrawn or timed out
+        if kind == "progress":
+            self._progress[lt.a.id] = Progress(id=lt.a.id, attempt=lt.a.attempt,
+                                               progress=int(msg[3]))
+            self._schedule_progress()
+        elif kind == "done":
+            self._finish(lt, Result(id=lt.a.id, attempt=lt.a.attempt, status="done",
+                                    result=json.loads(msg[3]), runtime_s=msg[4],
+                                    finished_at=time.time()))
+            w.state = "idle"
+            self._dispatch()
+        elif kind == "failed":
+            self._finish(lt, Result(
+                id=lt.a.id, attempt=lt.a.attempt, status="failed",
+                error=ErrorInfo(type=msg[3], message=msg[4], traceback=msg[5]),
+                runtime_s=msg[6], finished_at=time.time()))
+            w.state = "idle"
+            self._dispatch()
+
+    async def _worker_loop(self, w: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.0
+        while not self._stopping:
+            if backoff:
+                await asyncio.sleep(backoff)
+            parent_sock, child_sock = socket.socketpair()
+            w.state = "starting"
+            w.kill_expected = False
+            try:
+                w.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "lbmqtt.worker", "--fd", str(child_sock.fileno()),
+                    "--parent", str(os.getpid()), "--nice", str(w.group.nice),
+                    *self._worker_args,
+                    pass_fds=[child_sock.fileno()], stdin=asyncio.subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                log.error("cannot start a worker process: %s", exc)
+                child_sock.close()
+                parent_sock.close()
+                backoff = min(RESTART_BACKOFF_MAX_S, max(1.0, backoff * 2))
+                continue
+            finally:
+                with contextlib.suppress(OSError):
+                    child_sock.close()
+            reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
+            w.writer = writer
+            try:
+                while True:
+                    head = await reader.readexactly(_HEADER.size)
+                    (n,) = _HEADER.unpack(head)
+                    body = await reader.readexactly(n)
+                    self._on_worker_message(w, pickle.loads(body))  # noqa: S301 - our child
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            except asyncio.CancelledError:
+                writer.close()
+                raise
+            finally:
+                w.writer = None
+                writer.close()
+            rc = await w.proc.wait()
+            w.state = "dead"
+            lt = w.task
+            w.task = None
+            if lt is not None and lt.state == "running" and self._local.get(lt.a.id) is lt:
+                how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+                log.warning("worker process %d died (%s) while running task %s", w.pid, how,
+                            lt.a.id)
+                self._finish(lt, Result(
+                    id=lt.a.id, attempt=lt.a.attempt, status="lost",
+                    error=ErrorInfo(type="WorkerLost",
+                                    message=f"the worker process died ({how}) while running "
+                                            f"the task"),
+                    runtime_s=time.monotonic() - lt.started_mono, finished_at=time.time()))
+            elif not w.kill_expected and not self._stopping:
+                log.warning("worker process %d exited (code %s); restarting it", w.pid, rc)
+            now = loop.time()
+            if not w.kill_expected:
+                w.deaths.append(now)
+            recent = [t for t in w.deaths if now - t < 10]
+            backoff = 0.0 if len(recent) < 3 else min(RESTART_BACKOFF_MAX_S,
+                                                      0.5 * 2 ** (len(recent) - 3))
+
+    async def _ready_watch(self) -> None:
+        t = self._transport
+        assert t is not None
+        await t.wait_ready(float("inf"))
+        await self._workers_ready.wait()
+        self.ready.set()
+
+    # --------------------------------------------------------------- MQTT out
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _schedule_progress(self) -> None:
+        if self._progress_timer is None:
+            self._progress_timer = asyncio.get_running_loop().call_later(
+                PROGRESS_FLUSH_S, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
+        t = self._transport
+        if t is None or not (self._started or self._progress or self._results):
+            return
+        if not t.connected:
+            return  # kept: resent on reconnect (results) or superseded (progress)
+        now = time.monotonic()
+        report = NodeReport(node=self.name, instance=self.instance, started=self._started,
+                            progress=list(self._progress.values()),
+                            results=list(self._results.values()))
+        t.publish(self.topics.reports(self.name), report.encode(), qos=1)
+        for tid in self._results:
+            lt = self._local.get(tid)
+            if lt is not None:
+                lt.result_sent_at = now
+        self._started = []
+        self._progress = {}
+        self._results = {}
+
+    async def _heartbeat_loop(self) -> None:
+        t = self._transport
+        assert t is not None
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            if not t.connected:
+                continue
+            self._hb_seq += 1
+            try:
+                load = list(os.getloadavg())
+            except OSError:
+                load = []
+            running = [TaskRef(id=lt.a.id, attempt=lt.a.attempt)
+                       for lt in self._local.values() if lt.state == "running"]
+            pending = sum(1 for lt in self._local.values() if lt.state == "pending")
+            hb = Heartbeat(node=self.name, instance=self.instance, seq=self._hb_seq,
+                           time=time.time(), load=load, running=running, pending=pending)
+            t.publish(self.topics.heartbeat(self.name), hb.encode(), qos=0)
+
+    async def _resend_loop(self) -> None:
+        period = self.settings.result_resend_s
+        while True:
+            await asyncio.sleep(period / 2)
+            now = time.monotonic()
+            for lt in self._local.values():
+                if (lt.state == "finished" and lt.result is not None
+                        and now - lt.result_sent_at >= period):
+                    self._results[lt.a.id] = lt.result
+            if self._results:
+                self._flush()
+

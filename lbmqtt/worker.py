@@ -1,0 +1,199 @@
+"""Worker process: runs task functions for a node daemon, one task at a time.
+
+Started by the node as ``python -m lbmqtt.worker --fd N ...`` with one end of a
+socketpair. Standard library only (plus the task modules), so that it starts fast and a
+restart after a cancel or a crash is cheap.
+
+Frames on the socket are a 4-byte big-endian length and a pickled tuple (pickle stays
+between a node and its own children; it never goes on the MQTT wire):
+
+=================================================  ===========================================
+node -> worker                                     worker -> node
+=================================================  ===========================================
+``("run", id, attempt, name, args_json, meta)``    ``("ready", pid, names)``
+                                                   ``("progress", id, attempt, percent)``
+                                                   ``("done", id, attempt, result_json, secs)``
+                                                   ``("failed", id, attempt, type, msg, tb, secs)``
+=================================================  ===========================================
+
+Cancel and timeouts are the node's business: it kills this process and starts another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+_HEADER = struct.Struct("!I")
+PR_SET_PDEATHSIG = 1
+PROGRESS_MIN_INTERVAL_S = 0.05
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send us ``sig`` when our parent dies; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+class Channel:
+    """Blocking framed pickle messages over a socket (thread-safe sends)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            self.sock.sendall(_HEADER.pack(len(data)) + data)
+
+    def recv(self) -> tuple[Any, ...] | None:
+        head = self._recv_exactly(_HEADER.size)
+        if head is None:
+            return None
+        (n,) = _HEADER.unpack(head)
+        body = self._recv_exactly(n)
+        if body is None:
+            return None
+        msg = pickle.loads(body)  # noqa: S301 - our own parent process
+        assert isinstance(msg, tuple)
+        return msg
+
+    def _recv_exactly(self, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+
+class Context:
+    """The :class:`~lbmqtt.registry.TaskContext` handed to task functions."""
+
+    def __init__(self, channel: Channel, task_id: str, attempt: int, meta: dict[str, Any]):
+        self._channel = channel
+        self.task_id = task_id
+        self.attempt = attempt
+        self.user: str = meta.get("user", "")
+        self.name: str = meta.get("name", "")
+        self.priority: int = meta.get("priority", 0)
+        self._last_sent = -1
+        self._last_time = 0.0
+
+    def progress(self, percent: float) -> None:
+        """Report progress 0..100; calls closer than 50 ms apart are coalesced."""
+        try:
+            p = int(max(0.0, min(100.0, float(percent))))
+        except (TypeError, ValueError):
+            return
+        now = time.monotonic()
+        if p == self._last_sent or (now - self._last_time < PROGRESS_MIN_INTERVAL_S and p < 100):
+            return
+        self._last_sent, self._last_time = p, now
+        self._channel.send(("progress", self.task_id, self.attempt, p))
+
+    def __repr__(self) -> str:
+        return f"<TaskContext {self.name} id={self.task_id} attempt={self.attempt}>"
+
+
+def _load(sources: list[str], refs: list[str]) -> dict[str, Any]:
+    from .registry import load_sources, resolve_reference
+
+    reg = load_sources(sources)
+    tasks = dict(reg.items())
+    for item in refs:
+        name, _, ref = item.partition("=")
+        tasks[name] = resolve_reference(ref)
+    return tasks
+
+
+def run(channel: Channel, tasks: dict[str, Any]) -> None:
+    """Serve ``run`` requests until the node closes the socket."""
+    from .registry import wants_context
+
+    with_ctx = {name: wants_context(fn) for name, fn in tasks.items()}
+    channel.send(("ready", os.getpid(), sorted(tasks)))
+    while True:
+        msg = channel.recv()
+        if msg is None:
+            return
+        if msg[0] != "run":
+            continue
+        _, task_id, attempt, name, args_json, meta = msg
+        t0 = time.perf_counter()
+        try:
+            fn = tasks.get(name)
+            if fn is None:
+                raise LookupError(f"this node has no task named {name!r}")
+            args = json.loads(args_json) if args_json else None
+            if with_ctx[name]:
+                result = fn(args, Context(channel, task_id, attempt, meta))
+            else:
+                result = fn(args)
+            try:
+                data = json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"the result of task {name!r} is not JSON-serializable: {exc}") from exc
+        except BaseException as exc:  # any failure of user code is reported
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            tb = traceback.format_exc(limit=50)
+            channel.send(("failed", task_id, attempt, type(exc).__name__, str(exc), tb,
+                          time.perf_counter() - t0))
+            continue
+        channel.send(("done", task_id, attempt, data, time.perf_counter() - t0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a worker process."""
+    ap = argparse.ArgumentParser(prog="lbmqtt.worker")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--parent", type=int, required=True)
+    ap.add_argument("--nice", type=int, default=0)
+    ap.add_argument("--source", action="append", default=[])
+    ap.add_argument("--ref", action="append", default=[])
+    ns = ap.parse_args(argv)
+    # The node owns our life: ignore the terminal's Ctrl-C, die if the node dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(ns.parent)
+    if ns.nice:
+        try:
+            os.nice(ns.nice)
+        except OSError as exc:
+            print(f"lbmqtt worker: cannot change nice level by {ns.nice}: {exc}", file=sys.stderr)
+    sock = socket.socket(fileno=ns.fd)
+    channel = Channel(sock)
+    try:
+        tasks = _load(ns.source, ns.ref)
+    except BaseException:
+        traceback.print_exc()
+        channel.send(("failed", "", 0, "ImportError", "cannot load task modules",
+                      traceback.format_exc(), 0.0))
+        sys.exit(3)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        run(channel, tasks)
+
+
+if __name__ == "__main__":
+    main()
