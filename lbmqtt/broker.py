@@ -21,6 +21,13 @@ Patches (NOTES.md, "Bugs to work around"):
     never answered and the will never fires. We drop ``$`` publishes and keep serving the
     client; a wildcard or empty publish topic is a protocol error and closes the
     connection properly (so the will fires).
+``socket_leak``
+    When a client disconnects, amqtt closes its side with ``drain(); write_eof(); close()``.
+    If a message to the client was in flight as it left (a client that publishes, then
+    says DISCONNECT and closes), the peer's reset makes ``write_eof`` fail with ENOTCONN,
+    ``close`` is never called and the socket stays open until the garbage collector finds
+    it: a broker serving short-lived clients leaks a file descriptor per such client. We
+    always close it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.session import Session
 
@@ -44,7 +52,8 @@ from .protocol import BrokerStatus, Topics
 log = logging.getLogger(__name__)
 
 AMQTT_VERSION = "amqtt 0.12.1"
-ALL_PATCHES: frozenset[str] = frozenset({"keepalive", "retained_leak", "dollar_publish"})
+ALL_PATCHES: frozenset[str] = frozenset(
+    {"keepalive", "retained_leak", "dollar_publish", "socket_leak"})
 KEEPALIVE_GRACE = 1.5
 
 
@@ -63,6 +72,16 @@ def broker_config(host: str, port: int, *, max_connections: int = 0) -> dict[str
             "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
         },
     }
+
+
+class _ClosingStreamWriter(StreamWriterAdapter):  # type: ignore[misc]
+    """amqtt's writer adapter, but the transport is closed even if ``write_eof`` fails."""
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            self._writer.close()
 
 
 class PatchedBroker(Broker):  # type: ignore[misc]
@@ -104,6 +123,14 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             transport.abort()
         elif writer is not None:
             self._closing = asyncio.ensure_future(writer.close())
+
+    # -- socket_leak ----------------------------------------------------------------------
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        adapter = (_ClosingStreamWriter(writer) if "socket_leak" in self.patches
+                   else StreamWriterAdapter(writer))
+        await self._client_connected(listener_name, StreamReaderAdapter(reader), adapter)
 
     # -- retained_leak --------------------------------------------------------------------
 

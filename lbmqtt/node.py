@@ -158,6 +158,7 @@ class Node:
         self._pending: dict[int, deque[_LocalTask]] = {}
         self._workers: list[_Worker] = []
         self._worker_tasks: list[asyncio.Task[None]] = []
+        self._closing_writers: list[asyncio.StreamWriter] = []
         self._bg: list[asyncio.Task[None]] = []
         self._transport: MqttTransport | None = None
         self._started: list[Started] = []
@@ -258,6 +259,9 @@ class Node:
         for task in self._worker_tasks:
             task.cancel()
         await asyncio.gather(*self._bg, *self._worker_tasks, return_exceptions=True)
+        for writer in self._closing_writers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
         for w in self._workers:
             if w.proc is not None and w.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -504,12 +508,13 @@ class Node:
                     self._on_worker_message(w, pickle.loads(body))  # noqa: S301 - our child
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
-            except asyncio.CancelledError:
-                writer.close()
-                raise
             finally:
                 w.writer = None
                 writer.close()
+                self._closing_writers.append(writer)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            self._closing_writers.remove(writer)
             rc = await w.proc.wait()
             w.state = "dead"
             lt = w.task

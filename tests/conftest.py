@@ -1,0 +1,304 @@
+"""Shared fixtures: a real embedded broker per session, real balancers and nodes per test.
+
+Everything talks real MQTT on 127.0.0.1. Each test gets its own topic prefix, so tests
+share one broker without seeing each other's messages. Async components run on an event
+loop in a background thread (:class:`LoopThread`), so tests stay plain functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from lbmqtt.balancer import Balancer
+from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker
+from lbmqtt.client import Client
+from lbmqtt.config import Settings, load_settings
+from lbmqtt.node import Node
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_TASKS = str(ROOT / "nodes" / "demo_tasks.py")
+TEST_TASKS = str(ROOT / "tests" / "tasks_for_tests.py")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; ``run(coro)`` runs a coroutine there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name="test-loop")
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper(), timeout)
+
+    def close(self) -> None:
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.loop.shutdown_asyncgens()
+            # let transports closed just now run their connection_lost callbacks: a
+            # closed loop drops them and the sockets leak (ResourceWarning)
+            await asyncio.sleep(0.05)
+
+        self.run(drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class BrokerThread:
+    """An :class:`EmbeddedBroker` on its own loop thread (as in production, apart from
+    the balancer's loop)."""
+
+    def __init__(self, patches: frozenset[str] = ALL_PATCHES, prefix: str | None = None):
+        self.lt = LoopThread()
+        self.broker = EmbeddedBroker("127.0.0.1", 0, patches=patches, prefix=prefix)
+        self.lt.run(self.broker.start())
+        self.port = self.broker.port
+
+    def stop(self) -> None:
+        self.lt.run(self.broker.stop())
+        self.lt.close()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[BrokerThread]:
+    b = BrokerThread()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t/{uuid.uuid4().hex[:10]}"
+
+
+def make_settings(port: int, prefix: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "BROKER_PORT": port, "TOPIC_PREFIX": prefix, "HEARTBEAT_S": 0.3,
+        "NODE_TIMEOUT_S": 3.0, "STATS_INTERVAL_S": 0.2, "CLIENT_ACK_TIMEOUT_S": 10.0,
+        "CONNECT_TIMEOUT_S": 5.0, "BROKER_KEEPALIVE_S": 5, "NODE_TASKS": [DEMO_TASKS],
+        "WKHUB_WORKERS": [{"nWorkers": 2, "minP": 0, "maxP": 9, "processP": 0},
+                          {"nWorkers": 1, "minP": 10, "maxP": 1000, "processP": 0}],
+    }
+    base.update(overrides)
+    return load_settings(None, env={}, overrides=base)
+
+
+@pytest.fixture
+def settings(broker: BrokerThread, prefix: str) -> Settings:
+    return make_settings(broker.port, prefix)
+
+
+class System:
+    """A balancer and nodes of one test, on one loop thread."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.lt = LoopThread()
+        self.balancer: Balancer | None = None
+        self.nodes: list[Node] = []
+
+    def start_balancer(self, settings: Settings | None = None) -> Balancer:
+        async def go() -> Balancer:
+            b = Balancer(settings or self.settings)
+            await b.start()
+            await asyncio.wait_for(b.ready.wait(), 10)
+            return b
+
+        self.balancer = self.lt.run(go())
+        return self.balancer
+
+    def start_node(self, name: str = "n1", settings: Settings | None = None,
+                   **kwargs: Any) -> Node:
+        async def go() -> Node:
+            n = Node(settings or self.settings, name=name, **kwargs)
+            await n.start()
+            await asyncio.wait_for(n.ready.wait(), 30)
+            return n
+
+        node = self.lt.run(go(), timeout=40)
+        self.nodes.append(node)
+        if self.balancer is not None:
+            b = self.balancer
+            wait_for(lambda: self.lt.call(lambda: name in b.scheduler.nodes), 10,
+                     f"balancer to see node {name}")
+        return node
+
+    def stop_node(self, node: Node) -> None:
+        self.lt.run(node.stop())
+        self.nodes.remove(node)
+
+    def stats(self) -> Any:
+        b = self.balancer
+        assert b is not None
+        return self.lt.call(b.stats)
+
+    def record(self, task_id: str) -> Any:
+        b = self.balancer
+        assert b is not None
+        return self.lt.call(lambda: b.tasks.get(task_id))
+
+    def close(self) -> None:
+        for n in list(self.nodes):
+            self.lt.run(n.stop())
+        if self.balancer is not None:
+            self.lt.run(self.balancer.stop())
+        self.lt.close()
+
+
+@pytest.fixture
+def system(settings: Settings) -> Iterator[System]:
+    s = System(settings)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def running(system: System) -> System:
+    """A balancer and one node ``n1`` (2 slots for 0..9, 1 slot for 10..1000)."""
+    system.start_balancer()
+    system.start_node("n1")
+    return system
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    with Client(settings, user="alice") as c:
+        yield c
+
+
+class RawClient:
+    """A plain paho client (its own network thread), as a foreign MQTT client would be."""
+
+    def __init__(self, port: int, client_id: str | None = None, keepalive: int = 30):
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=client_id or f"raw-{uuid.uuid4().hex[:8]}",
+                             protocol=MQTTProtocolVersion.MQTTv311)
+        self.subacks: list[int] = []
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = lambda c, u, mid, rc, p: self.subacks.append(mid)
+        self.port = port
+        self.keepalive = keepalive
+
+    def _on_message(self, c: Any, u: Any, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+    def connect(self) -> RawClient:
+        self.c.connect("127.0.0.1", self.port, keepalive=self.keepalive)
+        self.c.loop_start()
+        wait_for(self.c.is_connected, 5, "raw client to connect")
+        return self
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> None:
+        _, mid = self.c.subscribe(topic, qos)
+        wait_for(lambda: mid in self.subacks, timeout, f"SUBACK for {topic}")
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1,
+                retain: bool = False) -> None:
+        info = self.c.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(5)
+
+    def payloads(self, topic: str) -> list[bytes]:
+        with self.lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def raw(broker: BrokerThread) -> Iterator[Callable[..., RawClient]]:
+    made: list[RawClient] = []
+
+    def make(**kwargs: Any) -> RawClient:
+        rc = RawClient(broker.port, **kwargs).connect()
+        made.append(rc)
+        return rc
+
+    yield make
+    for rc in made:
+        rc.close()
+
+
+def lbmqtt_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lbmqtt", *args]
+
+
+def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    full_env.update(env or {})
+    return subprocess.run(lbmqtt_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or ROOT, check=False)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out

@@ -1,0 +1,58 @@
+"""Tasks used by the tests. ``BLOCK`` waits for a gate file, so a test decides exactly when
+a task finishes instead of guessing with sleeps."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lbmqtt import Registry
+
+tasks = Registry()
+
+
+def _wait_gate(gate: str | None, limit_s: float) -> bool:
+    deadline = time.monotonic() + limit_s
+    while gate and not Path(gate).exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@tasks.task("BLOCK")
+def block(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Mark ``started`` (a file), report ``progress`` if given, wait for ``gate``."""
+    if args.get("started"):  # written then renamed: a reader never sees it half-written
+        tmp = Path(args["started"] + ".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.rename(args["started"])
+    if "progress" in args:
+        ctx.progress(args["progress"])
+    opened = _wait_gate(args.get("gate"), float(args.get("limit_s", 60)))
+    return {"pid": os.getpid(), "opened": opened, "attempt": ctx.attempt,
+            "value": args.get("value")}
+
+
+@tasks.task("ECHO")
+def echo(args: Any, ctx: Any) -> dict[str, Any]:
+    """Return the arguments and what the context says."""
+    return {"args": args, "task_id": ctx.task_id, "user": ctx.user, "name": ctx.name,
+            "priority": ctx.priority, "attempt": ctx.attempt, "pid": os.getpid(),
+            "nice": os.nice(0)}
+
+
+@tasks.task("CRASH_ONCE")
+def crash_once(args: dict[str, Any], ctx: Any) -> str:
+    """Kill its own worker process on the first attempt; succeed on the next."""
+    if ctx.attempt == 1:
+        os._exit(17)
+    return f"survived on attempt {ctx.attempt}"
+
+
+@tasks.task("NOT_JSON")
+def not_json(args: Any) -> Any:
+    """Return something that is not JSON-serializable."""
+    return {1, 2, 3}

@@ -1,0 +1,199 @@
+"""Each amqtt patch of lbmqtt.broker, with the bug shown on a broker without that patch.
+
+The ``unpatched`` cases assert that amqtt 0.12.1 still has the bug: if one of them fails
+after an amqtt upgrade, the bug is fixed upstream and the patch can go.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import struct
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lbmqtt.broker import ALL_PATCHES
+
+from .conftest import BrokerThread, RawClient, wait_for
+
+
+@pytest.fixture(params=["patched", "unpatched"])
+def case(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def broker_for(case: str, patch: str) -> BrokerThread:
+    return BrokerThread(ALL_PATCHES if case == "patched" else ALL_PATCHES - {patch})
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Any]]:
+    things: list[Any] = []
+    yield things
+    for t in reversed(things):
+        if isinstance(t, RawClient):
+            t.close()
+        elif isinstance(t, socket.socket):
+            t.close()
+    for t in things:
+        if isinstance(t, BrokerThread):
+            t.stop()
+    with warnings.catch_warnings():
+        # an unpatched broker leaks sockets by design of the test
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def _remaining(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def raw_connect(port: int, client_id: str, keepalive: int, will_topic: str,
+                will_message: bytes) -> socket.socket:
+    """A bare MQTT 3.1.1 client: CONNECT with a will, read CONNACK, then nothing."""
+    flags = 0x02 | 0x04  # clean session, will flag (QoS 0, not retained)
+    var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+    payload = _str(client_id) + _str(will_topic) + struct.pack("!H", len(will_message)) \
+        + will_message
+    body = var + payload
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+    connack = s.recv(4)
+    assert connack[:1] == b"\x20" and connack[3] == 0, connack
+    return s
+
+
+def raw_publish_packet(topic: str, payload: bytes) -> bytes:
+    body = _str(topic) + payload
+    return bytes([0x30]) + _remaining(len(body)) + body
+
+
+@pytest.mark.slow
+def test_keepalive_silent_client_is_dropped_and_its_will_fires(case: str,
+                                                               cleanup: list[Any]) -> None:
+    broker = broker_for(case, "keepalive")
+    cleanup.append(broker)
+    watcher = RawClient(broker.port).connect()
+    cleanup.append(watcher)
+    watcher.subscribe("wills/#")
+    # Given a client with keep-alive 1 s that then goes silent (a frozen or cut-off host)
+    frozen = raw_connect(broker.port, "frozen", 1, "wills/frozen", b"gone")
+    cleanup.append(frozen)
+    started = time.monotonic()
+    if case == "patched":
+        # Then the broker drops it after 1.5 x keep-alive and publishes its will
+        wait_for(lambda: watcher.payloads("wills/frozen"), 5, "the will")
+        assert 1.2 < time.monotonic() - started < 4.5
+    else:
+        # amqtt 0.12.1 alone never does (Yakifo/amqtt#308): 3 keep-alives pass in silence
+        with pytest.raises(AssertionError):
+            wait_for(lambda: watcher.payloads("wills/frozen"), 3.5, "the will")
+
+
+def test_retained_messages_go_only_to_matching_subscriptions(case: str,
+                                                             cleanup: list[Any]) -> None:
+    broker = broker_for(case, "retained_leak")
+    cleanup.append(broker)
+    alice = RawClient(broker.port).connect()
+    cleanup.append(alice)
+    alice.subscribe("users/alice/#")
+    alice.publish("users/alice/tasks/t1", b"alice's secret result", retain=True)
+    wait_for(lambda: alice.payloads("users/alice/tasks/t1"), 5, "alice's own message")
+    # When bob connects and subscribes only to his own topics
+    bob = RawClient(broker.port).connect()
+    cleanup.append(bob)
+    bob.subscribe("users/bob/#")
+    bob.publish("users/bob/marker", b"m")
+    wait_for(lambda: bob.payloads("users/bob/marker"), 5, "bob's marker")
+    # (a leak happens at CONNECT, before bob's SUBACK and marker: it would be here by now)
+    leaked = bob.payloads("users/alice/tasks/t1")
+    if case == "patched":
+        assert leaked == []
+    else:
+        assert leaked == [b"alice's secret result"]
+
+
+def test_dollar_publish_does_not_turn_the_connection_into_a_zombie(case: str,
+                                                                   cleanup: list[Any]) -> None:
+    broker = broker_for(case, "dollar_publish")
+    cleanup.append(broker)
+    c = RawClient(broker.port).connect()
+    cleanup.append(c)
+    c.publish("$SYS/forged", b"x")
+    if case == "patched":
+        c.subscribe("after/#", timeout=5)
+        c.publish("after/1", b"still alive")
+        wait_for(lambda: c.payloads("after/1"), 5, "the client's own message")
+    else:
+        with pytest.raises(AssertionError, match="SUBACK"):
+            c.subscribe("after/#", timeout=2)
+
+
+def test_empty_topic_publish_closes_the_connection_and_fires_the_will(
+        case: str, cleanup: list[Any]) -> None:
+    broker = broker_for(case, "dollar_publish")
+    cleanup.append(broker)
+    watcher = RawClient(broker.port).connect()
+    cleanup.append(watcher)
+    watcher.subscribe("wills/#")
+    bad = raw_connect(broker.port, "bad", 60, "wills/bad", b"gone")
+    cleanup.append(bad)
+    # a protocol error [MQTT-4.7.3-1]; amqtt stops serving the client but keeps it open
+    bad.sendall(raw_publish_packet("", b"x"))
+    if case == "patched":
+        wait_for(lambda: watcher.payloads("wills/bad"), 5, "the will")
+    else:
+        with pytest.raises(AssertionError):
+            wait_for(lambda: watcher.payloads("wills/bad"), 2, "the will")
+
+
+def client_leaving_while_messages_fly(port: int, n: int) -> None:
+    """Publish to itself, say DISCONNECT and close at once. The broker's delivery reaches a
+    closed socket, whose kernel answers with a reset after the broker has read the EOF, so
+    amqtt's ``write_eof`` fails with ENOTCONN and its ``close`` never runs."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str(f"leaver-{n}")
+    s.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+    assert s.recv(4)[:1] == b"\x20"
+    sub = struct.pack("!H", 1) + _str("x/#") + b"\x00"
+    s.sendall(bytes([0x82]) + _remaining(len(sub)) + sub)
+    assert s.recv(5)[:1] == b"\x90"  # SUBACK
+    s.sendall(raw_publish_packet("x/1", b"to myself") + b"\xe0\x00")  # + DISCONNECT
+    s.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_disconnected_clients_do_not_leak_sockets(case: str, cleanup: list[Any]) -> None:
+    broker = broker_for(case, "socket_leak")
+    cleanup.append(broker)
+    gc.disable()  # leaked sockets would otherwise close whenever the collector runs
+    try:
+        before = _open_fds()
+        for n in range(10):
+            client_leaving_while_messages_fly(broker.port, n)
+        if case == "patched":
+            wait_for(lambda: _open_fds() - before <= 0, 5, "the broker to close its sockets")
+        else:
+            time.sleep(0.5)  # let the broker finish handling the disconnects
+            assert _open_fds() - before >= 8
+    finally:
+        gc.enable()

@@ -1,0 +1,405 @@
+"""End to end: real broker, real balancer, real node daemons with real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lbmqtt import AsyncClient, Client, QuotaExceeded, TaskCancelled, TaskFailed, UnknownTask
+from lbmqtt.errors import InvalidTask, WaitTimeout
+from lbmqtt.protocol import Status, Topics
+
+from .conftest import TEST_TASKS, System, make_settings, wait_for
+
+JOHN = {"firstName": "John", "lastName": "Doe"}
+
+
+def with_test_tasks(system: System) -> System:
+    system.start_balancer()
+    system.start_node("n1", tasks=[TEST_TASKS])
+    return system
+
+
+def test_hello_comes_back_from_the_python_client(running: System, client: Client) -> None:
+    task_id = client.submit("HELLO", JOHN)
+    assert client.wait(task_id, timeout=20) == "Hello John Doe !"
+    state = client.get(task_id)
+    assert state.status == Status.DONE
+    assert state.node == "n1"
+    assert state.user == "alice"
+    assert state.progress == 100
+    assert state.started_at is not None and state.finished_at is not None
+    assert state.wait_s is not None and state.run_s is not None
+
+
+def test_async_client_mirrors_the_sync_one(running: System) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(running.settings, user="bob") as c:
+            tid = await c.submit("HELLO", JOHN, task_id="bob-hello-1")
+            assert tid == "bob-hello-1"
+            assert await c.wait(tid, timeout=20) == "Hello John Doe !"
+            assert (await c.get(tid)).status == Status.DONE
+            assert await c.map("ADD", [[1, 2], [3, 4], [5]]) == [3, 7, 5]
+            sleeper = await c.submit("SLEEP", {"seconds": 30, "steps": 30})
+            assert await c.cancel(sleeper) is True
+            with pytest.raises(TaskCancelled):
+                await c.wait(sleeper, timeout=10)
+
+    asyncio.run(scenario())
+
+
+def test_map_returns_results_in_order_and_batches_submits(running: System, client: Client,
+                                                           raw: Any) -> None:
+    spy = raw()
+    submit_topic = Topics(running.settings.topic_prefix).submit("alice")
+    spy.subscribe(submit_topic)
+    results = client.map("ADD", [[i, i] for i in range(60)], batch_size=25)
+    assert results == [2 * i for i in range(60)]
+    # 60 tasks in batches of 25: three submit messages, not sixty
+    wait_for(lambda: len(spy.payloads(submit_topic)) >= 3, 5, "the submit messages")
+    assert len(spy.payloads(submit_topic)) == 3
+    assert [len(json.loads(p)["tasks"]) for p in spy.payloads(submit_topic)] == [25, 25, 10]
+
+
+def test_foreign_mqtt_client_submits_and_reads_result_with_documented_topics(
+        running: System, raw: Any) -> None:
+    # Given only the README's topics and JSON, as mosquitto_pub / Node-RED would use them
+    p = running.settings.topic_prefix
+    foreign = raw()
+    foreign.subscribe(f"{p}/users/carol/results/hello-42")
+    foreign.subscribe(f"{p}/users/carol/tasks/hello-42")
+    # When it publishes a task
+    foreign.publish(f"{p}/users/carol/submit", json.dumps(
+        {"id": "hello-42", "name": "HELLO", "args": JOHN}))
+    # Then the retained result topic carries exactly the final state
+    wait_for(lambda: foreign.payloads(f"{p}/users/carol/results/hello-42"), 20, "the result")
+    final = json.loads(foreign.payloads(f"{p}/users/carol/results/hello-42")[0])
+    assert final["status"] == "done"
+    assert final["result"] == "Hello John Doe !"
+    assert final["user"] == "carol"
+    states = [json.loads(x)["status"] for x in foreign.payloads(f"{p}/users/carol/tasks/hello-42")]
+    assert states[-1] == "done"
+    # And a client connecting later still reads it (retained)
+    late = raw()
+    late.subscribe(f"{p}/users/carol/results/+")
+    wait_for(lambda: late.messages, 5, "the retained result")
+    topic, payload, retained = late.messages[0]
+    assert retained and topic.endswith("/results/hello-42")
+    assert json.loads(payload)["result"] == "Hello John Doe !"
+
+
+def test_submit_without_id_gets_an_id_from_the_balancer_and_echoes_ref(
+        running: System, raw: Any) -> None:
+    p = running.settings.topic_prefix
+    foreign = raw()
+    foreign.subscribe(f"{p}/users/dave/results/+")
+    foreign.publish(f"{p}/users/dave/submit", json.dumps(
+        {"name": "ADD", "args": [40, 2], "ref": "my-sum"}))
+    wait_for(lambda: foreign.messages, 20, "the result")
+    topic, payload, _ = foreign.messages[0]
+    state = json.loads(payload)
+    assert state["result"] == 42 and state["ref"] == "my-sum"
+    assert topic.endswith("/results/" + state["id"]) and len(state["id"]) >= 16
+
+
+def test_batch_submit_from_a_foreign_client_runs_every_task(running: System, raw: Any) -> None:
+    p = running.settings.topic_prefix
+    foreign = raw()
+    foreign.subscribe(f"{p}/users/erin/results/+")
+    tasks = [{"id": f"b{i}", "name": "ADD", "args": [i, 1]} for i in range(10)]
+    foreign.publish(f"{p}/users/erin/submit", json.dumps({"tasks": tasks}))
+    wait_for(lambda: len(foreign.messages) >= 10, 20, "ten results")
+    got = {json.loads(pl)["id"]: json.loads(pl)["result"] for _, pl, _ in foreign.messages}
+    assert got == {f"b{i}": i + 1 for i in range(10)}
+
+
+def test_resubmitting_the_same_id_runs_the_task_once(running: System, client: Client) -> None:
+    tid = client.submit("ADD", [1, 1], task_id="same-id")
+    assert client.wait(tid, timeout=20) == 2
+    assert client.submit("ADD", [1, 1], task_id="same-id") == "same-id"
+    assert running.stats().done_total == 1
+    with pytest.raises(InvalidTask, match="already used"):
+        client.submit("ADD", [5, 5], task_id="same-id")
+
+
+def test_task_error_comes_back_with_its_traceback(running: System, client: Client) -> None:
+    tid = client.submit("FAIL", {"message": "boom"})
+    with pytest.raises(TaskFailed) as info:
+        client.wait(tid, timeout=20)
+    assert info.value.error_type == "ValueError"
+    assert "boom" in str(info.value)
+    assert "Traceback" in info.value.traceback and "demo_tasks.py" in info.value.traceback
+    assert client.get(tid).status == Status.FAILED
+
+
+def test_progress_is_reported_while_a_task_runs(system: System, client: Client,
+                                                 tmp_path: Path) -> None:
+    with_test_tasks(system)
+    gate = tmp_path / "gate"
+    tid = client.submit("BLOCK", {"progress": 40, "gate": str(gate)})
+    wait_for(lambda: client.get(tid).progress == 40, 20, "progress 40")
+    state = client.get(tid)
+    assert state.status == Status.RUNNING and state.node == "n1"
+    gate.touch()
+    assert client.wait(tid, timeout=20)["opened"] is True
+    assert client.get(tid).progress == 100
+
+
+def test_cancel_of_a_queued_task_removes_it_from_the_queue(system: System, client: Client,
+                                                            tmp_path: Path) -> None:
+    with_test_tasks(system)
+    gate = tmp_path / "gate"
+    # Given both low-priority slots busy
+    busy = [client.submit("BLOCK", {"gate": str(gate)}) for _ in range(2)]
+    wait_for(lambda: all(client.get(t).status == Status.RUNNING for t in busy), 20,
+             "both slots busy")
+    # When a third task waits and is cancelled
+    queued = client.submit("BLOCK", {"gate": str(gate)})
+    assert client.get(queued).status == Status.QUEUED
+    assert client.cancel(queued) is True
+    # Then it never runs, and the others finish
+    with pytest.raises(TaskCancelled):
+        client.wait(queued, timeout=5)
+    gate.touch()
+    for t in busy:
+        assert client.wait(t, timeout=20)["opened"]
+    assert client.get(queued).started_at is None
+    assert system.stats().cancelled_total == 1
+    assert client.cancel(busy[0]) is False  # already done
+
+
+def test_cancel_of_a_running_task_kills_and_restarts_its_worker(system: System, client: Client,
+                                                                 tmp_path: Path) -> None:
+    with_test_tasks(system)
+    started = tmp_path / "started"
+    tid = client.submit("BLOCK", {"started": str(started), "priority": 0,
+                                  "gate": str(tmp_path / "never")}, priority=50)
+    wait_for(started.exists, 20, "the task to start")
+    pid = int(started.read_text())
+    assert client.cancel(tid) is True
+    wait_for(lambda: not _alive(pid), 10, "the worker process to be killed")
+    # the slot (the only one for priority 10..1000) works again, in a new process
+    echo = client.wait(client.submit("ECHO", {}, priority=50), timeout=20)
+    assert echo["pid"] != pid
+
+
+def test_worker_killed_mid_task_is_restarted_and_the_task_runs_again(
+        system: System, client: Client, tmp_path: Path) -> None:
+    with_test_tasks(system)
+    started = tmp_path / "started"
+    gate = tmp_path / "gate"
+    tid = client.submit("BLOCK", {"started": str(started), "gate": str(gate)}, priority=50)
+    wait_for(started.exists, 20, "the task to start")
+    pid = int(started.read_text())
+    started.unlink()
+    os.kill(pid, signal.SIGKILL)
+    # the task goes back to the queue and runs again, in a fresh worker process
+    wait_for(started.exists, 20, "the second attempt to start")
+    assert int(started.read_text()) != pid
+    gate.touch()
+    result = client.wait(tid, timeout=20)
+    assert result["attempt"] == 2 and result["pid"] != pid
+
+
+def test_a_task_that_kills_its_worker_is_retried(system: System, client: Client) -> None:
+    with_test_tasks(system)
+    assert client.wait(client.submit("CRASH_ONCE", {}), timeout=30) == "survived on attempt 2"
+
+
+def test_unknown_task_name_waits_visibly_and_takes_no_slot(running: System,
+                                                           client: Client) -> None:
+    tid = client.submit("NO_SUCH_TASK", {})
+    state = client.get(tid)
+    assert state.status == Status.QUEUED
+    assert state.waiting == "no online node offers task 'NO_SUCH_TASK'"
+    # other work still flows through every slot
+    assert client.map("ADD", [[i] for i in range(6)]) == list(range(6))
+    stats = running.stats()
+    assert stats.busy == 0 and stats.queued == 1
+    assert any("NO_SUCH_TASK" in w for w in stats.warnings)
+
+
+def test_priority_bands_keep_slots_for_their_priorities(system: System, client: Client,
+                                                        tmp_path: Path) -> None:
+    with_test_tasks(system)
+    gate = tmp_path / "gate"
+    # band 10..1000 has one slot: an urgent task runs there even with 0..9 full
+    low = [client.submit("BLOCK", {"gate": str(gate)}) for _ in range(3)]
+    urgent = client.submit("ECHO", {}, priority=500)
+    assert client.wait(urgent, timeout=20)["priority"] == 500
+    assert client.get(urgent).node == "n1"
+    states = [client.get(t).status for t in low]
+    assert states.count(Status.RUNNING) == 2 and states.count(Status.QUEUED) == 1
+    # a priority no band accepts waits and says why
+    odd = client.submit("ECHO", {}, priority=5000)
+    assert "no online node offering 'ECHO' has a slot for priority 5000" in (
+        client.get(odd).waiting or "")
+    gate.touch()
+    for t in low:
+        client.wait(t, timeout=20)
+
+
+def test_nice_level_comes_from_processP(system: System, client: Client) -> None:
+    system.start_balancer()
+    s = make_settings(system.settings.broker_port, system.settings.topic_prefix,
+                      WKHUB_WORKERS=[{"nWorkers": 1, "minP": 0, "maxP": 9, "processP": 7}])
+    system.start_node("nice", settings=s, tasks=[TEST_TASKS])
+    base = os.nice(0)
+    assert client.wait(client.submit("ECHO", {}), timeout=20)["nice"] == min(19, base + 7)
+
+
+def test_quota_refuses_submits_beyond_the_cap(system: System, broker: Any, prefix: str) -> None:
+    s = make_settings(broker.port, prefix, LB_QUEING_MAXPERUSER=2)
+    system.start_balancer(s)  # no node: everything stays queued
+    with Client(s, user="greedy") as c:
+        c.submit("HELLO", JOHN)
+        c.submit("HELLO", JOHN)
+        with pytest.raises(QuotaExceeded, match="LB_QUEING_MAXPERUSER"):
+            c.submit("HELLO", JOHN)
+    with Client(s, user="other") as c:  # the cap is per user
+        c.submit("HELLO", JOHN)
+    assert system.stats().refused_total == 1
+
+
+def test_timeout_kills_the_worker_and_fails_the_task(running: System, client: Client) -> None:
+    tid = client.submit("SLEEP", {"seconds": 30, "steps": 300}, timeout_s=0.5)
+    with pytest.raises(TaskFailed, match="timeout of 0.5 s") as info:
+        client.wait(tid, timeout=20)
+    assert info.value.error_type == "TimeoutError"
+    assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
+
+
+def test_result_that_is_not_json_fails_clearly(system: System, client: Client) -> None:
+    with_test_tasks(system)
+    with pytest.raises(TaskFailed, match="not JSON-serializable"):
+        client.wait(client.submit("NOT_JSON", {}), timeout=20)
+
+
+def test_bad_messages_get_errors_and_do_not_stop_the_balancer(running: System, raw: Any,
+                                                              client: Client) -> None:
+    p = running.settings.topic_prefix
+    foreign = raw()
+    foreign.subscribe(f"{p}/users/mallory/errors")
+    bad = [b"not json", b"\xff\xfe", b"[1,2]", b'{"name": 5}', b'{"name": "X", "priority": "high"}',
+           b'{"tasks": [{"name": "HELLO", "args": {}}, {"nam": "typo"}]}',
+           b'{"id": "a/b", "name": "HELLO"}', b"{" * 5000]
+    for payload in bad:
+        foreign.publish(f"{p}/users/mallory/submit", payload)
+    foreign.publish(f"{p}/users/mallory/cancel", b'{"ids": 3}')
+    foreign.publish(f"{p}/nodes/ghost/status", b"garbage")
+    foreign.publish(f"{p}/nodes/ghost/reports", b'{"v": 1}')
+    wait_for(lambda: sum(len(json.loads(m)["errors"])
+                         for m in foreign.payloads(f"{p}/users/mallory/errors")) >= 9, 10,
+             "an error per bad message")
+    errors = [e for m in foreign.payloads(f"{p}/users/mallory/errors")
+              for e in json.loads(m)["errors"]]
+    codes = [e["code"] for e in errors]
+    assert codes[0] == "bad_json" and codes.count("invalid") >= 6
+    assert all(e["message"] for e in errors)
+    # the one good task of the mixed batch was accepted; the balancer still works
+    assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
+    assert running.stats().bad_messages_total >= 10
+
+
+def test_get_and_cancel_of_unknown_or_foreign_tasks_raise(running: System, client: Client,
+                                                          settings: Any) -> None:
+    with pytest.raises(UnknownTask):
+        client.get("never-submitted")
+    tid = client.submit("HELLO", JOHN)
+    client.wait(tid, timeout=20)
+    with Client(settings, user="eve") as eve:  # identity comes from the topic
+        with pytest.raises(UnknownTask):
+            eve.get(tid)
+        with pytest.raises(UnknownTask):
+            eve.cancel(tid)
+
+
+def test_collected_results_are_forgotten_after_the_grace_period(
+        system: System, broker: Any, prefix: str) -> None:
+    s = make_settings(broker.port, prefix, RESULT_COLLECTED_TTL_S=0)
+    system.start_balancer(s)
+    system.start_node("n1", settings=s)
+    with Client(s, user="alice") as c:
+        tid = c.submit("HELLO", JOHN)
+        assert c.wait(tid, timeout=20) == "Hello John Doe !"
+        wait_for(lambda: system.record(tid) is None, 10, "the balancer to forget the task")
+    with Client(s, user="alice") as c, pytest.raises(UnknownTask):
+        c.get(tid)
+
+
+def test_wait_timeout_is_a_timeout_error(running: System, client: Client) -> None:
+    tid = client.submit("SLEEP", {"seconds": 30, "steps": 30})
+    with pytest.raises(TimeoutError):
+        client.wait(tid, timeout=0.3)
+    with pytest.raises(WaitTimeout):
+        client.wait(tid, timeout=0.1)
+    client.cancel(tid)
+
+
+def test_tasks_spread_over_two_nodes(system: System, client: Client, tmp_path: Path) -> None:
+    system.start_balancer()
+    system.start_node("n1", tasks=[TEST_TASKS])
+    system.start_node("n2", tasks=[TEST_TASKS])
+    gate = tmp_path / "gate"
+    ids = [client.submit("BLOCK", {"gate": str(gate), "value": i}) for i in range(4)]
+    wait_for(lambda: all(client.get(t).status == Status.RUNNING for t in ids), 20,
+             "four tasks running on four slots")
+    assert sorted(client.get(t).node or "" for t in ids) == ["n1", "n1", "n2", "n2"]
+    gate.touch()
+    assert [client.wait(t, timeout=20)["value"] for t in ids] == [0, 1, 2, 3]
+
+
+def test_node_going_offline_puts_its_tasks_back_in_the_queue(system: System, client: Client,
+                                                              tmp_path: Path) -> None:
+    system.start_balancer()
+    n1 = system.start_node("n1", tasks=[TEST_TASKS])
+    gate = tmp_path / "gate"
+    started = tmp_path / "started"
+    tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started)})
+    wait_for(started.exists, 20, "the task to start on n1")
+    started.unlink()
+    system.stop_node(n1)
+    assert client.get(tid).status == Status.QUEUED
+    system.start_node("n2", tasks=[TEST_TASKS])
+    wait_for(started.exists, 20, "the task to start again on n2")
+    gate.touch()
+    assert client.wait(tid, timeout=20)["attempt"] == 2
+    assert client.get(tid).node == "n2"
+
+
+def test_node_will_marks_it_offline_when_its_connection_drops(system: System,
+                                                               client: Client) -> None:
+    system.start_balancer()
+    n1 = system.start_node("n1")
+    wait_for(lambda: any(n.online for n in system.stats().nodes), 5, "n1 online")
+    transport = n1._transport
+    assert transport is not None
+    system.lt.call(transport.drop_connection)
+    # the broker publishes the will at once; the node reconnects and announces itself again
+    wait_for(lambda: any("n1 went offline" in w for w in system.stats().warnings), 10,
+             "the will to mark n1 offline")
+    wait_for(lambda: system.stats().nodes[0].online, 10, "n1 back online")
+    assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
+
+
+def test_client_user_must_be_a_valid_name(settings: Any) -> None:
+    from lbmqtt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="invalid user name"):
+        Client(settings, user="a/b")
+
+
+def _alive(pid: int) -> bool:
+    from .conftest import process_alive
+
+    return process_alive(pid)
+
+
+_ = uuid
