@@ -11,7 +11,6 @@ import os
 import socket
 import struct
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -37,9 +36,7 @@ def cleanup() -> Iterator[list[Any]]:
     things: list[Any] = []
     yield things
     for t in reversed(things):
-        if isinstance(t, RawClient):
-            t.close()
-        elif isinstance(t, socket.socket):
+        if isinstance(t, RawClient | socket.socket):
             t.close()
     for t in things:
         if isinstance(t, BrokerThread):

@@ -1,0 +1,134 @@
+"""The ``lbmqtt`` command, as a user runs it: ``up``, ``submit``, ``status``, shutdown."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from .conftest import ROOT, lbmqtt_cmd, process_alive, run_cli, wait_for
+
+HELLO = '{"firstName": "John", "lastName": "Doe"}'
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    port: int = 0
+    url: str = ""
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def start_up(*extra: str) -> Up:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    proc = subprocess.Popen(
+        lbmqtt_cmd("up", "--broker-port", "0", "--monitor-port", "0", *extra), cwd=ROOT,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = Up(proc)
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            up.lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=reader, daemon=True).start()
+    wait_for(lambda: "Ctrl-C stops everything." in up.lines or proc.poll() is not None, 90,
+             "`lbmqtt up` to be ready")
+    assert proc.poll() is None, up.text()
+    m = re.search(r"--broker-port (\d+)", up.text())
+    assert m, up.text()
+    up.port = int(m.group(1))
+    d = re.search(r"dashboard\s+(http://\S+)", up.text())
+    up.url = d.group(1) if d else ""
+    return up
+
+
+@pytest.fixture
+def system_up() -> Iterator[Up]:
+    up = start_up()
+    yield up
+    finish(up)
+
+
+def finish(up: Up) -> None:
+    if up.proc.poll() is None:
+        up.proc.kill()
+    up.proc.wait(10)
+    if up.proc.stdout is not None:
+        up.proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_up_then_submit_status_and_a_clean_ctrl_c(system_up: Up) -> None:
+    from .conftest import descendants
+
+    port = str(system_up.port)
+    # submit --wait prints the result
+    r = run_cli("submit", "HELLO", HELLO, "--wait", "--broker-port", port)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Hello John Doe !\n"
+    # a failing task: exit status 1 and the worker's traceback
+    r = run_cli("submit", "FAIL", '{"message": "boom"}', "--wait", "--broker-port", port)
+    assert r.returncode == 1 and "ValueError: boom" in r.stderr and "Traceback" in r.stderr
+    # without --wait: the id; then get and cancel by id
+    r = run_cli("submit", "SLEEP", '{"seconds": 60}', "--id", "cli-sleep", "--broker-port", port)
+    assert r.stdout.strip() == "cli-sleep"
+    r = run_cli("cancel", "cli-sleep", "--broker-port", port)
+    assert r.returncode == 0 and "cli-sleep: cancelled" in r.stdout
+    r = run_cli("get", "cli-sleep", "--json", "--broker-port", port)
+    assert json.loads(r.stdout)["status"] == "cancelled"
+    # status --json is the balancer's stats
+    r = run_cli("status", "--json", "--broker-port", port)
+    stats = json.loads(r.stdout)
+    assert stats["done_total"] >= 1 and stats["failed_total"] >= 1
+    assert [n["online"] for n in stats["nodes"]] == [True]
+    r = run_cli("status", "--broker-port", port)
+    assert "HELLO" in r.stdout and "online" in r.stdout
+    # the dashboard page answers
+    assert system_up.url
+    with urllib.request.urlopen(system_up.url, timeout=10) as resp:
+        assert resp.status == 200 and b"Bokeh" in resp.read()
+    # Ctrl-C stops everything, with no process left behind
+    family = descendants(system_up.proc.pid)
+    assert len(family) >= 4 + 3  # broker, balancer, dashboard, node + its 3 workers
+    system_up.proc.send_signal(signal.SIGINT)
+    assert system_up.proc.wait(60) == 0
+    wait_for(lambda: not any(process_alive(p) for p in family), 10, "every child to exit")
+    assert "lbmqtt: stopped" in system_up.text()
+
+
+@pytest.mark.slow
+def test_a_killed_up_takes_its_children_with_it() -> None:
+    from .conftest import descendants
+
+    up = start_up("--no-dashboard")
+    family = descendants(up.proc.pid)
+    assert family
+    up.proc.kill()  # SIGKILL: no chance to clean up; the kernel tells the children
+    finish(up)
+    wait_for(lambda: not any(process_alive(p) for p in family), 20, "every child to exit")
+
+
+def test_submit_without_a_broker_says_what_to_do() -> None:
+    r = run_cli("submit", "HELLO", HELLO, "--broker-port", "1", timeout=60,
+                env={"LBMQTT_CONNECT_TIMEOUT_S": "1"})
+    assert r.returncode == 3
+    assert "cannot reach the MQTT broker at 127.0.0.1:1" in r.stderr
+    assert "lbmqtt up" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_submit_with_bad_json_arguments_is_a_usage_error() -> None:
+    r = run_cli("submit", "HELLO", "{not json", "--broker-port", "1")
+    assert r.returncode == 2 and "ARGS is not valid JSON" in r.stderr

@@ -1,0 +1,123 @@
+"""The asyncio paho adapter against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from lbmqtt.broker import EmbeddedBroker
+from lbmqtt.errors import BrokerUnavailable, ConfigError
+from lbmqtt.mqtt import MqttTransport, Will
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    async def poll() -> None:
+        while not predicate():  # noqa: ASYNC110 - state changes in paho callbacks
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def test_reconnects_and_resubscribes_after_a_broker_restart() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        got: list[bytes] = []
+        broker = EmbeddedBroker("127.0.0.1", port)
+        await broker.start()
+        sub = MqttTransport(host="127.0.0.1", port=port, client_id="sub",
+                            on_message=lambda t, p, r: got.append(p),
+                            subscriptions=[("r/#", 1)], reconnect_max_s=0.2)
+        pub = MqttTransport(host="127.0.0.1", port=port, client_id="pub",
+                            on_message=lambda *a: None, reconnect_max_s=0.2)
+        await sub.start(wait=True)
+        await pub.start(wait=True)
+        pub.publish("r/1", b"before", qos=1)
+        await until(lambda: got == [b"before"])
+        # When the broker goes away and comes back on the same port
+        await broker.stop()
+        await until(lambda: not sub.connected and not pub.connected)
+        broker = EmbeddedBroker("127.0.0.1", port)
+        await broker.start()
+        # Then both reconnect by themselves, and the subscription is back
+        await sub.wait_ready(10)
+        await pub.wait_ready(10)
+        pub.publish("r/2", b"after", qos=1)
+        await until(lambda: got == [b"before", b"after"])
+        assert sub.connects == 2
+        await sub.close()
+        await pub.close()
+        await broker.stop()
+
+    asyncio.run(scenario())
+
+
+def test_will_is_published_when_the_connection_drops() -> None:
+    async def scenario() -> None:
+        async with EmbeddedBroker() as broker:
+            wills: list[bytes] = []
+            watcher = MqttTransport(host="127.0.0.1", port=broker.port, client_id="w",
+                                    on_message=lambda t, p, r: wills.append(p),
+                                    subscriptions=[("status/#", 1)])
+            node = MqttTransport(host="127.0.0.1", port=broker.port, client_id="n",
+                                 on_message=lambda *a: None,
+                                 will=Will("status/n", b"offline", retain=False))
+            await watcher.start(wait=True)
+            await node.start(wait=True)
+            node.drop_connection()
+            await until(lambda: wills == [b"offline"])
+            await node.wait_ready(10)  # and it comes back by itself
+            await node.close()  # a clean close publishes no will
+            await watcher.close()
+            assert wills == [b"offline"]
+
+    asyncio.run(scenario())
+
+
+def test_tcp_nodelay_is_set_on_the_socket() -> None:
+    async def scenario() -> None:
+        async with EmbeddedBroker() as broker:
+            t = MqttTransport(host="127.0.0.1", port=broker.port, client_id="x",
+                              on_message=lambda *a: None)
+            await t.start(wait=True)
+            sock = t._client.socket()
+            assert sock is not None
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            await t.close()
+
+    asyncio.run(scenario())
+
+
+def test_publishing_to_a_dollar_topic_is_refused_locally() -> None:
+    t = MqttTransport(host="127.0.0.1", port=1, client_id="x", on_message=lambda *a: None)
+    with pytest.raises(ValueError, match=r"'\$' topic"):
+        t.publish("$SYS/x", b"")
+
+
+def test_unreachable_broker_gives_a_clear_error() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        t = MqttTransport(host="127.0.0.1", port=port, client_id="x",
+                          on_message=lambda *a: None)
+        with pytest.raises(BrokerUnavailable, match=rf"127.0.0.1:{port} \(connection refused\)"):
+            await t.start(wait=True, timeout_s=1.0)
+        await t.close()
+
+    asyncio.run(scenario())
+
+
+def test_port_zero_is_refused_for_a_client() -> None:
+    async def scenario() -> None:
+        t = MqttTransport(host="127.0.0.1", port=0, client_id="x", on_message=lambda *a: None)
+        with pytest.raises(ConfigError, match="pick a free port"):
+            await t.start()
+
+    asyncio.run(scenario())

@@ -1,0 +1,107 @@
+"""The wire: topics, models, decoding of what strangers send."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbmqtt.errors import DecodeError, ErrorCode
+from lbmqtt.protocol import (
+    AssignmentSet,
+    IdList,
+    NodeStatus,
+    Status,
+    TaskSpec,
+    TaskState,
+    Topics,
+    decode,
+    decode_submit,
+    validate_topic_for_publish,
+)
+
+
+def test_topics_put_the_user_and_the_node_in_the_topic() -> None:
+    t = Topics("lbmqtt/v1")
+    assert t.submit("alice") == "lbmqtt/v1/users/alice/submit"
+    assert t.result("alice", "t1") == "lbmqtt/v1/users/alice/results/t1"
+    assert t.task("alice", "t1") == "lbmqtt/v1/users/alice/tasks/t1"
+    assert t.assign("gpu-box") == "lbmqtt/v1/nodes/gpu-box/assign"
+    assert t.parse("lbmqtt/v1/users/alice/submit") == ("user", "alice", "submit")
+    assert t.parse("lbmqtt/v1/nodes/n1/status") == ("node", "n1", "status")
+    assert t.parse("other/v1/users/alice/submit") is None
+    assert t.parse("lbmqtt/v1/users/$bad/submit") is None
+
+
+def test_a_single_task_and_a_batch_decode_alike() -> None:
+    one = decode_submit(b'{"name": "HELLO", "args": {"firstName": "J"}}')
+    assert isinstance(one[0], TaskSpec) and one[0].args == {"firstName": "J"}
+    many = decode_submit(json.dumps({"tasks": [{"name": "A"}, {"name": "B", "priority": 5}]})
+                         .encode())
+    assert [s.name for s in many if isinstance(s, TaskSpec)] == ["A", "B"]
+
+
+def test_one_bad_task_in_a_batch_does_not_spoil_the_others() -> None:
+    out = decode_submit(b'{"tasks": [{"name": "A"}, {"id": "x1", "name": "B", "prio": 1}]}')
+    assert isinstance(out[0], TaskSpec)
+    assert isinstance(out[1], DecodeError) and out[1].task_id == "x1"
+    assert "prio" in str(out[1])
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"nope", ErrorCode.BAD_JSON), (b"\xff\xfe", ErrorCode.BAD_JSON),
+    (b"[1]", ErrorCode.INVALID), (b'"x"', ErrorCode.INVALID),
+    (b'{"tasks": 5}', ErrorCode.INVALID),
+])
+def test_malformed_submits_raise_decode_error_with_a_code(raw: bytes, code: ErrorCode) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode_submit(raw)
+    assert info.value.code == code and info.value.raw == raw
+
+
+@pytest.mark.parametrize("task", [
+    {"name": "HELLO", "priority": "1"}, {"name": "HELLO", "priority": 1.5},
+    {"name": "HELLO", "priority": True}, {"name": "HELLO", "priority": 2**40},
+    {"name": "a b"}, {"name": ""}, {"name": "HELLO", "id": "a/b"},
+    {"name": "HELLO", "id": "$x"}, {"name": "HELLO", "timeout_s": -1},
+    {"name": "HELLO", "notify": "email"},
+])
+def test_task_fields_are_validated_strictly(task: dict[str, object]) -> None:
+    [item] = decode_submit(json.dumps(task).encode())
+    assert isinstance(item, DecodeError)
+
+
+def test_models_round_trip_and_ignore_fields_of_newer_peers() -> None:
+    st_ = TaskState(id="t", user="u", name="N", status=Status.DONE, result=[1, {"a": 2}])
+    assert decode(TaskState, st_.encode()) == st_
+    newer = json.dumps({"v": 1, "node": "n", "instance": "i", "online": True,
+                        "future_field": 1}).encode()
+    assert decode(NodeStatus, newer).online is True
+    assert IdList(id="x").all_ids() == ["x"]
+    assert decode(AssignmentSet, b'{"v":1,"node":"n","balancer":"b","seq":1}').tasks == []
+
+
+def test_publish_topics_are_checked_before_they_reach_the_broker() -> None:
+    for bad in ("", "$SYS/x", "a/+/b", "a/#", "a\x00b"):
+        with pytest.raises(ValueError):
+            validate_topic_for_publish(bad)
+    validate_topic_for_publish("lbmqtt/v1/users/alice/submit")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
+                                                                        max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode())))
+def test_decode_submit_never_fails_with_anything_but_decode_error(raw: bytes) -> None:
+    try:
+        out = decode_submit(raw)
+    except DecodeError:
+        return
+    assert all(isinstance(x, TaskSpec | DecodeError) for x in out)
