@@ -36,6 +36,7 @@ from .errors import (
     BalancerUnavailable,
     ConfigError,
     LbmqttError,
+    QuotaExceeded,
     SubmitRefused,
     TaskCancelled,
     TaskFailed,
@@ -213,6 +214,14 @@ class AsyncClient:
             SubmitRefused: (the first) refused task; the accepted ones stay submitted.
             BalancerUnavailable: some task was not acknowledged within ``ack_timeout_s``.
         """
+        specs = self._specs(tasks)
+        errors = await self._submit_specs(specs, batch_size)
+        for err in errors:
+            if err is not None:
+                raise err
+        return [s.id or "" for s in specs]
+
+    def _specs(self, tasks: Iterable[Mapping[str, Any] | TaskSpec]) -> list[TaskSpec]:
         specs: list[TaskSpec] = []
         for item in tasks:
             data = dict(item.model_dump() if isinstance(item, TaskSpec) else item)
@@ -223,15 +232,26 @@ class AsyncClient:
             except ValueError as exc:
                 raise error_from_code("invalid", f"invalid task {data.get('name')!r}: {exc}",
                                       data["id"]) from exc
+        return specs
+
+    async def _submit_specs(self, specs: list[TaskSpec],
+                            batch_size: int = DEFAULT_BATCH) -> list[BaseException | None]:
+        """Publish in batches, resend until each is acknowledged; per spec: None (accepted)
+        or the refusal."""
         t = self._t()
-        acks: list[asyncio.Future[TaskState]] = []
-        for spec in specs:
-            acks.append(self._watch_next(spec.id or ""))
+        acks = [self._watch_next(spec.id or "") for spec in specs]
         for start in range(0, len(specs), batch_size):
-            chunk = specs[start:start + batch_size]
-            self._publish_submit(t, chunk)
+            self._publish_submit(t, specs[start:start + batch_size])
         await self._await_acks(specs, acks)
-        return [s.id or "" for s in specs]
+        out: list[BaseException | None] = []
+        for spec, f in zip(specs, acks, strict=True):
+            exc = f.exception()
+            if exc is not None:
+                tr = self._tracked.get(spec.id or "")
+                if tr is not None and tr.state is None and not tr.next and tr.final is None:
+                    del self._tracked[spec.id or ""]
+            out.append(exc)
+        return out
 
     def _publish_submit(self, t: MqttTransport, specs: list[TaskSpec]) -> None:
         body = [s.model_dump(mode="json", exclude_none=True, exclude={"v"}) for s in specs]
@@ -244,7 +264,7 @@ class AsyncClient:
         while True:
             pending = [f for f in acks if not f.done()]
             if not pending:
-                break
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 for f in pending:
@@ -258,13 +278,6 @@ class AsyncClient:
             if unacked and time.monotonic() < deadline:
                 for start in range(0, len(unacked), DEFAULT_BATCH):
                     self._publish_submit(self._t(), unacked[start:start + DEFAULT_BATCH])
-        first_error: BaseException | None = None
-        for f in acks:
-            exc = f.exception()
-            if exc is not None and first_error is None:
-                first_error = exc
-        if first_error is not None:
-            raise first_error
 
     async def get(self, task_id: str) -> TaskState:
         """The current state of a task (status, progress, result, error, node, times).
@@ -362,6 +375,9 @@ class AsyncClient:
                   batch_size: int = DEFAULT_BATCH) -> list[Any]:
         """Run task ``name`` once per argument, in batches; results in input order.
 
+        More tasks than your queue cap (``LB_QUEING_MAXPERUSER``) are fine: the ones the
+        balancer refuses for the cap are submitted again as earlier ones finish.
+
         Args:
             timeout: overall deadline in seconds for all results.
             return_exceptions: put TaskFailed / TaskCancelled in the list instead of
@@ -370,22 +386,40 @@ class AsyncClient:
         Raises:
             TaskFailed, TaskCancelled: the first failed task (unless return_exceptions).
             WaitTimeout: not all finished within ``timeout``.
+            SubmitRefused: a task was refused for another reason than the queue cap.
         """
-        ids = await self.submit_many(
-            ({"name": name, "args": a, "priority": priority} for a in iterable),
-            batch_size=batch_size)
         deadline = None if timeout is None else time.monotonic() + timeout
-        finals = [self._final_future(i) for i in ids]
-        pending = [f for f in finals if not f.done()]
+        specs = self._specs({"name": name, "args": a, "priority": priority} for a in iterable)
+        ids = [s.id or "" for s in specs]
+        what = f"{len(ids)} {name!r} tasks" + (f" (timeout {timeout:g} s)" if timeout else "")
+        finals = {i: self._final_future(i) for i in ids}
+        todo = specs
+        while todo:
+            errors = await self._submit_specs(todo, batch_size)
+            refused = []
+            for spec, err in zip(todo, errors, strict=True):
+                if isinstance(err, QuotaExceeded):
+                    refused.append(spec)
+                elif err is not None:
+                    raise err
+            if not refused:
+                break
+            refused_ids = {s.id for s in refused}
+            in_flight = [f for i, f in finals.items() if i not in refused_ids and not f.done()]
+            if not in_flight:
+                raise QuotaExceeded(f"the balancer refuses every {name!r} task for the "
+                                    "queue cap, with none of yours in flight", code="quota")
+            # wait for a good part of what is in flight to finish, then try again
+            need = max(1, min(len(refused), len(in_flight) // 2))
+            await self._wait_some(in_flight, need, deadline=deadline, what=what)
+            todo = refused
+        pending = [f for f in finals.values() if not f.done()]
         if pending:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            _, not_done = await asyncio.wait(pending, timeout=remaining)
-            if not_done:
-                raise WaitTimeout(f"{len(not_done)} of {len(ids)} {name!r} tasks did not "
-                                  f"finish within {timeout:g} s")
+            await self._wait_some(pending, len(pending), deadline=deadline,
+                                  what=f"{len(pending)} of {what}")
         out: list[Any] = []
-        for f in finals:
-            state = f.result()
+        for i in ids:
+            state = finals[i].result()
             self._collect(state)
             try:
                 out.append(outcome(state))
@@ -394,6 +428,20 @@ class AsyncClient:
                     raise
                 out.append(exc)
         return out
+
+    @staticmethod
+    async def _wait_some(futures: list[asyncio.Future[TaskState]], count: int, *,
+                         deadline: float | None, what: str) -> None:
+        """Wait until ``count`` of ``futures`` are done, or raise WaitTimeout at ``deadline``."""
+        pending = set(futures)
+        done_count = 0
+        while done_count < count:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise WaitTimeout(f"{what} did not finish in time")
+            done, pending = await asyncio.wait(pending, timeout=remaining,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            done_count += len(done)
 
     # ------------------------------------------------------------------ internals
 
@@ -537,8 +585,10 @@ class Client:
         try:
             return fut.result(timeout)
         except concurrent.futures.TimeoutError:
+            if fut.done():
+                raise  # the call's own timeout error (e.g. WaitTimeout), not ours
             fut.cancel()
-            raise WaitTimeout("timed out") from None
+            raise WaitTimeout(f"no answer within {timeout:g} s") from None
         except KeyboardInterrupt:
             fut.cancel()
             raise

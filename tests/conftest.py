@@ -105,6 +105,48 @@ def broker() -> Iterator[BrokerThread]:
     b.stop()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real Mosquitto on a free loopback port, configured like broker/mosquitto.conf."""
+    import shutil
+    import socket
+
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
+                                        if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
+    port = free_port()
+    conf = (ROOT / "broker" / "mosquitto.conf").read_text()
+    conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")
+    conf = conf.replace("persistence true", "persistence false")
+    conf = "\n".join(line for line in conf.splitlines()
+                     if not line.startswith("persistence_location"))
+    path = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
+    path.write_text(conf + "\n")
+    proc = subprocess.Popen([exe, "-c", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    def listening() -> bool:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(listening, 10, "mosquitto to listen")
+    yield port
+    proc.terminate()
+    proc.wait(10)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 @pytest.fixture
 def prefix() -> str:
     return f"t/{uuid.uuid4().hex[:10]}"

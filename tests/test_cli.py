@@ -24,6 +24,7 @@ class Up:
     lines: list[str] = field(default_factory=list)
     port: int = 0
     url: str = ""
+    reader: threading.Thread | None = None
 
     def text(self) -> str:
         return "\n".join(self.lines)
@@ -40,10 +41,11 @@ def start_up(*extra: str) -> Up:
 
     def reader() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in proc.stdout:  # ends when up and every child closed the pipe
             up.lines.append(line.rstrip("\n"))
 
-    threading.Thread(target=reader, daemon=True).start()
+    up.reader = threading.Thread(target=reader, daemon=True)
+    up.reader.start()
     wait_for(lambda: "Ctrl-C stops everything." in up.lines or proc.poll() is not None, 90,
              "`lbmqtt up` to be ready")
     assert proc.poll() is None, up.text()
@@ -66,7 +68,9 @@ def finish(up: Up) -> None:
     if up.proc.poll() is None:
         up.proc.kill()
     up.proc.wait(10)
-    if up.proc.stdout is not None:
+    if up.reader is not None:
+        up.reader.join(30)
+    if up.proc.stdout is not None and (up.reader is None or not up.reader.is_alive()):
         up.proc.stdout.close()
 
 

@@ -365,7 +365,7 @@ def test_node_going_offline_puts_its_tasks_back_in_the_queue(system: System, cli
     wait_for(started.exists, 20, "the task to start on n1")
     started.unlink()
     system.stop_node(n1)
-    assert client.get(tid).status == Status.QUEUED
+    wait_for(lambda: client.get(tid).status == Status.QUEUED, 10, "the task back in the queue")
     system.start_node("n2", tasks=[TEST_TASKS])
     wait_for(started.exists, 20, "the task to start again on n2")
     gate.touch()
@@ -400,3 +400,12 @@ def _alive(pid: int) -> bool:
 
     return process_alive(pid)
 
+
+
+def test_map_beyond_the_queue_cap_paces_itself(system: System, broker: Any, prefix: str) -> None:
+    s = make_settings(broker.port, prefix, LB_QUEING_MAXPERUSER=5)
+    system.start_balancer(s)
+    system.start_node("n1", settings=s)
+    with Client(s, user="alice") as c:
+        assert c.map("ADD", [[i] for i in range(40)], timeout=60) == list(range(40))
+    assert system.stats().refused_total > 0  # the cap did bite, and map rode it out

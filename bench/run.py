@@ -1,0 +1,206 @@
+"""Benchmarks: ``python bench/run.py SCENARIO [--broker embedded|mosquitto] [--workers N]
+[--tasks N]``.
+
+Scenarios (this file grows with the performance issue):
+
+``throughput``  N no-op tasks from one client (``map``): tasks/s, p50/p99 submit->result.
+``latency``     one task at a time: p50/p99 submit->result.
+``sleep``       N tasks of ``--sleep-ms`` on the workers: makespan and efficiency against
+                the ideal (N x sleep / workers).
+
+Every component runs in its own process, as ``lbmqtt up`` runs them: the broker, the
+balancer and one node with ``--workers`` slots; the client runs here. In the same run, the
+broker's raw message round trip and rate are measured, so the figures can be read against
+what the broker itself allows. The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lbmqtt.client import AsyncClient  # noqa: E402
+from lbmqtt.config import load_settings  # noqa: E402
+from lbmqtt.launcher import Child, _spawn, stop_children  # noqa: E402
+from lbmqtt.mqtt import MqttTransport  # noqa: E402
+
+DEMO = str(ROOT / "nodes" / "demo_tasks.py")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[k]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mosquitto() -> tuple[subprocess.Popen[bytes], int, Path]:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = (ROOT / "broker" / "mosquitto.conf").read_text()
+    conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")
+    conf = "\n".join(line for line in conf.splitlines() if not line.startswith("persistence"))
+    d = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-"))
+    (d / "m.conf").write_text(conf + "\n")
+    proc = subprocess.Popen([exe, "-c", str(d / "m.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port, d
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("mosquitto did not start")
+
+
+async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
+    """Raw broker figures: request/response round trip (p50) and one-way QoS 0 rate."""
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+    count = 0
+    done = asyncio.Event()
+
+    def on_msg(topic: str, payload: bytes, retained: bool) -> None:
+        nonlocal count
+        if topic == "bench/rate":
+            count += 1
+            if count >= n:
+                done.set()
+        else:
+            got.put_nowait(payload)
+
+    a = MqttTransport(host="127.0.0.1", port=port, client_id=f"bench-a-{uuid.uuid4().hex[:6]}",
+                      on_message=on_msg, subscriptions=[("bench/pong", 0), ("bench/rate", 0)])
+    b_ref: list[MqttTransport] = []
+
+    def echo(topic: str, payload: bytes, retained: bool) -> None:
+        b_ref[0].publish("bench/pong", payload, qos=0)
+
+    b = MqttTransport(host="127.0.0.1", port=port, client_id=f"bench-b-{uuid.uuid4().hex[:6]}",
+                      on_message=echo, subscriptions=[("bench/ping", 0)])
+    b_ref.append(b)
+    await a.start(wait=True)
+    await b.start(wait=True)
+    rtts = []
+    for i in range(300):
+        t0 = time.perf_counter()
+        a.publish("bench/ping", str(i).encode(), qos=0)
+        await asyncio.wait_for(got.get(), 5)
+        rtts.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a.publish("bench/rate", b"x" * 100, qos=0)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), 60)
+    rate = count / (time.perf_counter() - t0)
+    await a.close()
+    await b.close()
+    return {"broker_rtt_p50_ms": 1000 * pct(rtts, 0.5), "broker_msgs_per_s": rate}
+
+
+async def scenario(args: argparse.Namespace, port: int, prefix: str) -> dict[str, Any]:
+    s = load_settings(None, env={}, overrides={"BROKER_PORT": port, "TOPIC_PREFIX": prefix,
+                                               "CLIENT_ACK_TIMEOUT_S": 120})
+    out: dict[str, Any] = {}
+    async with AsyncClient(s, user="bench") as c:
+        await c.map("NOOP", [None] * min(50, args.tasks))  # warm-up
+        if args.scenario == "throughput":
+            n = args.tasks
+            t0 = time.perf_counter()
+            ids = await c.submit_many({"name": "NOOP", "args": i} for i in range(n))
+            submitted = time.perf_counter()
+            lat = []
+            for tid in ids:
+                st = await c.wait_state(tid, timeout=600)
+                if st.finished_at and st.submitted_at:
+                    lat.append(st.finished_at - st.submitted_at)
+            elapsed = time.perf_counter() - t0
+            out.update(tasks=n, seconds=elapsed, tasks_per_s=n / elapsed,
+                       submit_s=submitted - t0, p50_ms=1000 * pct(lat, 0.5),
+                       p99_ms=1000 * pct(lat, 0.99))
+        elif args.scenario == "latency":
+            lat = []
+            for i in range(args.tasks):
+                t0 = time.perf_counter()
+                await c.wait(await c.submit("NOOP", i), timeout=60)
+                lat.append(time.perf_counter() - t0)
+            out.update(tasks=args.tasks, p50_ms=1000 * pct(lat, 0.5),
+                       p99_ms=1000 * pct(lat, 0.99), mean_ms=1000 * statistics.mean(lat))
+        elif args.scenario == "sleep":
+            n, ms = args.tasks, args.sleep_ms
+            t0 = time.perf_counter()
+            await c.map("SLEEP", [{"seconds": ms / 1000, "steps": 1}] * n)
+            elapsed = time.perf_counter() - t0
+            ideal = n * ms / 1000 / args.workers
+            out.update(tasks=n, sleep_ms=ms, makespan_s=elapsed, ideal_s=ideal,
+                       efficiency=ideal / elapsed)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenario", choices=["throughput", "latency", "sleep"])
+    ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--tasks", type=int, default=None)
+    ap.add_argument("--sleep-ms", type=float, default=50.0)
+    args = ap.parse_args()
+    args.tasks = args.tasks or {"throughput": 2000, "latency": 200, "sleep": 200}[args.scenario]
+    prefix = f"bench/{uuid.uuid4().hex[:8]}"
+    children: list[Child] = []
+    mosq: subprocess.Popen[bytes] | None = None
+    os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0"})
+    try:
+        if args.broker == "embedded":
+            children.append(_spawn("broker", ["broker", "--broker-port", "0"]))
+            port = int(children[0].info["port"])
+        else:
+            mosq, port, _ = start_mosquitto()
+        common = ["--broker-port", str(port), "--prefix", prefix]
+        children.append(_spawn("balancer", ["balancer", *common]))
+        children.append(_spawn("node", ["node", *common, "--tasks", DEMO, "--name", "bench",
+                                        "--workers", str(args.workers)]))
+        base = asyncio.run(broker_baseline(port))
+        result = asyncio.run(scenario(args, port, prefix))
+    finally:
+        stop_children(children)
+        if mosq is not None:
+            mosq.terminate()
+            mosq.wait(10)
+    figures: dict[str, Any] = {"scenario": args.scenario, "broker": args.broker,
+                               "workers": args.workers, **result, **base,
+                               "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                                          f"Python {platform.python_version()}"}
+    if "tasks_per_s" in result:
+        figures["tasks_per_broker_msg_rate"] = result["tasks_per_s"] / base["broker_msgs_per_s"]
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                      for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
