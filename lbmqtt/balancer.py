@@ -31,9 +31,10 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, coerce_settings
-from .errors import DecodeError, ErrorCode
-from .mqtt import MqttTransport, Will
+from .errors import BrokerUnavailable, ConfigError, DecodeError, ErrorCode
+from .mqtt import MqttTransport, Will, read_retained
 from .protocol import (
+    AssignmentSet,
     BalancerStats,
     BalancerStatus,
     ErrorInfo,
@@ -55,6 +56,7 @@ from .protocol import (
     decode,
     decode_submit,
     encode_json,
+    is_valid_name,
 )
 from .scheduler import Group, NodeCaps, QueuedTask, Scheduler
 
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 
 PLACED = frozenset({Status.ASSIGNED, Status.RUNNING})
 HEALTH_CHECK_S = 0.5
+ASSIGN_GRACE_S = 3.0
 EXPIRY_CHECK_S = 1.0
 BAD_LOG_INTERVAL_S = 10.0
 RECENTLY_LOST_S = 300.0
@@ -92,6 +95,8 @@ class TaskRecord:
     error: ErrorInfo | None = None
     collected_at: float | None = None
     assignment_json: bytes = b""
+    assigned_at: float = 0.0
+    missing_since: float | None = None
 
     def same_submit(self, spec: TaskSpec, args_json: bytes) -> bool:
         """True if ``spec`` is a resend of this task's submit (idempotent)."""
@@ -113,6 +118,8 @@ class NodeInfo:
     seq: int = 0
     offline_since: float | None = None
     offline_reason: str = ""
+    fresh: bool = True
+    """Seen for the first time: its set is (re)published by the next health check."""
 
 
 class Balancer:
@@ -142,6 +149,8 @@ class Balancer:
         self._expiry: list[tuple[float, str]] = []
         self._why_cache: dict[tuple[str, int], str | None] = {}
         self._bad_log: dict[str, float] = {}
+        self._health_grace_until = 0.0
+        self._connected_at = 0.0
         self._bg: list[asyncio.Task[None]] = []
         self.queued_by = Counter[tuple[str, int]]()  # (name, priority) -> queued
         self.running_by_name = Counter[str]()
@@ -152,14 +161,22 @@ class Balancer:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Connect, subscribe and start the housekeeping tasks."""
+        """Connect, subscribe and start the housekeeping tasks.
+
+        Raises:
+            ConfigError: another balancer is online on the same broker and prefix (two
+                would overwrite each other's assignment sets).
+        """
         s, t = self.settings, self.topics
+        await self._check_alone()
         offline = BalancerStatus(online=False, instance=self.instance).encode()
         self._transport = MqttTransport(
             host=s.broker_host, port=s.broker_port,
             client_id=f"lbmqtt-balancer-{self.instance}",
             on_message=self._on_message,
-            subscriptions=[(t.all_submits, 1), (t.all_cancels, 1), (t.all_acks, 1),
+            # the retained sets an earlier balancer left come first: see _adopt
+            subscriptions=[(t.all_assign, 1), (t.all_submits, 1), (t.all_cancels, 1),
+                           (t.all_acks, 1),
                            (t.all_queries, 1), (t.all_node_status, 1), (t.all_reports, 1),
                            (t.all_heartbeats, 0)],
             on_connect=self._on_connect, will=Will(t.balancer_status, offline),
@@ -173,6 +190,27 @@ class Balancer:
             asyncio.create_task(self._expiry_loop(), name="balancer-expiry"),
             asyncio.create_task(self._ready_watch(), name="balancer-ready"),
         ]
+
+    async def _check_alone(self) -> None:
+        s, topic = self.settings, self.topics.balancer_status
+        try:
+            retained = await read_retained(host=s.broker_host, port=s.broker_port,
+                                           filters=[topic], username=s.broker_username,
+                                           password=s.broker_password,
+                                           timeout_s=min(3.0, s.connect_timeout_s))
+        except BrokerUnavailable:
+            log.warning("the broker is not reachable yet: starting anyway (without checking "
+                        "that no other balancer is online on %s/)", s.topic_prefix)
+            return
+        try:
+            other = decode(BalancerStatus, retained[topic]) if topic in retained else None
+        except DecodeError:
+            other = None
+        if other is not None and other.online and other.instance != self.instance:
+            raise ConfigError(
+                f"another balancer is online on {s.broker_host}:{s.broker_port} with topics "
+                f"under {s.topic_prefix}/ (host {other.host or '?'}, pid {other.pid or '?'}): "
+                f"stop it first, or give this one another TOPIC_PREFIX")
 
     async def stop(self) -> None:
         """Publish offline status, stop housekeeping, disconnect."""
@@ -236,6 +274,9 @@ class Balancer:
                                 retain=True)
         # the broker may have restarted and lost the retained sets: publish them again
         self._dirty_nodes.update(n for n, info in self.nodes.items() if info.online)
+        # and nodes could not reach us while we were away: give them time to speak again
+        self._connected_at = time.monotonic()
+        self._health_grace_until = self._connected_at + self.settings.node_timeout_s
         self._kick()
 
     # ------------------------------------------------------------------ inbound
@@ -245,31 +286,51 @@ class Balancer:
         if parsed is None:
             return
         kind, name, rest = parsed
+        if retained and not (kind == "node" and rest in ("status", "assign")):
+            return  # a retained command would run again at every reconnect: never obey one
+        if kind == "node" and rest == "assign":
+            if retained and payload:
+                self._guard(kind, name, rest, lambda: self._adopt(name, payload))
+            return
+        if len(payload) > self.settings.max_payload_bytes:
+            self.counters["refused"] += 1
+            self._bad_message(kind, name, rest, DecodeError(
+                f"{len(payload)} bytes is more than MAX_PAYLOAD_BYTES "
+                f"({self.settings.max_payload_bytes})", payload[:200], ErrorCode.TOO_LARGE))
+            self._kick()
+            return
+        self._guard(kind, name, rest, lambda: self._dispatch(kind, name, rest, payload))
+
+    def _guard(self, kind: str, name: str, rest: str, fn: Callable[[], None]) -> None:
+        """Run a handler; whatever it raises is counted and answered, never propagated."""
         try:
-            if kind == "user":
-                if rest == "submit":
-                    self._on_submit(name, payload)
-                elif rest == "cancel":
-                    self._on_cancel(name, payload)
-                elif rest == "ack":
-                    self._on_ack(name, payload)
-                elif rest == "query":
-                    self._on_query(name, payload)
-            elif rest == "status":
-                self._on_node_status(name, payload)
-            elif rest == "heartbeat":
-                self._on_heartbeat(name, payload)
-            elif rest == "reports":
-                self._on_reports(name, payload)
+            fn()
         except DecodeError as exc:
             self._bad_message(kind, name, rest, exc)
         except Exception as exc:
             self.counters["internal_errors"] += 1
-            log.exception("failed to handle a message on %s", topic)
+            log.exception("failed to handle a message on %s/%s", name, rest)
             if kind == "user":
                 self._error(name, ErrorCode.INTERNAL,
-                            f"the balancer failed to handle this message: {exc}", topic=topic)
+                            f"the balancer failed to handle this message: {exc}", topic=rest)
         self._kick()
+
+    def _dispatch(self, kind: str, name: str, rest: str, payload: bytes) -> None:
+        if kind == "user":
+            if rest == "submit":
+                self._on_submit(name, payload)
+            elif rest == "cancel":
+                self._on_cancel(name, payload)
+            elif rest == "ack":
+                self._on_ack(name, payload)
+            elif rest == "query":
+                self._on_query(name, payload)
+        elif rest == "status":
+            self._on_node_status(name, payload)
+        elif rest == "heartbeat":
+            self._on_heartbeat(name, payload)
+        elif rest == "reports":
+            self._on_reports(name, payload)
 
     def _bad_message(self, kind: str, name: str, rest: str, exc: DecodeError) -> None:
         self.counters["bad_messages"] += 1
@@ -290,7 +351,12 @@ class Balancer:
 
     def _on_submit(self, user: str, payload: bytes) -> None:
         now = time.time()
-        for item in decode_submit(payload):
+        items = decode_submit(payload)
+        if len(items) > self.settings.max_batch:
+            self.counters["refused"] += 1
+            raise DecodeError(f"a batch of {len(items)} tasks is more than MAX_BATCH "
+                              f"({self.settings.max_batch})", payload[:200], ErrorCode.TOO_LARGE)
+        for item in items:
             if isinstance(item, DecodeError):
                 self._bad_message("user", user, "submit", item)
                 self.counters["refused"] += 1
@@ -375,18 +441,56 @@ class Balancer:
         if st.node != name:
             raise DecodeError(f"status of node {st.node!r} published on node {name!r}'s topic",
                               payload)
-        info = self.nodes.get(name)
-        if info is None:
-            info = self.nodes[name] = NodeInfo(name=name)
-            self._dirty_nodes.add(name)  # clear a stale set left by an earlier balancer
+        info = self._node_info(name)
         if not st.online:
             if info.online and st.instance == info.instance:
                 self._node_lost(info, "went offline")
             return
         if info.online and info.instance != st.instance:
             self._node_lost(info, "restarted")
+        self._node_up(info, st)
+
+    def _adopt(self, name: str, payload: bytes) -> None:
+        """Take over the tasks an earlier balancer placed on a node (its retained set).
+
+        Without this a restarted balancer would publish an empty set and every node would
+        kill its running tasks. Queued tasks of the earlier balancer are not recoverable
+        this way (that is the journal's job); placed ones are.
+        """
+        aset = decode(AssignmentSet, payload)
+        if aset.balancer == self.instance or aset.node != name:
+            return
+        info = self._node_info(name)
+        now = time.monotonic()
+        adopted = 0
+        for a in aset.tasks:
+            if a.id in self.tasks or not is_valid_name(a.user):
+                continue
+            self._seq += 1
+            rec = TaskRecord(id=a.id, user=a.user, name=a.name, args_json=encode_json(a.args),
+                             priority=a.priority, seq=self._seq, submitted_at=time.time(),
+                             timeout_s=a.timeout_s, status=Status.ASSIGNED, attempt=a.attempt,
+                             node=name, group=a.group, assigned_at=now)
+            rec.assignment_json = self._assignment_json(rec)
+            self.tasks[a.id] = rec
+            self.running_by_name[a.name] += 1
+            info.assigned[a.id] = None
+            self.scheduler.adopt(a.id, a.user, name, a.group)
+            adopted += 1
+        if adopted:
+            self.counters["adopted"] += adopted
+            log.info("adopted %d task(s) that balancer %s had placed on node %s", adopted,
+                     aset.balancer, name)
+
+    def _node_info(self, name: str) -> NodeInfo:
+        info = self.nodes.get(name)
+        if info is None:
+            info = self.nodes[name] = NodeInfo(name=name, last_seen=time.monotonic())
+        return info
+
+    def _node_up(self, info: NodeInfo, st: NodeStatus) -> None:
         if not info.online:
-            log.info("node %s online: %d slots, speed %g, tasks %s", name,
+            log.info("node %s online: %d slots, speed %g, tasks %s", info.name,
                      sum(g.workers for g in st.groups), st.speed, ", ".join(st.tasks))
         info.online = True
         info.instance = st.instance
@@ -394,19 +498,57 @@ class Balancer:
         info.last_seen = time.monotonic()
         info.offline_since = None
         self.scheduler.set_node(NodeCaps(
-            name=name, tasks=frozenset(st.tasks), speed=st.speed,
+            name=info.name, tasks=frozenset(st.tasks), speed=st.speed,
             groups=tuple(Group(g.index, g.workers, g.min_p, g.max_p) for g in st.groups)))
         self._why_cache.clear()
-        self._dirty_nodes.add(name)
+        if not info.fresh:
+            # (a node first seen in the retained burst at start-up gets its set a moment
+            # later, once the sets an earlier balancer left have been read: _health_loop)
+            self._dirty_nodes.add(info.name)
         self._round_wanted = True
 
     def _on_heartbeat(self, name: str, payload: bytes) -> None:
         hb = decode(Heartbeat, payload)
         info = self.nodes.get(name)
-        if info is None or not info.online or info.instance != hb.instance:
+        if info is None or info.status is None or info.instance != hb.instance:
             return
+        if not info.online:
+            # declared dead while it was only slow (or a false "offline"): it is back. Its
+            # tasks were requeued and its set emptied; from now on it gets work again.
+            log.warning("node %s is alive after all: back online", name)
+            self._node_up(info, info.status)
         info.last_seen = time.monotonic()
         info.load = hb.load
+        self._reconcile(info, hb)
+
+    def _reconcile(self, info: NodeInfo, hb: Heartbeat) -> None:
+        """Compare what the node says it holds with what it was given."""
+        now = time.monotonic()
+        running = {(r.id, r.attempt) for r in hb.running}
+        held = running | {(r.id, r.attempt) for r in hb.held}
+        grace = ASSIGN_GRACE_S + 2 * (info.status.heartbeat_s if info.status else 1.0)
+        for tid in list(info.assigned):
+            rec = self.tasks[tid]
+            key = (tid, rec.attempt)
+            if key in running and rec.status == Status.ASSIGNED:
+                self._set_status(rec, Status.RUNNING)  # its "started" report was lost
+                rec.started_at = rec.started_at or time.time()
+                self._emit(rec)
+            if key in held:
+                rec.missing_since = None
+                continue
+            if now - rec.assigned_at < grace:
+                continue  # the set may still be on its way
+            if rec.missing_since is None:
+                rec.missing_since = now
+                self._dirty_nodes.add(info.name)  # send the set again
+            elif now - rec.missing_since > grace:
+                log.warning("node %s never took task %s (attempt %d): reassigning it",
+                            info.name, tid, rec.attempt)
+                self._unplace(rec)
+                self._retry_or_fail(rec, ErrorInfo(
+                    type="AssignmentLost", message=f"node {info.name} did not take the task"),
+                    time.time())
 
     def _node_lost(self, info: NodeInfo, reason: str) -> None:
         log.warning("node %s %s: %d of its tasks go back to the queue", info.name, reason,
@@ -585,6 +727,8 @@ class Balancer:
             rec.group = p.group
             rec.progress = 0
             rec.assignment_json = self._assignment_json(rec)
+            rec.assigned_at = time.monotonic()
+            rec.missing_since = None
             info.assigned[rec.id] = None
             self._dirty_nodes.add(p.node)
             self._emit(rec)
@@ -649,14 +793,36 @@ class Balancer:
     # ------------------------------------------------------------------ housekeeping
 
     async def _health_loop(self) -> None:
-        timeout = self.settings.node_timeout_s
         while True:
             await asyncio.sleep(HEALTH_CHECK_S)
-            now = time.monotonic()
-            for info in list(self.nodes.values()):
-                if info.online and now - info.last_seen > timeout:
-                    self._node_lost(info, f"went silent (no heartbeat for {timeout:g} s)")
+            self.check_health(time.monotonic())
             self._kick()
+
+    def check_health(self, now: float) -> None:
+        """Heartbeat deadlines; publish the sets of nodes first seen at start-up."""
+        t = self._transport
+        if t is None or not t.connected:
+            return
+        if now - self._connected_at > HEALTH_CHECK_S:  # the retained burst is in
+            for info in self.nodes.values():
+                if info.fresh:
+                    info.fresh = False
+                    self._dirty_nodes.add(info.name)
+        if now < self._health_grace_until:
+            return  # after we were cut off, silence proves nothing about the nodes yet
+        for info in list(self.nodes.values()):
+            if (not info.online and not info.assigned and info.offline_since is not None
+                    and now - info.offline_since > RECENTLY_LOST_S):
+                del self.nodes[info.name]  # long gone: out of the stats and warnings
+                continue
+            hb_s = info.status.heartbeat_s if info.status else 1.0
+            deadline = max(self.settings.node_timeout_s, 3 * hb_s)
+            if now - info.last_seen <= deadline:
+                continue
+            if info.online:
+                self._node_lost(info, f"went silent (no heartbeat for {deadline:g} s)")
+            elif info.assigned:  # adopted from an earlier balancer, never came back
+                self._node_lost(info, "did not come back")
 
     async def _expiry_loop(self) -> None:
         while True:

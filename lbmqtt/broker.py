@@ -241,10 +241,18 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
             loop.add_signal_handler(sig, stop.set)
     host = settings.bind_host
     broker = EmbeddedBroker(host, settings.broker_port, prefix=settings.topic_prefix)
+    amqtt_log = logging.getLogger("amqtt.broker")
+    level = amqtt_log.level
+    amqtt_log.setLevel(logging.CRITICAL)  # it logs a traceback; we say it in one line
     try:
         await broker.start()
     except Exception as exc:
-        raise OSError(f"cannot listen on {host}:{settings.broker_port}: {exc}") from exc
+        cause = exc.__cause__ or exc
+        raise OSError(
+            f"cannot listen on {host}:{settings.broker_port} ({cause}): is another broker "
+            f"or `lbmqtt up` running there? --broker-port 0 picks a free port") from exc
+    finally:
+        amqtt_log.setLevel(level)
     print(f"lbmqtt broker: listening on {host}:{broker.port} ({AMQTT_VERSION})", flush=True)
     if ready_fd is not None:
         with os.fdopen(ready_fd, "w") as f:

@@ -61,7 +61,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parameters", metavar="FILE",
                    help="parameters file (default: ./parameters.json if present)")
     g.add_argument("--broker-host", metavar="HOST", help="BROKER_HOST")
-    g.add_argument("--broker-port", metavar="PORT", type=int, help="BROKER_PORT (0: pick one)")
+    g.add_argument("--broker-port", metavar="PORT", type=int, help="BROKER_PORT")
     g.add_argument("--prefix", metavar="PREFIX", help="TOPIC_PREFIX")
     g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="LOG_LEVEL")
@@ -235,11 +235,12 @@ def cmd_node(ns: argparse.Namespace, s: Settings) -> int:
     from .node import Node
 
     _supervised()
-    node = Node(s, tasks=ns.tasks)
+    # --tasks replaces NODE_TASKS (as documented), it does not add to it
+    node = Node(s, tasks=ns.tasks or s.node_tasks)
 
     def ready(n: Node) -> None:
         print(f"lbmqtt node {n.name}: ready with {n.slots} worker slots on "
-              f"{s.broker_host}:{s.broker_port}", flush=True)
+              f"{s.broker_host}:{s.broker_port}, tasks {', '.join(n.task_names)}", flush=True)
         _write_ready(ns.ready_fd, {"name": n.name, "slots": n.slots,
                                    "tasks": n.task_names})
 
@@ -273,7 +274,17 @@ def cmd_submit(ns: argparse.Namespace, s: Settings) -> int:
         if not ns.wait:
             print(tid)
             return Exit.OK
-        state = client.wait_state(tid, ns.timeout)
+        first = client.get(tid)
+        if first.waiting:
+            print(f"lbmqtt: task {tid} is queued: {first.waiting}; waiting for it "
+                  f"(Ctrl-C stops waiting, the task stays queued: `lbmqtt cancel {tid}`)",
+                  file=sys.stderr, flush=True)
+        try:
+            state = client.wait_state(tid, ns.timeout)
+        except KeyboardInterrupt:
+            print(f"lbmqtt: stopped waiting; task {tid} goes on (`lbmqtt get {tid}`, "
+                  f"`lbmqtt cancel {tid}`)", file=sys.stderr)
+            raise
         if ns.json:
             print(state.model_dump_json(indent=2))
             return Exit.OK if state.status == "done" else Exit.FAILED

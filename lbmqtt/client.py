@@ -125,7 +125,10 @@ class AsyncClient:
         self.topics = Topics(self.settings.topic_prefix)
         self.ack_timeout_s = ack_timeout_s or self.settings.client_ack_timeout_s
         self._tracked: dict[str, _Tracked] = {}
+        # final states already handed to the caller (and acknowledged to the balancer) ...
         self._collected: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
+        # ... and final states that arrived while nobody waited for them
+        self._finished: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
         self._to_ack: set[str] = set()
         self._ack_timer: asyncio.TimerHandle | None = None
         self._transport: MqttTransport | None = None
@@ -269,6 +272,11 @@ class AsyncClient:
             if remaining <= 0:
                 for f in pending:
                     f.cancel()
+                for spec in specs:
+                    tr = self._tracked.get(spec.id or "")
+                    if tr is not None:
+                        tr.next = [f for f in tr.next if not f.done()]
+                        self._forget(spec.id or "")
                 raise BalancerUnavailable(
                     f"{len(pending)} of {len(specs)} submits not acknowledged within "
                     f"{self.ack_timeout_s:g} s: is `lbmqtt balancer` (or `lbmqtt up`) running "
@@ -292,8 +300,8 @@ class AsyncClient:
         tr = self._tracked.get(task_id)
         if tr is not None and tr.state is not None and self._t().connected:
             state = tr.state
-        elif task_id in self._collected:
-            state = self._collected[task_id]
+        elif task_id in self._collected or task_id in self._finished:
+            state = self._collected.get(task_id) or self._finished[task_id]
         else:
             state = await self._query(task_id)
         if state.status.final:
@@ -315,25 +323,33 @@ class AsyncClient:
 
     async def wait_state(self, task_id: str, timeout: float | None = None) -> TaskState:
         """Like :meth:`wait`, but return the final :class:`TaskState` instead of raising."""
-        if task_id in self._collected:
-            return self._collected[task_id]
+        done = self._collected.get(task_id) or self._finished.get(task_id)
+        if done is not None:
+            self._collect(done)
+            return done
         tr = self._tracked.get(task_id)
         if tr is None or tr.state is None:
             await self._query(task_id)
             tr = self._tracked[task_id]
         final = self._final_future(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
+        nxt: asyncio.Future[TaskState] | None = None
         while not final.done():
+            if nxt is not None and nxt.done() and nxt.exception() is not None:
+                raise nxt.exception()  # type: ignore[misc]  # e.g. UnknownTask: it expired
             wait_for = REQUERY_S
             if deadline is not None:
                 wait_for = min(wait_for, deadline - time.monotonic())
                 if wait_for <= 0:
                     st = tr.state.status.value if tr.state else "unknown"
+                    why = f": {tr.state.waiting}" if tr.state and tr.state.waiting else ""
                     raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s "
-                                      f"(status: {st})")
-            await asyncio.wait([final], timeout=wait_for)
-            if not final.done() and self._t().connected:
-                self._publish_ids(self.topics.query(self.user), [task_id])  # lost event?
+                                      f"(status: {st}{why})")
+            await asyncio.wait([final] if nxt is None else [final, nxt], timeout=wait_for,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not final.done() and (nxt is None or nxt.done()) and self._t().connected:
+                nxt = self._watch_next(task_id)  # ask again: was an event lost?
+                self._publish_ids(self.topics.query(self.user), [task_id])
         state = final.result()
         self._collect(state)
         return state
@@ -352,20 +368,25 @@ class AsyncClient:
         if tr.state is not None and tr.state.status.final:
             return tr.state.status == Status.CANCELLED
         final = self._final_future(task_id)
-        nxt = self._watch_next(task_id)
         deadline = time.monotonic() + self.ack_timeout_s
         while not final.done():
-            if nxt.done() and nxt.exception() is not None:
-                raise nxt.exception()  # type: ignore[misc]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BalancerUnavailable(f"cancel of {task_id} not acknowledged within "
                                           f"{self.ack_timeout_s:g} s")
+            nxt = self._watch_next(task_id)
             self._publish_ids(self.topics.cancel(self.user), [task_id])
-            await asyncio.wait([final, nxt], timeout=min(RESEND_S, remaining),
-                               return_when=asyncio.FIRST_COMPLETED)
-            if nxt.done() and nxt.exception() is not None:
-                raise nxt.exception()  # type: ignore[misc]
+            # the answer is the task's final state; any other state (progress) means the
+            # cancel is still on its way, so wait for the final one until the resend
+            resend_at = time.monotonic() + min(RESEND_S, remaining)
+            while not final.done() and time.monotonic() < resend_at:
+                await asyncio.wait([final, nxt], timeout=resend_at - time.monotonic(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if nxt.done():
+                    if nxt.exception() is not None:
+                        self._forget(task_id)
+                        raise nxt.exception()  # type: ignore[misc]
+                    nxt = self._watch_next(task_id)
         state = final.result()
         self._collect(state)
         return state.status == Status.CANCELLED
@@ -474,21 +495,29 @@ class AsyncClient:
         try:
             return fut.result()
         except UnknownTask:
-            tr = self._tracked.get(task_id)
-            if tr is not None and tr.state is None and not tr.next:
-                del self._tracked[task_id]
+            self._forget(task_id)
             raise
 
     def _publish_ids(self, topic: str, ids: list[str]) -> None:
         self._t().publish(topic, IdList(ids=ids).encode(), qos=1)
 
+    @staticmethod
+    def _remember(cache: collections.OrderedDict[str, TaskState], state: TaskState) -> None:
+        cache[state.id] = state
+        cache.move_to_end(state.id)
+        while len(cache) > COLLECTED_CACHE:
+            cache.popitem(last=False)
+
+    def _forget(self, task_id: str) -> None:
+        tr = self._tracked.get(task_id)
+        if tr is not None and not tr.next and (tr.final is None or tr.final.done()):
+            del self._tracked[task_id]
+
     def _collect(self, state: TaskState) -> None:
         """A final state reached the caller: remember it a while, tell the balancer."""
         self._tracked.pop(state.id, None)
-        self._collected[state.id] = state
-        self._collected.move_to_end(state.id)
-        while len(self._collected) > COLLECTED_CACHE:
-            self._collected.popitem(last=False)
+        self._finished.pop(state.id, None)
+        self._remember(self._collected, state)
         self._to_ack.add(state.id)
         if self._ack_timer is None and self._loop is not None:
             self._ack_timer = self._loop.call_later(ACK_FLUSH_S, self._flush_acks)
@@ -527,8 +556,13 @@ class AsyncClient:
                     if not fut.done():
                         fut.set_result(st)
                 tr.next.clear()
-                if st.status.final and tr.final is not None and not tr.final.done():
-                    tr.final.set_result(st)
+                if st.status.final:
+                    if tr.final is not None and not tr.final.done():
+                        tr.final.set_result(st)
+                    elif tr.final is None and not tr.next:
+                        # nobody waits for it now: keep it (bounded) for a later get/wait
+                        self._tracked.pop(st.id, None)
+                        self._remember(self._finished, st)
         elif topic == self.topics.errors(self.user):
             try:
                 errors = decode(Errors, payload)

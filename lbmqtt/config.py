@@ -105,6 +105,10 @@ class Settings(BaseModel):
     result_collected_ttl_s: float = Field(60.0, alias="RESULT_COLLECTED_TTL_S", ge=0)
     """A finished task is kept this long after its result was collected."""
     stats_interval_s: float = Field(0.5, alias="STATS_INTERVAL_S", gt=0)
+    max_payload_bytes: int = Field(1_048_576, alias="MAX_PAYLOAD_BYTES", ge=1024)
+    """Larger inbound messages are refused (code ``too_large``)."""
+    max_batch: int = Field(10_000, alias="MAX_BATCH", ge=1)
+    """Most tasks in one submit message."""
     node_timeout_s: float = Field(5.0, alias="NODE_TIMEOUT_S", gt=0)
     """A node silent for this long is considered dead (its will covers dropped links)."""
 

@@ -450,7 +450,9 @@ def _bind_sockets(host: str, port: int) -> tuple[list[socket.socket], int]:
     except OSError as exc:
         for sock in socks:
             sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror} (is another "
+                                 f"dashboard running there? --monitor-port 0 picks a free "
+                                 f"port)") from exc
     return socks, bound
 
 

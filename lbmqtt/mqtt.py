@@ -27,6 +27,7 @@ import socket
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +139,7 @@ class MqttTransport:
         self._initial_sub_mid: int | None = None
         self._pub_waiters: dict[int, asyncio.Future[None]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._connecting: asyncio.Future[Any] | None = None
         self._closing = False
         self.last_error: str | None = None
         self.connects = 0
@@ -201,8 +203,16 @@ class MqttTransport:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
-        self._force_close()
+        connecting = self._connecting
+        if connecting is not None and not connecting.done():
+            # a connect still running in the executor would open a socket after us
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(connecting), self._connect_timeout)
         self._unregister_fds()
+        sock = self._client.socket()
+        if sock is not None:  # closed before (or without) a clean DISCONNECT
+            with contextlib.suppress(OSError):
+                sock.close()
         for fut in [*self._pub_waiters.values(), *self._sub_mids.values()]:
             if not fut.done():
                 fut.cancel()
@@ -311,7 +321,8 @@ class MqttTransport:
             self._session_ended = ended
             self._connack.clear()
             try:
-                await self._loop.run_in_executor(None, self._client.reconnect)
+                self._connecting = self._loop.run_in_executor(None, self._client.reconnect)
+                await asyncio.shield(self._connecting)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self.last_error = _describe(exc)
                 now = time.monotonic()
@@ -546,3 +557,39 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"
+
+
+async def read_retained(*, host: str, port: int, filters: Sequence[str],
+                        username: str | None = None, password: str | None = None,
+                        timeout_s: float = 5.0) -> dict[str, bytes]:
+    """The retained messages on ``filters`` right now, read by a short-lived connection.
+
+    The broker sends the retained messages of a subscription before it handles the next
+    packet of the same client, so a probe message published after subscribing comes back
+    after all of them: no guessing how long to wait.
+
+    Raises:
+        BrokerUnavailable: the broker is not reachable within ``timeout_s``.
+    """
+    probe = f"lbmqtt-probe/{uuid.uuid4().hex}"
+    got: dict[str, bytes] = {}
+    echoed = asyncio.Event()
+
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        if topic == probe:
+            echoed.set()
+        elif retained and payload:
+            got[topic] = payload
+
+    t = MqttTransport(host=host, port=port, client_id=f"lbmqtt-probe-{uuid.uuid4().hex[:8]}",
+                      on_message=on_message, username=username, password=password,
+                      subscriptions=[*((f, 1) for f in filters), (probe, 1)],
+                      connect_timeout_s=timeout_s)
+    try:
+        await t.start(wait=True, timeout_s=timeout_s)
+        t.publish(probe, b"", qos=1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(echoed.wait(), timeout_s)
+    finally:
+        await t.close()
+    return got

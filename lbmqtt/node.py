@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 from . import __version__
 from .config import Settings, WorkerGroup, coerce_settings
-from .errors import ConfigError
-from .mqtt import MqttTransport, Will
+from .errors import BrokerUnavailable, ConfigError, DecodeError
+from .mqtt import MqttTransport, Will, read_retained
 from .protocol import (
     Assignment,
     AssignmentSet,
@@ -98,7 +98,7 @@ class _LocalTask:
 class _Worker:
     group: GroupInfo
     slot: int
-    state: Literal["starting", "idle", "busy", "dead"] = "starting"
+    state: Literal["starting", "idle", "busy", "killing", "dead"] = "starting"
     proc: asyncio.subprocess.Process | None = None
     writer: asyncio.StreamWriter | None = None
     task: _LocalTask | None = None
@@ -107,10 +107,22 @@ class _Worker:
     deaths: deque[float] = field(default_factory=lambda: deque(maxlen=5))
 
     def kill(self) -> None:
+        """Kill the worker and whatever its task started (its own session and group).
+
+        It takes no more work, and what it still says is ignored, until it is restarted.
+        """
         self.kill_expected = True
+        self.task = None
+        if self.state != "dead":
+            self.state = "killing"
         if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+            # os.kill, not Process.kill(): the latter polls (waitpid) first and may reap the
+            # child under asyncio's child watcher ("Unknown child process pid" warnings)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)
 
 
 class Node:
@@ -120,8 +132,9 @@ class Node:
         parameters: settings, a parameters.json path, or None (``./parameters.json`` or
             defaults).
         name: node name (default ``NODE_NAME``, else the host name); unique on the LAN.
-        tasks: task sources (dotted modules or .py paths) to load, in addition to
-            ``NODE_TASKS`` and the tasks registered on this object.
+        tasks: task sources (dotted modules or .py paths) to load. ``NODE_TASKS`` is loaded
+            only when neither these nor tasks registered on this object (``node.task``)
+            are given.
         groups: worker groups (default ``WKHUB_WORKERS``).
 
     Example::
@@ -147,7 +160,8 @@ class Node:
         self.settings = coerce_settings(parameters)
         self.name = name or self.settings.node_name or default_node_name()
         self.registry = Registry()
-        self._sources = [*self.settings.node_tasks, *tasks]
+        # NODE_TASKS only when this node is given no tasks of its own (see start)
+        self._sources = list(tasks)
         self._groups = list(groups if groups is not None else self.settings.wkhub_workers)
         self.topics = Topics(self.settings.topic_prefix)
         self.instance = uuid.uuid4().hex[:12]
@@ -189,8 +203,11 @@ class Node:
         """Load tasks, start worker processes, connect and announce.
 
         Raises:
-            ConfigError: a task module cannot be imported, or no task is defined.
+            ConfigError: a task module cannot be imported, no task is defined, or another
+                node with this name is online.
         """
+        if not self._sources and not len(self.registry):
+            self._sources = list(self.settings.node_tasks)
         try:
             loaded = load_sources(self._sources)
         except (ImportError, ValueError, SyntaxError) as exc:
@@ -211,6 +228,7 @@ class Node:
         for r in refs:
             args += ["--ref", r]
         self._worker_args = args
+        await self._check_name_is_free()
         groups = [GroupInfo(index=i, workers=g.n_workers, min_p=g.min_p, max_p=g.max_p,
                             nice=g.process_p) for i, g in enumerate(self._groups)]
         self._group_info = groups
@@ -218,7 +236,8 @@ class Node:
         will = Will(self.topics.node_status(self.name),
                     NodeStatus(node=self.name, instance=self.instance, online=False).encode())
         self._transport = MqttTransport(
-            host=s.broker_host, port=s.broker_port, client_id=f"lbmqtt-node-{self.name}",
+            host=s.broker_host, port=s.broker_port,
+            client_id=f"lbmqtt-node-{self.name}-{self.instance[:8]}",
             on_message=self._on_message, subscriptions=[(self.topics.assign(self.name), 1)],
             on_connect=self._on_connect, will=will, keepalive_s=s.broker_keepalive_s,
             username=s.broker_username, password=s.broker_password,
@@ -239,6 +258,28 @@ class Node:
         ]
         log.info("node %s: %d worker slots in %d groups, tasks: %s", self.name,
                  len(self._workers), len(groups), ", ".join(self._all_names))
+
+    async def _check_name_is_free(self) -> None:
+        s = self.settings
+        topic = self.topics.node_status(self.name)
+        try:
+            retained = await read_retained(host=s.broker_host, port=s.broker_port,
+                                           filters=[topic], username=s.broker_username,
+                                           password=s.broker_password,
+                                           timeout_s=min(3.0, s.connect_timeout_s))
+        except BrokerUnavailable:
+            log.warning("the broker is not reachable yet: starting anyway (without checking "
+                        "that no other node is named %r)", self.name)
+            return
+        try:
+            other = decode(NodeStatus, retained[topic]) if topic in retained else None
+        except DecodeError:
+            other = None
+        if other is not None and other.online and other.instance != self.instance:
+            raise ConfigError(
+                f"a node named {self.name!r} is already online (host {other.host or '?'}, "
+                f"pid {other.pid or '?'}): give this one another name with --name or "
+                f"NODE_NAME")
 
     async def stop(self) -> None:
         """Announce offline, kill the worker processes, disconnect."""
@@ -264,8 +305,7 @@ class Node:
                 await asyncio.wait_for(writer.wait_closed(), 2)
         for w in self._workers:
             if w.proc is not None and w.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.proc.kill()
+                w.kill()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(w.proc.wait(), 5)
         if t is not None:
@@ -304,8 +344,18 @@ class Node:
             await self.stop()
 
     def run_forever(self) -> None:
-        """Blocking: run the node until Ctrl-C / SIGTERM."""
-        asyncio.run(self.run())
+        """Blocking: run the node until Ctrl-C / SIGTERM; says when it is ready."""
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=self.settings.log_level,
+                                format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+        def ready(n: Node) -> None:
+            s = n.settings
+            print(f"lbmqtt node {n.name}: ready with {n.slots} worker slots on "
+                  f"{s.broker_host}:{s.broker_port}, tasks {', '.join(n.task_names)}",
+                  flush=True)
+
+        asyncio.run(self.run(on_ready=ready))
 
     @property
     def slots(self) -> int:
@@ -384,7 +434,7 @@ class Node:
 
     def _dispatch(self) -> None:
         for w in self._workers:
-            if w.state != "idle":
+            if w.state != "idle" or w.writer is None:
                 continue
             queue = self._pending[w.group.index]
             while queue:
@@ -394,12 +444,19 @@ class Node:
                     break
 
     def _start_on(self, w: _Worker, lt: _LocalTask) -> None:
-        assert w.writer is not None
         a = lt.a
         meta = {"user": a.user, "name": a.name, "priority": a.priority}
         frame = pickle.dumps(("run", a.id, a.attempt, a.name, lt.args_json, meta),
                              protocol=pickle.HIGHEST_PROTOCOL)
-        w.writer.write(_HEADER.pack(len(frame)) + frame)
+        try:
+            assert w.writer is not None
+            w.writer.write(_HEADER.pack(len(frame)) + frame)
+        except (AssertionError, OSError, RuntimeError) as exc:
+            # the worker is going away: the task waits for the next idle worker
+            log.warning("could not hand task %s to worker %d (%s): it waits", a.id, w.pid, exc)
+            w.state = "dead"
+            self._pending[a.group].appendleft(lt)
+            return
         w.state = "busy"
         w.task = lt
         lt.state = "running"
@@ -505,11 +562,17 @@ class Node:
                     head = await reader.readexactly(_HEADER.size)
                     (n,) = _HEADER.unpack(head)
                     body = await reader.readexactly(n)
-                    self._on_worker_message(w, pickle.loads(body))  # noqa: S301 - our child
+                    try:
+                        self._on_worker_message(w, pickle.loads(body))  # noqa: S301 - our child
+                    except Exception:
+                        log.exception("failed to handle a message from worker %d", w.pid)
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
             finally:
+                # no more work for it from here on, even before its process is reaped
                 w.writer = None
+                if not w.kill_expected:
+                    w.state = "dead"
                 writer.close()
                 self._closing_writers.append(writer)
             with contextlib.suppress(Exception):
@@ -595,8 +658,10 @@ class Node:
             running = [TaskRef(id=lt.a.id, attempt=lt.a.attempt)
                        for lt in self._local.values() if lt.state == "running"]
             pending = sum(1 for lt in self._local.values() if lt.state == "pending")
+            held = [TaskRef(id=lt.a.id, attempt=lt.a.attempt) for lt in self._local.values()]
             hb = Heartbeat(node=self.name, instance=self.instance, seq=self._hb_seq,
-                           time=time.time(), load=load, running=running, pending=pending)
+                           time=time.time(), load=load, running=running, pending=pending,
+                           held=held)
             t.publish(self.topics.heartbeat(self.name), hb.encode(), qos=0)
 
     async def _resend_loop(self) -> None:

@@ -338,6 +338,9 @@ class Heartbeat(_Lenient):
     load: list[float] = []
     running: list[TaskRef] = []
     pending: int = 0
+    held: list[TaskRef] = []
+    """Every task attempt the node holds (pending, running, or finished and unacknowledged):
+    the balancer reconciles its assignment set against it."""
 
 
 class Assignment(_Lenient):
@@ -514,6 +517,7 @@ class Topics:
         self.all_heartbeats = f"{p}/nodes/+/heartbeat"
         self.all_reports = f"{p}/nodes/+/reports"
         self.all_user_tasks = f"{p}/users/+/tasks/+"
+        self.all_assign = f"{p}/nodes/+/assign"
 
     # -- users
     def submit(self, user: str) -> str:

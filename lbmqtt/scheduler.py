@@ -79,12 +79,15 @@ class Placement:
 class _PriorityQueue:
     """Queued tasks of one (user, name): a FIFO heap per priority, priorities kept sorted."""
 
-    __slots__ = ("counts", "heaps", "prios")
+    __slots__ = ("counts", "heaps", "prios", "pushes")
 
     def __init__(self) -> None:
         self.prios: list[int] = []
-        self.heaps: dict[int, list[tuple[int, str]]] = {}
+        # (seq, push order, task): a removed task's entry stays until it reaches the top,
+        # and is recognised as stale because the task object queued under its id differs
+        self.heaps: dict[int, list[tuple[int, int, QueuedTask]]] = {}
         self.counts: dict[int, int] = {}
+        self.pushes = 0
 
     def push(self, task: QueuedTask) -> None:
         p = task.priority
@@ -93,7 +96,8 @@ class _PriorityQueue:
             heap = self.heaps[p] = []
             self.counts[p] = 0
             bisect.insort(self.prios, p)
-        heapq.heappush(heap, (task.seq, task.id))
+        self.pushes += 1
+        heapq.heappush(heap, (task.seq, self.pushes, task))
         self.counts[p] += 1
 
     def discard(self, priority: int) -> None:
@@ -112,11 +116,10 @@ class _PriorityQueue:
             return None
         heap = self.heaps[self.prios[i]]
         while heap:
-            seq, tid = heap[0]
-            t = alive.get(tid)
-            if t is not None and t.seq == seq and t.priority == self.prios[i]:
-                return t
-            heapq.heappop(heap)  # stale entry of a removed task
+            task = heap[0][2]
+            if alive.get(task.id) is task:
+                return task
+            heapq.heappop(heap)  # stale entry of a removed (or removed and re-queued) task
         return None  # pragma: no cover - counts keep non-empty heaps only
 
     def __bool__(self) -> bool:

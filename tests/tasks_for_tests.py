@@ -56,3 +56,18 @@ def crash_once(args: dict[str, Any], ctx: Any) -> str:
 def not_json(args: Any) -> Any:
     """Return something that is not JSON-serializable."""
     return {1, 2, 3}
+
+
+@tasks.task("SPAWN")
+def spawn(args: dict[str, Any]) -> int:
+    """Start a child process (as real tasks do: ffmpeg, make...), note its pid, wait."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "120"])
+    tmp = Path(args["pidfile"] + ".tmp")
+    tmp.write_text(str(child.pid))
+    tmp.rename(args["pidfile"])
+    _wait_gate(args.get("gate"), 60)
+    child.kill()
+    child.wait()
+    return child.pid

@@ -10,6 +10,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -30,12 +31,13 @@ class Up:
         return "\n".join(self.lines)
 
 
-def start_up(*extra: str) -> Up:
+def start_up(*extra: str, port: int = 0, env_extra: dict[str, str] | None = None) -> Up:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    env.update(env_extra or {})
     proc = subprocess.Popen(
-        lbmqtt_cmd("up", "--broker-port", "0", "--monitor-port", "0", *extra), cwd=ROOT,
+        lbmqtt_cmd("up", "--broker-port", str(port), "--monitor-port", "0", *extra), cwd=ROOT,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     up = Up(proc)
 
@@ -50,8 +52,7 @@ def start_up(*extra: str) -> Up:
              "`lbmqtt up` to be ready")
     assert proc.poll() is None, up.text()
     m = re.search(r"--broker-port (\d+)", up.text())
-    assert m, up.text()
-    up.port = int(m.group(1))
+    up.port = int(m.group(1)) if m else port
     d = re.search(r"dashboard\s+(http://\S+)", up.text())
     up.url = d.group(1) if d else ""
     return up
@@ -125,6 +126,21 @@ def test_a_killed_up_takes_its_children_with_it() -> None:
     wait_for(lambda: not any(process_alive(p) for p in family), 20, "every child to exit")
 
 
+@pytest.mark.slow
+def test_up_uses_an_external_broker_when_configured(mosquitto: int) -> None:
+    up = start_up("--no-dashboard", port=mosquitto,
+                  env_extra={"LBMQTT_BROKER_EMBEDDED": "false"})
+    try:
+        assert "embedded" not in up.text() and "lbmqtt broker: listening" not in up.text()
+        assert f"mqtt://127.0.0.1:{mosquitto}" in up.text()
+        r = run_cli("submit", "HELLO", HELLO, "--wait", "--broker-port", str(mosquitto))
+        assert r.stdout == "Hello John Doe !\n", r.stderr
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0
+    finally:
+        finish(up)
+
+
 def test_submit_without_a_broker_says_what_to_do() -> None:
     r = run_cli("submit", "HELLO", HELLO, "--broker-port", "1", timeout=60,
                 env={"LBMQTT_CONNECT_TIMEOUT_S": "1"})
@@ -136,3 +152,38 @@ def test_submit_without_a_broker_says_what_to_do() -> None:
 def test_submit_with_bad_json_arguments_is_a_usage_error() -> None:
     r = run_cli("submit", "HELLO", "{not json", "--broker-port", "1")
     assert r.returncode == 2 and "ARGS is not valid JSON" in r.stderr
+
+
+def test_submit_wait_says_why_a_task_cannot_run(running: Any) -> None:
+    s = running.settings
+    r = run_cli("submit", "NOPE", "{}", "--wait", "--timeout", "1", "--broker-port",
+                str(s.broker_port), "--prefix", s.topic_prefix)
+    assert r.returncode == 4
+    assert "is queued: no online node offers task 'NOPE'" in r.stderr
+    assert "status: queued: no online node offers task 'NOPE'" in r.stderr
+
+
+def test_node_tasks_flag_replaces_node_tasks(running: Any) -> None:
+    import os
+
+    from .conftest import TEST_TASKS
+
+    s = running.settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    proc = subprocess.Popen(
+        lbmqtt_cmd("node", "--tasks", TEST_TASKS, "--name", "cli-node", "--workers", "1",
+                   "--broker-port", str(s.broker_port), "--prefix", s.topic_prefix),
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the ready line (the process is killed if it hangs)
+        assert line.startswith("lbmqtt node cli-node: ready with 1 worker slots")
+        assert "ECHO" in line and "HELLO" not in line  # ./parameters.json lists the demo
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

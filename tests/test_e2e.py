@@ -15,14 +15,14 @@ from lbmqtt import AsyncClient, Client, QuotaExceeded, TaskCancelled, TaskFailed
 from lbmqtt.errors import InvalidTask, WaitTimeout
 from lbmqtt.protocol import Status, Topics
 
-from .conftest import TEST_TASKS, System, make_settings, wait_for
+from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, wait_for
 
 JOHN = {"firstName": "John", "lastName": "Doe"}
 
 
 def with_test_tasks(system: System) -> System:
     system.start_balancer()
-    system.start_node("n1", tasks=[TEST_TASKS])
+    system.start_node("n1", tasks=[DEMO_TASKS, TEST_TASKS])
     return system
 
 
@@ -249,7 +249,7 @@ def test_nice_level_comes_from_processP(system: System, client: Client) -> None:
     system.start_balancer()
     s = make_settings(system.settings.broker_port, system.settings.topic_prefix,
                       WKHUB_WORKERS=[{"nWorkers": 1, "minP": 0, "maxP": 9, "processP": 7}])
-    system.start_node("nice", settings=s, tasks=[TEST_TASKS])
+    system.start_node("nice", settings=s, tasks=[DEMO_TASKS, TEST_TASKS])
     base = os.nice(0)
     assert client.wait(client.submit("ECHO", {}), timeout=20)["nice"] == min(19, base + 7)
 
@@ -344,8 +344,8 @@ def test_wait_timeout_is_a_timeout_error(running: System, client: Client) -> Non
 
 def test_tasks_spread_over_two_nodes(system: System, client: Client, tmp_path: Path) -> None:
     system.start_balancer()
-    system.start_node("n1", tasks=[TEST_TASKS])
-    system.start_node("n2", tasks=[TEST_TASKS])
+    system.start_node("n1", tasks=[DEMO_TASKS, TEST_TASKS])
+    system.start_node("n2", tasks=[DEMO_TASKS, TEST_TASKS])
     gate = tmp_path / "gate"
     ids = [client.submit("BLOCK", {"gate": str(gate), "value": i}) for i in range(4)]
     wait_for(lambda: all(client.get(t).status == Status.RUNNING for t in ids), 20,
@@ -358,7 +358,7 @@ def test_tasks_spread_over_two_nodes(system: System, client: Client, tmp_path: P
 def test_node_going_offline_puts_its_tasks_back_in_the_queue(system: System, client: Client,
                                                               tmp_path: Path) -> None:
     system.start_balancer()
-    n1 = system.start_node("n1", tasks=[TEST_TASKS])
+    n1 = system.start_node("n1", tasks=[DEMO_TASKS, TEST_TASKS])
     gate = tmp_path / "gate"
     started = tmp_path / "started"
     tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started)})
@@ -366,7 +366,7 @@ def test_node_going_offline_puts_its_tasks_back_in_the_queue(system: System, cli
     started.unlink()
     system.stop_node(n1)
     wait_for(lambda: client.get(tid).status == Status.QUEUED, 10, "the task back in the queue")
-    system.start_node("n2", tasks=[TEST_TASKS])
+    system.start_node("n2", tasks=[DEMO_TASKS, TEST_TASKS])
     wait_for(started.exists, 20, "the task to start again on n2")
     gate.touch()
     assert client.wait(tid, timeout=20)["attempt"] == 2

@@ -9,7 +9,7 @@ import pytest
 from lbmqtt import Client, TaskCancelled
 from lbmqtt.protocol import Status
 
-from .conftest import TEST_TASKS, System, make_settings, wait_for
+from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, wait_for
 
 
 def test_tasks_run_end_to_end_through_mosquitto(mosquitto: int, prefix: str,
@@ -18,7 +18,7 @@ def test_tasks_run_end_to_end_through_mosquitto(mosquitto: int, prefix: str,
     system = System(s)
     try:
         system.start_balancer()
-        system.start_node("m1", tasks=[TEST_TASKS])
+        system.start_node("m1", tasks=[DEMO_TASKS, TEST_TASKS])
         with Client(s, user="alice") as c:
             tid = c.submit("HELLO", {"firstName": "John", "lastName": "Doe"})
             assert c.wait(tid, timeout=20) == "Hello John Doe !"

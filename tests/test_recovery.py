@@ -1,0 +1,149 @@
+"""Recovery paths: false deaths, lost assignments, balancer restarts, stray processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lbmqtt import Balancer, Client, Node, UnknownTask
+from lbmqtt.errors import ConfigError
+from lbmqtt.protocol import Assignment, Topics
+
+from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, process_alive, wait_for
+
+JOHN = {"firstName": "John", "lastName": "Doe"}
+
+
+def test_a_node_wrongly_declared_offline_comes_back_with_its_next_heartbeat(
+        running: System, raw: Any, client: Client) -> None:
+    node = running.nodes[0]
+    # Given a forged "offline" for n1 (a stale will, a buggy script...)
+    raw().publish(Topics(running.settings.topic_prefix).node_status("n1"), json.dumps(
+        {"v": 1, "node": "n1", "instance": node.instance, "online": False}))
+    wait_for(lambda: not running.stats().nodes[0].online, 10, "n1 marked offline")
+    # Then its heartbeats prove it alive, and it gets work again
+    wait_for(lambda: running.stats().nodes[0].online, 10, "n1 back online")
+    assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
+
+
+def test_cancel_kills_the_processes_a_task_started(system: System, client: Client,
+                                                   tmp_path: Path) -> None:
+    system.start_balancer()
+    system.start_node("n1", tasks=[TEST_TASKS])
+    pidfile = tmp_path / "child.pid"
+    tid = client.submit("SPAWN", {"pidfile": str(pidfile), "gate": str(tmp_path / "never")})
+    wait_for(pidfile.exists, 20, "the task's child process")
+    child = int(pidfile.read_text())
+    assert process_alive(child)
+    assert client.cancel(tid) is True
+    wait_for(lambda: not process_alive(child), 10, "the task's child to be killed too")
+
+
+def test_a_restarted_balancer_adopts_the_tasks_nodes_are_running(
+        system: System, client: Client, tmp_path: Path) -> None:
+    first = system.start_balancer()
+    system.start_node("n1", tasks=[DEMO_TASKS, TEST_TASKS])
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 7})
+    wait_for(started.exists, 20, "the task to start")
+    # When the balancer is replaced while the task runs
+    system.lt.run(first.stop())
+    second = system.start_balancer()
+    assert second.instance != first.instance
+    wait_for(lambda: system.record(tid) is not None, 10, "the new balancer to adopt the task")
+    # Then the task is not killed, and its result reaches the waiting client
+    gate.touch()
+    result = client.wait(tid, timeout=20)
+    assert result == {"pid": result["pid"], "opened": True, "attempt": 1, "value": 7}
+    assert system.lt.call(lambda: second.counters["adopted"]) == 1
+    assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
+
+
+def test_a_second_balancer_on_the_same_prefix_is_refused(running: System) -> None:
+    with pytest.raises(ConfigError, match="another balancer is online"):
+        running.lt.run(Balancer(running.settings).start())
+
+
+def test_a_second_node_with_the_same_name_is_refused(running: System) -> None:
+    async def start_twin() -> None:
+        twin = Node(running.settings, name="n1")
+        try:
+            await twin.start()
+        finally:
+            await twin.stop()
+
+    with pytest.raises(ConfigError, match="a node named 'n1' is already online"):
+        running.lt.run(start_twin())
+
+
+def test_a_retained_submit_is_never_obeyed(system: System, raw: Any, settings: Any) -> None:
+    p = settings.topic_prefix
+    stray = raw()
+    # Given a submit published with the retain flag before the balancer starts
+    stray.publish(f"{p}/users/alice/submit", json.dumps(
+        {"id": "sticky", "name": "HELLO", "args": JOHN}), retain=True)
+    try:
+        system.start_balancer()
+        system.start_node("n1")
+        with Client(settings, user="alice") as c:
+            assert c.wait(c.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
+            with pytest.raises(UnknownTask):
+                c.get("sticky")  # it would run again at every balancer restart
+    finally:
+        stray.publish(f"{p}/users/alice/submit", b"", retain=True)
+
+
+def test_too_large_messages_are_refused_with_a_code(system: System, broker: Any,
+                                                    prefix: str, raw: Any) -> None:
+    s = make_settings(broker.port, prefix, MAX_PAYLOAD_BYTES=2048, MAX_BATCH=3)
+    system.start_balancer(s)
+    c = raw()
+    c.subscribe(f"{prefix}/users/bob/errors")
+    c.publish(f"{prefix}/users/bob/submit", json.dumps({"name": "HELLO", "args": "x" * 3000}))
+    c.publish(f"{prefix}/users/bob/submit",
+              json.dumps({"tasks": [{"name": "HELLO"}] * 4}))
+    def errors() -> list[dict[str, Any]]:  # one message may carry both (same tick)
+        return [e for m in c.payloads(f"{prefix}/users/bob/errors")
+                for e in json.loads(m)["errors"]]
+
+    wait_for(lambda: len(errors()) >= 2, 10, "two errors")
+    got = errors()
+    assert [e["code"] for e in got] == ["too_large", "too_large"]
+    assert "MAX_PAYLOAD_BYTES" in got[0]["message"] and "MAX_BATCH" in got[1]["message"]
+
+
+def test_an_assignment_the_node_missed_is_sent_again(running: System, client: Client) -> None:
+    node = running.nodes[0]
+    original = node._apply_set
+    dropped: list[str] = []
+
+    def lossy(tasks: list[Assignment]) -> None:  # fault injection: lose one set's news
+        keep = [a for a in tasks if a.name != "HELLO" or dropped]
+        dropped.extend(a.id for a in tasks if a.name == "HELLO" and not dropped)
+        original(keep)
+
+    b = running.balancer
+    assert b is not None
+    wait_for(lambda: running.lt.call(lambda: not b.nodes["n1"].fresh), 10,
+             "the start-up republication of n1's set to be over")
+    running.lt.call(lambda: setattr(node, "_apply_set", lossy))
+    tid = client.submit("HELLO", JOHN)
+    # the balancer sees, from heartbeats, that the node does not hold it; sends the set again
+    assert client.wait(tid, timeout=30) == "Hello John Doe !"
+    assert dropped == [tid]
+    assert client.get(tid).attempt == 1  # sent again, not reassigned
+
+
+def test_wait_on_a_task_that_expired_raises_unknown_task(running: System) -> None:
+    async def scenario() -> None:
+        from lbmqtt import AsyncClient
+
+        async with AsyncClient(running.settings, user="alice") as c:
+            with pytest.raises(UnknownTask):
+                await c.wait("gone-long-ago", timeout=30)
+
+    asyncio.run(scenario())
