@@ -1,0 +1,876 @@
+"""The scheduling policy on its own: plain data in, placements out; no I/O.
+
+Unit tests pin each rule of :mod:`lbmqtt.scheduler` down with a small hand-made cluster;
+property-based tests drive a :class:`Scheduler` with random clusters and random operation
+streams and check the invariants after every step, including an exact comparison with a
+naive reference implementation of the rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lbmqtt.scheduler import Group, NodeCaps, Placement, QueuedTask, Scheduler
+
+# ----------------------------------------------------------------------------- helpers
+
+_ids = itertools.count()
+
+
+def task(user: str = "alice", name: str = "a", priority: int = 0,
+         seq: int | None = None, tid: str | None = None) -> QueuedTask:
+    n = next(_ids)
+    return QueuedTask(tid or f"t{n}", user, name, priority, n if seq is None else seq)
+
+
+def node(name: str = "n1", *groups: Group, tasks: str = "a", speed: float = 1.0) -> NodeCaps:
+    return NodeCaps(name, groups or (Group(0, 1, 0, 10),), frozenset(tasks), speed)
+
+
+def placed_ids(placements: list[Placement]) -> list[str]:
+    return [p.task.id for p in placements]
+
+
+# ----------------------------------------------------------------------------- bands
+
+
+def test_slot_never_runs_a_task_outside_its_band() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 4, 5, 10)))
+    low, high, inside = task(priority=4), task(priority=11), task(priority=7)
+    for t in (low, high, inside):
+        s.enqueue(t)
+    assert placed_ids(s.schedule()) == [inside.id]
+    assert s.is_queued(low.id) and s.is_queued(high.id)
+    assert s.schedule() == []
+
+
+def test_band_bounds_are_inclusive() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 2, 3, 8)))
+    lo, hi = task(priority=3), task(priority=8)
+    s.enqueue(lo)
+    s.enqueue(hi)
+    assert sorted(placed_ids(s.schedule())) == sorted([lo.id, hi.id])
+
+
+def test_each_group_takes_only_priorities_in_its_own_band() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 4), Group(1, 1, 5, 9)))
+    urgent, normal = task(priority=9), task(priority=0)
+    s.enqueue(urgent)
+    s.enqueue(normal)
+    got = {p.task.id: p.group for p in s.schedule()}
+    assert got == {normal.id: 0, urgent.id: 1}
+
+
+def test_urgent_group_stays_free_for_urgent_work() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 20), Group(1, 1, 15, 20)))
+    normals = [task(priority=1) for _ in range(3)]
+    for t in normals:
+        s.enqueue(t)
+    assert placed_ids(s.schedule()) == [normals[0].id]
+    assert s.busy("n1", 1) == 0
+    urgent = task(priority=18)
+    s.enqueue(urgent)
+    assert s.schedule() == [Placement(urgent, "n1", 1)]
+
+
+# ----------------------------------------------------------------------------- order in a user
+
+
+def test_tasks_of_one_user_and_priority_run_in_submission_order() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    tasks = [task(priority=2) for _ in range(5)]
+    for t in reversed(tasks):  # enqueue order does not matter, seq does
+        s.enqueue(t)
+    order = []
+    for _ in range(5):
+        (p,) = s.schedule()
+        order.append(p.task.id)
+        s.release(p.task.id)
+    assert order == [t.id for t in tasks]
+
+
+def test_higher_priority_runs_first_within_a_user() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    old_low, new_high, mid = task(priority=1), task(priority=9), task(priority=5)
+    for t in (old_low, new_high, mid):
+        s.enqueue(t)
+    order = []
+    for _ in range(3):
+        (p,) = s.schedule()
+        order.append(p.task.id)
+        s.release(p.task.id)
+    assert order == [new_high.id, mid.id, old_low.id]
+
+
+def test_highest_priority_a_band_accepts_is_chosen_not_the_highest_overall() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 5)))
+    too_high, fits_old, fits_best = task(priority=9), task(priority=2), task(priority=5)
+    for t in (too_high, fits_old, fits_best):
+        s.enqueue(t)
+    assert placed_ids(s.schedule()) == [fits_best.id]
+
+
+def test_priority_beats_age_across_task_names_of_one_user() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10), tasks="ab"))
+    old_a, new_b = task(name="a", priority=1), task(name="b", priority=3)
+    s.enqueue(old_a)
+    s.enqueue(new_b)
+    assert placed_ids(s.schedule()) == [new_b.id]
+
+
+def test_age_decides_across_task_names_of_equal_priority() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10), tasks="ab"))
+    old_b, new_a = task(name="b", priority=2), task(name="a", priority=2)
+    s.enqueue(new_a)
+    s.enqueue(old_b)
+    assert placed_ids(s.schedule()) == [old_b.id]
+
+
+# ----------------------------------------------------------------------------- fairness
+
+
+def test_freed_slot_goes_to_the_user_with_fewest_placed_tasks() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 3, 0, 10)))
+    alice = [task("alice") for _ in range(4)]
+    bob = [task("bob") for _ in range(2)]
+    for t in alice + bob:  # alice's tasks are all older
+        s.enqueue(t)
+    first = s.schedule()
+    assert Counter(p.task.user for p in first) == {"alice": 2, "bob": 1}
+    # bob's only placed task ends: bob has 0 placed, alice 2, so bob goes first
+    s.release(bob[0].id)
+    assert [(p.task.user, p.task.id) for p in s.schedule()] == [("bob", bob[1].id)]
+
+
+def test_fewest_placed_wins_over_higher_priority_of_another_user() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 2, 0, 10)))
+    s.adopt("x", "alice", "elsewhere", 0)
+    urgent_alice, lax_bob = task("alice", priority=10), task("bob", priority=0)
+    s.enqueue(urgent_alice)
+    s.enqueue(lax_bob)
+    assert [p.task.id for p in s.schedule()] == [lax_bob.id, urgent_alice.id]
+
+
+def test_users_with_equal_placed_tasks_are_served_oldest_head_first() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    carol, bob, alice = task("carol"), task("bob"), task("alice")
+    for t in (alice, bob, carol):
+        s.enqueue(t)
+    assert placed_ids(s.schedule()) == [carol.id]
+
+
+def test_user_tie_compares_head_tasks_not_oldest_tasks() -> None:
+    """A user's head is their best task (priority first); its seq breaks the tie."""
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    alice_old_low = task("alice", priority=1)
+    bob_head = task("bob", priority=1)
+    alice_new_high = task("alice", priority=5)  # alice's head: newer than bob's head
+    for t in (alice_old_low, bob_head, alice_new_high):
+        s.enqueue(t)
+    assert placed_ids(s.schedule()) == [bob_head.id]
+
+
+def test_fairness_only_counts_users_with_a_task_the_slot_can_run() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10), tasks="a"))
+    s.adopt("x", "alice", "elsewhere", 0)
+    bob_b = task("bob", name="b")  # bob has fewer placed tasks, but no node offers "b"
+    alice_a = task("alice", name="a")
+    s.enqueue(bob_b)
+    s.enqueue(alice_a)
+    assert placed_ids(s.schedule()) == [alice_a.id]
+    assert s.is_queued(bob_b.id)
+
+
+def test_slots_of_one_schedule_call_alternate_between_users() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 4, 0, 10)))
+    for user in ("alice", "alice", "alice", "alice", "bob", "bob", "bob", "bob"):
+        s.enqueue(task(user))
+    assert [p.task.user for p in s.schedule()] == ["alice", "bob", "alice", "bob"]
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_node_only_gets_tasks_whose_name_it_offers() -> None:
+    s = Scheduler()
+    s.set_node(node("only_a", Group(0, 4, 0, 10), tasks="a"))
+    s.set_node(node("only_b", Group(0, 4, 0, 10), tasks="b"))
+    ts = [task(name=n) for n in "abab"] + [task(name="c")]
+    for t in ts:
+        s.enqueue(t)
+    got = s.schedule()
+    assert {(p.task.name, p.node) for p in got} == {("a", "only_a"), ("b", "only_b")}
+    assert len(got) == 4
+    assert [t.name for t in s.queued_tasks()] == ["c"]
+
+
+def test_task_no_node_can_run_stays_queued_and_holds_no_slot() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10), tasks="a"))
+    blocked, runnable = task(name="z"), task(name="a")
+    s.enqueue(blocked)
+    s.enqueue(runnable)
+    assert placed_ids(s.schedule()) == [runnable.id]
+    assert s.is_queued(blocked.id)
+    assert s.queued == 1
+
+
+# ----------------------------------------------------------------------------- why_waiting
+
+
+def test_why_waiting_says_no_node_is_online() -> None:
+    assert Scheduler().why_waiting("a", 0) == "no node is online"
+
+
+def test_why_waiting_names_a_task_no_node_offers() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", tasks="ab"))
+    assert s.why_waiting("zip", 0) == "no online node offers task 'zip'"
+
+
+def test_why_waiting_lists_the_bands_when_no_slot_takes_the_priority() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 2, 0, 5), Group(1, 1, 8, 9), tasks="a"))
+    s.set_node(node("n2", Group(0, 2, 0, 5), tasks="a"))
+    s.set_node(node("n3", Group(0, 2, 6, 7), tasks="b"))  # would fit, but lacks "a"
+    msg = s.why_waiting("a", 7)
+    assert msg == "no online node offering 'a' has a slot for priority 7 (bands: 0..5, 8..9)"
+
+
+def test_why_waiting_ignores_a_matching_band_without_workers() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 0, 0, 10)))
+    msg = s.why_waiting("a", 3)
+    assert msg is not None and "slot for priority 3" in msg
+
+
+def test_why_waiting_is_none_for_a_runnable_task() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10), tasks="a"))
+    assert s.why_waiting("a", 10) is None
+    # even when every slot is busy: the task waits its turn, nothing is missing
+    s.adopt("x", "alice", "n1", 0)
+    assert s.why_waiting("a", 0) is None
+
+
+# ----------------------------------------------------------------------------- remove / release
+
+
+def test_removed_queued_task_is_returned_and_never_placed() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 4, 0, 10)))
+    keep, drop = task(), task()
+    s.enqueue(keep)
+    s.enqueue(drop)
+    assert s.remove(drop.id) == drop
+    assert not s.is_queued(drop.id)
+    assert s.queued == 1
+    assert placed_ids(s.schedule()) == [keep.id]
+
+
+def test_remove_of_a_task_that_is_not_queued_returns_none() -> None:
+    s = Scheduler()
+    s.set_node(node("n1"))
+    t = task()
+    assert s.remove("nope") is None
+    s.enqueue(t)
+    s.schedule()
+    assert s.remove(t.id) is None  # placed, not queued
+    assert s.running_for(t.user) == 1
+
+
+def test_removing_the_head_lets_the_next_task_run() -> None:
+    s = Scheduler()
+    s.set_node(node("n1"))
+    head, nxt = task(), task()
+    s.enqueue(head)
+    s.enqueue(nxt)
+    s.remove(head.id)
+    assert placed_ids(s.schedule()) == [nxt.id]
+
+
+def test_release_frees_a_slot_so_the_next_schedule_fills_it() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    first, second = task(), task()
+    s.enqueue(first)
+    s.enqueue(second)
+    assert placed_ids(s.schedule()) == [first.id]
+    assert s.schedule() == []
+    assert s.release(first.id) is True
+    assert s.busy("n1", 0) == 0
+    assert s.schedule() == [Placement(second, "n1", 0)]
+
+
+def test_release_of_a_task_that_is_not_placed_returns_false() -> None:
+    s = Scheduler()
+    t = task()
+    s.enqueue(t)
+    assert s.release(t.id) is False
+    assert s.release("nope") is False
+    assert s.is_queued(t.id)
+
+
+def test_remove_node_returns_the_placed_task_ids_and_frees_them() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 2, 0, 10), speed=2.0))
+    s.set_node(node("n2", Group(0, 2, 0, 10)))
+    ts = [task(user) for user in ("alice", "bob", "alice")]
+    for t in ts:
+        s.enqueue(t)
+    got = s.schedule()
+    on_n1 = sorted(p.task.id for p in got if p.node == "n1")
+    assert len(on_n1) == 2
+    assert sorted(s.remove_node("n1")) == on_n1
+    assert "n1" not in s.nodes
+    assert s.busy("n1", 0) == 0
+    assert s.running_for("alice") + s.running_for("bob") == 1
+    assert s.remove_node("n1") == []
+    assert s.remove_node("never-seen") == []
+
+
+def test_requeued_task_with_its_original_seq_goes_back_to_the_head() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    ts = [task() for _ in range(3)]
+    for t in ts:
+        s.enqueue(t)
+    assert placed_ids(s.schedule()) == [ts[0].id]
+    lost = s.remove_node("n1")
+    assert lost == [ts[0].id]
+    s.enqueue(ts[0])  # the balancer requeues it as it was
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    assert placed_ids(s.schedule()) == [ts[0].id]
+
+
+def test_removed_then_requeued_task_goes_back_to_the_head() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    ts = [task() for _ in range(3)]
+    for t in ts:
+        s.enqueue(t)
+    s.remove(ts[0].id)
+    s.enqueue(ts[0])
+    assert s.queued == 3
+    order = []
+    for _ in range(3):
+        (p,) = s.schedule()
+        order.append(p.task.id)
+        s.release(p.task.id)
+    assert order == [t.id for t in ts]
+
+
+def test_enqueue_of_an_id_already_queued_raises() -> None:
+    s = Scheduler()
+    t = task()
+    s.enqueue(t)
+    with pytest.raises(ValueError, match="already queued or running"):
+        s.enqueue(t)
+    with pytest.raises(ValueError, match="already queued or running"):
+        s.enqueue(QueuedTask(t.id, "bob", "b", 3, 999))
+    assert s.queued == 1
+    assert s.queued_for(t.user) == 1
+
+
+def test_enqueue_of_an_id_already_placed_raises() -> None:
+    s = Scheduler()
+    s.set_node(node("n1"))
+    t = task()
+    s.enqueue(t)
+    s.schedule()
+    with pytest.raises(ValueError, match="already queued or running"):
+        s.enqueue(t)
+    s.adopt("adopted", "bob", "n1", 0)
+    with pytest.raises(ValueError, match="already queued or running"):
+        s.enqueue(task(tid="adopted"))
+    assert s.queued == 0
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def test_faster_nodes_are_filled_first() -> None:
+    s = Scheduler()
+    s.set_node(node("a_slow", Group(0, 2, 0, 10), speed=0.5))
+    s.set_node(node("b_fast", Group(0, 2, 0, 10), speed=3.0))
+    s.set_node(node("c_mid", Group(0, 2, 0, 10), speed=1.0))
+    for _ in range(5):
+        s.enqueue(task())
+    assert [p.node for p in s.schedule()] == ["b_fast", "b_fast", "c_mid", "c_mid", "a_slow"]
+
+
+def test_emptier_node_is_filled_first_among_equally_fast_nodes() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 2, 0, 10)))
+    s.set_node(node("n2", Group(0, 2, 0, 10)))
+    s.adopt("x", "bob", "n1", 0)
+    t = task()
+    s.enqueue(t)
+    assert s.schedule() == [Placement(t, "n2", 0)]
+
+
+def test_groups_of_a_node_are_filled_in_their_order() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10), Group(1, 2, 0, 10)))
+    for _ in range(3):
+        s.enqueue(task())
+    assert [p.group for p in s.schedule()] == [0, 1, 1]
+
+
+def test_adopted_task_holds_its_slot_and_counts_for_its_user() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    s.adopt("x", "bob", "n1", 0)
+    s.adopt("x", "bob", "n1", 0)  # reported twice: counted once
+    assert s.busy("n1", 0) == 1
+    assert s.running_for("bob") == 1
+    s.enqueue(task())
+    assert s.schedule() == []
+    assert s.release("x") is True
+    assert len(s.schedule()) == 1
+
+
+def test_schedule_with_nothing_queued_places_nothing() -> None:
+    s = Scheduler()
+    assert s.schedule() == []
+    s.set_node(node("n1"))
+    assert s.schedule() == []
+
+
+def test_schedule_without_nodes_leaves_everything_queued() -> None:
+    s = Scheduler()
+    s.enqueue(task())
+    assert s.schedule() == []
+    assert s.queued == 1
+
+
+def test_shrunk_group_gets_no_new_task_until_it_is_under_its_workers() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 3, 0, 10)))
+    ts = [task() for _ in range(5)]
+    for t in ts:
+        s.enqueue(t)
+    assert len(s.schedule()) == 3
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    s.release(ts[0].id)
+    assert s.schedule() == []  # 2 busy, 1 worker
+    s.release(ts[1].id)
+    s.release(ts[2].id)
+    assert placed_ids(s.schedule()) == [ts[3].id]
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def test_counts_track_queued_and_placed_tasks_per_user() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 2, 0, 10)))
+    assert (s.queued, s.users()) == (0, set())
+    a1, a2, a3, b1 = task("alice"), task("alice"), task("alice"), task("bob")
+    for t in (a1, a2, a3, b1):
+        s.enqueue(t)
+    assert s.queued == 4
+    assert (s.queued_for("alice"), s.queued_for("bob"), s.queued_for("carol")) == (3, 1, 0)
+    assert s.users() == {"alice", "bob"}
+    s.schedule()  # alice's a1 then bob's b1
+    assert s.queued == 2
+    assert (s.running_for("alice"), s.running_for("bob")) == (1, 1)
+    assert (s.queued_for("alice"), s.queued_for("bob")) == (2, 0)
+    assert s.users() == {"alice", "bob"}  # bob still has a placed task
+    s.release(b1.id)
+    assert s.running_for("bob") == 0
+    assert s.users() == {"alice"}
+    s.remove(a2.id)
+    s.remove(a3.id)
+    assert s.queued_for("alice") == 0
+    assert s.users() == {"alice"}
+    s.release(a1.id)
+    assert s.users() == set()
+    assert list(s.queued_tasks()) == []
+
+
+# ----------------------------------------------------------------------------- reused ids
+
+
+def test_reused_task_id_with_another_name_never_reaches_a_node_lacking_that_name() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10), tasks="a"))
+    s.enqueue(QueuedTask("x", "alice", "a", 1, 1))
+    s.enqueue(QueuedTask("y", "alice", "a", 1, 2))
+    s.remove("x")
+    s.enqueue(QueuedTask("x", "alice", "b", 1, 1))  # same id and seq, name "b"
+    assert s.why_waiting("b", 1) == "no online node offers task 'b'"
+    assert [(p.task.id, p.task.name) for p in s.schedule()] == [("y", "a")]
+
+
+
+def test_reused_task_id_of_another_user_is_judged_by_its_own_users_placed_count() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    s.adopt("r1", "bob", "elsewhere", 0)
+    s.adopt("r2", "bob", "elsewhere", 0)
+    s.adopt("r3", "carol", "elsewhere", 0)
+    s.enqueue(QueuedTask("x", "alice", "a", 1, 1))
+    s.enqueue(QueuedTask("y", "alice", "a", 1, 2))
+    s.remove("x")
+    s.enqueue(QueuedTask("x", "bob", "a", 1, 1))  # same id and seq, now bob's
+    # alice (0 placed) goes first, not bob (2 placed) through alice's stale entry
+    assert placed_ids(s.schedule()) == ["y"]
+
+# ============================================================================= properties
+
+NAMES = ("a", "b", "c")
+USERS = ("alice", "bob", "carol")
+NODE_NAMES = ("n0", "n1", "n2", "n3", "n4")
+PRIOS = st.integers(-5, 20)
+# tasks: often a few common priorities, so that tasks of one (user, name, priority) meet
+TASK_PRIOS = st.sampled_from((0, 5, 10)) | PRIOS
+
+
+@st.composite
+def groups_st(draw: st.DrawFn) -> tuple[Group, ...]:
+    out = []
+    for i in range(draw(st.integers(1, 3))):
+        lo, hi = sorted((draw(PRIOS), draw(PRIOS)))
+        out.append(Group(i, draw(st.integers(0, 4)), lo, hi))
+    return tuple(out)
+
+
+def caps_st(name: str, min_names: int = 0) -> st.SearchStrategy[NodeCaps]:
+    return st.builds(NodeCaps, name=st.just(name), groups=groups_st(),
+                     tasks=st.frozensets(st.sampled_from(NAMES), min_size=min_names),
+                     speed=st.sampled_from((0.5, 1.0, 2.0)))
+
+
+@st.composite
+def cluster_st(draw: st.DrawFn) -> list[NodeCaps]:
+    return [draw(caps_st(n, min_names=1)) for n in NODE_NAMES[:draw(st.integers(1, 5))]]
+
+
+_INDEX = st.integers(0, 99)
+_OP_ARGS: dict[str, st.SearchStrategy[tuple]] = {  # type: ignore[type-arg]
+    "enqueue": st.tuples(st.sampled_from(USERS), st.sampled_from(NAMES), TASK_PRIOS),
+    "schedule": st.tuples(),
+    "release": st.tuples(_INDEX),
+    "requeue": st.tuples(_INDEX),
+    "remove": st.tuples(_INDEX),
+    "reenqueue_removed": st.tuples(_INDEX),
+    "reuse_removed_id": st.tuples(_INDEX, st.sampled_from(USERS), st.sampled_from(NAMES),
+                                  st.none() | TASK_PRIOS),
+    "remove_node": st.tuples(st.sampled_from(NODE_NAMES)),
+    "set_node": st.tuples(st.sampled_from(NODE_NAMES).flatmap(caps_st)),
+}
+# weights: mostly enqueue and schedule, the rest now and then
+_KINDS = ["enqueue"] * 8 + ["schedule"] * 4 + [k for k in _OP_ARGS if k not in
+                                                ("enqueue", "schedule")]
+OPS = st.sampled_from(_KINDS).flatmap(
+    lambda kind: _OP_ARGS[kind].map(lambda args: (kind, *args)))
+
+
+def reference_schedule(nodes: dict[str, NodeCaps], busy: Counter[tuple[str, int]],
+                       running: Counter[str],
+                       queued: dict[str, QueuedTask]) -> list[tuple[str, str, int]]:
+    """The module docstring's rules, written the obvious (slow) way."""
+    busy, running, queued = Counter(busy), Counter(running), dict(queued)
+
+    def load(n: NodeCaps) -> float:
+        slots = sum(g.workers for g in n.groups)
+        return sum(busy[(n.name, g.index)] for g in n.groups) / slots if slots else 1.0
+
+    out = []
+    for n in sorted(nodes.values(), key=lambda n: (-n.speed, load(n), n.name)):
+        for g in n.groups:
+            while busy[(n.name, g.index)] < g.workers:
+                heads: dict[str, QueuedTask] = {}
+                for t in queued.values():
+                    if t.name in n.tasks and g.accepts(t.priority):
+                        h = heads.get(t.user)
+                        if h is None or (-t.priority, t.seq) < (-h.priority, h.seq):
+                            heads[t.user] = t
+                if not heads:
+                    break
+                chosen = min(heads.values(), key=lambda t: (running[t.user], t.seq))
+                del queued[chosen.id]
+                busy[(n.name, g.index)] += 1
+                running[chosen.user] += 1
+                out.append((chosen.id, n.name, g.index))
+    return out
+
+
+@dataclass
+class Harness:
+    """A Scheduler plus an independent model of what it should hold."""
+
+    s: Scheduler = field(default_factory=Scheduler)
+    tasks: dict[str, QueuedTask] = field(default_factory=dict)
+    state: dict[str, str] = field(default_factory=dict)  # queued/placed/removed/released
+    where: dict[str, tuple[str, int]] = field(default_factory=dict)  # placed tasks
+    seq: int = 0
+
+    def ids(self, status: str) -> list[str]:
+        return sorted(i for i, st_ in self.state.items() if st_ == status)
+
+    def queued(self) -> dict[str, QueuedTask]:
+        return {i: self.tasks[i] for i in self.ids("queued")}
+
+    def busy(self) -> Counter[tuple[str, int]]:
+        return Counter(self.where.values())
+
+    def running(self) -> Counter[str]:
+        return Counter(self.tasks[i].user for i in self.where)
+
+    # ------------------------------------------------------------ operations
+
+    def enqueue(self, user: str, name: str, priority: int) -> QueuedTask:
+        self.seq += 1
+        t = QueuedTask(f"t{self.seq}", user, name, priority, self.seq)
+        self.tasks[t.id] = t
+        self.s.enqueue(t)
+        self.state[t.id] = "queued"
+        return t
+
+    def requeue(self, tid: str) -> None:
+        with pytest.raises(ValueError):
+            self.s.enqueue(self.tasks[tid])
+        assert self.s.release(tid) is True
+        del self.where[tid]
+        self.s.enqueue(self.tasks[tid])  # original seq: back to the head
+        self.state[tid] = "queued"
+
+    def apply(self, op: tuple) -> None:  # type: ignore[type-arg]
+        kind = op[0]
+        if kind == "enqueue":
+            self.enqueue(*op[1:])
+        elif kind == "schedule":
+            self.schedule()
+        elif kind in ("release", "requeue"):
+            placed = self.ids("placed")
+            if not placed:
+                assert self.s.release("missing") is False
+                return
+            tid = placed[op[1] % len(placed)]
+            if kind == "requeue":
+                self.requeue(tid)
+            else:
+                assert self.s.release(tid) is True
+                assert self.s.release(tid) is False
+                del self.where[tid]
+                self.state[tid] = "released"
+        elif kind == "remove":
+            queued = self.ids("queued")
+            if not queued:
+                assert self.s.remove("missing") is None
+                return
+            tid = queued[op[1] % len(queued)]
+            assert self.s.remove(tid) == self.tasks[tid]
+            assert self.s.remove(tid) is None
+            self.state[tid] = "removed"
+        elif kind == "reenqueue_removed":
+            removed = self.ids("removed")
+            if removed:
+                tid = removed[op[1] % len(removed)]
+                self.s.enqueue(self.tasks[tid])  # same id, same fields
+                self.state[tid] = "queued"
+        elif kind == "reuse_removed_id":
+            removed = self.ids("removed")
+            if removed:  # same id and seq, maybe another user, name or priority
+                tid = removed[op[1] % len(removed)]
+                old = self.tasks[tid]
+                prio = old.priority if op[4] is None else op[4]
+                self.tasks[tid] = QueuedTask(tid, op[2], op[3], prio, old.seq)
+                self.s.enqueue(self.tasks[tid])
+                self.state[tid] = "queued"
+        elif kind == "remove_node":
+            expected = sorted(i for i, (n, _) in self.where.items() if n == op[1])
+            assert sorted(self.s.remove_node(op[1])) == expected
+            for tid in expected:
+                del self.where[tid]
+                self.state[tid] = "released"
+        elif kind == "set_node":
+            self.s.set_node(op[1])
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+
+    def schedule(self) -> list[Placement]:
+        nodes = dict(self.s.nodes)
+        before = self.queued()
+        busy, running = self.busy(), self.running()
+        expected = reference_schedule(nodes, busy, running, before)
+        got = self.s.schedule()
+        waiting = dict(before)
+        for p in got:
+            t = p.task
+            assert waiting.pop(t.id, None) == t, "placed a task that was not queued"
+            caps = nodes[p.node]
+            (g,) = [g for g in caps.groups if g.index == p.group]
+            assert g.min_p <= t.priority <= g.max_p, "placed outside its band"
+            assert t.name in caps.tasks, "placed on a node lacking the name"
+            busy[(p.node, p.group)] += 1
+            assert busy[(p.node, p.group)] <= g.workers, "overfilled a group"
+            older = [o for o in waiting.values()
+                     if (o.user, o.name, o.priority) == (t.user, t.name, t.priority)
+                     and o.seq < t.seq]
+            assert not older, f"FIFO broken: {t} placed before {older}"
+            self.where[t.id] = (p.node, p.group)
+            self.state[t.id] = "placed"
+        # work-conserving: no free slot could run anything still queued
+        for caps in nodes.values():
+            for g in caps.groups:
+                if self.s.busy(caps.name, g.index) < g.workers:
+                    runnable = [t for t in waiting.values()
+                                if t.name in caps.tasks and g.accepts(t.priority)]
+                    assert not runnable, f"free slot {caps.name}/{g.index} left {runnable}"
+        assert [(p.task.id, p.node, p.group) for p in got] == expected
+        return got
+
+    # ------------------------------------------------------------ invariants
+
+    def check(self) -> None:
+        s = self.s
+        queued = self.queued()
+        assert s.queued == len(queued)
+        assert {t.id: t for t in s.queued_tasks()} == queued
+        for tid, status in self.state.items():
+            assert status in ("queued", "placed", "removed", "released")
+            assert s.is_queued(tid) == (status == "queued")
+            assert (tid in self.where) == (status == "placed")
+        busy = self.busy()
+        keys = set(busy) | {(n.name, g.index) for n in s.nodes.values() for g in n.groups}
+        for key in keys:
+            assert s.busy(*key) == busy[key]
+        running = self.running()
+        queued_by = Counter(t.user for t in queued.values())
+        for user in USERS:
+            assert s.running_for(user) == running[user]
+            assert s.queued_for(user) == queued_by[user]
+        assert s.users() == set(running) | set(queued_by)
+        for t in queued.values():  # why_waiting agrees with the work-conserving check
+            reason = s.why_waiting(t.name, t.priority)
+            can_run = any(t.name in n.tasks and g.workers > 0 and g.accepts(t.priority)
+                          for n in s.nodes.values() for g in n.groups)
+            assert (reason is None) == can_run
+
+
+@settings(max_examples=200, deadline=None)
+@given(cluster=cluster_st(), ops=st.lists(OPS, min_size=20, max_size=80))
+def test_random_operations_keep_every_invariant(cluster: list[NodeCaps],
+                                                ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    h = Harness()
+    for caps in cluster:
+        h.s.set_node(caps)
+    for op in ops:
+        h.apply(op)
+        h.check()
+    h.schedule()
+    h.check()
+
+
+@settings(max_examples=100, deadline=None)
+@given(cluster=cluster_st(),
+       stream=st.lists(st.tuples(st.sampled_from(USERS), st.sampled_from(NAMES), TASK_PRIOS),
+                       max_size=40),
+       finish=st.lists(st.integers(0, 99), max_size=40))
+def test_draining_a_backlog_places_each_task_once_and_in_fifo_order(
+        cluster: list[NodeCaps], stream: list[tuple[str, str, int]], finish: list[int]) -> None:
+    h = Harness()
+    for caps in cluster:
+        h.s.set_node(caps)
+    for user, name, prio in stream:
+        h.enqueue(user, name, prio)
+    placed_order: list[QueuedTask] = [p.task for p in h.schedule()]
+    for i in finish:  # finish one placed task at a time, refill each time
+        placed = h.ids("placed")
+        if not placed:
+            break
+        tid = placed[i % len(placed)]
+        h.s.release(tid)
+        del h.where[tid]
+        h.state[tid] = "released"
+        placed_order += [p.task for p in h.schedule()]
+        h.check()
+    ids = [t.id for t in placed_order]
+    assert len(ids) == len(set(ids))
+    by_key: dict[tuple[str, str, int], list[int]] = {}
+    for t in placed_order:
+        by_key.setdefault((t.user, t.name, t.priority), []).append(t.seq)
+    assert all(seqs == sorted(seqs) for seqs in by_key.values())
+
+
+@settings(max_examples=100, deadline=None)
+@given(cluster=cluster_st(),
+       stream=st.lists(st.tuples(st.sampled_from(USERS), st.sampled_from(NAMES), TASK_PRIOS),
+                       min_size=1, max_size=30),
+       removals=st.lists(_INDEX, max_size=15),
+       reuses=st.lists(_OP_ARGS["reuse_removed_id"], max_size=15),
+       finish=st.lists(_INDEX, max_size=30))
+def test_ids_removed_and_queued_again_with_other_fields_are_scheduled_as_new_tasks(
+        cluster: list[NodeCaps], stream: list[tuple[str, str, int]], removals: list[int],
+        reuses: list[tuple], finish: list[int]) -> None:  # type: ignore[type-arg]
+    h = Harness()
+    for caps in cluster:
+        h.s.set_node(caps)
+    for user, name, prio in stream:
+        h.enqueue(user, name, prio)
+    for i in removals:
+        h.apply(("remove", i))
+    for args in reuses:  # stale entries of the removed tasks are still in the heaps
+        h.apply(("reuse_removed_id", *args))
+        h.check()
+    h.schedule()  # compared with the reference and checked for bands, names, FIFO
+    h.check()
+    for i in finish:
+        h.apply(("release", i))
+        h.schedule()
+        h.check()
+
+
+@settings(max_examples=100, deadline=None)
+@given(users=st.integers(1, 5), slots=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       order=st.randoms(use_true_random=False), finish=st.lists(st.integers(0, 99), max_size=15))
+def test_uniform_cluster_shares_slots_evenly_between_users(
+        users: int, slots: list[int], order: object, finish: list[int]) -> None:
+    s = Scheduler()
+    s.set_node(NodeCaps("n", tuple(Group(i, w, 0, 0) for i, w in enumerate(slots)),
+                        frozenset("a")))
+    backlog = sum(slots) + len(finish) + 1  # nobody runs dry
+    names = [f"u{u}" for u in range(users)]
+    submissions = [u for u in names for _ in range(backlog)]
+    order.shuffle(submissions)  # type: ignore[attr-defined]
+    for i, user in enumerate(submissions):
+        s.enqueue(QueuedTask(f"t{i}", user, "a", 0, i))
+    placed = [p.task for p in s.schedule()]
+    assert len(placed) == sum(slots)
+
+    def spread() -> int:
+        counts = [s.running_for(u) for u in names]
+        return max(counts) - min(counts)
+
+    assert spread() <= 1
+    for i in finish:
+        tid = placed.pop(i % len(placed)).id
+        s.release(tid)
+        new = s.schedule()
+        assert len(new) == 1
+        placed += [p.task for p in new]
+        assert spread() <= 1
