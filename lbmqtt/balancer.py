@@ -31,8 +31,9 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, coerce_settings
-from .errors import BrokerUnavailable, ConfigError, DecodeError, ErrorCode
-from .mqtt import MqttTransport, Will, read_retained
+from .errors import ConfigError, DecodeError, ErrorCode
+from .health import online_status
+from .mqtt import MqttTransport, Will
 from .protocol import (
     AssignmentSet,
     BalancerStats,
@@ -192,21 +193,10 @@ class Balancer:
         ]
 
     async def _check_alone(self) -> None:
-        s, topic = self.settings, self.topics.balancer_status
-        try:
-            retained = await read_retained(host=s.broker_host, port=s.broker_port,
-                                           filters=[topic], username=s.broker_username,
-                                           password=s.broker_password,
-                                           timeout_s=min(3.0, s.connect_timeout_s))
-        except BrokerUnavailable:
-            log.warning("the broker is not reachable yet: starting anyway (without checking "
-                        "that no other balancer is online on %s/)", s.topic_prefix)
-            return
-        try:
-            other = decode(BalancerStatus, retained[topic]) if topic in retained else None
-        except DecodeError:
-            other = None
-        if other is not None and other.online and other.instance != self.instance:
+        s = self.settings
+        other = await online_status(s, self.topics.balancer_status, BalancerStatus,
+                                    what=f"no other balancer is online on {s.topic_prefix}/")
+        if other is not None and other.instance != self.instance:
             raise ConfigError(
                 f"another balancer is online on {s.broker_host}:{s.broker_port} with topics "
                 f"under {s.topic_prefix}/ (host {other.host or '?'}, pid {other.pid or '?'}): "

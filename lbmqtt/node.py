@@ -37,8 +37,9 @@ from typing import Any, Literal
 
 from . import __version__
 from .config import Settings, WorkerGroup, coerce_settings
-from .errors import BrokerUnavailable, ConfigError, DecodeError
-from .mqtt import MqttTransport, Will, read_retained
+from .errors import ConfigError
+from .health import online_status
+from .mqtt import MqttTransport, Will
 from .protocol import (
     Assignment,
     AssignmentSet,
@@ -260,22 +261,9 @@ class Node:
                  len(self._workers), len(groups), ", ".join(self._all_names))
 
     async def _check_name_is_free(self) -> None:
-        s = self.settings
-        topic = self.topics.node_status(self.name)
-        try:
-            retained = await read_retained(host=s.broker_host, port=s.broker_port,
-                                           filters=[topic], username=s.broker_username,
-                                           password=s.broker_password,
-                                           timeout_s=min(3.0, s.connect_timeout_s))
-        except BrokerUnavailable:
-            log.warning("the broker is not reachable yet: starting anyway (without checking "
-                        "that no other node is named %r)", self.name)
-            return
-        try:
-            other = decode(NodeStatus, retained[topic]) if topic in retained else None
-        except DecodeError:
-            other = None
-        if other is not None and other.online and other.instance != self.instance:
+        other = await online_status(self.settings, self.topics.node_status(self.name),
+                                    NodeStatus, what=f"no other node is named {self.name!r}")
+        if other is not None and other.instance != self.instance:
             raise ConfigError(
                 f"a node named {self.name!r} is already online (host {other.host or '?'}, "
                 f"pid {other.pid or '?'}): give this one another name with --name or "
