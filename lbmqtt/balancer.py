@@ -19,12 +19,14 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import math
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,12 +61,15 @@ from .protocol import (
     encode_json,
     is_valid_name,
 )
-from .scheduler import Group, NodeCaps, QueuedTask, Scheduler
+from .scheduler import NO_TAGS, Group, NodeCaps, QueuedTask, Requires, Scheduler, requires_of
+
+_QueueKey = tuple[str, int, Requires, frozenset[str]]
 
 log = logging.getLogger(__name__)
 
 PLACED = frozenset({Status.ASSIGNED, Status.RUNNING})
 HEALTH_CHECK_S = 0.5
+TIMES_KEPT = 1000  # per task name, for the mean and p95 of wait and run times
 ASSIGN_GRACE_S = 3.0
 EXPIRY_CHECK_S = 1.0
 BAD_LOG_INTERVAL_S = 10.0
@@ -98,11 +103,19 @@ class TaskRecord:
     assignment_json: bytes = b""
     assigned_at: float = 0.0
     missing_since: float | None = None
+    requires: Requires = ()
+    tags: frozenset[str] = NO_TAGS
+
+    @property
+    def queue_key(self) -> _QueueKey:
+        return (self.name, self.priority, self.requires, self.tags)
 
     def same_submit(self, spec: TaskSpec, args_json: bytes) -> bool:
         """True if ``spec`` is a resend of this task's submit (idempotent)."""
         return (spec.name == self.name and spec.priority == self.priority
-                and args_json == self.args_json and spec.timeout_s == self.timeout_s)
+                and args_json == self.args_json and spec.timeout_s == self.timeout_s
+                and requires_of(spec.requires) == self.requires
+                and (frozenset(spec.tags) if spec.tags else NO_TAGS) == self.tags)
 
 
 @dataclass(slots=True)
@@ -135,7 +148,7 @@ class Balancer:
         self.topics = Topics(self.settings.topic_prefix)
         self.instance = uuid.uuid4().hex[:12]
         self.started_at = time.time()
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(max_running_per_user=self.settings.lb_running_maxperuser)
         self.tasks: dict[str, TaskRecord] = {}
         self.nodes: dict[str, NodeInfo] = {}
         self.ready = asyncio.Event()
@@ -148,12 +161,13 @@ class Balancer:
         self._states: dict[str, dict[str, TaskRecord]] = {}
         self._errors: dict[str, list[ErrorItem]] = {}
         self._expiry: list[tuple[float, str]] = []
-        self._why_cache: dict[tuple[str, int], str | None] = {}
+        self._why_cache: dict[_QueueKey, str | None] = {}
         self._bad_log: dict[str, float] = {}
         self._health_grace_until = 0.0
         self._connected_at = 0.0
         self._bg: list[asyncio.Task[None]] = []
-        self.queued_by = Counter[tuple[str, int]]()  # (name, priority) -> queued
+        self.queued_by = Counter[_QueueKey]()  # (name, priority, requires, tags) -> queued
+        self._times: dict[str, deque[tuple[float, float]]] = {}  # name -> (wait, run)
         self.running_by_name = Counter[str]()
         self.done_by_name = Counter[str]()
         self.failed_by_name = Counter[str]()
@@ -276,6 +290,7 @@ class Balancer:
         if parsed is None:
             return
         kind, name, rest = parsed
+        name = sys.intern(name)  # one string per user/node, not one per message and task
         if retained and not (kind == "node" and rest in ("status", "assign")):
             return  # a retained command would run again at every reconnect: never obey one
         if kind == "node" and rest == "assign":
@@ -375,9 +390,11 @@ class Balancer:
                         task_id=task_id, ref=spec.ref)
             return
         self._seq += 1
-        rec = TaskRecord(id=task_id, user=user, name=spec.name, args_json=args_json,
+        rec = TaskRecord(id=task_id, user=user, name=sys.intern(spec.name), args_json=args_json,
                          priority=spec.priority, seq=self._seq, submitted_at=now,
-                         notify=spec.notify, timeout_s=spec.timeout_s, ref=spec.ref)
+                         notify=spec.notify, timeout_s=spec.timeout_s, ref=spec.ref,
+                         requires=requires_of(spec.requires),
+                         tags=frozenset(spec.tags) if spec.tags else NO_TAGS)
         self.tasks[task_id] = rec
         self.counters["submitted"] += 1
         self._enqueue(rec)
@@ -460,12 +477,14 @@ class Balancer:
             rec = TaskRecord(id=a.id, user=a.user, name=a.name, args_json=encode_json(a.args),
                              priority=a.priority, seq=self._seq, submitted_at=time.time(),
                              timeout_s=a.timeout_s, status=Status.ASSIGNED, attempt=a.attempt,
-                             node=name, group=a.group, assigned_at=now)
+                             node=name, group=a.group, assigned_at=now,
+                             requires=requires_of(a.requires),
+                             tags=frozenset(a.tags) if a.tags else NO_TAGS)
             rec.assignment_json = self._assignment_json(rec)
             self.tasks[a.id] = rec
             self.running_by_name[a.name] += 1
             info.assigned[a.id] = None
-            self.scheduler.adopt(a.id, a.user, name, a.group)
+            self.scheduler.adopt(a.id, a.user, name, a.group, rec.requires)
             adopted += 1
         if adopted:
             self.counters["adopted"] += adopted
@@ -489,7 +508,8 @@ class Balancer:
         info.offline_since = None
         self.scheduler.set_node(NodeCaps(
             name=info.name, tasks=frozenset(st.tasks), speed=st.speed,
-            groups=tuple(Group(g.index, g.workers, g.min_p, g.max_p) for g in st.groups)))
+            groups=tuple(Group(g.index, g.workers, g.min_p, g.max_p) for g in st.groups),
+            resources=dict(st.resources), tags=frozenset(st.tags), cores=st.cores))
         self._why_cache.clear()
         if not info.fresh:
             # (a node first seen in the retained burst at start-up gets its set a moment
@@ -509,6 +529,8 @@ class Balancer:
             self._node_up(info, info.status)
         info.last_seen = time.monotonic()
         info.load = hb.load
+        if hb.load:
+            self.scheduler.set_load(name, hb.load[0])
         self._reconcile(info, hb)
 
     def _reconcile(self, info: NodeInfo, hb: Heartbeat) -> None:
@@ -602,6 +624,8 @@ class Balancer:
         self._unplace(rec)
         if r.status == "done":
             rec.result = r.result
+            if rec.node is not None:
+                self.scheduler.observe(rec.name, rec.node, r.runtime_s)
             rec.progress = 100
             self._finalize(rec, Status.DONE, now)
         elif r.status == "lost":
@@ -627,12 +651,13 @@ class Balancer:
         self._set_status(rec, Status.QUEUED)
         rec.node = None
         rec.group = None
-        self.scheduler.enqueue(QueuedTask(rec.id, rec.user, rec.name, rec.priority, rec.seq))
-        self.queued_by[(rec.name, rec.priority)] += 1
+        self.scheduler.enqueue(QueuedTask(rec.id, rec.user, rec.name, rec.priority, rec.seq,
+                                          rec.requires, rec.tags))
+        self.queued_by[rec.queue_key] += 1
         self._round_wanted = True
 
     def _left_queue(self, rec: TaskRecord) -> None:
-        key = (rec.name, rec.priority)
+        key = rec.queue_key
         self.queued_by[key] -= 1
         if self.queued_by[key] <= 0:
             del self.queued_by[key]
@@ -676,6 +701,12 @@ class Balancer:
             self.failed_by_name[rec.name] += 1
         else:
             self.counters["cancelled"] += 1
+        if rec.started_at is not None and status in (Status.DONE, Status.FAILED):
+            times = self._times.get(rec.name)
+            if times is None:
+                times = self._times[rec.name] = deque(maxlen=TIMES_KEPT)
+            times.append((max(0.0, rec.started_at - rec.submitted_at),
+                          max(0.0, now - rec.started_at)))
         heapq.heappush(self._expiry, (self._expires_at(rec), rec.id))
         self._emit(rec)
 
@@ -707,7 +738,7 @@ class Balancer:
         self._flush_states()
 
     def _round(self) -> None:
-        for p in self.scheduler.schedule():
+        for p in self.scheduler.schedule(time.monotonic()):
             rec = self.tasks[p.task.id]
             info = self.nodes[p.node]
             self._left_queue(rec)
@@ -726,9 +757,14 @@ class Balancer:
     def _assignment_json(self, rec: TaskRecord) -> bytes:
         # Built once per attempt from the stored args bytes: the set of a busy node is
         # republished often, its tasks' arguments are never re-encoded.
-        head = encode_json({"id": rec.id, "attempt": rec.attempt, "user": rec.user,
-                            "name": rec.name, "priority": rec.priority, "group": rec.group,
-                            "timeout_s": rec.timeout_s})
+        fields: dict[str, Any] = {"id": rec.id, "attempt": rec.attempt, "user": rec.user,
+                                  "name": rec.name, "priority": rec.priority,
+                                  "group": rec.group, "timeout_s": rec.timeout_s}
+        if rec.requires:  # kept in the set so that a successor balancer can reserve them
+            fields["requires"] = dict(rec.requires)
+        if rec.tags:
+            fields["tags"] = sorted(rec.tags)
+        head = encode_json(fields)
         return head[:-1] + b',"args":' + rec.args_json + b"}"
 
     def _publish_set(self, name: str) -> None:
@@ -752,9 +788,9 @@ class Balancer:
         """The wire state of a task record (with the current waiting reason if queued)."""
         waiting = None
         if rec.status == Status.QUEUED:
-            key = (rec.name, rec.priority)
+            key = rec.queue_key
             if key not in self._why_cache:
-                self._why_cache[key] = self.scheduler.why_waiting(rec.name, rec.priority)
+                self._why_cache[key] = self.scheduler.why_waiting(*key)
             waiting = self._why_cache[key]
         return TaskState(
             id=rec.id, user=rec.user, name=rec.name, status=rec.status,
@@ -786,6 +822,8 @@ class Balancer:
         while True:
             await asyncio.sleep(HEALTH_CHECK_S)
             self.check_health(time.monotonic())
+            if self.scheduler.holding:
+                self._round_wanted = True  # a task waits for a faster slot: look again
             self._kick()
 
     def check_health(self, now: float) -> None:
@@ -860,13 +898,15 @@ class Balancer:
                 slots=n_slots, busy=n_busy, speed=st.speed if st else 1.0,
                 tasks=st.tasks if st else [], groups=st.groups if st else [],
                 last_seen=now - (now_mono - info.last_seen) if info.last_seen else 0.0,
-                load=info.load))
+                load=info.load, resources=st.resources if st else {},
+                reserved=dict(self.scheduler.reserved(info.name)),
+                tags=st.tags if st else []))
         users = self.scheduler.users()
         user_rows = [UserSummary(user=u, queued=self.scheduler.queued_for(u),
                                  running=self.scheduler.running_for(u)) for u in sorted(users)]
         queued_by_name = Counter[str]()
         by_prio = Counter[str]()
-        for (name, prio), n in self.queued_by.items():
+        for (name, prio, _, _), n in self.queued_by.items():
             queued_by_name[name] += n
             by_prio[str(prio)] += n
         names = sorted(set(queued_by_name) | set(self.running_by_name) | set(self.done_by_name)
@@ -878,16 +918,22 @@ class Balancer:
                             "(`lbmqtt node --tasks MODULE`)")
         name_rows = []
         for name in names:
-            reasons = {self.scheduler.why_waiting(n, p) for (n, p), c in self.queued_by.items()
-                       if n == name and c > 0}
+            reasons = {self.scheduler.why_waiting(*k) for k, c in self.queued_by.items()
+                       if k[0] == name and c > 0}
             reasons.discard(None)
             waiting = "; ".join(sorted(r for r in reasons if r)) or None
             if waiting and online:
                 warnings.append(f"{queued_by_name[name]} queued {name!r} task(s) wait: {waiting}")
+            times = self._times.get(name, ())
+            waits = sorted(w for w, _ in times)
+            runs = sorted(r for _, r in times)
             name_rows.append(NameSummary(
                 name=name, queued=queued_by_name[name], running=self.running_by_name[name],
                 done=self.done_by_name[name], failed=self.failed_by_name[name],
-                waiting=waiting))
+                waiting=waiting, count=len(runs),
+                wait_mean_s=sum(waits) / len(waits) if waits else None,
+                wait_p95_s=_p95(waits), run_mean_s=sum(runs) / len(runs) if runs else None,
+                run_p95_s=_p95(runs)))
         for info in self.nodes.values():
             if (not info.online and info.offline_since is not None
                     and now_mono - info.offline_since < RECENTLY_LOST_S):
@@ -902,3 +948,10 @@ class Balancer:
             bad_messages_total=c["bad_messages"], slots=slots, busy=busy, nodes=nodes,
             users=user_rows, names=name_rows, queued_by_priority=dict(by_prio),
             warnings=warnings)
+
+
+def _p95(sorted_values: list[float]) -> float | None:
+    """The 95th percentile (nearest rank) of already sorted values."""
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, math.ceil(0.95 * len(sorted_values)) - 1)]

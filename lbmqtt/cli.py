@@ -48,7 +48,7 @@ EXAMPLES = """\
 examples:
   lbmqtt up                                   # broker, balancer, dashboard and a local node
   lbmqtt submit HELLO '{"firstName": "John", "lastName": "Doe"}' --wait
-  lbmqtt submit SLEEP '{"seconds": 30}' --priority 10
+  lbmqtt submit SLEEP '{"seconds": 30}' --priority 10 --requires memory_mb=500
   lbmqtt status
   lbmqtt cancel TASK_ID
   lbmqtt node --tasks nodes/demo_tasks.py     # on another machine (set BROKER_HOST)
@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--id", dest="task_id", metavar="ID", help="your own task id")
     p.add_argument("--timeout-s", type=float, metavar="S", help="per-attempt time limit")
+    p.add_argument("--requires", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a counted resource its node must have free, e.g. gpu=1 (repeatable)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG",
+                   help="a tag its node must carry (repeatable)")
     p.add_argument("--wait", action="store_true", help="wait and print the result")
     p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
@@ -268,9 +272,19 @@ def cmd_submit(ns: argparse.Namespace, s: Settings) -> int:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"ARGS is not valid JSON ({exc.msg} at column {exc.colno}): "
                           f"{ns.args!r}") from exc
+    requires: dict[str, float] = {}
+    for item in ns.requires:
+        key, sep, amount = item.partition("=")
+        try:
+            requires[key] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--requires {item!r}: write NAME=AMOUNT, e.g. gpu=1")
     with Client(s) as client:
         tid = client.submit(ns.name, args, priority=ns.priority, task_id=ns.task_id,
-                            timeout_s=ns.timeout_s)
+                            timeout_s=ns.timeout_s, requires=requires or None,
+                            tags=ns.tag or None)
         if not ns.wait:
             print(tid)
             return Exit.OK

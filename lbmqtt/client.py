@@ -183,7 +183,9 @@ class AsyncClient:
     # ------------------------------------------------------------------ API
 
     async def submit(self, name: str, args: Any = None, *, priority: int = 0,
-                     task_id: str | None = None, timeout_s: float | None = None) -> str:
+                     task_id: str | None = None, timeout_s: float | None = None,
+                     requires: Mapping[str, float] | None = None,
+                     tags: Iterable[str] | None = None) -> str:
         """Submit one task and wait for the balancer to accept it.
 
         Args:
@@ -192,6 +194,9 @@ class AsyncClient:
             priority: runs only on slots whose band contains it.
             task_id: your own id (then submitting again is idempotent); default: random.
             timeout_s: kill the task's worker if an attempt runs longer.
+            requires: counted resources its node must have free, reserved while it runs
+                (``{"gpu": 1, "memory_mb": 4000}``).
+            tags: tags its node must carry (``["avx2"]``).
 
         Returns:
             The task id.
@@ -202,7 +207,9 @@ class AsyncClient:
             BalancerUnavailable: no acknowledgement within ``ack_timeout_s``.
         """
         ids = await self.submit_many([{"name": name, "args": args, "priority": priority,
-                                       "id": task_id, "timeout_s": timeout_s}])
+                                       "id": task_id, "timeout_s": timeout_s,
+                                       "requires": dict(requires) if requires else None,
+                                       "tags": list(tags) if tags else None}])
         return ids[0]
 
     async def submit_many(self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *,
@@ -393,7 +400,9 @@ class AsyncClient:
 
     async def map(self, name: str, iterable: Iterable[Any], *, priority: int = 0,
                   timeout: float | None = None, return_exceptions: bool = False,
-                  batch_size: int = DEFAULT_BATCH) -> list[Any]:
+                  batch_size: int = DEFAULT_BATCH,
+                  requires: Mapping[str, float] | None = None,
+                  tags: Iterable[str] | None = None) -> list[Any]:
         """Run task ``name`` once per argument, in batches; results in input order.
 
         More tasks than your queue cap (``LB_QUEING_MAXPERUSER``) are fine: the ones the
@@ -410,7 +419,10 @@ class AsyncClient:
             SubmitRefused: a task was refused for another reason than the queue cap.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        specs = self._specs({"name": name, "args": a, "priority": priority} for a in iterable)
+        extra: dict[str, Any] = {"requires": dict(requires) if requires else None,
+                                 "tags": list(tags) if tags else None}
+        specs = self._specs({"name": name, "args": a, "priority": priority, **extra}
+                            for a in iterable)
         ids = [s.id or "" for s in specs]
         what = f"{len(ids)} {name!r} tasks" + (f" (timeout {timeout:g} s)" if timeout else "")
         finals = {i: self._final_future(i) for i in ids}
@@ -628,10 +640,13 @@ class Client:
             raise
 
     def submit(self, name: str, args: Any = None, *, priority: int = 0,
-               task_id: str | None = None, timeout_s: float | None = None) -> str:
+               task_id: str | None = None, timeout_s: float | None = None,
+               requires: Mapping[str, float] | None = None,
+               tags: Iterable[str] | None = None) -> str:
         """See :meth:`AsyncClient.submit`."""
         return self._call(self._async.submit(name, args, priority=priority, task_id=task_id,
-                                             timeout_s=timeout_s))
+                                             timeout_s=timeout_s, requires=requires,
+                                             tags=tags))
 
     def submit_many(self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *,
                     batch_size: int = DEFAULT_BATCH) -> list[str]:
@@ -656,11 +671,13 @@ class Client:
 
     def map(self, name: str, iterable: Iterable[Any], *, priority: int = 0,
             timeout: float | None = None, return_exceptions: bool = False,
-            batch_size: int = DEFAULT_BATCH) -> list[Any]:
+            batch_size: int = DEFAULT_BATCH, requires: Mapping[str, float] | None = None,
+            tags: Iterable[str] | None = None) -> list[Any]:
         """See :meth:`AsyncClient.map`."""
         return self._call(self._async.map(name, list(iterable), priority=priority,
                                           timeout=timeout, return_exceptions=return_exceptions,
-                                          batch_size=batch_size))
+                                          batch_size=batch_size, requires=requires,
+                                          tags=tags))
 
     def close(self) -> None:
         """Disconnect and stop the background thread."""

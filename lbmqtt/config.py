@@ -17,11 +17,12 @@ import difflib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -32,7 +33,8 @@ DEFAULT_FILE = "parameters.json"
 
 #: pyLoadBalancer keys that have no meaning over a broker; accepted with a warning so an old
 #: parameters file keeps loading.
-_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"  # = protocol.NAME_PATTERN (no import cycle)
+_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"  # = protocol.NAME_PATTERN
+_RESOURCE = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"  # = protocol.RESOURCE_PATTERN
 
 OBSOLETE_KEYS = frozenset({
     "SOCKET_TIMEOUT", "LB_IP", "LB_WKPULLPORT", "LB_HCREPPORT", "LB_CLIENTPULLPORT",
@@ -98,6 +100,8 @@ class Settings(BaseModel):
     # -- balancer -------------------------------------------------------------------------
     lb_queing_maxperuser: int = Field(1000, alias="LB_QUEING_MAXPERUSER", ge=0)
     """Maximum queued tasks per user; 0 = no cap."""
+    lb_running_maxperuser: int = Field(0, alias="LB_RUNNING_MAXPERUSER", ge=0)
+    """Maximum placed (assigned or running) tasks per user; 0 = no cap."""
     task_max_attempts: int = Field(3, alias="TASK_MAX_ATTEMPTS", ge=1, le=100)
     """Attempts per task when a node or worker process is lost under it."""
     result_ttl_s: float = Field(48 * 3600.0, alias="RESULT_TTL_S", gt=0)
@@ -121,6 +125,11 @@ class Settings(BaseModel):
     """Task modules the node loads: dotted module names or .py paths (relative to the file)."""
     node_speed: float = Field(1.0, alias="NODE_SPEED", gt=0)
     """Relative speed of this machine (used by placement; 2.0 = twice as fast)."""
+    node_resources: dict[str, float] = Field(default_factory=dict, alias="NODE_RESOURCES")
+    """Counted resources of this node, e.g. ``{"gpu": 2}``; ``cores`` and ``memory_mb``
+    default to the machine's."""
+    node_tags: list[str] = Field(default_factory=list, alias="NODE_TAGS")
+    """Tags of this node, e.g. ``["avx2", "cuda12"]``; a task's ``tags`` must all be here."""
     heartbeat_s: float = Field(1.0, alias="HEARTBEAT_S", gt=0)
     result_resend_s: float = Field(3.0, alias="RESULT_RESEND_S", gt=0)
     """A node resends a result the balancer has not acknowledged after this long."""
@@ -134,6 +143,24 @@ class Settings(BaseModel):
     """How long a client waits for the broker at start-up before giving up."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
+
+    @field_validator("node_resources")
+    @classmethod
+    def _resources_are_counted(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, amount in v.items():
+            if not re.match(_RESOURCE, key):
+                raise ValueError(f"resource name {key!r}: letters, digits and _.- only")
+            if not (0 <= amount < float("inf")):
+                raise ValueError(f"resource {key!r}: amount must be a finite number >= 0")
+        return v
+
+    @field_validator("node_tags")
+    @classmethod
+    def _tags_are_names(cls, v: list[str]) -> list[str]:
+        for tag in v:
+            if not re.match(_RESOURCE, tag):
+                raise ValueError(f"tag {tag!r}: letters, digits and _.- only")
+        return v
 
     # where the settings came from (not a key of the file)
     source: str = Field("defaults", exclude=True)

@@ -56,7 +56,7 @@ from .protocol import (
     decode,
     encode_json,
 )
-from .registry import Registry, function_reference, load_sources
+from .registry import Registry, function_reference, in_worker, load_sources
 from .worker import _HEADER
 
 log = logging.getLogger(__name__)
@@ -216,8 +216,14 @@ class Node:
                               f"{type(exc).__name__}: {exc}") from exc
         names = set(loaded.names())
         refs = []
-        for tname, fn in self.registry.items():
-            refs.append(f"{tname}={function_reference(fn)}")
+        for tname, entry in self.registry.entries():
+            try:
+                refs.append(json.dumps({"name": tname, "ref": function_reference(entry.fn),
+                                        "style": entry.style, "arguments": entry.arguments}))
+            except TypeError as exc:
+                raise ConfigError(f"the arguments given with task {tname!r} must be JSON "
+                                  f"values (they are sent to the worker processes): {exc}"
+                                  ) from exc
             names.add(tname)
         if not names:
             raise ConfigError("this node has no tasks: pass --tasks MODULE (or NODE_TASKS in "
@@ -332,7 +338,14 @@ class Node:
             await self.stop()
 
     def run_forever(self) -> None:
-        """Blocking: run the node until Ctrl-C / SIGTERM; says when it is ready."""
+        """Blocking: run the node until Ctrl-C / SIGTERM; says when it is ready.
+
+        Does nothing inside a worker process: a worker imports the script that defines its
+        task functions, and a script without ``if __name__ == "__main__"`` would otherwise
+        start a node in every worker.
+        """
+        if in_worker():
+            return
         if not logging.getLogger().handlers:
             logging.basicConfig(level=self.settings.log_level,
                                 format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
@@ -344,6 +357,12 @@ class Node:
                   flush=True)
 
         asyncio.run(self.run(on_ready=ready))
+
+    @property
+    def resources(self) -> dict[str, float]:
+        """Counted resources announced: the machine's cores and memory, then NODE_RESOURCES."""
+        return {"cores": float(os.cpu_count() or 1), "memory_mb": float(_memory_mb()),
+                **self.settings.node_resources}
 
     @property
     def slots(self) -> int:
@@ -364,7 +383,8 @@ class Node:
             pid=os.getpid(), version=__version__, started_at=self.started_at,
             groups=self._group_info, tasks=self._all_names, cores=os.cpu_count() or 1,
             memory_mb=_memory_mb(), speed=self.settings.node_speed,
-            heartbeat_s=self.settings.heartbeat_s,
+            heartbeat_s=self.settings.heartbeat_s, resources=self.resources,
+            tags=sorted(set(self.settings.node_tags)),
         )
         self._transport.publish(self.topics.node_status(self.name), status.encode(), qos=1,
                                 retain=True)

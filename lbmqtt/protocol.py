@@ -55,6 +55,10 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 TaskId = Annotated[str, Field(pattern=TASK_ID_PATTERN)]
 TaskName = Annotated[str, Field(pattern=TASK_NAME_PATTERN)]
 Priority = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
+RESOURCE_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+"""Names of counted resources (``gpu``, ``memory_mb``, ``license.matlab``) and of tags."""
+ResourceName = Annotated[str, Field(pattern=RESOURCE_PATTERN)]
+Amount = Annotated[float, Field(gt=0, le=1e12, allow_inf_nan=False)]
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
@@ -157,6 +161,11 @@ class TaskSpec(_Model):
     ``events``: batched on ``users/{u}/events`` only (the Python client's fast path)."""
     ref: Annotated[str, Field(max_length=128)] | None = None
     """Opaque client reference echoed in the task's states (useful without a client id)."""
+    requires: Annotated[dict[ResourceName, Amount], Field(max_length=32)] | None = None
+    """Counted resources the task needs on its node, reserved while it runs:
+    ``{"gpu": 1, "memory_mb": 4000}``."""
+    tags: Annotated[list[ResourceName], Field(max_length=32)] | None = None
+    """Tags its node must carry: ``["avx2", "linux"]``."""
 
 
 class SubmitBatch(_Model):
@@ -316,8 +325,11 @@ class NodeStatus(_Lenient):
     tasks: list[str] = []
     cores: int = 0
     memory_mb: int = 0
-    speed: float = 1.0
-    heartbeat_s: float = 1.0
+    speed: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+    heartbeat_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    resources: dict[str, Annotated[float, Field(ge=0, le=1e12)]] = {}
+    """Counted resources and their capacity (``cores``, ``memory_mb``, ``gpu``...)."""
+    tags: list[str] = []
 
 
 class TaskRef(_Lenient):
@@ -354,6 +366,8 @@ class Assignment(_Lenient):
     priority: int = 0
     group: int = 0
     timeout_s: float | None = None
+    requires: dict[str, float] = {}
+    tags: list[str] = []
 
 
 class AssignmentSet(_Lenient):
@@ -452,6 +466,9 @@ class NodeSummary(_Lenient):
     groups: list[GroupInfo] = []
     last_seen: float = 0.0
     load: list[float] = []
+    resources: dict[str, float] = {}
+    reserved: dict[str, float] = {}
+    tags: list[str] = []
 
 
 class UserSummary(_Lenient):
@@ -461,12 +478,20 @@ class UserSummary(_Lenient):
 
 
 class NameSummary(_Lenient):
+    """Per task name: counts, and wait (submit to start) and run times of recent tasks."""
+
     name: str
     queued: int = 0
     running: int = 0
     done: int = 0
     failed: int = 0
     waiting: str | None = None
+    count: int = 0
+    """Finished tasks the times below are computed on (the most recent ones)."""
+    wait_mean_s: float | None = None
+    wait_p95_s: float | None = None
+    run_mean_s: float | None = None
+    run_p95_s: float | None = None
 
 
 class BalancerStats(_Lenient):

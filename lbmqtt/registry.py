@@ -24,15 +24,18 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 TASK_ATTR = "__lbmqtt_task__"
+WORKER_ENV = "LBMQTT_WORKER"
 # = protocol.TASK_NAME_PATTERN; not imported from there to keep worker start-up light
 _TASK_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
 
@@ -50,11 +53,31 @@ class TaskContext(Protocol):
         """Report progress, 0..100 (cheap: calls are coalesced)."""
 
 
+STYLES = ("auto", "pyloadbalancer")
+"""How a task function is called: ``auto`` = ``fn(args)`` or ``fn(args, ctx)``;
+``pyloadbalancer`` = ``fn(task=args, arguments=kwargs_given_to_addTask)``."""
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """A registered task function and how to call it."""
+
+    fn: Callable[..., Any]
+    style: str = "auto"
+    arguments: Mapping[str, Any] | None = None
+
+
+def in_worker() -> bool:
+    """True inside a worker process (daemon entry points do nothing there, so that a script
+    without ``if __name__ == "__main__"`` can be imported by its workers)."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
 class Registry:
     """Maps task names to functions."""
 
     def __init__(self) -> None:
-        self._tasks: dict[str, Callable[..., Any]] = {}
+        self._tasks: dict[str, TaskEntry] = {}
 
     def task(self, name: str | None = None) -> Callable[[F], F]:
         """Decorator registering a function as task ``name`` (default: the function name)."""
@@ -65,8 +88,13 @@ class Registry:
 
         return deco
 
-    def add_task(self, name: str, fn: Callable[..., Any]) -> None:
+    def add_task(self, name: str, fn: Callable[..., Any], *, style: str = "auto",
+                 arguments: Mapping[str, Any] | None = None) -> None:
         """Register ``fn`` as the function of task ``name``.
+
+        Args:
+            style: how it is called (see :data:`STYLES`).
+            arguments: with ``style="pyloadbalancer"``, the ``arguments`` it gets.
 
         Raises:
             TypeError: ``fn`` is not a module-level function (workers import it by name).
@@ -74,27 +102,40 @@ class Registry:
         """
         if not _TASK_NAME_RE.match(name):
             raise ValueError(f"invalid task name {name!r}: letters, digits and _.:- only")
+        if style not in STYLES:
+            raise ValueError(f"unknown calling style {style!r}: one of {STYLES}")
         function_reference(fn)  # fails early with a clear message
         old = self._tasks.get(name)
-        if old is not None and old is not fn:
-            raise ValueError(f"task {name!r} is already registered to {old.__qualname__}")
-        self._tasks[name] = fn
+        if old is not None and old.fn is not fn:
+            raise ValueError(f"task {name!r} is already registered to {old.fn.__qualname__}")
+        self._tasks[name] = TaskEntry(fn, style, dict(arguments) if arguments else None)
         with contextlib.suppress(AttributeError, TypeError):
             setattr(fn, TASK_ATTR, name)
 
+    def remove_task(self, name: str) -> None:
+        """Forget task ``name`` (no error if it is not registered)."""
+        self._tasks.pop(name, None)
+
     def get(self, name: str) -> Callable[..., Any] | None:
+        entry = self._tasks.get(name)
+        return entry.fn if entry else None
+
+    def entry(self, name: str) -> TaskEntry | None:
         return self._tasks.get(name)
+
+    def entries(self) -> Iterator[tuple[str, TaskEntry]]:
+        return iter(sorted(self._tasks.items()))
 
     def names(self) -> list[str]:
         """Sorted task names."""
         return sorted(self._tasks)
 
     def items(self) -> Iterator[tuple[str, Callable[..., Any]]]:
-        return iter(sorted(self._tasks.items()))
+        return iter(sorted((n, e.fn) for n, e in self._tasks.items()))
 
     def update(self, other: Registry) -> None:
-        for name, fn in other.items():
-            self.add_task(name, fn)
+        for name, e in other.entries():
+            self.add_task(name, e.fn, style=e.style, arguments=e.arguments)
 
     def __contains__(self, name: object) -> bool:
         return name in self._tasks

@@ -1,22 +1,32 @@
 """Scheduling policy: queues, priority bands, fairness between users, placement.
 
-Pure: plain data in, decisions out; no clocks, no I/O, no MQTT. The balancer feeds it
-tasks and node capabilities and applies the placements it returns.
+Pure: plain data in, decisions out, time passed in; no clocks, no I/O, no MQTT. The
+balancer feeds it tasks, node capabilities and observed runtimes, and applies the
+placements it returns.
 
-Rules:
+Rules, applied one placement at a time while a free slot can run a queued task:
 
-* **Bands** (pyLoadBalancer's): a slot of a group ``{minP, maxP}`` runs a task of priority
-  ``p`` only if ``minP <= p <= maxP``, which keeps slots free for urgent work.
-* **Names**: a task only goes to a node that implements its name. A task no online node
-  can run stays queued and :meth:`Scheduler.why_waiting` says why; it never holds a slot.
-* **Fairness**: when a slot frees, among users with a task that slot may run, the user
-  with the fewest running tasks goes first (ties: the oldest waiting head task); within a
-  user, higher priority first, then oldest (FIFO).
-* **Placement**: faster nodes are filled first (``speed``), then the emptier ones.
+* **Eligibility.** A slot of a group ``{minP, maxP}`` runs a task of priority ``p`` only if
+  ``minP <= p <= maxP`` (pyLoadBalancer's bands: they keep slots free for urgent work). The
+  node must implement the task's name, carry all its ``tags``, and have its ``requires``
+  (counted resources: ``{"gpu": 1, "memory_mb": 2000}``) free; they are reserved while the
+  task is placed. A task no online node could ever run stays queued and
+  :meth:`Scheduler.why_waiting` says why; it never holds a slot.
+* **Fairness.** Among users with a task some free slot may run, the user with the fewest
+  placed tasks goes first (ties: the oldest head task); within a user, higher priority
+  first, then oldest (FIFO). A user at ``max_running_per_user`` waits.
+* **Placement.** The chosen task goes to the eligible free slot expected to finish it
+  soonest: the runtime observed for that task name on that node (moving average), else the
+  name's runtime observed elsewhere scaled by the nodes' speeds, else 1 / speed; stretched
+  by the node's load beyond its cores. Ties: faster node, emptier node, name, group.
+* **Tail.** Given the time, when no more tasks are queued than the cluster has slots, a task
+  is not started on a slot if a busy slot that frees soon would finish it in under 80 % of
+  the time: it waits for that slot (so the last long task does not land on the slowest
+  machine). With a backlog, every free slot that can run a queued task gets one.
 
-Cost: choosing a task for a slot looks at each user's best task per task name the slot's
-node implements, found by bisection over the distinct priorities and a heap per
-priority: it does not grow with the number of queued tasks.
+Cost: choosing a task looks at each user's best task per (task name, requirement shape)
+queue for each free slot class, found by bisection over the distinct priorities and a heap
+per priority: it does not grow with the number of queued tasks.
 """
 
 from __future__ import annotations
@@ -24,8 +34,17 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+Requires = tuple[tuple[str, float], ...]
+Shape = tuple[Requires, frozenset[str]]
+NO_TAGS: frozenset[str] = frozenset()
+
+
+def requires_of(mapping: Mapping[str, float] | None) -> Requires:
+    """Canonical form of a task's counted-resource requirements."""
+    return tuple(sorted((k, float(v)) for k, v in (mapping or {}).items() if v))
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +57,17 @@ class QueuedTask:
     priority: int
     seq: int
     """Submission order; a requeued task keeps its seq, so it returns to the head."""
+    requires: Requires = ()
+    tags: frozenset[str] = NO_TAGS
+
+    @property
+    def shape(self) -> Shape:
+        return (self.requires, self.tags)
+
+    def __lt__(self, other: QueuedTask) -> bool:
+        # heap order within one priority: FIFO by seq (the task itself is the heap entry,
+        # no (seq, n, task) tuple: a million queued tasks cost ~100 bytes less each)
+        return (self.seq, self.id) < (other.seq, other.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +91,10 @@ class NodeCaps:
     groups: tuple[Group, ...]
     tasks: frozenset[str]
     speed: float = 1.0
+    resources: Mapping[str, float] = field(default_factory=dict)
+    """Counted resources (``cores``, ``memory_mb``, ``gpu``, anything): capacity."""
+    tags: frozenset[str] = NO_TAGS
+    cores: int = 0
 
     @property
     def slots(self) -> int:
@@ -76,18 +110,48 @@ class Placement:
     group: int
 
 
-class _PriorityQueue:
-    """Queued tasks of one (user, name): a FIFO heap per priority, priorities kept sorted."""
+class Runtimes:
+    """Moving averages of observed runtimes, per (task name, node) and per task name.
 
-    __slots__ = ("counts", "heaps", "prios", "pushes")
+    The per-name figure is normalised by the node's speed (seconds x speed), so a runtime
+    seen on a fast node predicts a slower one on a slow node.
+    """
+
+    ALPHA = 0.3
+
+    def __init__(self) -> None:
+        self.by_node: dict[tuple[str, str], float] = {}
+        self.work: dict[str, float] = {}
+
+    def observe(self, name: str, node: str, speed: float, runtime_s: float) -> None:
+        runtime_s = max(0.0, runtime_s)
+        key = (name, node)
+        old = self.by_node.get(key)
+        self.by_node[key] = runtime_s if old is None else old + self.ALPHA * (runtime_s - old)
+        w = runtime_s * max(speed, 1e-6)
+        oldw = self.work.get(name)
+        self.work[name] = w if oldw is None else oldw + self.ALPHA * (w - oldw)
+
+    def estimate(self, name: str, node: NodeCaps) -> float:
+        """Expected runtime of ``name`` on ``node`` (1 / speed when nothing is known)."""
+        seen = self.by_node.get((name, node.name))
+        if seen is not None:
+            return seen
+        w = self.work.get(name)
+        return (w if w is not None else 1.0) / max(node.speed, 1e-6)
+
+
+class _PriorityQueue:
+    """Queued tasks of one (user, name, shape): a FIFO heap per priority, sorted priorities."""
+
+    __slots__ = ("counts", "heaps", "prios")
 
     def __init__(self) -> None:
         self.prios: list[int] = []
-        # (seq, push order, task): a removed task's entry stays until it reaches the top,
-        # and is recognised as stale because the task object queued under its id differs
-        self.heaps: dict[int, list[tuple[int, int, QueuedTask]]] = {}
+        # a removed task's entry stays until it reaches the top, and is recognised as stale
+        # because the task object queued under its id is another one (or none)
+        self.heaps: dict[int, list[QueuedTask]] = {}
         self.counts: dict[int, int] = {}
-        self.pushes = 0
 
     def push(self, task: QueuedTask) -> None:
         p = task.priority
@@ -96,8 +160,7 @@ class _PriorityQueue:
             heap = self.heaps[p] = []
             self.counts[p] = 0
             bisect.insort(self.prios, p)
-        self.pushes += 1
-        heapq.heappush(heap, (task.seq, self.pushes, task))
+        heapq.heappush(heap, task)
         self.counts[p] += 1
 
     def discard(self, priority: int) -> None:
@@ -116,7 +179,7 @@ class _PriorityQueue:
             return None
         heap = self.heaps[self.prios[i]]
         while heap:
-            task = heap[0][2]
+            task = heap[0]
             if alive.get(task.id) is task:
                 return task
             heapq.heappop(heap)  # stale entry of a removed (or removed and re-queued) task
@@ -127,21 +190,33 @@ class _PriorityQueue:
 
 
 @dataclass
-class _Running:
+class _Placed:
     node: str
     group: int
     user: str
+    requires: Requires = ()
+    expected_end: float | None = None
 
 
 @dataclass
 class Scheduler:
-    """Queues and slot accounting; see the module docstring for the rules."""
+    """Queues and slot accounting; see the module docstring for the rules.
 
+    Args:
+        max_running_per_user: a user with this many placed tasks waits (0: no cap).
+    """
+
+    max_running_per_user: int = 0
+    runtimes: Runtimes = field(default_factory=Runtimes)
+    holding: bool = False
+    """The last :meth:`schedule` kept a task waiting for a faster slot: call it again soon."""
     _alive: dict[str, QueuedTask] = field(default_factory=dict)
-    _queues: dict[str, dict[str, _PriorityQueue]] = field(default_factory=dict)
+    _queues: dict[str, dict[tuple[str, Shape], _PriorityQueue]] = field(default_factory=dict)
     _nodes: dict[str, NodeCaps] = field(default_factory=dict)
+    _load: dict[str, float] = field(default_factory=dict)
     _busy: Counter[tuple[str, int]] = field(default_factory=Counter)
-    _running: dict[str, _Running] = field(default_factory=dict)
+    _reserved: dict[str, dict[str, float]] = field(default_factory=dict)
+    _running: dict[str, _Placed] = field(default_factory=dict)
     _running_by_user: Counter[str] = field(default_factory=Counter)
     _queued_by_user: Counter[str] = field(default_factory=Counter)
 
@@ -152,7 +227,8 @@ class Scheduler:
         if task.id in self._alive or task.id in self._running:
             raise ValueError(f"task {task.id!r} is already queued or running")
         self._alive[task.id] = task
-        self._queues.setdefault(task.user, {}).setdefault(task.name, _PriorityQueue()).push(task)
+        by_key = self._queues.setdefault(task.user, {})
+        by_key.setdefault((task.name, task.shape), _PriorityQueue()).push(task)
         self._queued_by_user[task.user] += 1
 
     def remove(self, task_id: str) -> QueuedTask | None:
@@ -164,12 +240,13 @@ class Scheduler:
         return task
 
     def _forget_queued(self, task: QueuedTask) -> None:
-        by_name = self._queues[task.user]
-        pq = by_name[task.name]
+        by_key = self._queues[task.user]
+        key = (task.name, task.shape)
+        pq = by_key[key]
         pq.discard(task.priority)
         if not pq:
-            del by_name[task.name]
-            if not by_name:
+            del by_key[key]
+            if not by_key:
                 del self._queues[task.user]
         self._queued_by_user[task.user] -= 1
         if self._queued_by_user[task.user] <= 0:
@@ -205,9 +282,14 @@ class Scheduler:
         """Add or update an online node."""
         self._nodes[caps.name] = caps
 
+    def set_load(self, node: str, load: float) -> None:
+        """The node's 1-minute load average (placement avoids overloaded nodes)."""
+        self._load[node] = load
+
     def remove_node(self, name: str) -> list[str]:
         """A node went offline. Returns the ids of the tasks placed on it (now unplaced)."""
         self._nodes.pop(name, None)
+        self._load.pop(name, None)
         lost = [tid for tid, r in self._running.items() if r.node == name]
         for tid in lost:
             self.release(tid)
@@ -220,8 +302,12 @@ class Scheduler:
     def busy(self, node: str, group: int) -> int:
         return self._busy.get((node, group), 0)
 
+    def reserved(self, node: str) -> Mapping[str, float]:
+        """Counted resources reserved on ``node`` by its placed tasks."""
+        return self._reserved.get(node, {})
+
     def release(self, task_id: str) -> bool:
-        """A placed task finished, was cancelled or lost: free its slot."""
+        """A placed task finished, was cancelled or lost: free its slot and resources."""
         r = self._running.pop(task_id, None)
         if r is None:
             return False
@@ -232,78 +318,226 @@ class Scheduler:
         self._running_by_user[r.user] -= 1
         if self._running_by_user[r.user] <= 0:
             del self._running_by_user[r.user]
+        if r.requires:
+            # summed again from what is still placed there: no float drift, no leftovers
+            reserved: dict[str, float] = {}
+            for other in self._running.values():
+                if other.node == r.node:
+                    for res, amount in other.requires:
+                        reserved[res] = reserved.get(res, 0.0) + amount
+            if reserved:
+                self._reserved[r.node] = reserved
+            else:
+                self._reserved.pop(r.node, None)
         return True
 
-    def adopt(self, task_id: str, user: str, node: str, group: int) -> None:
+    def adopt(self, task_id: str, user: str, node: str, group: int,
+              requires: Requires = ()) -> None:
         """Record a task already running on a node (e.g. reported after a restart)."""
         if task_id in self._running:
             return
-        self._running[task_id] = _Running(node, group, user)
+        self._mark_placed(task_id, user, node, group, requires)
+
+    def _mark_placed(self, task_id: str, user: str, node: str, group: int,
+                     requires: Requires) -> None:
+        self._running[task_id] = _Placed(node, group, user, requires)
         self._busy[(node, group)] += 1
         self._running_by_user[user] += 1
+        if requires:
+            reserved = self._reserved.setdefault(node, {})
+            for res, amount in requires:
+                reserved[res] = reserved.get(res, 0.0) + amount
+
+    def observe(self, name: str, node: str, runtime_s: float) -> None:
+        """A task of ``name`` ran ``runtime_s`` seconds on ``node`` (feeds placement)."""
+        caps = self._nodes.get(node)
+        self.runtimes.observe(name, node, caps.speed if caps else 1.0, runtime_s)
 
     # ---------------------------------------------------------------- decide
 
-    def schedule(self) -> list[Placement]:
-        """Fill every free slot it can. Returns the placements, already accounted."""
+    def schedule(self, now: float | None = None) -> list[Placement]:
+        """Fill the free slots. Returns the placements, already accounted.
+
+        Args:
+            now: the current time (any clock, seconds). With it, placements record when
+                they are expected to end, and in the tail (no more queued tasks than the
+                cluster has slots) a task is not started on a slot if a busy slot that frees
+                soon would finish it clearly sooner: it waits for that slot. Without it,
+                every free slot that can run a queued task gets one.
+        """
         out: list[Placement] = []
         if not self._alive:
             return out
-        nodes = sorted(self._nodes.values(),
-                       key=lambda n: (-n.speed, self._load(n), n.name))
-        for node in nodes:
-            for group in node.groups:
-                while self._busy.get((node.name, group.index), 0) < group.workers:
-                    task = self._pick(node, group)
-                    if task is None:
-                        break
-                    self._place(task, node.name, group.index)
-                    out.append(Placement(task, node.name, group.index))
-                if not self._alive:
-                    return out
+        free: dict[tuple[str, int], Group] = {}
+        for caps in self._nodes.values():
+            for g in caps.groups:
+                if self._busy.get((caps.name, g.index), 0) < g.workers:
+                    free[(caps.name, g.index)] = g
+        held: set[tuple[str, str, Shape]] = set()
+        self.holding = False
+        claimed: set[tuple[str, int]] = set()
+        slots = sum(caps.slots for caps in self._nodes.values())
+        while free and self._alive:
+            choice = self._next(free, held)
+            if choice is None:
+                break
+            task, (node, gi) = choice
+            tail = len(self._alive) <= slots  # the queue can no longer fill the cluster
+            if tail and now is not None and self._better_soon(task, node, now, claimed):
+                held.add((task.user, task.name, task.shape))
+                self.holding = True  # call again soon: estimates go stale
+                continue
+            del self._alive[task.id]
+            self._forget_queued(task)
+            self._mark_placed(task.id, task.user, node, gi, task.requires)
+            if now is not None:
+                self._running[task.id].expected_end = (
+                    now + self.expected_runtime(task.name, self._nodes[node]))
+            if self._busy[(node, gi)] >= free[(node, gi)].workers:
+                del free[(node, gi)]
+            out.append(Placement(task, node, gi))
         return out
 
-    def _load(self, node: NodeCaps) -> float:
-        slots = node.slots
-        busy = sum(self._busy.get((node.name, g.index), 0) for g in node.groups)
-        return busy / slots if slots else 1.0
+    HOLD_MARGIN = 0.8
+    """Wait for a busy slot only if it would finish the task in under 80 % of the time."""
 
-    def _place(self, task: QueuedTask, node: str, group: int) -> None:
-        del self._alive[task.id]
-        self._forget_queued(task)
-        self._running[task.id] = _Running(node, group, task.user)
-        self._busy[(node, group)] += 1
-        self._running_by_user[task.user] += 1
+    def _better_soon(self, task: QueuedTask, node: str, now: float,
+                     claimed: set[tuple[str, int]]) -> bool:
+        """Whether a busy slot frees soon enough to finish ``task`` clearly earlier than
+        starting it on ``node`` now (and claim that slot for it)."""
+        if task.name not in self.runtimes.work:
+            return False  # no runtime seen yet: nothing to base a wait on
+        here = self.expected_runtime(task.name, self._nodes[node])
+        best: tuple[float, tuple[str, int]] | None = None
+        ends: dict[tuple[str, int], float] = {}
+        for r in self._running.values():
+            if r.expected_end is None or r.expected_end < now:
+                continue  # overdue: its estimate was wrong, do not wait on it
+            key = (r.node, r.group)
+            if key not in claimed and (key not in ends or r.expected_end < ends[key]):
+                ends[key] = r.expected_end
+        for (n, gi), end in ends.items():
+            caps = self._nodes.get(n)
+            if caps is None or n == node:
+                continue
+            group = next((g for g in caps.groups if g.index == gi), None)
+            if group is None or not group.accepts(task.priority):
+                continue
+            if not self.fits(caps, task.name, task.shape):
+                continue
+            finish = max(end, now) - now + self.expected_runtime(task.name, caps)
+            if best is None or finish < best[0]:
+                best = (finish, (n, gi))
+        if best is not None and best[0] < self.HOLD_MARGIN * here:
+            claimed.add(best[1])
+            return True
+        return False
 
-    def _pick(self, node: NodeCaps, group: Group) -> QueuedTask | None:
+    def fits(self, caps: NodeCaps, name: str, shape: Shape) -> bool:
+        """Whether ``caps`` could run a task of ``name`` and ``shape`` now (slots aside)."""
+        requires, tags = shape
+        if name not in caps.tasks or not tags <= caps.tags:
+            return False
+        if requires:
+            reserved = self._reserved.get(caps.name)
+            for res, amount in requires:
+                used = reserved.get(res, 0.0) if reserved else 0.0
+                if caps.resources.get(res, 0.0) - used < amount - 1e-9:
+                    return False
+        return True
+
+    def _next(self, free: dict[tuple[str, int], Group],
+              held: set[tuple[str, str, Shape]] = frozenset()  # type: ignore[assignment]
+              ) -> tuple[QueuedTask, tuple[str, int]] | None:
+        cap = self.max_running_per_user
+        order = sorted(self._queues, key=lambda u: self._running_by_user.get(u, 0))
         best: QueuedTask | None = None
-        best_key: tuple[int, int, int] | None = None
-        for user, by_name in self._queues.items():
-            head: QueuedTask | None = None
-            for name, pq in by_name.items():
-                if name not in node.tasks:
-                    continue
-                t = pq.best_in_band(group.min_p, group.max_p, self._alive)
-                if t is None:
-                    continue
-                if head is None or (-t.priority, t.seq) < (-head.priority, head.seq):
-                    head = t
+        best_key: tuple[int, int] | None = None
+        fit_cache: dict[tuple[str, str, Shape], bool] = {}
+        for user in order:
+            running = self._running_by_user.get(user, 0)
+            if best_key is not None and running > best_key[0]:
+                break  # every user from here has more placed tasks than the best one
+            if cap and running >= cap:
+                continue
+            head = self._user_head(user, free, fit_cache, held)
             if head is None:
                 continue
-            key = (self._running_by_user.get(user, 0), head.seq, -head.priority)
+            key = (running, head.seq)
             if best_key is None or key < best_key:
                 best, best_key = head, key
+        if best is None:
+            return None
+        return best, self._best_slot(best, free)
+
+    def _user_head(self, user: str, free: dict[tuple[str, int], Group],
+                   fit_cache: dict[tuple[str, str, Shape], bool],
+                   held: set[tuple[str, str, Shape]]) -> QueuedTask | None:
+        head: QueuedTask | None = None
+        for (name, shape), pq in self._queues[user].items():
+            if held and (user, name, shape) in held:
+                continue
+            for (node, _), g in free.items():
+                fkey = (node, name, shape)
+                ok = fit_cache.get(fkey)
+                if ok is None:
+                    ok = fit_cache[fkey] = self.fits(self._nodes[node], name, shape)
+                if not ok:
+                    continue
+                t = pq.best_in_band(g.min_p, g.max_p, self._alive)
+                if t is not None and (head is None
+                                      or (-t.priority, t.seq) < (-head.priority, head.seq)):
+                    head = t
+        return head
+
+    def expected_runtime(self, name: str, caps: NodeCaps) -> float:
+        """Runtime of ``name`` expected on ``caps`` now: observed, scaled, and load-aware."""
+        est = self.runtimes.estimate(name, caps)
+        load = self._load.get(caps.name, 0.0)
+        if caps.cores and load > caps.cores:
+            est *= load / caps.cores
+        return est
+
+    def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]
+                   ) -> tuple[str, int]:
+        best: tuple[str, int] | None = None
+        best_key: tuple[float, float, float, str, int] | None = None
+        for (node, gi), g in free.items():
+            caps = self._nodes[node]
+            if not g.accepts(task.priority) or not self.fits(caps, task.name, task.shape):
+                continue
+            slots = caps.slots
+            load = (sum(self._busy.get((node, x.index), 0) for x in caps.groups) / slots
+                    if slots else 1.0)
+            key = (self.expected_runtime(task.name, caps), -caps.speed, load, node, gi)
+            if best_key is None or key < best_key:
+                best, best_key = (node, gi), key
+        assert best is not None  # _user_head only returns tasks some free slot can run
         return best
 
     # ---------------------------------------------------------------- explain
 
-    def why_waiting(self, name: str, priority: int) -> str | None:
-        """Why a task of ``name`` and ``priority`` cannot run on any online node, or None."""
+    def why_waiting(self, name: str, priority: int, requires: Requires = (),
+                    tags: frozenset[str] = NO_TAGS) -> str | None:
+        """Why a task could not run on any online node even if all were idle, or None."""
         if not self._nodes:
             return "no node is online"
         offering = [n for n in self._nodes.values() if name in n.tasks]
         if not offering:
             return f"no online node offers task {name!r}"
+        if tags:
+            tagged = [n for n in offering if tags <= n.tags]
+            if not tagged:
+                return (f"no online node offering {name!r} has tags "
+                        f"{', '.join(sorted(tags))}")
+            offering = tagged
+        for res, amount in requires:
+            enough = [n for n in offering if n.resources.get(res, 0.0) >= amount - 1e-9]
+            if not enough:
+                most = max(n.resources.get(res, 0.0) for n in offering)
+                return (f"no online node offering {name!r} has {res}={amount:g} "
+                        f"(the most: {res}={most:g})")
+            offering = enough
         if not any(g.accepts(priority) and g.workers > 0 for n in offering for g in n.groups):
             bands = sorted({f"{g.min_p}..{g.max_p}" for n in offering for g in n.groups})
             return (f"no online node offering {name!r} has a slot for priority {priority} "

@@ -117,21 +117,35 @@ class Context:
 
 
 def _load(sources: list[str], refs: list[str]) -> dict[str, Any]:
-    from .registry import load_sources, resolve_reference
+    """Task entries by name: from the sources' registries, then from ``--ref`` JSON items
+    ``{"name", "ref", "style", "arguments"}`` (functions registered on a Node object)."""
+    from .registry import TaskEntry, load_sources, resolve_reference
 
     reg = load_sources(sources)
-    tasks = dict(reg.items())
+    tasks: dict[str, Any] = dict(reg.entries())
     for item in refs:
-        name, _, ref = item.partition("=")
-        tasks[name] = resolve_reference(ref)
+        spec = json.loads(item)
+        tasks[spec["name"]] = TaskEntry(resolve_reference(spec["ref"]),
+                                        spec.get("style", "auto"), spec.get("arguments"))
     return tasks
+
+
+def _caller(entry: Any) -> Any:
+    """A function ``call(args, ctx)`` running the entry in its calling style."""
+    from .registry import wants_context
+
+    fn = entry.fn
+    if entry.style == "pyloadbalancer":
+        arguments = dict(entry.arguments or {})
+        return lambda args, ctx: fn(task=args, arguments=arguments)
+    if wants_context(fn):
+        return fn
+    return lambda args, ctx: fn(args)
 
 
 def run(channel: Channel, tasks: dict[str, Any]) -> None:
     """Serve ``run`` requests until the node closes the socket."""
-    from .registry import wants_context
-
-    with_ctx = {name: wants_context(fn) for name, fn in tasks.items()}
+    callers = {name: _caller(entry) for name, entry in tasks.items()}
     channel.send(("ready", os.getpid(), sorted(tasks)))
     while True:
         msg = channel.recv()
@@ -142,14 +156,11 @@ def run(channel: Channel, tasks: dict[str, Any]) -> None:
         _, task_id, attempt, name, args_json, meta = msg
         t0 = time.perf_counter()
         try:
-            fn = tasks.get(name)
-            if fn is None:
+            call = callers.get(name)
+            if call is None:
                 raise LookupError(f"this node has no task named {name!r}")
             args = json.loads(args_json) if args_json else None
-            if with_ctx[name]:
-                result = fn(args, Context(channel, task_id, attempt, meta))
-            else:
-                result = fn(args)
+            result = call(args, Context(channel, task_id, attempt, meta))
             try:
                 data = json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
             except (TypeError, ValueError) as exc:
@@ -177,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     # The node owns our life: ignore the terminal's Ctrl-C, die if the node dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(ns.parent)
+    os.environ["LBMQTT_WORKER"] = "1"  # = registry.WORKER_ENV: daemons stay inert in here
     if ns.nice:
         try:
             os.nice(ns.nice)

@@ -1,0 +1,226 @@
+"""Scheduling benchmarks on the pure scheduler (no MQTT): ``python bench/scheduling.py``.
+
+``select``   time to pick the next task (place one task on a freed slot) with 1k, 100k and
+             1M queued tasks, and the balancer's memory (RSS) holding 1M queued tasks.
+``makespan`` a simulated cluster of unequal machines (speeds 1, 2 and 4, mixed task
+             durations): makespan of lbmqtt's placement against round-robin, "least loaded
+             first", and the lower bound (total work / total speed).
+
+Each prints one JSON line with its figures; ``all`` runs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import heapq
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lbmqtt.scheduler import Group, NodeCaps, QueuedTask, Scheduler
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- select
+
+
+def bench_select(sizes: list[int], users: int, names: int, picks: int) -> dict[str, Any]:
+    """Median time of one release+schedule (one placement) at each queue size."""
+    out: dict[str, Any] = {"users": users, "names": names}
+    rng = random.Random(1)
+    for n in sizes:
+        gc.collect()
+        s = Scheduler()
+        s.set_node(NodeCaps("n1", (Group(0, 4, 0, 9), Group(1, 2, 10, 1000)),
+                            frozenset(f"T{i}" for i in range(names)), 1.0))
+        s.set_node(NodeCaps("n2", (Group(0, 8, 0, 1000),),
+                            frozenset(f"T{i}" for i in range(names)), 2.0))
+        t0 = time.perf_counter()
+        for i in range(n):
+            s.enqueue(QueuedTask(f"t{i:08d}", f"u{i % users}", f"T{rng.randrange(names)}",
+                                 rng.choice((0, 0, 0, 5, 50)), i))
+        fill = time.perf_counter() - t0
+        placed = [p.task.id for p in s.schedule()]  # fill the 14 slots
+        times = []
+        for _ in range(min(picks, n - len(placed))):
+            s.release(placed.pop(0))
+            t0 = time.perf_counter()
+            got = s.schedule()
+            times.append(time.perf_counter() - t0)
+            placed += [p.task.id for p in got]
+        out[f"pick_us_{n}"] = round(1e6 * statistics.median(times), 1)
+        out[f"enqueue_us_per_task_{n}"] = round(1e6 * fill / n, 2)
+        del s
+    return out
+
+
+def bench_memory(n: int) -> dict[str, Any]:
+    """RSS of a real Balancer holding ``n`` queued tasks (records + scheduler queues)."""
+    import asyncio
+
+    from lbmqtt.balancer import Balancer
+    from lbmqtt.config import load_settings
+    from lbmqtt.protocol import TaskSpec
+
+    gc.collect()
+    before = rss_mb()
+    s = load_settings(None, env={}, overrides={"LB_QUEING_MAXPERUSER": 0})
+
+    async def fill() -> Balancer:
+        b = Balancer(s)  # not started: no MQTT needed to hold tasks
+        now = time.time()
+        for i in range(n):
+            spec = TaskSpec(name="HELLO", args={"i": i}, notify="events")
+            b._accept(sys.intern(f"user{i % 10}"), spec, now)
+            if i % 100_000 == 0:
+                b._states.clear()  # the tick would have published and dropped these
+        b._states.clear()
+        return b
+
+    b = asyncio.run(fill())
+    gc.collect()
+    after = rss_mb()
+    return {"tasks": n, "balancer_rss_mb": round(after, 1),
+            "added_rss_mb": round(after - before, 1),
+            "bytes_per_task": round((after - before) * 2**20 / n), "queued": b.scheduler.queued}
+
+
+# --------------------------------------------------------------------------- makespan
+
+
+def simulate(policy: str, durations: list[float], speeds: list[float], slots: int,
+             arrivals: list[float] | None = None) -> tuple[float, float]:
+    """Discrete-event simulation of tasks (work units at speed 1) on nodes of given speeds.
+
+    Returns (makespan, mean response time = finish - arrival).
+    """
+    n = len(durations)
+    arrivals = arrivals or [0.0] * n
+    kinds = {f"t{i}": f"W{int(d)}" for i, d in enumerate(durations)}  # a name per class
+    nodes = [NodeCaps(f"n{i}", (Group(0, slots, 0, 10),), frozenset(set(kinds.values())), sp)
+             for i, sp in enumerate(speeds)]
+    s = Scheduler()
+    for c in nodes:
+        s.set_node(c)
+    work = {f"t{i}": d for i, d in enumerate(durations)}
+    queue: list[str] = []  # FIFO for the baselines
+    running: list[tuple[float, str, str]] = []  # (end time, task id, node)
+    busy = {c.name: 0 for c in nodes}
+    finish: dict[str, float] = {}
+    now, rr, nxt = 0.0, 0, 0
+
+    def start(tid: str, node: str) -> None:
+        heapq.heappush(running, (now + work[tid] / speeds[int(node[1:])], tid, node))
+        busy[node] += 1
+
+    while nxt < n or queue or running or s.queued:
+        while nxt < n and arrivals[nxt] <= now:  # arrivals up to now
+            tid = f"t{nxt}"
+            if policy == "lbmqtt":
+                s.enqueue(QueuedTask(tid, f"u{nxt % 3}", kinds[tid], 0, nxt))
+            else:
+                queue.append(tid)
+            nxt += 1
+        if policy == "lbmqtt":
+            for p in s.schedule(now):
+                start(p.task.id, p.node)
+        else:
+            while queue:
+                free = [c.name for c in nodes if busy[c.name] < slots]
+                if not free:
+                    break
+                if policy == "round_robin":
+                    while busy[nodes[rr % len(nodes)].name] >= slots:
+                        rr += 1
+                    node = nodes[rr % len(nodes)].name
+                    rr += 1
+                else:  # least loaded first (by busy fraction; ties: node order)
+                    node = min(free, key=lambda x: (busy[x] / slots, x))
+                start(queue.pop(0), node)
+        next_arrival = arrivals[nxt] if nxt < n else float("inf")
+        if running and running[0][0] <= next_arrival:
+            end, tid, node = heapq.heappop(running)
+            now = end
+            finish[tid] = end
+            busy[node] -= 1
+            if policy == "lbmqtt":
+                s.observe(kinds[tid], node, work[tid] / speeds[int(node[1:])])
+                s.release(tid)
+        elif next_arrival < float("inf"):
+            now = next_arrival
+        else:
+            break
+    response = statistics.mean(finish[f"t{i}"] - arrivals[i] for i in range(n))
+    return now, response
+
+
+POLICIES = ("lbmqtt", "round_robin", "least_loaded")
+
+
+def bench_makespan(tasks: int, seeds: int) -> dict[str, Any]:
+    """A batch of mixed tasks (all queued at once), and a stream at 40 % load."""
+    speeds = [1.0, 2.0, 4.0]
+    slots = 2
+    capacity = sum(speeds) * slots
+    batch: dict[str, list[float]] = {p: [] for p in POLICIES}
+    stream: dict[str, list[float]] = {p: [] for p in POLICIES}
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        # mixed durations: many short, some medium, a few long (work units at speed 1)
+        durations = [rng.choice((1, 1, 1, 2, 2, 5, 10)) * rng.uniform(0.8, 1.2)
+                     for _ in range(tasks)]
+        lower = sum(durations) / capacity
+        mean_work = statistics.mean(durations)
+        t, arrivals = 0.0, []
+        for _ in range(tasks):  # Poisson arrivals at 40 % of the cluster's capacity
+            t += rng.expovariate(0.4 * capacity / mean_work)
+            arrivals.append(t)
+        for policy in POLICIES:
+            batch[policy].append(simulate(policy, durations, speeds, slots)[0] / lower)
+            stream[policy].append(simulate(policy, durations, speeds, slots, arrivals)[1])
+    out: dict[str, Any] = {"tasks": tasks, "speeds": speeds, "slots_per_node": slots,
+                           "seeds": seeds}
+    for p in POLICIES:
+        out[f"batch_makespan_over_lower_bound_{p}"] = round(statistics.median(batch[p]), 3)
+        out[f"batch_worst_{p}"] = round(max(batch[p]), 3)
+        out[f"stream_mean_response_{p}"] = round(statistics.median(stream[p]), 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenario", choices=["select", "makespan", "all"])
+    ap.add_argument("--sizes", default="1000,100000,1000000")
+    ap.add_argument("--users", type=int, default=10)
+    ap.add_argument("--names", type=int, default=5)
+    ap.add_argument("--picks", type=int, default=2000)
+    ap.add_argument("--memory-tasks", type=int, default=1_000_000)
+    ap.add_argument("--tasks", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=20)
+    a = ap.parse_args()
+    if a.scenario in ("select", "all"):
+        res = bench_select([int(x) for x in a.sizes.split(",")], a.users, a.names, a.picks)
+        res.update(bench_memory(a.memory_tasks))
+        print(json.dumps({"scenario": "select", **res}))
+    if a.scenario in ("makespan", "all"):
+        print(json.dumps({"scenario": "makespan", **bench_makespan(a.tasks, a.seeds)}))
+
+
+if __name__ == "__main__":
+    main()
