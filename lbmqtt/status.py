@@ -74,9 +74,22 @@ def format_stats(stats: BalancerStats) -> str:
         lines += ["", f"{'USER':<20} {'QUEUED':>8} {'RUNNING':>8}"]
         lines += [f"{u.user:<20} {u.queued:>8} {u.running:>8}" for u in stats.users]
     if stats.names:
-        lines += ["", f"{'TASK':<20} {'QUEUED':>8} {'RUNNING':>8} {'DONE':>8} {'FAILED':>8}"]
-        lines += [f"{t.name:<20} {t.queued:>8} {t.running:>8} {t.done:>8} {t.failed:>8}"
-                  for t in stats.names]
+        lines += ["", f"{'TASK':<20} {'QUEUED':>7} {'RUNNING':>7} {'DONE':>7} {'FAILED':>7}"
+                      f"  {'WAIT mean/p95':>15}  {'RUN mean/p95':>15}"]
+        for t in stats.names:
+            wait, run = _pair(t.wait_mean_s, t.wait_p95_s), _pair(t.run_mean_s, t.run_p95_s)
+            lines.append(f"{t.name:<20} {t.queued:>7} {t.running:>7} {t.done:>7} "
+                         f"{t.failed:>7}  {wait:>15}  {run:>15}")
     if stats.warnings:
         lines += ["", "warnings:"] + [f"  ! {w}" for w in stats.warnings]
     return "\n".join(lines)
+
+
+def _seconds(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1000:.0f}ms" if v < 1 else f"{v:.1f}s"
+
+
+def _pair(mean: float | None, p95: float | None) -> str:
+    return f"{_seconds(mean)}/{_seconds(p95)}"
