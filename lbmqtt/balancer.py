@@ -18,23 +18,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import json
 import logging
 import math
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import Settings, coerce_settings
 from .errors import ConfigError, DecodeError, ErrorCode
 from .health import online_status
+from .journal import Journal, JournalRow, default_path
 from .mqtt import MqttTransport, Will
 from .protocol import (
     AssignmentSet,
@@ -172,6 +176,10 @@ class Balancer:
         self.done_by_name = Counter[str]()
         self.failed_by_name = Counter[str]()
         self.counters = Counter[str]()
+        self.journal: Journal | None = None
+        self._journal_dirty: dict[str, TaskRecord] = {}
+        self._journal_gone: set[str] = set()
+        self._journal_error = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,6 +192,7 @@ class Balancer:
         """
         s, t = self.settings, self.topics
         await self._check_alone()
+        self._open_journal()
         offline = BalancerStatus(online=False, instance=self.instance).encode()
         self._transport = MqttTransport(
             host=s.broker_host, port=s.broker_port,
@@ -205,6 +214,110 @@ class Balancer:
             asyncio.create_task(self._expiry_loop(), name="balancer-expiry"),
             asyncio.create_task(self._ready_watch(), name="balancer-ready"),
         ]
+
+    def _open_journal(self) -> None:
+        s = self.settings
+        where = s.journal_path.strip()
+        if where.lower() in ("none", ""):
+            log.warning("JOURNAL_PATH is none: queued tasks do not survive a balancer restart")
+            return
+        path = (default_path(s.broker_host, s.broker_port, s.topic_prefix)
+                if where.lower() == "auto" else Path(where).expanduser())
+        try:
+            self.journal = Journal(path, sync=s.journal_sync)
+        except (sqlite3.Error, OSError, RuntimeError) as exc:
+            raise ConfigError(f"cannot open the journal {path}: {exc} (JOURNAL_PATH)") from exc
+        t0 = time.perf_counter()
+        n = self._recover(self.journal.load())
+        if n:
+            log.info("journal %s: resumed %d task(s) in %.2f s (%d queued, %d placed)", path,
+                     n, time.perf_counter() - t0, self.scheduler.queued,
+                     sum(self.running_by_name.values()))
+        else:
+            log.info("journal %s", path)
+
+    def _recover(self, rows: Iterable[JournalRow]) -> int:
+        """Rebuild the task records a killed or stopped balancer journaled.
+
+        Queued tasks go back in their queues in their old order; placed ones are placed
+        again on their nodes (the heartbeats then confirm them, or the node is found dead
+        or the task missing, and it is requeued); finished ones answer queries until they
+        expire.
+        """
+        now_mono = time.monotonic()
+        n = 0
+        for row in rows:
+            status = Status(row.status)
+            rec = TaskRecord(
+                id=row.id, user=sys.intern(row.user), name=sys.intern(row.name),
+                args_json=bytes(row.args), priority=row.priority, seq=row.seq,
+                submitted_at=row.submitted_at, notify=row.notify, timeout_s=row.timeout_s,
+                ref=row.ref, attempt=row.attempt, started_at=row.started_at,
+                finished_at=row.finished_at, collected_at=row.collected_at,
+                requires=requires_of(row.requires_dict() or None),
+                tags=frozenset(row.tags_list()) or NO_TAGS)
+            self._seq = max(self._seq, row.seq)
+            self.tasks[rec.id] = rec
+            n += 1
+            if status == Status.QUEUED:
+                self._enqueue(rec)
+            elif status in PLACED and row.node is not None and row.grp is not None:
+                rec.node, rec.group = sys.intern(row.node), row.grp
+                self._set_status(rec, status)
+                rec.assignment_json = self._assignment_json(rec)
+                rec.assigned_at = now_mono
+                self._node_info(rec.node).assigned[rec.id] = None
+                self.scheduler.adopt(rec.id, rec.user, rec.node, rec.group, rec.requires)
+            elif status.final:
+                rec.status = status
+                if row.result is not None:
+                    rec.result = json.loads(row.result)
+                if row.error is not None:
+                    rec.error = ErrorInfo.model_validate_json(row.error)
+                rec.progress = 100 if status == Status.DONE else 0
+                heapq.heappush(self._expiry, (self._expires_at(rec), rec.id))
+            else:  # placed without a node: cannot happen; run it again rather than lose it
+                self._enqueue(rec)
+        self.counters["recovered"] += n
+        return n
+
+    @staticmethod
+    def _journal_row(rec: TaskRecord) -> tuple[Any, ...]:
+        final = rec.status.final
+        return (rec.id, rec.user, rec.name, rec.args_json, rec.priority, rec.seq,
+                rec.submitted_at, rec.notify, rec.timeout_s, rec.ref,
+                json.dumps(dict(rec.requires)) if rec.requires else None,
+                json.dumps(sorted(rec.tags)) if rec.tags else None,
+                rec.status.value, rec.attempt,
+                rec.node if rec.status in PLACED else None,
+                rec.group if rec.status in PLACED else None,
+                rec.started_at, rec.finished_at,
+                encode_json(rec.result) if final and rec.result is not None else None,
+                rec.error.model_dump_json().encode() if final and rec.error else None,
+                rec.collected_at)
+
+    def _commit_journal(self) -> bool:
+        """Write the records changed since the last commit (one transaction). False if the
+        journal failed: nothing of this tick may then be acknowledged."""
+        j = self.journal
+        if j is None or not (self._journal_dirty or self._journal_gone):
+            return True
+        try:
+            j.commit((self._journal_row(r) for r in self._journal_dirty.values()),
+                     self._journal_gone)
+        except sqlite3.Error as exc:
+            self.counters["journal_errors"] += 1
+            if self._journal_error != str(exc):
+                log.error("journal %s: write failed (%s); nothing is acknowledged until it "
+                          "works again", j.path, exc)
+            self._journal_error = str(exc)
+            return False
+        if self._journal_error:
+            log.info("journal %s: writing again", j.path)
+            self._journal_error = ""
+        self._journal_dirty.clear()
+        self._journal_gone.clear()
+        return True
 
     async def _check_alone(self) -> None:
         s = self.settings
@@ -230,6 +343,10 @@ class Balancer:
                     BalancerStatus(online=False, instance=self.instance).encode(),
                     retain=True, timeout_s=2.0)
             await t.close()
+        if self.journal is not None:
+            self._commit_journal()
+            self.journal.close()
+            self.journal = None
         c = self.counters
         log.info("balancer stopped: %d submitted, %d done, %d failed, %d cancelled, "
                  "%d still queued", c["submitted"], c["done"], c["failed"], c["cancelled"],
@@ -374,7 +491,7 @@ class Balancer:
         old = self.tasks.get(task_id)
         if old is not None:
             if old.user == user and old.same_submit(spec, args_json):
-                self._emit(old)  # a resend: acknowledge again, run once
+                self._emit(old, durable=False)  # a resend: acknowledge again, run once
                 return
             self.counters["refused"] += 1
             self._error(user, ErrorCode.DUPLICATE_ID,
@@ -409,7 +526,7 @@ class Balancer:
                             task_id=tid, topic="cancel")
                 continue
             if rec.status.final:
-                self._emit(rec)  # too late: tell the current state
+                self._emit(rec, durable=False)  # too late: tell the current state
                 continue
             if rec.status == Status.QUEUED:
                 self.scheduler.remove(rec.id)
@@ -427,6 +544,8 @@ class Balancer:
                 continue
             if rec.collected_at is None:
                 rec.collected_at = now
+                if self.journal is not None:
+                    self._journal_dirty[rec.id] = rec
                 heapq.heappush(self._expiry, (self._expires_at(rec), rec.id))
 
     def _on_query(self, user: str, payload: bytes) -> None:
@@ -437,7 +556,7 @@ class Balancer:
                             f"no task {tid!r} (never submitted by {user!r}, or expired)",
                             task_id=tid, topic="query")
             else:
-                self._emit(rec)
+                self._emit(rec, durable=False)
 
     # -- nodes ------------------------------------------------------------------------
 
@@ -485,6 +604,8 @@ class Balancer:
             self.running_by_name[a.name] += 1
             info.assigned[a.id] = None
             self.scheduler.adopt(a.id, a.user, name, a.group, rec.requires)
+            if self.journal is not None:
+                self._journal_dirty[a.id] = rec
             adopted += 1
         if adopted:
             self.counters["adopted"] += adopted
@@ -601,7 +722,7 @@ class Balancer:
             rec = self._current(info, p.id, p.attempt)
             if rec is not None and rec.status in PLACED and p.progress != rec.progress:
                 rec.progress = p.progress
-                self._emit(rec)
+                self._emit(rec, durable=False)
         for r in rep.results:
             rec = self._current(info, r.id, r.attempt)
             if rec is None:
@@ -729,6 +850,8 @@ class Balancer:
         if self._round_wanted:
             self._round_wanted = False
             self._round()
+        if not self._commit_journal():
+            return  # states and sets wait until what they announce is on disk
         t = self._transport
         if t is None or not t.connected:
             return  # states and sets go out after the reconnect (sets are rebuilt whole)
@@ -781,8 +904,11 @@ class Balancer:
             payload = b""  # an empty retained payload clears the set
         self._transport.publish(self.topics.assign(name), payload, qos=1, retain=True)
 
-    def _emit(self, rec: TaskRecord) -> None:
+    def _emit(self, rec: TaskRecord, *, durable: bool = True) -> None:
+        """Publish the task's state with the next tick; ``durable``: journal it first."""
         self._states.setdefault(rec.user, {})[rec.id] = rec
+        if durable and self.journal is not None:
+            self._journal_dirty[rec.id] = rec
 
     def state_of(self, rec: TaskRecord) -> TaskState:
         """The wire state of a task record (with the current waiting reason if queued)."""
@@ -866,6 +992,9 @@ class Balancer:
             if rec is None or not rec.status.final or self._expires_at(rec) > now:
                 continue
             del self.tasks[tid]
+            if self.journal is not None:
+                self._journal_dirty.pop(tid, None)
+                self._journal_gone.add(tid)
             n += 1
             if rec.notify == "retained" and self._transport is not None:
                 for topic in (self.topics.task(rec.user, tid), self.topics.result(rec.user, tid)):

@@ -44,13 +44,21 @@ class Child:
     info: dict[str, Any]
 
 
-def _spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S) -> Child:
+def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
+           env: dict[str, str] | None = None, wrap: tuple[str, ...] = (),
+           stdout: Any = None) -> Child:
+    """Start ``python -m lbmqtt ARGS`` and wait for its ready line.
+
+    ``env``: the whole environment (default: ours); ``wrap``: a command to run it under
+    (e.g. ``ip netns exec NS``); ``stdout``: where its output goes (default: ours).
+    """
     r, w = os.pipe()
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     env[SUPERVISOR_ENV] = str(os.getpid())
-    cmd = [sys.executable, "-m", "lbmqtt", *args, "--ready-fd", str(w)]
+    cmd = [*wrap, sys.executable, "-m", "lbmqtt", *args, "--ready-fd", str(w)]
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(w,), env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, pass_fds=(w,), env=env, start_new_session=True,
+                                stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
     finally:
         os.close(w)
     deadline = time.monotonic() + timeout_s
@@ -73,6 +81,9 @@ def _spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S) -> Ch
     finally:
         os.close(r)
     return Child(name, proc, json.loads(buf.split(b"\n", 1)[0]))
+
+
+_spawn = spawn  # the name compat and older code use
 
 
 def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:

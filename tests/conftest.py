@@ -8,9 +8,12 @@ loop in a background thread (:class:`LoopThread`), so tests stay plain functions
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +32,12 @@ from lbmqtt.config import Settings, load_settings
 from lbmqtt.node import Node
 
 T = TypeVar("T")
+
+# The balancers' journals (JOURNAL_PATH "auto") go to a throw-away state directory, also in
+# the processes the tests start: never into the user's ~/.local/state.
+STATE_DIR = tempfile.mkdtemp(prefix="lbmqtt-test-state-")
+os.environ["XDG_STATE_HOME"] = STATE_DIR
+atexit.register(shutil.rmtree, STATE_DIR, True)
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TASKS = str(ROOT / "nodes" / "demo_tasks.py")
 TEST_TASKS = str(ROOT / "tests" / "tasks_for_tests.py")
@@ -116,7 +125,6 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A real Mosquitto on a free loopback port, configured like broker/mosquitto.conf."""
-    import shutil
     import socket
 
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"

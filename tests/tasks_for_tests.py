@@ -71,3 +71,18 @@ def spawn(args: dict[str, Any]) -> int:
     child.kill()
     child.wait()
     return child.pid
+
+
+@tasks.task("CHAOS")
+def chaos(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """Sleep ``ms``, then append ``"<task id> <attempt> <pid>"`` to the file ``log`` (one
+    write, so lines from concurrent workers never mix): the fault tests count from it how
+    often each task ran to completion. Returns ``value * 2``."""
+    time.sleep(float(args.get("ms", 0)) / 1000)
+    line = f"{ctx.task_id} {ctx.attempt} {os.getpid()}\n".encode()
+    fd = os.open(args["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    return {"value": args["value"] * 2}

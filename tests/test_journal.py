@@ -1,0 +1,129 @@
+"""The balancer's journal: what a new balancer resumes, what expiry removes, and that
+nothing is acknowledged before it is on disk. (SIGKILL of a real balancer process is in
+tests/test_faults.py.)"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lbmqtt import Client
+from lbmqtt.journal import Journal, default_path
+from lbmqtt.protocol import Status, Topics
+
+from .conftest import TEST_TASKS, System, wait_for
+
+JOHN = {"firstName": "John", "lastName": "Doe"}
+
+
+def _row(tid: str, seq: int, status: str = "queued") -> tuple[Any, ...]:
+    return (tid, "u", "ECHO", b"[1]", 0, seq, 1.0, "events", None, None, None, None, status,
+            0, None, None, None, None, None, None, None)
+
+
+def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path)
+    j.commit([_row("b", 2), _row("a", 1), _row("c", 3)])
+    j.commit([_row("b", 2, "done")], deleted=["c"])
+    j.close()
+    again = Journal(path)
+    rows = list(again.load())
+    assert [(r.id, r.status, r.args) for r in rows] == [("a", "queued", b"[1]"),
+                                                          ("b", "done", b"[1]")]
+    assert again.count() == 2
+    again.close()
+
+
+def test_journal_of_another_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    Journal(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(RuntimeError, match="schema 99"):
+        Journal(path)
+
+
+def test_default_journal_path_is_per_broker_and_prefix(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    a = default_path("127.0.0.1", 1883, "lbmqtt/v1")
+    assert a.parent == tmp_path / "lbmqtt" and "/" not in a.name
+    assert a != default_path("127.0.0.1", 1884, "lbmqtt/v1")
+    assert a != default_path("127.0.0.1", 1883, "other")
+
+
+def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
+        system: System, client: Client, tmp_path: Path) -> None:
+    first = system.start_balancer()
+    system.start_node("n1", tasks=[TEST_TASKS])
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    done = client.submit("ECHO", [1, 2])
+    assert client.wait(done, timeout=20)["args"] == [1, 2]
+    running = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 3})
+    wait_for(started.exists, 20, "the BLOCK task to start")
+    queued = client.submit("HELLO", JOHN)  # n1 has no HELLO: it stays queued
+    # When the balancer is replaced (stop() here; a SIGKILL in test_faults.py)
+    system.lt.run(first.stop())
+    second = system.start_balancer()
+    # Then it knows all three, in the state they had
+    recs = {tid: system.record(tid) for tid in (done, running, queued)}
+    assert recs[done].status == Status.DONE and recs[done].result["args"] == [1, 2]
+    assert recs[running].status in (Status.ASSIGNED, Status.RUNNING)
+    assert recs[running].node == "n1"
+    assert recs[queued].status == Status.QUEUED
+    assert system.lt.call(lambda: second.counters["recovered"]) >= 3
+    assert system.lt.call(lambda: second.counters["adopted"]) == 0  # the journal knew them
+    # the running one was not restarted, and finishes
+    gate.touch()
+    assert client.wait(running, timeout=20)["attempt"] == 1
+    # the queued one runs once a node offers HELLO
+    system.start_node("n2")
+    assert client.wait(queued, timeout=20) == "Hello John Doe !"
+    assert client.get(done).result["args"] == [1, 2]
+
+
+def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None:
+    b = system.start_balancer()
+    system.start_node("n1", tasks=[TEST_TASKS])
+    tid = client.submit("ECHO", 5)
+    assert client.wait(tid, timeout=20)["args"] == 5
+    assert b.journal is not None
+    path = b.journal.path
+    system.lt.call(lambda: b.expire(b.tasks[tid].finished_at + 1e9))  # type: ignore[operator]
+    wait_for(lambda: system.lt.call(lambda: not b._journal_gone), 5, "the next commit")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM tasks WHERE id = ?", (tid,)).fetchone() == (0,)
+
+
+def test_nothing_is_acknowledged_while_the_journal_cannot_write(
+        system: System, raw: Any) -> None:
+    b = system.start_balancer()
+    assert b.journal is not None
+    path = b.journal.path
+    topics = Topics(system.settings.topic_prefix)
+    rc = raw()
+    rc.subscribe(topics.events("carol"))
+    # Given a journal that fails every write
+    system.lt.call(b.journal._db.close)
+    rc.publish(topics.submit("carol"), json.dumps(
+        {"v": 1, "id": "j-1", "name": "HELLO", "args": JOHN, "notify": "events"}))
+    wait_for(lambda: system.lt.call(lambda: b.counters["journal_errors"]) >= 1, 10,
+             "the failed group commit")
+    # Then the submit is not acknowledged (the state goes out in the tick that commits)
+    assert rc.payloads(topics.events("carol")) == []
+
+    # When the journal works again, the held acknowledgement goes out
+    def repair() -> None:
+        b.journal = Journal(path)
+        b._kick()
+
+    system.lt.call(repair)
+    got = wait_for(lambda: rc.payloads(topics.events("carol")), 10, "the acknowledgement")
+    assert json.loads(got[0])["states"][0]["id"] == "j-1"
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT status FROM tasks WHERE id = 'j-1'").fetchone() == ("queued",)
