@@ -575,6 +575,8 @@ class Balancer:
         if info.online and info.instance != st.instance:
             self._node_lost(info, "restarted")
         self._node_up(info, st)
+        if st.draining:
+            self._take_back(info)
 
     def _adopt(self, name: str, payload: bytes) -> None:
         """Take over the tasks an earlier balancer placed on a node (its retained set).
@@ -628,7 +630,9 @@ class Balancer:
         info.last_seen = time.monotonic()
         info.offline_since = None
         self.scheduler.set_node(NodeCaps(
-            name=info.name, tasks=frozenset(st.tasks), speed=st.speed,
+            # a draining node offers nothing new: it only finishes what it runs
+            name=info.name, tasks=frozenset() if st.draining else frozenset(st.tasks),
+            speed=st.speed,
             groups=tuple(Group(g.index, g.workers, g.min_p, g.max_p) for g in st.groups),
             resources=dict(st.resources), tags=frozenset(st.tags), cores=st.cores))
         self._why_cache.clear()
@@ -637,6 +641,26 @@ class Balancer:
             # later, once the sets an earlier balancer left have been read: _health_loop)
             self._dirty_nodes.add(info.name)
         self._round_wanted = True
+
+    def _take_back(self, info: NodeInfo) -> None:
+        """A draining node keeps its running tasks; those it has not started go back to
+        the head of their queues (their order is their submit order)."""
+        n = 0
+        for tid in list(info.assigned):
+            rec = self.tasks[tid]
+            if rec.status != Status.ASSIGNED:
+                continue
+            self._unplace(rec)
+            rec.progress = 0
+            # it never ran, and its node will not run it now: the attempt does not count
+            rec.attempt -= 1
+            self._enqueue(rec)
+            self._emit(rec)
+            n += 1
+        if n:
+            self.counters["taken_back"] += n
+            log.info("node %s is draining: %d task(s) it had not started go back to the "
+                     "queue", info.name, n)
 
     def _on_heartbeat(self, name: str, payload: bytes) -> None:
         hb = decode(Heartbeat, payload)

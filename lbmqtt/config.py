@@ -138,6 +138,9 @@ class Settings(BaseModel):
     node_tags: list[str] = Field(default_factory=list, alias="NODE_TAGS")
     """Tags of this node, e.g. ``["avx2", "cuda12"]``; a task's ``tags`` must all be here."""
     heartbeat_s: float = Field(1.0, alias="HEARTBEAT_S", gt=0)
+    node_drain_s: float = Field(10.0, alias="NODE_DRAIN_S", ge=0)
+    """On SIGTERM/Ctrl-C a node takes no more work and lets its running tasks finish for at
+    most this long (a second signal: at once); what it has not started goes back."""
     result_resend_s: float = Field(3.0, alias="RESULT_RESEND_S", gt=0)
     """A node resends a result the balancer has not acknowledged after this long."""
 

@@ -86,14 +86,18 @@ def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
 _spawn = spawn  # the name compat and older code use
 
 
-def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM each child in reverse start order, SIGKILL what outlives the grace period."""
+def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S,
+                  node_grace_s: float | None = None) -> None:
+    """SIGTERM each child in reverse start order, SIGKILL what outlives the grace period
+    (``node_grace_s`` for a node, which drains first: NODE_DRAIN_S + 5 s in ``up``)."""
+    if node_grace_s is None:
+        node_grace_s = grace_s
     for child in reversed(children):
         if child.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 child.proc.send_signal(signal.SIGTERM)
             try:
-                child.proc.wait(grace_s)
+                child.proc.wait(node_grace_s if child.name == "node" else grace_s)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop within %g s: killing it", child.name, grace_s)
                 child.proc.kill()
@@ -111,6 +115,7 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
         dashboard, node: start those components.
     """
     children: list[Child] = []
+    node_grace = max(STOP_GRACE_S, settings.node_drain_s + 5.0)
     stopping = False
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -159,19 +164,19 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
                 if rc is not None:
                     log.error("%s exited unexpectedly (status %s): stopping the others",
                               c.name, rc)
-                    stop_children(children)
+                    stop_children(children, node_grace_s=node_grace)
                     return 1
             time.sleep(0.2)  # a supervisor's poll, not a test wait
         print("lbmqtt: stopping...", flush=True)
-        stop_children(children)
+        stop_children(children, node_grace_s=node_grace)
         print("lbmqtt: stopped", flush=True)
         return 0
     except LaunchError as exc:
         print(f"lbmqtt up: {exc}", file=sys.stderr, flush=True)
-        stop_children(children)
+        stop_children(children, node_grace_s=node_grace)
         return 1
     except BaseException:
-        stop_children(children)
+        stop_children(children, node_grace_s=node_grace)
         raise
     finally:
         for s, h in old.items():

@@ -183,6 +183,8 @@ class Node:
         self._progress_timer: asyncio.TimerHandle | None = None
         self._hb_seq = 0
         self._stopping = False
+        self._draining = False
+        self._local_changed = asyncio.Event()
         self._all_names: list[str] = []
         self._worker_args: list[str] = []
         self.started_at = time.time()
@@ -275,6 +277,42 @@ class Node:
                 f"pid {other.pid or '?'}): give this one another name with --name or "
                 f"NODE_NAME")
 
+    async def drain(self, grace_s: float | None = None,
+                    urgent: asyncio.Event | None = None) -> bool:
+        """Shut down gracefully: take no more work, let the running tasks finish and their
+        results be acknowledged, while the balancer takes back the tasks not started yet.
+
+        Waits at most ``grace_s`` (default ``NODE_DRAIN_S``), or until ``urgent`` is set.
+        Returns True if the node was left holding nothing. Call :meth:`stop` afterwards.
+        """
+        grace = self.settings.node_drain_s if grace_s is None else grace_s
+        t = self._transport
+        if t is None or not t.connected or self._stopping:
+            return not self._local
+        self._draining = True
+        self._flush()  # "started" reports go before the status: started tasks stay ours
+        t.publish(self.topics.node_status(self.name), self._status().encode(), qos=1,
+                  retain=True)
+        running = sum(1 for lt in self._local.values() if lt.state == "running")
+        log.info("node %s draining: %d task(s) running, %d not started go back (at most "
+                 "%g s)", self.name, running, len(self._local) - running, grace)
+        deadline = time.monotonic() + grace
+        while self._local and not (urgent is not None and urgent.is_set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._local_changed.clear()
+            waits = [asyncio.ensure_future(self._local_changed.wait())]
+            if urgent is not None:
+                waits.append(asyncio.ensure_future(urgent.wait()))
+            await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+        if self._local:
+            log.warning("node %s: %d task(s) still held at the end of the drain; the "
+                        "balancer requeues them", self.name, len(self._local))
+        return not self._local
+
     async def stop(self) -> None:
         """Announce offline, kill the worker processes, disconnect."""
         if self._stopping:
@@ -334,6 +372,11 @@ class Node:
                 if self.ready.is_set():
                     on_ready(self)
             await stop.wait()
+            urgent = asyncio.Event()  # a second signal: stop now
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, urgent.set)
+            await self.drain(urgent=urgent)
         finally:
             await self.stop()
 
@@ -376,18 +419,20 @@ class Node:
 
     # --------------------------------------------------------------- MQTT in
 
-    def _on_connect(self) -> None:
-        assert self._transport is not None
-        status = NodeStatus(
+    def _status(self) -> NodeStatus:
+        return NodeStatus(
             node=self.name, instance=self.instance, online=True, host=socket.gethostname(),
             pid=os.getpid(), version=__version__, started_at=self.started_at,
             groups=self._group_info, tasks=self._all_names, cores=os.cpu_count() or 1,
             memory_mb=_memory_mb(), speed=self.settings.node_speed,
             heartbeat_s=self.settings.heartbeat_s, resources=self.resources,
-            tags=sorted(set(self.settings.node_tags)),
+            tags=sorted(set(self.settings.node_tags)), draining=self._draining,
         )
-        self._transport.publish(self.topics.node_status(self.name), status.encode(), qos=1,
-                                retain=True)
+
+    def _on_connect(self) -> None:
+        assert self._transport is not None
+        self._transport.publish(self.topics.node_status(self.name), self._status().encode(),
+                                qos=1, retain=True)
         # after a reconnect, everything not yet acknowledged goes again
         for lt in self._local.values():
             if lt.state == "finished" and lt.result is not None:
@@ -418,6 +463,7 @@ class Node:
                 continue
             # gone from the set (or replaced by a newer attempt): cancelled, moved or acked
             del self._local[tid]
+            self._local_changed.set()
             self._results.pop(tid, None)
             self._progress.pop(tid, None)
             if lt.timeout_handle is not None:
@@ -441,6 +487,8 @@ class Node:
     # --------------------------------------------------------------- running
 
     def _dispatch(self) -> None:
+        if self._draining:
+            return  # what is not started goes back to the balancer
         for w in self._workers:
             if w.state != "idle" or w.writer is None:
                 continue

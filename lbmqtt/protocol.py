@@ -330,6 +330,8 @@ class NodeStatus(_Lenient):
     resources: dict[str, Annotated[float, Field(ge=0, le=1e12)]] = {}
     """Counted resources and their capacity (``cores``, ``memory_mb``, ``gpu``...)."""
     tags: list[str] = []
+    draining: bool = False
+    """Shutting down gracefully: give it no more work, take back what it has not started."""
 
 
 class TaskRef(_Lenient):

@@ -246,8 +246,8 @@ class Cluster:
     def send(self, name: str, sig: int) -> None:
         os.kill(self.pid(name), sig)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 15.0) -> None:
-        """Send ``sig`` to the component and wait until its process has ended."""
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 15.0) -> int | None:
+        """Send ``sig`` to the component, wait until its process has ended; its status."""
         p = self.procs[name]
         if p.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -258,6 +258,7 @@ class Cluster:
                 p.popen.kill()
                 p.popen.wait(5)
         self._forget(name)
+        return p.popen.returncode
 
     def restart(self, name: str, start: Callable[[], None]) -> None:
         self.kill(name)

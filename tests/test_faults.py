@@ -184,3 +184,28 @@ def test_node_cut_off_the_network_and_back_loses_nothing(tmp_path: Path) -> None
             wait_until(lambda: cluster.alive("far"), 5, "the far node to survive")
         finally:
             cluster.close()
+
+
+def test_sigterm_drains_a_node_without_losing_or_rerunning_anything(cluster: Cluster) -> None:
+    cluster.start_broker()
+    cluster.start_balancer()
+    cluster.start_node("n1", workers=2)
+    cluster.start_node("n2", workers=2)
+    stream = Stream(cluster, count=60, interval_s=0.01, task_ms=300)
+    outcome: dict[str, float | int | None] = {}
+
+    def fault() -> None:  # n1 is busy and holds tasks it has not started
+        t0 = time.monotonic()
+        outcome["status"] = cluster.kill("n1", signal.SIGTERM, timeout=20)
+        outcome["seconds"] = time.monotonic() - t0
+
+    _run_through(cluster, stream, fault, after=30)
+    states = stream.collect(timeout=120)
+    stream.close()
+    acc = account(stream.expected, states, cluster.runs_log)
+    print("accounting:", acc.summary(), outcome)
+    acc.assert_clean()
+    # graceful: it finished what it ran, gave back the rest, and nothing ran twice
+    assert outcome["status"] == 0
+    assert (acc.retried, acc.reruns) == (0, 0), acc.summary()
+    assert any(s is not None and s.node == "n1" for s in states.values())

@@ -11,7 +11,7 @@ import pytest
 
 from lbmqtt import Balancer, Client, Node, UnknownTask
 from lbmqtt.errors import ConfigError
-from lbmqtt.protocol import Assignment, Topics
+from lbmqtt.protocol import Assignment, Status, Topics
 
 from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, process_alive, wait_for
 
@@ -150,3 +150,31 @@ def test_wait_on_a_task_that_expired_raises_unknown_task(running: System) -> Non
                 await c.wait("gone-long-ago", timeout=30)
 
     asyncio.run(scenario())
+
+
+def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_started(
+        system: System, client: Client, tmp_path: Path) -> None:
+    b = system.start_balancer()
+    node = system.start_node("n1", tasks=[TEST_TASKS])
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    running = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 1})
+    wait_for(started.exists, 20, "the BLOCK task to start")
+    # Given a task assigned to n1 that it has not started (its worker start is held back)
+    system.lt.call(lambda: setattr(node, "_dispatch", lambda: None))
+    waiting = client.submit("ECHO", "later")
+    wait_for(lambda: system.record(waiting).status == Status.ASSIGNED, 10, "the assignment")
+    # When n1 drains
+    drained = asyncio.run_coroutine_threadsafe(node.drain(grace_s=30), system.lt.loop)
+    # Then the task it had not started goes back, without using up an attempt
+    wait_for(lambda: system.record(waiting).status == Status.QUEUED, 10, "the take-back")
+    assert system.record(waiting).attempt == 0
+    assert system.lt.call(lambda: b.counters["taken_back"]) == 1
+    # and the running one finishes on n1 before the drain ends
+    assert not drained.done()
+    gate.touch()
+    assert client.wait(running, timeout=20)["value"] == 1
+    assert drained.result(20) is True
+    # the given-back task runs elsewhere, as its first attempt
+    system.start_node("n2", tasks=[TEST_TASKS])
+    state = client.wait_state(waiting, timeout=20)
+    assert (state.node, state.attempt, state.result["args"]) == ("n2", 1, "later")
