@@ -7,6 +7,12 @@ Scenarios (this file grows with the performance issue):
 ``latency``     one task at a time: p50/p99 submit->result.
 ``sleep``       N tasks of ``--sleep-ms`` on the workers: makespan and efficiency against
                 the ideal (N x sleep / workers).
+``journal``     the throughput scenario with the balancer's journal off, on (``normal``)
+                and ``full`` (fsync per group commit), alternating over ``--rounds``
+                rounds, each with a fresh balancer: medians and ratios to "off".
+
+``--journal on|off|full`` sets the journal of the other scenarios (default on, as in
+production; the file is a temporary one).
 
 Every component runs in its own process, as ``lbmqtt up`` runs them: the broker, the
 balancer and one node with ``--workers`` slots; the client runs here. In the same run, the
@@ -123,6 +129,8 @@ async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
 
 
 async def scenario(args: argparse.Namespace, port: int, prefix: str) -> dict[str, Any]:
+    if args.scenario == "journal":
+        args = argparse.Namespace(**{**vars(args), "scenario": "throughput"})
     s = load_settings(None, env={}, overrides={"BROKER_PORT": port, "TOPIC_PREFIX": prefix,
                                                "CLIENT_ACK_TIMEOUT_S": 120})
     out: dict[str, Any] = {}
@@ -164,17 +172,30 @@ async def scenario(args: argparse.Namespace, port: int, prefix: str) -> dict[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenario", choices=["throughput", "latency", "sleep"])
+    ap.add_argument("scenario", choices=["throughput", "latency", "sleep", "journal"])
     ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--sleep-ms", type=float, default=50.0)
+    ap.add_argument("--journal", choices=["on", "off", "full"], default="on")
+    ap.add_argument("--rounds", type=int, default=3, help="journal scenario: rounds")
     args = ap.parse_args()
-    args.tasks = args.tasks or {"throughput": 2000, "latency": 200, "sleep": 200}[args.scenario]
+    args.tasks = args.tasks or {"throughput": 2000, "latency": 200, "sleep": 200,
+                                "journal": 2000}[args.scenario]
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     children: list[Child] = []
     mosq: subprocess.Popen[bytes] | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-"))
     os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0"})
+
+    def journal_env(mode: str, run: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LBMQTT_JOURNAL_PATH"] = "none" if mode == "off" else str(
+            workdir / f"journal-{run}.sqlite3")
+        env["LBMQTT_JOURNAL_SYNC"] = "full" if mode == "full" else "normal"
+        return env
+
+    result: dict[str, Any] = {}
     try:
         if args.broker == "embedded":
             children.append(_spawn("broker", ["broker", "--broker-port", "0"]))
@@ -182,16 +203,36 @@ def main() -> None:
         else:
             mosq, port, _ = start_mosquitto()
         common = ["--broker-port", str(port), "--prefix", prefix]
-        children.append(_spawn("balancer", ["balancer", *common]))
+        modes = ["off", "on", "full"] * args.rounds if args.scenario == "journal" else [
+            args.journal]
         children.append(_spawn("node", ["node", *common, "--tasks", DEMO, "--name", "bench",
                                         "--workers", str(args.workers)]))
         base = asyncio.run(broker_baseline(port))
-        result = asyncio.run(scenario(args, port, prefix))
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for i, mode in enumerate(modes):
+            balancer = _spawn("balancer", ["balancer", *common], env=journal_env(mode, i))
+            try:
+                runs.setdefault(mode, []).append(asyncio.run(scenario(args, port, prefix)))
+            finally:
+                stop_children([balancer])
+        if args.scenario == "journal":
+            for mode, rs in runs.items():
+                rate = statistics.median(r["tasks_per_s"] for r in rs)
+                result[f"{mode}_tasks_per_s"] = rate
+                result[f"{mode}_p50_ms"] = statistics.median(r["p50_ms"] for r in rs)
+                result[f"{mode}_p99_ms"] = statistics.median(r["p99_ms"] for r in rs)
+            for mode in ("on", "full"):
+                result[f"{mode}_vs_off"] = result[f"{mode}_tasks_per_s"] / result[
+                    "off_tasks_per_s"]
+            result.update(tasks=args.tasks, rounds=args.rounds)
+        else:
+            result = {**runs[args.journal][0], "journal": args.journal}
     finally:
         stop_children(children)
         if mosq is not None:
             mosq.terminate()
             mosq.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
     figures: dict[str, Any] = {"scenario": args.scenario, "broker": args.broker,
                                "workers": args.workers, **result, **base,
                                "machine": f"{platform.machine()} {os.cpu_count()} cores, "

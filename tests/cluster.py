@@ -327,6 +327,8 @@ class Stream:
         self._thread = threading.Thread(target=self._run, name="chaos-stream", daemon=True)
         self.started = threading.Event()
         self.finished = threading.Event()
+        self.stop = threading.Event()
+        """Set it to stop submitting early (a run bounded in time, not count)."""
 
     def start(self) -> Stream:
         self._thread.start()
@@ -336,7 +338,8 @@ class Stream:
         try:
             sent = 0
             deadline = time.monotonic() + 600
-            while sent < self.count and time.monotonic() < deadline:
+            while (sent < self.count and time.monotonic() < deadline
+                   and not self.stop.is_set()):
                 n = min(self.batch, self.count - sent)
                 specs = [{"name": "CHAOS", "id": uuid.uuid4().hex,
                           "args": {"value": sent + k, "ms": self.task_ms,
