@@ -169,6 +169,7 @@ class Balancer:
         self._bad_log: dict[str, float] = {}
         self._health_grace_until = 0.0
         self._connected_at = 0.0
+        self._connects = 0
         self._bg: list[asyncio.Task[None]] = []
         self.queued_by = Counter[_QueueKey]()  # (name, priority, requires, tags) -> queued
         self._times: dict[str, deque[tuple[float, float]]] = {}  # name -> (wait, run)
@@ -395,6 +396,12 @@ class Balancer:
                                 retain=True)
         # the broker may have restarted and lost the retained sets: publish them again
         self._dirty_nodes.update(n for n, info in self.nodes.items() if info.online)
+        # ... and the retained task states and results MQTT clients read: those too
+        if self._connects:
+            for rec in self.tasks.values():
+                if rec.notify == "retained":
+                    self._emit(rec, durable=False)
+        self._connects += 1
         # and nodes could not reach us while we were away: give them time to speak again
         self._connected_at = time.monotonic()
         self._health_grace_until = self._connected_at + self.settings.node_timeout_s

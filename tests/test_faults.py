@@ -5,6 +5,8 @@ forced a retry (see tests/cluster.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -12,11 +14,42 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from tests.cluster import Cluster, NetNs, Stream, account, wait_until
+from lbmqtt.protocol import Topics
+
+from .cluster import Cluster, NetNs, Stream, account, wait_until
 
 pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def _paho(cluster: Cluster) -> Iterator[paho.Client]:
+    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                    protocol=MQTTProtocolVersion.MQTTv311)
+    c.connect(cluster.host, cluster.port)
+    c.loop_start()
+    try:
+        wait_until(c.is_connected, 10, "a paho client to connect")
+        yield c
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def _retained(cluster: Cluster, topic: str) -> Callable[[], bytes | None]:
+    """A probe: a fresh subscription's retained message on ``topic``, or None."""
+    def probe() -> bytes | None:
+        got: list[bytes] = []
+        with _paho(cluster) as c:
+            c.on_message = lambda _c, _u, m: got.append(m.payload) if m.retain else None
+            c.subscribe(topic, 1)
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: got, 0.5, "a retained message")
+        return got[0] if got else None
+    return probe
 
 
 @pytest.fixture
@@ -149,6 +182,14 @@ def test_broker_restart_loses_nothing(tmp_path: Path, broker: str) -> None:
         cluster.start_broker()
         cluster.start_balancer()
         cluster.start_node("n1", workers=2)
+        # a foreign MQTT client's task, finished before the restart
+        topics = Topics(cluster.prefix)
+        retained_result = _retained(cluster, topics.result("mqtt-user", "before-restart"))
+        with _paho(cluster) as c:
+            c.publish(topics.submit("mqtt-user"), json.dumps(
+                {"v": 1, "id": "before-restart", "name": "CHAOS",
+                 "args": {"value": 21, "log": str(cluster.runs_log)}}), qos=1).wait_for_publish(5)
+        assert json.loads(wait_until(retained_result, 20, "the result"))["status"] == "done"
         stream = Stream(cluster, count=100, interval_s=0.01, task_ms=100)
 
         def fault() -> None:  # no persistence: every retained message and session is gone
@@ -156,6 +197,9 @@ def test_broker_restart_loses_nothing(tmp_path: Path, broker: str) -> None:
 
         _run_through(cluster, stream, fault, after=40)
         _finish(cluster, stream)
+        # the balancer published the retained result again for MQTT clients that read it
+        state = json.loads(wait_until(retained_result, 20, "the result to be retained again"))
+        assert state["result"] == {"value": 42}
     finally:
         cluster.close()
 
