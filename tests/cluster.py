@@ -108,6 +108,13 @@ class NetNs:
             return "needs root (CI runs as root)"
         if shutil.which("ip") is None:
             return "needs iproute2's ip"
+        probe = f"lbqprobe{os.getpid()}"
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
+                              timeout=10, check=False)
+        if made.returncode != 0:
+            return f"cannot create a network namespace here: {made.stderr.strip()}"
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10,
+                       check=False)
         return None
 
     def _ip(self, *args: str, ns: bool = False) -> None:

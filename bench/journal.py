@@ -1,0 +1,81 @@
+"""Journal costs: ``python bench/journal.py [--tasks 100000]``
+
+- group commit: the time to write one tick's worth of task records (a batch of
+  ``MAX_BATCH`` = 10,000 accepted submits), per task, with ``JOURNAL_SYNC`` normal and full;
+- restart: the time a new balancer takes to resume ``--tasks`` queued tasks from the
+  journal (read + rebuild the queues), and the journal's size on disk.
+
+The balancer is not connected to a broker here: this measures the journal and the
+recovery code alone. The end-to-end cost (throughput with the journal off / on / full, in
+one run) is ``python bench/run.py journal``. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lbmqtt.balancer import Balancer, TaskRecord  # noqa: E402
+from lbmqtt.config import load_settings  # noqa: E402
+from lbmqtt.journal import Journal  # noqa: E402
+
+
+def records(n: int, start: int = 0) -> list[TaskRecord]:
+    now = time.time()
+    return [TaskRecord(id=f"{i:032x}", user=f"user{i % 10}", name="RENDER",
+                       args_json=b'{"scene":%d,"quality":"high"}' % i, priority=i % 3,
+                       seq=i + 1, submitted_at=now, notify="events")
+            for i in range(start, start + n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ns = ap.parse_args()
+    out: dict[str, object] = {"bench": "journal", "tasks": ns.tasks}
+    with tempfile.TemporaryDirectory(prefix="lbmqtt-bench-journal-") as d:
+        for sync in ("normal", "full"):
+            j = Journal(Path(d) / f"commit-{sync}.sqlite3", sync=sync)
+            per_task = []
+            for r in range(ns.repeat):
+                batch = records(10_000, start=r * 10_000)
+                t0 = time.perf_counter()
+                j.commit(Balancer._journal_row(rec) for rec in batch)
+                per_task.append((time.perf_counter() - t0) / len(batch))
+            j.close()
+            out[f"commit_us_per_task_{sync}"] = round(1e6 * statistics.median(per_task), 2)
+
+        path = Path(d) / "restart.sqlite3"
+        j = Journal(path)
+        for start in range(0, ns.tasks, 10_000):
+            j.commit(Balancer._journal_row(r)
+                     for r in records(min(10_000, ns.tasks - start), start))
+        j.close()
+        out["journal_mb"] = round(sum(p.stat().st_size for p in Path(d).glob("restart*"))
+                                  / 2**20, 1)
+        b = Balancer(load_settings(None, env={}, overrides={"JOURNAL_PATH": "none"}))
+        t0 = time.perf_counter()
+        j = Journal(path)
+        n = b._recover(j.load())
+        out["restart_s"] = round(time.perf_counter() - t0, 2)
+        out["restart_us_per_task"] = round(1e6 * (time.perf_counter() - t0) / n, 2)
+        assert n == ns.tasks and b.scheduler.queued == ns.tasks
+        j.close()
+    out["machine"] = (f"{platform.machine()} {os.cpu_count()} cores, "
+                      f"Python {platform.python_version()}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
