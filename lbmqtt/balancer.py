@@ -106,6 +106,7 @@ class TaskRecord:
     collected_at: float | None = None
     assignment_json: bytes = b""
     assigned_at: float = 0.0
+    """When its node's set carrying this attempt was first published (0: not yet)."""
     missing_since: float | None = None
     requires: Requires = ()
     tags: frozenset[str] = NO_TAGS
@@ -271,6 +272,7 @@ class Balancer:
                 self.scheduler.adopt(rec.id, rec.user, rec.node, rec.group, rec.requires)
             elif status.final:
                 rec.status = status
+                rec.node = row.node
                 if row.result is not None:
                     rec.result = json.loads(row.result)
                 if row.error is not None:
@@ -290,7 +292,7 @@ class Balancer:
                 json.dumps(dict(rec.requires)) if rec.requires else None,
                 json.dumps(sorted(rec.tags)) if rec.tags else None,
                 rec.status.value, rec.attempt,
-                rec.node if rec.status in PLACED else None,
+                rec.node if rec.status in PLACED or final else None,
                 rec.group if rec.status in PLACED else None,
                 rec.started_at, rec.finished_at,
                 encode_json(rec.result) if final and rec.result is not None else None,
@@ -306,7 +308,7 @@ class Balancer:
         try:
             j.commit((self._journal_row(r) for r in self._journal_dirty.values()),
                      self._journal_gone)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # sqlite3.Error mostly; never let it escape the tick
             self.counters["journal_errors"] += 1
             if self._journal_error != str(exc):
                 log.error("journal %s: write failed (%s); nothing is acknowledged until it "
@@ -316,6 +318,7 @@ class Balancer:
         if self._journal_error:
             log.info("journal %s: writing again", j.path)
             self._journal_error = ""
+            self._kick()  # the placements held back during the outage
         self._journal_dirty.clear()
         self._journal_gone.clear()
         return True
@@ -397,7 +400,7 @@ class Balancer:
         # the broker may have restarted and lost the retained sets: publish them again
         self._dirty_nodes.update(n for n, info in self.nodes.items() if info.online)
         # ... and the retained task states and results MQTT clients read: those too
-        if self._connects:
+        if self._connects or self.counters["recovered"]:
             for rec in self.tasks.values():
                 if rec.notify == "retained":
                     self._emit(rec, durable=False)
@@ -520,6 +523,7 @@ class Balancer:
                          requires=requires_of(spec.requires),
                          tags=frozenset(spec.tags) if spec.tags else NO_TAGS)
         self.tasks[task_id] = rec
+        self._journal_gone.discard(task_id)  # an expired id used again: write, not delete
         self.counters["submitted"] += 1
         self._enqueue(rec)
         self._emit(rec)
@@ -583,7 +587,7 @@ class Balancer:
             self._node_lost(info, "restarted")
         self._node_up(info, st)
         if st.draining:
-            self._take_back(info)
+            self._take_back(info, st)
 
     def _adopt(self, name: str, payload: bytes) -> None:
         """Take over the tasks an earlier balancer placed on a node (its retained set).
@@ -649,13 +653,15 @@ class Balancer:
             self._dirty_nodes.add(info.name)
         self._round_wanted = True
 
-    def _take_back(self, info: NodeInfo) -> None:
-        """A draining node keeps its running tasks; those it has not started go back to
-        the head of their queues (their order is their submit order)."""
+    def _take_back(self, info: NodeInfo, st: NodeStatus) -> None:
+        """A draining node keeps its running tasks; those it lists as ``pending`` (held, and
+        never to be started) go back to the head of their queues (in submit order). Only
+        the node knows which these are: our ASSIGNED may be stale (a lost "started")."""
         n = 0
-        for tid in list(info.assigned):
-            rec = self.tasks[tid]
-            if rec.status != Status.ASSIGNED:
+        for ref in st.pending:
+            rec = self.tasks.get(ref.id)
+            if (rec is None or ref.id not in info.assigned or rec.attempt != ref.attempt
+                    or rec.status not in PLACED):
                 continue
             self._unplace(rec)
             rec.progress = 0
@@ -687,6 +693,8 @@ class Balancer:
 
     def _reconcile(self, info: NodeInfo, hb: Heartbeat) -> None:
         """Compare what the node says it holds with what it was given."""
+        if self._journal_error:
+            return  # sets are not going out: a missing task proves nothing now
         now = time.monotonic()
         running = {(r.id, r.attempt) for r in hb.running}
         held = running | {(r.id, r.attempt) for r in hb.held}
@@ -701,8 +709,8 @@ class Balancer:
             if key in held:
                 rec.missing_since = None
                 continue
-            if now - rec.assigned_at < grace:
-                continue  # the set may still be on its way
+            if not rec.assigned_at or now - rec.assigned_at < grace:
+                continue  # the set may still be on its way (or not even sent)
             if rec.missing_since is None:
                 rec.missing_since = now
                 self._dirty_nodes.add(info.name)  # send the set again
@@ -738,8 +746,9 @@ class Balancer:
     def _on_reports(self, name: str, payload: bytes) -> None:
         rep = decode(NodeReport, payload)
         info = self.nodes.get(name)
-        if info is None or rep.node != name:
-            return
+        if info is None or rep.node != name or (info.instance and
+                                                info.instance != rep.instance):
+            return  # (an earlier run of the node: what it had is accounted for already)
         if info.online and info.instance == rep.instance:
             info.last_seen = time.monotonic()
         now = time.time()
@@ -878,7 +887,9 @@ class Balancer:
 
     def _tick(self) -> None:
         self._tick_soon = False
-        if self._round_wanted:
+        if self._round_wanted and not self._journal_error:
+            # (while the journal fails, no placement: its set could not go out, and the
+            # node would be blamed for not taking it)
             self._round_wanted = False
             self._round()
         if not self._commit_journal():
@@ -902,7 +913,7 @@ class Balancer:
             rec.group = p.group
             rec.progress = 0
             rec.assignment_json = self._assignment_json(rec)
-            rec.assigned_at = time.monotonic()
+            rec.assigned_at = 0.0  # set when its node's set goes out
             rec.missing_since = None
             info.assigned[rec.id] = None
             self._dirty_nodes.add(p.node)
@@ -927,7 +938,13 @@ class Balancer:
             return
         info.seq += 1
         if info.assigned:
-            parts = [self.tasks[tid].assignment_json for tid in info.assigned]
+            now = time.monotonic()
+            parts = []
+            for tid in info.assigned:
+                rec = self.tasks[tid]
+                if not rec.assigned_at:
+                    rec.assigned_at = now
+                parts.append(rec.assignment_json)
             head = encode_json({"v": 1, "node": name, "balancer": self.instance,
                                 "seq": info.seq})
             payload = head[:-1] + b',"tasks":[' + b",".join(parts) + b"]}"

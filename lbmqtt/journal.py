@@ -147,13 +147,17 @@ class Journal:
         db = self._db
         db.execute("BEGIN")
         try:
-            if rows:
-                db.executemany(_UPSERT, rows)
+            # deletes first: an id that expired and was submitted again in the same group
+            # must end up written, not deleted
             if gone:
                 db.executemany("DELETE FROM tasks WHERE id = ?", gone)
+            if rows:
+                db.executemany(_UPSERT, rows)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
         self.commits += 1
         self.rows_written += len(rows)

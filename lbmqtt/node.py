@@ -286,17 +286,24 @@ class Node:
         Returns True if the node was left holding nothing. Call :meth:`stop` afterwards.
         """
         grace = self.settings.node_drain_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         t = self._transport
-        if t is None or not t.connected or self._stopping:
+        if t is None or self._stopping:
             return not self._local
-        self._draining = True
+        self._draining = True  # from now on nothing new starts
+        if not t.connected and self._local:
+            # cut off from the broker: the balancer cannot take anything back or
+            # acknowledge results until we are back, so wait (within the grace) for that
+            with contextlib.suppress(Exception):
+                await t.wait_ready(max(0.0, deadline - time.monotonic()))
+        if not t.connected:
+            return not self._local
         self._flush()  # "started" reports go before the status: started tasks stay ours
         t.publish(self.topics.node_status(self.name), self._status().encode(), qos=1,
                   retain=True)
         running = sum(1 for lt in self._local.values() if lt.state == "running")
         log.info("node %s draining: %d task(s) running, %d not started go back (at most "
                  "%g s)", self.name, running, len(self._local) - running, grace)
-        deadline = time.monotonic() + grace
         while self._local and not (urgent is not None and urgent.is_set()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -427,6 +434,8 @@ class Node:
             memory_mb=_memory_mb(), speed=self.settings.node_speed,
             heartbeat_s=self.settings.heartbeat_s, resources=self.resources,
             tags=sorted(set(self.settings.node_tags)), draining=self._draining,
+            pending=[TaskRef(id=lt.a.id, attempt=lt.a.attempt) for lt in self._local.values()
+                     if lt.state == "pending"] if self._draining else [],
         )
 
     def _on_connect(self) -> None:

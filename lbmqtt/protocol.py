@@ -331,7 +331,9 @@ class NodeStatus(_Lenient):
     """Counted resources and their capacity (``cores``, ``memory_mb``, ``gpu``...)."""
     tags: list[str] = []
     draining: bool = False
-    """Shutting down gracefully: give it no more work, take back what it has not started."""
+    """Shutting down gracefully: give it no more work, take back ``pending``."""
+    pending: list[TaskRef] = []
+    """When draining: the tasks it holds and will not start (the balancer takes them back)."""
 
 
 class TaskRef(_Lenient):

@@ -39,6 +39,15 @@ def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) ->
     again.close()
 
 
+def test_an_id_deleted_and_written_in_one_group_stays_written(tmp_path: Path) -> None:
+    # an expired task's id submitted again before the next group commit
+    j = Journal(tmp_path / "j.sqlite3")
+    j.commit([_row("x", 1, "done")])
+    j.commit([_row("x", 2)], deleted=["x"])
+    assert [(r.id, r.status) for r in j.load()] == [("x", "queued")]
+    j.close()
+
+
 def test_journal_of_another_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     Journal(path).close()
@@ -100,9 +109,10 @@ def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None
         assert db.execute("SELECT count(*) FROM tasks WHERE id = ?", (tid,)).fetchone() == (0,)
 
 
-def test_nothing_is_acknowledged_while_the_journal_cannot_write(
+def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
         system: System, raw: Any) -> None:
     b = system.start_balancer()
+    system.start_node("n1")
     assert b.journal is not None
     path = b.journal.path
     topics = Topics(system.settings.topic_prefix)
@@ -112,10 +122,14 @@ def test_nothing_is_acknowledged_while_the_journal_cannot_write(
     system.lt.call(b.journal._db.close)
     rc.publish(topics.submit("carol"), json.dumps(
         {"v": 1, "id": "j-1", "name": "HELLO", "args": JOHN, "notify": "events"}))
-    wait_for(lambda: system.lt.call(lambda: b.counters["journal_errors"]) >= 1, 10,
-             "the failed group commit")
-    # Then the submit is not acknowledged (the state goes out in the tick that commits)
+    wait_for(lambda: system.lt.call(lambda: b.counters["journal_errors"]) >= 3, 10,
+             "failed group commits")
+    # Then the submit is not acknowledged (the state goes out in the tick that commits),
+    # and not placed either: its node could not be told, and would be blamed for it
     assert rc.payloads(topics.events("carol")) == []
+    rec = system.record("j-1")  # (placed in memory in the first failing tick at most)
+    assert rec.status in (Status.QUEUED, Status.ASSIGNED) and rec.attempt <= 1
+    assert not rec.assigned_at  # no set carrying it went out
 
     # When the journal works again, the held acknowledgement goes out
     def repair() -> None:
@@ -126,4 +140,12 @@ def test_nothing_is_acknowledged_while_the_journal_cannot_write(
     got = wait_for(lambda: rc.payloads(topics.events("carol")), 10, "the acknowledgement")
     assert json.loads(got[0])["states"][0]["id"] == "j-1"
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT status FROM tasks WHERE id = 'j-1'").fetchone() == ("queued",)
+        assert db.execute("SELECT status FROM tasks WHERE id = 'j-1'").fetchone() in (
+            ("queued",), ("assigned",), ("running",), ("done",))
+
+    def finished() -> bool:
+        states = [s for p in rc.payloads(topics.events("carol"))
+                  for s in json.loads(p)["states"]]
+        return any(s["status"] == "done" and s["attempt"] == 1 for s in states)
+
+    wait_for(finished, 20, "the task to run once the journal works again")

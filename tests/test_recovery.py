@@ -178,3 +178,32 @@ def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_start
     system.start_node("n2", tasks=[TEST_TASKS])
     state = client.wait_state(waiting, timeout=20)
     assert (state.node, state.attempt, state.result["args"]) == ("n2", 1, "later")
+
+
+def test_a_draining_node_keeps_a_running_task_the_balancer_thinks_is_only_assigned(
+        system: System, client: Client, tmp_path: Path) -> None:
+    b = system.start_balancer()
+    node = system.start_node("n1", tasks=[TEST_TASKS])
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 5})
+    wait_for(started.exists, 20, "the BLOCK task to start")
+    wait_for(lambda: system.record(tid).status == Status.RUNNING, 10, "the started report")
+
+    # Given a balancer whose view is stale (its "started" report was lost)
+    def forget_start() -> None:
+        b.tasks[tid].status = Status.ASSIGNED
+
+    system.lt.call(forget_start)
+    drained = asyncio.run_coroutine_threadsafe(node.drain(grace_s=30), system.lt.loop)
+    wait_for(lambda: system.lt.call(lambda: b.nodes["n1"].status.draining), 10,
+             "the draining status")
+    # Then the running task is not taken back: it finishes where it runs, first attempt
+    assert system.lt.call(lambda: b.counters["taken_back"]) == 0
+    gate.touch()
+    assert client.wait(tid, timeout=20) == {"pid": node_pid_of(client, tid), "opened": True,
+                                            "attempt": 1, "value": 5}
+    assert drained.result(20) is True
+
+
+def node_pid_of(client: Client, tid: str) -> int:
+    return int(client.get(tid).result["pid"])
