@@ -36,6 +36,7 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, coerce_settings
+from .discovery import resolve as resolve_broker
 from .errors import ConfigError, DecodeError, ErrorCode
 from .health import online_status
 from .journal import Journal, JournalRow, default_path
@@ -192,6 +193,7 @@ class Balancer:
             ConfigError: another balancer is online on the same broker and prefix (two
                 would overwrite each other's assignment sets).
         """
+        self.settings = await resolve_broker(self.settings)
         s, t = self.settings, self.topics
         await self._check_alone()
         self._open_journal()

@@ -254,11 +254,28 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
     finally:
         amqtt_log.setLevel(level)
     print(f"lbmqtt broker: listening on {host}:{broker.port} ({AMQTT_VERSION})", flush=True)
+    advertiser = None
+    if settings.broker_advertise:
+        from .discovery import Advertiser
+
+        advertiser = Advertiser(host, broker.port, settings.topic_prefix)
+        try:
+            addresses = await asyncio.to_thread(advertiser.start)
+        except Exception as exc:  # no multicast here: the broker serves all the same
+            log.warning("could not advertise the broker by mDNS: %s", exc)
+            advertiser = None
+        else:
+            if addresses:
+                print(f"lbmqtt broker: advertised by mDNS on {', '.join(addresses)} "
+                      f"(BROKER_HOST \"auto\" finds it)", flush=True)
     if ready_fd is not None:
         with os.fdopen(ready_fd, "w") as f:
             f.write(json.dumps({"host": host, "port": broker.port}) + "\n")
     try:
         await stop.wait()
     finally:
+        if advertiser is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(advertiser.close)
         await broker.stop()
         print("lbmqtt broker: stopped", flush=True)

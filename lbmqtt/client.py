@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .config import Settings, coerce_settings
+from .discovery import resolve as resolve_broker
 from .errors import (
     BalancerUnavailable,
     ConfigError,
@@ -142,6 +143,7 @@ class AsyncClient:
         Raises:
             BrokerUnavailable: the broker is not reachable within ``CONNECT_TIMEOUT_S``.
         """
+        self.settings = await resolve_broker(self.settings)
         s = self.settings
         self._loop = asyncio.get_running_loop()
         self._transport = MqttTransport(
@@ -611,7 +613,6 @@ class Client:
                  user: str | None = None, ack_timeout_s: float | None = None):
         self._async = AsyncClient(parameters, user=user, ack_timeout_s=ack_timeout_s)
         self.user = self._async.user
-        self.settings = self._async.settings
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lbmqtt-client",
                                         daemon=True)
@@ -622,6 +623,11 @@ class Client:
         except BaseException:
             self._stop_loop()
             raise
+
+    @property
+    def settings(self) -> Settings:
+        """The settings in use (with the broker address found, if BROKER_HOST was auto)."""
+        return self._async.settings
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if self._closed:

@@ -81,7 +81,8 @@ class Settings(BaseModel):
 
     # -- broker ---------------------------------------------------------------------------
     broker_host: str = Field("127.0.0.1", alias="BROKER_HOST", min_length=1)
-    """Host every component connects to (and the embedded broker binds to by default)."""
+    """Host every component connects to (and the embedded broker binds to by default);
+    ``"auto"``: find the broker on the LAN by mDNS (the embedded one then binds 0.0.0.0)."""
     broker_port: int = Field(1883, alias="BROKER_PORT", ge=0, le=65535)
     broker_embedded: bool = Field(True, alias="BROKER_EMBEDDED")
     """``lbmqtt up`` starts the embedded amqtt broker; false: use an external broker."""
@@ -90,6 +91,10 @@ class Settings(BaseModel):
     broker_username: str | None = Field(None, alias="BROKER_USERNAME")
     broker_password: str | None = Field(None, alias="BROKER_PASSWORD")
     broker_keepalive_s: int = Field(5, alias="BROKER_KEEPALIVE_S", ge=1, le=3600)
+    broker_advertise: bool = Field(True, alias="BROKER_ADVERTISE")
+    """The embedded broker advertises itself by mDNS when it listens beyond loopback."""
+    discovery_timeout_s: float = Field(5.0, alias="DISCOVERY_TIMEOUT_S", gt=0, le=300)
+    """How long ``BROKER_HOST: "auto"`` looks for a broker."""
     topic_prefix: str = Field("lbmqtt/v1", alias="TOPIC_PREFIX",
                               pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
@@ -178,7 +183,9 @@ class Settings(BaseModel):
     @property
     def bind_host(self) -> str:
         """Address the embedded broker listens on."""
-        return self.broker_bind or self.broker_host
+        if self.broker_bind:
+            return self.broker_bind
+        return "0.0.0.0" if self.broker_host == "auto" else self.broker_host  # noqa: S104
 
     def with_overrides(self, **values: Any) -> Settings:
         """Return a copy with some settings replaced (keys are field names), validated."""

@@ -57,6 +57,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
 from .config import Settings
+from .discovery import resolve as resolve_broker
 from .errors import DecodeError
 from .mqtt import MessageHandler, MqttTransport, Will
 from .protocol import BalancerStats, BalancerStatus, DashboardStatus, Topics, decode
@@ -508,6 +509,7 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
     try:
         server = start_server(state, settings.monitor_ip, settings.monitor_port)
         try:
+            settings = await resolve_broker(settings)
             transport = dashboard_transport(settings, state, server.url)
             await transport.start()
             print(f"lbmqtt dashboard: {server.url}", flush=True)

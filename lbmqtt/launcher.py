@@ -134,7 +134,15 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
                 i = common.index("--broker-port")
                 del common[i:i + 2]
             common += ["--broker-port", str(port)]
-            broker_url = f"mqtt://{settings.broker_host}:{port} (embedded amqtt)"
+            host = settings.broker_host
+            if host == "auto":  # the broker is ours: the local parts need no discovery
+                if "--broker-host" in common:
+                    i = common.index("--broker-host")
+                    del common[i:i + 2]
+                host = "127.0.0.1"
+                common += ["--broker-host", host]
+            broker_url = f"mqtt://{host}:{port} (embedded amqtt, listening on " \
+                         f"{settings.bind_host})"
         children.append(_spawn("balancer", ["balancer", *common]))
         if dashboard:
             children.append(_spawn("dashboard", ["dashboard", *common]))

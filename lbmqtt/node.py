@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from . import __version__
 from .config import Settings, WorkerGroup, coerce_settings
+from .discovery import resolve as resolve_broker
 from .errors import ConfigError
 from .health import online_status
 from .mqtt import MqttTransport, Will
@@ -237,6 +238,7 @@ class Node:
         for r in refs:
             args += ["--ref", r]
         self._worker_args = args
+        self.settings = await resolve_broker(self.settings)
         await self._check_name_is_free()
         groups = [GroupInfo(index=i, workers=g.n_workers, min_p=g.min_p, max_p=g.max_p,
                             nice=g.process_p) for i, g in enumerate(self._groups)]

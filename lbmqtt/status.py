@@ -7,6 +7,7 @@ import time
 import uuid
 
 from .config import Settings
+from .discovery import resolve as resolve_broker
 from .errors import BalancerUnavailable, LbmqttError
 from .mqtt import MqttTransport
 from .protocol import BalancerStats, BalancerStatus, Topics, decode
@@ -19,6 +20,7 @@ async def fetch_stats(settings: Settings, timeout_s: float = 5.0) -> BalancerSta
         BrokerUnavailable: the broker is not reachable.
         BalancerUnavailable: no stats within ``timeout_s`` or the balancer is offline.
     """
+    settings = await resolve_broker(settings)
     topics = Topics(settings.topic_prefix)
     got: asyncio.Future[BalancerStats] = asyncio.get_running_loop().create_future()
     offline: list[bool] = []

@@ -176,7 +176,7 @@ class Cluster:
             "JOURNAL_PATH": str(workdir / "journal.sqlite3"), "NODE_TASKS": [TEST_TASKS],
             "RESULT_RESEND_S": 1.0, "TASK_MAX_ATTEMPTS": 10, "CONNECT_TIMEOUT_S": 5.0,
             "CLIENT_ACK_TIMEOUT_S": 60.0, "LB_QUEING_MAXPERUSER": 0,
-            "RESULT_COLLECTED_TTL_S": 600.0,
+            "RESULT_COLLECTED_TTL_S": 600.0, "BROKER_ADVERTISE": False,
         }
         self.values.update(overrides or {})
         self.procs: dict[str, Proc] = {}
@@ -209,27 +209,27 @@ class Cluster:
         p = self.procs[name] = Proc(name, child.proc, log)
         return p
 
-    def start_broker(self) -> None:
+    def start_broker(self, *, wrap: tuple[str, ...] = ()) -> None:
         if self.broker_kind == "mosquitto":
             exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
             conf = self.workdir / "mosquitto.conf"
             conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\n"
                             "persistence false\nmax_keepalive 60\n")
             log = self._log("broker")
-            popen = subprocess.Popen([exe, "-c", str(conf)], stdout=log,
+            popen = subprocess.Popen([*wrap, exe, "-c", str(conf)], stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
             self.procs["broker"] = Proc("broker", popen, log)
-        else:
-            self._start("broker", ["broker", "--bind", self.host])
-        wait_until(lambda: listening(self.host, self.port), 15, "the broker to listen")
+            wait_until(lambda: listening(self.host, self.port), 15, "the broker to listen")
+        else:  # (ready once listening: it says so on the ready pipe)
+            self._start("broker", ["broker", "--bind", self.host], wrap=wrap)
 
-    def start_balancer(self, timeout: float = 30.0) -> None:
+    def start_balancer(self, timeout: float = 30.0, *, wrap: tuple[str, ...] = ()) -> None:
         # After a SIGKILL the old balancer's will may not have fired yet ("another
         # balancer is online"): try again for a few seconds, as a supervisor would.
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self._start("balancer", ["balancer"])
+                self._start("balancer", ["balancer"], wrap=wrap)
                 return
             except LaunchError:
                 if time.monotonic() > deadline:
@@ -237,11 +237,11 @@ class Cluster:
                 time.sleep(0.2)
 
     def start_node(self, name: str, workers: int = 2, *, wrap: tuple[str, ...] = (),
-                   speed: float | None = None) -> None:
+                   speed: float | None = None, env: dict[str, str] | None = None) -> None:
         args = ["node", "--name", name, "--workers", str(workers)]
         if speed is not None:
             args += ["--speed", str(speed)]
-        self._start(name, args, wrap=wrap)
+        self._start(name, args, wrap=wrap, env=env)
 
     def pid(self, name: str) -> int:
         return self.procs[name].popen.pid
@@ -315,6 +315,67 @@ class Cluster:
             text = path.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(out)
+
+
+class Lan:
+    """A LAN of our own: a switch (a bridge in its own network namespace) and hosts (one
+    namespace each, joined to the switch by a veth pair) on ``10.X.Y.0/24``. Nothing of it
+    touches the machine's own interfaces; leaving the ``with`` block deletes it all."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self) -> None:
+        self.tag = f"{os.getpid() % 10000}{next(self._ids) % 10}"
+        n = int(self.tag) % 62000
+        self.subnet = f"10.{200 + n // 250 % 50}.{n % 250}"
+        self.switch = f"lbqsw{self.tag}"
+        self.hosts: dict[str, LanHost] = {}
+        self._made: list[str] = []
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    def __enter__(self) -> Lan:
+        self._ip("netns", "add", self.switch)
+        self._made.append(self.switch)
+        self._ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", self.switch, "link", "set", "br0", "up")
+        return self
+
+    def add_host(self, name: str) -> LanHost:
+        k = len(self.hosts) + 1
+        ns = f"lbq{self.tag}{name}"[:30]
+        a, b = f"lq{self.tag}h{k}a", f"lq{self.tag}h{k}b"
+        self._ip("netns", "add", ns)
+        self._made.append(ns)
+        self._ip("link", "add", a, "type", "veth", "peer", "name", b)
+        self._ip("link", "set", a, "netns", ns)
+        self._ip("link", "set", b, "netns", self.switch)
+        self._ip("-n", self.switch, "link", "set", b, "master", "br0")
+        self._ip("-n", self.switch, "link", "set", b, "up")
+        ip = f"{self.subnet}.{k}"
+        self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", a)
+        self._ip("-n", ns, "link", "set", a, "up")
+        self._ip("-n", ns, "link", "set", "lo", "up")
+        host = self.hosts[name] = LanHost(name, ns, ip)
+        return host
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in reversed(self._made):  # deleting a namespace deletes its veth ends
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self._ip("netns", "del", ns)
+        self._made.clear()
+
+
+@dataclass(frozen=True)
+class LanHost:
+    name: str
+    netns: str
+    ip: str
+
+    @property
+    def wrap(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.netns)
 
 
 # --------------------------------------------------------------------- the stream
@@ -459,5 +520,5 @@ def account(expected: dict[str, int], states: dict[str, TaskState | None],
     return acc
 
 
-__all__ = ["Accounting", "Cluster", "NetNs", "Stream", "account", "children_of",
+__all__ = ["Accounting", "Cluster", "Lan", "LanHost", "NetNs", "Stream", "account", "children_of",
            "free_port", "listening", "wait_until"]

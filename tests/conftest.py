@@ -173,8 +173,14 @@ def make_settings(port: int, prefix: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def settings(broker: BrokerThread, prefix: str) -> Settings:
-    return make_settings(broker.port, prefix)
+def broker_port(broker: BrokerThread) -> int:
+    """The port of the broker a test talks to (test_e2e.py runs on Mosquitto too)."""
+    return broker.port
+
+
+@pytest.fixture
+def settings(broker_port: int, prefix: str) -> Settings:
+    return make_settings(broker_port, prefix)
 
 
 class System:
@@ -299,11 +305,11 @@ class RawClient:
 
 
 @pytest.fixture
-def raw(broker: BrokerThread) -> Iterator[Callable[..., RawClient]]:
+def raw(broker_port: int) -> Iterator[Callable[..., RawClient]]:
     made: list[RawClient] = []
 
     def make(**kwargs: Any) -> RawClient:
-        rc = RawClient(broker.port, **kwargs).connect()
+        rc = RawClient(broker_port, **kwargs).connect()
         made.append(rc)
         return rc
 

@@ -26,6 +26,15 @@ def with_test_tasks(system: System) -> System:
     return system
 
 
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def broker_port(request: pytest.FixtureRequest, broker: Any) -> int:
+    """Every test here runs against the embedded broker and against Mosquitto: lbmqtt uses
+    standard MQTT 3.1.1 only, so only the port differs."""
+    if request.param == "mosquitto":
+        return int(request.getfixturevalue("mosquitto"))
+    return int(broker.port)
+
 def test_hello_comes_back_from_the_python_client(running: System, client: Client) -> None:
     task_id = client.submit("HELLO", JOHN)
     assert client.wait(task_id, timeout=20) == "Hello John Doe !"
@@ -254,8 +263,9 @@ def test_nice_level_comes_from_processP(system: System, client: Client) -> None:
     assert client.wait(client.submit("ECHO", {}), timeout=20)["nice"] == min(19, base + 7)
 
 
-def test_quota_refuses_submits_beyond_the_cap(system: System, broker: Any, prefix: str) -> None:
-    s = make_settings(broker.port, prefix, LB_QUEING_MAXPERUSER=2)
+def test_quota_refuses_submits_beyond_the_cap(system: System, broker_port: int,
+                                              prefix: str) -> None:
+    s = make_settings(broker_port, prefix, LB_QUEING_MAXPERUSER=2)
     system.start_balancer(s)  # no node: everything stays queued
     with Client(s, user="greedy") as c:
         c.submit("HELLO", JOHN)
@@ -321,8 +331,8 @@ def test_get_and_cancel_of_unknown_or_foreign_tasks_raise(running: System, clien
 
 
 def test_collected_results_are_forgotten_after_the_grace_period(
-        system: System, broker: Any, prefix: str) -> None:
-    s = make_settings(broker.port, prefix, RESULT_COLLECTED_TTL_S=0)
+        system: System, broker_port: int, prefix: str) -> None:
+    s = make_settings(broker_port, prefix, RESULT_COLLECTED_TTL_S=0)
     system.start_balancer(s)
     system.start_node("n1", settings=s)
     with Client(s, user="alice") as c:
@@ -402,8 +412,9 @@ def _alive(pid: int) -> bool:
 
 
 
-def test_map_beyond_the_queue_cap_paces_itself(system: System, broker: Any, prefix: str) -> None:
-    s = make_settings(broker.port, prefix, LB_QUEING_MAXPERUSER=5)
+def test_map_beyond_the_queue_cap_paces_itself(system: System, broker_port: int,
+                                               prefix: str) -> None:
+    s = make_settings(broker_port, prefix, LB_QUEING_MAXPERUSER=5)
     system.start_balancer(s)
     system.start_node("n1", settings=s)
     with Client(s, user="alice") as c:
