@@ -64,8 +64,10 @@ class WorkerGroup(BaseModel):
 
 
 def _default_groups() -> list[WorkerGroup]:
+    """One slot per core for ordinary work (0..9, nice 10, so the machine stays usable),
+    plus one slot kept free for urgent work (10..1000)."""
     return [
-        WorkerGroup(nWorkers=2, minP=0, maxP=9, processP=10),
+        WorkerGroup(nWorkers=max(1, os.cpu_count() or 1), minP=0, maxP=9, processP=10),
         WorkerGroup(nWorkers=1, minP=10, maxP=1000, processP=0),
     ]
 
@@ -316,6 +318,8 @@ def load_settings(
         source = str(p)
         base = p.resolve().parent
         data = _read_file(p)
+        # keys starting with "_" are comments (JSON has none): "_about": "..."
+        data = {k: v for k, v in data.items() if not k.startswith("_")}
         for key in sorted(OBSOLETE_KEYS & data.keys()):
             log.warning("%s: ignoring pyLoadBalancer key %s (lbmqtt talks through the MQTT "
                         "broker: see BROKER_HOST / BROKER_PORT)", source, key)

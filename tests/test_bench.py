@@ -1,0 +1,39 @@
+"""The benchmark scripts still run (tiny sizes) and end with their JSON line. Their figures
+are read by people, never asserted here, except the chaos accounting, which is correctness."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(*args: str, timeout: float = 120) -> dict[str, Any]:
+    run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def test_bench_nodes_runs() -> None:
+    out = _bench("bench/nodes.py", "--nodes", "5", "--tasks", "50", "--rest-s", "0.5")
+    assert out["nodes_used"] >= 1 and out["dispatch_tasks_per_s"] > 0
+
+
+def test_bench_journal_runs() -> None:
+    out = _bench("bench/journal.py", "--tasks", "2000", "--repeat", "1")
+    assert out["restart_s"] >= 0 and out["journal_mb"] > 0
+
+
+def test_bench_chaos_loses_nothing_in_a_short_run() -> None:
+    out = _bench("bench/chaos.py", "--seconds", "7", "--faults", "worker-kill,balancer-kill",
+                 "--interval", "2", "3", "--nodes", "2", "--seed", "3", timeout=240)
+    assert out["submitted"] > 0
+    assert (out["lost"], out["duplicated"], out["wrong"]) == (0, 0, 0), out
