@@ -50,6 +50,34 @@ from lbmqtt.mqtt import MqttTransport  # noqa: E402
 DEMO = str(ROOT / "nodes" / "demo_tasks.py")
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def workers_of(pid: int) -> list[int]:
+    """The worker processes under a node daemon."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == pid:
+                out.append(int(entry))
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     if not values:
@@ -178,6 +206,8 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--sleep-ms", type=float, default=50.0)
     ap.add_argument("--journal", choices=["on", "off", "full"], default="on")
+    ap.add_argument("--pipeline-window", type=int, default=None, metavar="N",
+                    help="PIPELINE_WINDOW_MAX for the balancer (0: no pipelining)")
     ap.add_argument("--rounds", type=int, default=3, help="journal scenario: rounds")
     args = ap.parse_args()
     args.tasks = args.tasks or {"throughput": 2000, "latency": 200, "sleep": 200,
@@ -193,6 +223,8 @@ def main() -> None:
         env["LBMQTT_JOURNAL_PATH"] = "none" if mode == "off" else str(
             workdir / f"journal-{run}.sqlite3")
         env["LBMQTT_JOURNAL_SYNC"] = "full" if mode == "full" else "normal"
+        if args.pipeline_window is not None:
+            env["LBMQTT_PIPELINE_WINDOW_MAX"] = str(args.pipeline_window)
         return env
 
     result: dict[str, Any] = {}
@@ -205,14 +237,29 @@ def main() -> None:
         common = ["--broker-port", str(port), "--prefix", prefix]
         modes = ["off", "on", "full"] * args.rounds if args.scenario == "journal" else [
             args.journal]
-        children.append(_spawn("node", ["node", *common, "--tasks", DEMO, "--name", "bench",
-                                        "--workers", str(args.workers)]))
+        node_child = _spawn("node", ["node", *common, "--tasks", DEMO, "--name", "bench",
+                                     "--workers", str(args.workers)])
+        children.append(node_child)
         base = asyncio.run(broker_baseline(port))
         runs: dict[str, list[dict[str, Any]]] = {}
         for i, mode in enumerate(modes):
             balancer = _spawn("balancer", ["balancer", *common], env=journal_env(mode, i))
+            pids = {"balancer": balancer.proc.pid, "node": node_child.proc.pid,
+                    **({"broker": children[0].proc.pid} if args.broker == "embedded" else
+                       {"broker": mosq.pid} if mosq is not None else {})}
             try:
-                runs.setdefault(mode, []).append(asyncio.run(scenario(args, port, prefix)))
+                c0 = {k: cpu_seconds(p) for k, p in pids.items()}
+                c0["client"] = time.process_time()
+                c0["workers"] = sum(cpu_seconds(p) for p in workers_of(node_child.proc.pid))
+                w0 = time.perf_counter()
+                r = asyncio.run(scenario(args, port, prefix))
+                wall = time.perf_counter() - w0
+                c1 = {k: cpu_seconds(p) for k, p in pids.items()}
+                c1["client"] = time.process_time()
+                c1["workers"] = sum(cpu_seconds(p) for p in workers_of(node_child.proc.pid))
+                # CPU of each process over the whole run (warm-up included), % of one core
+                r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
+                runs.setdefault(mode, []).append(r)
             finally:
                 stop_children([balancer])
         if args.scenario == "journal":
@@ -226,7 +273,8 @@ def main() -> None:
                     "off_tasks_per_s"]
             result.update(tasks=args.tasks, rounds=args.rounds)
         else:
-            result = {**runs[args.journal][0], "journal": args.journal}
+            result = {**runs[args.journal][0], "journal": args.journal,
+                      "pipeline_window": args.pipeline_window}
     finally:
         stop_children(children)
         if mosq is not None:

@@ -79,6 +79,8 @@ ASSIGN_GRACE_S = 3.0
 EXPIRY_CHECK_S = 1.0
 BAD_LOG_INTERVAL_S = 10.0
 RECENTLY_LOST_S = 300.0
+EWMA_ALPHA = 0.2
+DEFAULT_RTT_S = 0.005  # dispatch round trip assumed before one is measured
 
 
 @dataclass(slots=True)
@@ -111,6 +113,8 @@ class TaskRecord:
     missing_since: float | None = None
     requires: Requires = ()
     tags: frozenset[str] = NO_TAGS
+    prefetched: bool = False
+    """Placed in its node's pipelining window (no idle slot was waiting for it)."""
 
     @property
     def queue_key(self) -> _QueueKey:
@@ -140,6 +144,13 @@ class NodeInfo:
     offline_reason: str = ""
     fresh: bool = True
     """Seen for the first time: its set is (re)published by the next health check."""
+    workers: dict[int, int] = field(default_factory=dict)
+    runtime_s: float | None = None
+    """Moving average of its short tasks' runtimes (sizes its pipelining window)."""
+    rtt_s: float | None = None
+    """Moving average of the dispatch round trip: set published -> "started" received,
+    for tasks that went to an idle slot."""
+    window: int = 0
 
 
 class Balancer:
@@ -154,7 +165,8 @@ class Balancer:
         self.topics = Topics(self.settings.topic_prefix)
         self.instance = uuid.uuid4().hex[:12]
         self.started_at = time.time()
-        self.scheduler = Scheduler(max_running_per_user=self.settings.lb_running_maxperuser)
+        self.scheduler = Scheduler(max_running_per_user=self.settings.lb_running_maxperuser,
+                                   window_long_s=self.settings.pipeline_long_s)
         self.tasks: dict[str, TaskRecord] = {}
         self.nodes: dict[str, NodeInfo] = {}
         self.ready = asyncio.Event()
@@ -640,6 +652,9 @@ class Balancer:
         info.online = True
         info.instance = st.instance
         info.status = st
+        info.workers = {g.index: g.workers for g in st.groups}
+        if info.window:
+            self.scheduler.set_window(info.name, info.window)
         info.last_seen = time.monotonic()
         info.offline_since = None
         self.scheduler.set_node(NodeCaps(
@@ -754,11 +769,16 @@ class Balancer:
         if info.online and info.instance == rep.instance:
             info.last_seen = time.monotonic()
         now = time.time()
+        mono = time.monotonic()
         for s in rep.started:
             rec = self._current(info, s.id, s.attempt)
             if rec is not None and rec.status == Status.ASSIGNED:
                 self._set_status(rec, Status.RUNNING)
                 rec.started_at = now
+                if not rec.prefetched and rec.assigned_at:
+                    sample = mono - rec.assigned_at
+                    info.rtt_s = sample if info.rtt_s is None else (
+                        info.rtt_s + EWMA_ALPHA * (sample - info.rtt_s))
                 self._emit(rec)
         for p in rep.progress:
             rec = self._current(info, p.id, p.attempt)
@@ -789,6 +809,13 @@ class Balancer:
             rec.result = r.result
             if rec.node is not None:
                 self.scheduler.observe(rec.name, rec.node, r.runtime_s)
+                info = self.nodes.get(rec.node)
+                rt = max(0.0, r.runtime_s)
+                if info is not None and rt < self.settings.pipeline_long_s:
+                    # (long tasks never take a window place: they do not size it either)
+                    info.runtime_s = rt if info.runtime_s is None else (
+                        info.runtime_s + EWMA_ALPHA * (rt - info.runtime_s))
+                    self._size_window(info)
             rec.progress = 100
             self._finalize(rec, Status.DONE, now)
         elif r.status == "lost":
@@ -904,10 +931,29 @@ class Balancer:
         self._dirty_nodes.clear()
         self._flush_states()
 
+    def _size_window(self, info: NodeInfo) -> None:
+        """A node's pipelining window per slot: enough queued tasks to cover the dispatch
+        round trip at its recent runtime; none for long tasks."""
+        s = self.settings
+        rt = info.runtime_s
+        if not s.pipeline_window_max or rt is None or rt >= s.pipeline_long_s:
+            window = 0
+        else:
+            rtt = info.rtt_s if info.rtt_s is not None else DEFAULT_RTT_S
+            window = min(s.pipeline_window_max, max(1, math.ceil(rtt / max(rt, 1e-4))))
+        if window != info.window:
+            info.window = window
+            self.scheduler.set_window(info.name, window)
+            self._round_wanted = True
+
     def _round(self) -> None:
         for p in self.scheduler.schedule(time.monotonic()):
             rec = self.tasks[p.task.id]
             info = self.nodes[p.node]
+            rec.prefetched = (self.scheduler.busy(p.node, p.group)
+                              > info.workers.get(p.group, 0))
+            if rec.prefetched:
+                self.counters["prefetched"] += 1
             self._left_queue(rec)
             self._set_status(rec, Status.ASSIGNED)
             rec.attempt += 1

@@ -120,6 +120,11 @@ class Settings(BaseModel):
     """Larger inbound messages are refused (code ``too_large``)."""
     max_batch: int = Field(10_000, alias="MAX_BATCH", ge=1)
     """Most tasks in one submit message."""
+    pipeline_window_max: int = Field(8, alias="PIPELINE_WINDOW_MAX", ge=0, le=64)
+    """Most tasks a node holds per slot beyond its running ones (0: no pipelining). The
+    window of a node is sized from its recent runtimes and the dispatch round trip."""
+    pipeline_long_s: float = Field(0.5, alias="PIPELINE_LONG_S", gt=0)
+    """A node whose recent tasks run this long gets no window (nothing to gain)."""
     node_timeout_s: float = Field(5.0, alias="NODE_TIMEOUT_S", gt=0)
     """A node silent for this long is considered dead (its will covers dropped links)."""
     journal_path: str = Field("auto", alias="JOURNAL_PATH")

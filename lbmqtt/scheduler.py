@@ -19,6 +19,13 @@ Rules, applied one placement at a time while a free slot can run a queued task:
   soonest: the runtime observed for that task name on that node (moving average), else the
   name's runtime observed elsewhere scaled by the nodes' speeds, else 1 / speed; stretched
   by the node's load beyond its cores. Ties: faster node, emptier node, name, group.
+* **Pipelining.** A node may be given a *window* (:meth:`Scheduler.set_window`): up to
+  ``window`` tasks per slot beyond its free slots, which it holds and starts as slots free,
+  so that a slot does not idle while the next assignment travels. Only a task known to be
+  short there (expected runtime under ``window_long_s``) takes a place in a window: a long
+  one waits for an idle slot, which may open elsewhere first. Every such task is still
+  chosen by the rules above; an idle slot is preferred to a place in a window (expected
+  finish counts the tasks ahead).
 * **Tail.** Given the time, when no more tasks are queued than the cluster has slots, a task
   is not started on a slot if a busy slot that frees soon would finish it in under 80 % of
   the time: it waits for that slot (so the last long task does not land on the slowest
@@ -207,6 +214,8 @@ class Scheduler:
     """
 
     max_running_per_user: int = 0
+    window_long_s: float = 0.5
+    """Only tasks expected to run less than this take a place in a pipelining window."""
     runtimes: Runtimes = field(default_factory=Runtimes)
     holding: bool = False
     """The last :meth:`schedule` kept a task waiting for a faster slot: call it again soon."""
@@ -216,6 +225,7 @@ class Scheduler:
     _load: dict[str, float] = field(default_factory=dict)
     _busy: Counter[tuple[str, int]] = field(default_factory=Counter)
     _reserved: dict[str, dict[str, float]] = field(default_factory=dict)
+    _window: dict[str, int] = field(default_factory=dict)
     _running: dict[str, _Placed] = field(default_factory=dict)
     _running_by_user: Counter[str] = field(default_factory=Counter)
     _queued_by_user: Counter[str] = field(default_factory=Counter)
@@ -282,6 +292,28 @@ class Scheduler:
         """Add or update an online node."""
         self._nodes[caps.name] = caps
 
+    def set_window(self, node: str, per_slot: int) -> None:
+        """Let ``node`` hold up to ``per_slot`` tasks per slot beyond its running ones."""
+        if per_slot > 0:
+            self._window[node] = per_slot
+        else:
+            self._window.pop(node, None)
+
+    def window(self, node: str) -> int:
+        return self._window.get(node, 0)
+
+    def _window_ok(self, name: str, caps: NodeCaps, g: Group) -> bool:
+        """Whether a task of ``name`` may take a free place of group ``g`` on ``caps``: an
+        idle slot always; a place in the window only if it is known to be short there."""
+        if self._busy.get((caps.name, g.index), 0) < g.workers:
+            return True
+        return (name in self.runtimes.work
+                and self.expected_runtime(name, caps) < self.window_long_s)
+
+    def capacity(self, node: str, group: Group) -> int:
+        """Tasks a group may hold: its slots, plus the node's window for each."""
+        return group.workers * (1 + self._window.get(node, 0))
+
     def set_load(self, node: str, load: float) -> None:
         """The node's 1-minute load average (placement avoids overloaded nodes)."""
         self._load[node] = load
@@ -290,6 +322,7 @@ class Scheduler:
         """A node went offline. Returns the ids of the tasks placed on it (now unplaced)."""
         self._nodes.pop(name, None)
         self._load.pop(name, None)
+        self._window.pop(name, None)
         lost = [tid for tid, r in self._running.items() if r.node == name]
         for tid in lost:
             self.release(tid)
@@ -371,7 +404,7 @@ class Scheduler:
         free: dict[tuple[str, int], Group] = {}
         for caps in self._nodes.values():
             for g in caps.groups:
-                if self._busy.get((caps.name, g.index), 0) < g.workers:
+                if self._busy.get((caps.name, g.index), 0) < self.capacity(caps.name, g):
                     free[(caps.name, g.index)] = g
         held: set[tuple[str, str, Shape]] = set()
         self.holding = False
@@ -393,7 +426,7 @@ class Scheduler:
             if now is not None:
                 self._running[task.id].expected_end = (
                     now + self.expected_runtime(task.name, self._nodes[node]))
-            if self._busy[(node, gi)] >= free[(node, gi)].workers:
+            if self._busy[(node, gi)] >= self.capacity(node, free[(node, gi)]):
                 del free[(node, gi)]
             out.append(Placement(task, node, gi))
         return out
@@ -482,7 +515,7 @@ class Scheduler:
                 ok = fit_cache.get(fkey)
                 if ok is None:
                     ok = fit_cache[fkey] = self.fits(self._nodes[node], name, shape)
-                if not ok:
+                if not ok or not self._window_ok(name, self._nodes[node], g):
                     continue
                 t = pq.best_in_band(g.min_p, g.max_p, self._alive)
                 if t is not None and (head is None
@@ -506,10 +539,15 @@ class Scheduler:
             caps = self._nodes[node]
             if not g.accepts(task.priority) or not self.fits(caps, task.name, task.shape):
                 continue
+            if not self._window_ok(task.name, caps, g):
+                continue
             slots = caps.slots
             load = (sum(self._busy.get((node, x.index), 0) for x in caps.groups) / slots
                     if slots else 1.0)
-            key = (self.expected_runtime(task.name, caps), -caps.speed, load, node, gi)
+            # in a window, the tasks ahead of it run first (on the group's slots)
+            ahead = max(0, self._busy.get((node, gi), 0) + 1 - g.workers)
+            runtime = self.expected_runtime(task.name, caps)
+            key = (runtime * (1 + ahead / max(1, g.workers)), -caps.speed, load, node, gi)
             if best_key is None or key < best_key:
                 best, best_key = (node, gi), key
         assert best is not None  # _user_head only returns tasks some free slot can run

@@ -420,3 +420,14 @@ def test_map_beyond_the_queue_cap_paces_itself(system: System, broker_port: int,
     with Client(s, user="alice") as c:
         assert c.map("ADD", [[i] for i in range(40)], timeout=60) == list(range(40))
     assert system.stats().refused_total > 0  # the cap did bite, and map rode it out
+
+
+def test_short_tasks_are_pipelined_and_all_return_in_order(running: System,
+                                                          client: Client) -> None:
+    b = running.balancer
+    assert b is not None
+    results = client.map("ADD", [[i, 1] for i in range(300)], timeout=60)
+    assert results == [i + 1 for i in range(300)]
+    # the node's window grew from the runtimes it reported, and was used
+    assert running.lt.call(lambda: b.nodes["n1"].window) >= 1
+    assert running.lt.call(lambda: b.counters["prefetched"]) > 0

@@ -1057,3 +1057,68 @@ def test_a_node_announcing_speed_zero_is_refused_on_the_wire() -> None:
     bad = json.dumps({"v": 1, "node": "n", "instance": "i", "online": True, "speed": 0})
     with pytest.raises(DecodeError, match="speed"):
         decode(NodeStatus, bad.encode())
+
+
+# ----------------------------------------------------------------------------- pipelining
+
+
+def test_a_window_lets_a_node_hold_short_tasks_beyond_its_slots() -> None:
+    s = Scheduler(window_long_s=0.5)
+    s.set_node(node("n1", Group(0, 2, 0, 10)))
+    s.observe("a", "n1", 0.001)  # known to be short there
+    s.set_window("n1", 3)
+    for _ in range(20):
+        s.enqueue(task())
+    placed = s.schedule()
+    assert len(placed) == 2 * (1 + 3)  # two slots, three more each in the window
+    assert s.busy("n1", 0) == 8 and s.queued == 12
+    assert s.schedule() == []
+
+
+def test_a_long_or_unknown_task_never_takes_a_window_place() -> None:
+    s = Scheduler(window_long_s=0.5)
+    s.set_node(node("n1", Group(0, 1, 0, 10), tasks="ab"))
+    s.observe("a", "n1", 2.0)  # long; "b" never seen
+    s.set_window("n1", 4)
+    long_, unknown = task(name="a"), task(name="b")
+    s.enqueue(long_)
+    s.enqueue(unknown)
+    assert placed_ids(s.schedule()) == [long_.id]  # the one idle slot
+    assert s.schedule() == [] and s.is_queued(unknown.id)
+
+
+def test_an_idle_slot_elsewhere_wins_over_a_window_place() -> None:
+    s = Scheduler(window_long_s=0.5)
+    s.set_node(node("fast", Group(0, 1, 0, 10), speed=4.0))
+    s.set_node(node("slow", Group(0, 1, 0, 10), speed=1.0))
+    s.observe("a", "fast", 0.01)
+    s.observe("a", "slow", 0.012)
+    s.set_window("fast", 4)
+    first, second = task(), task()
+    s.enqueue(first)
+    s.enqueue(second)
+    placed = {p.task.id: p.node for p in s.schedule()}
+    # the fast node's slot takes the first; the second goes to the idle slow slot, not
+    # behind the first in the fast node's window (0.012 s < 2 x 0.01 s)
+    assert placed == {first.id: "fast", second.id: "slow"}
+
+
+def test_fairness_holds_within_the_windows() -> None:
+    s = Scheduler(window_long_s=0.5)
+    s.set_node(node("n1", Group(0, 2, 0, 10)))
+    s.observe("a", "n1", 0.001)
+    s.set_window("n1", 2)
+    for _ in range(10):
+        s.enqueue(task(user="alice"))
+    for _ in range(10):
+        s.enqueue(task(user="bob"))
+    placed = Counter(p.task.user for p in s.schedule())
+    assert placed == {"alice": 3, "bob": 3}
+
+
+def test_removing_a_node_forgets_its_window() -> None:
+    s = Scheduler()
+    s.set_node(node("n1"))
+    s.set_window("n1", 5)
+    s.remove_node("n1")
+    assert s.window("n1") == 0
