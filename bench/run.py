@@ -11,6 +11,10 @@ Scenarios (this file grows with the performance issue):
                 and ``full`` (fsync per group commit), alternating over ``--rounds``
                 rounds, each with a fresh balancer: medians and ratios to "off".
 
+``idle``        the whole ``lbmqtt up`` (broker, balancer, dashboard, a node with
+                ``--workers`` slots) at rest for ``--seconds``: CPU of every process, summed,
+                in % of one core (no tasks, no browser).
+
 ``--journal on|off|full`` sets the journal of the other scenarios (default on, as in
 production; the file is a temporary one).
 
@@ -29,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -197,10 +202,85 @@ async def scenario(args: argparse.Namespace, port: int, prefix: str) -> dict[str
     return out
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (Linux /proc)."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry))
+    out, stack = [pid], [pid]
+    while stack:
+        for c in kids.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def idle(args: argparse.Namespace) -> dict[str, Any]:
+    """CPU of a whole ``lbmqtt up`` at rest."""
+    workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-idle-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    env.update({"XDG_STATE_HOME": str(workdir), "LBMQTT_LOG_LEVEL": "WARNING"})
+    env["LBMQTT_WKHUB_WORKERS"] = json.dumps(
+        [{"nWorkers": args.workers, "minP": -1000, "maxP": 1000}])
+    cmd = [sys.executable, "-m", "lbmqtt", "up", "--broker-port", "0", "--monitor-port", "0",
+           "--prefix", f"bench/{uuid.uuid4().hex[:8]}"]
+    up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          env=env, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        assert up.stdout is not None
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            if not line or "Ctrl-C stops everything" in line:
+                break
+        time.sleep(3)  # let start-up work (imports, first stats) pass: a bench, not a test
+        pids = tree(up.pid)
+        names = {}
+        for p in pids:
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                joined = b" ".join(argv)
+                names[p] = ("worker" if b"lbmqtt.worker" in joined else
+                            next((a.decode() for a in argv[3:4]), "?") if b"lbmqtt" in joined
+                            else "?")
+            except OSError:
+                names[p] = "?"
+        c0 = {p: cpu_seconds(p) for p in pids}
+        w0 = time.monotonic()
+        time.sleep(args.seconds)
+        wall = time.monotonic() - w0
+        per: dict[str, float] = {}
+        for p in pids:
+            role = names.get(p, "?")
+            per[role] = per.get(role, 0.0) + 100 * (cpu_seconds(p) - c0[p]) / wall
+        total = sum(per.values())
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"scenario": "idle", "seconds": args.seconds, "workers": args.workers,
+            "cpu_pct_total": round(total, 2),
+            "cpu_pct": {k: round(v, 2) for k, v in sorted(per.items())},
+            "processes": len(pids),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                       f"Python {platform.python_version()}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenario", choices=["throughput", "latency", "sleep", "journal"])
+    ap.add_argument("scenario", choices=["throughput", "latency", "sleep", "journal", "idle"])
     ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=None)
@@ -209,7 +289,11 @@ def main() -> None:
     ap.add_argument("--pipeline-window", type=int, default=None, metavar="N",
                     help="PIPELINE_WINDOW_MAX for the balancer (0: no pipelining)")
     ap.add_argument("--rounds", type=int, default=3, help="journal scenario: rounds")
+    ap.add_argument("--seconds", type=float, default=30.0, help="idle scenario: how long")
     args = ap.parse_args()
+    if args.scenario == "idle":
+        print(json.dumps(idle(args)))
+        return
     args.tasks = args.tasks or {"throughput": 2000, "latency": 200, "sleep": 200,
                                 "journal": 2000}[args.scenario]
     prefix = f"bench/{uuid.uuid4().hex[:8]}"

@@ -37,3 +37,8 @@ def test_bench_chaos_loses_nothing_in_a_short_run() -> None:
                  "--interval", "2", "3", "--nodes", "2", "--seed", "3", timeout=240)
     assert out["submitted"] > 0
     assert (out["lost"], out["duplicated"], out["wrong"]) == (0, 0, 0), out
+
+
+def test_bench_run_idle_runs() -> None:
+    out = _bench("bench/run.py", "idle", "--seconds", "1", "--workers", "1")
+    assert out["processes"] >= 5 and out["cpu_pct_total"] >= 0
