@@ -11,6 +11,10 @@ Scenarios (this file grows with the performance issue):
                 and ``full`` (fsync per group commit), alternating over ``--rounds``
                 rounds, each with a fresh balancer: medians and ratios to "off".
 
+``lan``         the throughput scenario with the node in its own network namespace, its
+                link to the broker without and with 2 ms of added round trip (``tc netem``,
+                1 ms each way), alternating over ``--rounds``: medians and the ratio
+                (needs root and iproute2; the namespace is made and removed here).
 ``idle``        the whole ``lbmqtt up`` (broker, balancer, dashboard, a node with
                 ``--workers`` slots) at rest for ``--seconds``: CPU of every process, summed,
                 in % of one core (no tasks, no browser).
@@ -161,10 +165,12 @@ async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
     return {"broker_rtt_p50_ms": 1000 * pct(rtts, 0.5), "broker_msgs_per_s": rate}
 
 
-async def scenario(args: argparse.Namespace, port: int, prefix: str) -> dict[str, Any]:
-    if args.scenario == "journal":
+async def scenario(args: argparse.Namespace, port: int, prefix: str,
+                   host: str = "127.0.0.1") -> dict[str, Any]:
+    if args.scenario in ("journal", "lan"):
         args = argparse.Namespace(**{**vars(args), "scenario": "throughput"})
-    s = load_settings(None, env={}, overrides={"BROKER_PORT": port, "TOPIC_PREFIX": prefix,
+    s = load_settings(None, env={}, overrides={"BROKER_HOST": host, "BROKER_PORT": port,
+                                               "TOPIC_PREFIX": prefix,
                                                "CLIENT_ACK_TIMEOUT_S": 120})
     out: dict[str, Any] = {}
     async with AsyncClient(s, user="bench") as c:
@@ -218,6 +224,112 @@ def tree(pid: int) -> list[int]:
         for c in kids.get(stack.pop(), []):
             out.append(c)
             stack.append(c)
+    return out
+
+
+def _netem_available() -> bool:
+    """Whether ``tc netem`` works here (it needs the kernel's sch_netem)."""
+    from tests.cluster import NetNs
+
+    if NetNs.available():
+        return False
+    with NetNs() as ns:
+        run = subprocess.run(["tc", "qdisc", "add", "dev", ns.host_if, "root", "netem",
+                              "delay", "1ms"], capture_output=True, timeout=10, check=False)
+        return run.returncode == 0
+
+
+def lan(args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput with the node 2 ms (round trip) away from the broker, against 0 ms.
+
+    With ``tc netem`` (root, a kernel with sch_netem): the node runs in its own network
+    namespace and both ends of its link delay 1 ms. Without it: the node reaches the broker
+    through ``bench/delayproxy.py`` on loopback (1 ms each way; 0 ms for the baseline).
+    """
+    from tests.cluster import NetNs
+
+    method = "netem" if _netem_available() else "proxy"
+    prefix = f"bench/{uuid.uuid4().hex[:8]}"
+    workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-lan-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    env.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+                "LBMQTT_BROKER_ADVERTISE": "false",
+                "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")})
+    if args.pipeline_window is not None:
+        env["LBMQTT_PIPELINE_WINDOW_MAX"] = str(args.pipeline_window)
+    runs: dict[str, list[dict[str, Any]]] = {"0ms": [], "2ms": []}
+
+    def run_rounds(host: str, port: int, node_for: Any) -> None:
+        for _ in range(args.rounds):
+            for delay in ("0ms", "2ms"):
+                node = node_for(delay)
+                try:
+                    runs[delay].append(asyncio.run(scenario(args, port, prefix, host)))
+                finally:
+                    node()
+
+    children: list[Child] = []
+    try:
+        if method == "netem":
+            with NetNs() as ns:
+                children.append(_spawn("broker", ["broker", "--bind", ns.host_ip,
+                                                  "--broker-port", "0"], env=env))
+                port = int(children[0].info["port"])
+                common = ["--broker-host", ns.host_ip, "--broker-port", str(port),
+                          "--prefix", prefix]
+                children.append(_spawn("balancer", ["balancer", *common], env=env))
+                children.append(_spawn("node", ["node", *common, "--tasks", DEMO, "--name",
+                                                "bench", "--workers", str(args.workers)],
+                                       env=env, wrap=ns.wrap))
+
+                def netem_for(delay: str) -> Any:
+                    def set_(on: bool) -> None:
+                        for where, dev in (((), ns.host_if), (ns.wrap, ns.ns_if)):
+                            cmd = [*where, "tc", "qdisc", "add" if on else "del", "dev", dev,
+                                   "root"]
+                            subprocess.run([*cmd, "netem", "delay", "1ms"] if on else cmd,
+                                           check=True, capture_output=True, timeout=10)
+                    if delay == "2ms":
+                        set_(True)
+                        return lambda: set_(False)
+                    return lambda: None
+
+                run_rounds(ns.host_ip, port, netem_for)
+        else:
+            children.append(_spawn("broker", ["broker", "--broker-port", "0"], env=env))
+            port = int(children[0].info["port"])
+            common = ["--broker-port", str(port), "--prefix", prefix]
+            children.append(_spawn("balancer", ["balancer", *common], env=env))
+
+            def proxied_node(delay: str) -> Any:
+                ms = 1.0 if delay == "2ms" else 0.0
+                pport = free_port()
+                proxy = subprocess.Popen(
+                    [sys.executable, str(ROOT / "bench" / "delayproxy.py"), str(pport),
+                     "127.0.0.1", str(port), str(ms)], stdout=subprocess.PIPE, text=True)
+                assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
+                node = _spawn("node", ["node", "--broker-port", str(pport), "--prefix", prefix,
+                                       "--tasks", DEMO, "--name", f"bench{delay}",
+                                       "--workers", str(args.workers)], env=env)
+
+                def stop() -> None:
+                    stop_children([node])
+                    proxy.terminate()
+                    proxy.wait(10)
+                return stop
+
+            run_rounds("127.0.0.1", port, proxied_node)
+    finally:
+        stop_children(children)
+        shutil.rmtree(workdir, ignore_errors=True)
+    out: dict[str, Any] = {"scenario": "lan", "delay_method": method, "workers": args.workers,
+                           "tasks": args.tasks, "rounds": args.rounds}
+    for delay, rs in runs.items():
+        out[f"tasks_per_s_{delay}"] = round(statistics.median(r["tasks_per_s"] for r in rs), 1)
+        out[f"p50_ms_{delay}"] = round(statistics.median(r["p50_ms"] for r in rs), 1)
+    out["ratio_2ms_to_0ms"] = round(out["tasks_per_s_2ms"] / out["tasks_per_s_0ms"], 3)
+    out["machine"] = (f"{platform.machine()} {os.cpu_count()} cores, "
+                      f"Python {platform.python_version()}")
     return out
 
 
@@ -280,7 +392,8 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenario", choices=["throughput", "latency", "sleep", "journal", "idle"])
+    ap.add_argument("scenario",
+                    choices=["throughput", "latency", "sleep", "journal", "idle", "lan"])
     ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=None)
@@ -293,6 +406,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.scenario == "idle":
         print(json.dumps(idle(args)))
+        return
+    if args.scenario == "lan":
+        args.tasks = args.tasks or 2000
+        print(json.dumps(lan(args)))
         return
     args.tasks = args.tasks or {"throughput": 2000, "latency": 200, "sleep": 200,
                                 "journal": 2000}[args.scenario]

@@ -42,3 +42,9 @@ def test_bench_chaos_loses_nothing_in_a_short_run() -> None:
 def test_bench_run_idle_runs() -> None:
     out = _bench("bench/run.py", "idle", "--seconds", "1", "--workers", "1")
     assert out["processes"] >= 5 and out["cpu_pct_total"] >= 0
+
+
+def test_bench_run_lan_runs() -> None:
+    out = _bench("bench/run.py", "lan", "--rounds", "1", "--tasks", "100", "--workers", "2",
+                 timeout=240)
+    assert out["tasks_per_s_0ms"] > 0 and out["tasks_per_s_2ms"] > 0
