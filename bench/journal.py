@@ -2,6 +2,7 @@
 
 - group commit: the time to write one tick's worth of task records (a batch of
   ``MAX_BATCH`` = 10,000 accepted submits), per task, with ``JOURNAL_SYNC`` normal and full;
+- small commits: 4 records per commit, as a busy balancer writes them, per record write;
 - restart: the time a new balancer takes to resume ``--tasks`` queued tasks from the
   journal (read + rebuild the queues), and the journal's size on disk.
 
@@ -16,10 +17,13 @@ import argparse
 import json
 import os
 import platform
+import random
+import sqlite3
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +36,8 @@ from lbmqtt.journal import Journal  # noqa: E402
 
 def records(n: int, start: int = 0) -> list[TaskRecord]:
     now = time.time()
-    return [TaskRecord(id=f"{i:032x}", user=f"user{i % 10}", name="RENDER",
+    return [TaskRecord(id=uuid.UUID(int=random.getrandbits(128)).hex, user=f"user{i % 10}",
+                       name="RENDER",
                        args_json=b'{"scene":%d,"quality":"high"}' % i, priority=i % 3,
                        seq=i + 1, submitted_at=now, notify="events")
             for i in range(start, start + n)]
@@ -55,6 +60,45 @@ def main() -> None:
                 per_task.append((time.perf_counter() - t0) / len(batch))
             j.close()
             out[f"commit_us_per_task_{sync}"] = round(1e6 * statistics.median(per_task), 2)
+
+        # what a busy balancer does: many small group commits (4 records per tick), each
+        # record written ~4 times in its life, into a journal that already holds 100k rows
+        j = Journal(Path(d) / "small.sqlite3")
+        for start in range(0, 100_000, 10_000):
+            j.commit(Balancer._journal_row(r) for r in records(10_000, start))
+        recs = records(8_000, start=100_000)
+        t0 = time.perf_counter()
+        for _ in range(4):  # queued, assigned, running, done
+            for k in range(0, len(recs), 4):
+                j.commit(Balancer._journal_row(r) for r in recs[k:k + 4])
+        out["small_commits_us_per_write"] = round(
+            1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2)
+        j.close()
+        # baseline, same run: the same writes into a table keyed by the (random) task id,
+        # as the journal first was
+        db = sqlite3.connect(Path(d) / "by-id.sqlite3", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE tasks (id TEXT PRIMARY KEY, seq INTEGER, user TEXT, "
+                   "name TEXT, args BLOB, status TEXT, attempt INTEGER) WITHOUT ROWID")
+        put = "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+        def by_id(rs: list[TaskRecord]) -> list[tuple[object, ...]]:
+            return [(r.id, r.seq, r.user, r.name, r.args_json, "queued", 0) for r in rs]
+
+        for start in range(0, 100_000, 10_000):
+            db.execute("BEGIN")
+            db.executemany(put, by_id(records(10_000, start)))
+            db.execute("COMMIT")
+        t0 = time.perf_counter()
+        for _ in range(4):
+            for k in range(0, len(recs), 4):
+                db.execute("BEGIN")
+                db.executemany(put, by_id(recs[k:k + 4]))
+                db.execute("COMMIT")
+        out["baseline_keyed_by_id_us_per_write"] = round(
+            1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2)
+        db.close()
 
         path = Path(d) / "restart.sqlite3"
         j = Journal(path)

@@ -193,7 +193,7 @@ class Balancer:
         self.counters = Counter[str]()
         self.journal: Journal | None = None
         self._journal_dirty: dict[str, TaskRecord] = {}
-        self._journal_gone: set[str] = set()
+        self._journal_gone: set[int] = set()  # seqs of expired tasks
         self._journal_error = ""
 
     # ------------------------------------------------------------------ lifecycle
@@ -537,7 +537,6 @@ class Balancer:
                          requires=requires_of(spec.requires),
                          tags=frozenset(spec.tags) if spec.tags else NO_TAGS)
         self.tasks[task_id] = rec
-        self._journal_gone.discard(task_id)  # an expired id used again: write, not delete
         self.counters["submitted"] += 1
         self._enqueue(rec)
         self._emit(rec)
@@ -1090,7 +1089,7 @@ class Balancer:
             del self.tasks[tid]
             if self.journal is not None:
                 self._journal_dirty.pop(tid, None)
-                self._journal_gone.add(tid)
+                self._journal_gone.add(rec.seq)
             n += 1
             if rec.notify == "retained" and self._transport is not None:
                 for topic in (self.topics.task(rec.user, tid), self.topics.result(rec.user, tid)):

@@ -39,12 +39,13 @@ _COLUMNS = ("id", "user", "name", "args", "priority", "seq", "submitted_at", "no
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
-    id TEXT PRIMARY KEY, user TEXT NOT NULL, name TEXT NOT NULL, args BLOB NOT NULL,
-    priority INTEGER NOT NULL, seq INTEGER NOT NULL, submitted_at REAL NOT NULL,
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL, user TEXT NOT NULL, name TEXT NOT NULL, args BLOB NOT NULL,
+    priority INTEGER NOT NULL, submitted_at REAL NOT NULL,
     notify TEXT NOT NULL, timeout_s REAL, ref TEXT, requires TEXT, tags TEXT,
     status TEXT NOT NULL, attempt INTEGER NOT NULL, node TEXT, grp INTEGER,
     started_at REAL, finished_at REAL, result BLOB, error BLOB, collected_at REAL
-) WITHOUT ROWID;
+);
 INSERT OR IGNORE INTO meta VALUES ('schema', '1');
 """
 
@@ -136,21 +137,24 @@ class Journal:
         (n,) = self._db.execute("SELECT count(*) FROM tasks").fetchone()
         return int(n)
 
-    def commit(self, rows: Iterable[tuple[Any, ...]], deleted: Iterable[str] = ()) -> int:
-        """Write ``rows`` (tuples in :data:`_COLUMNS` order) and delete ``deleted`` ids in
-        one transaction. Returns the number of rows written. Raises sqlite3.Error."""
+    def commit(self, rows: Iterable[tuple[Any, ...]], deleted: Iterable[int] = ()) -> int:
+        """Write ``rows`` (tuples in :data:`_COLUMNS` order) and delete the rows of the
+        ``deleted`` seqs in one transaction. Returns the number of rows written. Raises
+        sqlite3.Error.
+
+        Rows are keyed by the task's ``seq`` (submit order), not its id: new rows append
+        and changes touch recent pages, so a group commit writes few pages (random ids as
+        keys cost ~2.5x more per row)."""
         t0 = time.perf_counter()
         rows = list(rows)
-        gone = [(tid,) for tid in deleted]
+        gone = [(seq,) for seq in deleted]
         if not rows and not gone:
             return 0
         db = self._db
         db.execute("BEGIN")
         try:
-            # deletes first: an id that expired and was submitted again in the same group
-            # must end up written, not deleted
             if gone:
-                db.executemany("DELETE FROM tasks WHERE id = ?", gone)
+                db.executemany("DELETE FROM tasks WHERE seq = ?", gone)
             if rows:
                 db.executemany(_UPSERT, rows)
             db.execute("COMMIT")

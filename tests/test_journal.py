@@ -29,7 +29,7 @@ def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) ->
     path = tmp_path / "j.sqlite3"
     j = Journal(path)
     j.commit([_row("b", 2), _row("a", 1), _row("c", 3)])
-    j.commit([_row("b", 2, "done")], deleted=["c"])
+    j.commit([_row("b", 2, "done")], deleted=[3])
     j.close()
     again = Journal(path)
     rows = list(again.load())
@@ -43,7 +43,7 @@ def test_an_id_deleted_and_written_in_one_group_stays_written(tmp_path: Path) ->
     # an expired task's id submitted again before the next group commit
     j = Journal(tmp_path / "j.sqlite3")
     j.commit([_row("x", 1, "done")])
-    j.commit([_row("x", 2)], deleted=["x"])
+    j.commit([_row("x", 2)], deleted=[1])
     assert [(r.id, r.status) for r in j.load()] == [("x", "queued")]
     j.close()
 
