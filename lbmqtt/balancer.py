@@ -115,6 +115,8 @@ class TaskRecord:
     tags: frozenset[str] = NO_TAGS
     prefetched: bool = False
     """Placed in its node's pipelining window (no idle slot was waiting for it)."""
+    waived: int = 0
+    """Attempts that do not count against TASK_MAX_ATTEMPTS (lost before they started)."""
 
     @property
     def queue_key(self) -> _QueueKey:
@@ -752,6 +754,12 @@ class Balancer:
             if rec is None:
                 continue
             self._unplace(rec, release=False)
+            if rec.status == Status.ASSIGNED and rec.prefetched:
+                # held in its window, never reported started: it was most likely waiting,
+                # so this attempt does not count against TASK_MAX_ATTEMPTS. (Its number
+                # stays used: a node that is only cut off may still run it, and two runs
+                # must never share an attempt number.)
+                rec.waived += 1
             self._retry_or_fail(rec, ErrorInfo(
                 type="NodeLost", message=f"node {info.name} {reason} while it held the task"),
                 now)
@@ -862,7 +870,7 @@ class Balancer:
         self._round_wanted = True
 
     def _retry_or_fail(self, rec: TaskRecord, error: ErrorInfo, now: float) -> None:
-        if rec.attempt < self.settings.task_max_attempts:
+        if rec.attempt - rec.waived < self.settings.task_max_attempts:
             log.info("task %s lost on attempt %d (%s): queued again", rec.id, rec.attempt,
                      error.message)
             self.counters["retried"] += 1

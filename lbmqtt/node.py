@@ -504,11 +504,20 @@ class Node:
             if w.state != "idle" or w.writer is None:
                 continue
             queue = self._pending[w.group.index]
-            while queue:
-                lt = queue.popleft()
-                if self._local.get(lt.a.id) is lt and lt.state == "pending":
-                    self._start_on(w, lt)
-                    break
+            if not queue:
+                continue
+            # the highest priority first, then the oldest: an urgent task does not wait
+            # behind ordinary ones held in this node's pipelining window
+            live = [lt for lt in queue if self._local.get(lt.a.id) is lt
+                    and lt.state == "pending"]
+            if not live:
+                queue.clear()
+                continue
+            best = max(range(len(live)), key=lambda i: (live[i].a.priority, -i))
+            lt = live.pop(best)
+            queue.clear()
+            queue.extend(live)
+            self._start_on(w, lt)
 
     def _start_on(self, w: _Worker, lt: _LocalTask) -> None:
         a = lt.a

@@ -207,3 +207,39 @@ def test_a_draining_node_keeps_a_running_task_the_balancer_thinks_is_only_assign
 
 def node_pid_of(client: Client, tid: str) -> int:
     return int(client.get(tid).result["pid"])
+
+
+def test_a_node_starts_the_most_urgent_task_of_its_window_first(
+        system: System, tmp_path: Path) -> None:
+    from lbmqtt.config import WorkerGroup
+
+    node = system.start_node("n1", tasks=[TEST_TASKS],
+                             groups=[WorkerGroup(nWorkers=1, minP=0, maxP=1000)])
+    started: list[str] = []
+    original = node._start_on
+
+    def recording(w: Any, lt: Any) -> None:
+        started.append(lt.a.id)
+        original(w, lt)
+
+    gate = tmp_path / "gate"
+
+    def give(tasks: list[Assignment]) -> None:
+        node._start_on = recording  # type: ignore[method-assign]
+        node._apply_set(tasks)
+
+    def a(tid: str, priority: int, args: Any) -> Assignment:
+        return Assignment(id=tid, attempt=1, user="u", name="BLOCK" if tid == "busy" else "ECHO",
+                          args=args, priority=priority, group=0)
+
+    # Given the one slot busy, and a window holding ordinary tasks and, last, an urgent one
+    busy = a("busy", 0, {"gate": str(gate)})
+    system.lt.call(lambda: give([busy]))
+    wait_for(lambda: started, 10, "the blocking task to start")
+    window = [busy, a("low1", 0, 1), a("low2", 0, 2), a("urgent", 50, 3), a("low3", 0, 4)]
+    system.lt.call(lambda: give(window))
+    assert started == ["busy"]
+    gate.touch()
+    # Then the urgent one goes next, and the others keep their order
+    wait_for(lambda: len(started) == 5, 20, "every task to start")
+    assert started == ["busy", "urgent", "low1", "low2", "low3"]
