@@ -4,7 +4,9 @@ Starts the embedded broker (unless ``BROKER_EMBEDDED`` is false), the balancer, 
 dashboard and a local node, each as ``python -m lbmqtt <command>`` in its own process and
 session, and waits for each to say it is ready (one JSON line on an inherited pipe).
 Ctrl-C or SIGTERM stops them in reverse order (SIGTERM, then SIGKILL after a grace
-period); if one of them dies, the others are stopped too. Each child also asks the kernel
+period). If one of them dies it is started again (the broker on the same port; a restarted
+balancer resumes every task from its journal); one that dies 5 times within a minute stops
+them all. Each child also asks the kernel
 to signal it if this supervisor dies, so none is left behind even after a SIGKILL.
 """
 
@@ -19,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Settings
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 SUPERVISOR_ENV = "LBMQTT_SUPERVISOR_PID"
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 
 
 class LaunchError(Exception):
@@ -42,6 +46,8 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     info: dict[str, Any]
+    args: list[str] = field(default_factory=list)
+    """The ``lbmqtt`` arguments it was started with (to start it again)."""
 
 
 def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
@@ -80,10 +86,24 @@ def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
                 buf += chunk
     finally:
         os.close(r)
-    return Child(name, proc, json.loads(buf.split(b"\n", 1)[0]))
+    return Child(name, proc, json.loads(buf.split(b"\n", 1)[0]), list(args))
 
 
 _spawn = spawn  # the name compat and older code use
+
+
+def _respawn(name: str, args: list[str], stopping: Any,
+             timeout_s: float = READY_TIMEOUT_S) -> Child:
+    """Start a part again; retried for a while (a restarted balancer may first see its dead
+    predecessor still "online" until the broker has fired that one's will)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return spawn(name, args)
+        except LaunchError:
+            if stopping() or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)  # a supervisor's back-off
 
 
 def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S,
@@ -166,14 +186,33 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
                   f"\"Doe\"}}' --wait{port_hint}", f"  lbmqtt status{port_hint}",
                   "Ctrl-C stops everything.", ""]
         print("\n".join(lines), flush=True)
+        # how to start each part again: the broker on the port it got the first time
+        specs = {c.name: c.args for c in children}
+        if "broker" in specs:
+            b_args = list(specs["broker"])
+            if "--broker-port" in b_args:
+                i = b_args.index("--broker-port")
+                del b_args[i:i + 2]
+            specs["broker"] = [*b_args, "--broker-port", common[common.index("--broker-port") + 1]]
+        restarts: dict[str, list[float]] = {}
         while not stopping:
-            for c in children:
+            for i, c in enumerate(children):
                 rc = c.proc.poll()
-                if rc is not None:
-                    log.error("%s exited unexpectedly (status %s): stopping the others",
-                              c.name, rc)
+                if rc is None:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in restarts.get(c.name, []) if now - t < RESTART_WINDOW_S]
+                if len(recent) >= MAX_RESTARTS:
+                    log.error("%s exited unexpectedly (status %s) %d times within %g s: "
+                              "stopping the others", c.name, rc, len(recent) + 1,
+                              RESTART_WINDOW_S)
                     stop_children(children, node_grace_s=node_grace)
                     return 1
+                log.warning("%s exited unexpectedly (status %s): starting it again", c.name,
+                            rc)
+                restarts[c.name] = [*recent, now]
+                children[i] = _respawn(c.name, specs[c.name], lambda: stopping)
+                print(f"lbmqtt: {c.name} is back", flush=True)
             time.sleep(0.2)  # a supervisor's poll, not a test wait
         print("lbmqtt: stopping...", flush=True)
         stop_children(children, node_grace_s=node_grace)

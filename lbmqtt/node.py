@@ -303,9 +303,11 @@ class Node:
         self._flush()  # "started" reports go before the status: started tasks stay ours
         t.publish(self.topics.node_status(self.name), self._status().encode(), qos=1,
                   retain=True)
-        running = sum(1 for lt in self._local.values() if lt.state == "running")
-        log.info("node %s draining: %d task(s) running, %d not started go back (at most "
-                 "%g s)", self.name, running, len(self._local) - running, grace)
+        states = [lt.state for lt in self._local.values()]
+        log.info("node %s draining: %d task(s) running, %d finished awaiting their "
+                 "acknowledgement, %d not started go back (at most %g s)", self.name,
+                 states.count("running"), states.count("finished"), states.count("pending"),
+                 grace)
         while self._local and not (urgent is not None and urgent.is_set()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:

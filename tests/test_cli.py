@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,3 +189,35 @@ def test_node_tasks_flag_replaces_node_tasks(running: Any) -> None:
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_up_starts_a_killed_balancer_again_and_the_tasks_carry_on() -> None:
+    from .conftest import descendants
+
+    up = start_up("--no-dashboard")
+    try:
+        port = str(up.port)
+        r = run_cli("submit", "SLEEP", '{"seconds": 1.5}', "--id", "survivor", "--broker-port",
+                    port)
+        assert r.returncode == 0, r.stderr
+        queued = [run_cli("submit", "HELLO", HELLO, "--broker-port", port).stdout.strip()
+                  for _ in range(3)]
+        balancer = next(p for p in descendants(up.proc.pid)
+                        if b"balancer" in Path(f"/proc/{p}/cmdline").read_bytes())
+        os.kill(balancer, signal.SIGKILL)
+        wait_for(lambda: "balancer is back" in up.text() or up.proc.poll() is not None, 60,
+                 "`up` to start the balancer again")
+        assert up.proc.poll() is None, up.text()
+        # the running task finished where it ran; the queued ones ran
+        r = run_cli("submit", "SLEEP", '{"seconds": 1.5}', "--id", "survivor", "--wait",
+                    "--json", "--broker-port", port)
+        state = json.loads(r.stdout)
+        assert state["status"] == "done" and state["attempt"] == 1, state
+        for tid in queued:
+            r = run_cli("submit", "HELLO", HELLO, "--id", tid, "--wait", "--broker-port", port)
+            assert r.stdout == "Hello John Doe !\n", r.stderr
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0
+    finally:
+        finish(up)
