@@ -81,6 +81,7 @@ BAD_LOG_INTERVAL_S = 10.0
 RECENTLY_LOST_S = 300.0
 EWMA_ALPHA = 0.2
 DEFAULT_RTT_S = 0.005  # dispatch round trip assumed before one is measured
+MAX_RTT_SAMPLE_S = 0.5  # a longer "round trip" was a wait (a restart, a busy node)
 
 
 @dataclass(slots=True)
@@ -207,10 +208,13 @@ class Balancer:
             ConfigError: another balancer is online on the same broker and prefix (two
                 would overwrite each other's assignment sets).
         """
+        configured = self.settings
         self.settings = await resolve_broker(self.settings)
         s, t = self.settings, self.topics
         await self._check_alone()
-        self._open_journal()
+        # named by the configured address ("auto" stays "auto"): a new address from DHCP
+        # must not mean a new, empty journal
+        self._open_journal(configured)
         offline = BalancerStatus(online=False, instance=self.instance).encode()
         self._transport = MqttTransport(
             host=s.broker_host, port=s.broker_port,
@@ -233,8 +237,8 @@ class Balancer:
             asyncio.create_task(self._ready_watch(), name="balancer-ready"),
         ]
 
-    def _open_journal(self) -> None:
-        s = self.settings
+    def _open_journal(self, configured: Settings | None = None) -> None:
+        s = configured or self.settings
         where = s.journal_path.strip()
         if where.lower() in ("none", ""):
             log.warning("JOURNAL_PATH is none: queued tasks do not survive a balancer restart")
@@ -270,7 +274,8 @@ class Balancer:
                 id=row.id, user=sys.intern(row.user), name=sys.intern(row.name),
                 args_json=bytes(row.args), priority=row.priority, seq=row.seq,
                 submitted_at=row.submitted_at, notify=row.notify, timeout_s=row.timeout_s,
-                ref=row.ref, attempt=row.attempt, started_at=row.started_at,
+                ref=row.ref, attempt=row.attempt, waived=row.waived,
+                started_at=row.started_at,
                 finished_at=row.finished_at, collected_at=row.collected_at,
                 requires=requires_of(row.requires_dict() or None),
                 tags=frozenset(row.tags_list()) or NO_TAGS)
@@ -284,6 +289,7 @@ class Balancer:
                 self._set_status(rec, status)
                 rec.assignment_json = self._assignment_json(rec)
                 rec.assigned_at = now_mono
+                rec.prefetched = True  # (its "started" says nothing about the round trip)
                 self._node_info(rec.node).assigned[rec.id] = None
                 self.scheduler.adopt(rec.id, rec.user, rec.node, rec.group, rec.requires)
             elif status.final:
@@ -313,7 +319,7 @@ class Balancer:
                 rec.started_at, rec.finished_at,
                 encode_json(rec.result) if final and rec.result is not None else None,
                 rec.error.model_dump_json().encode() if final and rec.error else None,
-                rec.collected_at)
+                rec.collected_at, rec.waived)
 
     def _commit_journal(self) -> bool:
         """Write the records changed since the last commit (one transaction). False if the
@@ -626,7 +632,7 @@ class Balancer:
                              timeout_s=a.timeout_s, status=Status.ASSIGNED, attempt=a.attempt,
                              node=name, group=a.group, assigned_at=now,
                              requires=requires_of(a.requires),
-                             tags=frozenset(a.tags) if a.tags else NO_TAGS)
+                             tags=frozenset(a.tags) if a.tags else NO_TAGS, prefetched=True)
             rec.assignment_json = self._assignment_json(rec)
             self.tasks[a.id] = rec
             self.running_by_name[a.name] += 1
@@ -782,8 +788,8 @@ class Balancer:
             if rec is not None and rec.status == Status.ASSIGNED:
                 self._set_status(rec, Status.RUNNING)
                 rec.started_at = now
-                if not rec.prefetched and rec.assigned_at:
-                    sample = mono - rec.assigned_at
+                sample = mono - rec.assigned_at
+                if not rec.prefetched and rec.assigned_at and sample < MAX_RTT_SAMPLE_S:
                     info.rtt_s = sample if info.rtt_s is None else (
                         info.rtt_s + EWMA_ALPHA * (sample - info.rtt_s))
                 self._emit(rec)
@@ -881,7 +887,7 @@ class Balancer:
         else:
             rec.error = ErrorInfo(
                 type=error.type,
-                message=f"{error.message} (attempt {rec.attempt} of "
+                message=f"{error.message} (attempt {rec.attempt - rec.waived} of "
                         f"{self.settings.task_max_attempts}: giving up)",
                 traceback=error.traceback)
             self._finalize(rec, Status.FAILED, now)

@@ -130,6 +130,7 @@ def browse(timeout_s: float, *, settle_s: float = 0.3) -> list[Found]:
         addrs = info.parsed_addresses(IPVersion.V4Only)
         if not addrs:
             return
+        addrs = sorted(addrs, key=lambda a: (not _on_a_local_subnet(a), a))
         props = {k.decode(): (v.decode() if v is not None else None)
                  for k, v in (info.properties or {}).items()}
         with lock:
@@ -151,16 +152,42 @@ def browse(timeout_s: float, *, settle_s: float = 0.3) -> list[Found]:
 
 
 def choose(found: list[Found], prefix: str) -> Found | None:
-    """The broker to use: one advertising ``prefix``, else any lbmqtt one, else any."""
-    def rank(f: Found) -> tuple[int, int, str]:
-        return (0 if f.prefix == prefix else 1, 0 if f.lbmqtt else 1, f.name)
+    """The broker to use: an lbmqtt one (TXT ``lbmqtt``; other MQTT brokers on the LAN,
+    a home-automation hub say, are ignored), preferring one advertising ``prefix``."""
+    ours = [f for f in found if f.lbmqtt]
 
-    return min(found, key=rank) if found else None
+    def rank(f: Found) -> tuple[int, str]:
+        return (0 if f.prefix == prefix else 1, f.name)
+
+    return min(ours, key=rank) if ours else None
+
+
+def _on_a_local_subnet(addr: str) -> bool:
+    """Whether ``addr`` is on one of this machine's IPv4 subnets (reachable directly: of a
+    broker's addresses, prefer those over, say, its docker0 address)."""
+    import ifaddr
+
+    try:
+        ip = ipaddress.ip_address(addr)
+        for adapter in ifaddr.get_adapters():
+            for a in adapter.ips:
+                if isinstance(a.ip, str) and not _is_loopback(a.ip):
+                    net = ipaddress.ip_network(f"{a.ip}/{a.network_prefix}", strict=False)
+                    if ip in net:
+                        return True
+    except (ValueError, OSError):
+        return False
+    return False
 
 
 def discover(settings: Settings) -> tuple[str, int]:
     """Find the broker by mDNS (blocking). Raises BrokerUnavailable if none answers."""
-    found = browse(settings.discovery_timeout_s)
+    try:
+        found = browse(settings.discovery_timeout_s)
+    except Exception as exc:  # no usable interface, no multicast...: say so plainly
+        raise BrokerUnavailable(
+            f"BROKER_HOST is \"auto\" but mDNS discovery cannot run here ({exc}): set "
+            f"BROKER_HOST to the broker's address") from exc
     best = choose(found, settings.topic_prefix)
     if best is None:
         raise BrokerUnavailable(

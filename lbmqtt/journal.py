@@ -29,12 +29,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The column order of a row tuple; the SQL below spells the same list out (kept literal).
 _COLUMNS = ("id", "user", "name", "args", "priority", "seq", "submitted_at", "notify",
             "timeout_s", "ref", "requires", "tags", "status", "attempt", "node", "grp",
-            "started_at", "finished_at", "result", "error", "collected_at")
+            "started_at", "finished_at", "result", "error", "collected_at", "waived")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,18 +44,19 @@ CREATE TABLE IF NOT EXISTS tasks (
     priority INTEGER NOT NULL, submitted_at REAL NOT NULL,
     notify TEXT NOT NULL, timeout_s REAL, ref TEXT, requires TEXT, tags TEXT,
     status TEXT NOT NULL, attempt INTEGER NOT NULL, node TEXT, grp INTEGER,
-    started_at REAL, finished_at REAL, result BLOB, error BLOB, collected_at REAL
+    started_at REAL, finished_at REAL, result BLOB, error BLOB, collected_at REAL,
+    waived INTEGER NOT NULL DEFAULT 0
 );
-INSERT OR IGNORE INTO meta VALUES ('schema', '1');
+INSERT OR IGNORE INTO meta VALUES ('schema', '2');
 """
 
 _SELECT = ("SELECT id, user, name, args, priority, seq, submitted_at, notify, timeout_s, ref, "
            "requires, tags, status, attempt, node, grp, started_at, finished_at, result, "
-           "error, collected_at FROM tasks ORDER BY seq")
+           "error, collected_at, waived FROM tasks ORDER BY seq")
 _UPSERT = ("INSERT OR REPLACE INTO tasks (id, user, name, args, priority, seq, submitted_at, "
            "notify, timeout_s, ref, requires, tags, status, attempt, node, grp, started_at, "
-           "finished_at, result, error, collected_at) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "finished_at, result, error, collected_at, waived) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 assert _UPSERT.count("?") == len(_COLUMNS)
 
 
@@ -84,6 +85,7 @@ class JournalRow:
     result: bytes | None
     error: bytes | None
     collected_at: float | None
+    waived: int = 0
 
     def requires_dict(self) -> dict[str, float]:
         return dict(json.loads(self.requires)) if self.requires else {}

@@ -470,6 +470,7 @@ class Node:
 
     def _apply_set(self, tasks: list[Assignment]) -> None:
         wanted = {a.id: a for a in tasks}
+        added = False
         for tid, lt in list(self._local.items()):
             a = wanted.get(tid)
             if a is not None and a.attempt == lt.a.attempt:
@@ -495,6 +496,11 @@ class Node:
             lt = _LocalTask(a=a, args_json=encode_json(a.args))
             self._local[a.id] = lt
             self._pending[a.group].append(lt)
+            added = True
+        if added and self._draining and self._transport is not None:
+            # sent before the balancer saw us draining: list them, so they go back too
+            self._transport.publish(self.topics.node_status(self.name),
+                                    self._status().encode(), qos=1, retain=True)
         self._dispatch()
 
     # --------------------------------------------------------------- running

@@ -203,6 +203,8 @@ class _Placed:
     user: str
     requires: Requires = ()
     expected_end: float | None = None
+    long: bool = True
+    """Not known to be short (it blocks its group's pipelining window while placed)."""
 
 
 @dataclass
@@ -226,6 +228,7 @@ class Scheduler:
     _busy: Counter[tuple[str, int]] = field(default_factory=Counter)
     _reserved: dict[str, dict[str, float]] = field(default_factory=dict)
     _window: dict[str, int] = field(default_factory=dict)
+    _long_busy: Counter[tuple[str, int]] = field(default_factory=Counter)
     _running: dict[str, _Placed] = field(default_factory=dict)
     _running_by_user: Counter[str] = field(default_factory=Counter)
     _queued_by_user: Counter[str] = field(default_factory=Counter)
@@ -305,8 +308,13 @@ class Scheduler:
     def _window_ok(self, name: str, caps: NodeCaps, g: Group) -> bool:
         """Whether a task of ``name`` may take a free place of group ``g`` on ``caps``: an
         idle slot always; a place in the window only if it is known to be short there."""
-        if self._busy.get((caps.name, g.index), 0) < g.workers:
+        key = (caps.name, g.index)
+        if self._busy.get(key, 0) < g.workers:
             return True
+        # not behind a long (or unknown) task: the place would wait for it to end
+        return not self._long_busy.get(key) and self._is_short(name, caps)
+
+    def _is_short(self, name: str, caps: NodeCaps) -> bool:
         return (name in self.runtimes.work
                 and self.expected_runtime(name, caps) < self.window_long_s)
 
@@ -348,6 +356,10 @@ class Scheduler:
         self._busy[key] -= 1
         if self._busy[key] <= 0:
             del self._busy[key]
+        if r.long:
+            self._long_busy[key] -= 1
+            if self._long_busy[key] <= 0:
+                del self._long_busy[key]
         self._running_by_user[r.user] -= 1
         if self._running_by_user[r.user] <= 0:
             del self._running_by_user[r.user]
@@ -372,9 +384,11 @@ class Scheduler:
         self._mark_placed(task_id, user, node, group, requires)
 
     def _mark_placed(self, task_id: str, user: str, node: str, group: int,
-                     requires: Requires) -> None:
-        self._running[task_id] = _Placed(node, group, user, requires)
+                     requires: Requires, *, long: bool = True) -> None:
+        self._running[task_id] = _Placed(node, group, user, requires, long=long)
         self._busy[(node, group)] += 1
+        if long:
+            self._long_busy[(node, group)] += 1
         self._running_by_user[user] += 1
         if requires:
             reserved = self._reserved.setdefault(node, {})
@@ -422,7 +436,8 @@ class Scheduler:
                 continue
             del self._alive[task.id]
             self._forget_queued(task)
-            self._mark_placed(task.id, task.user, node, gi, task.requires)
+            self._mark_placed(task.id, task.user, node, gi, task.requires,
+                              long=not self._is_short(task.name, self._nodes[node]))
             if now is not None:
                 self._running[task.id].expected_end = (
                     now + self.expected_runtime(task.name, self._nodes[node]))

@@ -22,7 +22,7 @@ JOHN = {"firstName": "John", "lastName": "Doe"}
 
 def _row(tid: str, seq: int, status: str = "queued") -> tuple[Any, ...]:
     return (tid, "u", "ECHO", b"[1]", 0, seq, 1.0, "events", None, None, None, None, status,
-            0, None, None, None, None, None, None, None)
+            0, None, None, None, None, None, None, None, 0)
 
 
 def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) -> None:

@@ -1122,3 +1122,23 @@ def test_removing_a_node_forgets_its_window() -> None:
     s.set_window("n1", 5)
     s.remove_node("n1")
     assert s.window("n1") == 0
+
+
+def test_no_window_place_behind_a_long_task() -> None:
+    s = Scheduler(window_long_s=0.5)
+    s.set_node(node("a", Group(0, 1, 0, 10), tasks="ls"))
+    s.set_node(node("b", Group(0, 1, 0, 10), tasks="ls"))
+    s.observe("l", "a", 60.0)
+    s.observe("s", "a", 0.01)
+    s.observe("s", "b", 0.01)
+    s.set_window("a", 4)
+    s.set_window("b", 4)
+    long_ = task(name="l")
+    s.enqueue(long_)
+    placed = s.schedule()
+    assert [(p.task.id, p.node) for p in placed] == [(long_.id, "a")]
+    shorts = [task(name="s") for _ in range(3)]
+    for t in shorts:
+        s.enqueue(t)
+    # every short task goes to b (its slot, then its window), none behind the 60 s task on a
+    assert {p.node for p in s.schedule()} == {"b"}
