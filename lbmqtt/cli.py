@@ -227,8 +227,9 @@ def cmd_balancer(ns: argparse.Namespace, s: Settings) -> int:
     _supervised()
 
     def ready(b: Balancer) -> None:
-        print(f"lbmqtt balancer: ready on {s.broker_host}:{s.broker_port}, topics under "
-              f"{s.topic_prefix}/ (instance {b.instance})", flush=True)
+        r = b.settings  # (with the broker found, if BROKER_HOST was auto)
+        print(f"lbmqtt balancer: ready on {r.broker_host}:{r.broker_port}, topics under "
+              f"{r.topic_prefix}/ (instance {b.instance})", flush=True)
         _write_ready(ns.ready_fd, {"instance": b.instance})
 
     asyncio.run(Balancer(s).run(on_ready=ready))
@@ -243,8 +244,9 @@ def cmd_node(ns: argparse.Namespace, s: Settings) -> int:
     node = Node(s, tasks=ns.tasks or s.node_tasks)
 
     def ready(n: Node) -> None:
+        r = n.settings
         print(f"lbmqtt node {n.name}: ready with {n.slots} worker slots on "
-              f"{s.broker_host}:{s.broker_port}, tasks {', '.join(n.task_names)}", flush=True)
+              f"{r.broker_host}:{r.broker_port}, tasks {', '.join(n.task_names)}", flush=True)
         _write_ready(ns.ready_fd, {"name": n.name, "slots": n.slots,
                                    "tasks": n.task_names})
 

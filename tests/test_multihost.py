@@ -69,6 +69,7 @@ def test_tasks_run_across_hosts_that_find_the_broker_by_mdns(lan: Lan, tmp_path:
         assert out["per_node"]["big"] > out["per_node"]["small"]  # 3 fast slots against 1
         node_log = (tmp_path / "big.log").read_text()
         assert f"found the broker {hub.ip}:{cluster.port} by mDNS" in node_log
+        assert f"ready with 3 worker slots on {hub.ip}:{cluster.port}" in node_log
         # the command line finds it too
         cli = subprocess.run([*desk.wrap, sys.executable, "-m", "lbmqtt", "submit", "ECHO",
                               '["hi"]', "--wait", "--user", "desk"],
