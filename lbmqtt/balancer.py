@@ -946,10 +946,11 @@ class Balancer:
 
     def _size_window(self, info: NodeInfo) -> None:
         """A node's pipelining window per slot: enough queued tasks to cover the dispatch
-        round trip at its recent runtime; none for long tasks."""
+        round trip at its recent short-task runtime (``runtime_s`` averages only tasks under
+        PIPELINE_LONG_S; long tasks never take a window place: Scheduler._window_ok)."""
         s = self.settings
         rt = info.runtime_s
-        if not s.pipeline_window_max or rt is None or rt >= s.pipeline_long_s:
+        if not s.pipeline_window_max or rt is None:
             window = 0
         else:
             rtt = info.rtt_s if info.rtt_s is not None else DEFAULT_RTT_S
