@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import start_mosquitto  # noqa: E402
+from bench.run import cpu_seconds, start_mosquitto  # noqa: E402
 from lbmqtt.client import AsyncClient  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
 from lbmqtt.launcher import Child, spawn, stop_children  # noqa: E402
@@ -51,14 +51,6 @@ from lbmqtt.protocol import (  # noqa: E402
     Topics,
     decode,
 )
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
 class SimNode:

@@ -55,6 +55,7 @@ from lbmqtt.client import AsyncClient  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
 from lbmqtt.launcher import Child, _spawn, stop_children  # noqa: E402
 from lbmqtt.mqtt import MqttTransport  # noqa: E402
+from tests.cluster import children_of, free_port  # noqa: E402
 
 DEMO = str(ROOT / "nodes" / "demo_tasks.py")
 
@@ -72,33 +73,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def workers_of(pid: int) -> list[int]:
-    """The worker processes under a node daemon."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
-                out.append(int(entry))
-    return out
-
-
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     if not values:
         return float("nan")
     k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return values[k]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_mosquitto() -> tuple[subprocess.Popen[bytes], int, Path]:
@@ -205,25 +185,6 @@ async def scenario(args: argparse.Namespace, port: int, prefix: str,
             ideal = n * ms / 1000 / args.workers
             out.update(tasks=n, sleep_ms=ms, makespan_s=elapsed, ideal_s=ideal,
                        efficiency=ideal / elapsed)
-    return out
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and every live descendant (Linux /proc)."""
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry))
-    out, stack = [pid], [pid]
-    while stack:
-        for c in kids.get(stack.pop(), []):
-            out.append(c)
-            stack.append(c)
     return out
 
 
@@ -352,7 +313,7 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             if not line or "Ctrl-C stops everything" in line:
                 break
         time.sleep(3)  # let start-up work (imports, first stats) pass: a bench, not a test
-        pids = tree(up.pid)
+        pids = [up.pid, *children_of(up.pid)]
         names = {}
         for p in pids:
             try:
@@ -451,13 +412,13 @@ def main() -> None:
             try:
                 c0 = {k: cpu_seconds(p) for k, p in pids.items()}
                 c0["client"] = time.process_time()
-                c0["workers"] = sum(cpu_seconds(p) for p in workers_of(node_child.proc.pid))
+                c0["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
                 w0 = time.perf_counter()
                 r = asyncio.run(scenario(args, port, prefix))
                 wall = time.perf_counter() - w0
                 c1 = {k: cpu_seconds(p) for k, p in pids.items()}
                 c1["client"] = time.process_time()
-                c1["workers"] = sum(cpu_seconds(p) for p in workers_of(node_child.proc.pid))
+                c1["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
                 # CPU of each process over the whole run (warm-up included), % of one core
                 r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
                 runs.setdefault(mode, []).append(r)

@@ -43,8 +43,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.02) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -242,6 +243,14 @@ class Cluster:
         if speed is not None:
             args += ["--speed", str(speed)]
         self._start(name, args, wrap=wrap, env=env)
+
+    def start(self, **nodes: int) -> Cluster:
+        """The broker, the balancer, and a node of that many worker slots per keyword."""
+        self.start_broker()
+        self.start_balancer()
+        for name, workers in nodes.items():
+            self.start_node(name, workers=workers)
+        return self
 
     def pid(self, name: str) -> int:
         return self.procs[name].popen.pid

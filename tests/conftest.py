@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -31,6 +30,10 @@ from lbmqtt.client import Client
 from lbmqtt.config import Settings, load_settings
 from lbmqtt.node import Node
 
+from .cluster import children_of as descendants  # noqa: F401  (the tests import it from here)
+from .cluster import free_port
+from .cluster import wait_until as wait_for
+
 T = TypeVar("T")
 
 # The balancers' journals (JOURNAL_PATH "auto") go to a throw-away state directory, also in
@@ -41,19 +44,6 @@ atexit.register(shutil.rmtree, STATE_DIR, True)
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TASKS = str(ROOT / "nodes" / "demo_tasks.py")
 TEST_TASKS = str(ROOT / "tests" / "tasks_for_tests.py")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-             interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 class LoopThread:
@@ -112,14 +102,6 @@ def broker() -> Iterator[BrokerThread]:
     b = BrokerThread()
     yield b
     b.stop()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -337,24 +319,3 @@ def process_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    stack = [pid]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            out.append(c)
-            stack.append(c)
-    return out

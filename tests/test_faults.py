@@ -82,9 +82,7 @@ def _finish(cluster: Cluster, stream: Stream, *, min_retried: int = 0) -> None:
 
 
 def test_balancer_killed_and_restarted_loses_nothing(cluster: Cluster) -> None:
-    cluster.start_broker()
-    cluster.start_balancer()
-    cluster.start_node("n1", workers=2)
+    cluster.start(n1=2)
     stream = Stream(cluster, count=120, interval_s=0.01, task_ms=50)
 
     def fault() -> None:
@@ -101,9 +99,7 @@ def test_without_the_journal_a_killed_balancer_loses_its_queue(tmp_path: Path) -
     # tasks, or that test proves nothing.
     cluster = Cluster(tmp_path, overrides={"JOURNAL_PATH": "none", "CLIENT_ACK_TIMEOUT_S": 10})
     try:
-        cluster.start_broker()
-        cluster.start_balancer()
-        cluster.start_node("n1", workers=2)
+        cluster.start(n1=2)
         stream = Stream(cluster, count=80, interval_s=0.005, task_ms=50)
 
         def fault() -> None:
@@ -122,9 +118,7 @@ def test_without_the_journal_a_killed_balancer_loses_its_queue(tmp_path: Path) -
 
 
 def test_worker_processes_killed_mid_task_lose_nothing(cluster: Cluster) -> None:
-    cluster.start_broker()
-    cluster.start_balancer()
-    cluster.start_node("n1", workers=2)
+    cluster.start(n1=2)
     stream = Stream(cluster, count=80, interval_s=0.005, task_ms=200)
 
     def fault() -> None:  # the queue is longer than the slots: both workers are busy
@@ -138,10 +132,7 @@ def test_worker_processes_killed_mid_task_lose_nothing(cluster: Cluster) -> None
 
 
 def test_node_daemon_killed_loses_nothing_and_comes_back(cluster: Cluster) -> None:
-    cluster.start_broker()
-    cluster.start_balancer()
-    cluster.start_node("n1", workers=2)
-    cluster.start_node("n2", workers=2)
+    cluster.start(n1=2, n2=2)
     stream = Stream(cluster, count=100, interval_s=0.005, task_ms=150)
 
     def fault() -> None:
@@ -153,10 +144,7 @@ def test_node_daemon_killed_loses_nothing_and_comes_back(cluster: Cluster) -> No
 
 
 def test_frozen_node_is_declared_dead_and_reconciled_when_it_thaws(cluster: Cluster) -> None:
-    cluster.start_broker()
-    cluster.start_balancer()
-    cluster.start_node("n1", workers=2)
-    cluster.start_node("n2", workers=2)
+    cluster.start(n1=2, n2=2)
     stream = Stream(cluster, count=100, interval_s=0.01, task_ms=150)
 
     def fault() -> None:  # SIGSTOP: the TCP link stays up, only the heartbeats stop
@@ -179,9 +167,7 @@ def test_broker_restart_loses_nothing(tmp_path: Path, broker: str) -> None:
         pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
     cluster = Cluster(tmp_path, broker=broker)
     try:
-        cluster.start_broker()
-        cluster.start_balancer()
-        cluster.start_node("n1", workers=2)
+        cluster.start(n1=2)
         # a foreign MQTT client's task, finished before the restart
         topics = Topics(cluster.prefix)
         retained_result = _retained(cluster, topics.result("mqtt-user", "before-restart"))
@@ -231,10 +217,7 @@ def test_node_cut_off_the_network_and_back_loses_nothing(tmp_path: Path) -> None
 
 
 def test_sigterm_drains_a_node_without_losing_or_rerunning_anything(cluster: Cluster) -> None:
-    cluster.start_broker()
-    cluster.start_balancer()
-    cluster.start_node("n1", workers=2)
-    cluster.start_node("n2", workers=2)
+    cluster.start(n1=2, n2=2)
     stream = Stream(cluster, count=60, interval_s=0.01, task_ms=300)
     outcome: dict[str, float | int | None] = {}
 

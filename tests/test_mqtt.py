@@ -12,11 +12,7 @@ from lbmqtt.broker import EmbeddedBroker
 from lbmqtt.errors import BrokerUnavailable, ConfigError
 from lbmqtt.mqtt import MqttTransport, Will
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .cluster import free_port
 
 
 async def until(predicate: Any, timeout: float = 10.0) -> None:

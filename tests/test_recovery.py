@@ -152,13 +152,20 @@ def test_wait_on_a_task_that_expired_raises_unknown_task(running: System) -> Non
     asyncio.run(scenario())
 
 
-def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_started(
-        system: System, client: Client, tmp_path: Path) -> None:
+def _block_on_n1(system: System, client: Client, tmp_path: Path,
+                 value: int) -> tuple[Balancer, Node, Path, str]:
+    """A balancer, node n1, and a BLOCK task running there until ``gate`` is touched."""
     b = system.start_balancer()
     node = system.start_node("n1", tasks=[TEST_TASKS])
     gate, started = tmp_path / "gate", tmp_path / "started"
-    running = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 1})
+    tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": value})
     wait_for(started.exists, 20, "the BLOCK task to start")
+    return b, node, gate, tid
+
+
+def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_started(
+        system: System, client: Client, tmp_path: Path) -> None:
+    b, node, gate, running = _block_on_n1(system, client, tmp_path, 1)
     # Given a task assigned to n1 that it has not started (its worker start is held back)
     system.lt.call(lambda: setattr(node, "_dispatch", lambda: None))
     waiting = client.submit("ECHO", "later")
@@ -182,11 +189,7 @@ def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_start
 
 def test_a_draining_node_keeps_a_running_task_the_balancer_thinks_is_only_assigned(
         system: System, client: Client, tmp_path: Path) -> None:
-    b = system.start_balancer()
-    node = system.start_node("n1", tasks=[TEST_TASKS])
-    gate, started = tmp_path / "gate", tmp_path / "started"
-    tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 5})
-    wait_for(started.exists, 20, "the BLOCK task to start")
+    b, node, gate, tid = _block_on_n1(system, client, tmp_path, 5)
     wait_for(lambda: system.record(tid).status == Status.RUNNING, 10, "the started report")
 
     # Given a balancer whose view is stale (its "started" report was lost)
