@@ -688,11 +688,9 @@ class Balancer:
                     or rec.status not in PLACED):
                 continue
             self._unplace(rec)
-            rec.progress = 0
             # it never ran, and its node will not run it now: the attempt does not count
             rec.attempt -= 1
-            self._enqueue(rec)
-            self._emit(rec)
+            self._requeue(rec)
             n += 1
         if n:
             self.counters["taken_back"] += n
@@ -880,10 +878,7 @@ class Balancer:
             log.info("task %s lost on attempt %d (%s): queued again", rec.id, rec.attempt,
                      error.message)
             self.counters["retried"] += 1
-            rec.progress = 0
-            rec.started_at = None
-            self._enqueue(rec)
-            self._emit(rec)
+            self._requeue(rec)
         else:
             rec.error = ErrorInfo(
                 type=error.type,
@@ -891,6 +886,13 @@ class Balancer:
                         f"{self.settings.task_max_attempts}: giving up)",
                 traceback=error.traceback)
             self._finalize(rec, Status.FAILED, now)
+
+    def _requeue(self, rec: TaskRecord) -> None:
+        """Back to the head of its queue (it keeps its seq), as if never started."""
+        rec.progress = 0
+        rec.started_at = None
+        self._enqueue(rec)
+        self._emit(rec)
 
     def _finalize(self, rec: TaskRecord, status: Status, now: float) -> None:
         self._set_status(rec, status)
