@@ -40,16 +40,20 @@ from .discovery import resolve as resolve_broker
 from .errors import ConfigError, DecodeError, ErrorCode
 from .health import online_status
 from .journal import Journal, JournalRow, default_path
+from .metrics import Metrics
 from .mqtt import MqttTransport, Will
 from .protocol import (
     AssignmentSet,
+    BalancerHistory,
     BalancerStats,
     BalancerStatus,
+    DashboardStatus,
     ErrorInfo,
     ErrorItem,
     Errors,
     Events,
     Heartbeat,
+    HistorySample,
     IdList,
     NameSummary,
     NodeReport,
@@ -57,6 +61,7 @@ from .protocol import (
     NodeSummary,
     Result,
     Status,
+    TaskRow,
     TaskSpec,
     TaskState,
     Topics,
@@ -74,7 +79,12 @@ log = logging.getLogger(__name__)
 
 PLACED = frozenset({Status.ASSIGNED, Status.RUNNING})
 HEALTH_CHECK_S = 0.5
-TIMES_KEPT = 1000  # per task name, for the mean and p95 of wait and run times
+TIMES_KEPT = 1000  # per task name, for the mean and percentiles of wait and run times
+HISTORY_KEPT = 720  # stats samples a new dashboard is sent: 6 minutes at 2 Hz
+HISTORY_NAMES = 20  # task names per history sample (the most queued)
+RECENT_KEPT = 50  # finished tasks in the stats' task table
+RUNNING_ROWS = 100  # running tasks in the stats' task table
+REFUSALS_WARN_S = 60.0  # refusals within this long are a warning
 ASSIGN_GRACE_S = 3.0
 EXPIRY_CHECK_S = 1.0
 BAD_LOG_INTERVAL_S = 10.0
@@ -198,6 +208,13 @@ class Balancer:
         self._journal_dirty: dict[str, TaskRecord] = {}
         self._journal_gone: set[int] = set()  # seqs of expired tasks
         self._journal_error = ""
+        self._history: deque[HistorySample] = deque(maxlen=HISTORY_KEPT)
+        self._recent: deque[str] = deque(maxlen=RECENT_KEPT)  # ids of finished tasks
+        self._last_refusal: tuple[float, str] | None = None  # (time, why)
+        self._last_stats: BalancerStats | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_url = ""
+        """Where the Prometheus endpoint listens ("" when METRICS_PORT is null)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -224,11 +241,12 @@ class Balancer:
             subscriptions=[(t.all_assign, 1), (t.all_submits, 1), (t.all_cancels, 1),
                            (t.all_acks, 1),
                            (t.all_queries, 1), (t.all_node_status, 1), (t.all_reports, 1),
-                           (t.all_heartbeats, 0)],
+                           (t.all_heartbeats, 0), (t.dashboard_status, 0)],
             on_connect=self._on_connect, will=Will(t.balancer_status, offline),
             keepalive_s=s.broker_keepalive_s, username=s.broker_username,
             password=s.broker_password, connect_timeout_s=s.connect_timeout_s,
         )
+        self._start_metrics()
         await self._transport.start()
         self._bg = [
             asyncio.create_task(self._health_loop(), name="balancer-health"),
@@ -236,6 +254,23 @@ class Balancer:
             asyncio.create_task(self._expiry_loop(), name="balancer-expiry"),
             asyncio.create_task(self._ready_watch(), name="balancer-ready"),
         ]
+
+    def _start_metrics(self) -> None:
+        s = self.settings
+        if s.metrics_port is None:
+            return
+        self.metrics = Metrics(lambda: self._last_stats)
+        try:
+            port = self.metrics.serve(s.metrics_ip, s.metrics_port)
+        except OSError as exc:  # the balancer matters more than its metrics: go on without
+            log.error("no metrics endpoint: cannot listen on %s:%s (%s); set METRICS_PORT "
+                      "to a free port, 0 for any, or null for none", s.metrics_ip,
+                      s.metrics_port, exc.strerror or exc)
+            self.metrics = None
+            return
+        host = f"[{s.metrics_ip}]" if ":" in s.metrics_ip else s.metrics_ip
+        self.metrics_url = f"http://{host}:{port}/metrics"
+        log.info("metrics: %s", self.metrics_url)
 
     def _open_journal(self, configured: Settings | None = None) -> None:
         s = configured or self.settings
@@ -369,6 +404,8 @@ class Balancer:
                     BalancerStatus(online=False, instance=self.instance).encode(),
                     retain=True, timeout_s=2.0)
             await t.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.journal is not None:
             self._commit_journal()
             self.journal.close()
@@ -437,6 +474,8 @@ class Balancer:
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = self.topics.parse(topic)
         if parsed is None:
+            if topic == self.topics.dashboard_status and payload:
+                self._on_dashboard(payload)
             return
         kind, name, rest = parsed
         name = sys.intern(name)  # one string per user/node, not one per message and task
@@ -486,6 +525,19 @@ class Balancer:
         elif rest == "reports":
             self._on_reports(name, payload)
 
+    def _on_dashboard(self, payload: bytes) -> None:
+        """A dashboard came online: send it the recent history, so that its charts do not
+        start empty."""
+        try:
+            online = decode(DashboardStatus, payload).online
+        except DecodeError as exc:
+            self._bad_message("dashboard", "-", "status", exc)
+            return
+        t = self._transport
+        if online and t is not None and t.connected:
+            history = BalancerHistory(instance=self.instance, samples=list(self._history))
+            t.publish(self.topics.balancer_history, history.encode(), qos=1)
+
     def _bad_message(self, kind: str, name: str, rest: str, exc: DecodeError) -> None:
         self.counters["bad_messages"] += 1
         sender = f"{kind} {name}"
@@ -500,6 +552,7 @@ class Balancer:
 
     def _error(self, user: str, code: str, message: str, *, task_id: str | None = None,
                ref: str | None = None, topic: str | None = None) -> None:
+        self._last_refusal = (time.time(), f"{user}: {message}")
         self._errors.setdefault(user, []).append(
             ErrorItem(code=code, message=message, id=task_id, ref=ref, topic=topic))
 
@@ -906,12 +959,15 @@ class Balancer:
             self.failed_by_name[rec.name] += 1
         else:
             self.counters["cancelled"] += 1
+        self._recent.append(rec.id)
         if rec.started_at is not None and status in (Status.DONE, Status.FAILED):
             times = self._times.get(rec.name)
             if times is None:
                 times = self._times[rec.name] = deque(maxlen=TIMES_KEPT)
-            times.append((max(0.0, rec.started_at - rec.submitted_at),
-                          max(0.0, now - rec.started_at)))
+            wait, run = max(0.0, rec.started_at - rec.submitted_at), max(0.0, now - rec.started_at)
+            times.append((wait, run))
+            if self.metrics is not None:
+                self.metrics.observe(rec.name, wait, run)
         heapq.heappush(self._expiry, (self._expires_at(rec), rec.id))
         self._emit(rec)
 
@@ -1117,9 +1173,11 @@ class Balancer:
         while True:
             await asyncio.sleep(self.settings.stats_interval_s)
             t = self._transport
+            stats = self.stats()
+            self._last_stats = stats
+            self._history.append(_history_sample(stats))
             if t is not None and t.connected:
-                t.publish(self.topics.balancer_stats, self.stats().encode(), qos=0,
-                          retain=True)
+                t.publish(self.topics.balancer_stats, stats.encode(), qos=0, retain=True)
 
     def stats(self) -> BalancerStats:
         """A snapshot of queues, nodes, users and warnings."""
@@ -1147,9 +1205,17 @@ class Balancer:
                                  running=self.scheduler.running_for(u)) for u in sorted(users)]
         queued_by_name = Counter[str]()
         by_prio = Counter[str]()
+        band_of = _bands(nodes)
+        by_band = Counter[str]()
+        name_bands: dict[str, Counter[str]] = {}
         for (name, prio, _, _), n in self.queued_by.items():
+            if n <= 0:
+                continue
             queued_by_name[name] += n
             by_prio[str(prio)] += n
+            band = band_of(prio)
+            by_band[band] += n
+            name_bands.setdefault(name, Counter())[band] += n
         names = sorted(set(queued_by_name) | set(self.running_by_name) | set(self.done_by_name)
                        | set(self.failed_by_name))
         warnings: list[str] = []
@@ -1173,14 +1239,26 @@ class Balancer:
                 done=self.done_by_name[name], failed=self.failed_by_name[name],
                 waiting=waiting, count=len(runs),
                 wait_mean_s=sum(waits) / len(waits) if waits else None,
-                wait_p95_s=_p95(waits), run_mean_s=sum(runs) / len(runs) if runs else None,
-                run_p95_s=_p95(runs)))
+                wait_p95_s=_pct(waits, 0.95), run_mean_s=sum(runs) / len(runs) if runs else None,
+                run_p95_s=_pct(runs, 0.95), wait_p50_s=_pct(waits, 0.5),
+                wait_p99_s=_pct(waits, 0.99), run_p50_s=_pct(runs, 0.5),
+                run_p99_s=_pct(runs, 0.99), queued_by_band=dict(name_bands.get(name, {}))))
         for info in self.nodes.values():
             if (not info.online and info.offline_since is not None
                     and now_mono - info.offline_since < RECENTLY_LOST_S):
                 warnings.append(f"node {info.name} {info.offline_reason} "
                                 f"{now_mono - info.offline_since:.0f} s ago")
         c = self.counters
+        # refusals since the newest sample older than the window (or since the start)
+        full = len(self._history) == self._history.maxlen
+        refused_before = self._history[0].refused if full else 0
+        for h in reversed(self._history):
+            if now - h.time > REFUSALS_WARN_S:
+                refused_before = h.refused
+                break
+        if c["refused"] > refused_before and self._last_refusal is not None:
+            warnings.append(f"{c['refused'] - refused_before} submission(s) refused in the "
+                            f"last {REFUSALS_WARN_S:.0f} s; last: {self._last_refusal[1]}")
         return BalancerStats(
             time=now, instance=self.instance, started_at=self.started_at,
             queued=self.scheduler.queued, running=sum(self.running_by_name.values()),
@@ -1188,11 +1266,77 @@ class Balancer:
             cancelled_total=c["cancelled"], refused_total=c["refused"],
             bad_messages_total=c["bad_messages"], slots=slots, busy=busy, nodes=nodes,
             users=user_rows, names=name_rows, queued_by_priority=dict(by_prio),
-            warnings=warnings)
+            bands=sorted(set(by_band) | {band_of.label(g) for g in band_of.groups},
+                         key=band_of.order),
+            queued_by_band=dict(by_band), tasks=self._task_rows(now), warnings=warnings)
+
+    def _task_rows(self, now: float) -> list[TaskRow]:
+        """The placed tasks (up to RUNNING_ROWS), then the most recently finished."""
+        rows: list[TaskRow] = []
+        for info in self.nodes.values():
+            for tid in info.assigned:
+                if len(rows) >= RUNNING_ROWS:
+                    break
+                rec = self.tasks.get(tid)
+                if rec is not None:
+                    rows.append(_task_row(rec, now))
+        rows.sort(key=lambda r: r.submitted_at)
+        for tid in reversed(self._recent):
+            rec = self.tasks.get(tid)
+            if rec is not None and rec.status.final:
+                rows.append(_task_row(rec, now))
+        return rows
 
 
-def _p95(sorted_values: list[float]) -> float | None:
-    """The 95th percentile (nearest rank) of already sorted values."""
+def _task_row(rec: TaskRecord, now: float) -> TaskRow:
+    start, end = rec.started_at, rec.finished_at or now
+    return TaskRow(
+        id=rec.id, user=rec.user, name=rec.name, status=rec.status.value,
+        priority=rec.priority, node=rec.node, progress=rec.progress,
+        submitted_at=rec.submitted_at,
+        wait_s=max(0.0, (start if start is not None else end) - rec.submitted_at),
+        run_s=None if start is None else max(0.0, end - start))
+
+
+class _Bands:
+    """Priority -> band label, the bands being the priority ranges of worker groups."""
+
+    def __init__(self, groups: list[tuple[int, int]]):
+        self.groups = sorted(set(groups))
+
+    @staticmethod
+    def label(group: tuple[int, int]) -> str:
+        return f"{group[0]}-{group[1]}"
+
+    def __call__(self, priority: int) -> str:
+        for lo, hi in self.groups:
+            if lo <= priority <= hi:
+                return self.label((lo, hi))
+        return "none"
+
+    def order(self, label: str) -> tuple[int, int]:
+        lo, _, hi = label.partition("-")
+        try:
+            return (int(lo), int(hi))
+        except ValueError:  # "none" (and a negative range, "-5-0", which sorts last too)
+            return (sys.maxsize, 0)
+
+
+def _bands(nodes: list[NodeSummary]) -> _Bands:
+    return _Bands([(g.min_p, g.max_p) for n in nodes if n.online for g in n.groups])
+
+
+def _history_sample(stats: BalancerStats) -> HistorySample:
+    top = sorted(stats.names, key=lambda n: -n.queued)[:HISTORY_NAMES]
+    return HistorySample(
+        time=stats.time, queued=stats.queued, running=stats.running, busy=stats.busy,
+        slots=stats.slots, done_total=stats.done_total, failed_total=stats.failed_total,
+        refused=stats.refused_total, bands=stats.queued_by_band,
+        names={n.name: n.queued_by_band for n in top if n.queued_by_band})
+
+
+def _pct(sorted_values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of already sorted values."""
     if not sorted_values:
         return None
-    return sorted_values[min(len(sorted_values) - 1, math.ceil(0.95 * len(sorted_values)) - 1)]
+    return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]

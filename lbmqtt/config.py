@@ -103,6 +103,9 @@ class Settings(BaseModel):
     # -- dashboard ------------------------------------------------------------------------
     monitor_ip: str = Field("127.0.0.1", alias="MONITOR_IP", min_length=1)
     monitor_port: int = Field(9000, alias="MONITOR_PORT", ge=0, le=65535)
+    metrics_ip: str = Field("127.0.0.1", alias="METRICS_IP", min_length=1)
+    metrics_port: int | None = Field(None, alias="METRICS_PORT", ge=0, le=65535)
+    """The balancer's Prometheus endpoint (``/metrics``); null: none, 0: any free port."""
 
     # -- balancer -------------------------------------------------------------------------
     lb_queing_maxperuser: int = Field(1000, alias="LB_QUEING_MAXPERUSER", ge=0)

@@ -174,6 +174,8 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
         lines = ["", "lbmqtt is up:", f"  broker     {broker_url}",
                  f"  balancer   topics under {settings.topic_prefix}/"]
         for c in children:
+            if c.name == "balancer" and c.info.get("metrics"):
+                lines.append(f"  metrics    {c.info['metrics']}")
             if c.name == "dashboard":
                 lines.append(f"  dashboard  {c.info.get('url')}")
             if c.name == "node":

@@ -496,6 +496,29 @@ class NameSummary(_Lenient):
     wait_p95_s: float | None = None
     run_mean_s: float | None = None
     run_p95_s: float | None = None
+    wait_p50_s: float | None = None
+    wait_p99_s: float | None = None
+    run_p50_s: float | None = None
+    run_p99_s: float | None = None
+    queued_by_band: dict[str, int] = {}
+    """Queued tasks of this name per priority band (see :attr:`BalancerStats.bands`)."""
+
+
+class TaskRow(_Lenient):
+    """One running or recently finished task, for the dashboard's task table."""
+
+    id: str
+    user: str
+    name: str
+    status: str
+    priority: int = 0
+    node: str | None = None
+    progress: int = 0
+    submitted_at: float = 0.0
+    wait_s: float | None = None
+    """Submit to start (so far, while it has not started)."""
+    run_s: float | None = None
+    """Start to finish (so far, while it runs)."""
 
 
 class BalancerStats(_Lenient):
@@ -519,7 +542,38 @@ class BalancerStats(_Lenient):
     users: list[UserSummary] = []
     names: list[NameSummary] = []
     queued_by_priority: dict[str, int] = {}
+    bands: list[str] = []
+    """Priority bands, from the worker groups of the nodes online (``"0-9"``, ``"10-1000"``);
+    ``"none"`` holds priorities no group serves."""
+    queued_by_band: dict[str, int] = {}
+    tasks: list[TaskRow] = []
+    """Running tasks (up to 100), then the most recently finished (up to 50)."""
     warnings: list[str] = []
+
+
+class HistorySample(_Lenient):
+    """One point of :class:`BalancerHistory`: the totals of one stats snapshot."""
+
+    time: float
+    queued: int = 0
+    running: int = 0
+    busy: int = 0
+    slots: int = 0
+    done_total: int = 0
+    failed_total: int = 0
+    refused: int = 0
+    bands: dict[str, int] = {}
+    names: dict[str, dict[str, int]] = {}
+    """Queued per task name and band (the names with the most queued, up to 20)."""
+
+
+class BalancerHistory(_Lenient):
+    """The balancer's window of recent stats, sent on ``balancer/history`` when a dashboard
+    comes online, so that its charts start with the last minutes instead of empty."""
+
+    v: Literal[1] = 1
+    instance: str = ""
+    samples: list[HistorySample] = []
 
 
 # -------------------------------------------------------------------------------- topics
@@ -537,6 +591,7 @@ class Topics:
         self.balancer_stats = f"{p}/balancer/stats"
         self.broker_status = f"{p}/broker/status"
         self.dashboard_status = f"{p}/dashboard/status"
+        self.balancer_history = f"{p}/balancer/history"
         # what the balancer subscribes to
         self.all_submits = f"{p}/users/+/submit"
         self.all_cancels = f"{p}/users/+/cancel"

@@ -1,0 +1,136 @@
+"""Prometheus metrics of the balancer: a text endpoint at ``http://METRICS_IP:METRICS_PORT/metrics``.
+
+Gauges and counters are read at scrape time from the balancer's latest stats snapshot (an
+immutable :class:`~lbmqtt.protocol.BalancerStats`, so the scrape thread never touches the
+balancer's live state); wait and run times are histograms observed as tasks finish.
+
+Names follow Prometheus conventions: ``lbmqtt_`` prefix, ``_total`` counters, seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .protocol import BalancerStats
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+           30.0, 60.0, 300.0, 900.0, 3600.0, float("inf"))
+"""Seconds: from no-op tasks (milliseconds) to long jobs (an hour)."""
+
+
+class _StatsCollector(Collector):
+    def __init__(self, latest: Callable[[], BalancerStats | None]):
+        self._latest = latest
+
+    def collect(self) -> Iterator[Any]:
+        s = self._latest()
+        if s is None:
+            return
+        for name, value, doc in (
+                ("submitted", s.submitted_total, "Tasks accepted"),
+                ("done", s.done_total, "Tasks finished successfully"),
+                ("failed", s.failed_total, "Tasks failed (after their last attempt)"),
+                ("cancelled", s.cancelled_total, "Tasks cancelled"),
+                ("refused", s.refused_total, "Submissions refused (cap, duplicate id, bad)"),
+                ("bad_messages", s.bad_messages_total, "Malformed inbound messages")):
+            yield CounterMetricFamily(f"lbmqtt_{name}", doc, value=value)
+        for name, value, doc in (
+                ("queued", s.queued, "Tasks queued"),
+                ("running", s.running, "Tasks placed on a node (assigned or running)"),
+                ("slots", s.slots, "Worker slots of the nodes online"),
+                ("slots_busy", s.busy, "Worker slots busy")):
+            yield GaugeMetricFamily(f"lbmqtt_{name}", doc, value=value)
+        g = GaugeMetricFamily("lbmqtt_queued_by_band", "Tasks queued per priority band",
+                              labels=["band"])
+        for band, n in sorted(s.queued_by_band.items()):
+            g.add_metric([band], n)
+        yield g
+        queued = GaugeMetricFamily("lbmqtt_user_queued", "Tasks queued per user",
+                                   labels=["user"])
+        running = GaugeMetricFamily("lbmqtt_user_running", "Tasks placed per user",
+                                    labels=["user"])
+        for u in s.users:
+            queued.add_metric([u.user], u.queued)
+            running.add_metric([u.user], u.running)
+        yield queued
+        yield running
+        by_name = {k: GaugeMetricFamily(f"lbmqtt_task_{k}", f"Tasks {k} per task name",
+                                        labels=["name"]) for k in ("queued", "running")}
+        finished = CounterMetricFamily("lbmqtt_task_finished", "Tasks finished per task name "
+                                       "and outcome", labels=["name", "outcome"])
+        for t in s.names:
+            by_name["queued"].add_metric([t.name], t.queued)
+            by_name["running"].add_metric([t.name], t.running)
+            finished.add_metric([t.name, "done"], t.done)
+            finished.add_metric([t.name, "failed"], t.failed)
+        yield from by_name.values()
+        yield finished
+        node = {k: GaugeMetricFamily(f"lbmqtt_node_{k}", doc, labels=["node"]) for k, doc in (
+            ("online", "1 if the node is online"), ("slots", "Worker slots of the node"),
+            ("slots_busy", "Worker slots busy on the node"), ("speed", "The node's speed"),
+            ("load1", "The node's 1-minute load average"),
+            ("last_seen_timestamp_seconds", "When the node was last heard from"))}
+        for ns in s.nodes:
+            node["online"].add_metric([ns.name], 1.0 if ns.online else 0.0)
+            node["slots"].add_metric([ns.name], ns.slots)
+            node["slots_busy"].add_metric([ns.name], ns.busy)
+            node["speed"].add_metric([ns.name], ns.speed)
+            if ns.load:
+                node["load1"].add_metric([ns.name], ns.load[0])
+            node["last_seen_timestamp_seconds"].add_metric([ns.name], ns.last_seen)
+        yield from node.values()
+        yield GaugeMetricFamily("lbmqtt_stats_timestamp_seconds",
+                                "When these figures were taken", value=s.time)
+
+
+class Metrics:
+    """The balancer's metrics registry and, once :meth:`serve` is called, its endpoint.
+
+    Args:
+        latest: returns the balancer's latest stats snapshot (None before the first).
+    """
+
+    def __init__(self, latest: Callable[[], BalancerStats | None]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_StatsCollector(latest))
+        self.wait = Histogram("lbmqtt_task_wait_seconds", "Submit to start, per task name",
+                              ["name"], buckets=BUCKETS, registry=self.registry)
+        self.run = Histogram("lbmqtt_task_run_seconds", "Start to finish, per task name",
+                             ["name"], buckets=BUCKETS, registry=self.registry)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def observe(self, name: str, wait_s: float, run_s: float) -> None:
+        """Record one finished task's wait and run times."""
+        self.wait.labels(name).observe(wait_s)
+        self.run.labels(name).observe(run_s)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: a free port) in a thread; returns the port.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        self.port = int(self._server.server_address[1])
+        return self.port
+
+    def close(self) -> None:
+        """Stop the endpoint (if serving)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
