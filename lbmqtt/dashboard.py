@@ -3,7 +3,13 @@
 The dashboard is an MQTT client like any other: it subscribes to ``balancer/stats`` (a
 :class:`~lbmqtt.protocol.BalancerStats` snapshot, about twice a second) and
 ``balancer/status``, and announces its URL on ``dashboard/status`` (retained; the will
-says offline).
+says offline). The balancer answers that announcement with ``balancer/history``, its last
+minutes of samples, so a restarted dashboard starts with full charts.
+
+The page: queued tasks over time stacked by priority band (selectable by task name), tasks
+queued and running, busy and free slots, throughput, per-user running and queued, per-node
+slots with load, speed and last-seen, wait and run time percentiles per task name, a table
+of running and recent tasks with their progress, and the warnings.
 
 Design (NOTES.md, "Bokeh"):
 
@@ -28,10 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import html
 import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -45,11 +53,14 @@ from typing import Any, Final, cast
 
 from bokeh.application import Application
 from bokeh.application.handlers.function import FunctionHandler
+from bokeh.core.properties import value
 from bokeh.document import Document
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, DataRange1d
+from bokeh.models import ColumnDataSource, CustomJS, DataRange1d, FactorRange
+from bokeh.models.annotations import Legend, LegendItem
+from bokeh.models.widgets.inputs import Select
 from bokeh.models.widgets.markups import Div
-from bokeh.models.widgets.tables import DataTable, TableColumn
+from bokeh.models.widgets.tables import DataTable, HTMLTemplateFormatter, TableColumn
 from bokeh.plotting import figure
 from bokeh.server.server import BaseServer
 from bokeh.server.tornado import BokehTornado
@@ -60,22 +71,42 @@ from .config import Settings
 from .discovery import resolve as resolve_broker
 from .errors import DecodeError
 from .mqtt import MessageHandler, MqttTransport, Will
-from .protocol import BalancerStats, BalancerStatus, DashboardStatus, Topics, decode
+from .protocol import (
+    BalancerHistory,
+    BalancerStats,
+    BalancerStatus,
+    DashboardStatus,
+    HistorySample,
+    Topics,
+    decode,
+)
 
 log = logging.getLogger(__name__)
 
-ROLLOVER: Final = 600
-"""Points kept per chart (and samples kept in the ring buffer): 5 minutes at 2 Hz."""
+ROLLOVER: Final = 720
+"""Points kept per chart (and samples kept in the ring buffer): 6 minutes at 2 Hz."""
 UPDATE_MS: Final = 500
 """Period of each page's update callback."""
-SAMPLE_COLUMNS: Final = ("t", "queued", "running", "busy", "slots", "done_total", "failed_total")
-NODE_COLUMNS: Final = ("name", "online", "host", "slots", "busy", "speed", "tasks")
+SAMPLE_COLUMNS: Final = ("t", "queued", "running", "busy", "free", "slots", "done_total",
+                         "failed_total", "rate")
+NODE_COLUMNS: Final = ("name", "online", "host", "busy", "slots", "load", "speed",
+                       "last_seen", "tasks")
+MAX_BANDS: Final = 6
+"""Bands drawn in the queue chart; more are added up in the last one ("more")."""
+ALL_TASKS: Final = "all tasks"
+BAND_COLORS: Final = ("#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#17becf", "#9467bd")
+RATE_WINDOW_S: Final = 2.0
+"""Throughput is the number of tasks finished over about this long, per second."""
 _WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 (compared, not bound)
+
+Bands = tuple[tuple[str, int], ...]
+"""Queued tasks per priority band, in band order."""
 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One point of the time series, taken from one :class:`BalancerStats`."""
+    """One point of the time series, taken from one :class:`BalancerStats` (or one
+    :class:`HistorySample` the balancer sent)."""
 
     seq: int
     """Position in the stream of samples (1, 2, ...): a page remembers the last it showed."""
@@ -86,6 +117,47 @@ class Sample:
     slots: int
     done_total: int
     failed_total: int
+    rate: float = 0.0
+    """Tasks finished per second, over the last few samples."""
+    bands: Bands = ()
+    names: tuple[tuple[str, Bands], ...] = ()
+    """Queued per band for the most queued task names."""
+
+    def bands_of(self, name: str) -> Bands:
+        """Queued per band of task ``name`` (:data:`ALL_TASKS`: of all)."""
+        if name == ALL_TASKS:
+            return self.bands
+        return next((b for n, b in self.names if n == name), ())
+
+
+def _bands(d: dict[str, int]) -> Bands:
+    return tuple(d.items())
+
+
+def _sample_of(seq: int, h: HistorySample | BalancerStats, rate: float) -> Sample:
+    if isinstance(h, BalancerStats):
+        bands = _bands(h.queued_by_band)
+        top = sorted(h.names, key=lambda n: -n.queued)[:20]
+        names = tuple((n.name, _bands(n.queued_by_band)) for n in top if n.queued_by_band)
+        done, failed = h.done_total, h.failed_total
+    else:
+        bands = _bands(h.bands)
+        names = tuple((n, _bands(b)) for n, b in h.names.items())
+        done, failed = h.done_total, h.failed_total
+    return Sample(seq, h.time, h.queued, h.running, h.busy, h.slots, done, failed, rate,
+                  bands, names)
+
+
+def _rate(prev: deque[Sample], t: float, finished: int) -> float:
+    """Tasks finished per second since the newest sample at least RATE_WINDOW_S old."""
+    base = None
+    for s in reversed(prev):
+        base = s
+        if t - s.time >= RATE_WINDOW_S:
+            break
+    if base is None or t <= base.time:
+        return 0.0
+    return max(0.0, (finished - base.done_total - base.failed_total) / (t - base.time))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +173,11 @@ class Snapshot:
     """Seconds since the latest stats arrived (None before the first)."""
     stale: bool
     samples: tuple[Sample, ...]
-    """Samples newer than the ``since`` given to :meth:`DashboardState.snapshot`."""
+    """Samples newer than the ``since`` given to :meth:`DashboardState.snapshot` (all of
+    them when ``epoch`` is not the one given)."""
     closed: bool
+    epoch: int = 0
+    """Changes when the buffer is rebuilt (history arrived): pages then redraw from scratch."""
 
 
 class DashboardState:
@@ -121,6 +196,7 @@ class DashboardState:
         self._clock = clock
         self.stale_after_s = stale_after_s
         self._seq = 0
+        self._epoch = 0
         self._stats: BalancerStats | None = None
         self._stats_at: float | None = None
         self._balancer_online: bool | None = None
@@ -139,12 +215,41 @@ class DashboardState:
             last = self._stats
             if last is not None and last.instance == stats.instance and stats.time <= last.time:
                 return False
+            same = last is not None and last.instance == stats.instance
+            rate = _rate(self._samples, stats.time, stats.done_total + stats.failed_total) \
+                if same else 0.0
             self._seq += 1
-            self._samples.append(Sample(self._seq, stats.time, stats.queued, stats.running,
-                                        stats.busy, stats.slots, stats.done_total,
-                                        stats.failed_total))
+            self._samples.append(_sample_of(self._seq, stats, rate))
             self._stats, self._stats_at = stats, self._clock()
             return True
+
+    def add_history(self, history: BalancerHistory) -> int:
+        """Put the balancer's recent history in front of the samples (those older than the
+        first one kept); returns how many were added. History from another balancer
+        instance than the current stats' is ignored."""
+        with self._lock:
+            if self._stats is not None and history.instance != self._stats.instance:
+                return 0
+            first = self._samples[0].time if self._samples else math.inf
+            older = [h for h in history.samples if h.time < first]
+            if not older:
+                return 0
+            room = (self._samples.maxlen or ROLLOVER) - len(self._samples)
+            older = older[-room:] if room > 0 else []
+            if not older:
+                return 0
+            rebuilt: deque[Sample] = deque(maxlen=self._samples.maxlen)
+            seq = 0
+            items: list[HistorySample | Sample] = [*older, *self._samples]
+            for item in items:
+                seq += 1
+                finished = item.done_total + item.failed_total
+                rate = _rate(rebuilt, item.time, finished) if rebuilt else 0.0
+                rebuilt.append(_sample_of(seq, item, rate) if isinstance(item, HistorySample)
+                               else dataclasses.replace(item, seq=seq, rate=rate))
+            self._samples, self._seq = rebuilt, seq
+            self._epoch += 1
+            return len(older)
 
     def feed_stats(self, payload: bytes) -> bool:
         """Decode and record a ``balancer/stats`` payload; a malformed one is counted in
@@ -158,6 +263,17 @@ class DashboardState:
             self._count_bad("stats", exc)
             return False
         return self.add_stats(stats)
+
+    def feed_history(self, payload: bytes) -> int:
+        """Decode and record a ``balancer/history`` payload (malformed: counted, ignored)."""
+        if not payload:
+            return 0
+        try:
+            history = decode(BalancerHistory, payload)
+        except DecodeError as exc:
+            self._count_bad("history", exc)
+            return 0
+        return self.add_history(history)
 
     def feed_balancer_status(self, payload: bytes) -> None:
         """Decode a ``balancer/status`` payload (malformed: counted and ignored)."""
@@ -206,9 +322,12 @@ class DashboardState:
         with self._lock:
             return tuple(self._samples)
 
-    def snapshot(self, since: int = 0) -> Snapshot:
-        """Everything a page shows, with the samples whose ``seq`` is above ``since``."""
+    def snapshot(self, since: int = 0, epoch: int | None = None) -> Snapshot:
+        """Everything a page shows, with the samples whose ``seq`` is above ``since`` (all
+        of them if ``epoch`` is given and is not the buffer's)."""
         with self._lock:
+            if epoch is not None and epoch != self._epoch:
+                since = 0
             new: tuple[Sample, ...] = ()
             if self._samples and self._seq > since:
                 first = self._samples[0].seq
@@ -220,12 +339,14 @@ class DashboardState:
                 mqtt_connected=self._mqtt_connected, received=self._received,
                 bad_messages=self._bad, age_s=age,
                 stale=age is not None and age > self.stale_after_s,
-                samples=new, closed=self._closed)
+                samples=new, closed=self._closed, epoch=self._epoch)
 
 
 def subscriptions(topics: Topics) -> list[tuple[str, int]]:
-    """The dashboard's MQTT subscriptions (QoS 0: a later snapshot replaces a lost one)."""
-    return [(topics.balancer_stats, 0), (topics.balancer_status, 0)]
+    """The dashboard's MQTT subscriptions (stats at QoS 0: a later snapshot replaces a lost
+    one; the history, sent once, at QoS 1)."""
+    return [(topics.balancer_stats, 0), (topics.balancer_status, 0),
+            (topics.balancer_history, 1)]
 
 
 def message_handler(state: DashboardState, topics: Topics) -> MessageHandler:
@@ -235,12 +356,15 @@ def message_handler(state: DashboardState, topics: Topics) -> MessageHandler:
             state.feed_stats(payload)
         elif topic == topics.balancer_status:
             state.feed_balancer_status(payload)
+        elif topic == topics.balancer_history:
+            state.feed_history(payload)
     return on_message
 
 
 def dashboard_transport(settings: Settings, state: DashboardState, url: str) -> MqttTransport:
     """The dashboard's MQTT connection (not started): feeds ``state``, announces ``url``
-    retained on ``dashboard/status`` on every connect, and leaves an offline will."""
+    retained on ``dashboard/status`` on every connect (the balancer answers with its recent
+    history), and leaves an offline will."""
     topics = Topics(settings.topic_prefix)
     online = DashboardStatus(online=True, url=url).encode()
 
@@ -263,18 +387,99 @@ def dashboard_transport(settings: Settings, state: DashboardState, url: str) -> 
 
 
 def _sample_columns(samples: tuple[Sample, ...]) -> dict[str, Any]:
-    columns = {c: [getattr(s, c) for s in samples] for c in SAMPLE_COLUMNS[1:]}
-    # Bokeh datetimes are epoch milliseconds
-    return {"t": [s.time * 1000.0 for s in samples], **columns}
+    return {
+        "t": [s.time * 1000.0 for s in samples],  # Bokeh datetimes are epoch milliseconds
+        "queued": [s.queued for s in samples], "running": [s.running for s in samples],
+        "busy": [s.busy for s in samples],
+        "free": [max(0, s.slots - s.busy) for s in samples],
+        "slots": [s.slots for s in samples], "done_total": [s.done_total for s in samples],
+        "failed_total": [s.failed_total for s in samples],
+        "rate": [round(s.rate, 2) for s in samples],
+    }
+
+
+def _band_slots(bands: list[str]) -> list[str]:
+    """Up to MAX_BANDS labels: the bands in order, the last one adding up any beyond."""
+    if len(bands) <= MAX_BANDS:
+        return bands
+    return [*bands[:MAX_BANDS - 1], f"{bands[MAX_BANDS - 1]} and more"]
+
+
+def _queue_columns(samples: tuple[Sample, ...], bands: list[str], name: str) -> dict[str, Any]:
+    """Columns of the queue chart: ``t`` and ``b0``.. (queued per band slot) for ``name``."""
+    index = {b: min(i, MAX_BANDS - 1) for i, b in enumerate(bands)}
+    cols: dict[str, list[Any]] = {"t": [s.time * 1000.0 for s in samples]}
+    for i in range(MAX_BANDS):
+        cols[f"b{i}"] = [0] * len(samples)
+    for k, s in enumerate(samples):
+        for band, n in s.bands_of(name):
+            slot = index.get(band)
+            if slot is not None:
+                cols[f"b{slot}"][k] += n
+    return cols
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
 
 
 def _node_columns(stats: BalancerStats | None) -> dict[str, Any]:
     nodes = sorted(stats.nodes, key=lambda n: n.name) if stats is not None else []
+    now = stats.time if stats is not None else 0.0
     return {
         "name": [n.name for n in nodes], "online": ["yes" if n.online else "no" for n in nodes],
         "host": [n.host for n in nodes], "slots": [n.slots for n in nodes],
-        "busy": [n.busy for n in nodes], "speed": [n.speed for n in nodes],
+        "busy": [n.busy for n in nodes],
+        "free": [max(0, n.slots - n.busy) if n.online else 0 for n in nodes],
+        "offline": [0 if n.online else max(1, n.slots) for n in nodes],
+        "speed": [n.speed for n in nodes],
+        "load": [f"{n.load[0]:.2f}" if n.load else "-" for n in nodes],
+        "last_seen": [_age(max(0.0, now - n.last_seen)) if n.last_seen else "never"
+                      for n in nodes],
         "tasks": [", ".join(n.tasks) for n in nodes],
+    }
+
+
+def _user_columns(stats: BalancerStats | None) -> dict[str, Any]:
+    users = sorted(stats.users, key=lambda u: u.user) if stats is not None else []
+    return {"user": [u.user for u in users], "running": [u.running for u in users],
+            "queued": [u.queued for u in users]}
+
+
+def _ms(v: float | None) -> str:
+    """Milliseconds for a table cell ("-" for none yet)."""
+    if v is None:
+        return "-"
+    ms = v * 1000.0
+    return f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+
+
+def _time_columns(stats: BalancerStats | None) -> dict[str, Any]:
+    names = sorted(stats.names, key=lambda n: n.name) if stats is not None else []
+    cols: dict[str, list[Any]] = {"name": [n.name for n in names],
+                                  "queued": [n.queued for n in names],
+                                  "running": [n.running for n in names],
+                                  "done": [n.done for n in names],
+                                  "failed": [n.failed for n in names]}
+    for kind in ("wait", "run"):
+        for q in ("p50", "p95", "p99"):
+            cols[f"{kind}_{q}"] = [_ms(getattr(n, f"{kind}_{q}_s")) for n in names]
+    cols["waiting"] = [n.waiting or "" for n in names]
+    return cols
+
+
+def _task_columns(stats: BalancerStats | None) -> dict[str, Any]:
+    rows = stats.tasks if stats is not None else []
+    return {
+        "id": [r.id for r in rows], "user": [r.user for r in rows],
+        "name": [r.name for r in rows], "node": [r.node or "" for r in rows],
+        "status": [r.status for r in rows], "progress": [r.progress for r in rows],
+        "priority": [r.priority for r in rows],
+        "wait_ms": [_ms(r.wait_s) for r in rows], "run_ms": [_ms(r.run_s) for r in rows],
     }
 
 
@@ -301,10 +506,46 @@ def _summary_html(snap: Snapshot) -> str:
     if s is None:
         return "<b>lbmqtt</b>: waiting for the balancer"
     online = sum(1 for n in s.nodes if n.online)
+    rate = snap.samples[-1].rate if snap.samples else None
     parts = [f"queued <b>{s.queued}</b>", f"running <b>{s.running}</b>",
              f"busy <b>{s.busy}</b> / {s.slots} slots", f"done {s.done_total}",
-             f"failed {s.failed_total}", f"nodes {online} / {len(s.nodes)}"]
+             f"failed {s.failed_total}", f"refused {s.refused_total}",
+             f"nodes {online} / {len(s.nodes)}"]
+    if rate is not None:
+        parts.insert(3, f"<b>{rate:.1f}</b> tasks/s")
     return f"<b>lbmqtt</b> balancer {html.escape(s.instance)}: " + " &middot; ".join(parts)
+
+
+def _table(source: ColumnDataSource, name: str, columns: list[tuple[str, str]],
+           height: int, progress: str | None = None) -> DataTable:
+    cols = []
+    for field, title in columns:
+        fmt: Any = None
+        if field == progress:
+            fmt = HTMLTemplateFormatter(template=_PROGRESS_TEMPLATE)
+        cols.append(TableColumn(field=field, title=title, formatter=fmt)
+                    if fmt is not None else TableColumn(field=field, title=title))
+    table = DataTable(source=source, index_position=None, height=height,
+                      sizing_mode="stretch_width", name=name, columns=cols)
+    # BokehJS (3.9) redraws a DataTable only when its CDSView's indices change, so new data
+    # with as many rows as before would never show: nudge the view on every replacement.
+    source.js_on_change("data", CustomJS(args={"table": table},
+                                         code="table.view.change.emit()"))
+    return table
+
+
+def _legend_above(fig: Any, renderers: list[Any], labels: list[str]) -> None:
+    items = [LegendItem(label=value(t), renderers=[r]) for t, r in zip(labels, renderers,
+                                                                        strict=True)]
+    fig.add_layout(Legend(items=items, orientation="horizontal", location="top_left"),
+                   "above")
+
+
+_PROGRESS_TEMPLATE: Final = (
+    '<div style="background:#eee;width:100%;height:12px;margin-top:4px;position:relative">'
+    '<div style="background:#2ca02c;height:12px;width:<%= value %>%"></div>'
+    '<span style="position:absolute;top:-3px;left:4px;font-size:10px"><%= value %>%</span>'
+    '</div>')
 
 
 class DashboardPage:
@@ -314,41 +555,106 @@ class DashboardPage:
         self.state = state
         snap = state.snapshot()
         self._last_seq = snap.samples[-1].seq if snap.samples else 0
+        self._epoch = snap.epoch
         self._last_stats: BalancerStats | None = snap.stats
+        self._band_labels: list[str] = list(snap.stats.bands) if snap.stats else []
+        self._name = ALL_TASKS
         self.samples = ColumnDataSource(_sample_columns(snap.samples), name="samples")
+        self.queue = ColumnDataSource(
+            _queue_columns(snap.samples, self._band_labels, self._name), name="queue")
         self.nodes = ColumnDataSource(_node_columns(snap.stats), name="nodes")
+        self.users = ColumnDataSource(_user_columns(snap.stats), name="users")
+        self.times = ColumnDataSource(_time_columns(snap.stats), name="times")
+        self.tasks = ColumnDataSource(_task_columns(snap.stats), name="tasks")
         self.summary = Div(text=_summary_html(snap), name="summary")
         self.warnings = Div(text=self._warnings_html(snap), name="warnings")
+        self.select = Select(title="queued tasks of", value=ALL_TASKS, name="name_select",
+                             options=self._name_options(snap.stats), width=240)
+        self.select.on_change("value", self._on_select)
 
         tools = "pan,xwheel_zoom,box_zoom,reset,save"
-        tasks = figure(title="Tasks", x_axis_type="datetime", height=260, tools=tools,
-                       sizing_mode="stretch_width", name="tasks_chart",
-                       y_range=DataRange1d(start=0))
+
+        def timeseries(title: str, name: str, **kw: Any) -> Any:
+            return figure(title=title, x_axis_type="datetime", height=260, tools=tools,
+                          sizing_mode="stretch_width", name=name,
+                          y_range=DataRange1d(start=0), **kw)
+
+        queue = timeseries("Queued tasks by priority band", "queue_chart")
+        stacked = queue.varea_stack([f"b{i}" for i in range(MAX_BANDS)], x="t",
+                                    color=list(BAND_COLORS), source=self.queue)
+        self.band_items = [LegendItem(label=value(""), renderers=[r], visible=False)
+                           for r in stacked]
+        queue.add_layout(Legend(items=self.band_items, location="top_left",
+                                click_policy="hide"))
+        self._show_bands()
+        tasks = timeseries("Tasks", "tasks_chart", x_range=queue.x_range)
         tasks.line("t", "queued", source=self.samples, legend_label="queued", color="#d62728",
                    line_width=2)
         tasks.line("t", "running", source=self.samples, legend_label="running",
                    color="#2ca02c", line_width=2)
-        workers = figure(title="Worker slots", x_axis_type="datetime", height=260, tools=tools,
-                         sizing_mode="stretch_width", x_range=tasks.x_range,
-                         name="slots_chart", y_range=DataRange1d(start=0))
-        workers.step("t", "slots", source=self.samples, legend_label="slots", color="#7f7f7f",
-                     mode="after", line_dash="dashed", line_width=2)
-        workers.line("t", "busy", source=self.samples, legend_label="busy", color="#1f77b4",
-                     line_width=2)
-        for fig in (tasks, workers):
+        workers = timeseries("Worker slots: busy and free", "slots_chart",
+                             x_range=queue.x_range)
+        workers.varea_stack(["busy", "free"], x="t", color=["#1f77b4", "#c6dbef"],
+                            legend_label=["busy", "free"], source=self.samples)
+        rate = timeseries("Throughput (tasks finished per second)", "rate_chart",
+                          x_range=queue.x_range)
+        rate.line("t", "rate", source=self.samples, legend_label="tasks/s", color="#9467bd",
+                  line_width=2)
+        for fig in (tasks, workers, rate):
             fig.legend.location = "top_left"
             fig.legend.click_policy = "hide"
-        table = DataTable(source=self.nodes, index_position=None, height=220,
-                          sizing_mode="stretch_width", name="nodes_table",
-                          columns=[TableColumn(field=c, title=c) for c in NODE_COLUMNS])
+
+        self.user_range = FactorRange(factors=list(self.users.data["user"]))
+        users = figure(title="Users: running and queued", y_range=self.user_range,
+                       height=260, sizing_mode="stretch_width", name="users_chart",
+                       tools="save", x_range=DataRange1d(start=0))
+        bars = users.hbar_stack(["running", "queued"], y="user", height=0.7,
+                                source=self.users, color=["#2ca02c", "#d62728"])
+        _legend_above(users, bars, ["running", "queued"])
+        self.node_range = FactorRange(factors=list(self.nodes.data["name"]))
+        nodes = figure(title="Nodes: busy, free and offline slots", y_range=self.node_range,
+                       height=260, sizing_mode="stretch_width", name="nodes_chart",
+                       tools="save", x_range=DataRange1d(start=0))
+        bars = nodes.hbar_stack(["busy", "free", "offline"], y="name", height=0.7,
+                                source=self.nodes, color=["#1f77b4", "#c6dbef", "#bbbbbb"])
+        _legend_above(nodes, bars, ["busy", "free", "offline"])
+        for fig in (users, nodes):
+            fig.ygrid.grid_line_color = None
+
+        node_table = _table(self.nodes, "nodes_table", [
+            ("name", "node"), ("online", "online"), ("last_seen", "last seen"),
+            ("busy", "busy"), ("slots", "slots"), ("load", "load (1 min)"),
+            ("speed", "speed"), ("host", "host"), ("tasks", "tasks")], 120)
+        time_table = _table(self.times, "times_table", [
+            ("name", "task"), ("queued", "queued"), ("running", "running"), ("done", "done"),
+            ("failed", "failed"), ("wait_p50", "wait p50 ms"), ("wait_p95", "p95"),
+            ("wait_p99", "p99"), ("run_p50", "run p50 ms"), ("run_p95", "p95"),
+            ("run_p99", "p99"), ("waiting", "why waiting")], 180)
+        task_table = _table(self.tasks, "tasks_table", [
+            ("status", "state"), ("progress", "progress"), ("name", "task"), ("user", "user"),
+            ("node", "node"), ("priority", "priority"), ("wait_ms", "wait ms"),
+            ("run_ms", "run ms"), ("id", "id")], 300, progress="progress")
         doc.title = "lbmqtt dashboard"
-        charts = row(tasks, workers, sizing_mode="stretch_width")
-        doc.add_root(column(self.summary, self.warnings, charts, table,
-                            sizing_mode="stretch_width"))
+        w: Final = "stretch_width"
+        doc.add_root(column(
+            self.summary, self.warnings,
+            row(column(self.select, queue, sizing_mode=w), column(tasks, sizing_mode=w),
+                sizing_mode=w),
+            row(workers, rate, sizing_mode=w), row(users, nodes, sizing_mode=w),
+            Div(text="<b>Nodes</b>"), node_table,
+            Div(text="<b>Task names</b>: wait (submit to start) and run times of recent "
+                     "tasks"), time_table,
+            Div(text="<b>Tasks</b>: running, then recently finished"), task_table,
+            sizing_mode=w))
         self._doc = doc
         # Bokeh's stubs only know plain callbacks; coroutine functions are supported.
         self._callback = doc.add_periodic_callback(cast(Callable[[], None], self.update),
                                                    UPDATE_MS)
+
+    @staticmethod
+    def _name_options(stats: BalancerStats | None) -> list[str | None]:
+        names = sorted(n.name for n in stats.names) if stats is not None else []
+        return [ALL_TASKS, *names]
 
     @staticmethod
     def _warnings_html(snap: Snapshot) -> str:
@@ -358,23 +664,67 @@ class DashboardPage:
         lis = "".join(f"<li>{html.escape(w)}</li>" for w in items)
         return f'<ul style="color:#b35900;margin:0">{lis}</ul>'
 
+    def _show_bands(self) -> None:
+        labels = _band_slots(self._band_labels)
+        for i, item in enumerate(self.band_items):
+            text = f"priority {labels[i]}" if i < len(labels) else ""
+            if item.label != value(text):
+                item.label = value(text)
+            item.visible = i < len(labels)
+
+    def _redraw_queue(self) -> None:
+        self.queue.data = _queue_columns(self.state.samples()[-ROLLOVER:],
+                                         self._band_labels, self._name)
+
+    def _on_select(self, attr: str, old: Any, new: Any) -> None:
+        self._name = new if isinstance(new, str) else ALL_TASKS
+        self._redraw_queue()
+
     async def update(self) -> None:
         """Stream the samples this page has not shown yet and refresh the rest.
 
         Runs as the session's periodic callback on the event loop (``async def``: Bokeh
         3.10 would run a plain function in a worker thread).
         """
-        snap = self.state.snapshot(self._last_seq)
+        snap = self.state.snapshot(self._last_seq, self._epoch)
         if snap.closed:
             with contextlib.suppress(ValueError):
                 self._doc.remove_periodic_callback(self._callback)
             return
-        if snap.samples:
+        stats = snap.stats
+        bands = list(stats.bands) if stats is not None else self._band_labels
+        for s in snap.samples:  # a band that is no longer served still has history
+            bands += [b for b, _ in s.bands if b not in bands]
+        redraw = snap.epoch != self._epoch or bands != self._band_labels
+        self._band_labels = bands
+        if snap.epoch != self._epoch:
+            self._epoch = snap.epoch
+            self.samples.data = _sample_columns(snap.samples[-ROLLOVER:])
+        elif snap.samples:
             self.samples.stream(_sample_columns(snap.samples), rollover=ROLLOVER)
+        if redraw:
+            self._show_bands()
+            self._redraw_queue()
+        elif snap.samples:
+            self.queue.stream(_queue_columns(snap.samples, bands, self._name),
+                              rollover=ROLLOVER)
+        if snap.samples:
             self._last_seq = snap.samples[-1].seq
-        if snap.stats is not self._last_stats:
-            self._last_stats = snap.stats
-            self.nodes.data = _node_columns(snap.stats)
+        if stats is not self._last_stats:
+            self._last_stats = stats
+            self.nodes.data = _node_columns(stats)
+            self.users.data = _user_columns(stats)
+            self.times.data = _time_columns(stats)
+            self.tasks.data = _task_columns(stats)
+            if list(self.user_range.factors) != self.users.data["user"]:
+                self.user_range.factors = list(self.users.data["user"])
+            if list(self.node_range.factors) != self.nodes.data["name"]:
+                self.node_range.factors = list(self.nodes.data["name"])
+            options = self._name_options(stats)
+            if self._name not in options:
+                options.append(self._name)
+            if options != self.select.options:
+                self.select.options = options
             self.summary.text = _summary_html(snap)
         text = self._warnings_html(snap)
         if text != self.warnings.text:
