@@ -13,9 +13,12 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .protocol import BalancerStats, TaskState
 from .config import Settings, load_settings
 from .errors import (
     BalancerUnavailable,
@@ -92,13 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     p.add_argument("--no-node", action="store_true", help="do not start a local node")
     p.add_argument("--monitor-port", type=int, metavar="PORT", help="MONITOR_PORT")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="METRICS_PORT: the balancer's Prometheus endpoint (0: any free port)")
 
     p = cmd("broker", "run the embedded MQTT broker (amqtt)",
             "example:\n  lbmqtt broker --broker-port 1883")
     p.add_argument("--bind", metavar="ADDR", help="BROKER_BIND: address to listen on")
     _ready_fd(p)
 
-    p = cmd("balancer", "run the balancer", "example:\n  lbmqtt balancer")
+    p = cmd("balancer", "run the balancer", "example:\n  lbmqtt balancer --metrics-port 9110")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="METRICS_PORT: the Prometheus endpoint (0: any free port)")
     _ready_fd(p)
 
     p = cmd("node", "run a node daemon serving tasks in worker processes",
@@ -133,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
     p.add_argument("--json", action="store_true", help="print the whole final state as JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --wait: draw a progress bar on stderr (default: if a terminal)")
 
     p = cmd("get", "print a task's state", "example:\n  lbmqtt get TASK_ID --json")
     p.add_argument("task_id", metavar="ID")
@@ -143,8 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_ids", nargs="+", metavar="ID")
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
 
-    p = cmd("status", "show queues, nodes and warnings", "example:\n  lbmqtt status --json")
-    p.add_argument("--json", action="store_true", help="print the balancer's stats as JSON")
+    p = cmd("status", "show queues, nodes and warnings",
+            "examples:\n  lbmqtt status --json\n  lbmqtt status --watch 2")
+    p.add_argument("--json", action="store_true",
+                   help="print the balancer's stats as JSON (with --watch: one line each)")
+    p.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="S",
+                   help="refresh every S seconds (default 1) until Ctrl-C")
+    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S",
                    help="how long to wait for the balancer's stats")
     return ap
@@ -155,6 +169,7 @@ def _settings(ns: argparse.Namespace) -> Settings:
         "BROKER_HOST": ns.broker_host, "BROKER_PORT": ns.broker_port,
         "TOPIC_PREFIX": ns.prefix, "LOG_LEVEL": ns.log_level,
         "MONITOR_PORT": getattr(ns, "monitor_port", None),
+        "METRICS_PORT": getattr(ns, "metrics_port", None),
         "NODE_NAME": getattr(ns, "name", None), "NODE_SPEED": getattr(ns, "speed", None),
         "BROKER_BIND": getattr(ns, "bind", None),
         "CLIENT_USER": getattr(ns, "user", None),
@@ -210,6 +225,8 @@ def cmd_up(ns: argparse.Namespace, s: Settings) -> int:
     if ns.monitor_port is not None:
         # only the dashboard takes this flag: hand it down through the environment
         os.environ["LBMQTT_MONITOR_PORT"] = str(ns.monitor_port)
+    if ns.metrics_port is not None:  # (the balancer's)
+        os.environ["LBMQTT_METRICS_PORT"] = str(ns.metrics_port)
     return up(s, common, tasks=ns.tasks, dashboard=not ns.no_dashboard, node=not ns.no_node)
 
 
@@ -229,8 +246,9 @@ def cmd_balancer(ns: argparse.Namespace, s: Settings) -> int:
     def ready(b: Balancer) -> None:
         r = b.settings  # (with the broker found, if BROKER_HOST was auto)
         print(f"lbmqtt balancer: ready on {r.broker_host}:{r.broker_port}, topics under "
-              f"{r.topic_prefix}/ (instance {b.instance})", flush=True)
-        _write_ready(ns.ready_fd, {"instance": b.instance})
+              f"{r.topic_prefix}/ (instance {b.instance})"
+              + (f", metrics on {b.metrics_url}" if b.metrics_url else ""), flush=True)
+        _write_ready(ns.ready_fd, {"instance": b.instance, "metrics": b.metrics_url})
 
     asyncio.run(Balancer(s).run(on_ready=ready))
     return Exit.OK
@@ -295,12 +313,26 @@ def cmd_submit(ns: argparse.Namespace, s: Settings) -> int:
             print(f"lbmqtt: task {tid} is queued: {first.waiting}; waiting for it "
                   f"(Ctrl-C stops waiting, the task stays queued: `lbmqtt cancel {tid}`)",
                   file=sys.stderr, flush=True)
+        from .progress import ProgressBar
+
+        show = sys.stderr.isatty() if ns.progress is None else ns.progress
+        bar = ProgressBar(ns.name) if show else None
+
+        def on_state(st: TaskState) -> None:
+            assert bar is not None
+            where = f" on {st.node}" if st.node else ""
+            why = f": {st.waiting}" if st.waiting and not st.node else ""
+            bar.update(st.progress, f"{st.status.value}{where}{why}", final=st.status.final)
+
         try:
-            state = client.wait_state(tid, ns.timeout)
+            state = client.wait_state(tid, ns.timeout, on_state=on_state if bar else None)
         except KeyboardInterrupt:
             print(f"lbmqtt: stopped waiting; task {tid} goes on (`lbmqtt get {tid}`, "
                   f"`lbmqtt cancel {tid}`)", file=sys.stderr)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         if ns.json:
             print(state.model_dump_json(indent=2))
             return Exit.OK if state.status == "done" else Exit.FAILED
@@ -347,13 +379,25 @@ def cmd_cancel(ns: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_status(ns: argparse.Namespace, s: Settings) -> int:
-    from .status import fetch_stats, format_stats
+    from .status import fetch_stats, format_stats, watch_stats
 
-    stats = asyncio.run(fetch_stats(s, ns.timeout))
-    if ns.json:
-        print(stats.model_dump_json(indent=2))
-    else:
-        print(format_stats(stats))
+    if ns.watch is None:
+        stats = asyncio.run(fetch_stats(s, ns.timeout))
+        print(stats.model_dump_json(indent=2) if ns.json else format_stats(stats))
+        return Exit.OK
+    if ns.watch <= 0:
+        raise ConfigError("--watch S: S must be more than 0 seconds")
+    clear = sys.stdout.isatty() and not ns.json
+
+    def show(stats: BalancerStats) -> None:
+        if ns.json:
+            print(stats.model_dump_json(), flush=True)
+        else:
+            print(("\x1b[H\x1b[2J" if clear else "\n") + format_stats(stats), flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(watch_stats(s, show, interval_s=ns.watch, count=ns.count,
+                                timeout_s=max(ns.timeout, 3 * ns.watch)))
     return Exit.OK
 
 

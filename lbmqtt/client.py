@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -85,6 +85,50 @@ class _Tracked:
     state: TaskState | None = None
     next: list[asyncio.Future[TaskState]] = field(default_factory=list)
     final: asyncio.Future[TaskState] | None = None
+
+
+class _MapProgress:
+    """Counts a map's finished tasks (a done-callback of each one's final future) and
+    reports them to a function or a :class:`~lbmqtt.progress.ProgressBar`."""
+
+    def __init__(self, total: int, report: Callable[[int, int], None] | None, label: str):
+        self.total = total
+        self.finished = 0
+        self.failed = 0
+        self._report = report
+        self._bar = None
+        if report is None:
+            from .progress import ProgressBar
+
+            self._bar = ProgressBar(label)
+            self._draw(final=False)
+
+    def __call__(self, fut: asyncio.Future[TaskState]) -> None:
+        self.finished += 1
+        if not fut.cancelled() and fut.exception() is None \
+                and fut.result().status != Status.DONE:
+            self.failed += 1
+        if self._report is not None:
+            self._report(self.finished, self.total)
+        else:
+            self._draw(final=self.finished == self.total)
+
+    def _draw(self, final: bool) -> None:
+        assert self._bar is not None
+        note = f"{self.finished}/{self.total} finished" + (
+            f", {self.failed} failed" if self.failed else "")
+        self._bar.update(100.0 * self.finished / max(1, self.total), note, final=final)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _map_progress(progress: bool | Callable[[int, int], None], total: int,
+                  label: str) -> _MapProgress | None:
+    if progress is False:
+        return None
+    return _MapProgress(total, None if progress is True else progress, label)
 
 
 def outcome(state: TaskState) -> Any:
@@ -330,8 +374,14 @@ class AsyncClient:
         state = await self.wait_state(task_id, timeout)
         return outcome(state)
 
-    async def wait_state(self, task_id: str, timeout: float | None = None) -> TaskState:
-        """Like :meth:`wait`, but return the final :class:`TaskState` instead of raising."""
+    async def wait_state(self, task_id: str, timeout: float | None = None, *,
+                         on_state: Callable[[TaskState], None] | None = None) -> TaskState:
+        """Like :meth:`wait`, but return the final :class:`TaskState` instead of raising.
+
+        Args:
+            on_state: called with each state of the task as it arrives (progress, the node
+                it runs on), the current one first; e.g. to draw a progress bar.
+        """
         done = self._collected.get(task_id) or self._finished.get(task_id)
         if done is not None:
             self._collect(done)
@@ -343,7 +393,15 @@ class AsyncClient:
         final = self._final_future(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         nxt: asyncio.Future[TaskState] | None = None
+        seen: asyncio.Future[TaskState] | None = None
+        if on_state is not None and tr.state is not None:
+            on_state(tr.state)
         while not final.done():
+            if on_state is not None:
+                if seen is not None and seen.done() and seen.exception() is None:
+                    on_state(seen.result())
+                if seen is None or seen.done():
+                    seen = self._watch_next(task_id)
             if nxt is not None and nxt.done() and nxt.exception() is not None:
                 raise nxt.exception()  # type: ignore[misc]  # e.g. UnknownTask: it expired
             wait_for = REQUERY_S
@@ -354,12 +412,14 @@ class AsyncClient:
                     why = f": {tr.state.waiting}" if tr.state and tr.state.waiting else ""
                     raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s "
                                       f"(status: {st}{why})")
-            await asyncio.wait([final] if nxt is None else [final, nxt], timeout=wait_for,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([f for f in (final, nxt, seen) if f is not None],
+                               timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
             if not final.done() and (nxt is None or nxt.done()) and self._t().connected:
                 nxt = self._watch_next(task_id)  # ask again: was an event lost?
                 self._publish_ids(self.topics.query(self.user), [task_id])
         state = final.result()
+        if on_state is not None:
+            on_state(state)
         self._collect(state)
         return state
 
@@ -404,7 +464,8 @@ class AsyncClient:
                   timeout: float | None = None, return_exceptions: bool = False,
                   batch_size: int = DEFAULT_BATCH,
                   requires: Mapping[str, float] | None = None,
-                  tags: Iterable[str] | None = None) -> list[Any]:
+                  tags: Iterable[str] | None = None,
+                  progress: bool | Callable[[int, int], None] = False) -> list[Any]:
         """Run task ``name`` once per argument, in batches; results in input order.
 
         More tasks than your queue cap (``LB_QUEING_MAXPERUSER``) are fine: the ones the
@@ -414,6 +475,8 @@ class AsyncClient:
             timeout: overall deadline in seconds for all results.
             return_exceptions: put TaskFailed / TaskCancelled in the list instead of
                 raising the first one.
+            progress: True draws a progress bar on stderr (tasks finished of all); a
+                function is called as ``progress(finished, total)`` instead.
 
         Raises:
             TaskFailed, TaskCancelled: the first failed task (unless return_exceptions).
@@ -428,6 +491,21 @@ class AsyncClient:
         ids = [s.id or "" for s in specs]
         what = f"{len(ids)} {name!r} tasks" + (f" (timeout {timeout:g} s)" if timeout else "")
         finals = {i: self._final_future(i) for i in ids}
+        bar = _map_progress(progress, len(ids), f"{len(ids)} {name!r} tasks")
+        if bar is not None:
+            for f in finals.values():
+                f.add_done_callback(bar)
+        try:
+            return await self._map(name, ids, specs, finals, batch_size=batch_size,
+                                   deadline=deadline, what=what,
+                                   return_exceptions=return_exceptions)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def _map(self, name: str, ids: list[str], specs: list[TaskSpec],
+                   finals: dict[str, asyncio.Future[TaskState]], *, batch_size: int,
+                   deadline: float | None, what: str, return_exceptions: bool) -> list[Any]:
         todo = specs
         while todo:
             errors = await self._submit_specs(todo, batch_size)
@@ -667,9 +745,10 @@ class Client:
         """See :meth:`AsyncClient.wait`."""
         return self._call(self._async.wait(task_id, timeout))
 
-    def wait_state(self, task_id: str, timeout: float | None = None) -> TaskState:
-        """See :meth:`AsyncClient.wait_state`."""
-        return self._call(self._async.wait_state(task_id, timeout))
+    def wait_state(self, task_id: str, timeout: float | None = None, *,
+                   on_state: Callable[[TaskState], None] | None = None) -> TaskState:
+        """See :meth:`AsyncClient.wait_state` (``on_state`` runs in the client's thread)."""
+        return self._call(self._async.wait_state(task_id, timeout, on_state=on_state))
 
     def cancel(self, task_id: str) -> bool:
         """See :meth:`AsyncClient.cancel`."""
@@ -678,12 +757,14 @@ class Client:
     def map(self, name: str, iterable: Iterable[Any], *, priority: int = 0,
             timeout: float | None = None, return_exceptions: bool = False,
             batch_size: int = DEFAULT_BATCH, requires: Mapping[str, float] | None = None,
-            tags: Iterable[str] | None = None) -> list[Any]:
-        """See :meth:`AsyncClient.map`."""
+            tags: Iterable[str] | None = None,
+            progress: bool | Callable[[int, int], None] = False) -> list[Any]:
+        """See :meth:`AsyncClient.map` (a ``progress`` function runs in the client's
+        thread)."""
         return self._call(self._async.map(name, list(iterable), priority=priority,
                                           timeout=timeout, return_exceptions=return_exceptions,
                                           batch_size=batch_size, requires=requires,
-                                          tags=tags))
+                                          tags=tags, progress=progress))
 
     def close(self) -> None:
         """Disconnect and stop the background thread."""
