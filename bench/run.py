@@ -302,6 +302,7 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
     env["LBMQTT_WKHUB_WORKERS"] = json.dumps(
         [{"nWorkers": args.workers, "minP": -1000, "maxP": 1000}])
     cmd = [sys.executable, "-m", "lbmqtt", "up", "--broker-port", "0", "--monitor-port", "0",
+           "--metrics-port", "0",
            "--prefix", f"bench/{uuid.uuid4().hex[:8]}"]
     up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                           env=env, cwd=ROOT, start_new_session=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -319,3 +321,55 @@ def process_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+# ----------------------------------------------------------------- `lbmqtt up`
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    port: int = 0
+    url: str = ""
+    reader: threading.Thread | None = None
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def start_up(*extra: str, port: int = 0, env_extra: dict[str, str] | None = None) -> Up:
+    """``lbmqtt up`` on a free broker, dashboard and metrics port, once it says it is up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    env.update(env_extra or {})
+    proc = subprocess.Popen(
+        lbmqtt_cmd("up", "--broker-port", str(port), "--monitor-port", "0", "--metrics-port", "0",
+                   *extra), cwd=ROOT,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    up = Up(proc)
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when up and every child closed the pipe
+            up.lines.append(line.rstrip("\n"))
+
+    up.reader = threading.Thread(target=reader, daemon=True)
+    up.reader.start()
+    wait_for(lambda: "Ctrl-C stops everything." in up.lines or proc.poll() is not None, 90,
+             "`lbmqtt up` to be ready")
+    assert proc.poll() is None, up.text()
+    m = re.search(r"--broker-port (\d+)", up.text())
+    up.port = int(m.group(1)) if m else port
+    d = re.search(r"dashboard\s+(http://\S+)", up.text())
+    up.url = d.group(1) if d else ""
+    return up
+
+
+def finish(up: Up) -> None:
+    if up.proc.poll() is None:
+        up.proc.kill()
+    up.proc.wait(10)
+    if up.reader is not None:
+        up.reader.join(30)
+    if up.proc.stdout is not None and (up.reader is None or not up.reader.is_alive()):
+        up.proc.stdout.close()
