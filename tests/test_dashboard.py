@@ -33,7 +33,15 @@ from lbmqtt.dashboard import (
     warnings_of,
 )
 from lbmqtt.mqtt import MqttTransport
-from lbmqtt.protocol import BalancerStats, DashboardStatus, NodeSummary, Topics, decode
+from lbmqtt.protocol import (
+    BalancerHistory,
+    BalancerStats,
+    DashboardStatus,
+    HistorySample,
+    NodeSummary,
+    Topics,
+    decode,
+)
 
 HOST = "127.0.0.1"
 
@@ -143,6 +151,39 @@ def test_ring_buffer_is_bounded() -> None:
     # a page that fell behind gets what is still kept
     assert [s.seq for s in state.snapshot(since=2).samples] == list(range(16, 26))
     assert state.snapshot(since=25).samples == ()
+
+
+def test_history_goes_in_front_and_pages_redraw() -> None:
+    state = DashboardState(capacity=50)
+    for i in range(10, 13):  # live samples first (the retained stats arrive before history)
+        state.add_stats(_stats(i, queued_by_band={"0-9": i}))
+    page = make_document(Document(), state)
+    assert len(page.samples.data["t"]) == 3
+    history = BalancerHistory(instance="lb1", samples=[
+        HistorySample(time=1_700_000_000.0 + 0.5 * i, queued=10 + i, done_total=i,
+                      bands={"0-9": i}) for i in range(12)])  # overlaps the live ones
+    assert state.add_history(history) == 10  # only what is older than the first live one
+    assert [s.seq for s in state.samples()] == list(range(1, 14))
+    assert [s.queued for s in state.samples()] == [10 + i for i in range(13)]
+    # one task finished per 0.5 s: 2 tasks/s once the rate window is covered
+    assert state.samples()[-1].rate == pytest.approx(2.0)
+    asyncio.run(page.update())  # a new epoch: the page redraws everything
+    assert page.samples.data["queued"] == [10 + i for i in range(13)]
+    assert page.queue.data["b0"] == list(range(13))
+    # history of another balancer instance is not mixed in
+    assert state.add_history(BalancerHistory(instance="other", samples=[
+        HistorySample(time=1.0)])) == 0
+    assert state.feed_history(b"{broken") == 0 and state.bad_messages == 1
+
+
+def test_rate_is_zero_across_a_balancer_restart() -> None:
+    state = DashboardState()
+    state.add_stats(_stats(0))
+    state.add_stats(_stats(8))
+    assert state.samples()[-1].rate == pytest.approx(2.0)
+    restarted = _stats(9).model_copy(update={"instance": "lb2", "done_total": 0})
+    state.add_stats(restarted)
+    assert state.samples()[-1].rate == 0.0
 
 
 # ---------------------------------------------------------------------------- document
