@@ -229,6 +229,8 @@ class Scheduler:
     _reserved: dict[str, dict[str, float]] = field(default_factory=dict)
     _window: dict[str, int] = field(default_factory=dict)
     _long_busy: Counter[tuple[str, int]] = field(default_factory=Counter)
+    _rt_cache: dict[tuple[str, str], float] | None = None
+    """Expected runtimes by (task name, node), while :meth:`schedule` runs."""
     _running: dict[str, _Placed] = field(default_factory=dict)
     _running_by_user: Counter[str] = field(default_factory=Counter)
     _queued_by_user: Counter[str] = field(default_factory=Counter)
@@ -415,6 +417,13 @@ class Scheduler:
         out: list[Placement] = []
         if not self._alive:
             return out
+        self._rt_cache = {}  # runtimes and loads do not change within one call
+        try:
+            return self._schedule(out, now)
+        finally:
+            self._rt_cache = None
+
+    def _schedule(self, out: list[Placement], now: float | None) -> list[Placement]:
         free: dict[tuple[str, int], Group] = {}
         for caps in self._nodes.values():
             for g in caps.groups:
@@ -502,13 +511,14 @@ class Scheduler:
         best: QueuedTask | None = None
         best_key: tuple[int, int] | None = None
         fit_cache: dict[tuple[str, str, Shape], bool] = {}
+        bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]] = {}
         for user in order:
             running = self._running_by_user.get(user, 0)
             if best_key is not None and running > best_key[0]:
                 break  # every user from here has more placed tasks than the best one
             if cap and running >= cap:
                 continue
-            head = self._user_head(user, free, fit_cache, held)
+            head = self._user_head(user, free, fit_cache, held, bands_cache)
             if head is None:
                 continue
             key = (running, head.seq)
@@ -520,30 +530,52 @@ class Scheduler:
 
     def _user_head(self, user: str, free: dict[tuple[str, int], Group],
                    fit_cache: dict[tuple[str, str, Shape], bool],
-                   held: set[tuple[str, str, Shape]]) -> QueuedTask | None:
+                   held: set[tuple[str, str, Shape]],
+                   bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]],
+                   ) -> QueuedTask | None:
         head: QueuedTask | None = None
         for (name, shape), pq in self._queues[user].items():
             if held and (user, name, shape) in held:
                 continue
-            for (node, _), g in free.items():
-                fkey = (node, name, shape)
-                ok = fit_cache.get(fkey)
-                if ok is None:
-                    ok = fit_cache[fkey] = self.fits(self._nodes[node], name, shape)
-                if not ok or not self._window_ok(name, self._nodes[node], g):
-                    continue
-                t = pq.best_in_band(g.min_p, g.max_p, self._alive)
+            bands = bands_cache.get((name, shape))
+            if bands is None:  # the same for every user: computed once per placement
+                bands = bands_cache[(name, shape)] = self._open_bands(name, shape, free,
+                                                                      fit_cache)
+            for lo, hi in bands:
+                t = pq.best_in_band(lo, hi, self._alive)
                 if t is not None and (head is None
                                       or (-t.priority, t.seq) < (-head.priority, head.seq)):
                     head = t
         return head
 
+    def _open_bands(self, name: str, shape: Shape, free: dict[tuple[str, int], Group],
+                    fit_cache: dict[tuple[str, str, Shape], bool]) -> list[tuple[int, int]]:
+        """The priority bands of the free places a task of ``name`` and ``shape`` may take
+        (its node offers the task and fits it; an idle slot, or a window place if short)."""
+        bands: set[tuple[int, int]] = set()
+        for (node, _), g in free.items():
+            band = (g.min_p, g.max_p)
+            if band in bands:
+                continue  # (many nodes, few bands: most places add nothing new)
+            fkey = (node, name, shape)
+            ok = fit_cache.get(fkey)
+            if ok is None:
+                ok = fit_cache[fkey] = self.fits(self._nodes[node], name, shape)
+            if ok and self._window_ok(name, self._nodes[node], g):
+                bands.add(band)
+        return sorted(bands)
+
     def expected_runtime(self, name: str, caps: NodeCaps) -> float:
         """Runtime of ``name`` expected on ``caps`` now: observed, scaled, and load-aware."""
+        cache = self._rt_cache
+        if cache is not None and (hit := cache.get((name, caps.name))) is not None:
+            return hit
         est = self.runtimes.estimate(name, caps)
         load = self._load.get(caps.name, 0.0)
         if caps.cores and load > caps.cores:
             est *= load / caps.cores
+        if cache is not None:
+            cache[(name, caps.name)] = est
         return est
 
     def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]
