@@ -169,6 +169,7 @@ def main() -> None:
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-nodes-"))
     os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+                       "LBMQTT_METRICS_PORT": "0",
                        "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")})
     children: list[Child] = []
     mosq: subprocess.Popen[bytes] | None = None

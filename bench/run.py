@@ -18,6 +18,12 @@ Scenarios (this file grows with the performance issue):
 ``idle``        the whole ``lbmqtt up`` (broker, balancer, dashboard, a node with
                 ``--workers`` slots) at rest for ``--seconds``: CPU of every process, summed,
                 in % of one core (no tasks, no browser).
+``scale``       the balancer with ``--tasks`` (default 1,000,000) no-op tasks queued by
+                ``--users`` users in batches of 1,000, and ``--nodes`` simulated nodes
+                (``bench/nodes.py``'s SimNode, 2 slots each) connected afterwards: the
+                accept rate, the balancer's CPU and RSS at rest before, while accepting,
+                with everything queued, and while dispatching to the nodes for
+                ``--seconds`` (tasks/s); the journal is on, as in production.
 
 ``--journal on|off|full`` sets the journal of the other scenarios (default on, as in
 production; the file is a temporary one).
@@ -214,7 +220,7 @@ def lan(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-lan-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
     env.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
-                "LBMQTT_BROKER_ADVERTISE": "false",
+                "LBMQTT_METRICS_PORT": "0", "LBMQTT_BROKER_ADVERTISE": "false",
                 "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")})
     if args.pipeline_window is not None:
         env["LBMQTT_PIPELINE_WINDOW_MAX"] = str(args.pipeline_window)
@@ -351,11 +357,137 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
                        f"Python {platform.python_version()}"}
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+async def _scale(args: argparse.Namespace, port: int, prefix: str,
+                 pids: dict[str, int]) -> dict[str, Any]:
+    from bench.nodes import SimNode, measure_rest
+    from lbmqtt.protocol import BalancerStats, Topics
+    from lbmqtt.status import StatsWatcher
+
+    topics = Topics(prefix)
+    bal = pids["balancer"]
+    out: dict[str, Any] = {"rss_mb_start": rss_mb(bal)}
+    out["rest_cpu_pct_empty"] = await measure_rest(pids, 3.0)
+    s = load_settings(None, env={}, overrides={"BROKER_PORT": port, "TOPIC_PREFIX": prefix})
+    pub = MqttTransport(host="127.0.0.1", port=port, client_id=f"scale-{uuid.uuid4().hex[:6]}",
+                        on_message=lambda topic, payload, retained: None)
+    await pub.start(wait=True, timeout_s=30)
+    async with StatsWatcher(s) as w:
+        last: BalancerStats | None = await w.next(None, 30)
+        # submit: batches of 1,000 per message, "events" (no retained state per task),
+        # round-robin over the users; at most 20 batches in flight, so the broker's queue
+        # toward the balancer stays bounded
+        c0, w0 = cpu_seconds(bal), time.perf_counter()
+        batch = 1000
+        sent = 0
+        users = [f"user{u:02d}" for u in range(args.users)]
+        deadline = time.monotonic() + args.timeout
+        while sent < args.tasks and time.monotonic() < deadline:
+            n = min(batch, args.tasks - sent)
+            body = json.dumps({"tasks": [{"name": "NOOP", "args": sent + i, "notify": "events"}
+                                         for i in range(n)]}).encode()
+            user = users[(sent // batch) % len(users)]
+            await pub.publish_confirmed(topics.submit(user), body, timeout_s=60)
+            sent += n
+            if (sent // batch) % 20 == 0:  # let the balancer keep up: wait on its stats
+                while last.queued < sent - 20 * batch and time.monotonic() < deadline:
+                    last = await w.next(last, 60)
+        while last.queued < sent and time.monotonic() < deadline:
+            last = await w.next(last, 60)
+        wall = time.perf_counter() - w0
+        out["queued"] = last.queued
+        out["accept_tasks_per_s"] = round(last.queued / wall, 1)
+        out["accept_cpu_pct_balancer"] = round(100 * (cpu_seconds(bal) - c0) / wall, 1)
+        out["rss_mb_queued"] = rss_mb(bal)
+        out["rest_cpu_pct_queued"] = await measure_rest(pids, 5.0)
+        out["stats_bytes_queued"] = len(last.encode())
+        # nodes join: the balancer places from a full queue
+        nodes = [SimNode(f"sim{i:03d}", port, topics, 2, 1.0) for i in range(args.nodes)]
+        for nd in nodes:
+            await nd.t.start()
+        for nd in nodes:
+            await nd.t.wait_ready(60)
+        hb = [asyncio.create_task(nd.heartbeats()) for nd in nodes]
+        try:
+            while sum(1 for n in last.nodes if n.online) < args.nodes:
+                last = await w.next(last, 60)
+            first = last
+            c0, w0 = cpu_seconds(bal), time.perf_counter()
+            cb0 = cpu_seconds(pids["broker"])
+            await asyncio.sleep(args.seconds)
+            last = await w.next(last, 60)
+            wall = time.perf_counter() - w0
+            out["dispatch_tasks_per_s"] = round(
+                (last.done_total - first.done_total) / (last.time - first.time), 1)
+            out["dispatch_cpu_pct"] = {
+                "balancer": round(100 * (cpu_seconds(bal) - c0) / wall, 1),
+                "broker": round(100 * (cpu_seconds(pids["broker"]) - cb0) / wall, 1)}
+            out["rss_mb_dispatching"] = rss_mb(bal)
+            out["still_queued"] = last.queued
+            out["done_total"] = last.done_total
+        finally:
+            for t in hb:
+                t.cancel()
+            for nd in nodes:
+                await nd.t.close(timeout_s=1)
+    await pub.close()
+    return out
+
+
+def scale(args: argparse.Namespace) -> dict[str, Any]:
+    """The balancer with a million queued tasks and many nodes: CPU and RSS."""
+    args.tasks = args.tasks or 1_000_000
+    workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-scale-"))
+    env = {**os.environ, "LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+           "LBMQTT_METRICS_PORT": "0", "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")}
+    children: list[Child] = []
+    mosq: subprocess.Popen[bytes] | None = None
+    try:
+        pids: dict[str, int] = {}
+        if args.broker == "embedded":
+            children.append(_spawn("broker", ["broker", "--broker-port", "0"], env=env))
+            port = int(children[0].info["port"])
+            pids["broker"] = children[0].proc.pid
+        else:
+            mosq, port, _ = start_mosquitto()
+            pids["broker"] = mosq.pid
+        base = asyncio.run(broker_baseline(port))
+        prefix = f"bench/{uuid.uuid4().hex[:8]}"
+        children.append(_spawn("balancer", ["balancer", "--broker-port", str(port),
+                                            "--prefix", prefix], env=env))
+        pids["balancer"] = children[-1].proc.pid
+        result = asyncio.run(_scale(args, port, prefix, pids))
+        result["journal_mb"] = round(sum(
+            f.stat().st_size for f in workdir.glob("journal.sqlite3*")) / 1e6, 1)
+    finally:
+        stop_children(children)
+        if mosq is not None:
+            mosq.terminate()
+            mosq.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"scenario": "scale", "broker": args.broker, "tasks": args.tasks,
+            "users": args.users, "nodes": args.nodes, "seconds": args.seconds, **result,
+            **base, "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                               f"Python {platform.python_version()}"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("scenario",
-                    choices=["throughput", "latency", "sleep", "journal", "idle", "lan"])
+                    choices=["throughput", "latency", "sleep", "journal", "idle", "lan",
+                             "scale"])
     ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=None)
@@ -364,8 +496,18 @@ def main() -> None:
     ap.add_argument("--pipeline-window", type=int, default=None, metavar="N",
                     help="PIPELINE_WINDOW_MAX for the balancer (0: no pipelining)")
     ap.add_argument("--rounds", type=int, default=3, help="journal scenario: rounds")
-    ap.add_argument("--seconds", type=float, default=30.0, help="idle scenario: how long")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="idle: how long at rest (30); scale: how long dispatching (10)")
+    ap.add_argument("--nodes", type=int, default=200, help="scale: simulated nodes")
+    ap.add_argument("--users", type=int, default=10, help="scale: users submitting")
+    ap.add_argument("--timeout", type=float, default=1800.0,
+                    help="scale: give up submitting after this many seconds")
     args = ap.parse_args()
+    if args.scenario == "scale":
+        args.seconds = 10.0 if args.seconds is None else args.seconds
+        print(json.dumps(scale(args)))
+        return
+    args.seconds = 30.0 if args.seconds is None else args.seconds
     if args.scenario == "idle":
         print(json.dumps(idle(args)))
         return
@@ -379,7 +521,8 @@ def main() -> None:
     children: list[Child] = []
     mosq: subprocess.Popen[bytes] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-"))
-    os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0"})
+    os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+                       "LBMQTT_METRICS_PORT": "0"})
 
     def journal_env(mode: str, run: int) -> dict[str, str]:
         env = dict(os.environ)

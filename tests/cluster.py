@@ -177,7 +177,7 @@ class Cluster:
             "JOURNAL_PATH": str(workdir / "journal.sqlite3"), "NODE_TASKS": [TEST_TASKS],
             "RESULT_RESEND_S": 1.0, "TASK_MAX_ATTEMPTS": 10, "CONNECT_TIMEOUT_S": 5.0,
             "CLIENT_ACK_TIMEOUT_S": 60.0, "LB_QUEING_MAXPERUSER": 0,
-            "RESULT_COLLECTED_TTL_S": 600.0, "BROKER_ADVERTISE": False,
+            "RESULT_COLLECTED_TTL_S": 600.0, "BROKER_ADVERTISE": False, "METRICS_PORT": 0,
         }
         self.values.update(overrides or {})
         self.procs: dict[str, Proc] = {}

@@ -48,3 +48,11 @@ def test_bench_run_lan_runs() -> None:
     out = _bench("bench/run.py", "lan", "--rounds", "1", "--tasks", "100", "--workers", "2",
                  timeout=240)
     assert out["tasks_per_s_0ms"] > 0 and out["tasks_per_s_2ms"] > 0
+
+
+def test_bench_run_scale_runs() -> None:
+    out = _bench("bench/run.py", "scale", "--tasks", "3000", "--nodes", "4", "--users", "3",
+                 "--seconds", "1", timeout=240)
+    assert out["queued"] == 3000 and out["accept_tasks_per_s"] > 0
+    # (at this size the nodes may drain the queue before the timed window opens)
+    assert out["rss_mb_queued"] > 0 and out["done_total"] > 0
