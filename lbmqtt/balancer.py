@@ -212,6 +212,8 @@ class Balancer:
         self._recent: deque[str] = deque(maxlen=RECENT_KEPT)  # ids of finished tasks
         self._last_refusal: tuple[float, str] | None = None  # (time, why)
         self._last_stats: BalancerStats | None = None
+        self._history_sent_at = -1e9
+        self._history_timer: asyncio.TimerHandle | None = None
         self.metrics: Metrics | None = None
         self.metrics_url = ""
         """Where the Prometheus endpoint listens ("" when METRICS_PORT is null)."""
@@ -393,6 +395,8 @@ class Balancer:
     async def stop(self) -> None:
         """Publish offline status, stop housekeeping, disconnect."""
         t = self._transport
+        if self._history_timer is not None:
+            self._history_timer.cancel()
         for task in self._bg:
             task.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
@@ -533,10 +537,22 @@ class Balancer:
         except DecodeError as exc:
             self._bad_message("dashboard", "-", "status", exc)
             return
+        if not online or self._history_timer is not None:
+            return
+        # at most one a second, announcements in between answered together: anyone may
+        # publish on dashboard/status, and each history is some 100 kB (a flood of
+        # announcements must not become a flood of histories)
+        delay = max(0.0, self._history_sent_at + 1.0 - time.monotonic())
+        self._history_timer = asyncio.get_running_loop().call_later(delay, self._send_history)
+
+    def _send_history(self) -> None:
+        self._history_timer = None
         t = self._transport
-        if online and t is not None and t.connected:
-            history = BalancerHistory(instance=self.instance, samples=list(self._history))
-            t.publish(self.topics.balancer_history, history.encode(), qos=1)
+        if t is None or not t.connected:
+            return
+        self._history_sent_at = time.monotonic()
+        history = BalancerHistory(instance=self.instance, samples=list(self._history))
+        t.publish(self.topics.balancer_history, history.encode(), qos=1)
 
     def _bad_message(self, kind: str, name: str, rest: str, exc: DecodeError) -> None:
         self.counters["bad_messages"] += 1

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,14 @@ from lbmqtt.client import Client, SubmitRefused
 from lbmqtt.config import Settings
 from lbmqtt.dashboard import ALL_TASKS, DashboardState, dashboard_transport, make_document
 from lbmqtt.progress import ProgressBar
-from lbmqtt.protocol import BalancerStats, Status, TaskState
+from lbmqtt.protocol import (
+    BalancerHistory,
+    BalancerStats,
+    DashboardStatus,
+    Status,
+    TaskState,
+    Topics,
+)
 
 from .conftest import TEST_TASKS, System, run_cli, wait_for
 
@@ -244,3 +254,25 @@ def test_progress_bar_rendering() -> None:
 
 def test_metrics_are_off_unless_asked_for() -> None:
     assert Settings().metrics_port is None
+
+
+def test_a_flood_of_dashboard_announcements_gets_one_history_a_second(
+        system: System, raw: Callable[..., Any]) -> None:
+    _start(system)
+    topics = Topics(system.settings.topic_prefix)
+    watcher = raw()
+    watcher.subscribe(topics.balancer_history)
+    spammer = raw()
+    t0 = time.monotonic()
+    for _ in range(200):  # anyone may publish here: each would cost the balancer ~100 kB
+        spammer.publish(topics.dashboard_status,
+                        DashboardStatus(online=True, url="http://x/").encode())
+    spammer.publish(topics.dashboard_status, b"\xff not json")
+    wait_for(lambda: len(watcher.payloads(topics.balancer_history)) >= 2, 10,
+             "the first history and the one that answers the rest of the flood")
+    sent = len(watcher.payloads(topics.balancer_history))
+    assert sent <= math.ceil(time.monotonic() - t0) + 1
+    history = BalancerHistory.model_validate_json(watcher.payloads(topics.balancer_history)[0])
+    assert system.balancer is not None and history.instance == system.balancer.instance
+    with Client(system.settings, user="gil") as c:  # and the balancer still serves
+        assert c.wait(c.submit("ECHO", 7), 20)["args"] == 7
