@@ -102,9 +102,10 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             state: dict[str, Any] | None = browser.execute_script(PAGE_STATE_JS)
             return state
 
-        first = wait_for(lambda: (p := page()) and p["idle"] and p["samples"] > 0 and p, 60,
-                         "the page to draw its first samples")
-        assert first["nodes"], "the local node is on the page"
+        # (the page may open before the balancer's stats show the node: wait for both)
+        first = wait_for(lambda: (p := page()) and p["idle"] and p["samples"] > 0
+                         and p["nodes"] and p, 60,
+                         "the page to draw its first samples, with the local node")
 
         settings = load_settings(None, env={}, overrides={"BROKER_PORT": up.port})
         with Client(settings, user="alice") as alice, Client(settings, user="bob") as bob:
