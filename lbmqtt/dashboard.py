@@ -428,7 +428,10 @@ def _age(seconds: float) -> str:
 
 
 def _node_columns(stats: BalancerStats | None) -> dict[str, Any]:
-    nodes = sorted(stats.nodes, key=lambda n: n.name) if stats is not None else []
+    # one row per name: the names are a chart's categories, which must be unique (a real
+    # balancer never repeats one; a stray publisher might)
+    nodes = sorted({n.name: n for n in reversed(stats.nodes)}.values(),
+                   key=lambda n: n.name) if stats is not None else []
     now = stats.time if stats is not None else 0.0
     return {
         "name": [n.name for n in nodes], "online": ["yes" if n.online else "no" for n in nodes],
@@ -445,7 +448,8 @@ def _node_columns(stats: BalancerStats | None) -> dict[str, Any]:
 
 
 def _user_columns(stats: BalancerStats | None) -> dict[str, Any]:
-    users = sorted(stats.users, key=lambda u: u.user) if stats is not None else []
+    users = sorted({u.user: u for u in reversed(stats.users)}.values(),
+                   key=lambda u: u.user) if stats is not None else []
     return {"user": [u.user for u in users], "running": [u.running for u in users],
             "queued": [u.queued for u in users]}
 
@@ -559,6 +563,7 @@ class DashboardPage:
         self._last_stats: BalancerStats | None = snap.stats
         self._band_labels: list[str] = list(snap.stats.bands) if snap.stats else []
         self._name = ALL_TASKS
+        self._failed = False
         self.samples = ColumnDataSource(_sample_columns(snap.samples), name="samples")
         self.queue = ColumnDataSource(
             _queue_columns(snap.samples, self._band_labels, self._name), name="queue")
@@ -684,8 +689,17 @@ class DashboardPage:
         """Stream the samples this page has not shown yet and refresh the rest.
 
         Runs as the session's periodic callback on the event loop (``async def``: Bokeh
-        3.10 would run a plain function in a worker thread).
+        3.10 would run a plain function in a worker thread). Whatever goes wrong is logged
+        (once per page) and the next update tries again: a page never stops updating.
         """
+        try:
+            await self._update()
+        except Exception:
+            if not self._failed:
+                log.exception("dashboard page update failed (logged once per page)")
+            self._failed = True
+
+    async def _update(self) -> None:
         snap = self.state.snapshot(self._last_seq, self._epoch)
         if snap.closed:
             with contextlib.suppress(ValueError):

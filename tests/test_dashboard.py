@@ -39,7 +39,9 @@ from lbmqtt.protocol import (
     DashboardStatus,
     HistorySample,
     NodeSummary,
+    TaskRow,
     Topics,
+    UserSummary,
     decode,
 )
 
@@ -184,6 +186,34 @@ def test_rate_is_zero_across_a_balancer_restart() -> None:
     restarted = _stats(9).model_copy(update={"instance": "lb2", "done_total": 0})
     state.add_stats(restarted)
     assert state.samples()[-1].rate == 0.0
+
+
+def test_odd_but_valid_stats_do_not_stop_a_page() -> None:
+    """Whatever decodes as stats (a stray publisher, a future balancer) is drawn, or at
+    worst skipped: the page keeps updating."""
+    state = DashboardState()
+    page = make_document(Document(), state)
+    dup = NodeSummary(name="n1", online=True, slots=2, busy=5, speed=float("nan"))
+    odd = [
+        _stats(1, nodes=[dup, dup.model_copy(update={"online": False})],
+               users=[UserSummary(user="a", queued=1), UserSummary(user="a", running=2)]),
+        _stats(2, bands=[f"{i}-{i}" for i in range(20)],
+               queued_by_band={f"{i}-{i}": i for i in range(20)} | {"none": 3, "zzz": 1}),
+        _stats(3).model_copy(update={"queued": -5, "slots": -1, "busy": -2}),
+        _stats(4, tasks=[TaskRow(id="x", user="u", name="N", status="weird", progress=250,
+                                 wait_s=-1.0, run_s=1e12)]),
+    ]
+    for stats in odd:
+        assert state.add_stats(stats)
+        asyncio.run(page.update())
+        assert not page._failed, stats
+        for factors in (page.node_range.factors, page.user_range.factors):
+            assert len(set(factors)) == len(factors)  # BokehJS refuses repeated categories
+    assert list(page.node_range.factors) == []
+    state.add_stats(_stats(5, nodes=[dup], users=[UserSummary(user="a")]))
+    asyncio.run(page.update())
+    assert list(page.node_range.factors) == ["n1"] and list(page.user_range.factors) == ["a"]
+    assert "queued <b>15</b>" in page.summary.text
 
 
 # ---------------------------------------------------------------------------- document
