@@ -1142,3 +1142,55 @@ def test_no_window_place_behind_a_long_task() -> None:
         s.enqueue(t)
     # every short task goes to b (its slot, then its window), none behind the 60 s task on a
     assert {p.node for p in s.schedule()} == {"b"}
+
+
+# ------------------------------------------------------------------ placement: heap vs scan
+
+
+class _ScanningScheduler(Scheduler):
+    """The reference: every placement scans every free place (what _best_slot's heap must
+    reproduce exactly)."""
+
+    def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]
+                   ) -> tuple[str, int]:
+        return self._scan_best_slot(task, free)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_slot_heap_places_exactly_like_a_full_scan(data: st.DataObject) -> None:
+    """Many nodes of different speeds, groups, windows and loads, tasks of two names (one
+    with a known short runtime, one long), several users and priorities, over a few rounds
+    with some tasks finishing in between: both schedulers make the same placements."""
+    n_nodes = data.draw(st.integers(1, 12))
+    specs = []
+    for i in range(n_nodes):
+        groups = [Group(0, data.draw(st.integers(1, 3)), 0, 9)]
+        if data.draw(st.booleans()):
+            groups.append(Group(1, data.draw(st.integers(1, 2)), 10, 1000))
+        specs.append((f"n{i:02d}", tuple(groups), data.draw(st.sampled_from([0.5, 1.0, 2.0])),
+                      data.draw(st.integers(0, 3)), data.draw(st.floats(0, 8))))
+    tasks = [(data.draw(st.sampled_from(["alice", "bob", "carol"])),
+              data.draw(st.sampled_from(["a", "b"])), data.draw(st.sampled_from([0, 5, 20])))
+             for _ in range(data.draw(st.integers(1, 80)))]
+    finish = data.draw(st.lists(st.integers(0, 200), max_size=30))
+    results = []
+    for cls in (Scheduler, _ScanningScheduler):
+        s = cls()
+        for name, groups, speed, window, load in specs:
+            s.set_node(NodeCaps(name, groups, frozenset("ab"), speed, cores=4))
+            s.set_window(name, window)
+            s.set_load(name, load)
+            s.observe("a", name, 0.01)  # short: may take window places
+            s.observe("b", name, 2.0)  # long: idle slots only
+        for i, (user, name, prio) in enumerate(tasks):
+            s.enqueue(QueuedTask(f"t{i}", user, name, prio, i))
+        placed: list[tuple[str, str, int]] = []
+        for rnd in range(3):
+            out = s.schedule(now=100.0 + rnd)
+            placed += [(p.task.id, p.node, p.group) for p in out]
+            for k in finish[rnd * 10:(rnd + 1) * 10]:
+                if placed:
+                    s.release(placed[k % len(placed)][0])
+        results.append(placed)
+    assert results[0] == results[1]
