@@ -396,27 +396,34 @@ class AsyncClient:
         seen: asyncio.Future[TaskState] | None = None
         if on_state is not None and tr.state is not None:
             on_state(tr.state)
+        # ask the balancer again only every REQUERY_S without news (was an event lost?),
+        # never in answer to an answer: a query per state event would loop
+        query_at = time.monotonic() + REQUERY_S
         while not final.done():
+            if nxt is not None and nxt.done():
+                if nxt.exception() is not None:
+                    raise nxt.exception()  # type: ignore[misc]  # e.g. UnknownTask: expired
+                nxt = None
             if on_state is not None:
                 if seen is not None and seen.done() and seen.exception() is None:
                     on_state(seen.result())
                 if seen is None or seen.done():
                     seen = self._watch_next(task_id)
-            if nxt is not None and nxt.done() and nxt.exception() is not None:
-                raise nxt.exception()  # type: ignore[misc]  # e.g. UnknownTask: it expired
-            wait_for = REQUERY_S
-            if deadline is not None:
-                wait_for = min(wait_for, deadline - time.monotonic())
-                if wait_for <= 0:
-                    st = tr.state.status.value if tr.state else "unknown"
-                    why = f": {tr.state.waiting}" if tr.state and tr.state.waiting else ""
-                    raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s "
-                                      f"(status: {st}{why})")
-            await asyncio.wait([f for f in (final, nxt, seen) if f is not None],
-                               timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
-            if not final.done() and (nxt is None or nxt.done()) and self._t().connected:
-                nxt = self._watch_next(task_id)  # ask again: was an event lost?
-                self._publish_ids(self.topics.query(self.user), [task_id])
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                st = tr.state.status.value if tr.state else "unknown"
+                why = f": {tr.state.waiting}" if tr.state and tr.state.waiting else ""
+                raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s "
+                                  f"(status: {st}{why})")
+            if now >= query_at:
+                query_at = now + REQUERY_S
+                if self._t().connected:
+                    nxt = self._watch_next(task_id)
+                    self._publish_ids(self.topics.query(self.user), [task_id])
+            wait_for = query_at - now if deadline is None else min(query_at, deadline) - now
+            await asyncio.wait([f for f in (final, nxt, seen) if f is not None and not f.done()]
+                               or [final], timeout=max(0.0, wait_for),
+                               return_when=asyncio.FIRST_COMPLETED)
         state = final.result()
         if on_state is not None:
             on_state(state)

@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import math
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -276,3 +277,29 @@ def test_a_flood_of_dashboard_announcements_gets_one_history_a_second(
     assert system.balancer is not None and history.instance == system.balancer.instance
     with Client(system.settings, user="gil") as c:  # and the balancer still serves
         assert c.wait(c.submit("ECHO", 7), 20)["args"] == 7
+
+
+def test_waiting_with_a_progress_callback_does_not_query_in_a_loop(
+        system: System, raw: Callable[..., Any], tmp_path: Path) -> None:
+    """Each answer to a query is a state event; a wait that asked again on every event
+    would flood the balancer (it did, ~660 queries/s, with a progress bar drawn)."""
+    _start(system)
+    topics = Topics(system.settings.topic_prefix)
+    spy = raw()
+    spy.subscribe(topics.query("hal"))
+    states: list[TaskState] = []
+    gate = tmp_path / "gate"
+
+    def on_state(st: TaskState) -> None:
+        states.append(st)
+        if st.progress == 40 and not gate.exists():
+            # keep the task running a second more while we wait on it
+            threading.Timer(1.0, gate.touch).start()
+
+    with Client(system.settings, user="hal") as c:
+        tid = c.submit("BLOCK", _block(tmp_path, 0, progress=40))
+        final = c.wait_state(tid, 30, on_state=on_state)
+    assert final.status == Status.DONE
+    assert any(s.progress == 40 and s.status == Status.RUNNING for s in states)
+    assert len(spy.payloads(topics.query("hal"))) <= 1
+    assert len(states) <= 6  # queued/assigned, running, progress, done: not hundreds
