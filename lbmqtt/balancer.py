@@ -490,7 +490,7 @@ class Balancer:
                 self._guard(kind, name, rest, lambda: self._adopt(name, payload))
             return
         if len(payload) > self.settings.max_payload_bytes:
-            self.counters["refused"] += 1
+            self._refused(f"{kind} {name}", f"{len(payload)} bytes on {rest}: too large")
             self._bad_message(kind, name, rest, DecodeError(
                 f"{len(payload)} bytes is more than MAX_PAYLOAD_BYTES "
                 f"({self.settings.max_payload_bytes})", payload[:200], ErrorCode.TOO_LARGE))
@@ -540,7 +540,7 @@ class Balancer:
         if not online or self._history_timer is not None:
             return
         # at most one a second, announcements in between answered together: anyone may
-        # publish on dashboard/status, and each history is some 100 kB (a flood of
+        # publish on dashboard/status, and each history is 100-500 kB (a flood of
         # announcements must not become a flood of histories)
         delay = max(0.0, self._history_sent_at + 1.0 - time.monotonic())
         self._history_timer = asyncio.get_running_loop().call_later(delay, self._send_history)
@@ -566,9 +566,13 @@ class Balancer:
             self._error(name, exc.code, f"bad message on {rest}: {exc}", task_id=exc.task_id,
                         ref=exc.ref, topic=rest)
 
+    def _refused(self, who: str, why: str) -> None:
+        """Count a refused submission (or message) and remember it for the warning."""
+        self.counters["refused"] += 1
+        self._last_refusal = (time.time(), f"{who}: {why}"[:300])
+
     def _error(self, user: str, code: str, message: str, *, task_id: str | None = None,
                ref: str | None = None, topic: str | None = None) -> None:
-        self._last_refusal = (time.time(), f"{user}: {message}")
         self._errors.setdefault(user, []).append(
             ErrorItem(code=code, message=message, id=task_id, ref=ref, topic=topic))
 
@@ -576,13 +580,13 @@ class Balancer:
         now = time.time()
         items = decode_submit(payload)
         if len(items) > self.settings.max_batch:
-            self.counters["refused"] += 1
+            self._refused(user, f"a batch of {len(items)} tasks: more than MAX_BATCH")
             raise DecodeError(f"a batch of {len(items)} tasks is more than MAX_BATCH "
                               f"({self.settings.max_batch})", payload[:200], ErrorCode.TOO_LARGE)
         for item in items:
             if isinstance(item, DecodeError):
                 self._bad_message("user", user, "submit", item)
-                self.counters["refused"] += 1
+                self._refused(user, f"invalid task: {item}")
                 continue
             self._accept(user, item, now)
 
@@ -594,14 +598,14 @@ class Balancer:
             if old.user == user and old.same_submit(spec, args_json):
                 self._emit(old, durable=False)  # a resend: acknowledge again, run once
                 return
-            self.counters["refused"] += 1
+            self._refused(user, f"task id {task_id!r} is already used by another task")
             self._error(user, ErrorCode.DUPLICATE_ID,
                         f"task id {task_id!r} is already used by another task", task_id=task_id,
                         ref=spec.ref)
             return
         cap = self.settings.lb_queing_maxperuser
         if cap and self.scheduler.queued_for(user) >= cap:
-            self.counters["refused"] += 1
+            self._refused(user, f"queue cap of {cap} (LB_QUEING_MAXPERUSER)")
             self._error(user, ErrorCode.QUOTA_EXCEEDED,
                         f"user {user!r} already has {cap} queued tasks "
                         f"(LB_QUEING_MAXPERUSER); task {spec.name!r} refused",
@@ -1241,12 +1245,12 @@ class Balancer:
                             "(`lbmqtt node --tasks MODULE`)")
         name_rows = []
         for name in names:
-            reasons = {self.scheduler.why_waiting(*k) for k, c in self.queued_by.items()
-                       if k[0] == name and c > 0}
-            reasons.discard(None)
-            waiting = "; ".join(sorted(r for r in reasons if r)) or None
-            if waiting and online:
-                warnings.append(f"{queued_by_name[name]} queued {name!r} task(s) wait: {waiting}")
+            why = {k: self.scheduler.why_waiting(*k) for k, c in self.queued_by.items()
+                   if k[0] == name and c > 0}
+            waiting = "; ".join(sorted({r for r in why.values() if r})) or None
+            if waiting and online:  # (count only the tasks that have a reason to wait)
+                stuck = sum(self.queued_by[k] for k, r in why.items() if r)
+                warnings.append(f"{stuck} queued {name!r} task(s) wait: {waiting}")
             times = self._times.get(name, ())
             waits = sorted(w for w, _ in times)
             runs = sorted(r for _, r in times)

@@ -396,8 +396,11 @@ def cmd_status(ns: argparse.Namespace, s: Settings) -> int:
             print(("\x1b[H\x1b[2J" if clear else "\n") + format_stats(stats), flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(watch_stats(s, show, interval_s=ns.watch, count=ns.count,
-                                timeout_s=max(ns.timeout, 3 * ns.watch)))
+        asyncio.run(watch_stats(
+            s, show, interval_s=ns.watch, count=ns.count,
+            timeout_s=max(ns.timeout, 3 * ns.watch),
+            on_wait=lambda why: print(f"lbmqtt: {why}; still watching (Ctrl-C stops)",
+                                      file=sys.stderr, flush=True)))
     return Exit.OK
 
 

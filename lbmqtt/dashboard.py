@@ -44,6 +44,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -95,6 +96,8 @@ MAX_BANDS: Final = 6
 """Bands drawn in the queue chart; more are added up in the last one ("more")."""
 ALL_TASKS: Final = "all tasks"
 BAND_COLORS: Final = ("#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#17becf", "#9467bd")
+MAX_CLOCK_AHEAD_S: Final = 300.0
+"""Stats stamped further ahead of this machine's clock are refused (clock skew allowed)."""
 RATE_WINDOW_S: Final = 2.0
 """Throughput is the number of tasks finished over about this long, per second."""
 _WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 (compared, not bound)
@@ -210,6 +213,11 @@ class DashboardState:
     def add_stats(self, stats: BalancerStats) -> bool:
         """Record a stats snapshot. Returns False for a replay of one already recorded
         (same balancer instance, not newer), which updates nothing."""
+        if not math.isfinite(stats.time) or stats.time > time.time() + MAX_CLOCK_AHEAD_S:
+            # a "snapshot from the future" would make every real one look like a replay
+            self._count_bad("stats", DecodeError(f"stats time {stats.time} is not a time "
+                                                 "of now", b""))
+            return False
         with self._lock:
             self._received += 1
             last = self._stats
@@ -398,6 +406,15 @@ def _sample_columns(samples: tuple[Sample, ...]) -> dict[str, Any]:
     }
 
 
+def _band_order(label: str) -> tuple[int, int, str]:
+    """Bands in priority order ("0-9" before "10-1000"), anything else ("none") last."""
+    lo, sep, hi = label.rpartition("-")
+    try:
+        return (int(lo), int(hi), "") if sep else (sys.maxsize, 0, label)
+    except ValueError:
+        return (sys.maxsize, 0, label)
+
+
 def _band_slots(bands: list[str]) -> list[str]:
     """Up to MAX_BANDS labels: the bands in order, the last one adding up any beyond."""
     if len(bands) <= MAX_BANDS:
@@ -561,7 +578,10 @@ class DashboardPage:
         self._last_seq = snap.samples[-1].seq if snap.samples else 0
         self._epoch = snap.epoch
         self._last_stats: BalancerStats | None = snap.stats
-        self._band_labels: list[str] = list(snap.stats.bands) if snap.stats else []
+        seen = set(snap.stats.bands) if snap.stats else set()
+        for s in snap.samples:
+            seen.update(b for b, _ in s.bands)
+        self._band_labels: list[str] = sorted(seen, key=_band_order)
         self._name = ALL_TASKS
         self._failed = False
         self.samples = ColumnDataSource(_sample_columns(snap.samples), name="samples")
@@ -678,8 +698,9 @@ class DashboardPage:
             item.visible = i < len(labels)
 
     def _redraw_queue(self) -> None:
-        self.queue.data = _queue_columns(self.state.samples()[-ROLLOVER:],
-                                         self._band_labels, self._name)
+        # up to the last sample this page has shown: the next update streams the rest
+        shown = tuple(s for s in self.state.samples() if s.seq <= self._last_seq)
+        self.queue.data = _queue_columns(shown[-ROLLOVER:], self._band_labels, self._name)
 
     def _on_select(self, attr: str, old: Any, new: Any) -> None:
         self._name = new if isinstance(new, str) else ALL_TASKS
@@ -706,9 +727,11 @@ class DashboardPage:
                 self._doc.remove_periodic_callback(self._callback)
             return
         stats = snap.stats
-        bands = list(stats.bands) if stats is not None else self._band_labels
-        for s in snap.samples:  # a band that is no longer served still has history
-            bands += [b for b, _ in s.bands if b not in bands]
+        # every band seen stays (its history is still drawn when no node serves it now)
+        seen = set(self._band_labels) | (set(stats.bands) if stats is not None else set())
+        for s in snap.samples:
+            seen.update(b for b, _ in s.bands)
+        bands = sorted(seen, key=_band_order)
         redraw = snap.epoch != self._epoch or bands != self._band_labels
         self._band_labels = bands
         if snap.epoch != self._epoch:
@@ -716,14 +739,14 @@ class DashboardPage:
             self.samples.data = _sample_columns(snap.samples[-ROLLOVER:])
         elif snap.samples:
             self.samples.stream(_sample_columns(snap.samples), rollover=ROLLOVER)
+        if snap.samples:
+            self._last_seq = snap.samples[-1].seq
         if redraw:
             self._show_bands()
             self._redraw_queue()
         elif snap.samples:
             self.queue.stream(_queue_columns(snap.samples, bands, self._name),
                               rollover=ROLLOVER)
-        if snap.samples:
-            self._last_seq = snap.samples[-1].seq
         if stats is not self._last_stats:
             self._last_stats = stats
             self.nodes.data = _node_columns(stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -32,8 +33,10 @@ class StatsWatcher:
         topics = Topics(self.settings.topic_prefix)
         try:
             if topic == topics.balancer_stats and payload:
-                self.latest = decode(BalancerStats, payload)
-                self._changed.set()
+                stats = decode(BalancerStats, payload)
+                if math.isfinite(stats.time) and stats.time < time.time() + 300:
+                    self.latest = stats  # (a "snapshot from the future" is not one)
+                    self._changed.set()
             elif topic == topics.balancer_status and payload:
                 self.offline = not decode(BalancerStatus, payload).online
                 self._changed.set()
@@ -98,19 +101,30 @@ async def fetch_stats(settings: Settings, timeout_s: float = 5.0) -> BalancerSta
 
 async def watch_stats(settings: Settings, show: Callable[[BalancerStats], None], *,
                       interval_s: float = 1.0, count: int | None = None,
-                      timeout_s: float = 5.0) -> int:
+                      timeout_s: float = 5.0,
+                      on_wait: Callable[[str], None] | None = None) -> int:
     """Call ``show`` with a fresh snapshot every ``interval_s`` seconds, ``count`` times (or
     until cancelled / Ctrl-C). Returns how many were shown.
 
+    Args:
+        on_wait: called with the reason when no new stats came within ``timeout_s`` (the
+            balancer restarts, say); the watch goes on. Without it, that raises.
+
     Raises:
-        BalancerUnavailable: no new stats within ``timeout_s`` of a refresh.
+        BalancerUnavailable: no new stats within ``timeout_s`` and no ``on_wait``.
     """
     shown = 0
     async with StatsWatcher(settings) as w:
         last: BalancerStats | None = None
         while count is None or shown < count:
             t0 = time.monotonic()
-            last = await w.next(last, timeout_s)
+            try:
+                last = await w.next(last, timeout_s)
+            except BalancerUnavailable as exc:
+                if on_wait is None:
+                    raise
+                on_wait(str(exc))
+                continue
             show(last)
             shown += 1
             if count is not None and shown >= count:
