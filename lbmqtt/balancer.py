@@ -66,6 +66,8 @@ from .protocol import (
     TaskState,
     Topics,
     UserSummary,
+    band_label,
+    band_order,
     decode,
     decode_submit,
     encode_json,
@@ -81,7 +83,6 @@ PLACED = frozenset({Status.ASSIGNED, Status.RUNNING})
 HEALTH_CHECK_S = 0.5
 TIMES_KEPT = 1000  # per task name, for the mean and percentiles of wait and run times
 HISTORY_KEPT = 720  # stats samples a new dashboard is sent: 6 minutes at 2 Hz
-HISTORY_NAMES = 20  # task names per history sample (the most queued)
 RECENT_KEPT = 50  # finished tasks in the stats' task table
 RUNNING_ROWS = 100  # running tasks in the stats' task table
 REFUSALS_WARN_S = 60.0  # refusals within this long are a warning
@@ -1195,7 +1196,7 @@ class Balancer:
             t = self._transport
             stats = self.stats()
             self._last_stats = stats
-            self._history.append(_history_sample(stats))
+            self._history.append(HistorySample.of(stats))
             if t is not None and t.connected:
                 t.publish(self.topics.balancer_stats, stats.encode(), qos=0, retain=True)
 
@@ -1286,8 +1287,8 @@ class Balancer:
             cancelled_total=c["cancelled"], refused_total=c["refused"],
             bad_messages_total=c["bad_messages"], slots=slots, busy=busy, nodes=nodes,
             users=user_rows, names=name_rows, queued_by_priority=dict(by_prio),
-            bands=sorted(set(by_band) | {band_of.label(g) for g in band_of.groups},
-                         key=band_of.order),
+            bands=sorted(set(by_band) | {band_label(*g) for g in band_of.groups},
+                         key=band_order),
             queued_by_band=dict(by_band), tasks=self._task_rows(now), warnings=warnings)
 
     def _task_rows(self, now: float) -> list[TaskRow]:
@@ -1324,35 +1325,15 @@ class _Bands:
     def __init__(self, groups: list[tuple[int, int]]):
         self.groups = sorted(set(groups))
 
-    @staticmethod
-    def label(group: tuple[int, int]) -> str:
-        return f"{group[0]}-{group[1]}"
-
     def __call__(self, priority: int) -> str:
         for lo, hi in self.groups:
             if lo <= priority <= hi:
-                return self.label((lo, hi))
+                return band_label(lo, hi)
         return "none"
-
-    def order(self, label: str) -> tuple[int, int]:
-        lo, _, hi = label.partition("-")
-        try:
-            return (int(lo), int(hi))
-        except ValueError:  # "none" (and a negative range, "-5-0", which sorts last too)
-            return (sys.maxsize, 0)
 
 
 def _bands(nodes: list[NodeSummary]) -> _Bands:
     return _Bands([(g.min_p, g.max_p) for n in nodes if n.online for g in n.groups])
-
-
-def _history_sample(stats: BalancerStats) -> HistorySample:
-    top = sorted(stats.names, key=lambda n: -n.queued)[:HISTORY_NAMES]
-    return HistorySample(
-        time=stats.time, queued=stats.queued, running=stats.running, busy=stats.busy,
-        slots=stats.slots, done_total=stats.done_total, failed_total=stats.failed_total,
-        refused=stats.refused_total, bands=stats.queued_by_band,
-        names={n.name: n.queued_by_band for n in top if n.queued_by_band})
 
 
 def _pct(sorted_values: list[float], q: float) -> float | None:

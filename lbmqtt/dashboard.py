@@ -44,11 +44,10 @@ import os
 import secrets
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -79,7 +78,9 @@ from .protocol import (
     DashboardStatus,
     HistorySample,
     Topics,
+    band_order,
     decode,
+    plausible_time,
 )
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,6 @@ MAX_BANDS: Final = 6
 """Bands drawn in the queue chart; more are added up in the last one ("more")."""
 ALL_TASKS: Final = "all tasks"
 BAND_COLORS: Final = ("#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#17becf", "#9467bd")
-MAX_CLOCK_AHEAD_S: Final = 300.0
-"""Stats stamped further ahead of this machine's clock are refused (clock skew allowed)."""
 RATE_WINDOW_S: Final = 2.0
 """Throughput is the number of tasks finished over about this long, per second."""
 _WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 (compared, not bound)
@@ -137,18 +136,10 @@ def _bands(d: dict[str, int]) -> Bands:
     return tuple(d.items())
 
 
-def _sample_of(seq: int, h: HistorySample | BalancerStats, rate: float) -> Sample:
-    if isinstance(h, BalancerStats):
-        bands = _bands(h.queued_by_band)
-        top = sorted(h.names, key=lambda n: -n.queued)[:20]
-        names = tuple((n.name, _bands(n.queued_by_band)) for n in top if n.queued_by_band)
-        done, failed = h.done_total, h.failed_total
-    else:
-        bands = _bands(h.bands)
-        names = tuple((n, _bands(b)) for n, b in h.names.items())
-        done, failed = h.done_total, h.failed_total
-    return Sample(seq, h.time, h.queued, h.running, h.busy, h.slots, done, failed, rate,
-                  bands, names)
+def _sample_of(seq: int, h: HistorySample, rate: float) -> Sample:
+    return Sample(seq, h.time, h.queued, h.running, h.busy, h.slots, h.done_total,
+                  h.failed_total, rate, _bands(h.bands),
+                  tuple((n, _bands(b)) for n, b in h.names.items()))
 
 
 def _rate(prev: deque[Sample], t: float, finished: int) -> float:
@@ -213,8 +204,7 @@ class DashboardState:
     def add_stats(self, stats: BalancerStats) -> bool:
         """Record a stats snapshot. Returns False for a replay of one already recorded
         (same balancer instance, not newer), which updates nothing."""
-        if not math.isfinite(stats.time) or stats.time > time.time() + MAX_CLOCK_AHEAD_S:
-            # a "snapshot from the future" would make every real one look like a replay
+        if not plausible_time(stats.time, time.time()):
             self._count_bad("stats", DecodeError(f"stats time {stats.time} is not a time "
                                                  "of now", b""))
             return False
@@ -227,7 +217,7 @@ class DashboardState:
             rate = _rate(self._samples, stats.time, stats.done_total + stats.failed_total) \
                 if same else 0.0
             self._seq += 1
-            self._samples.append(_sample_of(self._seq, stats, rate))
+            self._samples.append(_sample_of(self._seq, HistorySample.of(stats), rate))
             self._stats, self._stats_at = stats, self._clock()
             return True
 
@@ -406,13 +396,14 @@ def _sample_columns(samples: tuple[Sample, ...]) -> dict[str, Any]:
     }
 
 
-def _band_order(label: str) -> tuple[int, int, str]:
-    """Bands in priority order ("0-9" before "10-1000"), anything else ("none") last."""
-    lo, sep, hi = label.rpartition("-")
-    try:
-        return (int(lo), int(hi), "") if sep else (sys.maxsize, 0, label)
-    except ValueError:
-        return (sys.maxsize, 0, label)
+def _bands_seen(labels: Iterable[str], stats: BalancerStats | None,
+                samples: Iterable[Sample]) -> list[str]:
+    """Every band in ``labels``, ``stats`` and ``samples``, in priority order (a band no
+    node serves now still has history to draw)."""
+    seen = set(labels) | (set(stats.bands) if stats is not None else set())
+    for s in samples:
+        seen.update(b for b, _ in s.bands)
+    return sorted(seen, key=band_order)
 
 
 def _band_slots(bands: list[str]) -> list[str]:
@@ -578,10 +569,7 @@ class DashboardPage:
         self._last_seq = snap.samples[-1].seq if snap.samples else 0
         self._epoch = snap.epoch
         self._last_stats: BalancerStats | None = snap.stats
-        seen = set(snap.stats.bands) if snap.stats else set()
-        for s in snap.samples:
-            seen.update(b for b, _ in s.bands)
-        self._band_labels: list[str] = sorted(seen, key=_band_order)
+        self._band_labels = _bands_seen((), snap.stats, snap.samples)
         self._name = ALL_TASKS
         self._failed = False
         self.samples = ColumnDataSource(_sample_columns(snap.samples), name="samples")
@@ -727,11 +715,7 @@ class DashboardPage:
                 self._doc.remove_periodic_callback(self._callback)
             return
         stats = snap.stats
-        # every band seen stays (its history is still drawn when no node serves it now)
-        seen = set(self._band_labels) | (set(stats.bands) if stats is not None else set())
-        for s in snap.samples:
-            seen.update(b for b, _ in s.bands)
-        bands = sorted(seen, key=_band_order)
+        bands = _bands_seen(self._band_labels, stats, snap.samples)
         redraw = snap.epoch != self._epoch or bands != self._band_labels
         self._band_labels = bands
         if snap.epoch != self._epoch:

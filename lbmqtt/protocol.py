@@ -34,7 +34,9 @@ retained payload is an empty set.
 
 from __future__ import annotations
 
+import math
 import re
+import sys
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -551,6 +553,33 @@ class BalancerStats(_Lenient):
     warnings: list[str] = []
 
 
+HISTORY_NAMES: Final = 20
+"""Task names a history sample keeps queued counts of (the most queued)."""
+MAX_CLOCK_AHEAD_S: Final = 300.0
+"""Stats stamped further ahead of the reader's clock are refused (clock skew allowed)."""
+
+
+def band_label(lo: int, hi: int) -> str:
+    """The label of the priority band ``lo..hi`` (``"0-9"``)."""
+    return f"{lo}-{hi}"
+
+
+def band_order(label: str) -> tuple[int, int, str]:
+    """Sort key of band labels: in priority order ("0-9" before "10-1000"), anything else
+    ("none") last."""
+    lo, sep, hi = label.rpartition("-")
+    try:
+        return (int(lo), int(hi), "") if sep else (sys.maxsize, 0, label)
+    except ValueError:
+        return (sys.maxsize, 0, label)
+
+
+def plausible_time(t: float, now: float) -> bool:
+    """Whether a stats time stamp can be a time of ``now``: finite and not far ahead (a
+    "snapshot from the future" would make every real one after it look like a replay)."""
+    return math.isfinite(t) and t <= now + MAX_CLOCK_AHEAD_S
+
+
 class HistorySample(_Lenient):
     """One point of :class:`BalancerHistory`: the totals of one stats snapshot."""
 
@@ -565,6 +594,16 @@ class HistorySample(_Lenient):
     bands: dict[str, int] = {}
     names: dict[str, dict[str, int]] = {}
     """Queued per task name and band (the names with the most queued, up to 20)."""
+
+    @classmethod
+    def of(cls, stats: BalancerStats) -> HistorySample:
+        """The sample of one stats snapshot."""
+        top = sorted(stats.names, key=lambda n: -n.queued)[:HISTORY_NAMES]
+        return cls(
+            time=stats.time, queued=stats.queued, running=stats.running, busy=stats.busy,
+            slots=stats.slots, done_total=stats.done_total, failed_total=stats.failed_total,
+            refused=stats.refused_total, bands=stats.queued_by_band,
+            names={n.name: n.queued_by_band for n in top if n.queued_by_band})
 
 
 class BalancerHistory(_Lenient):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from .config import Settings
 from .discovery import resolve as resolve_broker
 from .errors import BalancerUnavailable, LbmqttError
 from .mqtt import MqttTransport
-from .protocol import BalancerStats, BalancerStatus, Status, Topics, decode
+from .protocol import BalancerStats, BalancerStatus, Status, Topics, decode, plausible_time
 
 
 class StatsWatcher:
@@ -34,8 +33,8 @@ class StatsWatcher:
         try:
             if topic == topics.balancer_stats and payload:
                 stats = decode(BalancerStats, payload)
-                if math.isfinite(stats.time) and stats.time < time.time() + 300:
-                    self.latest = stats  # (a "snapshot from the future" is not one)
+                if plausible_time(stats.time, time.time()):
+                    self.latest = stats
                     self._changed.set()
             elif topic == topics.balancer_status and payload:
                 self.offline = not decode(BalancerStatus, payload).online
