@@ -21,9 +21,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,10 +32,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import cpu_seconds, start_mosquitto  # noqa: E402
+from bench.run import MACHINE, bench_broker, cpu_seconds  # noqa: E402
 from lbmqtt.client import AsyncClient  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
-from lbmqtt.launcher import Child, spawn, stop_children  # noqa: E402
+from lbmqtt.launcher import spawn  # noqa: E402
 from lbmqtt.mqtt import MqttTransport, Will  # noqa: E402
 from lbmqtt.protocol import (  # noqa: E402
     AssignmentSet,
@@ -171,31 +169,17 @@ def main() -> None:
     os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
                        "LBMQTT_METRICS_PORT": "0",
                        "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")})
-    children: list[Child] = []
-    mosq: subprocess.Popen[bytes] | None = None
     try:
-        pids: dict[str, int] = {}
-        if args.broker == "embedded":
-            children.append(spawn("broker", ["broker", "--broker-port", "0"]))
-            port = int(children[0].info["port"])
-            pids["broker"] = children[0].proc.pid
-        else:
-            mosq, port, _ = start_mosquitto()
-            pids["broker"] = mosq.pid
-        children.append(spawn("balancer", ["balancer", "--broker-port", str(port),
-                                           "--prefix", prefix]))
-        pids["balancer"] = children[-1].proc.pid
-        result = asyncio.run(run(args, port, prefix, pids))
+        with bench_broker(args.broker) as (port, broker_pid, children):
+            children.append(spawn("balancer", ["balancer", "--broker-port", str(port),
+                                               "--prefix", prefix]))
+            pids = {"broker": broker_pid, "balancer": children[-1].proc.pid}
+            result = asyncio.run(run(args, port, prefix, pids))
     finally:
-        stop_children(children)
-        if mosq is not None:
-            mosq.terminate()
-            mosq.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps({"bench": "nodes", "broker": args.broker, "nodes": args.nodes,
                       "slots_per_node": args.slots, "tasks": args.tasks, **result,
-                      "machine": f"{platform.machine()} {os.cpu_count()} cores, "
-                                 f"Python {platform.python_version()}"}))
+                      "machine": MACHINE}))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,33 @@ def start_mosquitto() -> tuple[subprocess.Popen[bytes], int, Path]:
         time.sleep(0.05)
     proc.kill()
     raise SystemExit("mosquitto did not start")
+
+
+MACHINE = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+"""What every figure was measured on (printed in each JSON line)."""
+
+
+@contextlib.contextmanager
+def bench_broker(kind: str, env: dict[str, str] | None = None
+                 ) -> Iterator[tuple[int, int, list[Child]]]:
+    """The broker under test in its own process (``kind`` embedded or mosquitto). Yields
+    (port, broker pid, children): what the caller spawns into ``children`` is stopped on
+    exit, with the broker."""
+    children: list[Child] = []
+    mosq: subprocess.Popen[bytes] | None = None
+    try:
+        if kind == "embedded":
+            children.append(_spawn("broker", ["broker", "--broker-port", "0"], env=env))
+            port, pid = int(children[0].info["port"]), children[0].proc.pid
+        else:
+            mosq, port, _ = start_mosquitto()
+            pid = mosq.pid
+        yield port, pid, children
+    finally:
+        stop_children(children)
+        if mosq is not None:
+            mosq.terminate()
+            mosq.wait(10)
 
 
 async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
@@ -295,8 +323,7 @@ def lan(args: argparse.Namespace) -> dict[str, Any]:
         out[f"tasks_per_s_{delay}"] = round(statistics.median(r["tasks_per_s"] for r in rs), 1)
         out[f"p50_ms_{delay}"] = round(statistics.median(r["p50_ms"] for r in rs), 1)
     out["ratio_2ms_to_0ms"] = round(out["tasks_per_s_2ms"] / out["tasks_per_s_0ms"], 3)
-    out["machine"] = (f"{platform.machine()} {os.cpu_count()} cores, "
-                      f"Python {platform.python_version()}")
+    out["machine"] = MACHINE
     return out
 
 
@@ -353,8 +380,7 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_pct_total": round(total, 2),
             "cpu_pct": {k: round(v, 2) for k, v in sorted(per.items())},
             "processes": len(pids),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, "
-                       f"Python {platform.python_version()}"}
+            "machine": MACHINE}
 
 
 def rss_mb(pid: int) -> float:
@@ -451,35 +477,21 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-scale-"))
     env = {**os.environ, "LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
            "LBMQTT_METRICS_PORT": "0", "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")}
-    children: list[Child] = []
-    mosq: subprocess.Popen[bytes] | None = None
     try:
-        pids: dict[str, int] = {}
-        if args.broker == "embedded":
-            children.append(_spawn("broker", ["broker", "--broker-port", "0"], env=env))
-            port = int(children[0].info["port"])
-            pids["broker"] = children[0].proc.pid
-        else:
-            mosq, port, _ = start_mosquitto()
-            pids["broker"] = mosq.pid
-        base = asyncio.run(broker_baseline(port))
-        prefix = f"bench/{uuid.uuid4().hex[:8]}"
-        children.append(_spawn("balancer", ["balancer", "--broker-port", str(port),
-                                            "--prefix", prefix], env=env))
-        pids["balancer"] = children[-1].proc.pid
-        result = asyncio.run(_scale(args, port, prefix, pids))
+        with bench_broker(args.broker, env) as (port, broker_pid, children):
+            base = asyncio.run(broker_baseline(port))
+            prefix = f"bench/{uuid.uuid4().hex[:8]}"
+            children.append(_spawn("balancer", ["balancer", "--broker-port", str(port),
+                                                "--prefix", prefix], env=env))
+            pids = {"broker": broker_pid, "balancer": children[-1].proc.pid}
+            result = asyncio.run(_scale(args, port, prefix, pids))
         result["journal_mb"] = round(sum(
             f.stat().st_size for f in workdir.glob("journal.sqlite3*")) / 1e6, 1)
     finally:
-        stop_children(children)
-        if mosq is not None:
-            mosq.terminate()
-            mosq.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
     return {"scenario": "scale", "broker": args.broker, "tasks": args.tasks,
             "users": args.users, "nodes": args.nodes, "seconds": args.seconds, **result,
-            **base, "machine": f"{platform.machine()} {os.cpu_count()} cores, "
-                               f"Python {platform.python_version()}"}
+            **base, "machine": MACHINE}
 
 
 def main() -> None:
@@ -518,8 +530,6 @@ def main() -> None:
     args.tasks = args.tasks or {"throughput": 2000, "latency": 200, "sleep": 200,
                                 "journal": 2000}[args.scenario]
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
-    children: list[Child] = []
-    mosq: subprocess.Popen[bytes] | None = None
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-"))
     os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
                        "LBMQTT_METRICS_PORT": "0"})
@@ -535,39 +545,34 @@ def main() -> None:
 
     result: dict[str, Any] = {}
     try:
-        if args.broker == "embedded":
-            children.append(_spawn("broker", ["broker", "--broker-port", "0"]))
-            port = int(children[0].info["port"])
-        else:
-            mosq, port, _ = start_mosquitto()
-        common = ["--broker-port", str(port), "--prefix", prefix]
-        modes = ["off", "on", "full"] * args.rounds if args.scenario == "journal" else [
-            args.journal]
-        node_child = _spawn("node", ["node", *common, "--tasks", DEMO, "--name", "bench",
-                                     "--workers", str(args.workers)])
-        children.append(node_child)
-        base = asyncio.run(broker_baseline(port))
-        runs: dict[str, list[dict[str, Any]]] = {}
-        for i, mode in enumerate(modes):
-            balancer = _spawn("balancer", ["balancer", *common], env=journal_env(mode, i))
-            pids = {"balancer": balancer.proc.pid, "node": node_child.proc.pid,
-                    **({"broker": children[0].proc.pid} if args.broker == "embedded" else
-                       {"broker": mosq.pid} if mosq is not None else {})}
-            try:
-                c0 = {k: cpu_seconds(p) for k, p in pids.items()}
-                c0["client"] = time.process_time()
-                c0["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
-                w0 = time.perf_counter()
-                r = asyncio.run(scenario(args, port, prefix))
-                wall = time.perf_counter() - w0
-                c1 = {k: cpu_seconds(p) for k, p in pids.items()}
-                c1["client"] = time.process_time()
-                c1["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
-                # CPU of each process over the whole run (warm-up included), % of one core
-                r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
-                runs.setdefault(mode, []).append(r)
-            finally:
-                stop_children([balancer])
+        with bench_broker(args.broker) as (port, broker_pid, children):
+            common = ["--broker-port", str(port), "--prefix", prefix]
+            modes = ["off", "on", "full"] * args.rounds if args.scenario == "journal" else [
+                args.journal]
+            node_child = _spawn("node", ["node", *common, "--tasks", DEMO, "--name", "bench",
+                                         "--workers", str(args.workers)])
+            children.append(node_child)
+            base = asyncio.run(broker_baseline(port))
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for i, mode in enumerate(modes):
+                balancer = _spawn("balancer", ["balancer", *common], env=journal_env(mode, i))
+                pids = {"balancer": balancer.proc.pid, "node": node_child.proc.pid,
+                        "broker": broker_pid}
+                try:
+                    c0 = {k: cpu_seconds(p) for k, p in pids.items()}
+                    c0["client"] = time.process_time()
+                    c0["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
+                    w0 = time.perf_counter()
+                    r = asyncio.run(scenario(args, port, prefix))
+                    wall = time.perf_counter() - w0
+                    c1 = {k: cpu_seconds(p) for k, p in pids.items()}
+                    c1["client"] = time.process_time()
+                    c1["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
+                    # CPU of each process over the whole run (warm-up included), % of one core
+                    r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
+                    runs.setdefault(mode, []).append(r)
+                finally:
+                    stop_children([balancer])
         if args.scenario == "journal":
             for mode, rs in runs.items():
                 rate = statistics.median(r["tasks_per_s"] for r in rs)
@@ -582,15 +587,10 @@ def main() -> None:
             result = {**runs[args.journal][0], "journal": args.journal,
                       "pipeline_window": args.pipeline_window}
     finally:
-        stop_children(children)
-        if mosq is not None:
-            mosq.terminate()
-            mosq.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
     figures: dict[str, Any] = {"scenario": args.scenario, "broker": args.broker,
                                "workers": args.workers, **result, **base,
-                               "machine": f"{platform.machine()} {os.cpu_count()} cores, "
-                                          f"Python {platform.python_version()}"}
+                               "machine": MACHINE}
     if "tasks_per_s" in result:
         figures["tasks_per_broker_msg_rate"] = result["tasks_per_s"] / base["broker_msgs_per_s"]
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
