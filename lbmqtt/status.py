@@ -23,13 +23,14 @@ class StatsWatcher:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.topics = Topics(settings.topic_prefix)  # (resolving the broker keeps the prefix)
         self.latest: BalancerStats | None = None
         self.offline = False
         self._changed = asyncio.Event()
         self._t: MqttTransport | None = None
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        topics = Topics(self.settings.topic_prefix)
+        topics = self.topics
         try:
             if topic == topics.balancer_stats and payload:
                 stats = decode(BalancerStats, payload)
@@ -44,7 +45,7 @@ class StatsWatcher:
 
     async def __aenter__(self) -> StatsWatcher:
         self.settings = s = await resolve_broker(self.settings)
-        topics = Topics(s.topic_prefix)
+        topics = self.topics
         self._t = MqttTransport(
             host=s.broker_host, port=s.broker_port,
             client_id=f"lbmqtt-status-{uuid.uuid4().hex[:8]}", on_message=self._on_message,
