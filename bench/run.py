@@ -58,6 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lbmqtt.broker import loopback_mosquitto_conf  # noqa: E402
 from lbmqtt.client import AsyncClient  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
 from lbmqtt.launcher import Child, _spawn, stop_children  # noqa: E402
@@ -91,11 +92,9 @@ def pct(values: list[float], q: float) -> float:
 def start_mosquitto() -> tuple[subprocess.Popen[bytes], int, Path]:
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = free_port()
-    conf = (ROOT / "broker" / "mosquitto.conf").read_text()
-    conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")
-    conf = "\n".join(line for line in conf.splitlines() if not line.startswith("persistence"))
+    conf = loopback_mosquitto_conf((ROOT / "broker" / "mosquitto.conf").read_text(), port)
     d = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-"))
-    (d / "m.conf").write_text(conf + "\n")
+    (d / "m.conf").write_text(conf)
     proc = subprocess.Popen([exe, "-c", str(d / "m.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10

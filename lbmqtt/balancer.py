@@ -41,7 +41,7 @@ from .errors import ConfigError, DecodeError, ErrorCode
 from .health import online_status
 from .journal import Journal, JournalRow, default_path
 from .metrics import Metrics
-from .mqtt import MqttTransport, Will
+from .mqtt import MqttTransport, Will, connection_options
 from .protocol import (
     AssignmentSet,
     BalancerHistory,
@@ -237,7 +237,7 @@ class Balancer:
         self._open_journal(configured)
         offline = BalancerStatus(online=False, instance=self.instance).encode()
         self._transport = MqttTransport(
-            host=s.broker_host, port=s.broker_port,
+            **connection_options(s),
             client_id=f"lbmqtt-balancer-{self.instance}",
             on_message=self._on_message,
             # the retained sets an earlier balancer left come first: see _adopt
@@ -246,8 +246,6 @@ class Balancer:
                            (t.all_queries, 1), (t.all_node_status, 1), (t.all_reports, 1),
                            (t.all_heartbeats, 0), (t.dashboard_status, 0)],
             on_connect=self._on_connect, will=Will(t.balancer_status, offline),
-            keepalive_s=s.broker_keepalive_s, username=s.broker_username,
-            password=s.broker_password, connect_timeout_s=s.connect_timeout_s,
         )
         self._start_metrics()
         await self._transport.start()

@@ -21,6 +21,12 @@ Patches (NOTES.md, "Bugs to work around"):
     never answered and the will never fires. We drop ``$`` publishes and keep serving the
     client; a wildcard or empty publish topic is a protocol error and closes the
     connection properly (so the will fires).
+``takeover``
+    amqtt handles a CONNECT before it checks the login: a CONNECT with someone else's
+    client id deletes (clean session) or rewrites (persistent session) that client's
+    session, and a connected client is taken over even when the login then fails. With
+    accounts (:class:`~lbmqtt.access.AccessGuard`) we check the login first and refuse a
+    client id held by another login; this patch is part of the guard, not optional.
 ``socket_leak``
     When a client disconnects, amqtt closes its side with ``drain(); write_eof(); close()``.
     If a message to the client was in flight as it left (a client that publishes, then
@@ -39,14 +45,27 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Iterable
-from typing import Any
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Action, Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import (
+    BAD_USERNAME_PASSWORD,
+    IDENTIFIER_REJECTED,
+    NOT_AUTHORIZED,
+    ConnackPacket,
+)
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
-from .config import Settings
+from .access import AccessGuard, Role, check_role
+from .config import Settings, is_loopback, service_accounts
+from .errors import ConfigError
 from .protocol import BrokerStatus, Topics
 
 log = logging.getLogger(__name__)
@@ -55,23 +74,72 @@ AMQTT_VERSION = "amqtt 0.12.1"
 ALL_PATCHES: frozenset[str] = frozenset(
     {"keepalive", "retained_leak", "dollar_publish", "socket_leak"})
 KEEPALIVE_GRACE = 1.5
+DENIED_LOG_INTERVAL_S = 10.0
+TOPIC_SLACK_BYTES = 65_536 + 16
+"""What a packet may carry beyond its payload: the topic (at most 64 KiB) and headers."""
 
 
-def broker_config(host: str, port: int, *, max_connections: int = 0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TlsListener:
+    """A second, TLS-only listener: ``cert``/``key`` are PEM files."""
+
+    host: str
+    port: int
+    cert: str
+    key: str
+
+
+def broker_config(host: str, port: int, *, max_connections: int = 0, anonymous: bool = True,
+                  tls: TlsListener | None = None) -> dict[str, Any]:
     """The amqtt configuration of the embedded broker.
 
     Plugins are listed explicitly: amqtt's defaults add ``$SYS`` publishing and packet
-    logging. Anonymous access is allowed (the one-command demo on loopback).
+    logging. Anonymous access is allowed only for the one-command demo on loopback; with
+    accounts, :class:`PatchedBroker` checks every login itself before amqtt sees the
+    CONNECT, and amqtt's plugin then only insists on a user name.
     """
+    listeners: dict[str, Any] = {
+        "default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": max_connections},
+    }
+    if tls is not None:
+        listeners["tls"] = {"type": "tcp", "bind": f"{tls.host}:{tls.port}",
+                            "max_connections": max_connections, "ssl": True,
+                            "certfile": tls.cert, "keyfile": tls.key}
     return {
-        "listeners": {
-            "default": {"type": "tcp", "bind": f"{host}:{port}",
-                        "max_connections": max_connections},
-        },
+        "listeners": listeners,
         "plugins": {
-            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": anonymous},
         },
     }
+
+
+class PacketTooLarge(AMQTTError):  # type: ignore[misc]
+    """A client announced a packet larger than its limit: its connection is closed."""
+
+
+class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
+    """amqtt's reader adapter, refusing any single read beyond ``limit`` bytes.
+
+    amqtt reads a packet's remaining length in one call, so this refuses an oversized
+    packet from its header, before a byte of its body is buffered (amqtt itself would
+    buffer up to 256 MB)."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int, transport: Any,
+                 on_refuse: Callable[[str, Exception], None]):
+        super().__init__(reader)
+        self.limit = limit
+        self._transport = transport
+        self._on_refuse = on_refuse
+
+    async def read(self, n: int = -1) -> bytes:
+        if n > self.limit:
+            exc = PacketTooLarge(f"{n} bytes announced, the limit is {self.limit}")
+            peer = self._transport.get_extra_info("peername")
+            self._transport.abort()
+            self._on_refuse(str(peer), exc)
+            raise exc
+        data: bytes = await super().read(n)
+        return data
 
 
 class _ClosingStreamWriter(StreamWriterAdapter):  # type: ignore[misc]
@@ -87,27 +155,129 @@ class _ClosingStreamWriter(StreamWriterAdapter):  # type: ignore[misc]
 class PatchedBroker(Broker):  # type: ignore[misc]
     """amqtt's Broker with lbmqtt's patches (see the module docstring)."""
 
-    def __init__(self, config: dict[str, Any], *, patches: Iterable[str] = ALL_PATCHES):
+    def __init__(self, config: dict[str, Any], *, patches: Iterable[str] = ALL_PATCHES,
+                 guard: AccessGuard | None = None, max_packet_bytes: int = 256 * 2**20,
+                 client_max_packet_bytes: int | None = None):
         super().__init__(config)
         unknown = set(patches) - ALL_PATCHES
         if unknown:
             raise ValueError(f"unknown broker patches: {sorted(unknown)}")
         self.patches = frozenset(patches)
+        self.guard = guard
+        self.max_packet_bytes = max_packet_bytes
+        """Largest packet the balancer (or, without accounts, anyone) may send."""
+        self.client_max_packet_bytes = client_max_packet_bytes or max_packet_bytes
+        """Largest packet any other login may send (and anyone before logging in)."""
         self.dropped_dollar_publishes = 0
         self.keepalive_drops = 0
+        self.refused_logins = 0
+        self.denied = 0
+        self.too_large = 0
+        self._denied_log: dict[str, float] = {}
 
-    # -- keepalive ------------------------------------------------------------------------
+    # -- keepalive (and the login check, with accounts) -------------------------------
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> tuple[Any, Session]:
-        handler, session = await super()._initialize_client_session(
-            reader, writer, remote_address, remote_port)
+        if self.guard is None:
+            handler, session = await super()._initialize_client_session(
+                reader, writer, remote_address, remote_port)
+        else:
+            handler, session = await self._login(reader, writer, remote_address, remote_port)
         if "keepalive" in self.patches and session.keep_alive and session.keep_alive > 0:
             # amqtt's reader loop waits this long for the next packet, then calls
             # handle_read_timeout (a no-op upstream) and keeps waiting forever.
             session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE * 10) / 10
             handler.handle_read_timeout = lambda: self._drop_silent_client(handler)
         return handler, session
+
+    async def _login(self, reader: Any, writer: Any, remote_address: str,
+                     remote_port: int) -> tuple[Any, Session]:
+        """amqtt's session set-up, with the login checked before any session is touched."""
+        assert self.guard is not None
+        try:
+            handler, fresh = await BrokerProtocolHandler.init_from_connect(
+                reader, writer, self.plugins_manager)
+        except (MQTTError, NoDataError) as exc:
+            await writer.close()
+            raise AMQTTError(f"invalid CONNECT from {remote_address}:{remote_port}: "
+                             f"{exc}") from exc
+        login = fresh.username
+        # hashing takes ~100 ms: in a thread, so that the broker serves everyone meanwhile
+        role = await asyncio.to_thread(self.guard.check_login, login, fresh.password)
+        why, code = "", 0
+        if role is None:
+            why, code = "unknown login or wrong password", BAD_USERNAME_PASSWORD
+        else:
+            held = self._sessions.get(fresh.client_id)
+            if held is not None and held[0].username != login:
+                why, code = (f"client id {fresh.client_id!r} belongs to another login",
+                             IDENTIFIER_REJECTED)
+            elif fresh.will_flag and not self.guard.may(role, "publish", fresh.will_topic or "",
+                                                        login, fresh.client_id):
+                why, code = f"may not publish its will on {fresh.will_topic!r}", NOT_AUTHORIZED
+        if code:
+            self.refused_logins += 1
+            self._log_denied(f"login {login!r} from {remote_address}", f"refused ({why})")
+            with contextlib.suppress(Exception):
+                await ConnackPacket.build(0, code).to_stream(writer)
+                await writer.close()
+            raise AMQTTError(f"login {login!r} refused: {why}")
+        assert role is not None
+        if isinstance(reader, _LimitedReader):
+            reader.limit = (self.max_packet_bytes if role == "balancer"
+                            else self.client_max_packet_bytes)
+        # amqtt's own session handling from here (Broker._initialize_client_session)
+        session = fresh
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            else:
+                session.client_id = gen_client_id()
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            old, _ = self._sessions[session.client_id]
+            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive",
+                         "username", "password"):
+                setattr(old, attr, getattr(session, attr))
+            session = old
+            session.parent = 1
+        else:
+            session.parent = 0
+        session.lbmqtt_role = role
+        return handler, session
+
+    # -- access rules (with accounts) -------------------------------------------------
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        if self.guard is None:
+            ok: bool = await super()._topic_filtering(session, topic, action)
+            return ok
+        if action == Action.RECEIVE:
+            return True  # every granted subscription is within the login's reading rights
+        role: Role | None = getattr(session, "lbmqtt_role", None)
+        verb: Literal["publish", "subscribe"] = (
+            "publish" if action == Action.PUBLISH else "subscribe")
+        if role is not None and self.guard.may(role, verb, topic, session.username or "",
+                                               session.client_id or ""):
+            return True
+        self.denied += 1
+        self._log_denied(f"{session.username!r} ({session.client_id})",
+                         f"may not {verb} {topic!r}")
+        return False
+
+    def _log_denied(self, who: str, what: str) -> None:
+        now = time.monotonic()
+        if now - self._denied_log.get(who, -1e9) >= DENIED_LOG_INTERVAL_S:
+            if len(self._denied_log) > 10_000:
+                self._denied_log.clear()
+            self._denied_log[who] = now
+            log.warning("%s %s (logged at most every %g s per client)", who, what,
+                        DENIED_LOG_INTERVAL_S)
+
+    def _count_too_large(self, who: str, exc: Exception) -> None:
+        self.too_large += 1
+        self._log_denied(who, f"sent too large a packet ({exc}): connection closed")
 
     def _drop_silent_client(self, handler: Any) -> None:
         session = handler.session
@@ -130,7 +300,9 @@ class PatchedBroker(Broker):  # type: ignore[misc]
                                listener_name: str) -> None:
         adapter = (_ClosingStreamWriter(writer) if "socket_leak" in self.patches
                    else StreamWriterAdapter(writer))
-        await self._client_connected(listener_name, StreamReaderAdapter(reader), adapter)
+        limit = self.max_packet_bytes if self.guard is None else self.client_max_packet_bytes
+        limited = _LimitedReader(reader, limit, writer.transport, self._count_too_large)
+        await self._client_connected(listener_name, limited, adapter)
 
     # -- retained_leak --------------------------------------------------------------------
 
@@ -173,23 +345,40 @@ class EmbeddedBroker:
         port: TCP port; 0 picks a free one (read it back from :attr:`port`).
         patches: which of :data:`ALL_PATCHES` to apply (all by default).
         prefix: topic prefix under which to retain ``broker/status`` (None: don't).
+        guard: accounts and topic rules; None: anonymous, no rules (loopback only).
+        tls: a second listener serving TLS (its port: :attr:`tls_port`).
+        max_packet_bytes: largest packet from the balancer (without a guard: anyone).
+        client_max_packet_bytes: largest packet from any other login.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
-                 patches: Iterable[str] = ALL_PATCHES, prefix: str | None = None):
+                 patches: Iterable[str] = ALL_PATCHES, prefix: str | None = None,
+                 guard: AccessGuard | None = None, tls: TlsListener | None = None,
+                 max_packet_bytes: int = 256 * 2**20,
+                 client_max_packet_bytes: int | None = None):
         self.host = host
         self.requested_port = port
         self.patches = frozenset(patches)
         self.prefix = prefix
+        self.guard = guard
+        self.tls = tls
+        self.max_packet_bytes = max_packet_bytes
+        self.client_max_packet_bytes = client_max_packet_bytes
         self.broker: PatchedBroker | None = None
         self.port = 0
+        self.tls_port: int | None = None
 
     async def start(self) -> None:
         """Start listening; afterwards :attr:`port` holds the bound port."""
-        self.broker = PatchedBroker(broker_config(self.host, self.requested_port),
-                                    patches=self.patches)
+        config = broker_config(self.host, self.requested_port, anonymous=self.guard is None,
+                               tls=self.tls)
+        self.broker = PatchedBroker(config, patches=self.patches, guard=self.guard,
+                                    max_packet_bytes=self.max_packet_bytes,
+                                    client_max_packet_bytes=self.client_max_packet_bytes)
         await self.broker.start()
         self.port = bound_port(self.broker)
+        if self.tls is not None:
+            self.tls_port = bound_port(self.broker, "tls")
         if self.prefix is not None:
             status = BrokerStatus(online=True, host=self.host, port=self.port,
                                   version=AMQTT_VERSION)
@@ -210,14 +399,60 @@ class EmbeddedBroker:
         await self.stop()
 
 
-def bound_port(broker: Broker) -> int:
-    """The TCP port amqtt's default listener is bound to.
+def bound_port(broker: Broker, listener: str = "default") -> int:
+    """The TCP port one of amqtt's listeners is bound to.
 
     amqtt keeps it only in a private attribute; this is the one place that reads it.
     """
-    server = broker._servers["default"]
+    server = broker._servers[listener]
     port: int = server.instance.sockets[0].getsockname()[1]
     return port
+
+
+def embedded_broker(settings: Settings) -> EmbeddedBroker:
+    """The embedded broker these settings describe, refusing an unsafe one.
+
+    Raises:
+        ConfigError: it would listen beyond loopback without accounts (anyone on the LAN
+            could then read and cancel every task), or the accounts file is bad.
+    """
+    extra = {name: (check_role(role), pw) for name, (role, pw) in service_accounts().items()}
+    guard = None
+    if settings.auth_file or extra:
+        guard = AccessGuard(settings.topic_prefix, settings.auth_file, extra=extra)
+    host = settings.bind_host
+    tls = None
+    if settings.tls_listener:
+        assert settings.broker_tls_cert and settings.broker_tls_key
+        for path in (settings.broker_tls_cert, settings.broker_tls_key):
+            if not os.path.isfile(path):
+                raise ConfigError(f"BROKER_TLS_CERT / BROKER_TLS_KEY: no such file {path}")
+        tls = TlsListener(host, settings.broker_tls_port, settings.broker_tls_cert,
+                          settings.broker_tls_key)
+        host = "127.0.0.1"  # plain MQTT only for the parts on this machine
+    if guard is None and not (is_loopback(host) and (tls is None or is_loopback(tls.host))):
+        where = tls.host if tls is not None else host
+        raise ConfigError(
+            f"refusing to listen on {where} without accounts: anyone on the network could "
+            f"then read, submit and cancel every task. Create accounts and point AUTH_FILE "
+            f"at them, e.g.\n  lbmqtt user add alice --role user --file accounts\n  lbmqtt "
+            f"user add gpu-box --role node --file accounts\nthen set \"AUTH_FILE\": "
+            f"\"accounts\" in parameters.json (or LBMQTT_AUTH_FILE=accounts); or listen on "
+            f"127.0.0.1 only (see README, \"Running on a shared LAN\")")
+    return EmbeddedBroker(host, settings.broker_port, prefix=settings.topic_prefix,
+                          guard=guard, tls=tls,
+                          max_packet_bytes=settings.broker_max_packet_bytes,
+                          client_max_packet_bytes=settings.max_payload_bytes + TOPIC_SLACK_BYTES)
+
+
+def loopback_mosquitto_conf(shipped: str, port: int) -> str:
+    """The shipped ``broker/mosquitto.conf`` turned into an anonymous broker on one
+    loopback port without persistence: what the tests and benchmarks run (the tests of
+    logins and ACLs write their own)."""
+    swap = {"listener 1883 0.0.0.0": f"listener {port} 127.0.0.1",
+            "allow_anonymous false": "allow_anonymous true"}
+    return "\n".join(swap.get(line, line) for line in shipped.splitlines()
+                     if not line.startswith(("password_file", "acl_file", "persistence"))) + "\n"
 
 
 def quiet_amqtt_logs(level: int) -> None:
@@ -239,8 +474,8 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    host = settings.bind_host
-    broker = EmbeddedBroker(host, settings.broker_port, prefix=settings.topic_prefix)
+    broker = embedded_broker(settings)
+    host = broker.host
     amqtt_log = logging.getLogger("amqtt.broker")
     level = amqtt_log.level
     amqtt_log.setLevel(logging.CRITICAL)  # it logs a traceback; we say it in one line
@@ -254,11 +489,19 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
     finally:
         amqtt_log.setLevel(level)
     print(f"lbmqtt broker: listening on {host}:{broker.port} ({AMQTT_VERSION})", flush=True)
+    if broker.tls is not None:
+        print(f"lbmqtt broker: TLS on {broker.tls.host}:{broker.tls_port}", flush=True)
+    if broker.guard is not None:
+        print("lbmqtt broker: logins required"
+              + (f" (accounts: {settings.auth_file})" if settings.auth_file else ""),
+              flush=True)
     advertiser = None
     if settings.broker_advertise:
         from .discovery import Advertiser
 
-        advertiser = Advertiser(host, broker.port, settings.topic_prefix)
+        advertiser = (Advertiser(broker.tls.host, broker.tls_port or 0, settings.topic_prefix)
+                      if broker.tls is not None else
+                      Advertiser(host, broker.port, settings.topic_prefix))
         try:
             addresses = await asyncio.to_thread(advertiser.start)
         except Exception as exc:  # no multicast here: the broker serves all the same
@@ -270,7 +513,8 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
                       f"(BROKER_HOST \"auto\" finds it)", flush=True)
     if ready_fd is not None:
         with os.fdopen(ready_fd, "w") as f:
-            f.write(json.dumps({"host": host, "port": broker.port}) + "\n")
+            f.write(json.dumps({"host": host, "port": broker.port,
+                                "tls_port": broker.tls_port}) + "\n")
     try:
         await stop.wait()
     finally:

@@ -45,7 +45,7 @@ from .errors import (
     WaitTimeout,
     error_from_code,
 )
-from .mqtt import MqttTransport
+from .mqtt import MqttTransport, connection_options
 from .protocol import (
     Errors,
     Events,
@@ -191,14 +191,12 @@ class AsyncClient:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         self._transport = MqttTransport(
-            host=s.broker_host, port=s.broker_port,
+            **connection_options(s),
             client_id=f"lbmqtt-client-{self.user}-{uuid.uuid4().hex[:8]}",
             on_message=self._on_message,
             subscriptions=[(self.topics.events(self.user), 1),
                            (self.topics.errors(self.user), 1)],
-            on_connect=self._on_connect, keepalive_s=s.broker_keepalive_s,
-            username=s.broker_username, password=s.broker_password,
-            connect_timeout_s=s.connect_timeout_s,
+            on_connect=self._on_connect,
         )
         try:
             await self._transport.start(wait=True, timeout_s=s.connect_timeout_s)

@@ -14,6 +14,7 @@ offending key; the CLI prints that line and exits with status 2.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import logging
 import os
@@ -92,6 +93,25 @@ class Settings(BaseModel):
     """Address the embedded broker listens on (default: BROKER_HOST), e.g. ``0.0.0.0``."""
     broker_username: str | None = Field(None, alias="BROKER_USERNAME")
     broker_password: str | None = Field(None, alias="BROKER_PASSWORD")
+    """The login's password (better in the environment: ``LBMQTT_BROKER_PASSWORD``)."""
+    broker_password_file: str | None = Field(None, alias="BROKER_PASSWORD_FILE")
+    """A file holding the password (its first line), when BROKER_PASSWORD is not set."""
+    broker_tls: bool = Field(False, alias="BROKER_TLS")
+    """Clients connect to BROKER_HOST:BROKER_PORT with TLS (the broker's TLS port)."""
+    broker_ca_file: str | None = Field(None, alias="BROKER_CA_FILE")
+    """CA certificate (PEM) that signed the broker's certificate (default: the system's)."""
+    broker_tls_port: int = Field(8883, alias="BROKER_TLS_PORT", ge=0, le=65535)
+    """The embedded broker's TLS listener, on when BROKER_TLS_CERT and _KEY are set; plain
+    MQTT then stays on 127.0.0.1 (for the parts ``lbmqtt up`` starts)."""
+    broker_tls_cert: str | None = Field(None, alias="BROKER_TLS_CERT")
+    broker_tls_key: str | None = Field(None, alias="BROKER_TLS_KEY")
+    auth_file: str | None = Field(None, alias="AUTH_FILE")
+    """Accounts file (``lbmqtt user add``): with it, the embedded broker admits only these
+    logins, each to its role's topics. Without it, the broker must listen on loopback."""
+    broker_max_packet_bytes: int = Field(64 * 2**20, alias="BROKER_MAX_PACKET_BYTES",
+                                         ge=65_536, le=256 * 2**20)
+    """Largest MQTT packet the embedded broker takes from the balancer (and, without
+    accounts, from anyone); other logins: MAX_PAYLOAD_BYTES + 64 KiB."""
     broker_keepalive_s: int = Field(5, alias="BROKER_KEEPALIVE_S", ge=1, le=3600)
     broker_advertise: bool = Field(True, alias="BROKER_ADVERTISE")
     """The embedded broker advertises itself by mDNS when it listens beyond loopback."""
@@ -123,6 +143,11 @@ class Settings(BaseModel):
     """Larger inbound messages are refused (code ``too_large``)."""
     max_batch: int = Field(10_000, alias="MAX_BATCH", ge=1)
     """Most tasks in one submit message."""
+    submit_rate: float = Field(0.0, alias="SUBMIT_RATE", ge=0)
+    """Tasks per second each user may submit, on average; 0: no limit. Tasks beyond it
+    are refused (code ``rate_limited``) and the Python client resends them later."""
+    submit_burst: int = Field(0, alias="SUBMIT_BURST", ge=0)
+    """Tasks a user may submit at once above SUBMIT_RATE (0: MAX_BATCH)."""
     pipeline_window_max: int = Field(8, alias="PIPELINE_WINDOW_MAX", ge=0, le=64)
     """Most tasks a node holds per slot beyond its running ones (0: no pipelining). The
     window of a node is sized from its recent runtimes and the dispatch round trip."""
@@ -191,6 +216,23 @@ class Settings(BaseModel):
     source: str = Field("defaults", exclude=True)
 
     @property
+    def password(self) -> str | None:
+        """BROKER_PASSWORD, else the first line of BROKER_PASSWORD_FILE."""
+        if self.broker_password is not None or not self.broker_password_file:
+            return self.broker_password
+        try:
+            with open(os.path.expanduser(self.broker_password_file), encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"BROKER_PASSWORD_FILE {self.broker_password_file}: {exc}") \
+                from exc
+
+    @property
+    def tls_listener(self) -> bool:
+        """The embedded broker serves TLS (BROKER_TLS_CERT and BROKER_TLS_KEY are set)."""
+        return bool(self.broker_tls_cert and self.broker_tls_key)
+
+    @property
     def bind_host(self) -> str:
         """Address the embedded broker listens on."""
         if self.broker_bind:
@@ -206,6 +248,36 @@ class Settings(BaseModel):
             return Settings.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(_format_validation_error(self.source, exc)) from exc
+
+
+PATH_KEYS: tuple[str, ...] = ("AUTH_FILE", "BROKER_PASSWORD_FILE", "BROKER_CA_FILE",
+                               "BROKER_TLS_CERT", "BROKER_TLS_KEY")
+
+SERVICE_ACCOUNTS_ENV = "LBMQTT_SERVICE_ACCOUNTS"
+"""Accounts ``lbmqtt up`` gives the embedded broker for the parts it starts (JSON
+``{name: [role, password]}``), so that they need no entry in the accounts file."""
+
+
+def service_accounts(env: Mapping[str, str] | None = None) -> dict[str, tuple[str, str]]:
+    raw = (os.environ if env is None else env).get(SERVICE_ACCOUNTS_ENV)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+        return {str(k): (str(v[0]), str(v[1])) for k, v in data.items()}
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise ConfigError(f"{SERVICE_ACCOUNTS_ENV}: not a JSON object of name: [role, "
+                          f"password]") from exc
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; a wildcard (``0.0.0.0``) is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 ALIASES: dict[str, str] = {
@@ -334,6 +406,9 @@ def load_settings(
             del data[key]
         if "NODE_TASKS" in data and isinstance(data["NODE_TASKS"], list):
             data["NODE_TASKS"] = _resolve_task_paths(data["NODE_TASKS"], base)
+        for key in PATH_KEYS:  # relative to the file, like NODE_TASKS
+            if isinstance(data.get(key), str):
+                data[key] = str((base / Path(data[key]).expanduser()).resolve())
     env_values = _env_overrides(env)
     if "NODE_TASKS" in env_values and isinstance(env_values["NODE_TASKS"], list):
         env_values["NODE_TASKS"] = _resolve_task_paths(env_values["NODE_TASKS"], Path.cwd())

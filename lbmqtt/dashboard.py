@@ -70,7 +70,7 @@ from tornado.ioloop import IOLoop
 from .config import Settings
 from .discovery import resolve as resolve_broker
 from .errors import DecodeError
-from .mqtt import MessageHandler, MqttTransport, Will
+from .mqtt import MessageHandler, MqttTransport, Will, connection_options
 from .protocol import (
     BalancerHistory,
     BalancerStats,
@@ -371,13 +371,11 @@ def dashboard_transport(settings: Settings, state: DashboardState, url: str) -> 
         transport.publish(topics.dashboard_status, online, qos=1, retain=True)
 
     transport = MqttTransport(
-        host=settings.broker_host, port=settings.broker_port,
+        **connection_options(settings),
         client_id=f"lbmqtt-dashboard-{secrets.token_hex(4)}",
         on_message=message_handler(state, topics), subscriptions=subscriptions(topics),
         on_connect=on_connect, on_disconnect=lambda: state.set_connected(False),
-        will=Will(topics.dashboard_status, DashboardStatus(online=False).encode()),
-        keepalive_s=settings.broker_keepalive_s, username=settings.broker_username,
-        password=settings.broker_password, connect_timeout_s=settings.connect_timeout_s)
+        will=Will(topics.dashboard_status, DashboardStatus(online=False).encode()))
     return transport
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from .config import Settings
 from .errors import BrokerUnavailable, DecodeError
-from .mqtt import read_retained
+from .mqtt import read_retained, tls_context
 from .protocol import decode
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ async def online_status(settings: Settings, topic: str, model: type[S], *,
     try:
         retained = await read_retained(
             host=settings.broker_host, port=settings.broker_port, filters=[topic],
-            username=settings.broker_username, password=settings.broker_password,
+            prefix=settings.topic_prefix, username=settings.broker_username,
+            password=settings.password, tls=tls_context(settings),
             timeout_s=min(3.0, settings.connect_timeout_s))
     except BrokerUnavailable:
         log.warning("the broker is not reachable yet: starting anyway (without checking "

@@ -48,6 +48,8 @@ class Child:
     info: dict[str, Any]
     args: list[str] = field(default_factory=list)
     """The ``lbmqtt`` arguments it was started with (to start it again)."""
+    env: dict[str, str] | None = None
+    """Its environment, if not ours (to start it again)."""
 
 
 def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
@@ -59,6 +61,7 @@ def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
     (e.g. ``ip netns exec NS``); ``stdout``: where its output goes (default: ours).
     """
     r, w = os.pipe()
+    given = env
     env = dict(os.environ if env is None else env)
     env[SUPERVISOR_ENV] = str(os.getpid())
     cmd = [*wrap, sys.executable, "-m", "lbmqtt", *args, "--ready-fd", str(w)]
@@ -86,20 +89,21 @@ def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
                 buf += chunk
     finally:
         os.close(r)
-    return Child(name, proc, json.loads(buf.split(b"\n", 1)[0]), list(args))
+    return Child(name, proc, json.loads(buf.split(b"\n", 1)[0]), list(args),
+                 given)
 
 
 _spawn = spawn  # the name compat and older code use
 
 
 def _respawn(name: str, args: list[str], stopping: Any,
-             timeout_s: float = READY_TIMEOUT_S) -> Child:
+             timeout_s: float = READY_TIMEOUT_S, env: dict[str, str] | None = None) -> Child:
     """Start a part again; retried for a while (a restarted balancer may first see its dead
     predecessor still "online" until the broker has fired that one's will)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return spawn(name, args)
+            return spawn(name, args, env=env)
         except LaunchError:
             if stopping() or time.monotonic() > deadline:
                 raise
@@ -124,6 +128,32 @@ def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S,
                 child.proc.wait()
 
 
+def service_logins(settings: Settings) -> dict[str, dict[str, str]]:
+    """With accounts (AUTH_FILE), the environments of the parts ``up`` starts: each gets
+    a random password for its own login (the balancer, a monitor for the dashboard, the
+    node under its node name), which the broker learns from its own environment. None of
+    them needs an entry in the accounts file, and the passwords die with ``up``."""
+    if not settings.auth_file:
+        return {}
+    from .access import new_password
+    from .config import SERVICE_ACCOUNTS_ENV
+    from .node import default_node_name
+
+    logins = {"balancer": ("lbmqtt-up-balancer", "balancer"),
+              "dashboard": ("lbmqtt-up-dashboard", "monitor"),
+              "node": (settings.node_name or default_node_name(), "node")}
+    accounts: dict[str, list[str]] = {}
+    envs: dict[str, dict[str, str]] = {}
+    for part, (login, role) in logins.items():
+        password = new_password()
+        accounts[login] = [role, password]
+        envs[part] = {**os.environ, "LBMQTT_BROKER_USERNAME": login,
+                      "LBMQTT_BROKER_PASSWORD": password, "LBMQTT_BROKER_TLS": "false"}
+        envs[part].pop(SERVICE_ACCOUNTS_ENV, None)
+    envs["broker"] = {**os.environ, SERVICE_ACCOUNTS_ENV: json.dumps(accounts)}
+    return envs
+
+
 def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bool = True,
        node: bool = True) -> int:
     """Run the whole system until Ctrl-C / SIGTERM. Returns the exit status.
@@ -146,8 +176,9 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
     try:
         common = list(common)
         broker_url = f"mqtt://{settings.broker_host}:{settings.broker_port}"
+        envs = service_logins(settings) if settings.broker_embedded else {}
         if settings.broker_embedded:
-            c = _spawn("broker", ["broker", *common])
+            c = _spawn("broker", ["broker", *common], env=envs.get("broker"))
             children.append(c)
             port = int(c.info["port"])
             if "--broker-port" in common:  # e.g. 0 ("pick one"): the children need the real one
@@ -155,7 +186,9 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
                 del common[i:i + 2]
             common += ["--broker-port", str(port)]
             host = settings.broker_host
-            if host == "auto":  # the broker is ours: the local parts need no discovery
+            if host == "auto" or settings.tls_listener:
+                # the broker is ours: the local parts need no discovery (and, with TLS,
+                # plain MQTT is on 127.0.0.1 only)
                 if "--broker-host" in common:
                     i = common.index("--broker-host")
                     del common[i:i + 2]
@@ -163,14 +196,15 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
                 common += ["--broker-host", host]
             broker_url = f"mqtt://{host}:{port} (embedded amqtt, listening on " \
                          f"{settings.bind_host})"
-        children.append(_spawn("balancer", ["balancer", *common]))
+        children.append(_spawn("balancer", ["balancer", *common], env=envs.get("balancer")))
         if dashboard:
-            children.append(_spawn("dashboard", ["dashboard", *common]))
+            children.append(_spawn("dashboard", ["dashboard", *common],
+                                   env=envs.get("dashboard")))
         if node:
             node_args = ["node", *common]
             for t in tasks:
                 node_args += ["--tasks", t]
-            children.append(_spawn("node", node_args))
+            children.append(_spawn("node", node_args, env=envs.get("node")))
         lines = ["", "lbmqtt is up:", f"  broker     {broker_url}",
                  f"  balancer   topics under {settings.topic_prefix}/"]
         for c in children:
@@ -213,7 +247,7 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
                 log.warning("%s exited unexpectedly (status %s): starting it again", c.name,
                             rc)
                 restarts[c.name] = [*recent, now]
-                children[i] = _respawn(c.name, specs[c.name], lambda: stopping)
+                children[i] = _respawn(c.name, specs[c.name], lambda: stopping, env=c.env)
                 print(f"lbmqtt: {c.name} is back", flush=True)
             time.sleep(0.2)  # a supervisor's poll, not a test wait
         print("lbmqtt: stopping...", flush=True)

@@ -35,6 +35,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
+from .config import Settings
 from .errors import BrokerUnavailable, ConfigError
 from .protocol import validate_topic_for_publish
 
@@ -54,6 +55,25 @@ class Will:
     retain: bool = True
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context clients use (BROKER_TLS), verifying the broker against
+    BROKER_CA_FILE or the system's CAs; None without BROKER_TLS."""
+    if not settings.broker_tls:
+        return None
+    try:
+        return ssl.create_default_context(cafile=settings.broker_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"BROKER_CA_FILE {settings.broker_ca_file}: {exc}") from exc
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """Where and how every component connects: host, port, login, TLS."""
+    return {"host": settings.broker_host, "port": settings.broker_port,
+            "username": settings.broker_username, "password": settings.password,
+            "tls": tls_context(settings), "keepalive_s": settings.broker_keepalive_s,
+            "connect_timeout_s": settings.connect_timeout_s}
+
+
 class MqttTransport:
     """A reconnecting MQTT 3.1.1 connection on the running asyncio loop.
 
@@ -68,6 +88,7 @@ class MqttTransport:
         will: last will, set on every connect.
         keepalive_s: MQTT keep-alive; the broker drops us after ~1.5x of silence.
         username, password: broker credentials (none = anonymous).
+        tls: connect with TLS using this context (None: plain TCP).
         reconnect_min_s, reconnect_max_s: jittered exponential back-off bounds.
         max_queued: bound on QoS>0 messages queued while disconnected.
     """
@@ -90,6 +111,7 @@ class MqttTransport:
         reconnect_max_s: float = 5.0,
         max_queued: int = 100_000,
         connect_timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
     ):
         self.host = host
         self.port = port
@@ -116,6 +138,8 @@ class MqttTransport:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if username is not None:
             c.username_pw_set(username, password)
+        if tls is not None:
+            c.tls_set_context(tls)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -559,8 +583,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def read_retained(*, host: str, port: int, filters: Sequence[str],
+async def read_retained(*, host: str, port: int, filters: Sequence[str], prefix: str,
                         username: str | None = None, password: str | None = None,
+                        tls: ssl.SSLContext | None = None,
                         timeout_s: float = 5.0) -> dict[str, bytes]:
     """The retained messages on ``filters`` right now, read by a short-lived connection.
 
@@ -571,7 +596,8 @@ async def read_retained(*, host: str, port: int, filters: Sequence[str],
     Raises:
         BrokerUnavailable: the broker is not reachable within ``timeout_s``.
     """
-    probe = f"lbmqtt-probe/{uuid.uuid4().hex}"
+    client_id = f"lbmqtt-probe-{uuid.uuid4().hex[:12]}"
+    probe = f"{prefix.rstrip('/')}/probe/{client_id}"  # the access rules grant probe/%c
     got: dict[str, bytes] = {}
     echoed = asyncio.Event()
 
@@ -581,8 +607,8 @@ async def read_retained(*, host: str, port: int, filters: Sequence[str],
         elif retained and payload:
             got[topic] = payload
 
-    t = MqttTransport(host=host, port=port, client_id=f"lbmqtt-probe-{uuid.uuid4().hex[:8]}",
-                      on_message=on_message, username=username, password=password,
+    t = MqttTransport(host=host, port=port, client_id=client_id,
+                      on_message=on_message, username=username, password=password, tls=tls,
                       subscriptions=[*((f, 1) for f in filters), (probe, 1)],
                       connect_timeout_s=timeout_s)
     try:

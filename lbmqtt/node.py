@@ -40,7 +40,7 @@ from .config import Settings, WorkerGroup, coerce_settings
 from .discovery import resolve as resolve_broker
 from .errors import ConfigError
 from .health import online_status
-from .mqtt import MqttTransport, Will
+from .mqtt import MqttTransport, Will, connection_options
 from .protocol import (
     Assignment,
     AssignmentSet,
@@ -247,12 +247,10 @@ class Node:
         will = Will(self.topics.node_status(self.name),
                     NodeStatus(node=self.name, instance=self.instance, online=False).encode())
         self._transport = MqttTransport(
-            host=s.broker_host, port=s.broker_port,
+            **connection_options(s),
             client_id=f"lbmqtt-node-{self.name}-{self.instance[:8]}",
             on_message=self._on_message, subscriptions=[(self.topics.assign(self.name), 1)],
-            on_connect=self._on_connect, will=will, keepalive_s=s.broker_keepalive_s,
-            username=s.broker_username, password=s.broker_password,
-            connect_timeout_s=s.connect_timeout_s,
+            on_connect=self._on_connect, will=will,
         )
         for g in groups:
             self._pending[g.index] = deque()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from .config import Settings
 from .discovery import resolve as resolve_broker
 from .errors import BalancerUnavailable, LbmqttError
-from .mqtt import MqttTransport
+from .mqtt import MqttTransport, connection_options
 from .protocol import BalancerStats, BalancerStatus, Status, Topics, decode, plausible_time
 
 
@@ -47,11 +47,9 @@ class StatsWatcher:
         self.settings = s = await resolve_broker(self.settings)
         topics = self.topics
         self._t = MqttTransport(
-            host=s.broker_host, port=s.broker_port,
+            **connection_options(s),
             client_id=f"lbmqtt-status-{uuid.uuid4().hex[:8]}", on_message=self._on_message,
-            subscriptions=[(topics.balancer_status, 0), (topics.balancer_stats, 0)],
-            username=s.broker_username, password=s.broker_password,
-            connect_timeout_s=s.connect_timeout_s)
+            subscriptions=[(topics.balancer_status, 0), (topics.balancer_stats, 0)])
         await self._t.start(wait=True)
         return self
 

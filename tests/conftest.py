@@ -27,7 +27,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from lbmqtt.balancer import Balancer
-from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker
+from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker, loopback_mosquitto_conf
 from lbmqtt.client import Client
 from lbmqtt.config import Settings, load_settings
 from lbmqtt.node import Node
@@ -116,13 +116,9 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     if exe is None:
         pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
     port = free_port()
-    conf = (ROOT / "broker" / "mosquitto.conf").read_text()
-    conf = conf.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1")
-    conf = conf.replace("persistence true", "persistence false")
-    conf = "\n".join(line for line in conf.splitlines()
-                     if not line.startswith("persistence_location"))
+    conf = loopback_mosquitto_conf((ROOT / "broker" / "mosquitto.conf").read_text(), port)
     path = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
-    path.write_text(conf + "\n")
+    path.write_text(conf)
     proc = subprocess.Popen([exe, "-c", str(path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 

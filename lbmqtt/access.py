@@ -1,0 +1,360 @@
+"""Accounts, roles and the topic rules the broker enforces (embedded amqtt and Mosquitto).
+
+Identity comes from the broker login: a user's topics are ``users/{login}/...`` and a
+node's ``nodes/{login}/...``, so one set of rules, written once here with Mosquitto's
+``%u`` (login) and ``%c`` (client id) patterns, says who may publish and subscribe where.
+The embedded broker evaluates them directly (:class:`AccessGuard`); for Mosquitto,
+:func:`mosquitto_acl` renders them into an ``acl_file``.
+
+The accounts file *is* a Mosquitto password file: ``NAME:$7$ITERATIONS$SALT$HASH`` lines
+(PBKDF2-HMAC-SHA512, the format ``mosquitto_passwd`` writes), each preceded by a comment
+``# role: ROLE`` that Mosquitto skips. So Mosquitto's ``password_file`` can point at the
+same file the embedded broker reads, and a hash written by either tool works in both.
+
+Roles (:data:`ROLES`):
+
+``user``
+    submits, cancels, acknowledges and queries its own tasks; reads its own task states,
+    results, events and errors, and the balancer's status and stats.
+``node``
+    reads its own assignments; publishes its own status, heartbeats and reports.
+``monitor``
+    reads the balancer's status, stats and history and the nodes' status (the dashboard,
+    ``lbmqtt status``); its only publish is its presence on ``dashboard/status``, which
+    asks the balancer for the chart history (at most once a second).
+``balancer``
+    everything under the topic prefix.
+
+Every role may also use ``probe/%c`` (its own client id): the retained-message probe of
+:func:`lbmqtt.mqtt.read_retained`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Role = Literal["user", "node", "monitor", "balancer"]
+ROLES: Final[tuple[Role, ...]] = ("user", "node", "monitor", "balancer")
+Action = Literal["publish", "subscribe"]
+
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # = protocol.NAME_PATTERN
+
+#: Topic rules per role, relative to the topic prefix. ``%u`` is the login, ``%c`` the
+#: client id. "subscribe" also covers receiving: a filter is granted only if every topic
+#: it can match is readable, so a granted subscription never delivers a forbidden topic.
+RULES: Final[dict[Role, dict[Action, tuple[str, ...]]]] = {
+    "user": {
+        "publish": ("users/%u/submit", "users/%u/cancel", "users/%u/ack", "users/%u/query",
+                    "probe/%c"),
+        "subscribe": ("users/%u/#", "balancer/status", "balancer/stats", "broker/status",
+                      "probe/%c"),
+    },
+    "node": {
+        "publish": ("nodes/%u/status", "nodes/%u/heartbeat", "nodes/%u/reports", "probe/%c"),
+        "subscribe": ("nodes/%u/assign", "nodes/%u/status", "balancer/status",
+                      "broker/status", "probe/%c"),
+    },
+    "monitor": {
+        "publish": ("dashboard/status", "probe/%c"),
+        "subscribe": ("balancer/#", "broker/status", "nodes/+/status", "dashboard/status",
+                      "probe/%c"),
+    },
+    "balancer": {
+        "publish": ("#",),
+        "subscribe": ("#",),
+    },
+}
+
+PBKDF2_ITERATIONS: Final = 100_000
+"""Iterations of new hashes: ~90 ms to verify on a 2-core machine (Mosquitto pays it on
+its only thread per CONNECT, the embedded broker in a worker thread)."""
+
+
+# ------------------------------------------------------------------------------ passwords
+
+
+def hash_password(password: str, *, iterations: int = PBKDF2_ITERATIONS,
+                  salt: bytes | None = None) -> str:
+    """A Mosquitto ``$7$`` hash (PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte key)."""
+    salt = os.urandom(12) if salt is None else salt
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+    return (f"$7${iterations}${base64.b64encode(salt).decode()}"
+            f"${base64.b64encode(key).decode()}")
+
+
+def verify_password(password: str, hashed: str) -> bool:
+    """True if ``password`` matches a ``$7$`` hash. Slow on purpose: call it off the loop
+    (hashlib releases the GIL while it works)."""
+    try:
+        _, seven, iterations, salt, key = hashed.split("$")
+        if seven != "7":
+            return False
+        n = int(iterations)
+        if not 1 <= n <= 10_000_000:
+            return False
+        want = base64.b64decode(key, validate=True)
+        got = hashlib.pbkdf2_hmac("sha512", password.encode(errors="surrogateescape"),
+                                  base64.b64decode(salt, validate=True), n, len(want))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+# ------------------------------------------------------------------------------ accounts
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    role: Role
+    hash: str
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise ConfigError(f"account name {name!r}: 1-64 letters, digits and _.- (not first "
+                          f".-); it becomes a topic level")
+
+
+def check_role(role: str) -> Role:
+    if role not in ROLES:
+        raise ConfigError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    return role
+
+
+def read_accounts(path: str | os.PathLike[str]) -> dict[str, Account]:
+    """The accounts of a file (see the module docstring).
+
+    Raises:
+        ConfigError: the file cannot be read, or a line is malformed (named by number).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{p}: no such accounts file (create it with "
+                          f"`lbmqtt user add NAME --role ROLE --file {p}`)") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the accounts file: {exc}") from exc
+    accounts: dict[str, Account] = {}
+    role: str | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            m = re.match(r"^#\s*role:\s*(\S+)\s*$", line)
+            if m:
+                role = m.group(1)
+            continue
+        name, sep, hashed = line.partition(":")
+        if not sep or not NAME_RE.match(name) or not hashed.startswith("$7$"):
+            raise ConfigError(f"{p}:{number}: expected NAME:$7$... (a Mosquitto password "
+                              f"line written by `lbmqtt user add`)")
+        if role not in ROLES:
+            raise ConfigError(f"{p}:{number}: account {name!r} has no '# role: ROLE' line "
+                              f"above it (one of {', '.join(ROLES)})")
+        accounts[name] = Account(name, check_role(role), hashed)
+        role = None
+    return accounts
+
+
+def write_accounts(path: str | os.PathLike[str], accounts: Iterable[Account]) -> None:
+    """Write the accounts file atomically, readable by its owner only."""
+    p = Path(path)
+    lines = ["# lbmqtt accounts: a Mosquitto password file; each account's role is on",
+             "# the comment line above it. Manage it with `lbmqtt user add/remove/list`."]
+    for a in sorted(accounts, key=lambda a: a.name):
+        lines += [f"# role: {a.role}", f"{a.name}:{a.hash}"]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def new_password() -> str:
+    """A random password for an account nobody types (a node, the balancer)."""
+    return secrets.token_urlsafe(18)
+
+
+# ------------------------------------------------------------------------------ rules
+
+
+def render(pattern: str, prefix: str, login: str, client_id: str) -> str | None:
+    """A rule with ``%u`` / ``%c`` filled in, under the prefix; None if the value could
+    widen it (a wildcard or ``/`` in a login or client id)."""
+    for value, mark in ((login, "%u"), (client_id, "%c")):
+        if mark in pattern and (not value or any(ch in value for ch in "/+#")):
+            return None
+    return f"{prefix}/" + pattern.replace("%u", login).replace("%c", client_id)
+
+
+def filter_within(requested: str, allowed: str) -> bool:
+    """True if every topic ``requested`` (a topic or filter) can match also matches
+    ``allowed``: a client cannot widen its access with a wildcard."""
+    req = requested.split("/")
+    alw = allowed.split("/")
+    for i, a in enumerate(alw):
+        if a == "#":
+            return True
+        if i >= len(req):
+            return False
+        r = req[i]
+        if r == "#":
+            return False
+        if a not in ("+", r):
+            return False
+    return len(req) == len(alw)
+
+
+def allowed(role: Role, action: Action, topic: str, *, prefix: str, login: str,
+            client_id: str) -> bool:
+    """May a ``role`` logged in as ``login`` with ``client_id`` publish on (or subscribe
+    to) ``topic``?"""
+    if topic.startswith("$"):
+        return False
+    for pattern in RULES[role][action]:
+        rule = render(pattern, prefix, login, client_id)
+        if rule is not None and filter_within(topic, rule):
+            return True
+    return False
+
+
+def mosquitto_acl(accounts: Iterable[Account], prefix: str) -> str:
+    """The Mosquitto ``acl_file`` for these accounts: the same :data:`RULES`.
+
+    Mosquitto applies ``pattern`` lines to every login whatever its role, so a pattern
+    like ``nodes/%u/reports`` would let the user ``alice`` act as a node named ``alice``.
+    The role rules are therefore written per account (``user NAME`` blocks, ``%u``
+    filled in); only the role-independent ``probe/%c`` rule stays a pattern.
+    """
+    out = ["# Generated by lbmqtt from its accounts file: do not edit; run",
+           "# `lbmqtt user mosquitto` again after adding or removing accounts.",
+           f"pattern readwrite {prefix}/probe/%c", ""]
+    for a in sorted(accounts, key=lambda a: a.name):
+        out.append(f"# role: {a.role}")
+        out.append(f"user {a.name}")
+        rules = RULES[a.role]
+        pubs = [p for p in rules["publish"] if "%c" not in p]
+        subs = [p for p in rules["subscribe"] if "%c" not in p]
+        for p in sorted(set(pubs) | set(subs)):
+            mode = ("readwrite" if p in pubs and p in subs
+                    else "write" if p in pubs else "read")
+            out.append(f"topic {mode} {prefix}/{p.replace('%u', a.name)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def mosquitto_conf_snippet(accounts_file: str, acl_file: str) -> str:
+    return (f"allow_anonymous false\npassword_file {accounts_file}\n"
+            f"acl_file {acl_file}\n")
+
+
+# ------------------------------------------------------------------------------ the guard
+
+
+class AccessGuard:
+    """Logins and topic rules for the embedded broker.
+
+    Args:
+        prefix: the topic prefix.
+        accounts_file: the accounts file (re-read when it changes), or None.
+        extra: accounts held in memory only: ``{name: (role, password)}`` (the parts
+            ``lbmqtt up`` starts get random ones, so a shared LAN needs no file entry
+            for them).
+    """
+
+    def __init__(self, prefix: str, accounts_file: str | os.PathLike[str] | None = None,
+                 extra: Mapping[str, tuple[Role, str]] | None = None):
+        self.prefix = prefix.rstrip("/")
+        self.accounts_file = Path(accounts_file) if accounts_file is not None else None
+        self._extra = {name: (check_role(role), pw) for name, (role, pw) in
+                       (extra or {}).items()}
+        self._accounts: dict[str, Account] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        # logins verified since the file last changed: sha256(pepper + password)
+        self._pepper = os.urandom(16)
+        self._verified: dict[str, bytes] = {}
+        self.reload_error: str | None = None
+        if self.accounts_file is not None:
+            self._reload()
+
+    def _reload(self) -> None:
+        assert self.accounts_file is not None
+        try:
+            st = self.accounts_file.stat()
+        except OSError:
+            st = None
+        stamp = (st.st_mtime_ns, st.st_size) if st is not None else None
+        if stamp != self._stamp:
+            with self._lock:
+                self._accounts = read_accounts(self.accounts_file)
+                self._verified.clear()
+                self._stamp = stamp
+
+    def role_of(self, login: str) -> Role | None:
+        extra = self._extra.get(login)
+        if extra is not None:
+            return extra[0]
+        account = self._accounts.get(login)
+        return account.role if account is not None else None
+
+    def check_login(self, login: str | None, password: str | None) -> Role | None:
+        """The role of a login with this password, or None. Blocking (~100 ms for a login
+        not seen since the file changed): run it in a thread."""
+        if not login or password is None:
+            return None
+        extra = self._extra.get(login)
+        if extra is not None:
+            return extra[0] if hmac.compare_digest(extra[1].encode(), password.encode())\
+                else None
+        if self.accounts_file is not None:
+            try:
+                self._reload()
+            except ConfigError as exc:  # keep the last good accounts
+                if str(exc) != self.reload_error:
+                    log.error("%s; still using the accounts read before", exc)
+                self.reload_error = str(exc)
+            else:
+                self.reload_error = None
+        with self._lock:
+            account = self._accounts.get(login)
+            seen = self._verified.get(login)
+        if account is None:
+            return None
+        digest = hashlib.sha256(self._pepper + password.encode(errors="surrogateescape"))\
+            .digest()
+        if seen is not None and hmac.compare_digest(seen, digest):
+            return account.role
+        if not verify_password(password, account.hash):
+            return None
+        with self._lock:
+            self._verified[login] = digest
+        return account.role
+
+    def may(self, role: Role, action: Action, topic: str, login: str, client_id: str) -> bool:
+        return allowed(role, action, topic, prefix=self.prefix, login=login,
+                       client_id=client_id)
