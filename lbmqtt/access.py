@@ -32,12 +32,14 @@ Every role may also use ``probe/%c`` (its own client id): the retained-message p
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
@@ -176,7 +178,8 @@ def read_accounts(path: str | os.PathLike[str]) -> dict[str, Account]:
 
 
 def write_accounts(path: str | os.PathLike[str], accounts: Iterable[Account]) -> None:
-    """Write the accounts file atomically, readable by its owner only."""
+    """Write the accounts file atomically: a new one readable by its owner only, an
+    existing one keeping its mode and group (e.g. 0640 root:mosquitto, for Mosquitto)."""
     p = Path(path)
     lines = ["# lbmqtt accounts: a Mosquitto password file; each account's role is on",
              "# the comment line above it. Manage it with `lbmqtt user add/remove/list`."]
@@ -187,7 +190,14 @@ def write_accounts(path: str | os.PathLike[str], accounts: Iterable[Account]) ->
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
-        os.chmod(tmp, 0o600)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            os.chmod(tmp, 0o600)
+        else:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            with contextlib.suppress(OSError):
+                os.chown(tmp, -1, st.st_gid)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

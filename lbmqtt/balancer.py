@@ -41,7 +41,7 @@ from .errors import ConfigError, DecodeError, ErrorCode
 from .health import online_status
 from .journal import Journal, JournalRow, default_path
 from .metrics import Metrics
-from .mqtt import MqttTransport, Will, connection_options
+from .mqtt import MqttTransport, Will, client_id, connection_options
 from .protocol import (
     AssignmentSet,
     BalancerHistory,
@@ -238,7 +238,7 @@ class Balancer:
         offline = BalancerStatus(online=False, instance=self.instance).encode()
         self._transport = MqttTransport(
             **connection_options(s),
-            client_id=f"lbmqtt-balancer-{self.instance}",
+            client_id=client_id("balancer"),
             on_message=self._on_message,
             # the retained sets an earlier balancer left come first: see _adopt
             subscriptions=[(t.all_assign, 1), (t.all_submits, 1), (t.all_cancels, 1),

@@ -45,7 +45,7 @@ from .errors import (
     WaitTimeout,
     error_from_code,
 )
-from .mqtt import MqttTransport, connection_options
+from .mqtt import MqttTransport, client_id, connection_options
 from .protocol import (
     Errors,
     Events,
@@ -192,7 +192,7 @@ class AsyncClient:
         self._loop = asyncio.get_running_loop()
         self._transport = MqttTransport(
             **connection_options(s),
-            client_id=f"lbmqtt-client-{self.user}-{uuid.uuid4().hex[:8]}",
+            client_id=client_id("client", self.user),
             on_message=self._on_message,
             subscriptions=[(self.topics.events(self.user), 1),
                            (self.topics.errors(self.user), 1)],

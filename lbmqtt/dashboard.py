@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import signal
 import socket
 import threading
@@ -70,7 +69,7 @@ from tornado.ioloop import IOLoop
 from .config import Settings
 from .discovery import resolve as resolve_broker
 from .errors import DecodeError
-from .mqtt import MessageHandler, MqttTransport, Will, connection_options
+from .mqtt import MessageHandler, MqttTransport, Will, client_id, connection_options
 from .protocol import (
     BalancerHistory,
     BalancerStats,
@@ -372,7 +371,7 @@ def dashboard_transport(settings: Settings, state: DashboardState, url: str) -> 
 
     transport = MqttTransport(
         **connection_options(settings),
-        client_id=f"lbmqtt-dashboard-{secrets.token_hex(4)}",
+        client_id=client_id("dashboard"),
         on_message=message_handler(state, topics), subscriptions=subscriptions(topics),
         on_connect=on_connect, on_disconnect=lambda: state.set_connected(False),
         will=Will(topics.dashboard_status, DashboardStatus(online=False).encode()))

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import select
 import socket
 import ssl
@@ -53,6 +54,13 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+def client_id(kind: str, name: str = "") -> str:
+    """An MQTT client id nobody can guess: a broker hands a connection over to whoever
+    connects with its client id next, and Mosquitto does so whatever the login (the
+    embedded broker refuses another login's id). Ids never appear on any topic."""
+    return f"lbmqtt-{kind}-{name + '-' if name else ''}{secrets.token_hex(8)}"
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -206,11 +214,15 @@ class MqttTransport:
             await asyncio.wait_for(self._ready.wait(), timeout_s)
         except TimeoutError:
             why = f" ({self.last_error})" if self.last_error else ""
+            hint = ("is `lbmqtt up` or `lbmqtt broker` running (see BROKER_HOST / "
+                    "BROKER_PORT)?")
+            if self.last_error and self.last_error.startswith("broker refused"):
+                hint = ("check the login: BROKER_USERNAME and BROKER_PASSWORD (or "
+                        "LBMQTT_BROKER_PASSWORD, BROKER_PASSWORD_FILE), an account of "
+                        "`lbmqtt user list` on the broker's machine")
             raise BrokerUnavailable(
                 f"cannot reach the MQTT broker at {self.host}:{self.port}{why} "
-                f"within {timeout_s:g} s: is `lbmqtt up` or `lbmqtt broker` running "
-                f"(see BROKER_HOST / BROKER_PORT)?"
-            ) from None
+                f"within {timeout_s:g} s: {hint}") from None
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Disconnect cleanly (no will is published) and stop reconnecting."""

@@ -40,7 +40,7 @@ from .config import Settings, WorkerGroup, coerce_settings
 from .discovery import resolve as resolve_broker
 from .errors import ConfigError
 from .health import online_status
-from .mqtt import MqttTransport, Will, connection_options
+from .mqtt import MqttTransport, Will, client_id, connection_options
 from .protocol import (
     Assignment,
     AssignmentSet,
@@ -248,7 +248,7 @@ class Node:
                     NodeStatus(node=self.name, instance=self.instance, online=False).encode())
         self._transport = MqttTransport(
             **connection_options(s),
-            client_id=f"lbmqtt-node-{self.name}-{self.instance[:8]}",
+            client_id=client_id("node", self.name),
             on_message=self._on_message, subscriptions=[(self.topics.assign(self.name), 1)],
             on_connect=self._on_connect, will=will,
         )

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import Callable
 
 from .config import Settings
 from .discovery import resolve as resolve_broker
 from .errors import BalancerUnavailable, LbmqttError
-from .mqtt import MqttTransport, connection_options
+from .mqtt import MqttTransport, client_id, connection_options
 from .protocol import BalancerStats, BalancerStatus, Status, Topics, decode, plausible_time
 
 
@@ -48,7 +47,7 @@ class StatsWatcher:
         topics = self.topics
         self._t = MqttTransport(
             **connection_options(s),
-            client_id=f"lbmqtt-status-{uuid.uuid4().hex[:8]}", on_message=self._on_message,
+            client_id=client_id("status"), on_message=self._on_message,
             subscriptions=[(topics.balancer_status, 0), (topics.balancer_stats, 0)])
         await self._t.start(wait=True)
         return self

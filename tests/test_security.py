@@ -1,0 +1,477 @@
+"""Logins and topic rules, on the embedded broker and on Mosquitto with the generated files.
+
+Each broker gets one accounts file (users alice and bob, nodes n1 and n2, a monitor, the
+balancer), a real balancer and node ``n1`` logged in as themselves, and real clients. A
+forbidden publish is shown not to pass the broker by a watcher with the balancer's rights
+subscribed to the whole prefix: the offender then publishes something it may, on the
+same connection; once that arrives, anything before it would have arrived too.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from lbmqtt import access
+from lbmqtt.access import AccessGuard, Account
+from lbmqtt.broker import EmbeddedBroker
+from lbmqtt.client import Client
+from lbmqtt.errors import BrokerUnavailable, UnknownTask
+from lbmqtt.protocol import Status
+
+from .cluster import free_port
+from .conftest import (
+    TEST_TASKS,
+    LoopThread,
+    System,
+    finish,
+    lbmqtt_cmd,
+    make_settings,
+    run_cli,
+    start_up,
+    wait_for,
+)
+
+PASSWORDS = {"alice": "pw-alice", "bob": "pw-bob", "n1": "pw-n1", "n2": "pw-n2",
+             "mon": "pw-mon", "lb": "pw-lb"}
+ROLES: dict[str, access.Role] = {"alice": "user", "bob": "user", "n1": "node", "n2": "node",
+                                 "mon": "monitor", "lb": "balancer"}
+
+
+def write_accounts(path: Path, iterations: int = 1000) -> None:
+    """The test accounts (cheap hashes: these tests are about rules, not hashing cost)."""
+    access.write_accounts(path, [
+        Account(name, ROLES[name], access.hash_password(pw, iterations=iterations))
+        for name, pw in PASSWORDS.items()])
+
+
+@dataclass
+class Secure:
+    kind: str
+    port: int
+    prefix: str
+    system: System
+    stop: Any
+    made: list[Login] = field(default_factory=list)
+
+    def settings(self, login: str, **extra: Any) -> Any:
+        return make_settings(self.port, self.prefix, BROKER_USERNAME=login,
+                             BROKER_PASSWORD=PASSWORDS[login],
+                             NODE_TASKS=[TEST_TASKS], **extra)
+
+    def login(self, user: str | None, password: str | None = None, **kw: Any) -> Login:
+        c = Login(self.port, user, PASSWORDS.get(user or "") if password is None else password,
+                  **kw)
+        self.made.append(c)
+        return c
+
+    def t(self, rest: str) -> str:
+        return f"{self.prefix}/{rest}"
+
+
+class Login:
+    """A foreign MQTT client with a login: records its CONNACK and what it receives."""
+
+    def __init__(self, port: int, user: str | None, password: str | None, *,
+                 client_id: str | None = None, will: tuple[str, bytes] | None = None):
+        self.client_id = client_id or f"raw-{uuid.uuid4().hex[:8]}"
+        self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=self.client_id, protocol=MQTTProtocolVersion.MQTTv311,
+                             reconnect_on_failure=False)
+        if user is not None:
+            self.c.username_pw_set(user, password)
+        if will is not None:
+            self.c.will_set(will[0], will[1], qos=1)
+        self.connack: list[Any] = []
+        self.closed = threading.Event()
+        self.messages: list[tuple[str, bytes]] = []
+        self.subacks: dict[int, list[Any]] = {}
+        self.lock = threading.Lock()
+        self.c.on_connect = lambda c, u, f, rc, p: self.connack.append(rc)
+        self.c.on_disconnect = lambda c, u, f, rc, p: self.closed.set()
+        self.c.on_message = self._on_message
+        self.c.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.__setitem__(mid, rcs)
+        self.port = port
+
+    def _on_message(self, c: Any, u: Any, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, msg.payload))
+
+    def connect(self) -> bool:
+        """True if the broker accepted the login."""
+        self.c.connect("127.0.0.1", self.port, keepalive=30)
+        self.c.loop_start()
+        wait_for(lambda: self.connack or self.closed.is_set(), 10, "a CONNACK")
+        return bool(self.connack) and not self.connack[0].is_failure
+
+    def subscribe(self, topic: str) -> bool:
+        """True if granted."""
+        _, mid = self.c.subscribe(topic, 1)
+        wait_for(lambda: mid in self.subacks, 5, f"SUBACK for {topic}")
+        return not self.subacks[mid][0].is_failure
+
+    def publish(self, topic: str, payload: bytes | str = b"{}") -> None:
+        self.c.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def topics(self) -> set[str]:
+        with self.lock:
+            return {t for t, _ in self.messages}
+
+    def got(self, topic: str) -> bool:
+        return topic in self.topics()
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def start_mosquitto(workdir: Path, accounts: Path, prefix: str) -> tuple[int, Any]:
+    """Mosquitto with the generated password and ACL files, as broker/mosquitto.conf has
+    them (on a loopback port)."""
+    import shutil
+
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(exe):
+        pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
+    acl = workdir / "accounts.acl"
+    acl.write_text(access.mosquitto_acl(access.read_accounts(accounts).values(), prefix))
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n"
+                    f"password_file {accounts}\nacl_file {acl}\npersistence false\n"
+                    "max_queued_messages 100000\nset_tcp_nodelay true\n"
+                    # started as root, Mosquitto would read the files as the user
+                    # mosquitto, who cannot enter pytest's private temporary directory
+                    + ("user root\n" if os.geteuid() == 0 else ""))
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    from .cluster import listening
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            with proc.stderr:
+                raise AssertionError(proc.stderr.read())
+        return listening("127.0.0.1", port)
+
+    wait_for(up, 10, "mosquitto to listen")
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    return port, stop
+
+
+@pytest.fixture(scope="module", params=["embedded", "mosquitto"])
+def secure(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+    workdir = tmp_path_factory.mktemp(f"secure-{request.param}")
+    accounts = workdir / "accounts"
+    write_accounts(accounts)
+    prefix = f"sec/{uuid.uuid4().hex[:8]}"
+    lt: LoopThread | None = None
+    if request.param == "embedded":
+        lt = LoopThread()
+        broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard(prefix, accounts))
+        lt.run(broker.start())
+        port = broker.port
+        loop_thread = lt
+
+        def stop() -> None:
+            loop_thread.run(broker.stop())
+            loop_thread.close()
+    else:
+        port, stop = start_mosquitto(workdir, accounts, prefix)
+    sec = Secure(request.param, port, prefix, System(make_settings(port, prefix)), stop)
+    sec.system.start_balancer(sec.settings("lb"))
+    sec.system.start_node("n1", sec.settings("n1"))
+    yield sec
+    for c in sec.made:
+        c.close()
+    sec.system.close()
+    stop()
+
+
+@pytest.fixture
+def watcher(secure: Secure) -> Login:
+    """Sees every message under the prefix that passes the broker (the balancer's rights,
+    its own client id)."""
+    w = secure.login("lb")
+    assert w.connect()
+    assert w.subscribe(secure.t("#"))
+    return w
+
+
+def probe(c: Login, secure: Secure) -> None:
+    """Publish on the client's own probe topic and wait for it to come back: the broker
+    has handled (and delivered) everything this client caused before."""
+    topic = secure.t(f"probe/{c.client_id}")
+    if topic not in c.topics():
+        assert c.subscribe(topic)
+    with c.lock:
+        c.messages = [m for m in c.messages if m[0] != topic]
+    c.publish(topic, b"probe")
+    wait_for(lambda: c.got(topic), 10, "the probe to come back")
+
+
+# ----------------------------------------------------------------------------- logins
+
+
+def test_anonymous_wrong_password_and_unknown_logins_are_refused(secure: Secure) -> None:
+    assert not secure.login(None).connect()
+    assert not secure.login("alice", "not-her-password").connect()
+    assert not secure.login("mallory", "pw-alice").connect()
+    assert not secure.login("alice", "").connect()
+    assert secure.login("alice").connect()  # (and the right password is let in)
+
+
+def break_connection(c: Login) -> None:
+    """Send a reserved packet type: the broker must close the connection as a protocol
+    error and publish the will (if it may) before it reads anything else."""
+    sock = c.c.socket()
+    assert sock is not None
+    sock.send(b"\xf0\x00")
+    assert c.closed.wait(10), "the broker kept a connection that sent a reserved packet"
+
+
+def test_a_will_outside_the_logins_rights_is_never_published(secure: Secure,
+                                                             watcher: Login) -> None:
+    own = secure.t("users/alice/ack")
+    ok = secure.login("alice", will=(own, b'{"v": 1, "ids": []}'))
+    assert ok.connect()
+    break_connection(ok)
+    wait_for(lambda: watcher.got(own), 10, "alice's own will")  # (the control)
+
+    forged = secure.t("users/bob/submit")
+    c = secure.login("alice", will=(forged, b'{"v": 1, "name": "ECHO"}'))
+    if c.connect():  # Mosquitto takes the CONNECT and must drop the will when it fires
+        assert secure.kind == "mosquitto", "the embedded broker refuses it at CONNECT"
+        break_connection(c)
+    probe(watcher, secure)
+    assert not watcher.got(forged)
+
+
+def test_a_client_id_cannot_be_taken_from_another_login(secure: Secure,
+                                                        watcher: Login) -> None:
+    b = secure.system.balancer
+    assert b is not None and b._transport is not None
+    victim = b._transport.client_id
+    if secure.kind == "mosquitto":
+        # Mosquitto hands a connection over to whoever presents its client id, whatever
+        # the login: lbmqtt's ids are random and appear in no message, so nobody learns
+        # them (the retained states of the balancer and the node are all in here)
+        probe(watcher, secure)
+        assert watcher.messages
+        assert not any(victim.encode() in p for _, p in watcher.messages)
+        return
+    assert not secure.login("alice", client_id=victim).connect()
+    assert b._transport.connected
+    assert secure.system.stats().nodes  # the balancer still talks to its node
+
+
+# ----------------------------------------------------------------------------- users
+
+
+def test_a_user_reads_and_cancels_only_their_own_tasks(secure: Secure, watcher: Login,
+                                                       tmp_path: Path) -> None:
+    with Client(secure.settings("bob"), user="bob") as bob, \
+            Client(secure.settings("alice"), user="alice") as alice:
+        assert bob.wait(bob.submit("ECHO", {"x": 1}), timeout=30)["args"] == {"x": 1}
+        assert alice.wait(alice.submit("ECHO", 2), timeout=30)["args"] == 2
+        long_id = bob.submit("BLOCK", {"gate": str(tmp_path / "never"), "limit_s": 60})
+        wait_for(lambda: bob.get(long_id).status == Status.RUNNING, 20, "bob's task to run")
+
+        spy = secure.login("alice")
+        assert spy.connect()
+        for f in ("users/bob/#", "users/+/tasks/+", "users/+/results/+", "#",
+                  "users/bob/tasks/" + long_id, "nodes/n1/assign", "balancer/history"):
+            spy.subscribe(secure.t(f))  # granted or not, nothing of bob's may arrive
+        spy.subscribe("#")
+        assert spy.subscribe(secure.t("users/alice/#"))
+        # forged: a submit and a cancel in bob's name, published by alice
+        forged = f"forged-{uuid.uuid4().hex[:6]}"
+        forged_submit = f'{{"v": 1, "name": "ECHO", "args": 1, "id": "{forged}"}}'.encode()
+        forged_cancel = f'{{"v": 1, "ids": ["{long_id}"], "by": "alice"}}'.encode()
+        spy.publish(secure.t("users/bob/submit"), forged_submit)
+        spy.publish(secure.t("users/bob/cancel"), forged_cancel)
+        # (the control: her own query is answered on her own topics)
+        spy.publish(secure.t("users/alice/query"), b'{"v": 1, "ids": ["no-such-task"]}')
+        wait_for(lambda: any(t.startswith(secure.t("users/alice/")) and not t.endswith("query")
+                             for t in spy.topics()), 10, "the answer to alice's query")
+        probe(spy, secure)
+        assert not any(t.startswith(secure.t("users/bob/")) for t in spy.topics())
+        assert (secure.t("users/bob/submit"), forged_submit) not in watcher.messages
+        assert (secure.t("users/bob/cancel"), forged_cancel) not in watcher.messages
+        # in her own name, bob's task id is not hers: the balancer says so
+        with pytest.raises(UnknownTask):
+            alice.cancel(long_id)
+        assert secure.system.record(forged) is None
+        assert bob.get(long_id).status == Status.RUNNING
+        # ...and bob's own cancel works
+        assert bob.cancel(long_id)
+        # bob's states keep flowing to bob only
+        assert bob.wait(bob.submit("ECHO", 3), timeout=30)["args"] == 3
+        probe(spy, secure)
+        assert not any(t.startswith(secure.t("users/bob/")) for t in spy.topics())
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+def test_a_node_reads_only_its_own_assignments_and_cannot_act_as_a_user(
+        secure: Secure, watcher: Login, tmp_path: Path) -> None:
+    with Client(secure.settings("bob"), user="bob") as bob:
+        long_id = bob.submit("BLOCK", {"gate": str(tmp_path / "never"), "limit_s": 60})
+        wait_for(lambda: bob.get(long_id).status == Status.RUNNING, 20, "bob's task to run")
+        assert watcher.got(secure.t("nodes/n1/assign"))  # n1 has a retained assignment
+
+        n2 = secure.login("n2")
+        assert n2.connect()
+        for f in ("nodes/n1/assign", "nodes/+/assign", "nodes/#", "users/bob/#"):
+            n2.subscribe(secure.t(f))
+        assert n2.subscribe(secure.t("nodes/n2/assign"))
+        forged = f"forged-{uuid.uuid4().hex[:6]}"
+        forged_msgs = {
+            "users/alice/submit": f'{{"v": 1, "name": "ECHO", "id": "{forged}"}}'.encode(),
+            "nodes/n1/status": b'{"v": 1, "node": "n1", "online": false, "forged": 1}',
+            "nodes/n1/reports": b'{"v": 1, "forged": 1}',
+            "nodes/n1/assign": b'{"v": 1, "forged": 1}'}
+        for t, p in forged_msgs.items():
+            n2.publish(secure.t(t), p)
+        marker = secure.t("nodes/n2/heartbeat")
+        n2.publish(marker, b"{}")
+        wait_for(lambda: watcher.got(marker), 10, "n2's own heartbeat")
+        probe(n2, secure)
+        assert not any(t.startswith(secure.t("nodes/n1/")) or t.startswith(secure.t("users/"))
+                       for t in n2.topics())
+        for t, p in forged_msgs.items():
+            assert (secure.t(t), p) not in watcher.messages, t
+        assert secure.system.record(forged) is None
+        assert bob.get(long_id).status == Status.RUNNING
+        assert "n1" in {n.name for n in secure.system.stats().nodes if n.online}
+        assert bob.cancel(long_id)
+
+
+# ----------------------------------------------------------------------------- monitors
+
+
+def test_a_monitor_reads_stats_and_publishes_nothing_but_its_presence(
+        secure: Secure, watcher: Login) -> None:
+    mon = secure.login("mon")
+    assert mon.connect()
+    assert mon.subscribe(secure.t("balancer/stats"))
+    wait_for(lambda: mon.got(secure.t("balancer/stats")), 10, "the balancer's stats")
+    assert not mon.subscribe(secure.t("users/alice/#")) or secure.kind == "mosquitto"
+    forbidden = ["users/alice/submit", "users/alice/cancel", "users/alice/ack",
+                 "nodes/n1/status", "nodes/n1/assign", "nodes/n1/reports",
+                 "balancer/status", "balancer/stats", "balancer/history", "broker/status"]
+    for t in forbidden:
+        mon.publish(secure.t(t), b'{"v": 1, "ids": []}')
+    marker = secure.t("dashboard/status")
+    mon.publish(marker, b'{"v": 1, "online": false}')
+    wait_for(lambda: watcher.got(marker), 10, "the monitor's presence")
+    for t in forbidden:
+        assert all(p != b'{"v": 1, "ids": []}' for tt, p in watcher.messages
+                   if tt == secure.t(t)), t
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_user_command_manages_the_accounts_file_and_the_mosquitto_acl(tmp_path: Path) -> None:
+    f = tmp_path / "accounts"
+    r = run_cli("user", "add", "alice", "--role", "user", "--file", str(f))
+    assert r.returncode == 0, r.stderr
+    password = r.stdout.split("password: ", 1)[1].split()[0]  # generated: not a terminal
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert run_cli("user", "add", "alice", "--role", "user", "--file", str(f)).returncode == 2
+    assert run_cli("user", "add", "x/y", "--role", "user", "--file", str(f)).returncode == 2
+    r = run_cli("user", "mosquitto", "--file", str(f))
+    assert r.returncode == 0 and "acl_file" in r.stdout
+    r = subprocess.run(lbmqtt_cmd("user", "add", "gpu1", "--role", "node", "--file", str(f),
+                                  "--password-stdin"),
+                       input="s3cret\n", capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0 and "updated" in r.stdout  # the ACL follows the accounts
+    accounts = access.read_accounts(f)
+    assert {a.name: a.role for a in accounts.values()} == {"alice": "user", "gpu1": "node"}
+    assert access.verify_password("s3cret", accounts["gpu1"].hash)
+    assert access.verify_password(password, accounts["alice"].hash)
+    assert "user gpu1" in (tmp_path / "accounts.acl").read_text()
+    assert run_cli("user", "list", "--file", str(f)).stdout.split() == [
+        "alice", "user", "gpu1", "node"]
+    assert run_cli("user", "remove", "alice", "--file", str(f)).returncode == 0
+    assert "user alice" not in (tmp_path / "accounts.acl").read_text()
+
+
+def test_a_broker_beyond_loopback_without_accounts_is_refused() -> None:
+    r = run_cli("broker", "--bind", "0.0.0.0", "--broker-port", "0", timeout=30)
+    assert r.returncode == 2
+    assert "without accounts" in r.stderr and "lbmqtt user add" in r.stderr
+
+
+def test_hashing_runs_off_the_brokers_loop(tmp_path: Path) -> None:
+    """A login whose hash takes seconds to check does not hold up anyone else."""
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    accounts = access.read_accounts(f)
+    accounts["slow"] = Account("slow", "user",
+                               access.hash_password("pw", iterations=3_000_000))
+    access.write_accounts(f, accounts.values())
+    lt = LoopThread()
+    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f))
+    lt.run(broker.start())
+    try:
+        a = Login(broker.port, "alice", PASSWORDS["alice"])
+        assert a.connect()
+        slow = Login(broker.port, "slow", "pw")
+        slow.c.connect("127.0.0.1", broker.port)
+        slow.c.loop_start()
+        echoes = 0
+        topic = f"p/probe/{a.client_id}"
+        assert a.subscribe(topic)
+        for i in range(20):  # 20 round trips while the slow login is being checked
+            a.publish(topic, str(i))
+            wait_for(lambda i=i: (topic, str(i).encode()) in a.messages, 5, "an echo")
+            if not slow.connack:
+                echoes += 1
+        assert echoes == 20, "the broker stalled while it checked a password"
+        wait_for(lambda: slow.connack, 30, "the slow login")
+        assert not slow.connack[0].is_failure
+        slow.close()
+        a.close()
+    finally:
+        lt.run(broker.stop())
+        lt.close()
+
+
+def test_up_with_accounts_logs_its_parts_in_and_admits_only_accounts(tmp_path: Path) -> None:
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    up = start_up("--no-dashboard", env_extra={"LBMQTT_AUTH_FILE": str(f)})
+    try:
+        assert "logins required" in up.text()
+        s = make_settings(up.port, "lbmqtt/v1", BROKER_USERNAME="alice",
+                          BROKER_PASSWORD=PASSWORDS["alice"])
+        with Client(s, user="alice") as c:
+            assert c.wait(c.submit("HELLO", {"firstName": "A", "lastName": "B"}),
+                          timeout=30) == "Hello A B !"
+        assert not Login(up.port, None, None).connect()
+        with pytest.raises(BrokerUnavailable, match="BROKER_USERNAME"):
+            Client(make_settings(up.port, "lbmqtt/v1", CONNECT_TIMEOUT_S=2), user="alice")
+    finally:
+        finish(up)
