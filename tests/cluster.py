@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from lbmqtt.access import Account, Role, hash_password, new_password, read_accounts, write_accounts
 from lbmqtt.client import Client
-from lbmqtt.config import Settings, load_settings
+from lbmqtt.config import Settings, is_loopback, load_settings
 from lbmqtt.errors import LbmqttError
 from lbmqtt.launcher import LaunchError, spawn
 from lbmqtt.protocol import Status, TaskState
@@ -180,19 +181,40 @@ class Cluster:
             "RESULT_COLLECTED_TTL_S": 600.0, "BROKER_ADVERTISE": False, "METRICS_PORT": 0,
         }
         self.values.update(overrides or {})
+        # a broker beyond loopback needs accounts (lbmqtt refuses to run one without)
+        self.accounts: Path | None = None
+        self._passwords: dict[str, str] = {}
+        if broker == "embedded" and not is_loopback(host):
+            self.accounts = workdir / "accounts"
+            self.values["AUTH_FILE"] = str(self.accounts)
         self.procs: dict[str, Proc] = {}
         self.restarts = Counter[str]()
 
     # ----------------------------------------------------------------- settings
 
-    def env(self, **changes: Any) -> dict[str, str]:
+    def login(self, name: str, role: Role) -> dict[str, Any]:
+        """With accounts: the settings that log in as ``name`` (an account of ``role``,
+        added to the accounts file, which the broker re-reads). Else nothing."""
+        if self.accounts is None:
+            return {}
+        if name not in self._passwords:
+            self._passwords[name] = new_password()
+            accounts = read_accounts(self.accounts) if self.accounts.exists() else {}
+            accounts[name] = Account(name, role, hash_password(self._passwords[name],
+                                                               iterations=1000))
+            write_accounts(self.accounts, accounts.values())
+        return {"BROKER_USERNAME": name, "BROKER_PASSWORD": self._passwords[name]}
+
+    def env(self, *, login: tuple[str, Role] | None = None, **changes: Any) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
-        for key, value in {**self.values, **changes}.items():
+        creds = self.login(*login) if login else {}
+        for key, value in {**self.values, **creds, **changes}.items():
             env[f"LBMQTT_{key}"] = value if isinstance(value, str) else json.dumps(value)
         return env
 
-    def settings(self, **changes: Any) -> Settings:
-        return load_settings(None, env={}, overrides={**self.values, **changes})
+    def settings(self, *, login: tuple[str, Role] | None = None, **changes: Any) -> Settings:
+        creds = self.login(*login) if login else {}
+        return load_settings(None, env={}, overrides={**self.values, **creds, **changes})
 
     # ----------------------------------------------------------------- processes
 
@@ -200,10 +222,13 @@ class Cluster:
         return open(self.workdir / f"{name}.log", "ab")  # closed in _forget
 
     def _start(self, name: str, args: list[str], *, wrap: tuple[str, ...] = (),
-               env: dict[str, str] | None = None, timeout: float = 30.0) -> Proc:
+               env: dict[str, str] | None = None, timeout: float = 30.0,
+               role: Role | None = None) -> Proc:
         log = self._log(name)
         try:
-            child = spawn(name, args, timeout, env=env or self.env(), wrap=wrap, stdout=log)
+            if env is None:
+                env = self.env(login=(name, role) if role else None)
+            child = spawn(name, args, timeout, env=env, wrap=wrap, stdout=log)
         except BaseException:
             log.close()
             raise
@@ -230,7 +255,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self._start("balancer", ["balancer"], wrap=wrap)
+                self._start("balancer", ["balancer"], wrap=wrap, role="balancer")
                 return
             except LaunchError:
                 if time.monotonic() > deadline:
@@ -242,7 +267,7 @@ class Cluster:
         args = ["node", "--name", name, "--workers", str(workers)]
         if speed is not None:
             args += ["--speed", str(speed)]
-        self._start(name, args, wrap=wrap, env=env)
+        self._start(name, args, wrap=wrap, env=env, role="node")
 
     def start(self, **nodes: int) -> Cluster:
         """The broker, the balancer, and a node of that many worker slots per keyword."""
@@ -398,7 +423,7 @@ class Stream:
                  task_ms: float = 100.0, batch: int = 1, user: str = "chaos"):
         self.cluster = cluster
         self.count, self.interval_s, self.task_ms, self.batch = count, interval_s, task_ms, batch
-        self.client = Client(cluster.settings(), user=user)
+        self.client = Client(cluster.settings(login=(user, "user")), user=user)
         self.expected: dict[str, int] = {}
         self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, name="chaos-stream", daemon=True)

@@ -54,13 +54,13 @@ def test_tasks_run_across_hosts_that_find_the_broker_by_mdns(lan: Lan, tmp_path:
         cluster.start_balancer(wrap=hub.wrap)
         # "big" finds the broker by mDNS; "small" is given its address
         cluster.start_node("big", workers=3, speed=2.0, wrap=big.wrap,
-                           env=cluster.env(BROKER_HOST="auto"))
+                           env=cluster.env(BROKER_HOST="auto", login=("big", "node")))
         cluster.start_node("small", workers=1, speed=1.0, wrap=small.wrap)
         script = tmp_path / "client.py"
         script.write_text(CLIENT)
         run = subprocess.run([*desk.wrap, sys.executable, str(script), str(cluster.runs_log)],
-                             env=cluster.env(BROKER_HOST="auto"), capture_output=True,
-                             text=True, timeout=120, check=False)
+                             env=cluster.env(BROKER_HOST="auto", login=("desk", "user")),
+                             capture_output=True, text=True, timeout=120, check=False)
         assert run.returncode == 0, run.stderr[-3000:] + cluster.log_tail()
         out = json.loads(run.stdout.strip().splitlines()[-1])
         assert out["broker"] == f"{hub.ip}:{cluster.port}"
@@ -73,8 +73,8 @@ def test_tasks_run_across_hosts_that_find_the_broker_by_mdns(lan: Lan, tmp_path:
         # the command line finds it too
         cli = subprocess.run([*desk.wrap, sys.executable, "-m", "lbmqtt", "submit", "ECHO",
                               '["hi"]', "--wait", "--user", "desk"],
-                             env=cluster.env(BROKER_HOST="auto"), capture_output=True,
-                             text=True, timeout=60, check=False)
+                             env=cluster.env(BROKER_HOST="auto", login=("desk", "user")),
+                             capture_output=True, text=True, timeout=60, check=False)
         assert cli.returncode == 0, cli.stderr
         assert json.loads(cli.stdout)["args"] == ["hi"]
     finally:
