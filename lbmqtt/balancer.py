@@ -205,6 +205,8 @@ class Balancer:
         self.done_by_name = Counter[str]()
         self.failed_by_name = Counter[str]()
         self.counters = Counter[str]()
+        self._refused_by_code = Counter[str]()
+        self._buckets: dict[str, list[float]] = {}  # user -> [tokens, at] (SUBMIT_RATE)
         self.journal: Journal | None = None
         self._journal_dirty: dict[str, TaskRecord] = {}
         self._journal_gone: set[int] = set()  # seqs of expired tasks
@@ -489,7 +491,8 @@ class Balancer:
                 self._guard(kind, name, rest, lambda: self._adopt(name, payload))
             return
         if len(payload) > self.settings.max_payload_bytes:
-            self._refused(f"{kind} {name}", f"{len(payload)} bytes on {rest}: too large")
+            self._refused(f"{kind} {name}", f"{len(payload)} bytes on {rest}: too large",
+                          ErrorCode.TOO_LARGE)
             self._bad_message(kind, name, rest, DecodeError(
                 f"{len(payload)} bytes is more than MAX_PAYLOAD_BYTES "
                 f"({self.settings.max_payload_bytes})", payload[:200], ErrorCode.TOO_LARGE))
@@ -565,9 +568,10 @@ class Balancer:
             self._error(name, exc.code, f"bad message on {rest}: {exc}", task_id=exc.task_id,
                         ref=exc.ref, topic=rest)
 
-    def _refused(self, who: str, why: str) -> None:
+    def _refused(self, who: str, why: str, code: str = ErrorCode.INVALID) -> None:
         """Count a refused submission (or message) and remember it for the warning."""
         self.counters["refused"] += 1
+        self._refused_by_code[str(code)] += 1
         self._last_refusal = (time.time(), f"{who}: {why}"[:300])
 
     def _error(self, user: str, code: str, message: str, *, task_id: str | None = None,
@@ -579,15 +583,43 @@ class Balancer:
         now = time.time()
         items = decode_submit(payload)
         if len(items) > self.settings.max_batch:
-            self._refused(user, f"a batch of {len(items)} tasks: more than MAX_BATCH")
+            self._refused(user, f"a batch of {len(items)} tasks: more than MAX_BATCH",
+                          ErrorCode.TOO_LARGE)
             raise DecodeError(f"a batch of {len(items)} tasks is more than MAX_BATCH "
                               f"({self.settings.max_batch})", payload[:200], ErrorCode.TOO_LARGE)
         for item in items:
             if isinstance(item, DecodeError):
                 self._bad_message("user", user, "submit", item)
-                self._refused(user, f"invalid task: {item}")
+                self._refused(user, f"invalid task: {item}", item.code)
+                continue
+            if not self._take_token(user, now):
+                rate = self.settings.submit_rate
+                self._refused(user, f"faster than SUBMIT_RATE ({rate:g}/s)",
+                              ErrorCode.RATE_LIMITED)
+                self._error(user, ErrorCode.RATE_LIMITED,
+                            f"user {user!r} submits faster than {rate:g} tasks/s "
+                            f"(SUBMIT_RATE); task {item.name!r} refused: send it again "
+                            f"later", task_id=item.id, ref=item.ref)
                 continue
             self._accept(user, item, now)
+
+    def _take_token(self, user: str, now: float) -> bool:
+        """The user's token bucket (SUBMIT_RATE per second, SUBMIT_BURST deep)."""
+        rate = self.settings.submit_rate
+        if not rate:
+            return True
+        burst = float(self.settings.submit_burst or self.settings.max_batch)
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            if len(self._buckets) > 100_000:  # (names are bounded by the ACL with logins)
+                self._buckets.clear()
+            bucket = self._buckets[user] = [burst, now]
+        bucket[0] = min(burst, bucket[0] + max(0.0, now - bucket[1]) * rate)
+        bucket[1] = now
+        if bucket[0] < 1.0:
+            return False
+        bucket[0] -= 1.0
+        return True
 
     def _accept(self, user: str, spec: TaskSpec, now: float) -> None:
         args_json = encode_json(spec.args)
@@ -597,14 +629,16 @@ class Balancer:
             if old.user == user and old.same_submit(spec, args_json):
                 self._emit(old, durable=False)  # a resend: acknowledge again, run once
                 return
-            self._refused(user, f"task id {task_id!r} is already used by another task")
+            self._refused(user, f"task id {task_id!r} is already used by another task",
+                          ErrorCode.DUPLICATE_ID)
             self._error(user, ErrorCode.DUPLICATE_ID,
                         f"task id {task_id!r} is already used by another task", task_id=task_id,
                         ref=spec.ref)
             return
         cap = self.settings.lb_queing_maxperuser
         if cap and self.scheduler.queued_for(user) >= cap:
-            self._refused(user, f"queue cap of {cap} (LB_QUEING_MAXPERUSER)")
+            self._refused(user, f"queue cap of {cap} (LB_QUEING_MAXPERUSER)",
+                          ErrorCode.QUOTA_EXCEEDED)
             self._error(user, ErrorCode.QUOTA_EXCEEDED,
                         f"user {user!r} already has {cap} queued tasks "
                         f"(LB_QUEING_MAXPERUSER); task {spec.name!r} refused",
@@ -1283,6 +1317,7 @@ class Balancer:
             queued=self.scheduler.queued, running=sum(self.running_by_name.values()),
             submitted_total=c["submitted"], done_total=c["done"], failed_total=c["failed"],
             cancelled_total=c["cancelled"], refused_total=c["refused"],
+            refused_by_code=dict(self._refused_by_code),
             bad_messages_total=c["bad_messages"], slots=slots, busy=busy, nodes=nodes,
             users=user_rows, names=name_rows, queued_by_priority=dict(by_prio),
             bands=sorted(set(by_band) | {band_label(*g) for g in band_of.groups},

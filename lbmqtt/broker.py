@@ -45,7 +45,6 @@ import logging
 import math
 import os
 import signal
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -67,6 +66,7 @@ from .access import AccessGuard, Role, check_role
 from .config import Settings, is_loopback, service_accounts
 from .errors import ConfigError
 from .protocol import BrokerStatus, Topics
+from .ratelog import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         self.refused_logins = 0
         self.denied = 0
         self.too_large = 0
-        self._denied_log: dict[str, float] = {}
+        self._denied_log = LogLimiter(log, DENIED_LOG_INTERVAL_S)
 
     # -- keepalive (and the login check, with accounts) -------------------------------
 
@@ -267,13 +267,7 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         return False
 
     def _log_denied(self, who: str, what: str) -> None:
-        now = time.monotonic()
-        if now - self._denied_log.get(who, -1e9) >= DENIED_LOG_INTERVAL_S:
-            if len(self._denied_log) > 10_000:
-                self._denied_log.clear()
-            self._denied_log[who] = now
-            log.warning("%s %s (logged at most every %g s per client)", who, what,
-                        DENIED_LOG_INTERVAL_S)
+        self._denied_log.warning(who, "%s %s", who, what)
 
     def _count_too_large(self, who: str, exc: Exception) -> None:
         self.too_large += 1

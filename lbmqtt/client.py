@@ -38,6 +38,7 @@ from .errors import (
     ConfigError,
     LbmqttError,
     QuotaExceeded,
+    RateLimited,
     SubmitRefused,
     TaskCancelled,
     TaskFailed,
@@ -58,6 +59,7 @@ from .protocol import (
     encode_json,
     is_valid_name,
 )
+from .ratelog import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,12 @@ RESEND_S = 2.0
 REQUERY_S = 10.0
 ACK_FLUSH_S = 0.05
 DEFAULT_BATCH = 500
+LOG_EVERY_S = 10.0
+"""The client logs the balancer's unsolicited errors at most this often per code (anyone
+may publish on a user's topics without logins)."""
+RATE_PAUSE_MIN_S = 0.05
+RATE_PAUSE_MAX_S = 2.0
+"""How long `map` pauses before sending again what the balancer refused for SUBMIT_RATE."""
 COLLECTED_CACHE = 10_000
 
 
@@ -170,6 +178,7 @@ class AsyncClient:
         self.topics = Topics(self.settings.topic_prefix)
         self.ack_timeout_s = ack_timeout_s or self.settings.client_ack_timeout_s
         self._tracked: dict[str, _Tracked] = {}
+        self._log_limited = LogLimiter(log, LOG_EVERY_S).warning
         # final states already handed to the caller (and acknowledged to the balancer) ...
         self._collected: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
         # ... and final states that arrived while nobody waited for them
@@ -512,14 +521,26 @@ class AsyncClient:
                    finals: dict[str, asyncio.Future[TaskState]], *, batch_size: int,
                    deadline: float | None, what: str, return_exceptions: bool) -> list[Any]:
         todo = specs
+        pause = RATE_PAUSE_MIN_S
         while todo:
             errors = await self._submit_specs(todo, batch_size)
-            refused = []
+            refused, limited = [], []
             for spec, err in zip(todo, errors, strict=True):
                 if isinstance(err, QuotaExceeded):
                     refused.append(spec)
+                elif isinstance(err, RateLimited):
+                    limited.append(spec)
                 elif err is not None:
                     raise err
+            if limited and not refused:
+                # over the balancer's SUBMIT_RATE: the rest goes again after a pause that
+                # grows while nothing gets through
+                pause = RATE_PAUSE_MIN_S if len(limited) < len(todo) else min(
+                    RATE_PAUSE_MAX_S, pause * 2)
+                await asyncio.sleep(pause)
+                todo = limited
+                continue
+            refused += limited
             if not refused:
                 break
             refused_ids = {s.id for s in refused}
@@ -664,12 +685,13 @@ class AsyncClient:
             try:
                 errors = decode(Errors, payload)
             except LbmqttError as exc:
-                log.warning("ignoring a malformed errors message: %s", exc)
+                self._log_limited("malformed", "ignoring a malformed errors message: %s", exc)
                 return
             for e in errors.errors:
                 tr = self._tracked.get(e.id) if e.id else None
                 if tr is None:
-                    log.warning("the balancer says: %s (%s)", e.message, e.code)
+                    self._log_limited(str(e.code), "the balancer says: %s (%s)", e.message,
+                                      e.code)
                     continue
                 for fut in tr.next:
                     if not fut.done():

@@ -43,6 +43,8 @@ class ErrorCode(StrEnum):
     """No task with this id is known for this user."""
     TOO_LARGE = "too_large"
     """The payload or batch exceeds a configured limit."""
+    RATE_LIMITED = "rate_limited"
+    """The user submits faster than ``SUBMIT_RATE`` allows: send it again a little later."""
     INTERNAL = "internal"
     """The balancer failed to handle the message; it kept running."""
 
@@ -132,6 +134,10 @@ class UnknownTask(LbmqttError):
     """The balancer does not know this task id for this user (never submitted, or expired)."""
 
 
+class RateLimited(SubmitRefused):
+    """The user submitted faster than the balancer's ``SUBMIT_RATE``; try again later."""
+
+
 class WaitTimeout(LbmqttError, TimeoutError):
     """The caller's deadline passed before the awaited event happened."""
 
@@ -140,6 +146,8 @@ def error_from_code(code: str, message: str, task_id: str | None = None) -> Lbmq
     """Map an error received on the wire to the exception the client raises."""
     if code == ErrorCode.QUOTA_EXCEEDED:
         return QuotaExceeded(message, code=code, task_id=task_id)
+    if code == ErrorCode.RATE_LIMITED:
+        return RateLimited(message, code=code, task_id=task_id)
     if code == ErrorCode.UNKNOWN_TASK:
         return UnknownTask(message)
     if code in (ErrorCode.INVALID, ErrorCode.BAD_JSON, ErrorCode.DUPLICATE_ID,

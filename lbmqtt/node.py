@@ -57,6 +57,7 @@ from .protocol import (
     decode,
     encode_json,
 )
+from .ratelog import LogLimiter
 from .registry import Registry, function_reference, in_worker, load_sources
 from .worker import _HEADER
 
@@ -161,6 +162,7 @@ class Node:
     ):
         self.settings = coerce_settings(parameters)
         self.name = name or self.settings.node_name or default_node_name()
+        self._bad_log = LogLimiter(log)
         self.registry = Registry()
         # NODE_TASKS only when this node is given no tasks of its own (see start)
         self._sources = list(tasks)
@@ -459,10 +461,11 @@ class Node:
         try:
             aset = decode(AssignmentSet, payload)
         except Exception as exc:
-            log.warning("ignoring a malformed assignment set: %s", exc)
+            self._bad_log.warning("assign", "ignoring a malformed assignment set: %s", exc)
             return
         if aset.node != self.name:
-            log.warning("ignoring an assignment set addressed to %r", aset.node)
+            self._bad_log.warning("addressee", "ignoring an assignment set addressed to %r",
+                                  aset.node)
             return
         self._apply_set(aset.tasks)
 

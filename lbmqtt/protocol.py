@@ -537,6 +537,8 @@ class BalancerStats(_Lenient):
     failed_total: int = 0
     cancelled_total: int = 0
     refused_total: int = 0
+    refused_by_code: dict[str, int] = {}
+    """Refusals since the balancer started, by :class:`~lbmqtt.errors.ErrorCode`."""
     bad_messages_total: int = 0
     slots: int = 0
     busy: int = 0

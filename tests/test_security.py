@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from lbmqtt import access
 from lbmqtt.access import AccessGuard, Account
-from lbmqtt.broker import EmbeddedBroker
+from lbmqtt.broker import EmbeddedBroker, embedded_broker
 from lbmqtt.client import Client
 from lbmqtt.errors import BrokerUnavailable, UnknownTask
 from lbmqtt.protocol import Status
@@ -475,3 +475,49 @@ def test_up_with_accounts_logs_its_parts_in_and_admits_only_accounts(tmp_path: P
             Client(make_settings(up.port, "lbmqtt/v1", CONNECT_TIMEOUT_S=2), user="alice")
     finally:
         finish(up)
+
+
+def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
+    cert, key = tmp_path / "broker.crt", tmp_path / "broker.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    prefix = f"tls/{uuid.uuid4().hex[:8]}"
+    base = make_settings(0, prefix, AUTH_FILE=str(f), BROKER_TLS_CERT=str(cert),
+                         BROKER_TLS_KEY=str(key), BROKER_TLS_PORT=0)
+    lt = LoopThread()
+    broker = embedded_broker(base)
+    lt.run(broker.start())
+    system = System(make_settings(broker.port, prefix))
+    try:
+        assert broker.tls_port and broker.host == "127.0.0.1"
+        # the balancer and the node on plain MQTT (loopback), the client over TLS
+        plain = {"BROKER_PORT": broker.port}
+        system.start_balancer(make_settings(broker.port, prefix, BROKER_USERNAME="lb",
+                                            BROKER_PASSWORD=PASSWORDS["lb"], **plain))
+        system.start_node("n1", make_settings(broker.port, prefix, BROKER_USERNAME="n1",
+                                              BROKER_PASSWORD=PASSWORDS["n1"],
+                                              NODE_TASKS=[TEST_TASKS]))
+        tls = make_settings(broker.tls_port, prefix, BROKER_TLS=True,
+                            BROKER_CA_FILE=str(cert), BROKER_USERNAME="alice",
+                            BROKER_PASSWORD=PASSWORDS["alice"])
+        with Client(tls, user="alice") as c:
+            assert c.wait(c.submit("ECHO", "over tls"), timeout=30)["args"] == "over tls"
+        # a client that does not trust the certificate does not connect
+        untrusting = make_settings(broker.tls_port, prefix, BROKER_TLS=True,
+                                   BROKER_USERNAME="alice", BROKER_PASSWORD=PASSWORDS["alice"],
+                                   CONNECT_TIMEOUT_S=2)
+        with pytest.raises(BrokerUnavailable, match=r"(?i)certificate"):
+            Client(untrusting, user="alice")
+        # nor does one speaking plain MQTT to the TLS port
+        with pytest.raises(BrokerUnavailable):
+            Client(make_settings(broker.tls_port, prefix, BROKER_USERNAME="alice",
+                                 BROKER_PASSWORD=PASSWORDS["alice"], CONNECT_TIMEOUT_S=2),
+                   user="alice")
+    finally:
+        system.close()
+        lt.run(broker.stop())
+        lt.close()

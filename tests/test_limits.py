@@ -1,0 +1,258 @@
+"""Limits and bad input: the submit rate, packet sizes at the broker, and fuzzed payloads.
+
+The fuzzing publishes hypothesis-generated payloads (wrong types, huge numbers, deep
+nesting, invalid UTF-8, NaN, oversized, protocol-shaped objects with bad fields) on every
+topic a part of lbmqtt reads: the balancer's (submit, cancel, ack, query, node status,
+heartbeats, reports, dashboard presence), a node's assignments, a client's events and
+errors, and the dashboard's stats and history; plus ``$`` topics. Afterwards a normal
+task still round-trips, every part is still connected, and the balancer's books agree
+with its scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from lbmqtt import access
+from lbmqtt.access import AccessGuard, Account
+from lbmqtt.client import Client
+from lbmqtt.dashboard import DashboardState, message_handler
+from lbmqtt.errors import RateLimited
+from lbmqtt.mqtt import MqttTransport
+from lbmqtt.protocol import Status, Topics
+
+from .conftest import (
+    TEST_TASKS,
+    BrokerThread,
+    LoopThread,
+    RawClient,
+    System,
+    make_settings,
+    wait_for,
+)
+
+# ----------------------------------------------------------------------------- rate
+
+
+def test_submits_beyond_the_rate_are_refused_and_map_sends_them_again(
+        system: System, broker: BrokerThread, prefix: str) -> None:
+    s = make_settings(broker.port, prefix, SUBMIT_RATE=40, SUBMIT_BURST=10)
+    system.start_balancer(s)
+    system.start_node("n1", s)
+    with Client(s, user="alice") as c:
+        with pytest.raises(RateLimited, match="SUBMIT_RATE"):
+            c.submit_many([{"name": "ADD", "args": [i, 1]} for i in range(25)])
+        assert c.map("ADD", [[i, 1] for i in range(60)], timeout=60) == [
+            i + 1 for i in range(60)]
+        # another user has a bucket of their own
+        with Client(s, user="bob") as bob:
+            assert bob.wait(bob.submit("ADD", [2, 2]), timeout=20) == 4
+    stats = system.stats()
+    assert stats.refused_by_code["rate_limited"] >= 15
+    assert stats.done_total >= 60 + 10 + 1
+
+
+# ----------------------------------------------------------------------------- packets
+
+
+def test_the_broker_caps_packets_by_role(tmp_path: Path) -> None:
+    f = tmp_path / "accounts"
+    access.write_accounts(f, [
+        Account("alice", "user", access.hash_password("a", iterations=1000)),
+        Account("lb", "balancer", access.hash_password("b", iterations=1000))])
+    lt = LoopThread()
+    from lbmqtt.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f),
+                            max_packet_bytes=1_000_000, client_max_packet_bytes=100_000)
+    lt.run(broker.start())
+    try:
+        got: list[tuple[str, int]] = []
+        lb = MqttTransport(host="127.0.0.1", port=broker.port, client_id="lb-1",
+                           username="lb", password="b",
+                           on_message=lambda t, p, r: got.append((t, len(p))),
+                           subscriptions=[("p/#", 1)])
+        alice = MqttTransport(host="127.0.0.1", port=broker.port, client_id="alice-1",
+                              username="alice", password="a", on_message=lambda *a: None)
+        lt.run(lb.start(wait=True))
+        lt.run(alice.start(wait=True))
+        lt.call(lambda: alice.publish("p/users/alice/submit", b"x" * 99_000, qos=1))
+        wait_for(lambda: ("p/users/alice/submit", 99_000) in got, 10, "the small one")
+        connects = alice.connects
+        lt.call(lambda: alice.publish("p/users/alice/submit", b"x" * 200_000, qos=1))
+        wait_for(lambda: broker.broker is not None and broker.broker.too_large == 1, 10,
+                 "the broker to refuse 200 kB from a user")
+        wait_for(lambda: alice.connects > connects, 10, "alice to reconnect")
+        lt.call(lambda: lb.publish("p/users/alice/events", b"y" * 500_000, qos=1))
+        wait_for(lambda: ("p/users/alice/events", 500_000) in got, 10, "the balancer's")
+        assert ("p/users/alice/submit", 200_000) not in got
+        lt.run(alice.close())
+        lt.run(lb.close())
+    finally:
+        lt.run(broker.stop())
+        lt.close()
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+KEYS = ["v", "name", "args", "id", "ids", "priority", "tasks", "node", "online", "slots",
+        "groups", "results", "started", "progress", "instance", "status", "samples",
+        "timeout_s", "requires", "tags", "notify", "ref", "seq", "errors", "events"]
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63, max_value=2**200),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+    st.sampled_from(["", "$SYS", "../x", "a/b", "+", "#", "x" * 200, "\u0000", "\ud800"]))
+JSON = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=5),
+    st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), inner,
+                    max_size=6)), max_leaves=25)
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, allow_nan=True, default=str).encode("utf-8", "surrogatepass")
+
+
+PAYLOADS = st.one_of(
+    JSON.map(_encode),
+    st.dictionaries(st.sampled_from(KEYS), JSON, max_size=8).map(
+        lambda d: _encode({"v": 1, **d})),
+    st.binary(max_size=300),
+    st.integers(min_value=1, max_value=3000).map(lambda n: b"[" * n + b"]" * n),
+    st.integers(min_value=1, max_value=3000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+    st.sampled_from([b"", b"null", b"NaN", b"-Infinity", b"1e999999", b'"\xff\xfe"',
+                     b'{"v": 1, "ids": [' + b'"x",' * 20000 + b'"x"]}',
+                     b'{"v": 1, "name": "ADD", "priority": NaN}',
+                     b'{"v": 1, "name": "ADD", "priority": -1e300}',
+                     b'{"v": 1, "tasks": [' + b'{"name": "NOOP"},' * 3000 + b'{}]}',
+                     b'{"v": 1, "name": "NOOP", "id": "$bad"}',
+                     b'{"v": 1, "name": "NOOP", "id": "a/b/#"}',
+                     b'{"v": 1, "name": "NOOP", "args": ' + b"9" * 5000 + b"}"]))
+
+
+def inbound_topics(t: Topics) -> list[str]:
+    """Every topic some part of lbmqtt reads, for users and nodes that exist and not."""
+    out = []
+    for user in ("alice", "mallory", "_x.y-z"):
+        out += [t.submit(user), t.cancel(user), t.ack(user), t.query(user)]
+    for node in ("n1", "ghost"):
+        out += [t.node_status(node), t.heartbeat(node), t.reports(node)]
+    out += [t.assign("n1"), t.events("alice"), t.errors("alice"), t.dashboard_status,
+            t.balancer_stats, t.balancer_history, t.task("alice", "x"),
+            f"{t.prefix}/users/alice", f"{t.prefix}/nodes", f"{t.prefix}/users//submit",
+            "$SYS/x", "$share/g/" + t.submit("alice")]
+    return out
+
+
+class Fuzzer:
+    """A raw paho client publishing at QoS 0, counting what it sent."""
+
+    def __init__(self, port: int):
+        self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=f"fuzz-{uuid.uuid4().hex[:8]}",
+                             protocol=MQTTProtocolVersion.MQTTv311)
+        self.c.max_queued_messages_set(0)
+        self.connects = 0
+        self.connected = threading.Event()
+        self.c.on_connect = self._on_connect
+        self.c.on_disconnect = lambda *a: self.connected.clear()
+        self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.loop_start()
+        assert self.connected.wait(10)
+        self.sent: Counter[str] = Counter()
+
+    def _on_connect(self, *a: Any) -> None:
+        self.connects += 1
+        self.connected.set()
+
+    def send(self, topic: str, payload: bytes) -> None:
+        if not self.connected.wait(10):
+            raise AssertionError("the fuzzing client could not reconnect")
+        self.c.publish(topic, payload, qos=0)
+        self.sent[topic] += 1
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.mark.slow
+def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
+        system: System, broker: BrokerThread, prefix: str, tmp_path: Path) -> None:
+    s = make_settings(broker.port, prefix, NODE_TASKS=[TEST_TASKS], MAX_PAYLOAD_BYTES=65536)
+    topics = Topics(prefix)
+    b = system.start_balancer(s)
+    node = system.start_node("n1", s)
+    dash = DashboardState()
+    dash_t = MqttTransport(host="127.0.0.1", port=broker.port, client_id="fuzz-dash",
+                           on_message=message_handler(dash, topics),
+                           subscriptions=[(topics.balancer_stats, 0),
+                                          (topics.balancer_history, 1)])
+    system.lt.run(dash_t.start(wait=True))
+    fuzz = Fuzzer(broker.port)
+    targets = inbound_topics(topics)
+    oversized = b'{"v": 1, "name": "NOOP", "args": "' + b"x" * 70_000 + b'"}'
+    with Client(s, user="alice") as alice:
+        gate = tmp_path / "gate"
+        running = alice.submit("BLOCK", {"gate": str(gate), "limit_s": 60})
+        wait_for(lambda: alice.get(running).status == Status.RUNNING, 20, "a running task")
+
+        @settings(max_examples=40, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(PAYLOADS, min_size=25, max_size=25))
+        def blast(payloads: list[bytes]) -> None:
+            for p in payloads:  # each payload on every topic
+                for topic in targets:
+                    fuzz.send(topic, p)
+            fuzz.send(topics.submit("alice"), oversized)
+
+        blast()
+        total = sum(fuzz.sent.values())
+        assert total >= 25_000
+        # the balancer has read all of it once it answers alice's query (sent after it
+        # all, on the same connection)
+        probe = RawClient(broker.port).connect()
+        probe.subscribe(topics.errors("alice"))
+        probe.publish(topics.query("alice"), b'{"v": 1, "ids": ["after-the-fuzz"]}')
+        wait_for(lambda: any(b"after-the-fuzz" in p for p in probe.payloads(
+            topics.errors("alice"))), 60, "the balancer to answer after the fuzz")
+        probe.close()
+
+        # everything still works: the task it was running, new ones, every connection
+        # (alice's own queue may be full: some fuzzed submits were valid NOOP tasks,
+        # which this node does not offer)
+        gate.touch()
+        assert alice.wait(running, timeout=30)["opened"] is True
+    with Client(s, user="bob") as bob:
+        assert bob.wait(bob.submit("ECHO", [1, 2]), timeout=30)["args"] == [1, 2]
+        assert [r["args"] for r in bob.map("ECHO", list(range(20)), timeout=30)] == list(
+            range(20))
+    assert system.lt.call(lambda: b._transport is not None and b._transport.connected)
+    assert system.lt.call(lambda: node._transport is not None and node._transport.connected)
+    assert system.lt.call(lambda: dash_t.connected)
+    wait_for(lambda: dash.snapshot().stats is not None, 10, "the dashboard's stats")
+    st_ = system.stats()
+    assert st_.bad_messages_total > 1000  # they were read, and counted
+    assert st_.done_total >= 22
+    assert "n1" in {n.name for n in st_.nodes if n.online}
+
+    # the books agree with the scheduler
+    def books() -> None:
+        queued = [r for r in b.tasks.values() if r.status == Status.QUEUED]
+        assert b.scheduler.queued == len(queued)
+        for user in {r.user for r in b.tasks.values()}:
+            assert b.scheduler.queued_for(user) == sum(r.user == user for r in queued)
+
+    system.lt.call(books)
+    system.lt.run(dash_t.close())
+    fuzz.close()
