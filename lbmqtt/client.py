@@ -163,8 +163,8 @@ class AsyncClient:
     Args:
         parameters: settings, a parameters.json path, or None (``./parameters.json`` or
             defaults).
-        user: the user to submit as (default ``CLIENT_USER``, else the login name). With
-            authentication on, it must be the broker login.
+        user: the user to submit as (default ``CLIENT_USER``, else ``BROKER_USERNAME``,
+            else the login name). With accounts, it must be the broker login.
         ack_timeout_s: how long to wait for the balancer to acknowledge a request (default
             ``CLIENT_ACK_TIMEOUT_S``) before raising :class:`BalancerUnavailable`.
     """
@@ -172,7 +172,8 @@ class AsyncClient:
     def __init__(self, parameters: Settings | str | os.PathLike[str] | None = None, *,
                  user: str | None = None, ack_timeout_s: float | None = None):
         self.settings = coerce_settings(parameters)
-        self.user = user or self.settings.client_user or default_user()
+        self.user = (user or self.settings.client_user or self.settings.broker_username
+                     or default_user())
         if not is_valid_name(self.user):
             raise ConfigError(f"invalid user name {self.user!r}: 1-64 letters, digits, _.-")
         self.topics = Topics(self.settings.topic_prefix)
@@ -707,7 +708,8 @@ class Client:
 
     Args:
         parameters: settings, a parameters.json path, or None.
-        user: the user to submit as (default ``CLIENT_USER``, else the login name).
+        user: the user to submit as (default ``CLIENT_USER``, else ``BROKER_USERNAME``,
+            else the login name).
         ack_timeout_s: see :class:`AsyncClient`.
 
     Raises:

@@ -167,7 +167,8 @@ class Settings(BaseModel):
     wkhub_workers: list[WorkerGroup] = Field(default_factory=_default_groups,
                                              alias="WKHUB_WORKERS")
     node_name: str | None = Field(None, alias="NODE_NAME", pattern=_NAME)
-    """Unique name of this node on the LAN (default: the host name)."""
+    """Unique name of this node on the LAN (default: its BROKER_USERNAME, else the host
+    name). With accounts, a node's name is its login."""
     node_tasks: list[str] = Field(default_factory=list, alias="NODE_TASKS")
     """Task modules the node loads: dotted module names or .py paths (relative to the file)."""
     node_speed: float = Field(1.0, alias="NODE_SPEED", gt=0)
@@ -186,7 +187,8 @@ class Settings(BaseModel):
 
     # -- client ---------------------------------------------------------------------------
     client_user: str | None = Field(None, alias="CLIENT_USER", pattern=_NAME)
-    """User name the client submits as (default: the login name)."""
+    """User name the client submits as (default: BROKER_USERNAME, else the login name).
+    With accounts, a user's name is its login."""
     client_ack_timeout_s: float = Field(30.0, alias="CLIENT_ACK_TIMEOUT_S", gt=0)
     """How long a client waits for the balancer to acknowledge a request."""
     connect_timeout_s: float = Field(10.0, alias="CONNECT_TIMEOUT_S", gt=0)

@@ -161,7 +161,8 @@ class Node:
         groups: Sequence[WorkerGroup] | None = None,
     ):
         self.settings = coerce_settings(parameters)
-        self.name = name or self.settings.node_name or default_node_name()
+        self.name = (name or self.settings.node_name or self.settings.broker_username
+                     or default_node_name())
         self._bad_log = LogLimiter(log)
         self.registry = Registry()
         # NODE_TASKS only when this node is given no tasks of its own (see start)

@@ -12,7 +12,8 @@ def test_public_names_are_pinned() -> None:
     assert sorted(lbmqtt.__all__) == sorted([
         "AsyncClient", "Balancer", "BalancerUnavailable", "BrokerUnavailable", "Client",
         "ConfigError", "EmbeddedBroker", "InvalidTask", "LbmqttError", "Node",
-        "QuotaExceeded", "Registry", "Settings", "Status", "SubmitRefused", "TaskCancelled",
+        "QuotaExceeded", "RateLimited", "Registry", "Settings", "Status", "SubmitRefused",
+        "TaskCancelled",
         "TaskContext", "TaskError", "TaskFailed", "TaskState", "UnknownTask", "WaitTimeout",
         "__version__", "load_settings", "task",
     ])
