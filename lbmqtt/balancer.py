@@ -73,6 +73,7 @@ from .protocol import (
     encode_json,
     is_valid_name,
 )
+from .ratelog import LogLimiter
 from .scheduler import NO_TAGS, Group, NodeCaps, QueuedTask, Requires, Scheduler, requires_of
 
 _QueueKey = tuple[str, int, Requires, frozenset[str]]
@@ -194,7 +195,7 @@ class Balancer:
         self._errors: dict[str, list[ErrorItem]] = {}
         self._expiry: list[tuple[float, str]] = []
         self._why_cache: dict[_QueueKey, str | None] = {}
-        self._bad_log: dict[str, float] = {}
+        self._bad_log = LogLimiter(log, BAD_LOG_INTERVAL_S)  # (bounded: names are not)
         self._health_grace_until = 0.0
         self._connected_at = 0.0
         self._connects = 0
@@ -559,11 +560,8 @@ class Balancer:
     def _bad_message(self, kind: str, name: str, rest: str, exc: DecodeError) -> None:
         self.counters["bad_messages"] += 1
         sender = f"{kind} {name}"
-        now = time.monotonic()
-        if now - self._bad_log.get(sender, -1e9) > BAD_LOG_INTERVAL_S:
-            self._bad_log[sender] = now
-            log.warning("bad message from %s on %s: %s (raw %r)", sender, rest, exc,
-                        exc.raw[:120])
+        self._bad_log.warning(sender, "bad message from %s on %s: %s (raw %r)", sender, rest,
+                              exc, exc.raw[:120])
         if kind == "user":
             self._error(name, exc.code, f"bad message on {rest}: {exc}", task_id=exc.task_id,
                         ref=exc.ref, topic=rest)

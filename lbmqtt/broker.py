@@ -27,6 +27,11 @@ Patches (NOTES.md, "Bugs to work around"):
     session, and a connected client is taken over even when the login then fails. With
     accounts (:class:`~lbmqtt.access.AccessGuard`) we check the login first and refuse a
     client id held by another login; this patch is part of the guard, not optional.
+``offline_queue``
+    amqtt keeps every QoS 1 message for a disconnected persistent session (a login with
+    ``clean_session`` false) in an unbounded queue: a client that subscribes and never
+    comes back makes the broker grow without end. We keep at most
+    :data:`MAX_OFFLINE_MESSAGES` per session and drop (and count) the rest.
 ``socket_leak``
     When a client disconnects, amqtt closes its side with ``drain(); write_eof(); close()``.
     If a message to the client was in flight as it left (a client that publishes, then
@@ -72,7 +77,9 @@ log = logging.getLogger(__name__)
 
 AMQTT_VERSION = "amqtt 0.12.1"
 ALL_PATCHES: frozenset[str] = frozenset(
-    {"keepalive", "retained_leak", "dollar_publish", "socket_leak"})
+    {"keepalive", "retained_leak", "dollar_publish", "socket_leak", "offline_queue"})
+MAX_OFFLINE_MESSAGES = 10_000
+"""QoS 1 messages the broker keeps for one disconnected persistent session, at most."""
 KEEPALIVE_GRACE = 1.5
 DENIED_LOG_INTERVAL_S = 10.0
 TOPIC_SLACK_BYTES = 65_536 + 16
@@ -173,6 +180,7 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         self.refused_logins = 0
         self.denied = 0
         self.too_large = 0
+        self.offline_dropped = 0
         self._denied_log = LogLimiter(log, DENIED_LOG_INTERVAL_S)
 
     # -- keepalive (and the login check, with accounts) -------------------------------
@@ -309,6 +317,20 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             if not any(s.client_id == session.client_id for s, _ in holders):
                 return
         await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    # -- offline_queue --------------------------------------------------------------------
+
+    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int,
+                                        target_session: Session) -> None:
+        if ("offline_queue" in self.patches
+                and target_session.retained_messages.qsize() >= MAX_OFFLINE_MESSAGES):
+            self.offline_dropped += 1
+            self._denied_log.warning(
+                f"offline {target_session.client_id}",
+                "client %s is away with %d messages kept for it: dropping more",
+                target_session.client_id, MAX_OFFLINE_MESSAGES)
+            return
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     # -- dollar_publish -------------------------------------------------------------------
 

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("user", "manage the accounts file (AUTH_FILE): logins, passwords and roles",
             "examples:\n  lbmqtt user add alice --role user --file accounts\n"
-            "  lbmqtt user add gpu-box --role node --file accounts   # prints a new password\n"
+            "  lbmqtt user add gpu-box --role node --generate --file accounts  # prints it\n"
             "  echo \"$PW\" | lbmqtt user add bob --role user --password-stdin\n"
             "  lbmqtt user list\n  lbmqtt user remove bob\n"
             "  lbmqtt user mosquitto      # writes ACCOUNTS.acl for Mosquitto's acl_file\n\n"
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-stdin", action="store_true",
                    help="with add: read the password from stdin (else asked on a terminal, "
                    "or generated and printed once)")
+    p.add_argument("--generate", action="store_true",
+                   help="with add: generate a random password and print it once")
     p.add_argument("--replace", action="store_true",
                    help="with add: replace an existing account (new password or role)")
     p.add_argument("--acl", metavar="FILE",
@@ -461,7 +463,9 @@ def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
         if ns.name in accounts and not ns.replace:
             raise ConfigError(f"{path}: account {ns.name!r} exists (--replace to change it)")
         generated = False
-        if ns.password_stdin:
+        if ns.generate:
+            password, generated = access.new_password(), True
+        elif ns.password_stdin:
             password = sys.stdin.readline().rstrip("\r\n")
         elif sys.stdin.isatty():
             import getpass

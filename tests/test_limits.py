@@ -256,3 +256,60 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
     system.lt.call(books)
     system.lt.run(dash_t.close())
     fuzz.close()
+
+
+@pytest.mark.parametrize("case", ["patched", "unpatched"])
+def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lbmqtt.broker as broker_mod
+    from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker
+
+    monkeypatch.setattr(broker_mod, "MAX_OFFLINE_MESSAGES", 100)
+    f = tmp_path / "accounts"
+    access.write_accounts(f, [
+        Account("alice", "user", access.hash_password("a", iterations=1000)),
+        Account("lb", "balancer", access.hash_password("b", iterations=1000))])
+    patches = ALL_PATCHES if case == "patched" else ALL_PATCHES - {"offline_queue"}
+    lt = LoopThread()
+    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f), patches=patches)
+    lt.run(broker.start())
+    try:
+        # alice subscribes in a persistent session, then goes away for good
+        away = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                           client_id="alice-away", clean_session=False,
+                           protocol=MQTTProtocolVersion.MQTTv311)
+        away.username_pw_set("alice", "a")
+        away.connect("127.0.0.1", broker.port)
+        away.loop_start()
+        wait_for(away.is_connected, 5, "alice to connect")
+        subscribed = threading.Event()
+        away.on_subscribe = lambda *a: subscribed.set()
+        away.subscribe("p/users/alice/events", 1)
+        assert subscribed.wait(5)
+        away.disconnect()
+        away.loop_stop()
+        b = broker.broker
+        assert b is not None
+        wait_for(lambda: b._sessions["alice-away"][0].transitions.state != "connected", 5,
+                 "the broker to see alice gone")
+        lb = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="lb-x",
+                         protocol=MQTTProtocolVersion.MQTTv311)
+        lb.username_pw_set("lb", "b")
+        lb.max_inflight_messages_set(1000)
+        lb.connect("127.0.0.1", broker.port)
+        lb.loop_start()
+        wait_for(lb.is_connected, 5, "the publisher to connect")
+        for i in range(150):
+            info = lb.publish("p/users/alice/events", str(i), qos=1)
+        info.wait_for_publish(10)
+        queue = b._sessions["alice-away"][0].retained_messages
+        if case == "patched":
+            wait_for(lambda: b.offline_dropped == 50, 10, "50 dropped")
+            assert queue.qsize() == 100
+        else:  # amqtt keeps all of it, and would keep anything more
+            wait_for(lambda: queue.qsize() == 150, 10, "150 kept")
+        lb.disconnect()
+        lb.loop_stop()
+    finally:
+        lt.run(broker.stop())
+        lt.close()
