@@ -43,6 +43,12 @@ class _StatsCollector(Collector):
                 ("refused", s.refused_total, "Submissions refused (cap, duplicate id, bad)"),
                 ("bad_messages", s.bad_messages_total, "Malformed inbound messages")):
             yield CounterMetricFamily(f"lbmqtt_{name}", doc, value=value)
+        by_code = CounterMetricFamily("lbmqtt_refused_by_code",
+                                      "Refusals by error code (too_large, rate_limited, ...)",
+                                      labels=["code"])
+        for code, n in sorted(s.refused_by_code.items()):
+            by_code.add_metric([code], n)
+        yield by_code
         for name, value, doc in (
                 ("queued", s.queued, "Tasks queued"),
                 ("running", s.running, "Tasks placed on a node (assigned or running)"),

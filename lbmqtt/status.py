@@ -138,7 +138,9 @@ def format_stats(stats: BalancerStats) -> str:
         if stats.started_at else time.strftime("%H:%M:%S", time.localtime(stats.time)),
         f"queued {stats.queued}   running {stats.running}   slots {stats.busy}/{stats.slots} "
         f"busy   done {stats.done_total}   failed {stats.failed_total}   "
-        f"cancelled {stats.cancelled_total}   refused {stats.refused_total}",
+        f"cancelled {stats.cancelled_total}   refused {stats.refused_total}"
+        + (" (" + ", ".join(f"{code} {n}" for code, n in sorted(stats.refused_by_code.items()))
+           + ")" if stats.refused_by_code else ""),
         "",
         f"{'NODE':<20} {'STATE':<8} {'BUSY':>9} {'SPEED':>6} {'LOAD':>6} {'SEEN':>6}  TASKS",
     ]

@@ -175,6 +175,7 @@ def test_metrics_endpoint_parses_and_counts(system: System, tmp_path: Path) -> N
     assert m['lbmqtt_task_wait_seconds_bucket|{"le": "+Inf", "name": "ECHO"}'] == 6
     assert m['lbmqtt_task_finished_total|{"name": "ECHO", "outcome": "done"}'] == 6
     assert m['lbmqtt_refused_total|{}'] == 1
+    assert m['lbmqtt_refused_by_code_total|{"code": "duplicate_id"}'] == 1
     stats = system.stats()
     assert any("refused" in w and "already used" in w for w in stats.warnings), stats.warnings
 
