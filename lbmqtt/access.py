@@ -88,6 +88,11 @@ PBKDF2_ITERATIONS: Final = 100_000
 its only thread per CONNECT, the embedded broker in a worker thread)."""
 
 
+HASHING_AT_ONCE: Final = 2
+"""Passwords the embedded broker checks at the same time, at most: a flood of logins with
+wrong passwords costs it two cores, not all of them, and logins it has seen succeed since
+the file changed are let in without hashing at all."""
+
 # ------------------------------------------------------------------------------ passwords
 
 
@@ -305,6 +310,7 @@ class AccessGuard:
         self._accounts: dict[str, Account] = {}
         self._stamp: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        self._hashing = threading.BoundedSemaphore(HASHING_AT_ONCE)
         # logins verified since the file last changed: sha256(pepper + password)
         self._pepper = os.urandom(16)
         self._verified: dict[str, bytes] = {}
@@ -358,9 +364,10 @@ class AccessGuard:
         digest = hashlib.sha256(self._pepper + password.encode(errors="surrogateescape"))\
             .digest()
         if seen is not None and hmac.compare_digest(seen, digest):
-            return account.role
-        if not verify_password(password, account.hash):
-            return None
+            return account.role  # (no hashing: a flood of bad logins cannot delay this)
+        with self._hashing:  # at most HASHING_AT_ONCE cores spent on logins
+            if not verify_password(password, account.hash):
+                return None
         with self._lock:
             self._verified[login] = digest
         return account.role
