@@ -308,7 +308,7 @@ class AccessGuard:
         self._extra = {name: (check_role(role), pw) for name, (role, pw) in
                        (extra or {}).items()}
         self._accounts: dict[str, Account] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
         self._hashing = threading.BoundedSemaphore(HASHING_AT_ONCE)
         # logins verified since the file last changed: sha256(pepper + password)
@@ -318,18 +318,36 @@ class AccessGuard:
         if self.accounts_file is not None:
             self._reload()
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
         assert self.accounts_file is not None
         try:
             st = self.accounts_file.stat()
         except OSError:
             st = None
-        stamp = (st.st_mtime_ns, st.st_size) if st is not None else None
-        if stamp != self._stamp:
-            with self._lock:
-                self._accounts = read_accounts(self.accounts_file)
-                self._verified.clear()
-                self._stamp = stamp
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
+        if stamp == self._stamp:
+            return False
+        accounts = read_accounts(self.accounts_file)
+        with self._lock:
+            self._accounts = accounts
+            self._verified.clear()
+            self._stamp = stamp
+        return True
+
+    def refresh(self) -> bool:
+        """Re-read the accounts file if it changed; True if it did. A broken file is
+        logged (once per error) and the accounts read before stay in force."""
+        if self.accounts_file is None:
+            return False
+        try:
+            changed = self._reload()
+        except ConfigError as exc:
+            if str(exc) != self.reload_error:
+                log.error("%s; still using the accounts read before", exc)
+            self.reload_error = str(exc)
+            return False
+        self.reload_error = None
+        return changed
 
     def role_of(self, login: str) -> Role | None:
         extra = self._extra.get(login)
@@ -347,15 +365,7 @@ class AccessGuard:
         if extra is not None:
             return extra[0] if hmac.compare_digest(extra[1].encode(), password.encode())\
                 else None
-        if self.accounts_file is not None:
-            try:
-                self._reload()
-            except ConfigError as exc:  # keep the last good accounts
-                if str(exc) != self.reload_error:
-                    log.error("%s; still using the accounts read before", exc)
-                self.reload_error = str(exc)
-            else:
-                self.reload_error = None
+        self.refresh()
         with self._lock:
             account = self._accounts.get(login)
             seen = self._verified.get(login)

@@ -82,6 +82,10 @@ MAX_OFFLINE_MESSAGES = 10_000
 """QoS 1 messages the broker keeps for one disconnected persistent session, at most."""
 KEEPALIVE_GRACE = 1.5
 DENIED_LOG_INTERVAL_S = 10.0
+ACCOUNTS_CHECK_S = 2.0
+"""How often the broker looks at the accounts file for removed logins and new roles."""
+CONNECT_TIMEOUT_S = 10.0
+"""A new connection must have sent its CONNECT by then, or it is closed."""
 TOPIC_SLACK_BYTES = 65_536 + 16
 """What a packet may carry beyond its payload: the topic (at most 64 KiB) and headers."""
 
@@ -137,6 +141,10 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
         self.limit = limit
         self._transport = transport
         self._on_refuse = on_refuse
+        self.connect_deadline: float | None = (asyncio.get_running_loop().time()
+                                               + CONNECT_TIMEOUT_S)
+        """Until the CONNECT is read (then None): amqtt waits for it forever, so a
+        client that opens a socket and says nothing would hold it open for good."""
 
     async def read(self, n: int = -1) -> bytes:
         if n > self.limit:
@@ -145,8 +153,18 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
             self._transport.abort()
             self._on_refuse(str(peer), exc)
             raise exc
-        data: bytes = await super().read(n)
-        return data
+        if self.connect_deadline is None:
+            data: bytes = await super().read(n)
+            return data
+        remaining = self.connect_deadline - asyncio.get_running_loop().time()
+        try:
+            data = await asyncio.wait_for(super().read(n), max(0.0, remaining))
+            return data
+        except TimeoutError:
+            self._transport.abort()
+            self._on_refuse(str(self._transport.get_extra_info("peername")),
+                            TimeoutError(f"no CONNECT within {CONNECT_TIMEOUT_S:g} s"))
+            raise NoDataError(f"no CONNECT within {CONNECT_TIMEOUT_S:g} s") from None
 
 
 class _ClosingStreamWriter(StreamWriterAdapter):  # type: ignore[misc]
@@ -181,6 +199,8 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         self.denied = 0
         self.too_large = 0
         self.offline_dropped = 0
+        self.connect_timeouts = 0
+        self.revoked = 0
         self._denied_log = LogLimiter(log, DENIED_LOG_INTERVAL_S)
 
     # -- keepalive (and the login check, with accounts) -------------------------------
@@ -192,6 +212,8 @@ class PatchedBroker(Broker):  # type: ignore[misc]
                 reader, writer, remote_address, remote_port)
         else:
             handler, session = await self._login(reader, writer, remote_address, remote_port)
+        if isinstance(reader, _LimitedReader):
+            reader.connect_deadline = None
         if "keepalive" in self.patches and session.keep_alive and session.keep_alive > 0:
             # amqtt's reader loop waits this long for the next packet, then calls
             # handle_read_timeout (a no-op upstream) and keeps waiting forever.
@@ -210,6 +232,8 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             await writer.close()
             raise AMQTTError(f"invalid CONNECT from {remote_address}:{remote_port}: "
                              f"{exc}") from exc
+        if isinstance(reader, _LimitedReader):
+            reader.connect_deadline = None  # (the hashing below has no deadline)
         login = fresh.username
         # hashing takes ~100 ms: in a thread, so that the broker serves everyone meanwhile
         role = await asyncio.to_thread(self.guard.check_login, login, fresh.password)
@@ -277,7 +301,11 @@ class PatchedBroker(Broker):  # type: ignore[misc]
     def _log_denied(self, who: str, what: str) -> None:
         self._denied_log.warning(who, "%s %s", who, what)
 
-    def _count_too_large(self, who: str, exc: Exception) -> None:
+    def _refuse_connection(self, who: str, exc: Exception) -> None:
+        if isinstance(exc, TimeoutError):
+            self.connect_timeouts += 1
+            self._log_denied(who, f"{exc}: connection closed")
+            return
         self.too_large += 1
         self._log_denied(who, f"sent too large a packet ({exc}): connection closed")
 
@@ -287,6 +315,10 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         log.info("client %s silent for %.1f s (1.5 x keep-alive): closing its connection",
                  client_id, session.keep_alive if session is not None else 0)
         self.keepalive_drops += 1
+        self.close_connection(handler)
+
+    def close_connection(self, handler: Any) -> None:
+        """End a client's connection as if it had dropped (its will fires)."""
         writer = handler.writer
         transport = getattr(getattr(writer, "_writer", None), "transport", None)
         if transport is not None:
@@ -303,7 +335,7 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         adapter = (_ClosingStreamWriter(writer) if "socket_leak" in self.patches
                    else StreamWriterAdapter(writer))
         limit = self.max_packet_bytes if self.guard is None else self.client_max_packet_bytes
-        limited = _LimitedReader(reader, limit, writer.transport, self._count_too_large)
+        limited = _LimitedReader(reader, limit, writer.transport, self._refuse_connection)
         await self._client_connected(listener_name, limited, adapter)
 
     # -- retained_leak --------------------------------------------------------------------
@@ -347,7 +379,7 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             if message is not None and (not topic or "#" in topic or "+" in topic):
                 log.info("client %s published to an invalid topic %r: closing its connection",
                          client_session.client_id, topic)
-                self._drop_silent_client(handler)
+                self.close_connection(handler)
                 return True
         result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
         return result
@@ -383,6 +415,29 @@ class EmbeddedBroker:
         self.broker: PatchedBroker | None = None
         self.port = 0
         self.tls_port: int | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def _watch_accounts(self) -> None:
+        """Every ACCOUNTS_CHECK_S: if the accounts file changed, end the connections of
+        logins that were removed or whose role changed (they must log in again)."""
+        while True:
+            await asyncio.sleep(ACCOUNTS_CHECK_S)
+            broker, guard = self.broker, self.guard
+            if broker is None or guard is None:
+                return
+            if not await asyncio.to_thread(guard.refresh):
+                continue
+            for session, handler in list(broker._sessions.values()):
+                role = getattr(session, "lbmqtt_role", None)
+                if role is None or session.transitions.state != "connected":
+                    continue
+                now = guard.role_of(session.username or "")
+                if now != role:
+                    log.warning("login %r is %s now: closing its connection (%s)",
+                                session.username, f"a {now}" if now else "gone",
+                                session.client_id)
+                    broker.revoked += 1
+                    broker.close_connection(handler)
 
     async def start(self) -> None:
         """Start listening; afterwards :attr:`port` holds the bound port."""
@@ -393,6 +448,9 @@ class EmbeddedBroker:
                                     client_max_packet_bytes=self.client_max_packet_bytes)
         await self.broker.start()
         self.port = bound_port(self.broker)
+        if self.guard is not None and self.guard.accounts_file is not None:
+            self._watcher = asyncio.create_task(self._watch_accounts(),
+                                                name="lbmqtt-broker-accounts")
         if self.tls is not None:
             self.tls_port = bound_port(self.broker, "tls")
         if self.prefix is not None:
@@ -403,6 +461,11 @@ class EmbeddedBroker:
 
     async def stop(self) -> None:
         """Close every connection and stop listening."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self.broker is not None:
             await self.broker.shutdown()
             self.broker = None

@@ -313,3 +313,39 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
     finally:
         lt.run(broker.stop())
         lt.close()
+
+
+@pytest.mark.parametrize("accounts", [False, True])
+def test_a_connection_that_never_says_connect_is_closed(
+        accounts: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import lbmqtt.broker as broker_mod
+    from lbmqtt.broker import EmbeddedBroker
+
+    monkeypatch.setattr(broker_mod, "CONNECT_TIMEOUT_S", 0.5)
+    guard = None
+    if accounts:
+        f = tmp_path / "accounts"
+        access.write_accounts(f, [Account("alice", "user",
+                                          access.hash_password("a", iterations=1000))])
+        guard = AccessGuard("p", f)
+    lt = LoopThread()
+    broker = EmbeddedBroker("127.0.0.1", 0, guard=guard)
+    lt.run(broker.start())
+    try:
+        silent = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+        half = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
+        half.sendall(b"\x10\x20\x00\x04MQ")  # the start of a CONNECT, then nothing
+        for s in (silent, half):
+            with s:
+                assert s.recv(16) == b""  # closed by the broker (else: timeout, error)
+        assert broker.broker is not None and broker.broker.connect_timeouts == 2
+        # and a client that does speak is served as ever
+        c = RawClient(broker.port)
+        if accounts:
+            c.c.username_pw_set("alice", "a")
+        c.connect().close()
+    finally:
+        lt.run(broker.stop())
+        lt.close()

@@ -521,3 +521,34 @@ def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
         system.close()
         lt.run(broker.stop())
         lt.close()
+
+
+def test_removing_an_account_or_changing_its_role_ends_its_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lbmqtt.broker as broker_mod
+
+    monkeypatch.setattr(broker_mod, "ACCOUNTS_CHECK_S", 0.1)
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    lt = LoopThread()
+    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f))
+    lt.run(broker.start())
+    try:
+        alice, bob = Login(broker.port, "alice", PASSWORDS["alice"]), \
+            Login(broker.port, "bob", PASSWORDS["bob"])
+        assert alice.connect() and bob.connect()
+        accounts = access.read_accounts(f)
+        del accounts["bob"]  # bob is removed; alice becomes a monitor
+        accounts["alice"] = Account("alice", "monitor", accounts["alice"].hash)
+        access.write_accounts(f, accounts.values())
+        assert bob.closed.wait(10) and alice.closed.wait(10)
+        assert not Login(broker.port, "bob", PASSWORDS["bob"]).connect()
+        again = Login(broker.port, "alice", PASSWORDS["alice"])
+        assert again.connect()
+        assert not again.subscribe("p/users/alice/#")  # a monitor now
+        assert again.subscribe("p/balancer/stats")
+        for c in (alice, bob, again):
+            c.close()
+    finally:
+        lt.run(broker.stop())
+        lt.close()
