@@ -53,33 +53,40 @@ log = logging.getLogger(__name__)
 
 Role = Literal["user", "node", "monitor", "balancer"]
 ROLES: Final[tuple[Role, ...]] = ("user", "node", "monitor", "balancer")
-Action = Literal["publish", "subscribe"]
+Action = Literal["publish", "subscribe", "retain"]
 
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # = protocol.NAME_PATTERN
 
 #: Topic rules per role, relative to the topic prefix. ``%u`` is the login, ``%c`` the
 #: client id. "subscribe" also covers receiving: a filter is granted only if every topic
 #: it can match is readable, so a granted subscription never delivers a forbidden topic.
+#: "retain": where a publish may carry the retain flag (elsewhere it is dropped: a
+#: retained message would stay in the broker's memory for good). Mosquitto's ACL has no
+#: such rule; see README.
 RULES: Final[dict[Role, dict[Action, tuple[str, ...]]]] = {
     "user": {
         "publish": ("users/%u/submit", "users/%u/cancel", "users/%u/ack", "users/%u/query",
                     "probe/%c"),
         "subscribe": ("users/%u/#", "balancer/status", "balancer/stats", "broker/status",
                       "probe/%c"),
+        "retain": (),
     },
     "node": {
         "publish": ("nodes/%u/status", "nodes/%u/heartbeat", "nodes/%u/reports", "probe/%c"),
         "subscribe": ("nodes/%u/assign", "nodes/%u/status", "balancer/status",
                       "broker/status", "probe/%c"),
+        "retain": ("nodes/%u/status",),
     },
     "monitor": {
         "publish": ("dashboard/status", "probe/%c"),
         "subscribe": ("balancer/#", "broker/status", "nodes/+/status", "dashboard/status",
                       "probe/%c"),
+        "retain": ("dashboard/status",),
     },
     "balancer": {
         "publish": ("#",),
         "subscribe": ("#",),
+        "retain": ("#",),
     },
 }
 
@@ -87,11 +94,6 @@ PBKDF2_ITERATIONS: Final = 100_000
 """Iterations of new hashes: ~90 ms to verify on a 2-core machine (Mosquitto pays it on
 its only thread per CONNECT, the embedded broker in a worker thread)."""
 
-
-HASHING_AT_ONCE: Final = 2
-"""Passwords the embedded broker checks at the same time, at most: a flood of logins with
-wrong passwords costs it two cores, not all of them, and logins it has seen succeed since
-the file changed are let in without hashing at all."""
 
 # ------------------------------------------------------------------------------ passwords
 
@@ -271,7 +273,7 @@ def mosquitto_acl(accounts: Iterable[Account], prefix: str) -> str:
     for a in sorted(accounts, key=lambda a: a.name):
         out.append(f"# role: {a.role}")
         out.append(f"user {a.name}")
-        rules = RULES[a.role]
+        rules = RULES[a.role]  # ("retain" has no Mosquitto equivalent)
         pubs = [p for p in rules["publish"] if "%c" not in p]
         subs = [p for p in rules["subscribe"] if "%c" not in p]
         for p in sorted(set(pubs) | set(subs)):
@@ -310,7 +312,6 @@ class AccessGuard:
         self._accounts: dict[str, Account] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
-        self._hashing = threading.BoundedSemaphore(HASHING_AT_ONCE)
         # logins verified since the file last changed: sha256(pepper + password)
         self._pepper = os.urandom(16)
         self._verified: dict[str, bytes] = {}
@@ -356,9 +357,11 @@ class AccessGuard:
         account = self._accounts.get(login)
         return account.role if account is not None else None
 
-    def check_login(self, login: str | None, password: str | None) -> Role | None:
-        """The role of a login with this password, or None. Blocking (~100 ms for a login
-        not seen since the file changed): run it in a thread."""
+    def quick_check(self, login: str | None,
+                    password: str | None) -> Role | Literal[False] | None:
+        """What can be decided without hashing, on the caller's thread (microseconds):
+        the role (a login seen to succeed since the file changed, or one of ``extra``),
+        None (refused: no such login), or False (only :meth:`slow_check` can tell)."""
         if not login or password is None:
             return None
         extra = self._extra.get(login)
@@ -371,16 +374,43 @@ class AccessGuard:
             seen = self._verified.get(login)
         if account is None:
             return None
-        digest = hashlib.sha256(self._pepper + password.encode(errors="surrogateescape"))\
-            .digest()
-        if seen is not None and hmac.compare_digest(seen, digest):
-            return account.role  # (no hashing: a flood of bad logins cannot delay this)
-        with self._hashing:  # at most HASHING_AT_ONCE cores spent on logins
-            if not verify_password(password, account.hash):
-                return None
+        if seen is not None and hmac.compare_digest(seen, self._digest(password)):
+            return account.role
+        return False
+
+    def slow_check(self, login: str, password: str) -> Role | None:
+        """Verify the password hash (~90 ms: in a worker thread)."""
         with self._lock:
-            self._verified[login] = digest
+            account = self._accounts.get(login)
+        if account is None or not verify_password(password, account.hash):
+            return None
+        with self._lock:
+            if self._accounts.get(login) is account:  # (not replaced meanwhile)
+                self._verified[login] = self._digest(password)
         return account.role
+
+    def check_login(self, login: str | None, password: str | None) -> Role | None:
+        """The role of a login with this password, or None (blocking: see above)."""
+        quick = self.quick_check(login, password)
+        if quick is not False:
+            return quick
+        assert login is not None and password is not None
+        return self.slow_check(login, password)
+
+    def _digest(self, password: str) -> bytes:
+        return hashlib.sha256(self._pepper + password.encode(errors="surrogateescape")).digest()
+
+    def in_file(self, login: str) -> bool:
+        return login in self._accounts
+
+    def account_key(self, login: str) -> tuple[str, str] | None:
+        """What a live connection's rights rest on: (role, password hash); None if the
+        login is gone. A change ends the connection (see EmbeddedBroker)."""
+        extra = self._extra.get(login)
+        if extra is not None:
+            return extra[0], "extra"
+        account = self._accounts.get(login)
+        return (account.role, account.hash) if account is not None else None
 
     def may(self, role: Role, action: Action, topic: str, login: str, client_id: str) -> bool:
         return allowed(role, action, topic, prefix=self.prefix, login=login,

@@ -90,6 +90,8 @@ REFUSALS_WARN_S = 60.0  # refusals within this long are a warning
 ASSIGN_GRACE_S = 3.0
 EXPIRY_CHECK_S = 1.0
 BAD_LOG_INTERVAL_S = 10.0
+UNKNOWN_EACH = 20
+"""Unknown ids in one cancel or query answered one by one; beyond, with one error."""
 RECENTLY_LOST_S = 300.0
 EWMA_ALPHA = 0.2
 DEFAULT_RTT_S = 0.005  # dispatch round trip assumed before one is measured
@@ -653,13 +655,25 @@ class Balancer:
         self._enqueue(rec)
         self._emit(rec)
 
+    def _unknown(self, user: str, ids: list[str], topic: str, message: str) -> None:
+        """Answer unknown ids: one error each, or, beyond UNKNOWN_EACH of them in one
+        message, one error for them all (an answer must not be bigger than the question)."""
+        if len(ids) <= UNKNOWN_EACH:
+            for tid in ids:
+                self._error(user, ErrorCode.UNKNOWN_TASK, message.format(f"task {tid!r}"),
+                            task_id=tid, topic=topic)
+            return
+        shown = ", ".join(repr(t) for t in ids[:5])
+        self._error(user, ErrorCode.UNKNOWN_TASK,
+                    message.format(f"tasks {shown}, ... ({len(ids)} in all)"), topic=topic)
+
     def _on_cancel(self, user: str, payload: bytes) -> None:
         ids = decode(IdList, payload).all_ids()
+        unknown = []
         for tid in ids:
             rec = self.tasks.get(tid)
             if rec is None or rec.user != user:
-                self._error(user, ErrorCode.UNKNOWN_TASK, f"no task {tid!r} to cancel",
-                            task_id=tid, topic="cancel")
+                unknown.append(tid)
                 continue
             if rec.status.final:
                 self._emit(rec, durable=False)  # too late: tell the current state
@@ -671,6 +685,7 @@ class Balancer:
                 self._unplace(rec)
             rec.error = ErrorInfo(type="Cancelled", message="cancelled by its user")
             self._finalize(rec, Status.CANCELLED, time.time())
+        self._unknown(user, unknown, "cancel", "no {} to cancel")  # (str.format)
 
     def _on_ack(self, user: str, payload: bytes) -> None:
         now = time.time()
@@ -685,14 +700,15 @@ class Balancer:
                 heapq.heappush(self._expiry, (self._expires_at(rec), rec.id))
 
     def _on_query(self, user: str, payload: bytes) -> None:
+        unknown = []
         for tid in decode(IdList, payload).all_ids():
             rec = self.tasks.get(tid)
             if rec is None or rec.user != user:
-                self._error(user, ErrorCode.UNKNOWN_TASK,
-                            f"no task {tid!r} (never submitted by {user!r}, or expired)",
-                            task_id=tid, topic="query")
+                unknown.append(tid)
             else:
                 self._emit(rec, durable=False)
+        self._unknown(user, unknown, "query",
+                      f"no {{}} (never submitted by {user!r}, or expired)")
 
     # -- nodes ------------------------------------------------------------------------
 

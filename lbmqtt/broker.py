@@ -44,6 +44,7 @@ Patches (NOTES.md, "Bugs to work around"):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -61,6 +62,7 @@ from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
     IDENTIFIER_REJECTED,
     NOT_AUTHORIZED,
+    SERVER_UNAVAILABLE,
     ConnackPacket,
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -71,7 +73,7 @@ from .access import AccessGuard, Role, check_role
 from .config import Settings, is_loopback, service_accounts
 from .errors import ConfigError
 from .protocol import BrokerStatus, Topics
-from .ratelog import LogLimiter
+from .ratelog import ForeignLogFilter, LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,16 @@ KEEPALIVE_GRACE = 1.5
 DENIED_LOG_INTERVAL_S = 10.0
 ACCOUNTS_CHECK_S = 2.0
 """How often the broker looks at the accounts file for removed logins and new roles."""
+HASH_THREADS = 2
+"""Threads checking password hashes: a flood of logins costs the broker two cores, not all;
+logins seen to succeed since the accounts file changed are not hashed again."""
+HASH_QUEUE_MAX = 64
+"""Logins waiting for a hash check, at most; more are refused (server unavailable) at
+once, and their clients retry."""
+MAX_SUBSCRIPTIONS = 100
+"""Subscriptions one client (other than the balancer) may hold, with accounts."""
+SUBSCRIBE_MAX_BYTES = 16_384
+"""Largest SUBSCRIBE or UNSUBSCRIBE packet (lbmqtt's parts send a few hundred bytes)."""
 CONNECT_TIMEOUT_S = 10.0
 """A new connection must have sent its CONNECT by then, or it is closed."""
 TOPIC_SLACK_BYTES = 65_536 + 16
@@ -129,42 +141,94 @@ class PacketTooLarge(AMQTTError):  # type: ignore[misc]
 
 
 class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
-    """amqtt's reader adapter, refusing any single read beyond ``limit`` bytes.
+    """amqtt's reader adapter, following the packet framing of everything amqtt reads.
 
-    amqtt reads a packet's remaining length in one call, so this refuses an oversized
-    packet from its header, before a byte of its body is buffered (amqtt itself would
-    buffer up to 256 MB)."""
+    amqtt reads each fixed header a byte at a time, then the packet's body in one or more
+    reads. Following that, this refuses a packet from its header, before a byte of its
+    body is buffered, when
+
+    * its remaining length is over ``limit`` (amqtt itself would take 256 MB), or over
+      :data:`SUBSCRIBE_MAX_BYTES` for SUBSCRIBE and UNSUBSCRIBE (amqtt checks every
+      filter of one packet without yielding: a 2 MB SUBSCRIBE froze it for 11 s);
+    * it is a QoS 2 PUBLISH and ``no_qos2`` is set (amqtt holds an unreleased QoS 2
+      message forever, before any access check; lbmqtt never uses QoS 2);
+    * the CONNECT has not arrived by ``connect_deadline`` (amqtt waits for it forever).
+
+    A refused connection is aborted: the client's will fires.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, limit: int, transport: Any,
                  on_refuse: Callable[[str, Exception], None]):
         super().__init__(reader)
         self.limit = limit
+        self.no_qos2 = False
         self._transport = transport
         self._on_refuse = on_refuse
         self.connect_deadline: float | None = (asyncio.get_running_loop().time()
                                                + CONNECT_TIMEOUT_S)
-        """Until the CONNECT is read (then None): amqtt waits for it forever, so a
-        client that opens a socket and says nothing would hold it open for good."""
+        # framing: "head" (next byte starts a packet), "length" (in its remaining length),
+        # "body" (so many bytes of the body still to come)
+        self._state = "head"
+        self._type = 0
+        self._length = 0
+        self._shift = 1
+        self._body = 0
+
+    def _refuse(self, exc: Exception) -> None:
+        peer = self._transport.get_extra_info("peername")
+        self._transport.abort()
+        self._on_refuse(str(peer), exc)
 
     async def read(self, n: int = -1) -> bytes:
-        if n > self.limit:
-            exc = PacketTooLarge(f"{n} bytes announced, the limit is {self.limit}")
-            peer = self._transport.get_extra_info("peername")
-            self._transport.abort()
-            self._on_refuse(str(peer), exc)
+        if n > self.limit or (self._state == "body" and n > self._body):
+            # (the second: amqtt reads past the length the packet announced: malformed)
+            exc = PacketTooLarge(f"a read of {n} bytes; the limit is {self.limit}, the "
+                                 f"packet has {self._body if self._state == 'body' else 0} "
+                                 f"left")
+            self._refuse(exc)
             raise exc
         if self.connect_deadline is None:
             data: bytes = await super().read(n)
-            return data
-        remaining = self.connect_deadline - asyncio.get_running_loop().time()
-        try:
-            data = await asyncio.wait_for(super().read(n), max(0.0, remaining))
-            return data
-        except TimeoutError:
-            self._transport.abort()
-            self._on_refuse(str(self._transport.get_extra_info("peername")),
-                            TimeoutError(f"no CONNECT within {CONNECT_TIMEOUT_S:g} s"))
-            raise NoDataError(f"no CONNECT within {CONNECT_TIMEOUT_S:g} s") from None
+        else:
+            remaining = self.connect_deadline - asyncio.get_running_loop().time()
+            try:
+                data = await asyncio.wait_for(super().read(n), max(0.0, remaining))
+            except TimeoutError:
+                self._refuse(TimeoutError(f"no CONNECT within {CONNECT_TIMEOUT_S:g} s"))
+                raise NoDataError(f"no CONNECT within {CONNECT_TIMEOUT_S:g} s") from None
+        self._follow(data)
+        return data
+
+    def _follow(self, data: bytes) -> None:
+        for i, byte in enumerate(data):
+            if self._state == "head":
+                self._type, self._length, self._shift = byte, 0, 1
+                self._state = "length"
+                if self.no_qos2 and byte >> 4 == 3 and (byte >> 1) & 3 == 2:
+                    exc = PacketTooLarge("a QoS 2 PUBLISH: this broker takes QoS 0 and 1")
+                    self._refuse(exc)
+                    raise exc
+            elif self._state == "length":
+                self._length += (byte & 0x7F) * self._shift
+                self._shift *= 128
+                if byte & 0x80:
+                    continue
+                cap = SUBSCRIBE_MAX_BYTES if self._type >> 4 in (8, 10) else self.limit
+                if self._length > cap:
+                    exc = PacketTooLarge(f"a packet of type {self._type >> 4} announcing "
+                                         f"{self._length} bytes, the limit is {cap}")
+                    self._refuse(exc)
+                    raise exc
+                self._body = self._length
+                self._state = "body" if self._body else "head"
+            else:
+                take = min(self._body, len(data) - i)
+                self._body -= take
+                if not self._body:
+                    self._state = "head"
+                if take > 1:  # the rest of this read belongs to the body (or the next
+                    self._follow(data[i + take:])  # packet, when it ended within it)
+                    return
 
 
 class _ClosingStreamWriter(StreamWriterAdapter):  # type: ignore[misc]
@@ -202,6 +266,11 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         self.connect_timeouts = 0
         self.revoked = 0
         self._denied_log = LogLimiter(log, DENIED_LOG_INTERVAL_S)
+        self._hash_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=HASH_THREADS, thread_name_prefix="lbmqtt-login")
+        self._hashes_waiting = 0
+        self._claims: dict[str, tuple[str, object]] = {}
+        self._held: dict[str, set[str]] = {}
 
     # -- keepalive (and the login check, with accounts) -------------------------------
 
@@ -235,32 +304,60 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         if isinstance(reader, _LimitedReader):
             reader.connect_deadline = None  # (the hashing below has no deadline)
         login = fresh.username
-        # hashing takes ~100 ms: in a thread, so that the broker serves everyone meanwhile
-        role = await asyncio.to_thread(self.guard.check_login, login, fresh.password)
+        role = self.guard.quick_check(login, fresh.password)
         why, code = "", 0
-        if role is None:
+        if role is False:  # hashing takes ~90 ms: in the broker's own two threads
+            assert login is not None and fresh.password is not None
+            if self._hashes_waiting >= HASH_QUEUE_MAX:
+                why, code = "too many logins being checked: try again", SERVER_UNAVAILABLE
+                role = None
+            else:
+                self._hashes_waiting += 1
+                try:
+                    role = await asyncio.get_running_loop().run_in_executor(
+                        self._hash_pool, self.guard.slow_check, login, fresh.password)
+                finally:
+                    self._hashes_waiting -= 1
+        if code:
+            pass
+        elif not role:
             why, code = "unknown login or wrong password", BAD_USERNAME_PASSWORD
         else:
             held = self._sessions.get(fresh.client_id)
-            if held is not None and held[0].username != login:
-                why, code = (f"client id {fresh.client_id!r} belongs to another login",
-                             IDENTIFIER_REJECTED)
+            claim = self._claims.get(fresh.client_id)
+            if (held is not None and held[0].username != login) or (
+                    claim is not None and claim[0] != login):
+                why, code = ("its client id belongs to another login", IDENTIFIER_REJECTED)
             elif fresh.will_flag and not self.guard.may(role, "publish", fresh.will_topic or "",
                                                         login, fresh.client_id):
-                why, code = f"may not publish its will on {fresh.will_topic!r}", NOT_AUTHORIZED
+                why, code = "may not publish its will there", NOT_AUTHORIZED
         if code:
             self.refused_logins += 1
-            self._log_denied(f"login {login!r} from {remote_address}", f"refused ({why})")
+            # (keyed by address, names cut short: both are the client's to choose)
+            self._log_denied(f"login from {remote_address}", f"login {str(login)[:64]!r} "
+                             f"from {remote_address} refused: {why}")
             with contextlib.suppress(Exception):
                 await ConnackPacket.build(0, code).to_stream(writer)
                 await writer.close()
-            raise AMQTTError(f"login {login!r} refused: {why}")
-        assert role is not None
+            raise AMQTTError(f"login {str(login)[:64]!r} refused: {why}")
+        assert isinstance(role, str) and login is not None
+        # the client id is this login's from here (no await since the check above), until
+        # the connection ends: two logins racing for one new id cannot both get it
+        claim = (login, object())
+        self._claims[fresh.client_id] = claim
+        fresh.lbmqtt_claim = claim
         if isinstance(reader, _LimitedReader):
             reader.limit = (self.max_packet_bytes if role == "balancer"
                             else self.client_max_packet_bytes)
+            reader.no_qos2 = True
         # amqtt's own session handling from here (Broker._initialize_client_session)
         session = fresh
+        account = self.guard.account_key(login)
+        if not session.clean_session and session.client_id in self._sessions and getattr(
+                self._sessions[session.client_id][0], "lbmqtt_account", None) != account:
+            # a persistent session kept from before the login's role or password changed:
+            # its subscriptions were granted under the old rights
+            await self._delete_session(session.client_id)
         if session.clean_session:
             if session.client_id:
                 await self._delete_session(session.client_id)
@@ -270,14 +367,59 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         elif session.client_id in self._sessions:
             old, _ = self._sessions[session.client_id]
             for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive",
-                         "username", "password"):
+                         "username", "password", "lbmqtt_claim"):
                 setattr(old, attr, getattr(session, attr))
             session = old
             session.parent = 1
         else:
             session.parent = 0
         session.lbmqtt_role = role
+        session.lbmqtt_account = account
         return handler, session
+
+    async def _handle_client_session(  # noqa: PLR0917 (amqtt's signature)
+            self, reader: Any, writer: Any, client_session: Session, handler: Any,
+            server: Any, listener_name: str) -> None:
+        try:
+            await super()._handle_client_session(reader, writer, client_session, handler,
+                                                 server, listener_name)
+        finally:
+            claim = getattr(client_session, "lbmqtt_claim", None)
+            if claim is not None and self._claims.get(client_session.client_id) is claim:
+                del self._claims[client_session.client_id]
+
+    # -- subscriptions (with accounts: bounded; amqtt never forgets an emptied filter) --
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        if self.guard is not None and getattr(session, "lbmqtt_role", None) != "balancer":
+            held = self._held.setdefault(session.client_id, set())
+            if subscription[0] not in held and len(held) >= MAX_SUBSCRIPTIONS:
+                self.denied += 1
+                self._log_denied(f"subscriptions {session.username}",
+                                 f"{session.username!r} ({session.client_id}) holds "
+                                 f"{MAX_SUBSCRIPTIONS} subscriptions: no more")
+                return 0x80
+            code: int = await super().add_subscription(subscription, session)
+            if code != 0x80:
+                held.add(subscription[0])
+            return code
+        code = await super().add_subscription(subscription, session)
+        return code
+
+    async def _handle_unsubscription(self, client_session: Session, handler: Any,
+                                     unsubscribe_waiter: asyncio.Future[Any]) -> None:
+        await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+        held = self._held.get(client_session.client_id)
+        for topic in unsubscribe_waiter.result().topics:
+            if held is not None:
+                held.discard(topic)
+            if not self._subscriptions.get(topic, True):
+                del self._subscriptions[topic]  # (amqtt keeps it, and matches every
+                # message against it for good: 200k of them cut throughput 180-fold)
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        await super()._del_all_subscriptions(session)
+        self._held.pop(session.client_id, None)
 
     # -- access rules (with accounts) -------------------------------------------------
 
@@ -294,12 +436,14 @@ class PatchedBroker(Broker):  # type: ignore[misc]
                                                session.client_id or ""):
             return True
         self.denied += 1
-        self._log_denied(f"{session.username!r} ({session.client_id})",
-                         f"may not {verb} {topic!r}")
+        self._log_denied(f"denied {session.username}", f"{session.username!r} "
+                         f"({session.client_id}) may not {verb} {topic[:200]!r}")
         return False
 
-    def _log_denied(self, who: str, what: str) -> None:
-        self._denied_log.warning(who, "%s %s", who, what)
+    def _log_denied(self, key: str, what: str) -> None:
+        """Log ``what`` at most once per DENIED_LOG_INTERVAL_S per ``key`` (a kind and
+        a login or an address: never free text a client chose)."""
+        self._denied_log.warning(key, "%s", what)
 
     def _refuse_connection(self, who: str, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
@@ -381,6 +525,19 @@ class PatchedBroker(Broker):  # type: ignore[misc]
                          client_session.client_id, topic)
                 self.close_connection(handler)
                 return True
+        if self.guard is not None:
+            message = wait_deliver.result()
+            packet = getattr(message, "publish_packet", None)
+            role = getattr(client_session, "lbmqtt_role", None)
+            if (message is not None and packet is not None and packet.retain_flag
+                    and role is not None and not self.guard.may(
+                        role, "retain", message.topic, client_session.username or "",
+                        client_session.client_id or "")):
+                self.denied += 1
+                self._log_denied(f"retain {client_session.username}",
+                                 f"{client_session.username!r} may not retain on "
+                                 f"{message.topic[:200]!r}: dropped")
+                return True
         result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
         return result
 
@@ -419,7 +576,8 @@ class EmbeddedBroker:
 
     async def _watch_accounts(self) -> None:
         """Every ACCOUNTS_CHECK_S: if the accounts file changed, end the connections of
-        logins that were removed or whose role changed (they must log in again)."""
+        logins that were removed or whose role or password changed (they must log in
+        again), and forget their persistent sessions (granted under the old rights)."""
         while True:
             await asyncio.sleep(ACCOUNTS_CHECK_S)
             broker, guard = self.broker, self.guard
@@ -427,17 +585,25 @@ class EmbeddedBroker:
                 return
             if not await asyncio.to_thread(guard.refresh):
                 continue
-            for session, handler in list(broker._sessions.values()):
-                role = getattr(session, "lbmqtt_role", None)
-                if role is None or session.transitions.state != "connected":
+            for client_id, (session, handler) in list(broker._sessions.items()):
+                was = getattr(session, "lbmqtt_account", None)
+                if was is None:
                     continue
-                now = guard.role_of(session.username or "")
-                if now != role:
+                now = guard.account_key(session.username or "")
+                if now == was:
+                    continue
+                what = "gone" if now is None else (
+                    f"a {now[0]}" if now[0] != was[0] else "given a new password")
+                broker.revoked += 1
+                if session.transitions.state == "connected":
                     log.warning("login %r is %s now: closing its connection (%s)",
-                                session.username, f"a {now}" if now else "gone",
-                                session.client_id)
-                    broker.revoked += 1
+                                session.username, what, client_id)
+                    session.lbmqtt_account = None  # (a resumed session starts afresh)
                     broker.close_connection(handler)
+                else:
+                    log.warning("login %r is %s now: forgetting its session %s",
+                                session.username, what, client_id)
+                    await broker._delete_session(client_id)
 
     async def start(self) -> None:
         """Start listening; afterwards :attr:`port` holds the bound port."""
@@ -461,6 +627,8 @@ class EmbeddedBroker:
 
     async def stop(self) -> None:
         """Close every connection and stop listening."""
+        if self.broker is not None:
+            self.broker._hash_pool.shutdown(wait=False, cancel_futures=True)
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -499,6 +667,11 @@ def embedded_broker(settings: Settings) -> EmbeddedBroker:
     guard = None
     if settings.auth_file or extra:
         guard = AccessGuard(settings.topic_prefix, settings.auth_file, extra=extra)
+        for name in extra:
+            if guard.in_file(name):
+                log.warning("account %r of the accounts file is taken by a part `lbmqtt up` "
+                            "started (its node has that name): that account cannot log in "
+                            "while `up` runs", name)
     host = settings.bind_host
     tls = None
     if settings.tls_listener:
@@ -535,10 +708,16 @@ def loopback_mosquitto_conf(shipped: str, port: int) -> str:
 
 
 def quiet_amqtt_logs(level: int) -> None:
-    """amqtt logs every connection at INFO; keep it at WARNING unless debugging."""
+    """amqtt logs every connection at INFO; keep it at WARNING unless debugging, and let
+    through at most one line per kind every 10 s (it logs one per refused or broken
+    connection, so a client could flood the log)."""
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG
                                          else logging.WARNING)
+    if level > logging.DEBUG:
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, ForeignLogFilter) for f in handler.filters):
+                handler.addFilter(ForeignLogFilter())
 
 
 async def serve(settings: Settings, *, ready_fd: int | None = None,

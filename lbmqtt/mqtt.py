@@ -28,7 +28,6 @@ import socket
 import ssl
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -626,7 +625,7 @@ async def read_retained(*, host: str, port: int, filters: Sequence[str], prefix:
     Raises:
         BrokerUnavailable: the broker is not reachable within ``timeout_s``.
     """
-    client_id = f"lbmqtt-probe-{uuid.uuid4().hex[:12]}"
+    client_id = f"lbmqtt-probe-{secrets.token_hex(8)}"
     probe = f"{prefix.rstrip('/')}/probe/{client_id}"  # the access rules grant probe/%c
     got: dict[str, bytes] = {}
     echoed = asyncio.Event()

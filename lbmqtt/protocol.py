@@ -218,11 +218,15 @@ def decode_submit(raw: bytes | bytearray) -> list[TaskSpec | DecodeError]:
     return out
 
 
+MAX_IDS: Final = 10_000
+"""Most ids in one cancel, ack or query message (the Python client sends 5,000 at most)."""
+
+
 class IdList(_Model):
     """A list of task ids (cancel, ack, query). ``{"id": "x"}`` is accepted for one."""
 
     v: Literal[1] = 1
-    ids: Annotated[list[TaskId], Field(max_length=100_000)] = []
+    ids: Annotated[list[TaskId], Field(max_length=MAX_IDS)] = []
     id: TaskId | None = None
 
     def all_ids(self) -> list[str]:

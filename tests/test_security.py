@@ -84,11 +84,12 @@ class Login:
     """A foreign MQTT client with a login: records its CONNACK and what it receives."""
 
     def __init__(self, port: int, user: str | None, password: str | None, *,
-                 client_id: str | None = None, will: tuple[str, bytes] | None = None):
+                 client_id: str | None = None, will: tuple[str, bytes] | None = None,
+                 clean_session: bool = True):
         self.client_id = client_id or f"raw-{uuid.uuid4().hex[:8]}"
         self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                              client_id=self.client_id, protocol=MQTTProtocolVersion.MQTTv311,
-                             reconnect_on_failure=False)
+                             reconnect_on_failure=False, clean_session=clean_session)
         if user is not None:
             self.c.username_pw_set(user, password)
         if will is not None:
@@ -552,3 +553,146 @@ def test_removing_an_account_or_changing_its_role_ends_its_connection(
     finally:
         lt.run(broker.stop())
         lt.close()
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, Path]]:
+    """An embedded broker with the test accounts, on its own loop."""
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    lt = LoopThread()
+    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f))
+    lt.run(broker.start())
+    yield broker, f
+    lt.run(broker.stop())
+    lt.close()
+
+
+def test_an_oversized_subscribe_or_a_qos2_publish_ends_only_that_connection(
+        guarded: tuple[EmbeddedBroker, Path]) -> None:
+    broker, _ = guarded
+    b = broker.broker
+    assert b is not None
+    bystander = Login(broker.port, "alice", PASSWORDS["alice"])
+    assert bystander.connect()
+    mon = Login(broker.port, "mon", PASSWORDS["mon"])
+    assert mon.connect()
+    # 3,000 filters in one SUBSCRIBE (about 50 kB): refused from its header
+    mon.c.subscribe([(f"p/balancer/f{i}", 0) for i in range(3000)])
+    assert mon.closed.wait(10)
+    assert b.too_large == 1
+    user = Login(broker.port, "bob", PASSWORDS["bob"])
+    assert user.connect()
+    user.c.publish("p/users/bob/submit", b"{}", qos=2)
+    assert user.closed.wait(10)
+    assert b.too_large == 2
+    probe_topic = f"p/probe/{bystander.client_id}"
+    assert bystander.subscribe(probe_topic)
+    bystander.publish(probe_topic, b"still here")
+    wait_for(lambda: bystander.got(probe_topic), 10, "the bystander's round trip")
+    assert not bystander.closed.is_set()
+    for c in (bystander, mon, user):
+        c.close()
+
+
+def test_subscriptions_are_capped_and_unsubscribed_filters_forgotten(
+        guarded: tuple[EmbeddedBroker, Path]) -> None:
+    from lbmqtt.broker import MAX_SUBSCRIPTIONS
+
+    broker, _ = guarded
+    b = broker.broker
+    assert b is not None
+    alice = Login(broker.port, "alice", PASSWORDS["alice"])
+    assert alice.connect()
+    before = len(b._subscriptions)
+    for i in range(3):  # subscribe to 60 filters and drop them again, three times
+        topics = [f"p/users/alice/x{i}-{j}" for j in range(60)]
+        assert all(alice.subscribe(t) for t in topics)
+        alice.c.unsubscribe(topics)
+        wait_for(lambda: len(b._subscriptions) == before, 5, "the filters to be forgotten")
+    granted = [alice.subscribe(f"p/users/alice/y{j}") for j in range(MAX_SUBSCRIPTIONS + 5)]
+    assert granted.count(True) == MAX_SUBSCRIPTIONS and not any(granted[MAX_SUBSCRIPTIONS:])
+    alice.close()
+
+
+def test_retained_messages_only_where_the_role_may_retain(
+        guarded: tuple[EmbeddedBroker, Path]) -> None:
+    broker, _ = guarded
+    b = broker.broker
+    assert b is not None
+    mon = Login(broker.port, "mon", PASSWORDS["mon"])
+    assert mon.connect()
+    mon.c.publish(f"p/probe/{mon.client_id}", b"x" * 1000, qos=1, retain=True).wait_for_publish(5)
+    mon.c.publish("p/dashboard/status", b'{"v": 1, "online": true}', qos=1,
+                  retain=True).wait_for_publish(5)
+    wait_for(lambda: "p/dashboard/status" in b._retained_messages, 5, "the presence")
+    assert f"p/probe/{mon.client_id}" not in b._retained_messages
+    mon.close()
+
+
+def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(
+        tmp_path: Path) -> None:
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    accounts = access.read_accounts(f)
+    accounts["slow"] = Account("slow", "user", access.hash_password("pw", iterations=400_000))
+    access.write_accounts(f, accounts.values())
+    lt = LoopThread()
+    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f))
+    lt.run(broker.start())
+    flood: list[Login] = []
+    try:
+        first = Login(broker.port, "bob", PASSWORDS["bob"])
+        assert first.connect()  # bob's login is known from now on
+        first.close()
+        for _ in range(24):  # each wrong guess costs a 400,000-round hash
+            c = Login(broker.port, "slow", "wrong")
+            c.c.connect_async("127.0.0.1", broker.port)
+            c.c.loop_start()
+            flood.append(c)
+        b = broker.broker
+        assert b is not None
+        wait_for(lambda: b._hashes_waiting >= 20, 30, "the flood to queue up at the broker")
+        again = Login(broker.port, "bob", PASSWORDS["bob"])
+        assert again.connect()
+        answered = sum(1 for c in flood if c.connack)
+        assert answered <= 6, f"bob waited for {answered} of the flood's logins"
+        again.close()
+        wait_for(lambda: all(c.connack or c.closed.is_set() for c in flood), 60,
+                 "the flood to be answered")
+        assert all(c.connack and c.connack[0].is_failure for c in flood if c.connack)
+    finally:
+        for c in flood:
+            c.c.loop_stop()
+            c.c.disconnect()
+        lt.run(broker.stop())
+        lt.close()
+
+
+def test_a_persistent_session_does_not_keep_rights_its_login_lost(
+        guarded: tuple[EmbeddedBroker, Path]) -> None:
+    broker, f = guarded
+    b = broker.broker
+    assert b is not None
+    mon = Login(broker.port, "mon", PASSWORDS["mon"], client_id="mon-kept",
+                clean_session=False)
+    assert mon.connect()
+    assert mon.subscribe("p/balancer/#")
+    mon.close()
+    wait_for(lambda: b._sessions["mon-kept"][0].transitions.state != "connected", 5,
+             "the broker to see it leave")
+    accounts = access.read_accounts(f)
+    accounts["mon"] = Account("mon", "user", accounts["mon"].hash)  # a user now
+    access.write_accounts(f, accounts.values())
+    back = Login(broker.port, "mon", PASSWORDS["mon"], client_id="mon-kept",
+                 clean_session=False)
+    assert back.connect()
+    assert back.subscribe("p/users/mon/#")
+    lb = Login(broker.port, "lb", PASSWORDS["lb"])
+    assert lb.connect()
+    lb.publish("p/balancer/history", b"secret")
+    lb.publish("p/users/mon/events", b"hers")
+    wait_for(lambda: back.got("p/users/mon/events"), 10, "its own events")
+    assert not back.got("p/balancer/history")
+    for c in (back, lb):
+        c.close()
