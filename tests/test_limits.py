@@ -219,13 +219,21 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
         blast()
         total = sum(fuzz.sent.values())
         assert total >= 25_000
-        # the balancer has read all of it once it answers alice's query (sent after it
-        # all, on the same connection)
+        # the balancer has worked through the flood once it answers a query sent after
+        # it. amqtt forgets a delivery not acknowledged within 5 s (NOTES.md, bug 4), and
+        # the balancer may be that far behind: ask again, as lbmqtt's client would
         probe = RawClient(broker.port).connect()
         probe.subscribe(topics.errors("alice"))
-        probe.publish(topics.query("alice"), b'{"v": 1, "ids": ["after-the-fuzz"]}')
-        wait_for(lambda: any(b"after-the-fuzz" in p for p in probe.payloads(
-            topics.errors("alice"))), 60, "the balancer to answer after the fuzz")
+        for attempt in range(12):
+            probe.publish(topics.query("alice"),
+                          f'{{"v": 1, "ids": ["after-the-fuzz-{attempt}"]}}')
+            try:
+                wait_for(lambda: any(b"after-the-fuzz" in p for p in probe.payloads(
+                    topics.errors("alice"))), 5, "the balancer to answer after the fuzz")
+                break
+            except AssertionError:
+                if attempt == 11:
+                    raise
         probe.close()
 
         # everything still works: the task it was running, new ones, every connection
@@ -349,3 +357,25 @@ def test_a_connection_that_never_says_connect_is_closed(
     finally:
         lt.run(broker.stop())
         lt.close()
+
+
+def test_many_unknown_ids_get_one_answer_and_too_many_are_refused(
+        running: System, raw: Any, prefix: str) -> None:
+    from lbmqtt.protocol import MAX_IDS
+
+    c = raw()
+    c.subscribe(f"{prefix}/users/eve/errors")
+    c.publish(f"{prefix}/users/eve/query",
+              json.dumps({"v": 1, "ids": [f"nope-{i}" for i in range(500)]}))
+    c.publish(f"{prefix}/users/eve/cancel",
+              json.dumps({"v": 1, "ids": [f"x{i}" for i in range(MAX_IDS + 1)]}))
+
+    def errors() -> list[dict[str, Any]]:
+        return [e for m in c.payloads(f"{prefix}/users/eve/errors")
+                for e in json.loads(m)["errors"]]
+
+    wait_for(lambda: len(errors()) >= 2, 10, "two answers")
+    got = errors()
+    assert len(got) == 2, [e["message"][:80] for e in got]
+    assert got[0]["code"] == "unknown_task" and "500 in all" in got[0]["message"]
+    assert got[1]["code"] == "invalid" and got[1]["topic"] == "cancel"
