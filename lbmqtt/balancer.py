@@ -47,6 +47,7 @@ from .protocol import (
     BalancerHistory,
     BalancerStats,
     BalancerStatus,
+    BrokerStatus,
     DashboardStatus,
     ErrorInfo,
     ErrorItem,
@@ -209,6 +210,7 @@ class Balancer:
         self.failed_by_name = Counter[str]()
         self.counters = Counter[str]()
         self._refused_by_code = Counter[str]()
+        self._broker_refused: dict[str, int] = {}  # (the embedded broker's, as last heard)
         self._buckets: dict[str, list[float]] = {}  # user -> [tokens, at] (SUBMIT_RATE)
         self.journal: Journal | None = None
         self._journal_dirty: dict[str, TaskRecord] = {}
@@ -249,7 +251,8 @@ class Balancer:
             subscriptions=[(t.all_assign, 1), (t.all_submits, 1), (t.all_cancels, 1),
                            (t.all_acks, 1),
                            (t.all_queries, 1), (t.all_node_status, 1), (t.all_reports, 1),
-                           (t.all_heartbeats, 0), (t.dashboard_status, 0)],
+                           (t.all_heartbeats, 0), (t.dashboard_status, 0),
+                           (t.broker_status, 0)],
             on_connect=self._on_connect, will=Will(t.balancer_status, offline),
         )
         self._start_metrics()
@@ -484,6 +487,11 @@ class Balancer:
         if parsed is None:
             if topic == self.topics.dashboard_status and payload:
                 self._on_dashboard(payload)
+            elif topic == self.topics.broker_status and payload:
+                try:
+                    self._broker_refused = dict(decode(BrokerStatus, payload).refused)
+                except DecodeError as exc:
+                    self._bad_message("broker", "-", "status", exc)
             return
         kind, name, rest = parsed
         name = sys.intern(name)  # one string per user/node, not one per message and task
@@ -1332,6 +1340,7 @@ class Balancer:
             submitted_total=c["submitted"], done_total=c["done"], failed_total=c["failed"],
             cancelled_total=c["cancelled"], refused_total=c["refused"],
             refused_by_code=dict(self._refused_by_code),
+            broker_refused=self._broker_refused,
             bad_messages_total=c["bad_messages"], slots=slots, busy=busy, nodes=nodes,
             users=user_rows, names=name_rows, queued_by_priority=dict(by_prio),
             bands=sorted(set(by_band) | {band_label(*g) for g in band_of.groups},

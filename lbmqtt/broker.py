@@ -84,6 +84,8 @@ MAX_OFFLINE_MESSAGES = 10_000
 """QoS 1 messages the broker keeps for one disconnected persistent session, at most."""
 KEEPALIVE_GRACE = 1.5
 DENIED_LOG_INTERVAL_S = 10.0
+STATUS_EVERY_S = 5.0
+"""The broker republishes its status (with its refusal counts) at most this often."""
 ACCOUNTS_CHECK_S = 2.0
 """How often the broker looks at the accounts file for removed logins and new roles."""
 HASH_THREADS = 2
@@ -573,6 +575,7 @@ class EmbeddedBroker:
         self.port = 0
         self.tls_port: int | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
 
     async def _watch_accounts(self) -> None:
         """Every ACCOUNTS_CHECK_S: if the accounts file changed, end the connections of
@@ -620,20 +623,50 @@ class EmbeddedBroker:
         if self.tls is not None:
             self.tls_port = bound_port(self.broker, "tls")
         if self.prefix is not None:
-            status = BrokerStatus(online=True, host=self.host, port=self.port,
-                                  version=AMQTT_VERSION)
-            await self.broker.retain_message(None, Topics(self.prefix).broker_status,
-                                             status.encode(), 1)
+            await self._publish_status()
+            self._reporter = asyncio.create_task(self._report_refusals(),
+                                                 name="lbmqtt-broker-status")
+
+    def refusals(self) -> dict[str, int]:
+        """What the broker refused since it started, by kind (see BrokerStatus)."""
+        b = self.broker
+        if b is None:
+            return {}
+        return {"logins": b.refused_logins, "denied": b.denied, "too_large": b.too_large,
+                "connect_timeouts": b.connect_timeouts, "revoked": b.revoked,
+                "offline_dropped": b.offline_dropped,
+                "dollar_publishes": b.dropped_dollar_publishes}
+
+    async def _publish_status(self) -> None:
+        assert self.broker is not None and self.prefix is not None
+        status = BrokerStatus(online=True, host=self.host, port=self.port,
+                              version=AMQTT_VERSION, refused=self.refusals())
+        await self.broker.retain_message(None, Topics(self.prefix).broker_status,
+                                         status.encode(), 1)
+        # (retain_message stores it; subscribers hear of it at their next subscribe, so
+        # tell the ones subscribed now too)
+        await self.broker.internal_message_broadcast(Topics(self.prefix).broker_status,
+                                                     status.encode(), 1)
+
+    async def _report_refusals(self) -> None:
+        sent = self.refusals()
+        while self.broker is not None:
+            await asyncio.sleep(STATUS_EVERY_S)
+            now = self.refusals()
+            if now != sent:
+                sent = now
+                await self._publish_status()
 
     async def stop(self) -> None:
         """Close every connection and stop listening."""
         if self.broker is not None:
             self.broker._hash_pool.shutdown(wait=False, cancel_futures=True)
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        for task in (self._watcher, self._reporter):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watcher = self._reporter = None
         if self.broker is not None:
             await self.broker.shutdown()
             self.broker = None

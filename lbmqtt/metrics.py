@@ -49,6 +49,12 @@ class _StatsCollector(Collector):
         for code, n in sorted(s.refused_by_code.items()):
             by_code.add_metric([code], n)
         yield by_code
+        broker = CounterMetricFamily("lbmqtt_broker_refused",
+                                     "The embedded broker's refusals by kind (logins, denied, "
+                                     "too_large, ...)", labels=["kind"])
+        for kind, n in sorted(s.broker_refused.items()):
+            broker.add_metric([kind], n)
+        yield broker
         for name, value, doc in (
                 ("queued", s.queued, "Tasks queued"),
                 ("running", s.running, "Tasks placed on a node (assigned or running)"),

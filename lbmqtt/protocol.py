@@ -448,13 +448,20 @@ class BalancerStatus(_Lenient):
 
 
 class BrokerStatus(_Lenient):
-    """Retained on ``broker/status`` by the embedded broker: where it listens."""
+    """Retained on ``broker/status`` by the embedded broker: where it listens, and what
+    it refused (counts since it started, republished when they change, at most every
+    few seconds)."""
 
     v: Literal[1] = 1
     online: bool
     host: str = ""
     port: int = 0
     version: str = ""
+    refused: dict[str, int] = {}
+    """``logins``, ``denied`` (publish, subscribe or retain outside the login's rules),
+    ``too_large`` (packets over their cap, QoS 2), ``connect_timeouts``, ``revoked``,
+    ``offline_dropped`` (messages for an absent persistent session over its bound),
+    ``dollar_publishes``."""
 
 
 class DashboardStatus(_Lenient):
@@ -544,6 +551,8 @@ class BalancerStats(_Lenient):
     refused_by_code: dict[str, int] = {}
     """Refusals since the balancer started, by :class:`~lbmqtt.errors.ErrorCode`."""
     bad_messages_total: int = 0
+    broker_refused: dict[str, int] = {}
+    """The embedded broker's refusals (:attr:`BrokerStatus.refused`), as last heard."""
     slots: int = 0
     busy: int = 0
     nodes: list[NodeSummary] = []

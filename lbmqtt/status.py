@@ -141,6 +141,8 @@ def format_stats(stats: BalancerStats) -> str:
         f"cancelled {stats.cancelled_total}   refused {stats.refused_total}"
         + (" (" + ", ".join(f"{code} {n}" for code, n in sorted(stats.refused_by_code.items()))
            + ")" if stats.refused_by_code else ""),
+        *([("broker refused: " + ", ".join(f"{k} {n}" for k, n in sorted(
+            stats.broker_refused.items()) if n))] if any(stats.broker_refused.values()) else []),
         "",
         f"{'NODE':<20} {'STATE':<8} {'BUSY':>9} {'SPEED':>6} {'LOAD':>6} {'SEEN':>6}  TASKS",
     ]

@@ -696,3 +696,32 @@ def test_a_persistent_session_does_not_keep_rights_its_login_lost(
     assert not back.got("p/balancer/history")
     for c in (back, lb):
         c.close()
+
+
+def test_the_brokers_refusals_are_counted_in_the_balancers_stats(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lbmqtt.broker as broker_mod
+
+    monkeypatch.setattr(broker_mod, "STATUS_EVERY_S", 0.2)
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    prefix = f"cnt/{uuid.uuid4().hex[:8]}"
+    lt = LoopThread()
+    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard(prefix, f), prefix=prefix)
+    lt.run(broker.start())
+    system = System(make_settings(broker.port, prefix))
+    try:
+        system.start_balancer(make_settings(broker.port, prefix, BROKER_USERNAME="lb",
+                                            BROKER_PASSWORD=PASSWORDS["lb"]))
+        assert not Login(broker.port, "alice", "wrong").connect()
+        spy = Login(broker.port, "alice", PASSWORDS["alice"])
+        assert spy.connect()
+        assert not spy.subscribe(f"{prefix}/users/bob/#")
+        spy.close()
+        wait_for(lambda: system.stats().broker_refused.get("logins") == 1
+                 and system.stats().broker_refused.get("denied") == 1, 10,
+                 "the broker's refusals in the stats")
+    finally:
+        system.close()
+        lt.run(broker.stop())
+        lt.close()
