@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .config import Settings
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -204,5 +204,12 @@ async def resolve(settings: Settings) -> Settings:
     """``settings`` with ``BROKER_HOST: "auto"`` replaced by the discovered broker."""
     if settings.broker_host != AUTO:
         return settings
+    if settings.broker_username and not settings.broker_tls:
+        raise ConfigError(
+            "BROKER_HOST \"auto\" with a login and without TLS: the password would go in "
+            "clear to whichever machine answers on mDNS first (anyone on the LAN can). "
+            "Give the broker's address (BROKER_HOST), or turn on TLS (\"BROKER_TLS\": true "
+            "and the broker's CA in BROKER_CA_FILE: the certificate proves it is your "
+            "broker); see README, \"Running on a shared LAN\"")
     host, port = await asyncio.to_thread(discover, settings)
     return settings.with_overrides(broker_host=host, broker_port=port)

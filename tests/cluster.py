@@ -249,13 +249,14 @@ class Cluster:
         else:  # (ready once listening: it says so on the ready pipe)
             self._start("broker", ["broker", "--bind", self.host], wrap=wrap)
 
-    def start_balancer(self, timeout: float = 30.0, *, wrap: tuple[str, ...] = ()) -> None:
+    def start_balancer(self, timeout: float = 30.0, *, wrap: tuple[str, ...] = (),
+                       env: dict[str, str] | None = None) -> None:
         # After a SIGKILL the old balancer's will may not have fired yet ("another
         # balancer is online"): try again for a few seconds, as a supervisor would.
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self._start("balancer", ["balancer"], wrap=wrap, role="balancer")
+                self._start("balancer", ["balancer"], wrap=wrap, role="balancer", env=env)
                 return
             except LaunchError:
                 if time.monotonic() > deadline:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import Cluster, Lan, NetNs
+from .cluster import Cluster, Lan, NetNs, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,35 +48,55 @@ def lan() -> Iterator[Lan]:
 
 def test_tasks_run_across_hosts_that_find_the_broker_by_mdns(lan: Lan, tmp_path: Path) -> None:
     hub, big, small, desk = (lan.add_host(n) for n in ("hub", "big", "small", "desk"))
-    cluster = Cluster(tmp_path, host=hub.ip, overrides={"BROKER_ADVERTISE": True})
+    # A broker on the LAN has accounts (Cluster adds them) and, since the nodes and the
+    # client find it by mDNS and log in, TLS: its certificate proves it is the hub
+    cert, key = tmp_path / "hub.crt", tmp_path / "hub.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={hub.ip}",
+                    "-addext", f"subjectAltName=IP:{hub.ip}"],
+                   check=True, capture_output=True, timeout=60)
+    tls_port = free_port()
+    cluster = Cluster(tmp_path, host=hub.ip, overrides={
+        "BROKER_ADVERTISE": True, "BROKER_TLS_CERT": str(cert), "BROKER_TLS_KEY": str(key),
+        "BROKER_TLS_PORT": tls_port})
+    # the hub's own parts speak plain MQTT on its loopback; everyone else TLS on the LAN
+    tls = {"BROKER_TLS": True, "BROKER_CA_FILE": str(cert), "BROKER_PORT": tls_port}
     try:
         cluster.start_broker(wrap=hub.wrap)
-        cluster.start_balancer(wrap=hub.wrap)
+        cluster.start_balancer(wrap=hub.wrap, env=cluster.env(login=("balancer", "balancer"),
+                                                              BROKER_HOST="127.0.0.1"))
         # "big" finds the broker by mDNS; "small" is given its address
         cluster.start_node("big", workers=3, speed=2.0, wrap=big.wrap,
-                           env=cluster.env(BROKER_HOST="auto", login=("big", "node")))
-        cluster.start_node("small", workers=1, speed=1.0, wrap=small.wrap)
+                           env=cluster.env(login=("big", "node"), BROKER_HOST="auto", **tls))
+        cluster.start_node("small", workers=1, speed=1.0, wrap=small.wrap,
+                           env=cluster.env(login=("small", "node"), **tls))
         script = tmp_path / "client.py"
         script.write_text(CLIENT)
+        desk_env = cluster.env(login=("desk", "user"), BROKER_HOST="auto", **tls)
         run = subprocess.run([*desk.wrap, sys.executable, str(script), str(cluster.runs_log)],
-                             env=cluster.env(BROKER_HOST="auto", login=("desk", "user")),
-                             capture_output=True, text=True, timeout=120, check=False)
+                             env=desk_env, capture_output=True, text=True, timeout=120,
+                             check=False)
         assert run.returncode == 0, run.stderr[-3000:] + cluster.log_tail()
         out = json.loads(run.stdout.strip().splitlines()[-1])
-        assert out["broker"] == f"{hub.ip}:{cluster.port}"
+        assert out["broker"] == f"{hub.ip}:{tls_port}"
         assert out["ok"] is True
         assert out["nodes"] == ["big", "small"]
         assert out["per_node"]["big"] > out["per_node"]["small"]  # 3 fast slots against 1
         node_log = (tmp_path / "big.log").read_text()
-        assert f"found the broker {hub.ip}:{cluster.port} by mDNS" in node_log
-        assert f"ready with 3 worker slots on {hub.ip}:{cluster.port}" in node_log
+        assert f"found the broker {hub.ip}:{tls_port} by mDNS" in node_log
+        assert f"ready with 3 worker slots on {hub.ip}:{tls_port}" in node_log
         # the command line finds it too
         cli = subprocess.run([*desk.wrap, sys.executable, "-m", "lbmqtt", "submit", "ECHO",
-                              '["hi"]', "--wait", "--user", "desk"],
-                             env=cluster.env(BROKER_HOST="auto", login=("desk", "user")),
-                             capture_output=True, text=True, timeout=60, check=False)
+                              '["hi"]', "--wait"], env=desk_env, capture_output=True,
+                             text=True, timeout=60, check=False)
         assert cli.returncode == 0, cli.stderr
         assert json.loads(cli.stdout)["args"] == ["hi"]
+        # a login without TLS is never sent to whoever answers on mDNS
+        plain = subprocess.run([*desk.wrap, sys.executable, "-m", "lbmqtt", "submit", "ECHO",
+                                "1"], env=cluster.env(login=("desk", "user"),
+                                                      BROKER_HOST="auto"),
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert plain.returncode == 2 and "in clear" in plain.stderr, plain.stderr
     finally:
         cluster.close()
 
