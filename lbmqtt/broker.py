@@ -31,7 +31,8 @@ Patches (NOTES.md, "Bugs to work around"):
     amqtt keeps every QoS 1 message for a disconnected persistent session (a login with
     ``clean_session`` false) in an unbounded queue: a client that subscribes and never
     comes back makes the broker grow without end. We keep at most
-    :data:`MAX_OFFLINE_MESSAGES` per session and drop (and count) the rest.
+    :data:`MAX_OFFLINE_MESSAGES` (and :data:`MAX_OFFLINE_BYTES`) per session and drop (and
+    count) the rest.
 ``socket_leak``
     When a client disconnects, amqtt closes its side with ``drain(); write_eof(); close()``.
     If a message to the client was in flight as it left (a client that publishes, then
@@ -81,7 +82,9 @@ AMQTT_VERSION = "amqtt 0.12.1"
 ALL_PATCHES: frozenset[str] = frozenset(
     {"keepalive", "retained_leak", "dollar_publish", "socket_leak", "offline_queue"})
 MAX_OFFLINE_MESSAGES = 10_000
-"""QoS 1 messages the broker keeps for one disconnected persistent session, at most."""
+"""QoS 1 messages the broker keeps for one disconnected persistent session, at most..."""
+MAX_OFFLINE_BYTES = 64 * 2**20
+"""... and bytes of them."""
 KEEPALIVE_GRACE = 1.5
 DENIED_LOG_INTERVAL_S = 10.0
 STATUS_EVERY_S = 5.0
@@ -500,14 +503,20 @@ class PatchedBroker(Broker):  # type: ignore[misc]
 
     async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int,
                                         target_session: Session) -> None:
-        if ("offline_queue" in self.patches
-                and target_session.retained_messages.qsize() >= MAX_OFFLINE_MESSAGES):
-            self.offline_dropped += 1
-            self._denied_log.warning(
-                f"offline {target_session.client_id}",
-                "client %s is away with %d messages kept for it: dropping more",
-                target_session.client_id, MAX_OFFLINE_MESSAGES)
-            return
+        if "offline_queue" in self.patches:
+            queue = target_session.retained_messages
+            if queue.empty():  # (drained when it came back: count afresh)
+                target_session.lbmqtt_kept_bytes = 0
+            kept = getattr(target_session, "lbmqtt_kept_bytes", 0)
+            size = len(broadcast.get("data") or b"")
+            if queue.qsize() >= MAX_OFFLINE_MESSAGES or kept + size > MAX_OFFLINE_BYTES:
+                self.offline_dropped += 1
+                self._denied_log.warning(
+                    f"offline {target_session.client_id}",
+                    "client %s is away with %d messages (%d bytes) kept for it: dropping "
+                    "more", target_session.client_id, queue.qsize(), kept)
+                return
+            target_session.lbmqtt_kept_bytes = kept + size
         await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     # -- dollar_publish -------------------------------------------------------------------

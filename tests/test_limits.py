@@ -273,6 +273,7 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
     from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker
 
     monkeypatch.setattr(broker_mod, "MAX_OFFLINE_MESSAGES", 100)
+    monkeypatch.setattr(broker_mod, "MAX_OFFLINE_BYTES", 10_000)
     f = tmp_path / "accounts"
     access.write_accounts(f, [
         Account("alice", "user", access.hash_password("a", iterations=1000)),
@@ -307,15 +308,17 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
         lb.connect("127.0.0.1", broker.port)
         lb.loop_start()
         wait_for(lb.is_connected, 5, "the publisher to connect")
+        lb.publish("p/users/alice/events", b"x" * 20_000, qos=1)  # over the bytes bound
         for i in range(150):
-            info = lb.publish("p/users/alice/events", str(i), qos=1)
+            info = lb.publish("p/users/alice/events", f"{i:03}", qos=1)
         info.wait_for_publish(10)
         queue = b._sessions["alice-away"][0].retained_messages
-        if case == "patched":
-            wait_for(lambda: b.offline_dropped == 50, 10, "50 dropped")
+        if case == "patched":  # the big one by size, then 50 by count
+            wait_for(lambda: b.offline_dropped == 51, 10, "51 dropped")
             assert queue.qsize() == 100
+            assert all(len(m.data) == 3 for m in list(queue._queue))
         else:  # amqtt keeps all of it, and would keep anything more
-            wait_for(lambda: queue.qsize() == 150, 10, "150 kept")
+            wait_for(lambda: queue.qsize() == 151, 10, "151 kept")
         lb.disconnect()
         lb.loop_stop()
     finally:
