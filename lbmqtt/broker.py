@@ -205,7 +205,21 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
         return data
 
     def _follow(self, data: bytes) -> None:
+        # (amqtt reads a header a byte at a time, then the body in one piece: those two
+        # cases first, as this runs for every read of every connection)
+        if self._state == "body":
+            n = len(data)
+            if n < self._body:
+                self._body -= n
+                return
+            rest, self._body, self._state = n - self._body, 0, "head"
+            if rest:
+                self._follow(data[n - rest:])
+            return
         for i, byte in enumerate(data):
+            if self._state == "body":
+                self._follow(data[i:])
+                return
             if self._state == "head":
                 self._type, self._length, self._shift = byte, 0, 1
                 self._state = "length"
@@ -213,27 +227,19 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
                     exc = PacketTooLarge("a QoS 2 PUBLISH: this broker takes QoS 0 and 1")
                     self._refuse(exc)
                     raise exc
-            elif self._state == "length":
-                self._length += (byte & 0x7F) * self._shift
-                self._shift *= 128
-                if byte & 0x80:
-                    continue
-                cap = SUBSCRIBE_MAX_BYTES if self._type >> 4 in (8, 10) else self.limit
-                if self._length > cap:
-                    exc = PacketTooLarge(f"a packet of type {self._type >> 4} announcing "
-                                         f"{self._length} bytes, the limit is {cap}")
-                    self._refuse(exc)
-                    raise exc
-                self._body = self._length
-                self._state = "body" if self._body else "head"
-            else:
-                take = min(self._body, len(data) - i)
-                self._body -= take
-                if not self._body:
-                    self._state = "head"
-                if take > 1:  # the rest of this read belongs to the body (or the next
-                    self._follow(data[i + take:])  # packet, when it ended within it)
-                    return
+                continue
+            self._length += (byte & 0x7F) * self._shift
+            self._shift *= 128
+            if byte & 0x80:
+                continue
+            cap = SUBSCRIBE_MAX_BYTES if self._type >> 4 in (8, 10) else self.limit
+            if self._length > cap:
+                exc = PacketTooLarge(f"a packet of type {self._type >> 4} announcing "
+                                     f"{self._length} bytes, the limit is {cap}")
+                self._refuse(exc)
+                raise exc
+            self._body = self._length
+            self._state = "body" if self._body else "head"
 
 
 class _ClosingStreamWriter(StreamWriterAdapter):  # type: ignore[misc]
