@@ -21,6 +21,12 @@ Patches (NOTES.md, "Bugs to work around"):
     never answered and the will never fires. We drop ``$`` publishes and keep serving the
     client; a wildcard or empty publish topic is a protocol error and closes the
     connection properly (so the will fires).
+``connect_close`` (part of every broker, not optional)
+    amqtt closes the socket for only some failed CONNECTs: a first packet other than
+    CONNECT left the connection open and never read again, and a client that left before
+    its CONNECT ended left a socket in CLOSE_WAIT until the garbage collector ran, and a
+    client resetting the connection as its CONNECT was refused never gave back its
+    connection slot. We close the socket whenever the CONNECT fails, and free the slot.
 ``takeover``
     amqtt handles a CONNECT before it checks the login: a CONNECT with someone else's
     client id deletes (clean session) or rewrites (persistent session) that client's
@@ -287,11 +293,25 @@ class PatchedBroker(Broker):  # type: ignore[misc]
 
     async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
                                          remote_port: int) -> tuple[Any, Session]:
-        if self.guard is None:
-            handler, session = await super()._initialize_client_session(
-                reader, writer, remote_address, remote_port)
-        else:
-            handler, session = await self._login(reader, writer, remote_address, remote_port)
+        try:
+            if self.guard is None:
+                handler, session = await super()._initialize_client_session(
+                    reader, writer, remote_address, remote_port)
+            else:
+                handler, session = await self._login(reader, writer, remote_address,
+                                                     remote_port)
+        except (AMQTTError, MQTTError, NoDataError, OSError) as exc:
+            # amqtt closes the socket only for some failed CONNECTs: a first packet that
+            # is not a CONNECT left it open and unread, a client gone before its CONNECT
+            # ended left it in CLOSE_WAIT until the garbage collector came by; and a reset
+            # while refusing a CONNECT (an OSError) escaped the code that frees its
+            # connection slot
+            with contextlib.suppress(Exception):
+                await writer.close()
+            if isinstance(exc, OSError):
+                raise AMQTTError(f"connection from {remote_address}:{remote_port} lost "
+                                 f"during its CONNECT: {exc}") from exc
+            raise
         if isinstance(reader, _LimitedReader):
             reader.connect_deadline = None
         if "keepalive" in self.patches and session.keep_alive and session.keep_alive > 0:
@@ -309,7 +329,6 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             handler, fresh = await BrokerProtocolHandler.init_from_connect(
                 reader, writer, self.plugins_manager)
         except (MQTTError, NoDataError) as exc:
-            await writer.close()
             raise AMQTTError(f"invalid CONNECT from {remote_address}:{remote_port}: "
                              f"{exc}") from exc
         if isinstance(reader, _LimitedReader):

@@ -57,6 +57,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(interval)
 
 
+def varint(n: int) -> bytes:
+    """MQTT's remaining-length encoding (1 to 4 bytes, 7 bits each, low first)."""
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def listening(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

@@ -19,6 +19,7 @@ import pytest
 
 from lbmqtt.broker import ALL_PATCHES
 
+from .cluster import varint
 from .conftest import BrokerThread, RawClient, wait_for
 
 
@@ -52,15 +53,6 @@ def _str(s: str) -> bytes:
     return struct.pack("!H", len(b)) + b
 
 
-def _remaining(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def raw_connect(port: int, client_id: str, keepalive: int, will_topic: str,
                 will_message: bytes) -> socket.socket:
     """A bare MQTT 3.1.1 client: CONNECT with a will, read CONNACK, then nothing."""
@@ -70,7 +62,7 @@ def raw_connect(port: int, client_id: str, keepalive: int, will_topic: str,
         + will_message
     body = var + payload
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+    s.sendall(bytes([0x10]) + varint(len(body)) + body)
     connack = s.recv(4)
     assert connack[:1] == b"\x20" and connack[3] == 0, connack
     return s
@@ -78,7 +70,7 @@ def raw_connect(port: int, client_id: str, keepalive: int, will_topic: str,
 
 def raw_publish_packet(topic: str, payload: bytes) -> bytes:
     body = _str(topic) + payload
-    return bytes([0x30]) + _remaining(len(body)) + body
+    return bytes([0x30]) + varint(len(body)) + body
 
 
 @pytest.mark.slow
@@ -166,10 +158,10 @@ def client_leaving_while_messages_fly(port: int, n: int) -> None:
     amqtt's ``write_eof`` fails with ENOTCONN and its ``close`` never runs."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str(f"leaver-{n}")
-    s.sendall(bytes([0x10]) + _remaining(len(body)) + body)
+    s.sendall(bytes([0x10]) + varint(len(body)) + body)
     assert s.recv(4)[:1] == b"\x20"
     sub = struct.pack("!H", 1) + _str("x/#") + b"\x00"
-    s.sendall(bytes([0x82]) + _remaining(len(sub)) + sub)
+    s.sendall(bytes([0x82]) + varint(len(sub)) + sub)
     assert s.recv(5)[:1] == b"\x90"  # SUBACK
     s.sendall(raw_publish_packet("x/1", b"to myself") + b"\xe0\x00")  # + DISCONNECT
     s.close()
