@@ -288,6 +288,8 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         self._hashes_waiting = 0
         self._claims: dict[str, tuple[str, object]] = {}
         self._held: dict[str, set[str]] = {}
+        self.transports: set[asyncio.WriteTransport] = set()
+        """Every client connection being served (see abort_all)."""
 
     # -- keepalive (and the login check, with accounts) -------------------------------
 
@@ -510,7 +512,18 @@ class PatchedBroker(Broker):  # type: ignore[misc]
                    else StreamWriterAdapter(writer))
         limit = self.max_packet_bytes if self.guard is None else self.client_max_packet_bytes
         limited = _LimitedReader(reader, limit, writer.transport, self._refuse_connection)
-        await self._client_connected(listener_name, limited, adapter)
+        self.transports.add(writer.transport)
+        try:
+            await self._client_connected(listener_name, limited, adapter)
+        finally:
+            self.transports.discard(writer.transport)
+
+    def abort_all(self) -> None:
+        """Cut every connection still open (amqtt's shutdown leaves those of clients it
+        lost track of, zombies among them, to the garbage collector)."""
+        for transport in list(self.transports):
+            transport.abort()
+        self.transports.clear()
 
     # -- retained_leak --------------------------------------------------------------------
 
@@ -703,6 +716,8 @@ class EmbeddedBroker:
         self._watcher = self._reporter = None
         if self.broker is not None:
             await self.broker.shutdown()
+            self.broker.abort_all()
+            await asyncio.sleep(0)  # (the aborted transports close on the next turn)
             self.broker = None
 
     async def __aenter__(self) -> EmbeddedBroker:
