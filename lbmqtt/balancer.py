@@ -208,6 +208,7 @@ class Balancer:
         self.running_by_name = Counter[str]()
         self.done_by_name = Counter[str]()
         self.failed_by_name = Counter[str]()
+        self.cancelled_by_name = Counter[str]()
         self.counters = Counter[str]()
         self._refused_by_code = Counter[str]()
         self._broker_refused: dict[str, int] = {}  # (the embedded broker's, as last heard)
@@ -1034,6 +1035,7 @@ class Balancer:
             self.failed_by_name[rec.name] += 1
         else:
             self.counters["cancelled"] += 1
+            self.cancelled_by_name[rec.name] += 1
         self._recent.append(rec.id)
         if rec.started_at is not None and status in (Status.DONE, Status.FAILED):
             times = self._times.get(rec.name)
@@ -1292,7 +1294,7 @@ class Balancer:
             by_band[band] += n
             name_bands.setdefault(name, Counter())[band] += n
         names = sorted(set(queued_by_name) | set(self.running_by_name) | set(self.done_by_name)
-                       | set(self.failed_by_name))
+                       | set(self.failed_by_name) | set(self.cancelled_by_name))
         warnings: list[str] = []
         online = [i for i in self.nodes.values() if i.online]
         if not online:
@@ -1312,7 +1314,7 @@ class Balancer:
             name_rows.append(NameSummary(
                 name=name, queued=queued_by_name[name], running=self.running_by_name[name],
                 done=self.done_by_name[name], failed=self.failed_by_name[name],
-                waiting=waiting, count=len(runs),
+                cancelled=self.cancelled_by_name[name], waiting=waiting, count=len(runs),
                 wait_mean_s=sum(waits) / len(waits) if waits else None,
                 wait_p95_s=_pct(waits, 0.95), run_mean_s=sum(runs) / len(runs) if runs else None,
                 run_p95_s=_pct(runs, 0.95), wait_p50_s=_pct(waits, 0.5),

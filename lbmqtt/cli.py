@@ -210,6 +210,8 @@ def _configure_logging(level: str) -> None:
     from .broker import quiet_amqtt_logs
 
     quiet_amqtt_logs(getattr(logging, level))
+    if getattr(logging, level) > logging.DEBUG:  # one INFO line per dashboard request
+        logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
 def _supervised() -> None:

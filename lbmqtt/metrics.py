@@ -84,6 +84,7 @@ class _StatsCollector(Collector):
             by_name["running"].add_metric([t.name], t.running)
             finished.add_metric([t.name, "done"], t.done)
             finished.add_metric([t.name, "failed"], t.failed)
+            finished.add_metric([t.name, "cancelled"], t.cancelled)
         yield from by_name.values()
         yield finished
         node = {k: GaugeMetricFamily(f"lbmqtt_node_{k}", doc, labels=["node"]) for k, doc in (

@@ -502,6 +502,7 @@ class NameSummary(_Lenient):
     running: int = 0
     done: int = 0
     failed: int = 0
+    cancelled: int = 0
     waiting: str | None = None
     count: int = 0
     """Finished tasks the times below are computed on (the most recent ones)."""

@@ -159,7 +159,12 @@ def test_metrics_endpoint_parses_and_counts(system: System, tmp_path: Path) -> N
         with pytest.raises(SubmitRefused, match="already used"):
             d.submit("ECHO", None, task_id=c.submit("ECHO", None, task_id="carol-1"))
         c.wait("carol-1", 20)
-    _stats_where(system, lambda s: s.done_total == 6, "6 done in the stats")
+        gate = tmp_path / "never"
+        blocked = c.submit("BLOCK", {"gate": str(gate), "limit_s": 60}, task_id="carol-2")
+        wait_for(lambda: c.get(blocked).status == Status.RUNNING, 20, "the task to run")
+        assert c.cancel(blocked)
+    _stats_where(system, lambda s: s.done_total == 6 and s.cancelled_total == 1,
+                 "6 done and 1 cancelled in the stats")
 
     def scrape() -> dict[str, Any]:
         with urllib.request.urlopen(b.metrics_url, timeout=5) as r:
@@ -174,6 +179,7 @@ def test_metrics_endpoint_parses_and_counts(system: System, tmp_path: Path) -> N
     assert m['lbmqtt_task_run_seconds_count|{"name": "ECHO"}'] == 6
     assert m['lbmqtt_task_wait_seconds_bucket|{"le": "+Inf", "name": "ECHO"}'] == 6
     assert m['lbmqtt_task_finished_total|{"name": "ECHO", "outcome": "done"}'] == 6
+    assert m['lbmqtt_task_finished_total|{"name": "BLOCK", "outcome": "cancelled"}'] == 1
     assert m['lbmqtt_refused_total|{}'] == 1
     assert m['lbmqtt_refused_by_code_total|{"code": "duplicate_id"}'] == 1
     stats = system.stats()
