@@ -110,6 +110,8 @@ class _MapProgress:
 
             self._bar = ProgressBar(label)
             self._draw(final=False)
+        else:
+            report(0, total)  # (so that a caller can show the total before the first one)
 
     def __call__(self, fut: asyncio.Future[TaskState]) -> None:
         self.finished += 1
@@ -491,7 +493,8 @@ class AsyncClient:
             return_exceptions: put TaskFailed / TaskCancelled in the list instead of
                 raising the first one.
             progress: True draws a progress bar on stderr (tasks finished of all); a
-                function is called as ``progress(finished, total)`` instead.
+                function is called as ``progress(finished, total)`` instead, first with
+                ``(0, total)``, then once per finished task.
 
         Raises:
             TaskFailed, TaskCancelled: the first failed task (unless return_exceptions).
