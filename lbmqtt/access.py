@@ -389,14 +389,6 @@ class AccessGuard:
                 self._verified[login] = self._digest(password)
         return account.role
 
-    def check_login(self, login: str | None, password: str | None) -> Role | None:
-        """The role of a login with this password, or None (blocking: see above)."""
-        quick = self.quick_check(login, password)
-        if quick is not False:
-            return quick
-        assert login is not None and password is not None
-        return self.slow_check(login, password)
-
     def _digest(self, password: str) -> bytes:
         return hashlib.sha256(self._pepper + password.encode(errors="surrogateescape")).digest()
 

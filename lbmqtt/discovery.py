@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from . import __version__
-from .config import Settings
+from .config import Settings, is_loopback
 from .errors import BrokerUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,6 @@ class Found:
     lbmqtt: str | None
 
 
-def _is_loopback(addr: str) -> bool:
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return addr == "localhost"
-
-
 def local_ipv4_addresses() -> list[str]:
     """The machine's non-loopback IPv4 addresses (what ``0.0.0.0`` listens on)."""
     import ifaddr
@@ -56,7 +49,7 @@ def local_ipv4_addresses() -> list[str]:
     out = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not _is_loopback(ip.ip):
+            if isinstance(ip.ip, str) and not is_loopback(ip.ip):
                 out.append(ip.ip)
     return sorted(set(out))
 
@@ -69,7 +62,7 @@ class Advertiser:
 
     def __init__(self, bind: str, port: int, prefix: str):
         self.addresses = (local_ipv4_addresses() if bind in ("0.0.0.0", "", "::")  # noqa: S104
-                          else [] if _is_loopback(bind) else [bind])
+                          else [] if is_loopback(bind) else [bind])
         self.port = port
         self.prefix = prefix
         self._zc: object | None = None
@@ -171,7 +164,7 @@ def _on_a_local_subnet(addr: str) -> bool:
         ip = ipaddress.ip_address(addr)
         for adapter in ifaddr.get_adapters():
             for a in adapter.ips:
-                if isinstance(a.ip, str) and not _is_loopback(a.ip):
+                if isinstance(a.ip, str) and not is_loopback(a.ip):
                     net = ipaddress.ip_network(f"{a.ip}/{a.network_prefix}", strict=False)
                     if ip in net:
                         return True

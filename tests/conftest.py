@@ -27,7 +27,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from lbmqtt.balancer import Balancer
-from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker, loopback_mosquitto_conf
+from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker, PatchedBroker, loopback_mosquitto_conf
 from lbmqtt.client import Client
 from lbmqtt.config import Settings, load_settings
 from lbmqtt.node import Node
@@ -88,11 +88,21 @@ class BrokerThread:
     """An :class:`EmbeddedBroker` on its own loop thread (as in production, apart from
     the balancer's loop)."""
 
-    def __init__(self, patches: frozenset[str] = ALL_PATCHES, prefix: str | None = None):
+    def __init__(self, patches: frozenset[str] = ALL_PATCHES, prefix: str | None = None, *,
+                 broker: EmbeddedBroker | None = None, **kwargs: Any):
+        """``broker``: one built elsewhere (else one on a free loopback port, with
+        ``kwargs``: guard, limits... of :class:`EmbeddedBroker`)."""
         self.lt = LoopThread()
-        self.broker = EmbeddedBroker("127.0.0.1", 0, patches=patches, prefix=prefix)
+        self.broker = broker or EmbeddedBroker("127.0.0.1", 0, patches=patches, prefix=prefix,
+                                               **kwargs)
         self.lt.run(self.broker.start())
         self.port = self.broker.port
+
+    @property
+    def patched(self) -> PatchedBroker:
+        """The running amqtt broker (its counters, sessions...)."""
+        assert self.broker.broker is not None
+        return self.broker.broker
 
     def stop(self) -> None:
         self.lt.run(self.broker.stop())

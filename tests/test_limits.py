@@ -35,7 +35,6 @@ from lbmqtt.protocol import Status, Topics
 from .conftest import (
     TEST_TASKS,
     BrokerThread,
-    LoopThread,
     RawClient,
     System,
     make_settings,
@@ -66,17 +65,20 @@ def test_submits_beyond_the_rate_are_refused_and_map_sends_them_again(
 # ----------------------------------------------------------------------------- packets
 
 
-def test_the_broker_caps_packets_by_role(tmp_path: Path) -> None:
+def alice_and_lb(tmp_path: Path) -> Path:
+    """An accounts file with the user alice (password "a") and the balancer lb ("b")."""
     f = tmp_path / "accounts"
     access.write_accounts(f, [
         Account("alice", "user", access.hash_password("a", iterations=1000)),
         Account("lb", "balancer", access.hash_password("b", iterations=1000))])
-    lt = LoopThread()
-    from lbmqtt.broker import EmbeddedBroker
+    return f
 
-    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f),
-                            max_packet_bytes=1_000_000, client_max_packet_bytes=100_000)
-    lt.run(broker.start())
+
+def test_the_broker_caps_packets_by_role(tmp_path: Path) -> None:
+    f = alice_and_lb(tmp_path)
+    bt = BrokerThread(guard=AccessGuard("p", f), max_packet_bytes=1_000_000,
+                      client_max_packet_bytes=100_000)
+    broker, lt = bt.broker, bt.lt
     try:
         got: list[tuple[str, int]] = []
         lb = MqttTransport(host="127.0.0.1", port=broker.port, client_id="lb-1",
@@ -91,7 +93,7 @@ def test_the_broker_caps_packets_by_role(tmp_path: Path) -> None:
         wait_for(lambda: ("p/users/alice/submit", 99_000) in got, 10, "the small one")
         connects = alice.connects
         lt.call(lambda: alice.publish("p/users/alice/submit", b"x" * 200_000, qos=1))
-        wait_for(lambda: broker.broker is not None and broker.broker.too_large == 1, 10,
+        wait_for(lambda: bt.patched.too_large == 1, 10,
                  "the broker to refuse 200 kB from a user")
         wait_for(lambda: alice.connects > connects, 10, "alice to reconnect")
         lt.call(lambda: lb.publish("p/users/alice/events", b"y" * 500_000, qos=1))
@@ -100,8 +102,7 @@ def test_the_broker_caps_packets_by_role(tmp_path: Path) -> None:
         lt.run(alice.close())
         lt.run(lb.close())
     finally:
-        lt.run(broker.stop())
-        lt.close()
+        bt.stop()
 
 
 # ----------------------------------------------------------------------------- fuzzing
@@ -270,18 +271,14 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
 def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
         case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lbmqtt.broker as broker_mod
-    from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker
+    from lbmqtt.broker import ALL_PATCHES
 
     monkeypatch.setattr(broker_mod, "MAX_OFFLINE_MESSAGES", 100)
     monkeypatch.setattr(broker_mod, "MAX_OFFLINE_BYTES", 10_000)
-    f = tmp_path / "accounts"
-    access.write_accounts(f, [
-        Account("alice", "user", access.hash_password("a", iterations=1000)),
-        Account("lb", "balancer", access.hash_password("b", iterations=1000))])
+    f = alice_and_lb(tmp_path)
     patches = ALL_PATCHES if case == "patched" else ALL_PATCHES - {"offline_queue"}
-    lt = LoopThread()
-    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f), patches=patches)
-    lt.run(broker.start())
+    bt = BrokerThread(patches, guard=AccessGuard("p", f))
+    broker = bt.broker
     try:
         # alice subscribes in a persistent session, then goes away for good
         away = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
@@ -297,8 +294,7 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
         assert subscribed.wait(5)
         away.disconnect()
         away.loop_stop()
-        b = broker.broker
-        assert b is not None
+        b = bt.patched
         wait_for(lambda: b._sessions["alice-away"][0].transitions.state != "connected", 5,
                  "the broker to see alice gone")
         lb = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="lb-x",
@@ -322,8 +318,7 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
         lb.disconnect()
         lb.loop_stop()
     finally:
-        lt.run(broker.stop())
-        lt.close()
+        bt.stop()
 
 
 @pytest.mark.parametrize("accounts", [False, True])
@@ -332,7 +327,6 @@ def test_a_connection_that_never_says_connect_is_closed(
     import socket
 
     import lbmqtt.broker as broker_mod
-    from lbmqtt.broker import EmbeddedBroker
 
     monkeypatch.setattr(broker_mod, "CONNECT_TIMEOUT_S", 0.5)
     guard = None
@@ -341,9 +335,8 @@ def test_a_connection_that_never_says_connect_is_closed(
         access.write_accounts(f, [Account("alice", "user",
                                           access.hash_password("a", iterations=1000))])
         guard = AccessGuard("p", f)
-    lt = LoopThread()
-    broker = EmbeddedBroker("127.0.0.1", 0, guard=guard)
-    lt.run(broker.start())
+    bt = BrokerThread(guard=guard)
+    broker = bt.broker
     try:
         silent = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
         half = socket.create_connection(("127.0.0.1", broker.port), timeout=10)
@@ -351,15 +344,14 @@ def test_a_connection_that_never_says_connect_is_closed(
         for s in (silent, half):
             with s:
                 assert s.recv(16) == b""  # closed by the broker (else: timeout, error)
-        assert broker.broker is not None and broker.broker.connect_timeouts == 2
+        assert bt.patched.connect_timeouts == 2
         # and a client that does speak is served as ever
         c = RawClient(broker.port)
         if accounts:
             c.c.username_pw_set("alice", "a")
         c.connect().close()
     finally:
-        lt.run(broker.stop())
-        lt.close()
+        bt.stop()
 
 
 def test_many_unknown_ids_get_one_answer_and_too_many_are_refused(

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from lbmqtt import access
 from lbmqtt.access import AccessGuard, Account
-from lbmqtt.broker import EmbeddedBroker, embedded_broker
+from lbmqtt.broker import embedded_broker
 from lbmqtt.client import Client
 from lbmqtt.errors import BrokerUnavailable, UnknownTask
 from lbmqtt.protocol import Status
@@ -33,7 +33,7 @@ from lbmqtt.protocol import Status
 from .cluster import free_port
 from .conftest import (
     TEST_TASKS,
-    LoopThread,
+    BrokerThread,
     System,
     finish,
     lbmqtt_cmd,
@@ -137,6 +137,13 @@ class Login:
         self.c.loop_stop()
 
 
+def logged_in(port: int, name: str, **kw: Any) -> Login:
+    """One of the test accounts, connected (asserted)."""
+    c = Login(port, name, PASSWORDS[name], **kw)
+    assert c.connect(), f"{name} could not log in"
+    return c
+
+
 def start_mosquitto(workdir: Path, accounts: Path, prefix: str) -> tuple[int, Any]:
     """Mosquitto with the generated password and ACL files, as broker/mosquitto.conf has
     them (on a loopback port)."""
@@ -184,17 +191,9 @@ def secure(request: pytest.FixtureRequest,
     accounts = workdir / "accounts"
     write_accounts(accounts)
     prefix = f"sec/{uuid.uuid4().hex[:8]}"
-    lt: LoopThread | None = None
     if request.param == "embedded":
-        lt = LoopThread()
-        broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard(prefix, accounts))
-        lt.run(broker.start())
-        port = broker.port
-        loop_thread = lt
-
-        def stop() -> None:
-            loop_thread.run(broker.stop())
-            loop_thread.close()
+        bt = BrokerThread(guard=AccessGuard(prefix, accounts))
+        port, stop = bt.port, bt.stop
     else:
         port, stop = start_mosquitto(workdir, accounts, prefix)
     sec = Secure(request.param, port, prefix, System(make_settings(port, prefix)), stop)
@@ -433,12 +432,10 @@ def test_hashing_runs_off_the_brokers_loop(tmp_path: Path) -> None:
     accounts["slow"] = Account("slow", "user",
                                access.hash_password("pw", iterations=3_000_000))
     access.write_accounts(f, accounts.values())
-    lt = LoopThread()
-    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f))
-    lt.run(broker.start())
+    bt = BrokerThread(guard=AccessGuard("p", f))
+    broker = bt.broker
     try:
-        a = Login(broker.port, "alice", PASSWORDS["alice"])
-        assert a.connect()
+        a = logged_in(broker.port, "alice")
         slow = Login(broker.port, "slow", "pw")
         slow.c.connect("127.0.0.1", broker.port)
         slow.c.loop_start()
@@ -456,8 +453,7 @@ def test_hashing_runs_off_the_brokers_loop(tmp_path: Path) -> None:
         slow.close()
         a.close()
     finally:
-        lt.run(broker.stop())
-        lt.close()
+        bt.stop()
 
 
 def test_up_with_accounts_logs_its_parts_in_and_admits_only_accounts(tmp_path: Path) -> None:
@@ -489,9 +485,8 @@ def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
     prefix = f"tls/{uuid.uuid4().hex[:8]}"
     base = make_settings(0, prefix, AUTH_FILE=str(f), BROKER_TLS_CERT=str(cert),
                          BROKER_TLS_KEY=str(key), BROKER_TLS_PORT=0)
-    lt = LoopThread()
-    broker = embedded_broker(base)
-    lt.run(broker.start())
+    bt = BrokerThread(broker=embedded_broker(base))
+    broker = bt.broker
     system = System(make_settings(broker.port, prefix))
     try:
         assert broker.tls_port and broker.host == "127.0.0.1"
@@ -520,8 +515,7 @@ def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
                    user="alice")
     finally:
         system.close()
-        lt.run(broker.stop())
-        lt.close()
+        bt.stop()
 
 
 def test_removing_an_account_or_changing_its_role_ends_its_connection(
@@ -531,9 +525,8 @@ def test_removing_an_account_or_changing_its_role_ends_its_connection(
     monkeypatch.setattr(broker_mod, "ACCOUNTS_CHECK_S", 0.1)
     f = tmp_path / "accounts"
     write_accounts(f)
-    lt = LoopThread()
-    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f))
-    lt.run(broker.start())
+    bt = BrokerThread(guard=AccessGuard("p", f))
+    broker = bt.broker
     try:
         alice, bob = Login(broker.port, "alice", PASSWORDS["alice"]), \
             Login(broker.port, "bob", PASSWORDS["bob"])
@@ -544,45 +537,36 @@ def test_removing_an_account_or_changing_its_role_ends_its_connection(
         access.write_accounts(f, accounts.values())
         assert bob.closed.wait(10) and alice.closed.wait(10)
         assert not Login(broker.port, "bob", PASSWORDS["bob"]).connect()
-        again = Login(broker.port, "alice", PASSWORDS["alice"])
-        assert again.connect()
+        again = logged_in(broker.port, "alice")
         assert not again.subscribe("p/users/alice/#")  # a monitor now
         assert again.subscribe("p/balancer/stats")
         for c in (alice, bob, again):
             c.close()
     finally:
-        lt.run(broker.stop())
-        lt.close()
+        bt.stop()
 
 
 @pytest.fixture
-def guarded(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, Path]]:
-    """An embedded broker with the test accounts, on its own loop."""
+def guarded(tmp_path: Path) -> Iterator[tuple[BrokerThread, Path]]:
+    """An embedded broker with the test accounts (prefix ``p``), on its own loop."""
     f = tmp_path / "accounts"
     write_accounts(f)
-    lt = LoopThread()
-    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f))
-    lt.run(broker.start())
-    yield broker, f
-    lt.run(broker.stop())
-    lt.close()
+    bt = BrokerThread(guard=AccessGuard("p", f))
+    yield bt, f
+    bt.stop()
 
 
 def test_an_oversized_subscribe_or_a_qos2_publish_ends_only_that_connection(
-        guarded: tuple[EmbeddedBroker, Path]) -> None:
+        guarded: tuple[BrokerThread, Path]) -> None:
     broker, _ = guarded
-    b = broker.broker
-    assert b is not None
-    bystander = Login(broker.port, "alice", PASSWORDS["alice"])
-    assert bystander.connect()
-    mon = Login(broker.port, "mon", PASSWORDS["mon"])
-    assert mon.connect()
+    b = broker.patched
+    bystander = logged_in(broker.port, "alice")
+    mon = logged_in(broker.port, "mon")
     # 3,000 filters in one SUBSCRIBE (about 50 kB): refused from its header
     mon.c.subscribe([(f"p/balancer/f{i}", 0) for i in range(3000)])
     assert mon.closed.wait(10)
     assert b.too_large == 1
-    user = Login(broker.port, "bob", PASSWORDS["bob"])
-    assert user.connect()
+    user = logged_in(broker.port, "bob")
     user.c.publish("p/users/bob/submit", b"{}", qos=2)
     assert user.closed.wait(10)
     assert b.too_large == 2
@@ -596,14 +580,12 @@ def test_an_oversized_subscribe_or_a_qos2_publish_ends_only_that_connection(
 
 
 def test_subscriptions_are_capped_and_unsubscribed_filters_forgotten(
-        guarded: tuple[EmbeddedBroker, Path]) -> None:
+        guarded: tuple[BrokerThread, Path]) -> None:
     from lbmqtt.broker import MAX_SUBSCRIPTIONS
 
     broker, _ = guarded
-    b = broker.broker
-    assert b is not None
-    alice = Login(broker.port, "alice", PASSWORDS["alice"])
-    assert alice.connect()
+    b = broker.patched
+    alice = logged_in(broker.port, "alice")
     before = len(b._subscriptions)
     for i in range(3):  # subscribe to 60 filters and drop them again, three times
         topics = [f"p/users/alice/x{i}-{j}" for j in range(60)]
@@ -616,12 +598,10 @@ def test_subscriptions_are_capped_and_unsubscribed_filters_forgotten(
 
 
 def test_retained_messages_only_where_the_role_may_retain(
-        guarded: tuple[EmbeddedBroker, Path]) -> None:
+        guarded: tuple[BrokerThread, Path]) -> None:
     broker, _ = guarded
-    b = broker.broker
-    assert b is not None
-    mon = Login(broker.port, "mon", PASSWORDS["mon"])
-    assert mon.connect()
+    b = broker.patched
+    mon = logged_in(broker.port, "mon")
     mon.c.publish(f"p/probe/{mon.client_id}", b"x" * 1000, qos=1, retain=True).wait_for_publish(5)
     mon.c.publish("p/dashboard/status", b'{"v": 1, "online": true}', qos=1,
                   retain=True).wait_for_publish(5)
@@ -637,24 +617,20 @@ def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(
     accounts = access.read_accounts(f)
     accounts["slow"] = Account("slow", "user", access.hash_password("pw", iterations=400_000))
     access.write_accounts(f, accounts.values())
-    lt = LoopThread()
-    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard("p", f))
-    lt.run(broker.start())
+    bt = BrokerThread(guard=AccessGuard("p", f))
+    broker = bt.broker
     flood: list[Login] = []
     try:
-        first = Login(broker.port, "bob", PASSWORDS["bob"])
-        assert first.connect()  # bob's login is known from now on
+        first = logged_in(broker.port, "bob")  # bob's login is known from now on
         first.close()
         for _ in range(24):  # each wrong guess costs a 400,000-round hash
             c = Login(broker.port, "slow", "wrong")
             c.c.connect_async("127.0.0.1", broker.port)
             c.c.loop_start()
             flood.append(c)
-        b = broker.broker
-        assert b is not None
+        b = bt.patched
         wait_for(lambda: b._hashes_waiting >= 20, 30, "the flood to queue up at the broker")
-        again = Login(broker.port, "bob", PASSWORDS["bob"])
-        assert again.connect()
+        again = logged_in(broker.port, "bob")
         answered = sum(1 for c in flood if c.connack)
         assert answered <= 6, f"bob waited for {answered} of the flood's logins"
         again.close()
@@ -665,15 +641,13 @@ def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(
         for c in flood:
             c.c.loop_stop()
             c.c.disconnect()
-        lt.run(broker.stop())
-        lt.close()
+        bt.stop()
 
 
 def test_a_persistent_session_does_not_keep_rights_its_login_lost(
-        guarded: tuple[EmbeddedBroker, Path]) -> None:
+        guarded: tuple[BrokerThread, Path]) -> None:
     broker, f = guarded
-    b = broker.broker
-    assert b is not None
+    b = broker.patched
     mon = Login(broker.port, "mon", PASSWORDS["mon"], client_id="mon-kept",
                 clean_session=False)
     assert mon.connect()
@@ -688,8 +662,7 @@ def test_a_persistent_session_does_not_keep_rights_its_login_lost(
                  clean_session=False)
     assert back.connect()
     assert back.subscribe("p/users/mon/#")
-    lb = Login(broker.port, "lb", PASSWORDS["lb"])
-    assert lb.connect()
+    lb = logged_in(broker.port, "lb")
     lb.publish("p/balancer/history", b"secret")
     lb.publish("p/users/mon/events", b"hers")
     wait_for(lambda: back.got("p/users/mon/events"), 10, "its own events")
@@ -706,16 +679,14 @@ def test_the_brokers_refusals_are_counted_in_the_balancers_stats(
     f = tmp_path / "accounts"
     write_accounts(f)
     prefix = f"cnt/{uuid.uuid4().hex[:8]}"
-    lt = LoopThread()
-    broker = EmbeddedBroker("127.0.0.1", 0, guard=AccessGuard(prefix, f), prefix=prefix)
-    lt.run(broker.start())
+    bt = BrokerThread(guard=AccessGuard(prefix, f), prefix=prefix)
+    broker = bt.broker
     system = System(make_settings(broker.port, prefix))
     try:
         system.start_balancer(make_settings(broker.port, prefix, BROKER_USERNAME="lb",
                                             BROKER_PASSWORD=PASSWORDS["lb"]))
         assert not Login(broker.port, "alice", "wrong").connect()
-        spy = Login(broker.port, "alice", PASSWORDS["alice"])
-        assert spy.connect()
+        spy = logged_in(broker.port, "alice")
         assert not spy.subscribe(f"{prefix}/users/bob/#")
         spy.close()
         wait_for(lambda: system.stats().broker_refused.get("logins") == 1
@@ -723,5 +694,4 @@ def test_the_brokers_refusals_are_counted_in_the_balancers_stats(
                  "the broker's refusals in the stats")
     finally:
         system.close()
-        lt.run(broker.stop())
-        lt.close()
+        bt.stop()
