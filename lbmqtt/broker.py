@@ -350,11 +350,9 @@ class PatchedBroker(Broker):  # type: ignore[misc]
                         self._hash_pool, self.guard.slow_check, login, fresh.password)
                 finally:
                     self._hashes_waiting -= 1
-        if code:
-            pass
-        elif not role:
+        if not code and not role:
             why, code = "unknown login or wrong password", BAD_USERNAME_PASSWORD
-        else:
+        elif role and not code:
             held = self._sessions.get(fresh.client_id)
             claim = self._claims.get(fresh.client_id)
             if (held is not None and held[0].username != login) or (
