@@ -148,7 +148,7 @@ class Settings(BaseModel):
     are refused (code ``rate_limited``) and the Python client resends them later."""
     submit_burst: int = Field(0, alias="SUBMIT_BURST", ge=0)
     """Tasks a user may submit at once above SUBMIT_RATE (0: MAX_BATCH)."""
-    pipeline_window_max: int = Field(8, alias="PIPELINE_WINDOW_MAX", ge=0, le=64)
+    pipeline_window_max: int = Field(32, alias="PIPELINE_WINDOW_MAX", ge=0, le=64)
     """Most tasks a node holds per slot beyond its running ones (0: no pipelining). The
     window of a node is sized from its recent runtimes and the dispatch round trip."""
     pipeline_long_s: float = Field(0.5, alias="PIPELINE_LONG_S", gt=0)

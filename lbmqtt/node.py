@@ -64,6 +64,9 @@ from .worker import _HEADER
 log = logging.getLogger(__name__)
 
 PROGRESS_FLUSH_S = 0.1
+REPORT_GAP_S = 0.002
+"""Reports go out at most this often: a lone result leaves at once, a busy node's results
+share a report (fewer messages for the broker and fewer rounds for the balancer)."""
 RESTART_BACKOFF_MAX_S = 30.0
 
 
@@ -184,6 +187,9 @@ class Node:
         self._progress: dict[str, Progress] = {}
         self._results: dict[str, Result] = {}
         self._flush_soon = False
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_due = 0.0
+        self._last_flush = 0.0
         self._progress_timer: asyncio.TimerHandle | None = None
         self._hb_seq = 0
         self._stopping = False
@@ -553,7 +559,7 @@ class Node:
             lt.timeout_handle = asyncio.get_running_loop().call_later(
                 a.timeout_s, self._on_timeout, lt)
         self._started.append(Started(id=a.id, attempt=a.attempt, time=time.time()))
-        self._schedule_flush()
+        self._schedule_flush(urgent=False)
 
     def _on_timeout(self, lt: _LocalTask) -> None:
         if lt.state != "running" or self._local.get(lt.a.id) is not lt or lt.worker is None:
@@ -696,10 +702,25 @@ class Node:
 
     # --------------------------------------------------------------- MQTT out
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_soon:
-            self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _schedule_flush(self, *, urgent: bool = True) -> None:
+        """Send a report soon: results (``urgent``) at once unless a report left less than
+        REPORT_GAP_S ago, then when that gap is over; started notices alone wait a gap, so
+        that a short task's result carries them."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = max(now, self._last_flush + REPORT_GAP_S) if urgent else now + REPORT_GAP_S
+        if self._flush_soon:
+            if self._flush_due <= due:
+                return
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+        self._flush_soon = True
+        self._flush_due = due
+        if due > now:
+            self._flush_handle = loop.call_at(due, self._flush)
+        else:
+            self._flush_handle = None
+            loop.call_soon(self._flush)
 
     def _schedule_progress(self) -> None:
         if self._progress_timer is None:
@@ -708,6 +729,9 @@ class Node:
 
     def _flush(self) -> None:
         self._flush_soon = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._progress_timer is not None:
             self._progress_timer.cancel()
             self._progress_timer = None
@@ -721,6 +745,7 @@ class Node:
                             progress=list(self._progress.values()),
                             results=list(self._results.values()))
         t.publish(self.topics.reports(self.name), report.encode(), qos=1)
+        self._last_flush = asyncio.get_running_loop().time()
         for tid in self._results:
             lt = self._local.get(tid)
             if lt is not None:
