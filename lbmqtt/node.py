@@ -64,6 +64,12 @@ from .worker import _HEADER
 log = logging.getLogger(__name__)
 
 PROGRESS_FLUSH_S = 0.1
+HANDOFF_SHORT_S = 0.002
+"""Tasks that ran shorter than this on average (per task name, on this node) are handed to a
+worker several at a time, in one write, and the worker sends their results together: for
+no-op tasks the hand-off, not the task, is the work."""
+HANDOFF_BATCH = 8
+"""Most short tasks handed to one worker at a time."""
 REPORT_GAP_S = 0.002
 """Reports go out at most this often: a lone result leaves at once, a busy node's results
 share a report (fewer messages for the broker and fewer rounds for the balancer)."""
@@ -107,18 +113,26 @@ class _Worker:
     state: Literal["starting", "idle", "busy", "killing", "dead"] = "starting"
     proc: asyncio.subprocess.Process | None = None
     writer: asyncio.StreamWriter | None = None
-    task: _LocalTask | None = None
+    queue: deque[_LocalTask] = field(default_factory=deque)
+    """Handed to this worker, in order: the first runs, the others (short tasks only,
+    handed over in one write) wait in the worker."""
     kill_expected: bool = False
     pid: int = 0
     deaths: deque[float] = field(default_factory=lambda: deque(maxlen=5))
+
+    @property
+    def task(self) -> _LocalTask | None:
+        """The task it runs (the first handed over and not finished)."""
+        return self.queue[0] if self.queue else None
 
     def kill(self) -> None:
         """Kill the worker and whatever its task started (its own session and group).
 
         It takes no more work, and what it still says is ignored, until it is restarted.
+        (Tasks still waiting in it: the node takes them back first, :meth:`Node._kill`.)
         """
         self.kill_expected = True
-        self.task = None
+        self.queue.clear()
         if self.state != "dead":
             self.state = "killing"
         if self.proc is not None and self.proc.returncode is None:
@@ -189,6 +203,8 @@ class Node:
         self._flush_soon = False
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flush_due = 0.0
+        self._runtimes: dict[str, float] = {}
+        self._dispatch_wanted = False
         self._last_flush = 0.0
         self._progress_timer: asyncio.TimerHandle | None = None
         self._hb_seq = 0
@@ -491,10 +507,16 @@ class Node:
             if lt.timeout_handle is not None:
                 lt.timeout_handle.cancel()
             if lt.state == "running" and lt.worker is not None:
-                log.info("task %s (attempt %d) withdrawn while running: killing its worker",
-                         tid, lt.a.attempt)
-                self.counters["killed"] += 1
-                lt.worker.kill()
+                w = lt.worker
+                if w.task is lt:
+                    log.info("task %s (attempt %d) withdrawn while running: killing its "
+                             "worker", tid, lt.a.attempt)
+                    self.counters["killed"] += 1
+                    self._kill(w)
+                else:  # handed over, not started: the worker skips it
+                    w.queue.remove(lt)
+                    lt.worker = None
+                    self._send(w, ("skip", tid, lt.a.attempt))
         for a in tasks:
             if a.id in self._local:
                 continue
@@ -513,12 +535,27 @@ class Node:
 
     # --------------------------------------------------------------- running
 
+    def _dispatch_soon(self) -> None:
+        """Dispatch once the worker messages already read are handled: a burst of results
+        from a worker is answered by one hand-off."""
+        if not self._dispatch_wanted:
+            self._dispatch_wanted = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _is_short(self, name: str) -> bool:
+        rt = self._runtimes.get(name)
+        return rt is not None and rt < HANDOFF_SHORT_S
+
     def _dispatch(self) -> None:
+        self._dispatch_wanted = False
         if self._draining:
             return  # what is not started goes back to the balancer
         for w in self._workers:
-            if w.state != "idle" or w.writer is None:
+            if w.state not in ("idle", "busy") or w.writer is None:
                 continue
+            if w.queue and (len(w.queue) >= HANDOFF_BATCH
+                            or not all(self._is_short(x.a.name) for x in w.queue)):
+                continue  # busy with a task not known to be short, or full
             queue = self._pending[w.group.index]
             if not queue:
                 continue
@@ -526,40 +563,73 @@ class Node:
             # behind ordinary ones held in this node's pipelining window
             live = [lt for lt in queue if self._local.get(lt.a.id) is lt
                     and lt.state == "pending"]
-            if not live:
-                queue.clear()
-                continue
-            best = max(range(len(live)), key=lambda i: (live[i].a.priority, -i))
-            lt = live.pop(best)
             queue.clear()
-            queue.extend(live)
-            self._start_on(w, lt)
+            if not live:
+                continue
+            order = sorted(range(len(live)), key=lambda i: (-live[i].a.priority, i))
+            take: list[_LocalTask] = []
+            for i in order:
+                lt = live[i]
+                if (w.queue or take) and not self._is_short(lt.a.name):
+                    break  # only short tasks share a hand-off (and only behind short ones)
+                take.append(lt)
+                if len(w.queue) + len(take) >= HANDOFF_BATCH:
+                    break
+            chosen = {id(lt) for lt in take}
+            queue.extend(lt for lt in live if id(lt) not in chosen)
+            self._hand_over(w, take)
 
-    def _start_on(self, w: _Worker, lt: _LocalTask) -> None:
-        a = lt.a
-        meta = {"user": a.user, "name": a.name, "priority": a.priority}
-        frame = pickle.dumps(("run", a.id, a.attempt, a.name, lt.args_json, meta),
-                             protocol=pickle.HIGHEST_PROTOCOL)
+    def _send(self, w: _Worker, *msgs: tuple[Any, ...]) -> bool:
+        """Write frames to a worker in one write. False if it is going away."""
+        data = b"".join(_HEADER.pack(len(f)) + f for f in
+                        (pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL) for m in msgs))
         try:
             assert w.writer is not None
-            w.writer.write(_HEADER.pack(len(frame)) + frame)
+            w.writer.write(data)
         except (AssertionError, OSError, RuntimeError) as exc:
-            # the worker is going away: the task waits for the next idle worker
-            log.warning("could not hand task %s to worker %d (%s): it waits", a.id, w.pid, exc)
+            log.warning("could not write to worker %d (%s)", w.pid, exc)
             w.state = "dead"
-            self._pending[a.group].appendleft(lt)
+            return False
+        return True
+
+    def _hand_over(self, w: _Worker, tasks: list[_LocalTask]) -> None:
+        frames = [("run", lt.a.id, lt.a.attempt, lt.a.name, lt.args_json,
+                   {"user": lt.a.user, "name": lt.a.name, "priority": lt.a.priority})
+                  for lt in tasks]
+        if not self._send(w, *frames):
+            # the worker is going away: the tasks wait for the next idle worker
+            self._pending[w.group.index].extendleft(reversed(tasks))
             return
+        now = time.time()
+        was_idle = not w.queue
         w.state = "busy"
-        w.task = lt
-        lt.state = "running"
-        lt.worker = w
-        lt.started_mono = time.monotonic()
-        self.counters["started"] += 1
-        if a.timeout_s is not None:
-            lt.timeout_handle = asyncio.get_running_loop().call_later(
-                a.timeout_s, self._on_timeout, lt)
-        self._started.append(Started(id=a.id, attempt=a.attempt, time=time.time()))
+        for lt in tasks:
+            w.queue.append(lt)
+            lt.state = "running"
+            lt.worker = w
+            self.counters["started"] += 1
+            self._started.append(Started(id=lt.a.id, attempt=lt.a.attempt, time=now))
+        if was_idle:
+            self._began(w)
         self._schedule_flush(urgent=False)
+
+    def _began(self, w: _Worker) -> None:
+        """The worker's first task has started (as far as the node can tell)."""
+        lt = w.queue[0]
+        lt.started_mono = time.monotonic()
+        if lt.a.timeout_s is not None:
+            lt.timeout_handle = asyncio.get_running_loop().call_later(
+                lt.a.timeout_s, self._on_timeout, lt)
+
+    def _kill(self, w: _Worker) -> None:
+        """Kill a worker; the tasks waiting in it behind the one it runs go back to the
+        front of their queue."""
+        waiting = list(w.queue)[1:]
+        for lt in waiting:
+            lt.state = "pending"
+            lt.worker = None
+        self._pending[w.group.index].extendleft(reversed(waiting))
+        w.kill()
 
     def _on_timeout(self, lt: _LocalTask) -> None:
         if lt.state != "running" or self._local.get(lt.a.id) is not lt or lt.worker is None:
@@ -567,13 +637,16 @@ class Node:
         log.info("task %s passed its timeout of %g s: killing its worker", lt.a.id,
                  lt.a.timeout_s or 0)
         w = lt.worker
+        if w.task is not lt:
+            return
         self._finish(lt, Result(
             id=lt.a.id, attempt=lt.a.attempt, status="timeout",
             error=ErrorInfo(type="TimeoutError",
                             message=f"task {lt.a.name!r} exceeded its timeout of "
                                     f"{lt.a.timeout_s:g} s; its worker process was killed"),
             runtime_s=time.monotonic() - lt.started_mono, finished_at=time.time()))
-        w.kill()
+        self._kill(w)
+        self._dispatch()
 
     def _finish(self, lt: _LocalTask, result: Result) -> None:
         lt.state = "finished"
@@ -581,7 +654,9 @@ class Node:
         w = lt.worker
         lt.worker = None
         if w is not None and w.task is lt:
-            w.task = None
+            w.queue.popleft()
+            if w.queue:
+                self._began(w)
         if lt.timeout_handle is not None:
             lt.timeout_handle.cancel()
             lt.timeout_handle = None
@@ -608,18 +683,27 @@ class Node:
                                                progress=int(msg[3]))
             self._schedule_progress()
         elif kind == "done":
+            self._ran(lt.a.name, msg[4])
             self._finish(lt, Result(id=lt.a.id, attempt=lt.a.attempt, status="done",
                                     result=json.loads(msg[3]), runtime_s=msg[4],
                                     finished_at=time.time()))
-            w.state = "idle"
-            self._dispatch()
+            if not w.queue:
+                w.state = "idle"
+            self._dispatch_soon()
         elif kind == "failed":
+            self._ran(lt.a.name, msg[6])
             self._finish(lt, Result(
                 id=lt.a.id, attempt=lt.a.attempt, status="failed",
                 error=ErrorInfo(type=msg[3], message=msg[4], traceback=msg[5]),
                 runtime_s=msg[6], finished_at=time.time()))
-            w.state = "idle"
-            self._dispatch()
+            if not w.queue:
+                w.state = "idle"
+            self._dispatch_soon()
+
+    def _ran(self, name: str, secs: float) -> None:
+        """Moving average of a task name's runtimes here (decides batched hand-offs)."""
+        old = self._runtimes.get(name)
+        self._runtimes[name] = secs if old is None else 0.8 * old + 0.2 * secs
 
     async def _worker_loop(self, w: _Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -673,7 +757,12 @@ class Node:
             rc = await w.proc.wait()
             w.state = "dead"
             lt = w.task
-            w.task = None
+            waiting = list(w.queue)[1:]  # handed over, never started: they go back
+            w.queue.clear()
+            for x in waiting:
+                x.state = "pending"
+                x.worker = None
+            self._pending[w.group.index].extendleft(reversed(waiting))
             if lt is not None and lt.state == "running" and self._local.get(lt.a.id) is lt:
                 how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
                 log.warning("worker process %d died (%s) while running task %s", w.pid, how,
@@ -686,6 +775,8 @@ class Node:
                     runtime_s=time.monotonic() - lt.started_mono, finished_at=time.time()))
             elif not w.kill_expected and not self._stopping:
                 log.warning("worker process %d exited (code %s); restarting it", w.pid, rc)
+            if waiting and not self._stopping:
+                self._dispatch()  # to the other workers
             now = loop.time()
             if not w.kill_expected:
                 w.deaths.append(now)

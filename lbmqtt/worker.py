@@ -11,12 +11,19 @@ between a node and its own children; it never goes on the MQTT wire):
 node -> worker                                     worker -> node
 =================================================  ===========================================
 ``("run", id, attempt, name, args_json, meta)``    ``("ready", pid, names)``
-                                                   ``("progress", id, attempt, percent)``
+``("skip", id, attempt)``                          ``("progress", id, attempt, percent)``
                                                    ``("done", id, attempt, result_json, secs)``
                                                    ``("failed", id, attempt, type, msg, tb, secs)``
 =================================================  ===========================================
 
-Cancel and timeouts are the node's business: it kills this process and starts another.
+Tasks run in the order they were handed over. The node hands short tasks over several at a
+time, in one write; before each task the worker reads what else has arrived, so a ``skip``
+(the task was withdrawn before it started) is seen in time. Results of short tasks are sent
+together: when the worker runs out of work, or at most ``RESULT_HOLD_S`` after the first
+one (a thread sends them if the next task runs long).
+
+Cancel and timeouts of a running task are the node's business: it kills this process and
+starts another.
 """
 
 from __future__ import annotations
@@ -34,11 +41,14 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 _HEADER = struct.Struct("!I")
 PR_SET_PDEATHSIG = 1
 PROGRESS_MIN_INTERVAL_S = 0.05
+RESULT_HOLD_S = 0.001
+"""Longest a finished task's result waits in the worker for others to share its write."""
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
@@ -54,37 +64,98 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 class Channel:
-    """Blocking framed pickle messages over a socket (thread-safe sends)."""
+    """Framed pickle messages over a socket: blocking receive, a non-blocking look at what
+    has arrived, and sends that may wait (at most RESULT_HOLD_S) to share a write."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self._lock = threading.Lock()
+        self._held = threading.Condition(self._lock)
+        self._out: list[bytes] = []
+        self._out_since = 0.0
+        self._flusher: threading.Thread | None = None
+        self._in = bytearray()
 
-    def send(self, msg: tuple[Any, ...]) -> None:
+    def send(self, msg: tuple[Any, ...], *, hold: bool = False) -> None:
+        """Send ``msg``, with whatever is held; ``hold``: it may wait to share a write."""
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            self.sock.sendall(_HEADER.pack(len(data)) + data)
+            self._out.append(_HEADER.pack(len(data)) + data)
+            if not hold:
+                self._send_held()
+            elif len(self._out) == 1:
+                self._out_since = time.monotonic()
+                if self._flusher is None:
+                    self._flusher = threading.Thread(target=self._flush_late, daemon=True,
+                                                     name="lbmqtt-result-flush")
+                    self._flusher.start()
+                self._held.notify()
+
+    def flush(self) -> None:
+        """Send what is held now."""
+        with self._lock:
+            self._send_held()
+
+    def held_for(self) -> float:
+        """Seconds the oldest held message has waited (0 if none)."""
+        return time.monotonic() - self._out_since if self._out else 0.0
+
+    def _send_held(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self.sock.sendall(data)
+
+    def _flush_late(self) -> None:
+        # sends held results that would otherwise wait for a task that runs long
+        with contextlib.suppress(OSError), self._lock:
+            while True:
+                while not self._out:
+                    self._held.wait()
+                due = self._out_since + RESULT_HOLD_S
+                now = time.monotonic()
+                if now < due:
+                    self._held.wait(due - now)
+                    continue
+                self._send_held()
 
     def recv(self) -> tuple[Any, ...] | None:
-        head = self._recv_exactly(_HEADER.size)
-        if head is None:
+        """The next message, waiting for it; None when the node has closed the socket."""
+        while True:
+            msg = self._take()
+            if msg is not None:
+                return msg
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                return None
+            self._in += chunk
+
+    def poll(self) -> list[tuple[Any, ...]]:
+        """The messages that have arrived, without waiting."""
+        try:
+            while True:
+                chunk = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                if not chunk:
+                    break
+                self._in += chunk
+        except (BlockingIOError, InterruptedError):
+            pass
+        out = []
+        while (msg := self._take()) is not None:
+            out.append(msg)
+        return out
+
+    def _take(self) -> tuple[Any, ...] | None:
+        if len(self._in) < _HEADER.size:
             return None
-        (n,) = _HEADER.unpack(head)
-        body = self._recv_exactly(n)
-        if body is None:
+        (n,) = _HEADER.unpack_from(self._in)
+        if len(self._in) < _HEADER.size + n:
             return None
+        body = bytes(self._in[_HEADER.size:_HEADER.size + n])
+        del self._in[:_HEADER.size + n]
         msg = pickle.loads(body)  # noqa: S301 - our own parent process
         assert isinstance(msg, tuple)
         return msg
-
-    def _recv_exactly(self, n: int) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return bytes(buf)
 
 
 class Context:
@@ -144,16 +215,34 @@ def _caller(entry: Any) -> Any:
 
 
 def run(channel: Channel, tasks: dict[str, Any]) -> None:
-    """Serve ``run`` requests until the node closes the socket."""
+    """Serve ``run`` requests, in order, until the node closes the socket."""
     callers = {name: _caller(entry) for name, entry in tasks.items()}
     channel.send(("ready", os.getpid(), sorted(tasks)))
+    todo: deque[tuple[Any, ...]] = deque()
+
+    def take(msg: tuple[Any, ...]) -> None:
+        if msg[0] == "run":
+            todo.append(msg)
+        elif msg[0] == "skip":  # withdrawn before it started (if it already ran: no-op)
+            for m in todo:
+                if m[1] == msg[1] and m[2] == msg[2]:
+                    todo.remove(m)
+                    break
+
     while True:
-        msg = channel.recv()
-        if msg is None:
-            return
-        if msg[0] != "run":
+        if not todo:
+            channel.flush()  # nothing else to do: what is held goes now
+            msg = channel.recv()
+            if msg is None:
+                return
+            take(msg)
+        for msg in channel.poll():
+            take(msg)
+        if not todo:
             continue
-        _, task_id, attempt, name, args_json, meta = msg
+        _, task_id, attempt, name, args_json, meta = todo.popleft()
+        # a result may wait for the next ones only if more work is already here
+        hold = bool(todo) and channel.held_for() < RESULT_HOLD_S
         t0 = time.perf_counter()
         try:
             call = callers.get(name)
@@ -171,9 +260,9 @@ def run(channel: Channel, tasks: dict[str, Any]) -> None:
                 raise
             tb = traceback.format_exc(limit=50)
             channel.send(("failed", task_id, attempt, type(exc).__name__, str(exc), tb,
-                          time.perf_counter() - t0))
+                          time.perf_counter() - t0), hold=hold)
             continue
-        channel.send(("done", task_id, attempt, data, time.perf_counter() - t0))
+        channel.send(("done", task_id, attempt, data, time.perf_counter() - t0), hold=hold)
 
 
 def main(argv: list[str] | None = None) -> None:
