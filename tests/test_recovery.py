@@ -219,16 +219,16 @@ def test_a_node_starts_the_most_urgent_task_of_its_window_first(
     node = system.start_node("n1", tasks=[TEST_TASKS],
                              groups=[WorkerGroup(nWorkers=1, minP=0, maxP=1000)])
     started: list[str] = []
-    original = node._start_on
+    original = node._hand_over
 
-    def recording(w: Any, lt: Any) -> None:
-        started.append(lt.a.id)
-        original(w, lt)
+    def recording(w: Any, tasks: list[Any]) -> None:
+        started.extend(lt.a.id for lt in tasks)
+        original(w, tasks)
 
     gate = tmp_path / "gate"
 
     def give(tasks: list[Assignment]) -> None:
-        node._start_on = recording  # type: ignore[method-assign]
+        node._hand_over = recording  # type: ignore[method-assign]
         node._apply_set(tasks)
 
     def a(tid: str, priority: int, args: Any) -> Assignment:
