@@ -667,7 +667,8 @@ class AsyncClient:
             try:
                 events = decode(Events, payload)
             except LbmqttError as exc:
-                log.warning("ignoring a malformed events message: %s", exc)
+                self._log_limited("malformed-events", "ignoring a malformed events "
+                                  "message: %s", exc)
                 return
             for st in events.states:
                 tr = self._tracked.get(st.id)
