@@ -648,24 +648,31 @@ class Node:
             lt.timeout_handle = asyncio.get_running_loop().call_later(
                 lt.a.timeout_s, self._on_timeout, lt)
 
-    def _kill(self, w: _Worker) -> None:
-        """Kill a worker; the tasks waiting in it behind the one it runs go back to the
-        front of their queue."""
+    def _take_back(self, w: _Worker) -> list[_LocalTask]:
+        """The tasks waiting in a worker behind the one it runs (handed over, never
+        started) go back to the front of their queue; returns them."""
         waiting = list(w.queue)[1:]
+        for _ in waiting:
+            w.queue.pop()
         for lt in waiting:
             lt.state = "pending"
             lt.worker = None
         self._pending[w.group.index].extendleft(reversed(waiting))
+        return waiting
+
+    def _kill(self, w: _Worker) -> None:
+        """Kill a worker, taking back the tasks waiting in it."""
+        self._take_back(w)
         w.kill()
 
     def _on_timeout(self, lt: _LocalTask) -> None:
         if lt.state != "running" or self._local.get(lt.a.id) is not lt or lt.worker is None:
             return
-        log.info("task %s passed its timeout of %g s: killing its worker", lt.a.id,
-                 lt.a.timeout_s or 0)
         w = lt.worker
         if w.task is not lt:
             return
+        log.info("task %s passed its timeout of %g s: killing its worker", lt.a.id,
+                 lt.a.timeout_s or 0)
         self._finish(lt, Result(
             id=lt.a.id, attempt=lt.a.attempt, status="timeout",
             error=ErrorInfo(type="TimeoutError",
@@ -784,12 +791,8 @@ class Node:
             rc = await w.proc.wait()
             w.state = "dead"
             lt = w.task
-            waiting = list(w.queue)[1:]  # handed over, never started: they go back
+            waiting = self._take_back(w)
             w.queue.clear()
-            for x in waiting:
-                x.state = "pending"
-                x.worker = None
-            self._pending[w.group.index].extendleft(reversed(waiting))
             if lt is not None and lt.state == "running" and self._local.get(lt.a.id) is lt:
                 how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
                 log.warning("worker process %d died (%s) while running task %s", w.pid, how,
