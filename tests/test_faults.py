@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from lbmqtt.protocol import Topics
 
 from .cluster import Cluster, NetNs, Stream, account, wait_until
+from .conftest import stop_paho
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +36,7 @@ def _paho(cluster: Cluster) -> Iterator[paho.Client]:
         wait_until(c.is_connected, 10, "a paho client to connect")
         yield c
     finally:
-        c.disconnect()
-        c.loop_stop()
+        stop_paho(c)
 
 
 def _retained(cluster: Cluster, topic: str) -> Callable[[], bytes | None]:

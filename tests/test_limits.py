@@ -38,6 +38,7 @@ from .conftest import (
     RawClient,
     System,
     make_settings,
+    stop_paho,
     wait_for,
 )
 
@@ -183,8 +184,7 @@ class Fuzzer:
         self.sent[topic] += 1
 
     def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
+        stop_paho(self.c)
 
 
 @pytest.mark.slow
@@ -292,8 +292,7 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
         away.on_subscribe = lambda *a: subscribed.set()
         away.subscribe("p/users/alice/events", 1)
         assert subscribed.wait(5)
-        away.disconnect()
-        away.loop_stop()
+        stop_paho(away)
         b = bt.patched
         wait_for(lambda: b._sessions["alice-away"][0].transitions.state != "connected", 5,
                  "the broker to see alice gone")
@@ -315,8 +314,7 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
             assert all(len(m.data) == 3 for m in list(queue._queue))
         else:  # amqtt keeps all of it, and would keep anything more
             wait_for(lambda: queue.qsize() == 151, 10, "151 kept")
-        lb.disconnect()
-        lb.loop_stop()
+        stop_paho(lb)
     finally:
         bt.stop()
 

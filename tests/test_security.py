@@ -40,6 +40,7 @@ from .conftest import (
     make_settings,
     run_cli,
     start_up,
+    stop_paho,
     wait_for,
 )
 
@@ -133,8 +134,7 @@ class Login:
         return topic in self.topics()
 
     def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
+        stop_paho(self.c)
 
 
 def logged_in(port: int, name: str, **kw: Any) -> Login:
@@ -639,8 +639,7 @@ def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(
         assert all(c.connack and c.connack[0].is_failure for c in flood if c.connack)
     finally:
         for c in flood:
-            c.c.loop_stop()
-            c.c.disconnect()
+            stop_paho(c.c)
         bt.stop()
 
 
