@@ -944,6 +944,11 @@ class Balancer:
     def _apply_result(self, rec: TaskRecord, r: Result, now: float) -> None:
         if rec.started_at is None:
             rec.started_at = now
+        rt = r.runtime_s
+        if r.status != "lost" and math.isfinite(rt) and rt > 0:
+            # a short task's "started" rides in the same report as its result (the node
+            # coalesces them): the run began runtime_s ago by the node's measure, not now
+            rec.started_at = max(rec.submitted_at, min(rec.started_at, now - rt))
         self._unplace(rec)
         if r.status == "done":
             rec.result = r.result

@@ -23,11 +23,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbmqtt.client import Client, SubmitRefused
 from lbmqtt.config import Settings
 from lbmqtt.dashboard import ALL_TASKS, DashboardState, dashboard_transport, make_document
+from lbmqtt.mqtt import MqttTransport
 from lbmqtt.progress import ProgressBar
 from lbmqtt.protocol import (
     BalancerHistory,
     BalancerStats,
     DashboardStatus,
+    GroupInfo,
+    NodeReport,
+    NodeStatus,
+    Result,
+    Started,
     Status,
     TaskState,
     Topics,
@@ -124,6 +130,47 @@ def test_the_document_shows_bands_users_nodes_times_and_tasks(system: System,
         assert times["done"][i] == 7
         assert float(times["run_p99"][i]) >= float(times["run_p50"][i]) > 0
         assert float(times["wait_p99"][i]) >= float(times["wait_p50"][i]) >= 0
+
+
+def test_a_run_time_is_the_nodes_measure_when_started_rides_with_the_result(
+        system: System) -> None:
+    """A node sends a short task's "started" in the same report as its result (lbmqtt's
+    own node does, to save a message): the task ran for the runtime the node measured,
+    not for the no time between the two on the balancer's clock."""
+    s = system.settings
+    b = system.start_balancer(s)
+    topics = Topics(s.topic_prefix)
+    name, instance = "handmade", "hm0123456789"
+    sets: list[bytes] = []
+    node = MqttTransport(host="127.0.0.1", port=s.broker_port, client_id=f"{name}-node",
+                         on_message=lambda topic, payload, retained: sets.append(payload),
+                         subscriptions=[(topics.assign(name), 1)])
+    system.lt.run(node.start(wait=True, timeout_s=10))
+    status = NodeStatus(node=name, instance=instance, online=True, host="here", pid=1,
+                        groups=[GroupInfo(index=0, workers=1, min_p=-1000, max_p=1000)],
+                        tasks=["ECHO"], cores=1, heartbeat_s=1.0, speed=1.0)
+    try:
+        system.lt.call(lambda: node.publish(topics.node_status(name), status.encode(), qos=1,
+                                            retain=True))
+        with Client(s, user="alice") as alice:
+            tid = alice.submit("ECHO", [1])
+            wait_for(lambda: any(tid.encode() in p for p in sets), 10, "the assignment")
+            time.sleep(0.25)  # the task runs (a shorter run could not have taken 0.25 s)
+            report = NodeReport(node=name, instance=instance,
+                                started=[Started(id=tid, attempt=1, time=time.time())],
+                                results=[Result(id=tid, attempt=1, status="done", result=[1],
+                                                runtime_s=0.25)])
+            system.lt.call(lambda: node.publish(topics.reports(name), report.encode(), qos=1))
+            st = alice.wait_state(tid, 10)
+            assert st.status == Status.DONE and st.result == [1]
+            assert st.run_s == pytest.approx(0.25, abs=0.005)
+            assert st.wait_s is not None and st.wait_s >= 0
+            names = system.lt.call(b.stats).names
+            assert [n.run_p50_s for n in names if n.name == "ECHO"] == [
+                pytest.approx(0.25, abs=0.005)]
+    finally:
+        system.lt.call(lambda: node.publish(topics.node_status(name), b"", qos=1, retain=True))
+        system.lt.run(node.close())
 
 
 def test_a_restarted_dashboard_starts_with_the_balancers_history(system: System) -> None:
