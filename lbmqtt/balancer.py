@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 
 PLACED = frozenset({Status.ASSIGNED, Status.RUNNING})
 HEALTH_CHECK_S = 0.5
+PROBES_KEPT = 64  # probes on their way at most (one per HEALTH_CHECK_S)
 TIMES_KEPT = 1000  # per task name, for the mean and percentiles of wait and run times
 HISTORY_KEPT = 720  # stats samples a new dashboard is sent: 6 minutes at 2 Hz
 RECENT_KEPT = 50  # finished tasks in the stats' task table
@@ -200,6 +201,11 @@ class Balancer:
         self._why_cache: dict[_QueueKey, str | None] = {}
         self._bad_log = LogLimiter(log, BAD_LOG_INTERVAL_S)  # (bounded: names are not)
         self._health_grace_until = 0.0
+        # Heartbeats are judged up to the send time of the newest probe that came back
+        # (see _send_probe): seq -> monotonic send time of the probes still on their way
+        self._probes: dict[int, float] = {}
+        self._probe_seq = 0
+        self._heard_until = 0.0
         self._connected_at = 0.0
         self._connects = 0
         self._bg: list[asyncio.Task[None]] = []
@@ -253,7 +259,7 @@ class Balancer:
                            (t.all_acks, 1),
                            (t.all_queries, 1), (t.all_node_status, 1), (t.all_reports, 1),
                            (t.all_heartbeats, 0), (t.dashboard_status, 0),
-                           (t.broker_status, 0)],
+                           (t.broker_status, 0), (t.balancer_probe, 0)],
             on_connect=self._on_connect, will=Will(t.balancer_status, offline),
         )
         self._start_metrics()
@@ -486,7 +492,9 @@ class Balancer:
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = self.topics.parse(topic)
         if parsed is None:
-            if topic == self.topics.dashboard_status and payload:
+            if topic == self.topics.balancer_probe:
+                self._on_probe(payload)
+            elif topic == self.topics.dashboard_status and payload:
                 self._on_dashboard(payload)
             elif topic == self.topics.broker_status and payload:
                 try:
@@ -1197,10 +1205,42 @@ class Balancer:
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_CHECK_S)
+            self._send_probe()
             self.check_health(time.monotonic())
             if self.scheduler.holding:
                 self._round_wanted = True  # a task waits for a faster slot: look again
             self._kick()
+
+    def _send_probe(self) -> None:
+        """A message to ourselves, through the broker, behind everything sent to us so far.
+
+        A node is silent when its heartbeats stop *arriving*, not when we have not read
+        them yet: a flood on any topic (a client's burst, a fuzzer) can put seconds of
+        messages ahead of the heartbeats in the broker's queue to us and in our own. So a
+        heartbeat deadline counts up to the send time of the newest probe that has come
+        back (``_heard_until``): what a node sent before it has been read by then."""
+        t = self._transport
+        if t is None or not t.connected:
+            return
+        self._probe_seq += 1
+        self._probes[self._probe_seq] = time.monotonic()
+        if len(self._probes) > PROBES_KEPT:  # lost ones (QoS 0, a reconnect)
+            del self._probes[min(self._probes)]
+        t.publish(self.topics.balancer_probe, f"{self.instance} {self._probe_seq}".encode(),
+                  qos=0)
+
+    def _on_probe(self, payload: bytes) -> None:
+        instance, _, seq = payload.decode("ascii", "replace").partition(" ")
+        if instance != self.instance or not (seq.isascii() and seq.isdigit()
+                                             and len(seq) < 20):
+            return  # another balancer's (it is about to step down: _check_alone)
+        n = int(seq)
+        sent = self._probes.get(n)
+        if sent is None:
+            return
+        self._heard_until = max(self._heard_until, sent)
+        for k in [k for k in self._probes if k <= n]:
+            del self._probes[k]  # (earlier ones were lost or overtaken)
 
     def check_health(self, now: float) -> None:
         """Heartbeat deadlines; publish the sets of nodes first seen at start-up."""
@@ -1221,7 +1261,7 @@ class Balancer:
                 continue
             hb_s = info.status.heartbeat_s if info.status else 1.0
             deadline = max(self.settings.node_timeout_s, 3 * hb_s)
-            if now - info.last_seen <= deadline:
+            if min(now, self._heard_until) - info.last_seen <= deadline:
                 continue
             if info.online:
                 self._node_lost(info, f"went silent (no heartbeat for {deadline:g} s)")

@@ -647,6 +647,8 @@ class Topics:
         self.broker_status = f"{p}/broker/status"
         self.dashboard_status = f"{p}/dashboard/status"
         self.balancer_history = f"{p}/balancer/history"
+        # the balancer's messages to itself, to know how far behind its inbound queue is
+        self.balancer_probe = f"{p}/balancer/probe"
         # what the balancer subscribes to
         self.all_submits = f"{p}/users/+/submit"
         self.all_cancels = f"{p}/users/+/cancel"

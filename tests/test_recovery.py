@@ -30,6 +30,30 @@ def test_a_node_wrongly_declared_offline_comes_back_with_its_next_heartbeat(
     assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
 
 
+def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_unread(
+        running: System) -> None:
+    b, node = running.balancer, running.nodes[0]
+    assert b is not None
+    topics = Topics(running.settings.topic_prefix)
+
+    def online() -> bool:
+        return bool(running.lt.call(lambda: b.nodes["n1"].online))
+
+    wait_for(lambda: running.lt.call(lambda: b._heard_until) > 0, 10, "a probe back")
+    # Given n1's heartbeats stop, on a connection that stays up (a frozen host: no will)
+    running.lt.call(lambda: [t.cancel() for t in node._bg if t.get_name() == "node-heartbeat"])
+    # and the balancer's probes to itself stop coming back: whatever it has not read yet
+    # (a flood ahead of the heartbeats, say) may hold n1's heartbeats
+    running.lt.call(lambda: b._transport.unsubscribe(topics.balancer_probe))
+    heard = running.lt.call(lambda: b._heard_until)
+    # Then, however long that lasts, n1 is not declared silent
+    running.lt.call(lambda: b.check_health(heard + 60))
+    assert online()
+    # And once its probes come back again, n1's silence counts: it is declared lost
+    running.lt.run(b._transport.subscribe(topics.balancer_probe, 0))
+    wait_for(lambda: not online(), 15, "n1 declared silent")
+
+
 def test_cancel_kills_the_processes_a_task_started(system: System, client: Client,
                                                    tmp_path: Path) -> None:
     system.start_balancer()
