@@ -55,6 +55,41 @@ class Will:
     retain: bool = True
 
 
+def _coalesce(out: Any) -> None:
+    """Join the packets waiting in paho's out queue into one write.
+
+    paho sends each packet with its own ``send``: on loopback, with TCP_NODELAY, one
+    syscall and one segment each, which the receiver also wakes up for. Once written, a
+    packet needs nothing more from paho unless it is a QoS 0 PUBLISH (``on_publish``) or a
+    DISCONNECT (closing), so runs of the others are joined (a QoS 1 PUBLISH is tracked in
+    paho's inflight table until its PUBACK, not by its out-queue entry); a packet partly
+    written already stays as it is.
+    """
+    merged: list[Any] = []
+    run: list[Any] = []
+
+    def close_run() -> None:
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            data = b"".join(p["packet"] for p in run)
+            merged.append({**run[0], "pos": 0, "to_process": len(data), "packet": data,
+                           "info": None})
+        run.clear()
+
+    for p in out:
+        cmd = p["command"] & 0xF0
+        if p["pos"] or cmd == paho.DISCONNECT or (cmd == paho.PUBLISH and p["qos"] == 0):
+            close_run()
+            merged.append(p)
+        else:
+            run.append(p)
+    close_run()
+    if len(merged) < len(out):
+        out.clear()
+        out.extend(merged)
+
+
 class _PahoClient(paho.Client):
     """paho's client, closing the TLS socket when the handshake fails (paho 2.2 leaves it
     open: one file descriptor leaked per failed attempt, every back-off, forever)."""
@@ -180,6 +215,7 @@ class MqttTransport:
         self._loop_thread: int | None = None
         self._fd: int | None = None
         self._writer_fd: int | None = None
+        self._write_soon = False
         self._connected = False
         self._ready = asyncio.Event()  # connected and subscriptions acknowledged
         self._connack = asyncio.Event()
@@ -477,16 +513,16 @@ class MqttTransport:
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         fd = sock.fileno()
 
-        def register() -> None:
+        def soon() -> None:
+            # Write once the running callback is over, not on the next poll for
+            # writability: what the rest of this loop iteration publishes goes out in the
+            # same write (_coalesce), and the socket is watched only when it is full.
             assert self._loop is not None
-            if self._fd == fd and self._writer_fd is None:
-                try:
-                    self._loop.add_writer(fd, self._on_writable)
-                except (OSError, ValueError):
-                    return
-                self._writer_fd = fd
+            if self._fd == fd and not self._write_soon and self._writer_fd is None:
+                self._write_soon = True
+                self._loop.call_soon(self._write_now)
 
-        self._in_loop(register)
+        self._in_loop(soon)
 
     def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         def unregister() -> None:
@@ -496,6 +532,20 @@ class MqttTransport:
                 self._writer_fd = None
 
         self._in_loop(unregister)
+
+    def _write_now(self) -> None:
+        self._write_soon = False
+        fd = self._fd
+        if fd is None:
+            return
+        self._on_writable()
+        if self._client.want_write() and self._fd == fd and self._writer_fd is None:
+            try:  # the socket's buffer is full: go on when it has room
+                assert self._loop is not None
+                self._loop.add_writer(fd, self._on_writable)
+            except (OSError, ValueError):
+                return
+            self._writer_fd = fd
 
     def _on_readable(self) -> None:
         # Read every packet already in the socket buffer in one go, so that a burst of
@@ -523,8 +573,11 @@ class MqttTransport:
                 return
 
     def _on_writable(self) -> None:
+        client = self._client
         try:
-            self._client.loop_write()
+            if len(client._out_packet) > 1:
+                _coalesce(client._out_packet)
+            client.loop_write()
         except Exception:
             log.exception("paho loop_write failed; dropping the connection")
             self._force_close()

@@ -10,7 +10,7 @@ import pytest
 
 from lbmqtt.broker import EmbeddedBroker
 from lbmqtt.errors import BrokerUnavailable, ConfigError
-from lbmqtt.mqtt import MqttTransport, Will
+from lbmqtt.mqtt import MqttTransport, Will, _coalesce
 
 from .cluster import free_port
 
@@ -117,3 +117,26 @@ def test_port_zero_is_refused_for_a_client() -> None:
             await t.start()
 
     asyncio.run(scenario())
+
+
+def test_queued_packets_are_joined_where_paho_needs_nothing_once_they_are_written() -> None:
+    from collections import deque
+
+    import paho.mqtt.client as paho
+
+    def pkt(command: int, qos: int, data: bytes, pos: int = 0) -> dict[str, Any]:
+        return {"command": command, "mid": 0, "qos": qos, "pos": pos,
+                "to_process": len(data) - pos, "packet": bytearray(data), "info": None}
+
+    out = deque([pkt(paho.PUBLISH, 1, b"AB", pos=1),  # partly written already: kept
+                 pkt(paho.PUBACK, 0, b"c"), pkt(paho.PUBLISH | 2, 1, b"d"),
+                 pkt(paho.PUBLISH, 0, b"e"),  # QoS 0: its on_publish needs it alone
+                 pkt(paho.PUBACK, 0, b"f"), pkt(paho.SUBSCRIBE, 1, b"g"),
+                 pkt(paho.DISCONNECT, 0, b"h")])
+    _coalesce(out)
+    assert [(bytes(p["packet"]), p["pos"], p["to_process"]) for p in out] == [
+        (b"AB", 1, 1), (b"cd", 0, 2), (b"e", 0, 1), (b"fg", 0, 2), (b"h", 0, 1)]
+    # a joined packet is never taken for a QoS 0 PUBLISH or a DISCONNECT once written
+    for p in (out[1], out[3]):
+        assert p["command"] & 0xF0 not in (paho.DISCONNECT,) and not (
+            p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0)
