@@ -825,11 +825,18 @@ class Node:
 
     def _schedule_flush(self, *, urgent: bool = True) -> None:
         """Send a report soon: results (``urgent``) at once unless a report left less than
-        REPORT_GAP_S ago, then when that gap is over; started notices alone wait a gap, so
-        that a short task's result carries them."""
+        REPORT_GAP_S ago while other tasks run or wait here (their results are due to share
+        the next report: as in Nagle's algorithm, only a sender with more coming waits),
+        then when that gap is over; started notices alone wait a gap, so that a short
+        task's result carries them."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        due = max(now, self._last_flush + REPORT_GAP_S) if urgent else now + REPORT_GAP_S
+        if not urgent:
+            due = now + REPORT_GAP_S
+        elif any(w.queue for w in self._workers) or any(self._pending.values()):
+            due = max(now, self._last_flush + REPORT_GAP_S)
+        else:
+            due = now  # nothing else would ride along: a lone task is not held back
         if self._flush_soon:
             if self._flush_due <= due:
                 return
