@@ -4,7 +4,11 @@
 Scenarios (this file grows with the performance issue):
 
 ``throughput``  N no-op tasks from one client (``map``): tasks/s, p50/p99 submit->result.
-``latency``     one task at a time: p50/p99 submit->result.
+``latency``     one task at a time: p50/p99 submit->result. With ``--stages``, a second
+                pass of as many tasks with a listener on every topic (its own process):
+                the median time from submit to each message of a task (the submit, the
+                node's assignment set, the node's report, the first and the last events
+                message), to show which hop the time goes to.
 ``sleep``       N tasks of ``--sleep-ms`` on the workers: makespan and efficiency against
                 the ideal (N x sleep / workers).
 ``journal``     the throughput scenario with the balancer's journal off, on (``normal``)
@@ -87,6 +91,92 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return values[k]
+
+
+SNIFFER = r"""
+import socket, sys, time
+import paho.mqtt.client as mqtt
+host, port, prefix, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out = open(path, "wb")
+def on_message(c, u, m):
+    out.write(b"%.6f %s %s\n" % (time.perf_counter(), m.topic.encode(),
+                                 m.payload.replace(b"\n", b" ")))
+def on_socket_open(c, u, sock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+c.on_message, c.on_socket_open = on_message, on_socket_open
+c.on_connect = lambda c, *a: c.subscribe(prefix + "/#", 0)
+c.on_subscribe = lambda *a: print("ready", flush=True)
+c.connect(host, port)
+try:
+    c.loop_forever()
+finally:
+    out.close()
+"""
+"""A listener on every topic under a prefix, in its own process: one line per message,
+``perf_counter topic payload`` (perf_counter is CLOCK_MONOTONIC: the same clock in every
+process of the machine)."""
+
+
+def start_sniffer(host: str, port: int, prefix: str) -> tuple[subprocess.Popen[bytes], Path]:
+    path = Path(tempfile.mkstemp(prefix="lbmqtt-stages-")[1])
+    sniffer = subprocess.Popen([sys.executable, "-c", SNIFFER, host, str(port), prefix,
+                                str(path)], stdout=subprocess.PIPE)
+    assert sniffer.stdout is not None
+    ready = sniffer.stdout.readline()
+    assert ready.strip() == b"ready", ready
+    return sniffer, path
+
+
+def stage_offsets(path: Path, marks: list[tuple[str, float, float]]) -> dict[str, float]:
+    """The median ms from each task's submit to the first message about it (found by its
+    id in the payload) on each kind of topic, and to its last events message."""
+    seen: list[tuple[float, str, bytes]] = []
+    for line in path.read_bytes().splitlines():
+        t, topic, payload = [*line.split(b" ", 2), b""][:3]
+        seen.append((float(t), topic.decode().rsplit("/", 1)[-1], payload))
+    path.unlink()
+    offsets: dict[str, list[float]] = {}
+    j = 0
+    for tid, t0, t1 in marks:
+        key = tid.encode()
+        while j < len(seen) and seen[j][0] < t0:
+            j += 1
+        first: dict[str, float] = {}
+        last_events = None
+        k = j
+        while k < len(seen) and seen[k][0] <= t1 + 0.05:
+            t, kind, payload = seen[k]
+            if key in payload:
+                first.setdefault(kind, t - t0)
+                if kind == "events":
+                    last_events = t - t0
+            k += 1
+        got = {"submit": first.get("submit"), "assign": first.get("assign"),
+               "report": first.get("reports"), "events_first": first.get("events"),
+               "events_last": last_events, "client_done": t1 - t0}
+        for name, v in got.items():
+            if v is not None:
+                offsets.setdefault(name, []).append(v)
+    return {name: round(1000 * statistics.median(v), 3) for name, v in offsets.items()}
+
+
+async def stage_times(c: AsyncClient, host: str, port: int, prefix: str, n: int
+                      ) -> dict[str, float]:
+    """Run ``n`` lone tasks with SNIFFER listening; see stage_offsets."""
+    sniffer, path = await asyncio.to_thread(start_sniffer, host, port, prefix)
+    marks: list[tuple[str, float, float]] = []
+    try:
+        for i in range(n):
+            t0 = time.perf_counter()
+            tid = await c.submit("NOOP", i)
+            await c.wait(tid, timeout=60)
+            marks.append((tid, t0, time.perf_counter()))
+        await asyncio.sleep(0.2)  # (the last messages reach the listener)
+    finally:
+        sniffer.terminate()
+        await asyncio.to_thread(sniffer.wait, 10)
+    return await asyncio.to_thread(stage_offsets, path, marks)
 
 
 def start_mosquitto() -> tuple[subprocess.Popen[bytes], int, Path]:
@@ -210,6 +300,8 @@ async def scenario(args: argparse.Namespace, port: int, prefix: str,
                 lat.append(time.perf_counter() - t0)
             out.update(tasks=args.tasks, p50_ms=1000 * pct(lat, 0.5),
                        p99_ms=1000 * pct(lat, 0.99), mean_ms=1000 * statistics.mean(lat))
+            if args.stages:
+                out["stages_ms"] = await stage_times(c, host, port, prefix, args.tasks)
         elif args.scenario == "sleep":
             n, ms = args.tasks, args.sleep_ms
             t0 = time.perf_counter()
@@ -507,6 +599,8 @@ def main() -> None:
     ap.add_argument("--pipeline-window", type=int, default=None, metavar="N",
                     help="PIPELINE_WINDOW_MAX for the balancer (0: no pipelining)")
     ap.add_argument("--rounds", type=int, default=3, help="journal scenario: rounds")
+    ap.add_argument("--stages", action="store_true",
+                    help="latency: also time each hop of a task (a second pass)")
     ap.add_argument("--seconds", type=float, default=None,
                     help="idle: how long at rest (30); scale: how long dispatching (10)")
     ap.add_argument("--nodes", type=int, default=200, help="scale: simulated nodes")
