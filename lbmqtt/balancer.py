@@ -134,6 +134,8 @@ class TaskRecord:
     """Placed in its node's pipelining window (no idle slot was waiting for it)."""
     waived: int = 0
     """Attempts that do not count against TASK_MAX_ATTEMPTS (lost before they started)."""
+    journaled: bool = False
+    """Its row is in the journal (a change then updates only the columns that change)."""
 
     @property
     def queue_key(self) -> _QueueKey:
@@ -329,7 +331,7 @@ class Balancer:
                 started_at=row.started_at,
                 finished_at=row.finished_at, collected_at=row.collected_at,
                 requires=requires_of(row.requires_dict() or None),
-                tags=frozenset(row.tags_list()) or NO_TAGS)
+                tags=frozenset(row.tags_list()) or NO_TAGS, journaled=True)
             self._seq = max(self._seq, row.seq)
             self.tasks[rec.id] = rec
             n += 1
@@ -359,18 +361,24 @@ class Balancer:
 
     @staticmethod
     def _journal_row(rec: TaskRecord) -> tuple[Any, ...]:
-        final = rec.status.final
         return (rec.id, rec.user, rec.name, rec.args_json, rec.priority, rec.seq,
                 rec.submitted_at, rec.notify, rec.timeout_s, rec.ref,
                 json.dumps(dict(rec.requires)) if rec.requires else None,
                 json.dumps(sorted(rec.tags)) if rec.tags else None,
-                rec.status.value, rec.attempt,
+                *Balancer._journal_change(rec)[:-1])
+
+    @staticmethod
+    def _journal_change(rec: TaskRecord) -> tuple[Any, ...]:
+        """The columns of a task's row that change after its submit (journal.CHANGING),
+        then its seq."""
+        final = rec.status.final
+        return (rec.status.value, rec.attempt,
                 rec.node if rec.status in PLACED or final else None,
                 rec.group if rec.status in PLACED else None,
                 rec.started_at, rec.finished_at,
                 encode_json(rec.result) if final and rec.result is not None else None,
                 rec.error.model_dump_json().encode() if final and rec.error else None,
-                rec.collected_at, rec.waived)
+                rec.collected_at, rec.waived, rec.seq)
 
     def _commit_journal(self) -> bool:
         """Write the records changed since the last commit (one transaction). False if the
@@ -378,9 +386,15 @@ class Balancer:
         j = self.journal
         if j is None or not (self._journal_dirty or self._journal_gone):
             return True
+        dirty = self._journal_dirty.values()
         try:
-            j.commit((self._journal_row(r) for r in self._journal_dirty.values()),
-                     self._journal_gone)
+            try:
+                j.commit([self._journal_row(r) for r in dirty if not r.journaled],
+                         self._journal_gone,
+                         changes=[self._journal_change(r) for r in dirty if r.journaled])
+            except LookupError as exc:  # (a row gone from under us: write them whole)
+                log.warning("journal %s: %s; writing whole rows", j.path, exc)
+                j.commit([self._journal_row(r) for r in dirty], self._journal_gone)
         except Exception as exc:  # sqlite3.Error mostly; never let it escape the tick
             self.counters["journal_errors"] += 1
             if self._journal_error != str(exc):
@@ -388,6 +402,8 @@ class Balancer:
                           "works again", j.path, exc)
             self._journal_error = str(exc)
             return False
+        for r in dirty:
+            r.journaled = True
         if self._journal_error:
             log.info("journal %s: writing again", j.path)
             self._journal_error = ""

@@ -39,6 +39,28 @@ def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) ->
     again.close()
 
 
+def test_a_change_rewrites_only_the_changing_columns_and_needs_its_row(
+        tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path)
+    j.commit([_row("a", 1), _row("b", 2)])
+    # status, attempt, node, grp, started, finished, result, error, collected, waived; seq
+    assert j.commit([], changes=[("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0,
+                                  2)]) == 1
+    with pytest.raises(LookupError, match="1 of 2 changed tasks have no row"):
+        j.commit([_row("c", 3)], changes=[("running", 1, "n1", 0, 5.0, None, None, None,
+                                           None, 0, 1), ("done", 1, None, None, None, None,
+                                                         None, None, None, 0, 9)])
+    j.close()
+    rows = {r.id: r for r in Journal(path).load()}
+    assert set(rows) == {"a", "b"}  # the failed group wrote nothing, not even "c"
+    assert rows["a"].status == "queued"
+    b = rows["b"]
+    assert (b.status, b.attempt, b.node, b.started_at, b.finished_at, b.result,
+            b.collected_at) == ("done", 1, "n1", 5.0, 6.0, b"[2]", 7.0)
+    assert (b.user, b.name, b.args, b.seq, b.notify) == ("u", "ECHO", b"[1]", 2, "events")
+
+
 def test_an_id_deleted_and_written_in_one_group_stays_written(tmp_path: Path) -> None:
     # an expired task's id submitted again before the next group commit
     j = Journal(tmp_path / "j.sqlite3")
