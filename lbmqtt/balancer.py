@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 
 PLACED = frozenset({Status.ASSIGNED, Status.RUNNING})
 HEALTH_CHECK_S = 0.5
+PROBE_PATIENCE_S = 30.0  # a flood longer than this may still make nodes look silent
 PROBES_KEPT = 64  # probes on their way at most (one per HEALTH_CHECK_S)
 TIMES_KEPT = 1000  # per task name, for the mean and percentiles of wait and run times
 HISTORY_KEPT = 720  # stats samples a new dashboard is sent: 6 minutes at 2 Hz
@@ -208,6 +209,7 @@ class Balancer:
         self._probes: dict[int, float] = {}
         self._probe_seq = 0
         self._heard_until = 0.0
+        self._probe_warned = False
         self._connected_at = 0.0
         self._connects = 0
         self._bg: list[asyncio.Task[None]] = []
@@ -501,6 +503,7 @@ class Balancer:
         # and nodes could not reach us while we were away: give them time to speak again
         self._connected_at = time.monotonic()
         self._health_grace_until = self._connected_at + self.settings.node_timeout_s
+        self._heard_until = max(self._heard_until, self._connected_at)  # (probes: from now)
         self._kick()
 
     # ------------------------------------------------------------------ inbound
@@ -1255,6 +1258,7 @@ class Balancer:
         if sent is None:
             return
         self._heard_until = max(self._heard_until, sent)
+        self._probe_warned = False
         for k in [k for k in self._probes if k <= n]:
             del self._probes[k]  # (earlier ones were lost or overtaken)
 
@@ -1270,6 +1274,15 @@ class Balancer:
                     self._dirty_nodes.add(info.name)
         if now < self._health_grace_until:
             return  # after we were cut off, silence proves nothing about the nodes yet
+        # heartbeats count up to the newest probe back (_send_probe), but not forever: if
+        # no probe comes back at all (a broker's ACL that refuses balancer/probe), silence
+        # is judged PROBE_PATIENCE_S late rather than never
+        horizon = max(min(now, self._heard_until), now - PROBE_PATIENCE_S)
+        if now - self._heard_until > PROBE_PATIENCE_S and not self._probe_warned:
+            self._probe_warned = True
+            log.warning("no probe of ours came back on %s for %g s: node silence is judged "
+                        "%g s late (may this balancer subscribe to it?)",
+                        self.topics.balancer_probe, PROBE_PATIENCE_S, PROBE_PATIENCE_S)
         for info in list(self.nodes.values()):
             if (not info.online and not info.assigned and info.offline_since is not None
                     and now - info.offline_since > RECENTLY_LOST_S):
@@ -1277,7 +1290,7 @@ class Balancer:
                 continue
             hb_s = info.status.heartbeat_s if info.status else 1.0
             deadline = max(self.settings.node_timeout_s, 3 * hb_s)
-            if min(now, self._heard_until) - info.last_seen <= deadline:
+            if horizon - info.last_seen <= deadline:
                 continue
             if info.online:
                 self._node_lost(info, f"went silent (no heartbeat for {deadline:g} s)")

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from lbmqtt import Balancer, Client, Node, UnknownTask
+from lbmqtt.balancer import PROBE_PATIENCE_S
 from lbmqtt.errors import ConfigError
 from lbmqtt.protocol import Assignment, Status, Topics
 
@@ -46,12 +47,26 @@ def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_
     # (a flood ahead of the heartbeats, say) may hold n1's heartbeats
     running.lt.call(lambda: b._transport.unsubscribe(topics.balancer_probe))
     heard = running.lt.call(lambda: b._heard_until)
-    # Then, however long that lasts, n1 is not declared silent
-    running.lt.call(lambda: b.check_health(heard + 60))
+    # Then, for as long as that lasts (up to PROBE_PATIENCE_S), n1 is not declared silent
+    running.lt.call(lambda: b.check_health(heard + PROBE_PATIENCE_S - 1))
     assert online()
     # And once its probes come back again, n1's silence counts: it is declared lost
     running.lt.run(b._transport.subscribe(topics.balancer_probe, 0))
     wait_for(lambda: not online(), 15, "n1 declared silent")
+
+
+def test_silence_is_judged_late_not_never_when_the_probes_never_come_back(
+        running: System, caplog: pytest.LogCaptureFixture) -> None:
+    b, node = running.balancer, running.nodes[0]
+    assert b is not None
+    topics = Topics(running.settings.topic_prefix)
+    # a broker whose ACL refuses the balancer its probe topic: no probe ever comes back
+    running.lt.call(lambda: b._transport.unsubscribe(topics.balancer_probe))
+    running.lt.call(lambda: [t.cancel() for t in node._bg if t.get_name() == "node-heartbeat"])
+    heard = running.lt.call(lambda: b._heard_until)
+    running.lt.call(lambda: b.check_health(heard + PROBE_PATIENCE_S + 10))
+    assert not running.lt.call(lambda: b.nodes["n1"].online)
+    assert "no probe of ours came back" in caplog.text
 
 
 def test_cancel_kills_the_processes_a_task_started(system: System, client: Client,
