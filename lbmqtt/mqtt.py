@@ -502,8 +502,7 @@ class MqttTransport:
                 return
             self._fd = fd
             if client.want_write():
-                self._loop.add_writer(fd, self._on_writable)
-                self._writer_fd = fd
+                self._watch_writable(fd)
 
         self._in_loop(register)
 
@@ -539,13 +538,19 @@ class MqttTransport:
         if fd is None:
             return
         self._on_writable()
-        if self._client.want_write() and self._fd == fd and self._writer_fd is None:
-            try:  # the socket's buffer is full: go on when it has room
-                assert self._loop is not None
-                self._loop.add_writer(fd, self._on_writable)
-            except (OSError, ValueError):
-                return
-            self._writer_fd = fd
+        if self._client.want_write() and self._fd == fd:
+            self._watch_writable(fd)  # the socket's buffer is full: go on when it has room
+
+    def _watch_writable(self, fd: int) -> None:
+        """Write what paho still holds once the socket has room."""
+        if self._writer_fd is not None:
+            return
+        assert self._loop is not None
+        try:
+            self._loop.add_writer(fd, self._on_writable)
+        except (OSError, ValueError):
+            return
+        self._writer_fd = fd
 
     def _on_readable(self) -> None:
         # Read every packet already in the socket buffer in one go, so that a burst of
