@@ -138,5 +138,5 @@ def test_queued_packets_are_joined_where_paho_needs_nothing_once_they_are_writte
         (b"AB", 1, 1), (b"cd", 0, 2), (b"e", 0, 1), (b"fg", 0, 2), (b"h", 0, 1)]
     # a joined packet is never taken for a QoS 0 PUBLISH or a DISCONNECT once written
     for p in (out[1], out[3]):
-        assert p["command"] & 0xF0 not in (paho.DISCONNECT,) and not (
+        assert p["command"] & 0xF0 != paho.DISCONNECT and not (
             p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0)

@@ -31,39 +31,44 @@ def test_a_node_wrongly_declared_offline_comes_back_with_its_next_heartbeat(
     assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
 
 
-def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_unread(
-        running: System) -> None:
+def _silence_n1_and_deafen_the_balancer(running: System) -> float:
+    """n1's heartbeats stop, on a connection that stays up (a frozen host: no will), and
+    the balancer's probes to itself stop coming back; returns the send time of the last
+    probe that did."""
     b, node = running.balancer, running.nodes[0]
     assert b is not None
-    topics = Topics(running.settings.topic_prefix)
+    running.lt.call(lambda: [t.cancel() for t in node._bg if t.get_name() == "node-heartbeat"])
+    running.lt.call(lambda: b._transport.unsubscribe(b.topics.balancer_probe))
+    return float(running.lt.call(lambda: b._heard_until))
+
+
+def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_unread(
+        running: System) -> None:
+    b = running.balancer
+    assert b is not None
 
     def online() -> bool:
         return bool(running.lt.call(lambda: b.nodes["n1"].online))
 
-    wait_for(lambda: running.lt.call(lambda: b._heard_until) > 0, 10, "a probe back")
-    # Given n1's heartbeats stop, on a connection that stays up (a frozen host: no will)
-    running.lt.call(lambda: [t.cancel() for t in node._bg if t.get_name() == "node-heartbeat"])
-    # and the balancer's probes to itself stop coming back: whatever it has not read yet
-    # (a flood ahead of the heartbeats, say) may hold n1's heartbeats
-    running.lt.call(lambda: b._transport.unsubscribe(topics.balancer_probe))
-    heard = running.lt.call(lambda: b._heard_until)
+    wait_for(lambda: running.lt.call(lambda: b._heard_until > b._connected_at), 10,
+             "a probe back")
+    # Given n1 falls silent while the balancer's probes stop coming back: whatever it has
+    # not read yet (a flood ahead of the heartbeats, say) may hold n1's heartbeats
+    heard = _silence_n1_and_deafen_the_balancer(running)
     # Then, for as long as that lasts (up to PROBE_PATIENCE_S), n1 is not declared silent
     running.lt.call(lambda: b.check_health(heard + PROBE_PATIENCE_S - 1))
     assert online()
     # And once its probes come back again, n1's silence counts: it is declared lost
-    running.lt.run(b._transport.subscribe(topics.balancer_probe, 0))
+    running.lt.run(b._transport.subscribe(b.topics.balancer_probe, 0))
     wait_for(lambda: not online(), 15, "n1 declared silent")
 
 
 def test_silence_is_judged_late_not_never_when_the_probes_never_come_back(
         running: System, caplog: pytest.LogCaptureFixture) -> None:
-    b, node = running.balancer, running.nodes[0]
+    b = running.balancer
     assert b is not None
-    topics = Topics(running.settings.topic_prefix)
     # a broker whose ACL refuses the balancer its probe topic: no probe ever comes back
-    running.lt.call(lambda: b._transport.unsubscribe(topics.balancer_probe))
-    running.lt.call(lambda: [t.cancel() for t in node._bg if t.get_name() == "node-heartbeat"])
-    heard = running.lt.call(lambda: b._heard_until)
+    heard = _silence_n1_and_deafen_the_balancer(running)
     running.lt.call(lambda: b.check_health(heard + PROBE_PATIENCE_S + 10))
     assert not running.lt.call(lambda: b.nodes["n1"].online)
     assert "no probe of ours came back" in caplog.text
