@@ -393,7 +393,9 @@ class AsyncClient:
                 it runs on), the current one first; e.g. to draw a progress bar.
         """
         done = self._collected.get(task_id) or self._finished.get(task_id)
-        if done is not None:
+        if done is not None:  # finished before the wait began: its final state is its only one
+            if on_state is not None:
+                on_state(done)
             self._collect(done)
             return done
         tr = self._tracked.get(task_id)

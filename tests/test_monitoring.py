@@ -292,6 +292,19 @@ def test_map_reports_progress(system: System) -> None:
     assert final.status == Status.DONE and states[-1].status == Status.DONE
 
 
+def test_wait_state_on_a_task_already_finished_reports_its_final_state(system: System) -> None:
+    # `lbmqtt submit --wait --progress` draws nothing if a quick task finished before the wait
+    # began and on_state was never called (seen in CI)
+    _start(system)
+    with Client(system.settings, user="gil") as c:
+        tid = c.submit("ECHO", 5)
+        wait_for(lambda: c.get(tid).status.final, 20, "the task to finish")
+        states: list[TaskState] = []
+        final = c.wait_state(tid, 20, on_state=states.append)
+    assert final.status == Status.DONE
+    assert [(st.id, st.status) for st in states] == [(tid, Status.DONE)]
+
+
 def test_progress_bar_rendering() -> None:
     out = io.StringIO()
     bar = ProgressBar("SLEEP", stream=out, width=10, min_interval_s=0)
