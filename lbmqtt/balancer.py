@@ -52,7 +52,6 @@ from .protocol import (
     ErrorInfo,
     ErrorItem,
     Errors,
-    Events,
     Heartbeat,
     HistorySample,
     IdList,
@@ -1187,30 +1186,50 @@ class Balancer:
         if durable and self.journal is not None:
             self._journal_dirty[rec.id] = rec
 
+    def _waiting(self, rec: TaskRecord) -> str | None:
+        """Why a queued task is not running yet (cached per queue until the next round)."""
+        if rec.status != Status.QUEUED:
+            return None
+        key = rec.queue_key
+        if key not in self._why_cache:
+            self._why_cache[key] = self.scheduler.why_waiting(*key)
+        return self._why_cache[key]
+
     def state_of(self, rec: TaskRecord) -> TaskState:
         """The wire state of a task record (with the current waiting reason if queued)."""
-        waiting = None
-        if rec.status == Status.QUEUED:
-            key = rec.queue_key
-            if key not in self._why_cache:
-                self._why_cache[key] = self.scheduler.why_waiting(*key)
-            waiting = self._why_cache[key]
         return TaskState(
             id=rec.id, user=rec.user, name=rec.name, status=rec.status,
             priority=rec.priority, progress=rec.progress, attempt=rec.attempt, node=rec.node,
             submitted_at=rec.submitted_at, started_at=rec.started_at,
             finished_at=rec.finished_at, result=rec.result, error=rec.error,
-            waiting=waiting, ref=rec.ref)
+            waiting=self._waiting(rec), ref=rec.ref)
+
+    def state_dict(self, rec: TaskRecord) -> dict[str, Any]:
+        """:meth:`state_of` as the plain dict that encodes to the same JSON.
+
+        The hot path: a task's states (queued, assigned, done) are published in every
+        events batch, and building a pydantic model per state cost 4 us against 1.8 us for
+        the dict (``test_state_dict_encodes_as_the_model_does`` holds the two equal)."""
+        d: dict[str, Any] = {"v": 1, "id": rec.id, "user": rec.user, "name": rec.name,
+                             "status": rec.status.value, "priority": rec.priority,
+                             "progress": rec.progress, "attempt": rec.attempt}
+        for key, value in (("node", rec.node), ("submitted_at", rec.submitted_at),
+                           ("started_at", rec.started_at), ("finished_at", rec.finished_at),
+                           ("result", rec.result), ("error", rec.error),
+                           ("waiting", self._waiting(rec)), ("ref", rec.ref)):
+            if value is not None:
+                d[key] = value
+        return d
 
     def _flush_states(self) -> None:
         t = self._transport
         assert t is not None
         for user, recs in self._states.items():
-            states = [self.state_of(r) for r in recs.values()]
-            t.publish(self.topics.events(user), Events(states=states).encode(), qos=1)
+            states = [self.state_dict(r) for r in recs.values()]
+            t.publish(self.topics.events(user), encode_json({"v": 1, "states": states}), qos=1)
             for st, rec in zip(states, recs.values(), strict=True):
                 if rec.notify == "retained" and rec.id in self.tasks:
-                    data = st.encode()
+                    data = encode_json(st)
                     t.publish(self.topics.task(user, rec.id), data, qos=1, retain=True)
                     if rec.status.final:
                         t.publish(self.topics.result(user, rec.id), data, qos=1, retain=True)

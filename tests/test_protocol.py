@@ -105,3 +105,33 @@ def test_decode_submit_never_fails_with_anything_but_decode_error(raw: bytes) ->
     except DecodeError:
         return
     assert all(isinstance(x, TaskSpec | DecodeError) for x in out)
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                               max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(status=st.sampled_from(list(Status)), result=JSONISH,
+       node=st.none() | st.just("n1"), ref=st.none() | st.text(max_size=5),
+       started=st.none() | st.floats(0, 2e9), failed=st.booleans())
+def test_state_dict_encodes_as_the_model_does(status: Status, result: object, node: str | None,
+                                              ref: str | None, started: float | None,
+                                              failed: bool) -> None:
+    # the balancer publishes events from plain dicts (the hot path); the bytes must be the
+    # ones the TaskState model would give, None fields left out but None inside a result kept
+    from lbmqtt.balancer import Balancer, TaskRecord
+    from lbmqtt.protocol import ErrorInfo, encode_json
+
+    b = Balancer(None)
+    rec = TaskRecord(id="t1", user="alice", name="ECHO", args_json=b"[]", priority=3, seq=1,
+                     submitted_at=1.5e9, ref=ref, status=status, attempt=2, node=node,
+                     started_at=started, progress=40, result=result,
+                     error=ErrorInfo(type="ValueError", message="no", traceback="tb")
+                     if failed else None)
+    assert encode_json(b.state_dict(rec)) == b.state_of(rec).encode()
+    assert TaskState.model_validate_json(encode_json(b.state_dict(rec))) == b.state_of(rec)
