@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from lbmqtt import Client
-from lbmqtt.journal import Journal, default_path
+from lbmqtt.balancer import Balancer
+from lbmqtt.journal import CHANGING, Journal, default_path
 from lbmqtt.protocol import Status, Topics
 
 from .conftest import TEST_TASKS, System, wait_for
@@ -116,6 +117,20 @@ def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
     system.start_node("n2")
     assert client.wait(queued, timeout=20) == "Hello John Doe !"
     assert client.get(done).result["args"] == [1, 2]
+
+    # the rows on disk are the rows it would write whole: the changes made after the
+    # restart (to rows it recovered) wrote every column that changed
+    def on_disk_as_in_memory() -> bool:
+        j = second.journal
+        assert j is not None
+        if second._journal_dirty:
+            return False  # (the next tick's commit)
+        rows = {r.id: r for r in j.load()}
+        return all(tuple(getattr(rows[tid], c) for c in CHANGING)
+                   == Balancer._journal_change(second.tasks[tid])[:-1]
+                   for tid in (done, running, queued))
+
+    wait_for(lambda: system.lt.call(on_disk_as_in_memory), 10, "the journal to agree")
 
 
 def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None:
