@@ -265,7 +265,7 @@ def cmd_broker(ns: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_balancer(ns: argparse.Namespace, s: Settings) -> int:
-    from .balancer import Balancer
+    from .balancer import Balancer, tune_gc
 
     _supervised()
 
@@ -276,6 +276,7 @@ def cmd_balancer(ns: argparse.Namespace, s: Settings) -> int:
               + (f", metrics on {b.metrics_url}" if b.metrics_url else ""), flush=True)
         _write_ready(ns.ready_fd, {"instance": b.instance, "metrics": b.metrics_url})
 
+    tune_gc()
     asyncio.run(Balancer(s).run(on_ready=ready))
     return Exit.OK
 

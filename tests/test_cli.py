@@ -169,3 +169,22 @@ def test_up_starts_a_killed_balancer_again_and_the_tasks_carry_on() -> None:
         assert up.proc.wait(60) == 0
     finally:
         finish(up)
+
+
+def test_tune_gc_makes_collections_rare_and_balancer_command_uses_it() -> None:
+    # the balancer's heap is large and long-lived: the default thresholds cost a fifth of
+    # its time accepting 300,000 tasks (bench/run.py scale); `lbmqtt balancer` raises them
+    import gc
+    import inspect
+
+    from lbmqtt import cli
+    from lbmqtt.balancer import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] >= 50 * 700
+    finally:
+        gc.set_threshold(*before)
+    assert "tune_gc()" in inspect.getsource(cli.cmd_balancer)
