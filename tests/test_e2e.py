@@ -137,6 +137,21 @@ def test_resubmitting_the_same_id_runs_the_task_once(running: System, client: Cl
         client.submit("ADD", [5, 5], task_id="same-id")
 
 
+def test_a_malformed_task_in_a_batch_is_named_and_nothing_of_the_batch_is_sent(
+        running: System, client: Client) -> None:
+    # the client validates a batch in one call; when it fails, the error names the first
+    # bad task (its name and id), and the good ones are not submitted either
+    tasks = [{"name": "ADD", "args": [1, 2], "id": "good-1"},
+             {"name": "ADD", "args": [3, 4], "id": "bad-1", "priority": "urgent"},
+             {"name": "not a name", "args": 0, "id": "bad-2"}]
+    with pytest.raises(InvalidTask, match="invalid task 'ADD'") as info:
+        client.submit_many(tasks)
+    assert info.value.task_id == "bad-1"
+    assert client.submit_many(tasks[:1]) == ["good-1"]
+    assert client.wait("good-1", timeout=20) == 3
+    assert running.stats().submitted_total == 1
+
+
 def test_task_error_comes_back_with_its_traceback(running: System, client: Client) -> None:
     tid = client.submit("FAIL", {"message": "boom"})
     with pytest.raises(TaskFailed) as info:
