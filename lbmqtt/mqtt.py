@@ -638,8 +638,8 @@ class MqttTransport:
             self._ready.clear()
             self._initial_sub_mid = None
             if was_connected and not self._closing:
-                log.warning("lost the connection to the MQTT broker at %s:%s (%s); reconnecting",
-                            self.host, self.port, reason)
+                log.warning("%s lost its connection to the MQTT broker at %s:%s (%s); "
+                            "reconnecting", self.client_id, self.host, self.port, reason)
             if self._session_ended is not None:
                 self._session_ended.set()
             if was_connected and self._on_disconnect_hook is not None:
