@@ -407,15 +407,18 @@ class AsyncClient:
                 it runs on), the current one first; e.g. to draw a progress bar.
         """
         done = self._collected.get(task_id) or self._finished.get(task_id)
+        tr = self._tracked.get(task_id)
+        if done is None and (tr is None or tr.state is None):
+            answer = await self._query(task_id)
+            tr = self._tracked.get(task_id)
+            if tr is None:  # (a final answer nobody else waits for is filed as finished)
+                done = answer
         if done is not None:  # finished before the wait began: its final state is its only one
             if on_state is not None:
                 on_state(done)
             self._collect(done)
             return done
-        tr = self._tracked.get(task_id)
-        if tr is None or tr.state is None:
-            await self._query(task_id)
-            tr = self._tracked[task_id]
+        assert tr is not None
         final = self._final_future(task_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         nxt: asyncio.Future[TaskState] | None = None

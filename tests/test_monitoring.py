@@ -305,6 +305,22 @@ def test_wait_state_on_a_task_already_finished_reports_its_final_state(system: S
     assert [(st.id, st.status) for st in states] == [(tid, Status.DONE)]
 
 
+def test_another_client_waits_on_a_task_that_has_finished(system: System) -> None:
+    # a client that never saw the task asks the balancer; the answer is final, and is what
+    # wait/wait_state return (it raised KeyError: the answer was filed as finished)
+    _start(system)
+    with Client(system.settings, user="hal") as first:
+        tid = first.submit("ECHO", 7)
+        assert first.wait(tid, 20)["args"] == 7
+    with Client(system.settings, user="hal") as second:
+        states: list[TaskState] = []
+        final = second.wait_state(tid, 20, on_state=states.append)
+        assert final.status == Status.DONE and final.result["args"] == 7
+        assert [st.status for st in states] == [Status.DONE]
+    with Client(system.settings, user="hal") as third:
+        assert third.wait(tid, 20)["args"] == 7
+
+
 def test_progress_bar_rendering() -> None:
     out = io.StringIO()
     bar = ProgressBar("SLEEP", stream=out, width=10, min_interval_s=0)
