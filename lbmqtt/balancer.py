@@ -72,6 +72,7 @@ from .protocol import (
     decode,
     decode_submit,
     encode_json,
+    encode_model_json,
     is_valid_name,
     task_state_dict,
 )
@@ -1231,10 +1232,11 @@ class Balancer:
         assert t is not None
         for user, recs in self._states.items():
             states = [self.state_dict(r) for r in recs.values()]
-            t.publish(self.topics.events(user), encode_json({"v": 1, "states": states}), qos=1)
+            t.publish(self.topics.events(user), encode_model_json({"v": 1, "states": states}),
+                      qos=1)
             for st, rec in zip(states, recs.values(), strict=True):
                 if rec.notify == "retained" and rec.id in self.tasks:
-                    data = encode_json(st)
+                    data = encode_model_json(st)
                     t.publish(self.topics.task(user, rec.id), data, qos=1, retain=True)
                     if rec.status.final:
                         t.publish(self.topics.result(user, rec.id), data, qos=1, retain=True)

@@ -770,3 +770,9 @@ def validate_topic_for_publish(topic: str) -> None:
 def encode_json(value: Any) -> bytes:
     """Compact JSON bytes of a plain Python value (the same encoder the models use)."""
     return pydantic_core.to_json(value)
+
+
+def encode_model_json(value: Any) -> bytes:
+    """:func:`encode_json` as the models encode: NaN and infinities become null (strict
+    JSON, for any MQTT client), e.g. for :func:`task_state_dict` values."""
+    return pydantic_core.to_json(value, inf_nan_mode="null")
