@@ -183,8 +183,10 @@ def test_tune_gc_makes_collections_rare_and_balancer_command_uses_it() -> None:
     before = gc.get_threshold()
     try:
         tune_gc()
-        assert gc.get_threshold() == GC_THRESHOLDS
-        assert GC_THRESHOLDS[0] >= 50 * 700
+        # (the first threshold only: Python 3.14's incremental collector reads the others
+        # differently)
+        assert gc.get_threshold()[0] == GC_THRESHOLDS[0] >= 50 * 700
     finally:
         gc.set_threshold(*before)
-    assert "tune_gc()" in inspect.getsource(cli.cmd_balancer)
+    source = inspect.getsource(cli.cmd_balancer)
+    assert 0 <= source.find("\n    tune_gc()\n") < source.find("asyncio.run(")

@@ -123,8 +123,9 @@ def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
     def on_disk_as_in_memory() -> bool:
         j = second.journal
         assert j is not None
-        if second._journal_dirty:
-            return False  # (the next tick's commit)
+        if second._journal_dirty or any(second.tasks[tid].collected_at is None
+                                        for tid in (done, running, queued)):
+            return False  # (the acks of the results, and the next tick's commit)
         rows = {r.id: r for r in j.load()}
         return all(tuple(getattr(rows[tid], c) for c in CHANGING)
                    == Balancer._journal_change(second.tasks[tid])[:-1]
