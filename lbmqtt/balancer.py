@@ -1213,15 +1213,11 @@ class Balancer:
 
     def state_of(self, rec: TaskRecord) -> TaskState:
         """The wire state of a task record (with the current waiting reason if queued)."""
-        return TaskState(
-            id=rec.id, user=rec.user, name=rec.name, status=rec.status,
-            priority=rec.priority, progress=rec.progress, attempt=rec.attempt, node=rec.node,
-            submitted_at=rec.submitted_at, started_at=rec.started_at,
-            finished_at=rec.finished_at, result=rec.result, error=rec.error,
-            waiting=self._waiting(rec), ref=rec.ref)
+        return TaskState.model_validate(self.state_dict(rec))
 
     def state_dict(self, rec: TaskRecord) -> dict[str, Any]:
-        """:meth:`state_of` as the plain dict that encodes to the same JSON (the hot path)."""
+        """:meth:`state_of` as the plain dict that encodes to the same JSON (the hot path:
+        what the events carry)."""
         return task_state_dict((rec.id, rec.user, rec.name, rec.status, rec.priority,
                                 rec.progress, rec.attempt, rec.node, rec.submitted_at,
                                 rec.started_at, rec.finished_at, rec.result, rec.error,

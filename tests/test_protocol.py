@@ -135,5 +135,10 @@ def test_state_dict_encodes_as_the_model_does(status: Status, result: object, no
                      started_at=started, progress=40, result=result,
                      error=ErrorInfo(type="ValueError", message="no", traceback="tb")
                      if failed else None)
+    expected = TaskState(id="t1", user="alice", name="ECHO", status=status, priority=3,
+                         progress=40, attempt=2, node=node, submitted_at=1.5e9,
+                         started_at=started, result=result, error=rec.error,
+                         waiting=b._waiting(rec), ref=ref)
+    assert (expected.waiting is not None) == (status == Status.QUEUED)  # (no node: a reason)
     # (NaN and infinities in a result are null in both: strict JSON for any MQTT client)
-    assert encode_model_json(b.state_dict(rec)) == b.state_of(rec).encode()
+    assert encode_model_json(b.state_dict(rec)) == expected.encode() == b.state_of(rec).encode()
