@@ -568,10 +568,10 @@ class AsyncClient:
                 break
             refused_ids = {s.id for s in refused}
             in_flight = [f for i, f in finals.items() if i not in refused_ids and not f.done()]
-            if not in_flight and len(refused) < len(todo):
-                todo = refused  # what the cap let in has finished already: room again
-                continue
             if not in_flight:
+                if len(refused) < len(todo):
+                    todo = refused  # what the cap let in has finished already: room again
+                    continue
                 raise QuotaExceeded(f"the balancer refuses every {name!r} task for the "
                                     "queue cap, with none of yours in flight", code="quota")
             # wait for a good part of what is in flight to finish, then try again
