@@ -36,21 +36,35 @@ sys.path.insert(0, str(ROOT))
 
 from tests.cluster import Cluster, NetNs, Stream, account  # noqa: E402
 
-ALL_FAULTS = ["worker-kill", "node-kill", "node-stop", "node-drain", "balancer-kill",
-              "broker-restart", "netcut"]
+ALL_FAULTS = [
+    "worker-kill",
+    "node-kill",
+    "node-stop",
+    "node-drain",
+    "balancer-kill",
+    "broker-restart",
+    "netcut",
+]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=120.0,
-                    help="how long tasks flow and faults are injected")
+    ap.add_argument(
+        "--seconds", type=float, default=120.0, help="how long tasks flow and faults are injected"
+    )
     ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="worker slots per node")
     ap.add_argument("--rate", type=float, default=25.0, help="tasks submitted per second")
     ap.add_argument("--task-ms", type=float, default=150.0, help="duration of each task")
-    ap.add_argument("--interval", type=float, nargs=2, default=[2.0, 5.0], metavar=("MIN", "MAX"),
-                    help="seconds between faults (uniform)")
+    ap.add_argument(
+        "--interval",
+        type=float,
+        nargs=2,
+        default=[2.0, 5.0],
+        metavar=("MIN", "MAX"),
+        help="seconds between faults (uniform)",
+    )
     ap.add_argument("--faults", help=f"comma-separated, from {','.join(ALL_FAULTS)}")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -68,8 +82,7 @@ def main() -> int:
     injected = Counter[str]()
     with ExitStack() as stack:
         ns_far = stack.enter_context(NetNs()) if "netcut" in faults else None
-        cluster = Cluster(workdir, broker=ns.broker,
-                          host=ns_far.host_ip if ns_far else "127.0.0.1")
+        cluster = Cluster(workdir, broker=ns.broker, host=ns_far.host_ip if ns_far else "127.0.0.1")
         stack.callback(cluster.close)
         cluster.start_broker()
         cluster.start_balancer()
@@ -82,13 +95,17 @@ def main() -> int:
         for name in names:
             start_node(name)
         batch = max(1, round(ns.rate / 20))
-        stream = Stream(cluster, count=10**9, interval_s=batch / ns.rate, task_ms=ns.task_ms,
-                        batch=batch)
+        stream = Stream(
+            cluster, count=10**9, interval_s=batch / ns.rate, task_ms=ns.task_ms, batch=batch
+        )
         stream.start()
         t_end = time.monotonic() + ns.seconds
-        print(f"chaos: seed {seed}, {len(names)} nodes x {ns.workers} slots, "
-              f"{ns.rate:g} tasks/s of {ns.task_ms:g} ms, faults {', '.join(faults)}, "
-              f"logs in {workdir}", flush=True)
+        print(
+            f"chaos: seed {seed}, {len(names)} nodes x {ns.workers} slots, "
+            f"{ns.rate:g} tasks/s of {ns.task_ms:g} ms, faults {', '.join(faults)}, "
+            f"logs in {workdir}",
+            flush=True,
+        )
         while True:
             pause = rng.uniform(*ns.interval)
             if time.monotonic() + pause > t_end:
@@ -99,8 +116,10 @@ def main() -> int:
             if fault == "netcut" and ns_far is not None:
                 node = names[-1]
             where = "" if fault in ("balancer-kill", "broker-restart") else f" {node}"
-            print(f"  {time.strftime('%H:%M:%S')} {fault}{where} "
-                  f"({len(stream.expected)} submitted)", flush=True)
+            print(
+                f"  {time.strftime('%H:%M:%S')} {fault}{where} ({len(stream.expected)} submitted)",
+                flush=True,
+            )
             if fault == "worker-kill":
                 workers = cluster.workers_of(node)
                 if workers:
@@ -142,11 +161,22 @@ def main() -> int:
             print(cluster.log_tail(20))
         if not ns.keep:
             stack.callback(lambda: __import__("shutil").rmtree(workdir, ignore_errors=True))
-    figures = {"bench": "chaos", **acc.summary(), "seconds": ns.seconds,
-               "drain_after_s": round(drain_s, 2), "faults": dict(injected), "seed": seed,
-               "broker": ns.broker, "nodes": ns.nodes, "workers": ns.workers,
-               "rate": ns.rate, "task_ms": ns.task_ms, "cpus": os.cpu_count(),
-               "python": platform.python_version(), "workdir": str(workdir) if ns.keep else None}
+    figures = {
+        "bench": "chaos",
+        **acc.summary(),
+        "seconds": ns.seconds,
+        "drain_after_s": round(drain_s, 2),
+        "faults": dict(injected),
+        "seed": seed,
+        "broker": ns.broker,
+        "nodes": ns.nodes,
+        "workers": ns.workers,
+        "rate": ns.rate,
+        "task_ms": ns.task_ms,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "workdir": str(workdir) if ns.keep else None,
+    }
     print(json.dumps(figures))
     return 1 if acc.lost or acc.duplicated or acc.wrong else 0
 

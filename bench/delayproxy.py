@@ -12,8 +12,7 @@ import contextlib
 import sys
 
 
-async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-               delay: float) -> None:
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -42,8 +41,12 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def main() -> None:
-    listen, host, port, delay_ms = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
-                                    float(sys.argv[4]))
+    listen, host, port, delay_ms = (
+        int(sys.argv[1]),
+        sys.argv[2],
+        int(sys.argv[3]),
+        float(sys.argv[4]),
+    )
     delay = delay_ms / 1000
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

@@ -36,11 +36,19 @@ from lbmqtt.journal import Journal  # noqa: E402
 
 def records(n: int, start: int = 0) -> list[TaskRecord]:
     now = time.time()
-    return [TaskRecord(id=uuid.UUID(int=random.getrandbits(128)).hex, user=f"user{i % 10}",
-                       name="RENDER",
-                       args_json=b'{"scene":%d,"quality":"high"}' % i, priority=i % 3,
-                       seq=i + 1, submitted_at=now, notify="events")
-            for i in range(start, start + n)]
+    return [
+        TaskRecord(
+            id=uuid.UUID(int=random.getrandbits(128)).hex,
+            user=f"user{i % 10}",
+            name="RENDER",
+            args_json=b'{"scene":%d,"quality":"high"}' % i,
+            priority=i % 3,
+            seq=i + 1,
+            submitted_at=now,
+            notify="events",
+        )
+        for i in range(start, start + n)
+    ]
 
 
 def main() -> None:
@@ -70,17 +78,20 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(4):  # queued, assigned, running, done
             for k in range(0, len(recs), 4):
-                j.commit(Balancer._journal_row(r) for r in recs[k:k + 4])
+                j.commit(Balancer._journal_row(r) for r in recs[k : k + 4])
         out["small_commits_us_per_write"] = round(
-            1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2)
+            1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2
+        )
         j.close()
         # baseline, same run: the same writes into a table keyed by the (random) task id,
         # as the journal first was
         db = sqlite3.connect(Path(d) / "by-id.sqlite3", isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE tasks (id TEXT PRIMARY KEY, seq INTEGER, user TEXT, "
-                   "name TEXT, args BLOB, status TEXT, attempt INTEGER) WITHOUT ROWID")
+        db.execute(
+            "CREATE TABLE tasks (id TEXT PRIMARY KEY, seq INTEGER, user TEXT, "
+            "name TEXT, args BLOB, status TEXT, attempt INTEGER) WITHOUT ROWID"
+        )
         put = "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?)"
 
         def by_id(rs: list[TaskRecord]) -> list[tuple[object, ...]]:
@@ -94,20 +105,23 @@ def main() -> None:
         for _ in range(4):
             for k in range(0, len(recs), 4):
                 db.execute("BEGIN")
-                db.executemany(put, by_id(recs[k:k + 4]))
+                db.executemany(put, by_id(recs[k : k + 4]))
                 db.execute("COMMIT")
         out["baseline_keyed_by_id_us_per_write"] = round(
-            1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2)
+            1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2
+        )
         db.close()
 
         path = Path(d) / "restart.sqlite3"
         j = Journal(path)
         for start in range(0, ns.tasks, 10_000):
-            j.commit(Balancer._journal_row(r)
-                     for r in records(min(10_000, ns.tasks - start), start))
+            j.commit(
+                Balancer._journal_row(r) for r in records(min(10_000, ns.tasks - start), start)
+            )
         j.close()
-        out["journal_mb"] = round(sum(p.stat().st_size for p in Path(d).glob("restart*"))
-                                  / 2**20, 1)
+        out["journal_mb"] = round(
+            sum(p.stat().st_size for p in Path(d).glob("restart*")) / 2**20, 1
+        )
         b = Balancer(load_settings(None, env={}, overrides={"JOURNAL_PATH": "none"}))
         t0 = time.perf_counter()
         j = Journal(path)
@@ -116,8 +130,9 @@ def main() -> None:
         out["restart_us_per_task"] = round(1e6 * (time.perf_counter() - t0) / n, 2)
         assert n == ns.tasks and b.scheduler.queued == ns.tasks
         j.close()
-    out["machine"] = (f"{platform.machine()} {os.cpu_count()} cores, "
-                      f"Python {platform.python_version()}")
+    out["machine"] = (
+        f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     print(json.dumps(out))
 
 

@@ -61,15 +61,30 @@ class SimNode:
         self.held: dict[str, int] = {}  # task id -> attempt (finished, awaiting the ack)
         self.done = 0
         self.status = NodeStatus(
-            node=name, instance=self.instance, online=True, host="sim", pid=os.getpid(),
+            node=name,
+            instance=self.instance,
+            online=True,
+            host="sim",
+            pid=os.getpid(),
             groups=[GroupInfo(index=0, workers=slots, min_p=-1000, max_p=1000)],
-            tasks=["NOOP"], cores=slots, heartbeat_s=heartbeat_s, speed=1.0).encode()
+            tasks=["NOOP"],
+            cores=slots,
+            heartbeat_s=heartbeat_s,
+            speed=1.0,
+        ).encode()
         self.t = MqttTransport(
-            host="127.0.0.1", port=port, client_id=f"sim-{name}-{self.instance[:6]}",
-            on_message=self.on_message, subscriptions=[(topics.assign(name), 1)],
-            on_connect=self.on_connect, keepalive_s=10,
-            will=Will(topics.node_status(name),
-                      NodeStatus(node=name, instance=self.instance, online=False).encode()))
+            host="127.0.0.1",
+            port=port,
+            client_id=f"sim-{name}-{self.instance[:6]}",
+            on_message=self.on_message,
+            subscriptions=[(topics.assign(name), 1)],
+            on_connect=self.on_connect,
+            keepalive_s=10,
+            will=Will(
+                topics.node_status(name),
+                NodeStatus(node=name, instance=self.instance, online=False).encode(),
+            ),
+        )
 
     def on_connect(self) -> None:
         self.t.publish(self.topics.node_status(self.name), self.status, qos=1, retain=True)
@@ -85,10 +100,15 @@ class SimNode:
         for a in new:
             self.held[a.id] = a.attempt
         self.done += len(new)
-        rep = NodeReport(node=self.name, instance=self.instance,
-                         started=[Started(id=a.id, attempt=a.attempt, time=now) for a in new],
-                         results=[Result(id=a.id, attempt=a.attempt, status="done",
-                                         result=None, runtime_s=0.0) for a in new])
+        rep = NodeReport(
+            node=self.name,
+            instance=self.instance,
+            started=[Started(id=a.id, attempt=a.attempt, time=now) for a in new],
+            results=[
+                Result(id=a.id, attempt=a.attempt, status="done", result=None, runtime_s=0.0)
+                for a in new
+            ],
+        )
         self.t.publish(self.topics.reports(self.name), rep.encode(), qos=1)
 
     async def heartbeats(self) -> None:
@@ -96,9 +116,14 @@ class SimNode:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             seq += 1
-            hb = Heartbeat(node=self.name, instance=self.instance, seq=seq, time=time.time(),
-                           load=[0.0, 0.0, 0.0],
-                           held=[TaskRef(id=t, attempt=a) for t, a in self.held.items()])
+            hb = Heartbeat(
+                node=self.name,
+                instance=self.instance,
+                seq=seq,
+                time=time.time(),
+                load=[0.0, 0.0, 0.0],
+                held=[TaskRef(id=t, attempt=a) for t, a in self.held.items()],
+            )
             self.t.publish(self.topics.heartbeat(self.name), hb.encode(), qos=0)
 
 
@@ -110,8 +135,9 @@ async def measure_rest(pids: dict[str, int], seconds: float) -> dict[str, float]
     return {k: round(100 * (cpu_seconds(p) - t0[k]) / wall, 2) for k, p in pids.items()}
 
 
-async def run(args: argparse.Namespace, port: int, prefix: str,
-              pids: dict[str, int]) -> dict[str, Any]:
+async def run(
+    args: argparse.Namespace, port: int, prefix: str, pids: dict[str, int]
+) -> dict[str, Any]:
     topics = Topics(prefix)
     out: dict[str, Any] = {}
     rest0 = await measure_rest(pids, args.rest_s)
@@ -123,8 +149,11 @@ async def run(args: argparse.Namespace, port: int, prefix: str,
     for n in nodes:
         await n.t.wait_ready(60)
     hb = [asyncio.create_task(n.heartbeats()) for n in nodes]
-    s = load_settings(None, env={}, overrides={"BROKER_PORT": port, "TOPIC_PREFIX": prefix,
-                                               "CLIENT_ACK_TIMEOUT_S": 120})
+    s = load_settings(
+        None,
+        env={},
+        overrides={"BROKER_PORT": port, "TOPIC_PREFIX": prefix, "CLIENT_ACK_TIMEOUT_S": 120},
+    )
     try:
         async with AsyncClient(s, user="bench") as c:
             # every node known to the balancer before we measure
@@ -145,8 +174,9 @@ async def run(args: argparse.Namespace, port: int, prefix: str,
                 await c.wait_state(tid, timeout=600)
             wall = time.perf_counter() - w0
             out["dispatch_tasks_per_s"] = round(args.tasks / wall, 1)
-            out["dispatch_cpu_pct"] = {k: round(100 * (cpu_seconds(p) - c0[k]) / wall, 1)
-                                       for k, p in pids.items()}
+            out["dispatch_cpu_pct"] = {
+                k: round(100 * (cpu_seconds(p) - c0[k]) / wall, 1) for k, p in pids.items()
+            }
             out["nodes_used"] = sum(1 for n in nodes if n.done)
     finally:
         for t in hb:
@@ -166,20 +196,36 @@ def main() -> None:
     args = ap.parse_args()
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-nodes-"))
-    os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
-                       "LBMQTT_METRICS_PORT": "0",
-                       "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")})
+    os.environ.update(
+        {
+            "LBMQTT_LOG_LEVEL": "WARNING",
+            "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+            "LBMQTT_METRICS_PORT": "0",
+            "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3"),
+        }
+    )
     try:
         with bench_broker(args.broker) as (port, broker_pid, children):
-            children.append(spawn("balancer", ["balancer", "--broker-port", str(port),
-                                               "--prefix", prefix]))
+            children.append(
+                spawn("balancer", ["balancer", "--broker-port", str(port), "--prefix", prefix])
+            )
             pids = {"broker": broker_pid, "balancer": children[-1].proc.pid}
             result = asyncio.run(run(args, port, prefix, pids))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps({"bench": "nodes", "broker": args.broker, "nodes": args.nodes,
-                      "slots_per_node": args.slots, "tasks": args.tasks, **result,
-                      "machine": MACHINE}))
+    print(
+        json.dumps(
+            {
+                "bench": "nodes",
+                "broker": args.broker,
+                "nodes": args.nodes,
+                "slots_per_node": args.slots,
+                "tasks": args.tasks,
+                **result,
+                "machine": MACHINE,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -120,8 +120,9 @@ process of the machine)."""
 
 def start_sniffer(host: str, port: int, prefix: str) -> tuple[subprocess.Popen[bytes], Path]:
     path = Path(tempfile.mkstemp(prefix="lbmqtt-stages-")[1])
-    sniffer = subprocess.Popen([sys.executable, "-c", SNIFFER, host, str(port), prefix,
-                                str(path)], stdout=subprocess.PIPE)
+    sniffer = subprocess.Popen(
+        [sys.executable, "-c", SNIFFER, host, str(port), prefix, str(path)], stdout=subprocess.PIPE
+    )
     assert sniffer.stdout is not None
     ready = sniffer.stdout.readline()
     assert ready.strip() == b"ready", ready
@@ -152,17 +153,23 @@ def stage_offsets(path: Path, marks: list[tuple[str, float, float]]) -> dict[str
                 if kind == "events":
                     last_events = t - t0
             k += 1
-        got = {"submit": first.get("submit"), "assign": first.get("assign"),
-               "report": first.get("reports"), "events_first": first.get("events"),
-               "events_last": last_events, "client_done": t1 - t0}
+        got = {
+            "submit": first.get("submit"),
+            "assign": first.get("assign"),
+            "report": first.get("reports"),
+            "events_first": first.get("events"),
+            "events_last": last_events,
+            "client_done": t1 - t0,
+        }
         for name, v in got.items():
             if v is not None:
                 offsets.setdefault(name, []).append(v)
     return {name: round(1000 * statistics.median(v), 3) for name, v in offsets.items()}
 
 
-async def stage_times(c: AsyncClient, host: str, port: int, prefix: str, n: int
-                      ) -> dict[str, float]:
+async def stage_times(
+    c: AsyncClient, host: str, port: int, prefix: str, n: int
+) -> dict[str, float]:
     """Run ``n`` lone tasks with SNIFFER listening; see stage_offsets."""
     sniffer, path = await asyncio.to_thread(start_sniffer, host, port, prefix)
     marks: list[tuple[str, float, float]] = []
@@ -185,8 +192,9 @@ def start_mosquitto() -> tuple[subprocess.Popen[bytes], int, Path]:
     conf = loopback_mosquitto_conf((ROOT / "broker" / "mosquitto.conf").read_text(), port)
     d = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-"))
     (d / "m.conf").write_text(conf)
-    proc = subprocess.Popen([exe, "-c", str(d / "m.conf")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-c", str(d / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -202,8 +210,9 @@ MACHINE = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python
 
 
 @contextlib.contextmanager
-def bench_broker(kind: str, env: dict[str, str] | None = None
-                 ) -> Iterator[tuple[int, int, list[Child]]]:
+def bench_broker(
+    kind: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[int, int, list[Child]]]:
     """The broker under test in its own process (``kind`` embedded or mosquitto). Yields
     (port, broker pid, children): what the caller spawns into ``children`` is stopped on
     exit, with the broker."""
@@ -239,15 +248,25 @@ async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
         else:
             got.put_nowait(payload)
 
-    a = MqttTransport(host="127.0.0.1", port=port, client_id=f"bench-a-{uuid.uuid4().hex[:6]}",
-                      on_message=on_msg, subscriptions=[("bench/pong", 0), ("bench/rate", 0)])
+    a = MqttTransport(
+        host="127.0.0.1",
+        port=port,
+        client_id=f"bench-a-{uuid.uuid4().hex[:6]}",
+        on_message=on_msg,
+        subscriptions=[("bench/pong", 0), ("bench/rate", 0)],
+    )
     b_ref: list[MqttTransport] = []
 
     def echo(topic: str, payload: bytes, retained: bool) -> None:
         b_ref[0].publish("bench/pong", payload, qos=0)
 
-    b = MqttTransport(host="127.0.0.1", port=port, client_id=f"bench-b-{uuid.uuid4().hex[:6]}",
-                      on_message=echo, subscriptions=[("bench/ping", 0)])
+    b = MqttTransport(
+        host="127.0.0.1",
+        port=port,
+        client_id=f"bench-b-{uuid.uuid4().hex[:6]}",
+        on_message=echo,
+        subscriptions=[("bench/ping", 0)],
+    )
     b_ref.append(b)
     await a.start(wait=True)
     await b.start(wait=True)
@@ -268,13 +287,21 @@ async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
     return {"broker_rtt_p50_ms": 1000 * pct(rtts, 0.5), "broker_msgs_per_s": rate}
 
 
-async def scenario(args: argparse.Namespace, port: int, prefix: str,
-                   host: str = "127.0.0.1") -> dict[str, Any]:
+async def scenario(
+    args: argparse.Namespace, port: int, prefix: str, host: str = "127.0.0.1"
+) -> dict[str, Any]:
     if args.scenario in ("journal", "lan"):
         args = argparse.Namespace(**{**vars(args), "scenario": "throughput"})
-    s = load_settings(None, env={}, overrides={"BROKER_HOST": host, "BROKER_PORT": port,
-                                               "TOPIC_PREFIX": prefix,
-                                               "CLIENT_ACK_TIMEOUT_S": 120})
+    s = load_settings(
+        None,
+        env={},
+        overrides={
+            "BROKER_HOST": host,
+            "BROKER_PORT": port,
+            "TOPIC_PREFIX": prefix,
+            "CLIENT_ACK_TIMEOUT_S": 120,
+        },
+    )
     out: dict[str, Any] = {}
     async with AsyncClient(s, user="bench") as c:
         await c.map("NOOP", [None] * min(50, args.tasks))  # warm-up
@@ -289,17 +316,26 @@ async def scenario(args: argparse.Namespace, port: int, prefix: str,
                 if st.finished_at and st.submitted_at:
                     lat.append(st.finished_at - st.submitted_at)
             elapsed = time.perf_counter() - t0
-            out.update(tasks=n, seconds=elapsed, tasks_per_s=n / elapsed,
-                       submit_s=submitted - t0, p50_ms=1000 * pct(lat, 0.5),
-                       p99_ms=1000 * pct(lat, 0.99))
+            out.update(
+                tasks=n,
+                seconds=elapsed,
+                tasks_per_s=n / elapsed,
+                submit_s=submitted - t0,
+                p50_ms=1000 * pct(lat, 0.5),
+                p99_ms=1000 * pct(lat, 0.99),
+            )
         elif args.scenario == "latency":
             lat = []
             for i in range(args.tasks):
                 t0 = time.perf_counter()
                 await c.wait(await c.submit("NOOP", i), timeout=60)
                 lat.append(time.perf_counter() - t0)
-            out.update(tasks=args.tasks, p50_ms=1000 * pct(lat, 0.5),
-                       p99_ms=1000 * pct(lat, 0.99), mean_ms=1000 * statistics.mean(lat))
+            out.update(
+                tasks=args.tasks,
+                p50_ms=1000 * pct(lat, 0.5),
+                p99_ms=1000 * pct(lat, 0.99),
+                mean_ms=1000 * statistics.mean(lat),
+            )
             if args.stages:
                 out["stages_ms"] = await stage_times(c, host, port, prefix, args.tasks)
         elif args.scenario == "sleep":
@@ -308,8 +344,9 @@ async def scenario(args: argparse.Namespace, port: int, prefix: str,
             await c.map("SLEEP", [{"seconds": ms / 1000, "steps": 1}] * n)
             elapsed = time.perf_counter() - t0
             ideal = n * ms / 1000 / args.workers
-            out.update(tasks=n, sleep_ms=ms, makespan_s=elapsed, ideal_s=ideal,
-                       efficiency=ideal / elapsed)
+            out.update(
+                tasks=n, sleep_ms=ms, makespan_s=elapsed, ideal_s=ideal, efficiency=ideal / elapsed
+            )
     return out
 
 
@@ -320,8 +357,12 @@ def _netem_available() -> bool:
     if NetNs.available():
         return False
     with NetNs() as ns:
-        run = subprocess.run(["tc", "qdisc", "add", "dev", ns.host_if, "root", "netem",
-                              "delay", "1ms"], capture_output=True, timeout=10, check=False)
+        run = subprocess.run(
+            ["tc", "qdisc", "add", "dev", ns.host_if, "root", "netem", "delay", "1ms"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
         return run.returncode == 0
 
 
@@ -338,9 +379,15 @@ def lan(args: argparse.Namespace) -> dict[str, Any]:
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-lan-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
-    env.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
-                "LBMQTT_METRICS_PORT": "0", "LBMQTT_BROKER_ADVERTISE": "false",
-                "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")})
+    env.update(
+        {
+            "LBMQTT_LOG_LEVEL": "WARNING",
+            "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+            "LBMQTT_METRICS_PORT": "0",
+            "LBMQTT_BROKER_ADVERTISE": "false",
+            "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3"),
+        }
+    )
     if args.pipeline_window is not None:
         env["LBMQTT_PIPELINE_WINDOW_MAX"] = str(args.pipeline_window)
     runs: dict[str, list[dict[str, Any]]] = {"0ms": [], "2ms": []}
@@ -358,23 +405,58 @@ def lan(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if method == "netem":
             with NetNs() as ns:
-                children.append(_spawn("broker", ["broker", "--bind", ns.host_ip,
-                                                  "--broker-port", "0"], env=env))
+                children.append(
+                    _spawn(
+                        "broker", ["broker", "--bind", ns.host_ip, "--broker-port", "0"], env=env
+                    )
+                )
                 port = int(children[0].info["port"])
-                common = ["--broker-host", ns.host_ip, "--broker-port", str(port),
-                          "--prefix", prefix]
+                common = [
+                    "--broker-host",
+                    ns.host_ip,
+                    "--broker-port",
+                    str(port),
+                    "--prefix",
+                    prefix,
+                ]
                 children.append(_spawn("balancer", ["balancer", *common], env=env))
-                children.append(_spawn("node", ["node", *common, "--tasks", DEMO, "--name",
-                                                "bench", "--workers", str(args.workers)],
-                                       env=env, wrap=ns.wrap))
+                children.append(
+                    _spawn(
+                        "node",
+                        [
+                            "node",
+                            *common,
+                            "--tasks",
+                            DEMO,
+                            "--name",
+                            "bench",
+                            "--workers",
+                            str(args.workers),
+                        ],
+                        env=env,
+                        wrap=ns.wrap,
+                    )
+                )
 
                 def netem_for(delay: str) -> Any:
                     def set_(on: bool) -> None:
                         for where, dev in (((), ns.host_if), (ns.wrap, ns.ns_if)):
-                            cmd = [*where, "tc", "qdisc", "add" if on else "del", "dev", dev,
-                                   "root"]
-                            subprocess.run([*cmd, "netem", "delay", "1ms"] if on else cmd,
-                                           check=True, capture_output=True, timeout=10)
+                            cmd = [
+                                *where,
+                                "tc",
+                                "qdisc",
+                                "add" if on else "del",
+                                "dev",
+                                dev,
+                                "root",
+                            ]
+                            subprocess.run(
+                                [*cmd, "netem", "delay", "1ms"] if on else cmd,
+                                check=True,
+                                capture_output=True,
+                                timeout=10,
+                            )
+
                     if delay == "2ms":
                         set_(True)
                         return lambda: set_(False)
@@ -391,25 +473,54 @@ def lan(args: argparse.Namespace) -> dict[str, Any]:
                 ms = 1.0 if delay == "2ms" else 0.0
                 pport = free_port()
                 proxy = subprocess.Popen(
-                    [sys.executable, str(ROOT / "bench" / "delayproxy.py"), str(pport),
-                     "127.0.0.1", str(port), str(ms)], stdout=subprocess.PIPE, text=True)
+                    [
+                        sys.executable,
+                        str(ROOT / "bench" / "delayproxy.py"),
+                        str(pport),
+                        "127.0.0.1",
+                        str(port),
+                        str(ms),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 assert proxy.stdout is not None and proxy.stdout.readline().strip() == "ready"
-                node = _spawn("node", ["node", "--broker-port", str(pport), "--prefix", prefix,
-                                       "--tasks", DEMO, "--name", f"bench{delay}",
-                                       "--workers", str(args.workers)], env=env)
+                node = _spawn(
+                    "node",
+                    [
+                        "node",
+                        "--broker-port",
+                        str(pport),
+                        "--prefix",
+                        prefix,
+                        "--tasks",
+                        DEMO,
+                        "--name",
+                        f"bench{delay}",
+                        "--workers",
+                        str(args.workers),
+                    ],
+                    env=env,
+                )
 
                 def stop() -> None:
                     stop_children([node])
                     proxy.terminate()
                     proxy.wait(10)
+
                 return stop
 
             run_rounds("127.0.0.1", port, proxied_node)
     finally:
         stop_children(children)
         shutil.rmtree(workdir, ignore_errors=True)
-    out: dict[str, Any] = {"scenario": "lan", "delay_method": method, "workers": args.workers,
-                           "tasks": args.tasks, "rounds": args.rounds}
+    out: dict[str, Any] = {
+        "scenario": "lan",
+        "delay_method": method,
+        "workers": args.workers,
+        "tasks": args.tasks,
+        "rounds": args.rounds,
+    }
     for delay, rs in runs.items():
         out[f"tasks_per_s_{delay}"] = round(statistics.median(r["tasks_per_s"] for r in rs), 1)
         out[f"p50_ms_{delay}"] = round(statistics.median(r["p50_ms"] for r in rs), 1)
@@ -424,12 +535,31 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
     env.update({"XDG_STATE_HOME": str(workdir), "LBMQTT_LOG_LEVEL": "WARNING"})
     env["LBMQTT_WKHUB_WORKERS"] = json.dumps(
-        [{"nWorkers": args.workers, "minP": -1000, "maxP": 1000}])
-    cmd = [sys.executable, "-m", "lbmqtt", "up", "--broker-port", "0", "--monitor-port", "0",
-           "--metrics-port", "0",
-           "--prefix", f"bench/{uuid.uuid4().hex[:8]}"]
-    up = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                          env=env, cwd=ROOT, start_new_session=True)
+        [{"nWorkers": args.workers, "minP": -1000, "maxP": 1000}]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lbmqtt",
+        "up",
+        "--broker-port",
+        "0",
+        "--monitor-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--prefix",
+        f"bench/{uuid.uuid4().hex[:8]}",
+    ]
+    up = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         assert up.stdout is not None
@@ -445,9 +575,13 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
                 with open(f"/proc/{p}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
                 joined = b" ".join(argv)
-                names[p] = ("worker" if b"lbmqtt.worker" in joined else
-                            next((a.decode() for a in argv[3:4]), "?") if b"lbmqtt" in joined
-                            else "?")
+                names[p] = (
+                    "worker"
+                    if b"lbmqtt.worker" in joined
+                    else next((a.decode() for a in argv[3:4]), "?")
+                    if b"lbmqtt" in joined
+                    else "?"
+                )
             except OSError:
                 names[p] = "?"
         c0 = {p: cpu_seconds(p) for p in pids}
@@ -467,11 +601,15 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"scenario": "idle", "seconds": args.seconds, "workers": args.workers,
-            "cpu_pct_total": round(total, 2),
-            "cpu_pct": {k: round(v, 2) for k, v in sorted(per.items())},
-            "processes": len(pids),
-            "machine": MACHINE}
+    return {
+        "scenario": "idle",
+        "seconds": args.seconds,
+        "workers": args.workers,
+        "cpu_pct_total": round(total, 2),
+        "cpu_pct": {k: round(v, 2) for k, v in sorted(per.items())},
+        "processes": len(pids),
+        "machine": MACHINE,
+    }
 
 
 def rss_mb(pid: int) -> float:
@@ -486,8 +624,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def _scale(args: argparse.Namespace, port: int, prefix: str,
-                 pids: dict[str, int]) -> dict[str, Any]:
+async def _scale(
+    args: argparse.Namespace, port: int, prefix: str, pids: dict[str, int]
+) -> dict[str, Any]:
     from bench.nodes import SimNode, measure_rest
     from lbmqtt.protocol import BalancerStats, Topics
     from lbmqtt.status import StatsWatcher
@@ -497,8 +636,12 @@ async def _scale(args: argparse.Namespace, port: int, prefix: str,
     out: dict[str, Any] = {"rss_mb_start": rss_mb(bal)}
     out["rest_cpu_pct_empty"] = await measure_rest(pids, 3.0)
     s = load_settings(None, env={}, overrides={"BROKER_PORT": port, "TOPIC_PREFIX": prefix})
-    pub = MqttTransport(host="127.0.0.1", port=port, client_id=f"scale-{uuid.uuid4().hex[:6]}",
-                        on_message=lambda topic, payload, retained: None)
+    pub = MqttTransport(
+        host="127.0.0.1",
+        port=port,
+        client_id=f"scale-{uuid.uuid4().hex[:6]}",
+        on_message=lambda topic, payload, retained: None,
+    )
     await pub.start(wait=True, timeout_s=30)
     async with StatsWatcher(s) as w:
         last: BalancerStats | None = await w.next(None, 30)
@@ -512,8 +655,13 @@ async def _scale(args: argparse.Namespace, port: int, prefix: str,
         deadline = time.monotonic() + args.timeout
         while sent < args.tasks and time.monotonic() < deadline:
             n = min(batch, args.tasks - sent)
-            body = json.dumps({"tasks": [{"name": "NOOP", "args": sent + i, "notify": "events"}
-                                         for i in range(n)]}).encode()
+            body = json.dumps(
+                {
+                    "tasks": [
+                        {"name": "NOOP", "args": sent + i, "notify": "events"} for i in range(n)
+                    ]
+                }
+            ).encode()
             user = users[(sent // batch) % len(users)]
             await pub.publish_confirmed(topics.submit(user), body, timeout_s=60)
             sent += n
@@ -546,10 +694,12 @@ async def _scale(args: argparse.Namespace, port: int, prefix: str,
             last = await w.next(last, 60)
             wall = time.perf_counter() - w0
             out["dispatch_tasks_per_s"] = round(
-                (last.done_total - first.done_total) / (last.time - first.time), 1)
+                (last.done_total - first.done_total) / (last.time - first.time), 1
+            )
             out["dispatch_cpu_pct"] = {
                 "balancer": round(100 * (cpu_seconds(bal) - c0) / wall, 1),
-                "broker": round(100 * (cpu_seconds(pids["broker"]) - cb0) / wall, 1)}
+                "broker": round(100 * (cpu_seconds(pids["broker"]) - cb0) / wall, 1),
+            }
             out["rss_mb_dispatching"] = rss_mb(bal)
             out["still_queued"] = last.queued
             out["done_total"] = last.done_total
@@ -566,47 +716,83 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     """The balancer with a million queued tasks and many nodes: CPU and RSS."""
     args.tasks = args.tasks or 1_000_000
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-scale-"))
-    env = {**os.environ, "LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
-           "LBMQTT_METRICS_PORT": "0", "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3")}
+    env = {
+        **os.environ,
+        "LBMQTT_LOG_LEVEL": "WARNING",
+        "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+        "LBMQTT_METRICS_PORT": "0",
+        "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3"),
+    }
     try:
         with bench_broker(args.broker, env) as (port, broker_pid, children):
             base = asyncio.run(broker_baseline(port))
             prefix = f"bench/{uuid.uuid4().hex[:8]}"
-            children.append(_spawn("balancer", ["balancer", "--broker-port", str(port),
-                                                "--prefix", prefix], env=env))
+            children.append(
+                _spawn(
+                    "balancer",
+                    ["balancer", "--broker-port", str(port), "--prefix", prefix],
+                    env=env,
+                )
+            )
             pids = {"broker": broker_pid, "balancer": children[-1].proc.pid}
             result = asyncio.run(_scale(args, port, prefix, pids))
-        result["journal_mb"] = round(sum(
-            f.stat().st_size for f in workdir.glob("journal.sqlite3*")) / 1e6, 1)
+        result["journal_mb"] = round(
+            sum(f.stat().st_size for f in workdir.glob("journal.sqlite3*")) / 1e6, 1
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"scenario": "scale", "broker": args.broker, "tasks": args.tasks,
-            "users": args.users, "nodes": args.nodes, "seconds": args.seconds, **result,
-            **base, "machine": MACHINE}
+    return {
+        "scenario": "scale",
+        "broker": args.broker,
+        "tasks": args.tasks,
+        "users": args.users,
+        "nodes": args.nodes,
+        "seconds": args.seconds,
+        **result,
+        **base,
+        "machine": MACHINE,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenario",
-                    choices=["throughput", "latency", "sleep", "journal", "idle", "lan",
-                             "scale"])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "scenario", choices=["throughput", "latency", "sleep", "journal", "idle", "lan", "scale"]
+    )
     ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--sleep-ms", type=float, default=50.0)
     ap.add_argument("--journal", choices=["on", "off", "full"], default="on")
-    ap.add_argument("--pipeline-window", type=int, default=None, metavar="N",
-                    help="PIPELINE_WINDOW_MAX for the balancer (0: no pipelining)")
+    ap.add_argument(
+        "--pipeline-window",
+        type=int,
+        default=None,
+        metavar="N",
+        help="PIPELINE_WINDOW_MAX for the balancer (0: no pipelining)",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="journal scenario: rounds")
-    ap.add_argument("--stages", action="store_true",
-                    help="latency: also time each hop of a task (a second pass)")
-    ap.add_argument("--seconds", type=float, default=None,
-                    help="idle: how long at rest (30); scale: how long dispatching (10)")
+    ap.add_argument(
+        "--stages",
+        action="store_true",
+        help="latency: also time each hop of a task (a second pass)",
+    )
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="idle: how long at rest (30); scale: how long dispatching (10)",
+    )
     ap.add_argument("--nodes", type=int, default=200, help="scale: simulated nodes")
     ap.add_argument("--users", type=int, default=10, help="scale: users submitting")
-    ap.add_argument("--timeout", type=float, default=1800.0,
-                    help="scale: give up submitting after this many seconds")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="scale: give up submitting after this many seconds",
+    )
     args = ap.parse_args()
     if args.scenario == "scale":
         args.seconds = 10.0 if args.seconds is None else args.seconds
@@ -620,17 +806,25 @@ def main() -> None:
         args.tasks = args.tasks or 2000
         print(json.dumps(lan(args)))
         return
-    args.tasks = args.tasks or {"throughput": 2000, "latency": 200, "sleep": 200,
-                                "journal": 2000}[args.scenario]
+    args.tasks = (
+        args.tasks
+        or {"throughput": 2000, "latency": 200, "sleep": 200, "journal": 2000}[args.scenario]
+    )
     prefix = f"bench/{uuid.uuid4().hex[:8]}"
     workdir = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-"))
-    os.environ.update({"LBMQTT_LOG_LEVEL": "WARNING", "LBMQTT_LB_QUEING_MAXPERUSER": "0",
-                       "LBMQTT_METRICS_PORT": "0"})
+    os.environ.update(
+        {
+            "LBMQTT_LOG_LEVEL": "WARNING",
+            "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+            "LBMQTT_METRICS_PORT": "0",
+        }
+    )
 
     def journal_env(mode: str, run: int) -> dict[str, str]:
         env = dict(os.environ)
-        env["LBMQTT_JOURNAL_PATH"] = "none" if mode == "off" else str(
-            workdir / f"journal-{run}.sqlite3")
+        env["LBMQTT_JOURNAL_PATH"] = (
+            "none" if mode == "off" else str(workdir / f"journal-{run}.sqlite3")
+        )
         env["LBMQTT_JOURNAL_SYNC"] = "full" if mode == "full" else "normal"
         if args.pipeline_window is not None:
             env["LBMQTT_PIPELINE_WINDOW_MAX"] = str(args.pipeline_window)
@@ -640,17 +834,34 @@ def main() -> None:
     try:
         with bench_broker(args.broker) as (port, broker_pid, children):
             common = ["--broker-port", str(port), "--prefix", prefix]
-            modes = ["off", "on", "full"] * args.rounds if args.scenario == "journal" else [
-                args.journal]
-            node_child = _spawn("node", ["node", *common, "--tasks", DEMO, "--name", "bench",
-                                         "--workers", str(args.workers)])
+            modes = (
+                ["off", "on", "full"] * args.rounds
+                if args.scenario == "journal"
+                else [args.journal]
+            )
+            node_child = _spawn(
+                "node",
+                [
+                    "node",
+                    *common,
+                    "--tasks",
+                    DEMO,
+                    "--name",
+                    "bench",
+                    "--workers",
+                    str(args.workers),
+                ],
+            )
             children.append(node_child)
             base = asyncio.run(broker_baseline(port))
             runs: dict[str, list[dict[str, Any]]] = {}
             for i, mode in enumerate(modes):
                 balancer = _spawn("balancer", ["balancer", *common], env=journal_env(mode, i))
-                pids = {"balancer": balancer.proc.pid, "node": node_child.proc.pid,
-                        "broker": broker_pid}
+                pids = {
+                    "balancer": balancer.proc.pid,
+                    "node": node_child.proc.pid,
+                    "broker": broker_pid,
+                }
                 try:
                     c0 = {k: cpu_seconds(p) for k, p in pids.items()}
                     c0["client"] = time.process_time()
@@ -673,21 +884,27 @@ def main() -> None:
                 result[f"{mode}_p50_ms"] = statistics.median(r["p50_ms"] for r in rs)
                 result[f"{mode}_p99_ms"] = statistics.median(r["p99_ms"] for r in rs)
             for mode in ("on", "full"):
-                result[f"{mode}_vs_off"] = result[f"{mode}_tasks_per_s"] / result[
-                    "off_tasks_per_s"]
+                result[f"{mode}_vs_off"] = result[f"{mode}_tasks_per_s"] / result["off_tasks_per_s"]
             result.update(tasks=args.tasks, rounds=args.rounds)
         else:
-            result = {**runs[args.journal][0], "journal": args.journal,
-                      "pipeline_window": args.pipeline_window}
+            result = {
+                **runs[args.journal][0],
+                "journal": args.journal,
+                "pipeline_window": args.pipeline_window,
+            }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    figures: dict[str, Any] = {"scenario": args.scenario, "broker": args.broker,
-                               "workers": args.workers, **result, **base,
-                               "machine": MACHINE}
+    figures: dict[str, Any] = {
+        "scenario": args.scenario,
+        "broker": args.broker,
+        "workers": args.workers,
+        **result,
+        **base,
+        "machine": MACHINE,
+    }
     if "tasks_per_s" in result:
         figures["tasks_per_broker_msg_rate"] = result["tasks_per_s"] / base["broker_msgs_per_s"]
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                      for k, v in figures.items()}))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
 
 
 if __name__ == "__main__":

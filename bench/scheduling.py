@@ -46,14 +46,28 @@ def bench_select(sizes: list[int], users: int, names: int, picks: int) -> dict[s
     for n in sizes:
         gc.collect()
         s = Scheduler()
-        s.set_node(NodeCaps("n1", (Group(0, 4, 0, 9), Group(1, 2, 10, 1000)),
-                            frozenset(f"T{i}" for i in range(names)), 1.0))
-        s.set_node(NodeCaps("n2", (Group(0, 8, 0, 1000),),
-                            frozenset(f"T{i}" for i in range(names)), 2.0))
+        s.set_node(
+            NodeCaps(
+                "n1",
+                (Group(0, 4, 0, 9), Group(1, 2, 10, 1000)),
+                frozenset(f"T{i}" for i in range(names)),
+                1.0,
+            )
+        )
+        s.set_node(
+            NodeCaps("n2", (Group(0, 8, 0, 1000),), frozenset(f"T{i}" for i in range(names)), 2.0)
+        )
         t0 = time.perf_counter()
         for i in range(n):
-            s.enqueue(QueuedTask(f"t{i:08d}", f"u{i % users}", f"T{rng.randrange(names)}",
-                                 rng.choice((0, 0, 0, 5, 50)), i))
+            s.enqueue(
+                QueuedTask(
+                    f"t{i:08d}",
+                    f"u{i % users}",
+                    f"T{rng.randrange(names)}",
+                    rng.choice((0, 0, 0, 5, 50)),
+                    i,
+                )
+            )
         fill = time.perf_counter() - t0
         placed = [p.task.id for p in s.schedule()]  # fill the 14 slots
         times = []
@@ -95,16 +109,25 @@ def bench_memory(n: int) -> dict[str, Any]:
     b = asyncio.run(fill())
     gc.collect()
     after = rss_mb()
-    return {"tasks": n, "balancer_rss_mb": round(after, 1),
-            "added_rss_mb": round(after - before, 1),
-            "bytes_per_task": round((after - before) * 2**20 / n), "queued": b.scheduler.queued}
+    return {
+        "tasks": n,
+        "balancer_rss_mb": round(after, 1),
+        "added_rss_mb": round(after - before, 1),
+        "bytes_per_task": round((after - before) * 2**20 / n),
+        "queued": b.scheduler.queued,
+    }
 
 
 # --------------------------------------------------------------------------- makespan
 
 
-def simulate(policy: str, durations: list[float], speeds: list[float], slots: int,
-             arrivals: list[float] | None = None) -> tuple[float, float]:
+def simulate(
+    policy: str,
+    durations: list[float],
+    speeds: list[float],
+    slots: int,
+    arrivals: list[float] | None = None,
+) -> tuple[float, float]:
     """Discrete-event simulation of tasks (work units at speed 1) on nodes of given speeds.
 
     Returns (makespan, mean response time = finish - arrival).
@@ -112,8 +135,10 @@ def simulate(policy: str, durations: list[float], speeds: list[float], slots: in
     n = len(durations)
     arrivals = arrivals or [0.0] * n
     kinds = {f"t{i}": f"W{int(d)}" for i, d in enumerate(durations)}  # a name per class
-    nodes = [NodeCaps(f"n{i}", (Group(0, slots, 0, 10),), frozenset(set(kinds.values())), sp)
-             for i, sp in enumerate(speeds)]
+    nodes = [
+        NodeCaps(f"n{i}", (Group(0, slots, 0, 10),), frozenset(set(kinds.values())), sp)
+        for i, sp in enumerate(speeds)
+    ]
     s = Scheduler()
     for c in nodes:
         s.set_node(c)
@@ -182,8 +207,9 @@ def bench_makespan(tasks: int, seeds: int) -> dict[str, Any]:
     for seed in range(seeds):
         rng = random.Random(seed)
         # mixed durations: many short, some medium, a few long (work units at speed 1)
-        durations = [rng.choice((1, 1, 1, 2, 2, 5, 10)) * rng.uniform(0.8, 1.2)
-                     for _ in range(tasks)]
+        durations = [
+            rng.choice((1, 1, 1, 2, 2, 5, 10)) * rng.uniform(0.8, 1.2) for _ in range(tasks)
+        ]
         lower = sum(durations) / capacity
         mean_work = statistics.mean(durations)
         t, arrivals = 0.0, []
@@ -193,8 +219,12 @@ def bench_makespan(tasks: int, seeds: int) -> dict[str, Any]:
         for policy in POLICIES:
             batch[policy].append(simulate(policy, durations, speeds, slots)[0] / lower)
             stream[policy].append(simulate(policy, durations, speeds, slots, arrivals)[1])
-    out: dict[str, Any] = {"tasks": tasks, "speeds": speeds, "slots_per_node": slots,
-                           "seeds": seeds}
+    out: dict[str, Any] = {
+        "tasks": tasks,
+        "speeds": speeds,
+        "slots_per_node": slots,
+        "seeds": seeds,
+    }
     for p in POLICIES:
         out[f"batch_makespan_over_lower_bound_{p}"] = round(statistics.median(batch[p]), 3)
         out[f"batch_worst_{p}"] = round(max(batch[p]), 3)
@@ -203,8 +233,9 @@ def bench_makespan(tasks: int, seeds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("scenario", choices=["select", "makespan", "all"])
     ap.add_argument("--sizes", default="1000,100000,1000000")
     ap.add_argument("--users", type=int, default=10)

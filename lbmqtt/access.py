@@ -65,22 +65,42 @@ NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # = protocol
 #: such rule; see README.
 RULES: Final[dict[Role, dict[Action, tuple[str, ...]]]] = {
     "user": {
-        "publish": ("users/%u/submit", "users/%u/cancel", "users/%u/ack", "users/%u/query",
-                    "probe/%c"),
-        "subscribe": ("users/%u/#", "balancer/status", "balancer/stats", "broker/status",
-                      "probe/%c"),
+        "publish": (
+            "users/%u/submit",
+            "users/%u/cancel",
+            "users/%u/ack",
+            "users/%u/query",
+            "probe/%c",
+        ),
+        "subscribe": (
+            "users/%u/#",
+            "balancer/status",
+            "balancer/stats",
+            "broker/status",
+            "probe/%c",
+        ),
         "retain": (),
     },
     "node": {
         "publish": ("nodes/%u/status", "nodes/%u/heartbeat", "nodes/%u/reports", "probe/%c"),
-        "subscribe": ("nodes/%u/assign", "nodes/%u/status", "balancer/status",
-                      "broker/status", "probe/%c"),
+        "subscribe": (
+            "nodes/%u/assign",
+            "nodes/%u/status",
+            "balancer/status",
+            "broker/status",
+            "probe/%c",
+        ),
         "retain": ("nodes/%u/status",),
     },
     "monitor": {
         "publish": ("dashboard/status", "probe/%c"),
-        "subscribe": ("balancer/#", "broker/status", "nodes/+/status", "dashboard/status",
-                      "probe/%c"),
+        "subscribe": (
+            "balancer/#",
+            "broker/status",
+            "nodes/+/status",
+            "dashboard/status",
+            "probe/%c",
+        ),
         "retain": ("dashboard/status",),
     },
     "balancer": {
@@ -98,13 +118,13 @@ its only thread per CONNECT, the embedded broker in a worker thread)."""
 # ------------------------------------------------------------------------------ passwords
 
 
-def hash_password(password: str, *, iterations: int = PBKDF2_ITERATIONS,
-                  salt: bytes | None = None) -> str:
+def hash_password(
+    password: str, *, iterations: int = PBKDF2_ITERATIONS, salt: bytes | None = None
+) -> str:
     """A Mosquitto ``$7$`` hash (PBKDF2-HMAC-SHA512, 12-byte salt, 64-byte key)."""
     salt = os.urandom(12) if salt is None else salt
     key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
-    return (f"$7${iterations}${base64.b64encode(salt).decode()}"
-            f"${base64.b64encode(key).decode()}")
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
 
 
 def verify_password(password: str, hashed: str) -> bool:
@@ -118,8 +138,13 @@ def verify_password(password: str, hashed: str) -> bool:
         if not 1 <= n <= 10_000_000:
             return False
         want = base64.b64decode(key, validate=True)
-        got = hashlib.pbkdf2_hmac("sha512", password.encode(errors="surrogateescape"),
-                                  base64.b64decode(salt, validate=True), n, len(want))
+        got = hashlib.pbkdf2_hmac(
+            "sha512",
+            password.encode(errors="surrogateescape"),
+            base64.b64decode(salt, validate=True),
+            n,
+            len(want),
+        )
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, want)
@@ -137,8 +162,10 @@ class Account:
 
 def check_name(name: str) -> None:
     if not NAME_RE.match(name):
-        raise ConfigError(f"account name {name!r}: 1-64 letters, digits and _.- (not first "
-                          f".-); it becomes a topic level")
+        raise ConfigError(
+            f"account name {name!r}: 1-64 letters, digits and _.- (not first "
+            f".-); it becomes a topic level"
+        )
 
 
 def check_role(role: str) -> Role:
@@ -157,8 +184,10 @@ def read_accounts(path: str | os.PathLike[str]) -> dict[str, Account]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ConfigError(f"{p}: no such accounts file (create it with "
-                          f"`lbmqtt user add NAME --role ROLE --file {p}`)") from exc
+        raise ConfigError(
+            f"{p}: no such accounts file (create it with "
+            f"`lbmqtt user add NAME --role ROLE --file {p}`)"
+        ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read the accounts file: {exc}") from exc
     accounts: dict[str, Account] = {}
@@ -174,11 +203,15 @@ def read_accounts(path: str | os.PathLike[str]) -> dict[str, Account]:
             continue
         name, sep, hashed = line.partition(":")
         if not sep or not NAME_RE.match(name) or not hashed.startswith("$7$"):
-            raise ConfigError(f"{p}:{number}: expected NAME:$7$... (a Mosquitto password "
-                              f"line written by `lbmqtt user add`)")
+            raise ConfigError(
+                f"{p}:{number}: expected NAME:$7$... (a Mosquitto password "
+                f"line written by `lbmqtt user add`)"
+            )
         if role not in ROLES:
-            raise ConfigError(f"{p}:{number}: account {name!r} has no '# role: ROLE' line "
-                              f"above it (one of {', '.join(ROLES)})")
+            raise ConfigError(
+                f"{p}:{number}: account {name!r} has no '# role: ROLE' line "
+                f"above it (one of {', '.join(ROLES)})"
+            )
         accounts[name] = Account(name, check_role(role), hashed)
         role = None
     return accounts
@@ -188,8 +221,10 @@ def write_accounts(path: str | os.PathLike[str], accounts: Iterable[Account]) ->
     """Write the accounts file atomically: a new one readable by its owner only, an
     existing one keeping its mode and group (e.g. 0640 root:mosquitto, for Mosquitto)."""
     p = Path(path)
-    lines = ["# lbmqtt accounts: a Mosquitto password file; each account's role is on",
-             "# the comment line above it. Manage it with `lbmqtt user add/remove/list`."]
+    lines = [
+        "# lbmqtt accounts: a Mosquitto password file; each account's role is on",
+        "# the comment line above it. Manage it with `lbmqtt user add/remove/list`.",
+    ]
     for a in sorted(accounts, key=lambda a: a.name):
         lines += [f"# role: {a.role}", f"{a.name}:{a.hash}"]
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -246,8 +281,9 @@ def filter_within(requested: str, allowed: str) -> bool:
     return len(req) == len(alw)
 
 
-def allowed(role: Role, action: Action, topic: str, *, prefix: str, login: str,
-            client_id: str) -> bool:
+def allowed(
+    role: Role, action: Action, topic: str, *, prefix: str, login: str, client_id: str
+) -> bool:
     """May a ``role`` logged in as ``login`` with ``client_id`` publish on (or subscribe
     to) ``topic``?"""
     if topic.startswith("$"):
@@ -267,9 +303,12 @@ def mosquitto_acl(accounts: Iterable[Account], prefix: str) -> str:
     The role rules are therefore written per account (``user NAME`` blocks, ``%u``
     filled in); only the role-independent ``probe/%c`` rule stays a pattern.
     """
-    out = ["# Generated by lbmqtt from its accounts file: do not edit; run",
-           "# `lbmqtt user mosquitto` again after adding or removing accounts.",
-           f"pattern readwrite {prefix}/probe/%c", ""]
+    out = [
+        "# Generated by lbmqtt from its accounts file: do not edit; run",
+        "# `lbmqtt user mosquitto` again after adding or removing accounts.",
+        f"pattern readwrite {prefix}/probe/%c",
+        "",
+    ]
     for a in sorted(accounts, key=lambda a: a.name):
         out.append(f"# role: {a.role}")
         out.append(f"user {a.name}")
@@ -277,16 +316,14 @@ def mosquitto_acl(accounts: Iterable[Account], prefix: str) -> str:
         pubs = [p for p in rules["publish"] if "%c" not in p]
         subs = [p for p in rules["subscribe"] if "%c" not in p]
         for p in sorted(set(pubs) | set(subs)):
-            mode = ("readwrite" if p in pubs and p in subs
-                    else "write" if p in pubs else "read")
+            mode = "readwrite" if p in pubs and p in subs else "write" if p in pubs else "read"
             out.append(f"topic {mode} {prefix}/{p.replace('%u', a.name)}")
         out.append("")
     return "\n".join(out)
 
 
 def mosquitto_conf_snippet(accounts_file: str, acl_file: str) -> str:
-    return (f"allow_anonymous false\npassword_file {accounts_file}\n"
-            f"acl_file {acl_file}\n")
+    return f"allow_anonymous false\npassword_file {accounts_file}\nacl_file {acl_file}\n"
 
 
 # ------------------------------------------------------------------------------ the guard
@@ -303,12 +340,15 @@ class AccessGuard:
             for them).
     """
 
-    def __init__(self, prefix: str, accounts_file: str | os.PathLike[str] | None = None,
-                 extra: Mapping[str, tuple[Role, str]] | None = None):
+    def __init__(
+        self,
+        prefix: str,
+        accounts_file: str | os.PathLike[str] | None = None,
+        extra: Mapping[str, tuple[Role, str]] | None = None,
+    ):
         self.prefix = prefix.rstrip("/")
         self.accounts_file = Path(accounts_file) if accounts_file is not None else None
-        self._extra = {name: (check_role(role), pw) for name, (role, pw) in
-                       (extra or {}).items()}
+        self._extra = {name: (check_role(role), pw) for name, (role, pw) in (extra or {}).items()}
         self._accounts: dict[str, Account] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
@@ -357,8 +397,7 @@ class AccessGuard:
         account = self._accounts.get(login)
         return account.role if account is not None else None
 
-    def quick_check(self, login: str | None,
-                    password: str | None) -> Role | Literal[False] | None:
+    def quick_check(self, login: str | None, password: str | None) -> Role | Literal[False] | None:
         """What can be decided without hashing, on the caller's thread (microseconds):
         the role (a login seen to succeed since the file changed, or one of ``extra``),
         None (refused: no such login), or False (only :meth:`slow_check` can tell)."""
@@ -366,8 +405,7 @@ class AccessGuard:
             return None
         extra = self._extra.get(login)
         if extra is not None:
-            return extra[0] if hmac.compare_digest(extra[1].encode(), password.encode())\
-                else None
+            return extra[0] if hmac.compare_digest(extra[1].encode(), password.encode()) else None
         self.refresh()
         with self._lock:
             account = self._accounts.get(login)
@@ -405,5 +443,4 @@ class AccessGuard:
         return (account.role, account.hash) if account is not None else None
 
     def may(self, role: Role, action: Action, topic: str, login: str, client_id: str) -> bool:
-        return allowed(role, action, topic, prefix=self.prefix, login=login,
-                       client_id=client_id)
+        return allowed(role, action, topic, prefix=self.prefix, login=login, client_id=client_id)

@@ -159,10 +159,14 @@ class TaskRecord:
 
     def same_submit(self, spec: TaskSpec, args_json: bytes) -> bool:
         """True if ``spec`` is a resend of this task's submit (idempotent)."""
-        return (spec.name == self.name and spec.priority == self.priority
-                and args_json == self.args_json and spec.timeout_s == self.timeout_s
-                and requires_of(spec.requires) == self.requires
-                and (frozenset(spec.tags) if spec.tags else NO_TAGS) == self.tags)
+        return (
+            spec.name == self.name
+            and spec.priority == self.priority
+            and args_json == self.args_json
+            and spec.timeout_s == self.timeout_s
+            and requires_of(spec.requires) == self.requires
+            and (frozenset(spec.tags) if spec.tags else NO_TAGS) == self.tags
+        )
 
 
 @dataclass(slots=True)
@@ -202,8 +206,10 @@ class Balancer:
         self.topics = Topics(self.settings.topic_prefix)
         self.instance = uuid.uuid4().hex[:12]
         self.started_at = time.time()
-        self.scheduler = Scheduler(max_running_per_user=self.settings.lb_running_maxperuser,
-                                   window_long_s=self.settings.pipeline_long_s)
+        self.scheduler = Scheduler(
+            max_running_per_user=self.settings.lb_running_maxperuser,
+            window_long_s=self.settings.pipeline_long_s,
+        )
         self.tasks: dict[str, TaskRecord] = {}
         self.nodes: dict[str, NodeInfo] = {}
         self.ready = asyncio.Event()
@@ -274,12 +280,21 @@ class Balancer:
             client_id=client_id("balancer"),
             on_message=self._on_message,
             # the retained sets an earlier balancer left come first: see _adopt
-            subscriptions=[(t.all_assign, 1), (t.all_submits, 1), (t.all_cancels, 1),
-                           (t.all_acks, 1),
-                           (t.all_queries, 1), (t.all_node_status, 1), (t.all_reports, 1),
-                           (t.all_heartbeats, 0), (t.dashboard_status, 0),
-                           (t.broker_status, 0), (t.balancer_probe, 0)],
-            on_connect=self._on_connect, will=Will(t.balancer_status, offline),
+            subscriptions=[
+                (t.all_assign, 1),
+                (t.all_submits, 1),
+                (t.all_cancels, 1),
+                (t.all_acks, 1),
+                (t.all_queries, 1),
+                (t.all_node_status, 1),
+                (t.all_reports, 1),
+                (t.all_heartbeats, 0),
+                (t.dashboard_status, 0),
+                (t.broker_status, 0),
+                (t.balancer_probe, 0),
+            ],
+            on_connect=self._on_connect,
+            will=Will(t.balancer_status, offline),
         )
         self._start_metrics()
         await self._transport.start()
@@ -298,9 +313,13 @@ class Balancer:
         try:
             port = self.metrics.serve(s.metrics_ip, s.metrics_port)
         except OSError as exc:  # the balancer matters more than its metrics: go on without
-            log.error("no metrics endpoint: cannot listen on %s:%s (%s); set METRICS_PORT "
-                      "to a free port, 0 for any, or null for none", s.metrics_ip,
-                      s.metrics_port, exc.strerror or exc)
+            log.error(
+                "no metrics endpoint: cannot listen on %s:%s (%s); set METRICS_PORT "
+                "to a free port, 0 for any, or null for none",
+                s.metrics_ip,
+                s.metrics_port,
+                exc.strerror or exc,
+            )
             self.metrics = None
             return
         host = f"[{s.metrics_ip}]" if ":" in s.metrics_ip else s.metrics_ip
@@ -313,8 +332,11 @@ class Balancer:
         if where.lower() in ("none", ""):
             log.warning("JOURNAL_PATH is none: queued tasks do not survive a balancer restart")
             return
-        path = (default_path(s.broker_host, s.broker_port, s.topic_prefix)
-                if where.lower() == "auto" else Path(where).expanduser())
+        path = (
+            default_path(s.broker_host, s.broker_port, s.topic_prefix)
+            if where.lower() == "auto"
+            else Path(where).expanduser()
+        )
         try:
             self.journal = Journal(path, sync=s.journal_sync)
         except (sqlite3.Error, OSError, RuntimeError) as exc:
@@ -322,9 +344,14 @@ class Balancer:
         t0 = time.perf_counter()
         n = self._recover(self.journal.load())
         if n:
-            log.info("journal %s: resumed %d task(s) in %.2f s (%d queued, %d placed)", path,
-                     n, time.perf_counter() - t0, self.scheduler.queued,
-                     sum(self.running_by_name.values()))
+            log.info(
+                "journal %s: resumed %d task(s) in %.2f s (%d queued, %d placed)",
+                path,
+                n,
+                time.perf_counter() - t0,
+                self.scheduler.queued,
+                sum(self.running_by_name.values()),
+            )
         else:
             log.info("journal %s", path)
 
@@ -341,14 +368,25 @@ class Balancer:
         for row in rows:
             status = Status(row.status)
             rec = TaskRecord(
-                id=row.id, user=sys.intern(row.user), name=sys.intern(row.name),
-                args_json=bytes(row.args), priority=row.priority, seq=row.seq,
-                submitted_at=row.submitted_at, notify=row.notify, timeout_s=row.timeout_s,
-                ref=row.ref, attempt=row.attempt, waived=row.waived,
+                id=row.id,
+                user=sys.intern(row.user),
+                name=sys.intern(row.name),
+                args_json=bytes(row.args),
+                priority=row.priority,
+                seq=row.seq,
+                submitted_at=row.submitted_at,
+                notify=row.notify,
+                timeout_s=row.timeout_s,
+                ref=row.ref,
+                attempt=row.attempt,
+                waived=row.waived,
                 started_at=row.started_at,
-                finished_at=row.finished_at, collected_at=row.collected_at,
+                finished_at=row.finished_at,
+                collected_at=row.collected_at,
                 requires=requires_of(row.requires_dict() or None),
-                tags=frozenset(row.tags_list()) or NO_TAGS, journaled=True)
+                tags=frozenset(row.tags_list()) or NO_TAGS,
+                journaled=True,
+            )
             self._seq = max(self._seq, row.seq)
             self.tasks[rec.id] = rec
             n += 1
@@ -378,24 +416,40 @@ class Balancer:
 
     @staticmethod
     def _journal_row(rec: TaskRecord) -> tuple[Any, ...]:
-        return (rec.id, rec.user, rec.name, rec.args_json, rec.priority, rec.seq,
-                rec.submitted_at, rec.notify, rec.timeout_s, rec.ref,
-                json.dumps(dict(rec.requires)) if rec.requires else None,
-                json.dumps(sorted(rec.tags)) if rec.tags else None,
-                *Balancer._journal_change(rec)[:-1])
+        return (
+            rec.id,
+            rec.user,
+            rec.name,
+            rec.args_json,
+            rec.priority,
+            rec.seq,
+            rec.submitted_at,
+            rec.notify,
+            rec.timeout_s,
+            rec.ref,
+            json.dumps(dict(rec.requires)) if rec.requires else None,
+            json.dumps(sorted(rec.tags)) if rec.tags else None,
+            *Balancer._journal_change(rec)[:-1],
+        )
 
     @staticmethod
     def _journal_change(rec: TaskRecord) -> tuple[Any, ...]:
         """The columns of a task's row that change after its submit (journal.CHANGING),
         then its seq."""
         final = rec.status.final
-        return (rec.status.value, rec.attempt,
-                rec.node if rec.status in PLACED or final else None,
-                rec.group if rec.status in PLACED else None,
-                rec.started_at, rec.finished_at,
-                encode_json(rec.result) if final and rec.result is not None else None,
-                rec.error.model_dump_json().encode() if final and rec.error else None,
-                rec.collected_at, rec.waived, rec.seq)
+        return (
+            rec.status.value,
+            rec.attempt,
+            rec.node if rec.status in PLACED or final else None,
+            rec.group if rec.status in PLACED else None,
+            rec.started_at,
+            rec.finished_at,
+            encode_json(rec.result) if final and rec.result is not None else None,
+            rec.error.model_dump_json().encode() if final and rec.error else None,
+            rec.collected_at,
+            rec.waived,
+            rec.seq,
+        )
 
     def _commit_journal(self) -> bool:
         """Write the records changed since the last commit (one transaction). False if the
@@ -406,17 +460,22 @@ class Balancer:
         dirty = self._journal_dirty.values()
         try:
             try:
-                j.commit([self._journal_row(r) for r in dirty if not r.journaled],
-                         self._journal_gone,
-                         changes=[self._journal_change(r) for r in dirty if r.journaled])
+                j.commit(
+                    [self._journal_row(r) for r in dirty if not r.journaled],
+                    self._journal_gone,
+                    changes=[self._journal_change(r) for r in dirty if r.journaled],
+                )
             except LookupError as exc:  # (a row gone from under us: write them whole)
                 log.warning("journal %s: %s; writing whole rows", j.path, exc)
                 j.commit([self._journal_row(r) for r in dirty], self._journal_gone)
         except Exception as exc:  # sqlite3.Error mostly; never let it escape the tick
             self.counters["journal_errors"] += 1
             if self._journal_error != str(exc):
-                log.error("journal %s: write failed (%s); nothing is acknowledged until it "
-                          "works again", j.path, exc)
+                log.error(
+                    "journal %s: write failed (%s); nothing is acknowledged until it works again",
+                    j.path,
+                    exc,
+                )
             self._journal_error = str(exc)
             return False
         for r in dirty:
@@ -431,13 +490,18 @@ class Balancer:
 
     async def _check_alone(self) -> None:
         s = self.settings
-        other = await online_status(s, self.topics.balancer_status, BalancerStatus,
-                                    what=f"no other balancer is online on {s.topic_prefix}/")
+        other = await online_status(
+            s,
+            self.topics.balancer_status,
+            BalancerStatus,
+            what=f"no other balancer is online on {s.topic_prefix}/",
+        )
         if other is not None and other.instance != self.instance:
             raise ConfigError(
                 f"another balancer is online on {s.broker_host}:{s.broker_port} with topics "
                 f"under {s.topic_prefix}/ (host {other.host or '?'}, pid {other.pid or '?'}): "
-                f"stop it first, or give this one another TOPIC_PREFIX")
+                f"stop it first, or give this one another TOPIC_PREFIX"
+            )
 
     async def stop(self) -> None:
         """Publish offline status, stop housekeeping, disconnect."""
@@ -453,7 +517,9 @@ class Balancer:
                 await t.publish_confirmed(
                     self.topics.balancer_status,
                     BalancerStatus(online=False, instance=self.instance).encode(),
-                    retain=True, timeout_s=2.0)
+                    retain=True,
+                    timeout_s=2.0,
+                )
             await t.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -462,9 +528,14 @@ class Balancer:
             self.journal.close()
             self.journal = None
         c = self.counters
-        log.info("balancer stopped: %d submitted, %d done, %d failed, %d cancelled, "
-                 "%d still queued", c["submitted"], c["done"], c["failed"], c["cancelled"],
-                 self.scheduler.queued)
+        log.info(
+            "balancer stopped: %d submitted, %d done, %d failed, %d cancelled, %d still queued",
+            c["submitted"],
+            c["done"],
+            c["failed"],
+            c["cancelled"],
+            self.scheduler.queued,
+        )
 
     async def __aenter__(self) -> Balancer:
         await self.start()
@@ -473,8 +544,12 @@ class Balancer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def run(self, stop: asyncio.Event | None = None, *,
-                  on_ready: Callable[[Balancer], None] | None = None) -> None:
+    async def run(
+        self,
+        stop: asyncio.Event | None = None,
+        *,
+        on_ready: Callable[[Balancer], None] | None = None,
+    ) -> None:
         """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -502,11 +577,15 @@ class Balancer:
 
     def _on_connect(self) -> None:
         assert self._transport is not None
-        status = BalancerStatus(online=True, instance=self.instance, version=__version__,
-                                started_at=self.started_at, pid=os.getpid(),
-                                host=socket.gethostname())
-        self._transport.publish(self.topics.balancer_status, status.encode(), qos=1,
-                                retain=True)
+        status = BalancerStatus(
+            online=True,
+            instance=self.instance,
+            version=__version__,
+            started_at=self.started_at,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        self._transport.publish(self.topics.balancer_status, status.encode(), qos=1, retain=True)
         # the broker may have restarted and lost the retained sets: publish them again
         self._dirty_nodes.update(n for n, info in self.nodes.items() if info.online)
         # ... and the retained task states and results MQTT clients read: those too
@@ -545,11 +624,20 @@ class Balancer:
                 self._guard(kind, name, rest, lambda: self._adopt(name, payload))
             return
         if len(payload) > self.settings.max_payload_bytes:
-            self._refused(f"{kind} {name}", f"{len(payload)} bytes on {rest}: too large",
-                          ErrorCode.TOO_LARGE)
-            self._bad_message(kind, name, rest, DecodeError(
-                f"{len(payload)} bytes is more than MAX_PAYLOAD_BYTES "
-                f"({self.settings.max_payload_bytes})", payload[:200], ErrorCode.TOO_LARGE))
+            self._refused(
+                f"{kind} {name}", f"{len(payload)} bytes on {rest}: too large", ErrorCode.TOO_LARGE
+            )
+            self._bad_message(
+                kind,
+                name,
+                rest,
+                DecodeError(
+                    f"{len(payload)} bytes is more than MAX_PAYLOAD_BYTES "
+                    f"({self.settings.max_payload_bytes})",
+                    payload[:200],
+                    ErrorCode.TOO_LARGE,
+                ),
+            )
             self._kick()
             return
         self._guard(kind, name, rest, lambda: self._dispatch(kind, name, rest, payload))
@@ -564,8 +652,12 @@ class Balancer:
             self.counters["internal_errors"] += 1
             log.exception("failed to handle a message on %s/%s", name, rest)
             if kind == "user":
-                self._error(name, ErrorCode.INTERNAL,
-                            f"the balancer failed to handle this message: {exc}", topic=rest)
+                self._error(
+                    name,
+                    ErrorCode.INTERNAL,
+                    f"the balancer failed to handle this message: {exc}",
+                    topic=rest,
+                )
         self._kick()
 
     def _dispatch(self, kind: str, name: str, rest: str, payload: bytes) -> None:
@@ -613,11 +705,18 @@ class Balancer:
     def _bad_message(self, kind: str, name: str, rest: str, exc: DecodeError) -> None:
         self.counters["bad_messages"] += 1
         sender = f"{kind} {name}"
-        self._bad_log.warning(sender, "bad message from %s on %s: %s (raw %r)", sender, rest,
-                              exc, exc.raw[:120])
+        self._bad_log.warning(
+            sender, "bad message from %s on %s: %s (raw %r)", sender, rest, exc, exc.raw[:120]
+        )
         if kind == "user":
-            self._error(name, exc.code, f"bad message on {rest}: {exc}", task_id=exc.task_id,
-                        ref=exc.ref, topic=rest)
+            self._error(
+                name,
+                exc.code,
+                f"bad message on {rest}: {exc}",
+                task_id=exc.task_id,
+                ref=exc.ref,
+                topic=rest,
+            )
 
     def _refused(self, who: str, why: str, code: str = ErrorCode.INVALID) -> None:
         """Count a refused submission (or message) and remember it for the warning."""
@@ -625,19 +724,32 @@ class Balancer:
         self._refused_by_code[str(code)] += 1
         self._last_refusal = (time.time(), f"{who}: {why}"[:300])
 
-    def _error(self, user: str, code: str, message: str, *, task_id: str | None = None,
-               ref: str | None = None, topic: str | None = None) -> None:
+    def _error(
+        self,
+        user: str,
+        code: str,
+        message: str,
+        *,
+        task_id: str | None = None,
+        ref: str | None = None,
+        topic: str | None = None,
+    ) -> None:
         self._errors.setdefault(user, []).append(
-            ErrorItem(code=code, message=message, id=task_id, ref=ref, topic=topic))
+            ErrorItem(code=code, message=message, id=task_id, ref=ref, topic=topic)
+        )
 
     def _on_submit(self, user: str, payload: bytes) -> None:
         now = time.time()
         items = decode_submit(payload)
         if len(items) > self.settings.max_batch:
-            self._refused(user, f"a batch of {len(items)} tasks: more than MAX_BATCH",
-                          ErrorCode.TOO_LARGE)
-            raise DecodeError(f"a batch of {len(items)} tasks is more than MAX_BATCH "
-                              f"({self.settings.max_batch})", payload[:200], ErrorCode.TOO_LARGE)
+            self._refused(
+                user, f"a batch of {len(items)} tasks: more than MAX_BATCH", ErrorCode.TOO_LARGE
+            )
+            raise DecodeError(
+                f"a batch of {len(items)} tasks is more than MAX_BATCH ({self.settings.max_batch})",
+                payload[:200],
+                ErrorCode.TOO_LARGE,
+            )
         for item in items:
             if isinstance(item, DecodeError):
                 self._bad_message("user", user, "submit", item)
@@ -645,12 +757,16 @@ class Balancer:
                 continue
             if not self._take_token(user, now):
                 rate = self.settings.submit_rate
-                self._refused(user, f"faster than SUBMIT_RATE ({rate:g}/s)",
-                              ErrorCode.RATE_LIMITED)
-                self._error(user, ErrorCode.RATE_LIMITED,
-                            f"user {user!r} submits faster than {rate:g} tasks/s "
-                            f"(SUBMIT_RATE); task {item.name!r} refused: send it again "
-                            f"later", task_id=item.id, ref=item.ref)
+                self._refused(user, f"faster than SUBMIT_RATE ({rate:g}/s)", ErrorCode.RATE_LIMITED)
+                self._error(
+                    user,
+                    ErrorCode.RATE_LIMITED,
+                    f"user {user!r} submits faster than {rate:g} tasks/s "
+                    f"(SUBMIT_RATE); task {item.name!r} refused: send it again "
+                    f"later",
+                    task_id=item.id,
+                    ref=item.ref,
+                )
                 continue
             self._accept(user, item, now)
 
@@ -680,27 +796,46 @@ class Balancer:
             if old.user == user and old.same_submit(spec, args_json):
                 self._emit(old, durable=False)  # a resend: acknowledge again, run once
                 return
-            self._refused(user, f"task id {task_id!r} is already used by another task",
-                          ErrorCode.DUPLICATE_ID)
-            self._error(user, ErrorCode.DUPLICATE_ID,
-                        f"task id {task_id!r} is already used by another task", task_id=task_id,
-                        ref=spec.ref)
+            self._refused(
+                user, f"task id {task_id!r} is already used by another task", ErrorCode.DUPLICATE_ID
+            )
+            self._error(
+                user,
+                ErrorCode.DUPLICATE_ID,
+                f"task id {task_id!r} is already used by another task",
+                task_id=task_id,
+                ref=spec.ref,
+            )
             return
         cap = self.settings.lb_queing_maxperuser
         if cap and self.scheduler.queued_for(user) >= cap:
-            self._refused(user, f"queue cap of {cap} (LB_QUEING_MAXPERUSER)",
-                          ErrorCode.QUOTA_EXCEEDED)
-            self._error(user, ErrorCode.QUOTA_EXCEEDED,
-                        f"user {user!r} already has {cap} queued tasks "
-                        f"(LB_QUEING_MAXPERUSER); task {spec.name!r} refused",
-                        task_id=task_id, ref=spec.ref)
+            self._refused(
+                user, f"queue cap of {cap} (LB_QUEING_MAXPERUSER)", ErrorCode.QUOTA_EXCEEDED
+            )
+            self._error(
+                user,
+                ErrorCode.QUOTA_EXCEEDED,
+                f"user {user!r} already has {cap} queued tasks "
+                f"(LB_QUEING_MAXPERUSER); task {spec.name!r} refused",
+                task_id=task_id,
+                ref=spec.ref,
+            )
             return
         self._seq += 1
-        rec = TaskRecord(id=task_id, user=user, name=sys.intern(spec.name), args_json=args_json,
-                         priority=spec.priority, seq=self._seq, submitted_at=now,
-                         notify=spec.notify, timeout_s=spec.timeout_s, ref=spec.ref,
-                         requires=requires_of(spec.requires),
-                         tags=frozenset(spec.tags) if spec.tags else NO_TAGS)
+        rec = TaskRecord(
+            id=task_id,
+            user=user,
+            name=sys.intern(spec.name),
+            args_json=args_json,
+            priority=spec.priority,
+            seq=self._seq,
+            submitted_at=now,
+            notify=spec.notify,
+            timeout_s=spec.timeout_s,
+            ref=spec.ref,
+            requires=requires_of(spec.requires),
+            tags=frozenset(spec.tags) if spec.tags else NO_TAGS,
+        )
         self.tasks[task_id] = rec
         self.counters["submitted"] += 1
         self._enqueue(rec)
@@ -711,12 +846,21 @@ class Balancer:
         message, one error for them all (an answer must not be bigger than the question)."""
         if len(ids) <= UNKNOWN_EACH:
             for tid in ids:
-                self._error(user, ErrorCode.UNKNOWN_TASK, message.format(f"task {tid!r}"),
-                            task_id=tid, topic=topic)
+                self._error(
+                    user,
+                    ErrorCode.UNKNOWN_TASK,
+                    message.format(f"task {tid!r}"),
+                    task_id=tid,
+                    topic=topic,
+                )
             return
         shown = ", ".join(repr(t) for t in ids[:5])
-        self._error(user, ErrorCode.UNKNOWN_TASK,
-                    message.format(f"tasks {shown}, ... ({len(ids)} in all)"), topic=topic)
+        self._error(
+            user,
+            ErrorCode.UNKNOWN_TASK,
+            message.format(f"tasks {shown}, ... ({len(ids)} in all)"),
+            topic=topic,
+        )
 
     def _on_cancel(self, user: str, payload: bytes) -> None:
         ids = decode(IdList, payload).all_ids()
@@ -758,8 +902,7 @@ class Balancer:
                 unknown.append(tid)
             else:
                 self._emit(rec, durable=False)
-        self._unknown(user, unknown, "query",
-                      f"no {{}} (never submitted by {user!r}, or expired)")
+        self._unknown(user, unknown, "query", f"no {{}} (never submitted by {user!r}, or expired)")
 
     # -- nodes ------------------------------------------------------------------------
 
@@ -768,8 +911,9 @@ class Balancer:
             return  # a cleared retained status
         st = decode(NodeStatus, payload)
         if st.node != name:
-            raise DecodeError(f"status of node {st.node!r} published on node {name!r}'s topic",
-                              payload)
+            raise DecodeError(
+                f"status of node {st.node!r} published on node {name!r}'s topic", payload
+            )
         info = self._node_info(name)
         if not st.online:
             if info.online and st.instance == info.instance:
@@ -798,12 +942,24 @@ class Balancer:
             if a.id in self.tasks or not is_valid_name(a.user):
                 continue
             self._seq += 1
-            rec = TaskRecord(id=a.id, user=a.user, name=a.name, args_json=encode_json(a.args),
-                             priority=a.priority, seq=self._seq, submitted_at=time.time(),
-                             timeout_s=a.timeout_s, status=Status.ASSIGNED, attempt=a.attempt,
-                             node=name, group=a.group, assigned_at=now,
-                             requires=requires_of(a.requires),
-                             tags=frozenset(a.tags) if a.tags else NO_TAGS, prefetched=True)
+            rec = TaskRecord(
+                id=a.id,
+                user=a.user,
+                name=a.name,
+                args_json=encode_json(a.args),
+                priority=a.priority,
+                seq=self._seq,
+                submitted_at=time.time(),
+                timeout_s=a.timeout_s,
+                status=Status.ASSIGNED,
+                attempt=a.attempt,
+                node=name,
+                group=a.group,
+                assigned_at=now,
+                requires=requires_of(a.requires),
+                tags=frozenset(a.tags) if a.tags else NO_TAGS,
+                prefetched=True,
+            )
             rec.assignment_json = self._assignment_json(rec)
             self.tasks[a.id] = rec
             self.running_by_name[a.name] += 1
@@ -814,8 +970,12 @@ class Balancer:
             adopted += 1
         if adopted:
             self.counters["adopted"] += adopted
-            log.info("adopted %d task(s) that balancer %s had placed on node %s", adopted,
-                     aset.balancer, name)
+            log.info(
+                "adopted %d task(s) that balancer %s had placed on node %s",
+                adopted,
+                aset.balancer,
+                name,
+            )
 
     def _node_info(self, name: str) -> NodeInfo:
         info = self.nodes.get(name)
@@ -825,8 +985,13 @@ class Balancer:
 
     def _node_up(self, info: NodeInfo, st: NodeStatus) -> None:
         if not info.online:
-            log.info("node %s online: %d slots, speed %g, tasks %s", info.name,
-                     sum(g.workers for g in st.groups), st.speed, ", ".join(st.tasks))
+            log.info(
+                "node %s online: %d slots, speed %g, tasks %s",
+                info.name,
+                sum(g.workers for g in st.groups),
+                st.speed,
+                ", ".join(st.tasks),
+            )
         info.online = True
         info.instance = st.instance
         info.status = st
@@ -835,12 +1000,18 @@ class Balancer:
             self.scheduler.set_window(info.name, info.window)
         info.last_seen = time.monotonic()
         info.offline_since = None
-        self.scheduler.set_node(NodeCaps(
-            # a draining node offers nothing new: it only finishes what it runs
-            name=info.name, tasks=frozenset() if st.draining else frozenset(st.tasks),
-            speed=st.speed,
-            groups=tuple(Group(g.index, g.workers, g.min_p, g.max_p) for g in st.groups),
-            resources=dict(st.resources), tags=frozenset(st.tags), cores=st.cores))
+        self.scheduler.set_node(
+            NodeCaps(
+                # a draining node offers nothing new: it only finishes what it runs
+                name=info.name,
+                tasks=frozenset() if st.draining else frozenset(st.tasks),
+                speed=st.speed,
+                groups=tuple(Group(g.index, g.workers, g.min_p, g.max_p) for g in st.groups),
+                resources=dict(st.resources),
+                tags=frozenset(st.tags),
+                cores=st.cores,
+            )
+        )
         self._why_cache.clear()
         if not info.fresh:
             # (a node first seen in the retained burst at start-up gets its set a moment
@@ -855,8 +1026,12 @@ class Balancer:
         n = 0
         for ref in st.pending:
             rec = self.tasks.get(ref.id)
-            if (rec is None or ref.id not in info.assigned or rec.attempt != ref.attempt
-                    or rec.status not in PLACED):
+            if (
+                rec is None
+                or ref.id not in info.assigned
+                or rec.attempt != ref.attempt
+                or rec.status not in PLACED
+            ):
                 continue
             self._unplace(rec)
             # it never ran, and its node will not run it now: the attempt does not count
@@ -865,8 +1040,11 @@ class Balancer:
             n += 1
         if n:
             self.counters["taken_back"] += n
-            log.info("node %s is draining: %d task(s) it had not started go back to the "
-                     "queue", info.name, n)
+            log.info(
+                "node %s is draining: %d task(s) it had not started go back to the queue",
+                info.name,
+                n,
+            )
 
     def _on_heartbeat(self, name: str, payload: bytes) -> None:
         hb = decode(Heartbeat, payload)
@@ -908,16 +1086,28 @@ class Balancer:
                 rec.missing_since = now
                 self._dirty_nodes.add(info.name)  # send the set again
             elif now - rec.missing_since > grace:
-                log.warning("node %s never took task %s (attempt %d): reassigning it",
-                            info.name, tid, rec.attempt)
+                log.warning(
+                    "node %s never took task %s (attempt %d): reassigning it",
+                    info.name,
+                    tid,
+                    rec.attempt,
+                )
                 self._unplace(rec)
-                self._retry_or_fail(rec, ErrorInfo(
-                    type="AssignmentLost", message=f"node {info.name} did not take the task"),
-                    time.time())
+                self._retry_or_fail(
+                    rec,
+                    ErrorInfo(
+                        type="AssignmentLost", message=f"node {info.name} did not take the task"
+                    ),
+                    time.time(),
+                )
 
     def _node_lost(self, info: NodeInfo, reason: str) -> None:
-        log.warning("node %s %s: %d of its tasks go back to the queue", info.name, reason,
-                    len(info.assigned))
+        log.warning(
+            "node %s %s: %d of its tasks go back to the queue",
+            info.name,
+            reason,
+            len(info.assigned),
+        )
         info.online = False
         info.offline_since = time.monotonic()
         info.offline_reason = reason
@@ -935,9 +1125,13 @@ class Balancer:
                 # stays used: a node that is only cut off may still run it, and two runs
                 # must never share an attempt number.)
                 rec.waived += 1
-            self._retry_or_fail(rec, ErrorInfo(
-                type="NodeLost", message=f"node {info.name} {reason} while it held the task"),
-                now)
+            self._retry_or_fail(
+                rec,
+                ErrorInfo(
+                    type="NodeLost", message=f"node {info.name} {reason} while it held the task"
+                ),
+                now,
+            )
         info.assigned.clear()
         self._dirty_nodes.add(info.name)
         self._round_wanted = True
@@ -945,8 +1139,7 @@ class Balancer:
     def _on_reports(self, name: str, payload: bytes) -> None:
         rep = decode(NodeReport, payload)
         info = self.nodes.get(name)
-        if info is None or rep.node != name or (info.instance and
-                                                info.instance != rep.instance):
+        if info is None or rep.node != name or (info.instance and info.instance != rep.instance):
             return  # (an earlier run of the node: what it had is accounted for already)
         if info.online and info.instance == rep.instance:
             info.last_seen = time.monotonic()
@@ -959,8 +1152,11 @@ class Balancer:
                 rec.started_at = now
                 sample = mono - rec.assigned_at
                 if not rec.prefetched and rec.assigned_at and sample < MAX_RTT_SAMPLE_S:
-                    info.rtt_s = sample if info.rtt_s is None else (
-                        info.rtt_s + EWMA_ALPHA * (sample - info.rtt_s))
+                    info.rtt_s = (
+                        sample
+                        if info.rtt_s is None
+                        else (info.rtt_s + EWMA_ALPHA * (sample - info.rtt_s))
+                    )
                 self._emit(rec)
         for p in rep.progress:
             rec = self._current(info, p.id, p.attempt)
@@ -978,8 +1174,13 @@ class Balancer:
     def _current(self, info: NodeInfo, task_id: str, attempt: int) -> TaskRecord | None:
         """The task record if this attempt is the one placed on this node, else None."""
         rec = self.tasks.get(task_id)
-        if (rec is None or rec.status not in PLACED or rec.node != info.name
-                or rec.attempt != attempt or task_id not in info.assigned):
+        if (
+            rec is None
+            or rec.status not in PLACED
+            or rec.node != info.name
+            or rec.attempt != attempt
+            or task_id not in info.assigned
+        ):
             return None
         return rec
 
@@ -1000,14 +1201,18 @@ class Balancer:
                 rt = max(0.0, r.runtime_s)
                 if info is not None and rt < self.settings.pipeline_long_s:
                     # (long tasks never take a window place: they do not size it either)
-                    info.runtime_s = rt if info.runtime_s is None else (
-                        info.runtime_s + EWMA_ALPHA * (rt - info.runtime_s))
+                    info.runtime_s = (
+                        rt
+                        if info.runtime_s is None
+                        else (info.runtime_s + EWMA_ALPHA * (rt - info.runtime_s))
+                    )
                     self._size_window(info)
             rec.progress = 100
             self._finalize(rec, Status.DONE, now)
         elif r.status == "lost":
-            self._retry_or_fail(rec, r.error or ErrorInfo(type="WorkerLost",
-                                                          message="worker process lost"), now)
+            self._retry_or_fail(
+                rec, r.error or ErrorInfo(type="WorkerLost", message="worker process lost"), now
+            )
         else:  # failed, timeout, cancelled on the node
             rec.error = r.error or ErrorInfo(type="Failed", message=f"task {r.status}")
             self._finalize(rec, Status.FAILED, now)
@@ -1028,8 +1233,9 @@ class Balancer:
         self._set_status(rec, Status.QUEUED)
         rec.node = None
         rec.group = None
-        self.scheduler.enqueue(QueuedTask(rec.id, rec.user, rec.name, rec.priority, rec.seq,
-                                          rec.requires, rec.tags))
+        self.scheduler.enqueue(
+            QueuedTask(rec.id, rec.user, rec.name, rec.priority, rec.seq, rec.requires, rec.tags)
+        )
         self.queued_by[rec.queue_key] += 1
         self._round_wanted = True
 
@@ -1051,16 +1257,18 @@ class Balancer:
 
     def _retry_or_fail(self, rec: TaskRecord, error: ErrorInfo, now: float) -> None:
         if rec.attempt - rec.waived < self.settings.task_max_attempts:
-            log.info("task %s lost on attempt %d (%s): queued again", rec.id, rec.attempt,
-                     error.message)
+            log.info(
+                "task %s lost on attempt %d (%s): queued again", rec.id, rec.attempt, error.message
+            )
             self.counters["retried"] += 1
             self._requeue(rec)
         else:
             rec.error = ErrorInfo(
                 type=error.type,
                 message=f"{error.message} (attempt {rec.attempt - rec.waived} of "
-                        f"{self.settings.task_max_attempts}: giving up)",
-                traceback=error.traceback)
+                f"{self.settings.task_max_attempts}: giving up)",
+                traceback=error.traceback,
+            )
             self._finalize(rec, Status.FAILED, now)
 
     def _requeue(self, rec: TaskRecord) -> None:
@@ -1146,8 +1354,7 @@ class Balancer:
         for p in self.scheduler.schedule(time.monotonic()):
             rec = self.tasks[p.task.id]
             info = self.nodes[p.node]
-            rec.prefetched = (self.scheduler.busy(p.node, p.group)
-                              > info.workers.get(p.group, 0))
+            rec.prefetched = self.scheduler.busy(p.node, p.group) > info.workers.get(p.group, 0)
             if rec.prefetched:
                 self.counters["prefetched"] += 1
             self._left_queue(rec)
@@ -1166,9 +1373,15 @@ class Balancer:
     def _assignment_json(self, rec: TaskRecord) -> bytes:
         # Built once per attempt from the stored args bytes: the set of a busy node is
         # republished often, its tasks' arguments are never re-encoded.
-        fields: dict[str, Any] = {"id": rec.id, "attempt": rec.attempt, "user": rec.user,
-                                  "name": rec.name, "priority": rec.priority,
-                                  "group": rec.group, "timeout_s": rec.timeout_s}
+        fields: dict[str, Any] = {
+            "id": rec.id,
+            "attempt": rec.attempt,
+            "user": rec.user,
+            "name": rec.name,
+            "priority": rec.priority,
+            "group": rec.group,
+            "timeout_s": rec.timeout_s,
+        }
         if rec.requires:  # kept in the set so that a successor balancer can reserve them
             fields["requires"] = dict(rec.requires)
         if rec.tags:
@@ -1189,8 +1402,7 @@ class Balancer:
                 if not rec.assigned_at:
                     rec.assigned_at = now
                 parts.append(rec.assignment_json)
-            head = encode_json({"v": 1, "node": name, "balancer": self.instance,
-                                "seq": info.seq})
+            head = encode_json({"v": 1, "node": name, "balancer": self.instance, "seq": info.seq})
             payload = head[:-1] + b',"tasks":[' + b",".join(parts) + b"]}"
         else:
             payload = b""  # an empty retained payload clears the set
@@ -1218,18 +1430,34 @@ class Balancer:
     def state_dict(self, rec: TaskRecord) -> dict[str, Any]:
         """:meth:`state_of` as the plain dict that encodes to the same JSON (the hot path:
         what the events carry)."""
-        return task_state_dict((rec.id, rec.user, rec.name, rec.status, rec.priority,
-                                rec.progress, rec.attempt, rec.node, rec.submitted_at,
-                                rec.started_at, rec.finished_at, rec.result, rec.error,
-                                self._waiting(rec), rec.ref))
+        return task_state_dict(
+            (
+                rec.id,
+                rec.user,
+                rec.name,
+                rec.status,
+                rec.priority,
+                rec.progress,
+                rec.attempt,
+                rec.node,
+                rec.submitted_at,
+                rec.started_at,
+                rec.finished_at,
+                rec.result,
+                rec.error,
+                self._waiting(rec),
+                rec.ref,
+            )
+        )
 
     def _flush_states(self) -> None:
         t = self._transport
         assert t is not None
         for user, recs in self._states.items():
             states = [self.state_dict(r) for r in recs.values()]
-            t.publish(self.topics.events(user), encode_model_json({"v": 1, "states": states}),
-                      qos=1)
+            t.publish(
+                self.topics.events(user), encode_model_json({"v": 1, "states": states}), qos=1
+            )
             for st, rec in zip(states, recs.values(), strict=True):
                 if rec.notify == "retained" and rec.id in self.tasks:
                     data = encode_model_json(st)
@@ -1267,13 +1495,11 @@ class Balancer:
         self._probes[self._probe_seq] = time.monotonic()
         if len(self._probes) > PROBES_KEPT:  # lost ones (QoS 0, a reconnect)
             del self._probes[min(self._probes)]
-        t.publish(self.topics.balancer_probe, f"{self.instance} {self._probe_seq}".encode(),
-                  qos=0)
+        t.publish(self.topics.balancer_probe, f"{self.instance} {self._probe_seq}".encode(), qos=0)
 
     def _on_probe(self, payload: bytes) -> None:
         instance, _, seq = payload.decode("ascii", "replace").partition(" ")
-        if instance != self.instance or not (seq.isascii() and seq.isdigit()
-                                             and len(seq) < 20):
+        if instance != self.instance or not (seq.isascii() and seq.isdigit() and len(seq) < 20):
             return  # another balancer's (it is about to step down: _check_alone)
         n = int(seq)
         sent = self._probes.get(n)
@@ -1302,12 +1528,20 @@ class Balancer:
         horizon = max(min(now, self._heard_until), now - PROBE_PATIENCE_S)
         if now - self._heard_until > PROBE_PATIENCE_S and not self._probe_warned:
             self._probe_warned = True
-            log.warning("no probe of ours came back on %s for %g s: node silence is judged "
-                        "%g s late (may this balancer subscribe to it?)",
-                        self.topics.balancer_probe, PROBE_PATIENCE_S, PROBE_PATIENCE_S)
+            log.warning(
+                "no probe of ours came back on %s for %g s: node silence is judged "
+                "%g s late (may this balancer subscribe to it?)",
+                self.topics.balancer_probe,
+                PROBE_PATIENCE_S,
+                PROBE_PATIENCE_S,
+            )
         for info in list(self.nodes.values()):
-            if (not info.online and not info.assigned and info.offline_since is not None
-                    and now - info.offline_since > RECENTLY_LOST_S):
+            if (
+                not info.online
+                and not info.assigned
+                and info.offline_since is not None
+                and now - info.offline_since > RECENTLY_LOST_S
+            ):
                 del self.nodes[info.name]  # long gone: out of the stats and warnings
                 continue
             hb_s = info.status.heartbeat_s if info.status else 1.0
@@ -1365,17 +1599,30 @@ class Balancer:
             if info.online:
                 slots += n_slots
                 busy += n_busy
-            nodes.append(NodeSummary(
-                name=info.name, online=info.online, host=st.host if st else "",
-                slots=n_slots, busy=n_busy, speed=st.speed if st else 1.0,
-                tasks=st.tasks if st else [], groups=st.groups if st else [],
-                last_seen=now - (now_mono - info.last_seen) if info.last_seen else 0.0,
-                load=info.load, resources=st.resources if st else {},
-                reserved=dict(self.scheduler.reserved(info.name)),
-                tags=st.tags if st else []))
+            nodes.append(
+                NodeSummary(
+                    name=info.name,
+                    online=info.online,
+                    host=st.host if st else "",
+                    slots=n_slots,
+                    busy=n_busy,
+                    speed=st.speed if st else 1.0,
+                    tasks=st.tasks if st else [],
+                    groups=st.groups if st else [],
+                    last_seen=now - (now_mono - info.last_seen) if info.last_seen else 0.0,
+                    load=info.load,
+                    resources=st.resources if st else {},
+                    reserved=dict(self.scheduler.reserved(info.name)),
+                    tags=st.tags if st else [],
+                )
+            )
         users = self.scheduler.users()
-        user_rows = [UserSummary(user=u, queued=self.scheduler.queued_for(u),
-                                 running=self.scheduler.running_for(u)) for u in sorted(users)]
+        user_rows = [
+            UserSummary(
+                user=u, queued=self.scheduler.queued_for(u), running=self.scheduler.running_for(u)
+            )
+            for u in sorted(users)
+        ]
         queued_by_name = Counter[str]()
         by_prio = Counter[str]()
         band_of = _bands(nodes)
@@ -1389,17 +1636,26 @@ class Balancer:
             band = band_of(prio)
             by_band[band] += n
             name_bands.setdefault(name, Counter())[band] += n
-        names = sorted(set(queued_by_name) | set(self.running_by_name) | set(self.done_by_name)
-                       | set(self.failed_by_name) | set(self.cancelled_by_name))
+        names = sorted(
+            set(queued_by_name)
+            | set(self.running_by_name)
+            | set(self.done_by_name)
+            | set(self.failed_by_name)
+            | set(self.cancelled_by_name)
+        )
         warnings: list[str] = []
         online = [i for i in self.nodes.values() if i.online]
         if not online:
-            warnings.append("no node is online: tasks wait until one joins "
-                            "(`lbmqtt node --tasks MODULE`)")
+            warnings.append(
+                "no node is online: tasks wait until one joins (`lbmqtt node --tasks MODULE`)"
+            )
         name_rows = []
         for name in names:
-            why = {k: self.scheduler.why_waiting(*k) for k, c in self.queued_by.items()
-                   if k[0] == name and c > 0}
+            why = {
+                k: self.scheduler.why_waiting(*k)
+                for k, c in self.queued_by.items()
+                if k[0] == name and c > 0
+            }
             waiting = "; ".join(sorted({r for r in why.values() if r})) or None
             if waiting and online:  # (count only the tasks that have a reason to wait)
                 stuck = sum(self.queued_by[k] for k, r in why.items() if r)
@@ -1407,20 +1663,37 @@ class Balancer:
             times = self._times.get(name, ())
             waits = sorted(w for w, _ in times)
             runs = sorted(r for _, r in times)
-            name_rows.append(NameSummary(
-                name=name, queued=queued_by_name[name], running=self.running_by_name[name],
-                done=self.done_by_name[name], failed=self.failed_by_name[name],
-                cancelled=self.cancelled_by_name[name], waiting=waiting, count=len(runs),
-                wait_mean_s=sum(waits) / len(waits) if waits else None,
-                wait_p95_s=_pct(waits, 0.95), run_mean_s=sum(runs) / len(runs) if runs else None,
-                run_p95_s=_pct(runs, 0.95), wait_p50_s=_pct(waits, 0.5),
-                wait_p99_s=_pct(waits, 0.99), run_p50_s=_pct(runs, 0.5),
-                run_p99_s=_pct(runs, 0.99), queued_by_band=dict(name_bands.get(name, {}))))
+            name_rows.append(
+                NameSummary(
+                    name=name,
+                    queued=queued_by_name[name],
+                    running=self.running_by_name[name],
+                    done=self.done_by_name[name],
+                    failed=self.failed_by_name[name],
+                    cancelled=self.cancelled_by_name[name],
+                    waiting=waiting,
+                    count=len(runs),
+                    wait_mean_s=sum(waits) / len(waits) if waits else None,
+                    wait_p95_s=_pct(waits, 0.95),
+                    run_mean_s=sum(runs) / len(runs) if runs else None,
+                    run_p95_s=_pct(runs, 0.95),
+                    wait_p50_s=_pct(waits, 0.5),
+                    wait_p99_s=_pct(waits, 0.99),
+                    run_p50_s=_pct(runs, 0.5),
+                    run_p99_s=_pct(runs, 0.99),
+                    queued_by_band=dict(name_bands.get(name, {})),
+                )
+            )
         for info in self.nodes.values():
-            if (not info.online and info.offline_since is not None
-                    and now_mono - info.offline_since < RECENTLY_LOST_S):
-                warnings.append(f"node {info.name} {info.offline_reason} "
-                                f"{now_mono - info.offline_since:.0f} s ago")
+            if (
+                not info.online
+                and info.offline_since is not None
+                and now_mono - info.offline_since < RECENTLY_LOST_S
+            ):
+                warnings.append(
+                    f"node {info.name} {info.offline_reason} "
+                    f"{now_mono - info.offline_since:.0f} s ago"
+                )
         c = self.counters
         # refusals since the newest sample older than the window (or since the start)
         full = len(self._history) == self._history.maxlen
@@ -1430,20 +1703,35 @@ class Balancer:
                 refused_before = h.refused
                 break
         if c["refused"] > refused_before and self._last_refusal is not None:
-            warnings.append(f"{c['refused'] - refused_before} submission(s) refused in the "
-                            f"last {REFUSALS_WARN_S:.0f} s; last: {self._last_refusal[1]}")
+            warnings.append(
+                f"{c['refused'] - refused_before} submission(s) refused in the "
+                f"last {REFUSALS_WARN_S:.0f} s; last: {self._last_refusal[1]}"
+            )
         return BalancerStats(
-            time=now, instance=self.instance, started_at=self.started_at,
-            queued=self.scheduler.queued, running=sum(self.running_by_name.values()),
-            submitted_total=c["submitted"], done_total=c["done"], failed_total=c["failed"],
-            cancelled_total=c["cancelled"], refused_total=c["refused"],
+            time=now,
+            instance=self.instance,
+            started_at=self.started_at,
+            queued=self.scheduler.queued,
+            running=sum(self.running_by_name.values()),
+            submitted_total=c["submitted"],
+            done_total=c["done"],
+            failed_total=c["failed"],
+            cancelled_total=c["cancelled"],
+            refused_total=c["refused"],
             refused_by_code=dict(self._refused_by_code),
             broker_refused=self._broker_refused,
-            bad_messages_total=c["bad_messages"], slots=slots, busy=busy, nodes=nodes,
-            users=user_rows, names=name_rows, queued_by_priority=dict(by_prio),
-            bands=sorted(set(by_band) | {band_label(*g) for g in band_of.groups},
-                         key=band_order),
-            queued_by_band=dict(by_band), tasks=self._task_rows(now), warnings=warnings)
+            bad_messages_total=c["bad_messages"],
+            slots=slots,
+            busy=busy,
+            nodes=nodes,
+            users=user_rows,
+            names=name_rows,
+            queued_by_priority=dict(by_prio),
+            bands=sorted(set(by_band) | {band_label(*g) for g in band_of.groups}, key=band_order),
+            queued_by_band=dict(by_band),
+            tasks=self._task_rows(now),
+            warnings=warnings,
+        )
 
     def _task_rows(self, now: float) -> list[TaskRow]:
         """The placed tasks (up to RUNNING_ROWS), then the most recently finished."""
@@ -1466,11 +1754,17 @@ class Balancer:
 def _task_row(rec: TaskRecord, now: float) -> TaskRow:
     start, end = rec.started_at, rec.finished_at or now
     return TaskRow(
-        id=rec.id, user=rec.user, name=rec.name, status=rec.status.value,
-        priority=rec.priority, node=rec.node, progress=rec.progress,
+        id=rec.id,
+        user=rec.user,
+        name=rec.name,
+        status=rec.status.value,
+        priority=rec.priority,
+        node=rec.node,
+        progress=rec.progress,
         submitted_at=rec.submitted_at,
         wait_s=max(0.0, (start if start is not None else end) - rec.submitted_at),
-        run_s=None if start is None else max(0.0, end - start))
+        run_s=None if start is None else max(0.0, end - start),
+    )
 
 
 class _Bands:

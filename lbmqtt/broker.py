@@ -86,7 +86,8 @@ log = logging.getLogger(__name__)
 
 AMQTT_VERSION = "amqtt 0.12.1"
 ALL_PATCHES: frozenset[str] = frozenset(
-    {"keepalive", "retained_leak", "dollar_publish", "socket_leak", "offline_queue"})
+    {"keepalive", "retained_leak", "dollar_publish", "socket_leak", "offline_queue"}
+)
 MAX_OFFLINE_MESSAGES = 10_000
 """QoS 1 messages the broker keeps for one disconnected persistent session, at most..."""
 MAX_OFFLINE_BYTES = 64 * 2**20
@@ -123,8 +124,14 @@ class TlsListener:
     key: str
 
 
-def broker_config(host: str, port: int, *, max_connections: int = 0, anonymous: bool = True,
-                  tls: TlsListener | None = None) -> dict[str, Any]:
+def broker_config(
+    host: str,
+    port: int,
+    *,
+    max_connections: int = 0,
+    anonymous: bool = True,
+    tls: TlsListener | None = None,
+) -> dict[str, Any]:
     """The amqtt configuration of the embedded broker.
 
     Plugins are listed explicitly: amqtt's defaults add ``$SYS`` publishing and packet
@@ -136,9 +143,14 @@ def broker_config(host: str, port: int, *, max_connections: int = 0, anonymous: 
         "default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": max_connections},
     }
     if tls is not None:
-        listeners["tls"] = {"type": "tcp", "bind": f"{tls.host}:{tls.port}",
-                            "max_connections": max_connections, "ssl": True,
-                            "certfile": tls.cert, "keyfile": tls.key}
+        listeners["tls"] = {
+            "type": "tcp",
+            "bind": f"{tls.host}:{tls.port}",
+            "max_connections": max_connections,
+            "ssl": True,
+            "certfile": tls.cert,
+            "keyfile": tls.key,
+        }
     return {
         "listeners": listeners,
         "plugins": {
@@ -168,15 +180,19 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
     A refused connection is aborted: the client's will fires.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int, transport: Any,
-                 on_refuse: Callable[[str, Exception], None]):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        limit: int,
+        transport: Any,
+        on_refuse: Callable[[str, Exception], None],
+    ):
         super().__init__(reader)
         self.limit = limit
         self.no_qos2 = False
         self._transport = transport
         self._on_refuse = on_refuse
-        self.connect_deadline: float | None = (asyncio.get_running_loop().time()
-                                               + CONNECT_TIMEOUT_S)
+        self.connect_deadline: float | None = asyncio.get_running_loop().time() + CONNECT_TIMEOUT_S
         # framing: "head" (next byte starts a packet), "length" (in its remaining length),
         # "body" (so many bytes of the body still to come)
         self._state = "head"
@@ -193,9 +209,11 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
     async def read(self, n: int = -1) -> bytes:
         if n > self.limit or (self._state == "body" and n > self._body):
             # (the second: amqtt reads past the length the packet announced: malformed)
-            exc = PacketTooLarge(f"a read of {n} bytes; the limit is {self.limit}, the "
-                                 f"packet has {self._body if self._state == 'body' else 0} "
-                                 f"left")
+            exc = PacketTooLarge(
+                f"a read of {n} bytes; the limit is {self.limit}, the "
+                f"packet has {self._body if self._state == 'body' else 0} "
+                f"left"
+            )
             self._refuse(exc)
             raise exc
         if self.connect_deadline is None:
@@ -220,7 +238,7 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
                 return
             rest, self._body, self._state = n - self._body, 0, "head"
             if rest:
-                self._follow(data[n - rest:])
+                self._follow(data[n - rest :])
             return
         for i, byte in enumerate(data):
             if self._state == "body":
@@ -240,8 +258,10 @@ class _LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
                 continue
             cap = SUBSCRIBE_MAX_BYTES if self._type >> 4 in (8, 10) else self.limit
             if self._length > cap:
-                exc = PacketTooLarge(f"a packet of type {self._type >> 4} announcing "
-                                     f"{self._length} bytes, the limit is {cap}")
+                exc = PacketTooLarge(
+                    f"a packet of type {self._type >> 4} announcing "
+                    f"{self._length} bytes, the limit is {cap}"
+                )
                 self._refuse(exc)
                 raise exc
             self._body = self._length
@@ -261,9 +281,15 @@ class _ClosingStreamWriter(StreamWriterAdapter):  # type: ignore[misc]
 class PatchedBroker(Broker):  # type: ignore[misc]
     """amqtt's Broker with lbmqtt's patches (see the module docstring)."""
 
-    def __init__(self, config: dict[str, Any], *, patches: Iterable[str] = ALL_PATCHES,
-                 guard: AccessGuard | None = None, max_packet_bytes: int = 256 * 2**20,
-                 client_max_packet_bytes: int | None = None):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        patches: Iterable[str] = ALL_PATCHES,
+        guard: AccessGuard | None = None,
+        max_packet_bytes: int = 256 * 2**20,
+        client_max_packet_bytes: int | None = None,
+    ):
         super().__init__(config)
         unknown = set(patches) - ALL_PATCHES
         if unknown:
@@ -284,7 +310,8 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         self.revoked = 0
         self._denied_log = LogLimiter(log, DENIED_LOG_INTERVAL_S)
         self._hash_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=HASH_THREADS, thread_name_prefix="lbmqtt-login")
+            max_workers=HASH_THREADS, thread_name_prefix="lbmqtt-login"
+        )
         self._hashes_waiting = 0
         self._claims: dict[str, tuple[str, object]] = {}
         self._held: dict[str, set[str]] = {}
@@ -293,15 +320,16 @@ class PatchedBroker(Broker):  # type: ignore[misc]
 
     # -- keepalive (and the login check, with accounts) -------------------------------
 
-    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
-                                         remote_port: int) -> tuple[Any, Session]:
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[Any, Session]:
         try:
             if self.guard is None:
                 handler, session = await super()._initialize_client_session(
-                    reader, writer, remote_address, remote_port)
+                    reader, writer, remote_address, remote_port
+                )
             else:
-                handler, session = await self._login(reader, writer, remote_address,
-                                                     remote_port)
+                handler, session = await self._login(reader, writer, remote_address, remote_port)
         except (AMQTTError, MQTTError, NoDataError, OSError) as exc:
             # amqtt closes the socket only for some failed CONNECTs: a first packet that
             # is not a CONNECT left it open and unread, a client gone before its CONNECT
@@ -311,8 +339,9 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             with contextlib.suppress(Exception):
                 await writer.close()
             if isinstance(exc, OSError):
-                raise AMQTTError(f"connection from {remote_address}:{remote_port} lost "
-                                 f"during its CONNECT: {exc}") from exc
+                raise AMQTTError(
+                    f"connection from {remote_address}:{remote_port} lost during its CONNECT: {exc}"
+                ) from exc
             raise
         if isinstance(reader, _LimitedReader):
             reader.connect_deadline = None
@@ -323,16 +352,17 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             handler.handle_read_timeout = lambda: self._drop_silent_client(handler)
         return handler, session
 
-    async def _login(self, reader: Any, writer: Any, remote_address: str,
-                     remote_port: int) -> tuple[Any, Session]:
+    async def _login(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[Any, Session]:
         """amqtt's session set-up, with the login checked before any session is touched."""
         assert self.guard is not None
         try:
             handler, fresh = await BrokerProtocolHandler.init_from_connect(
-                reader, writer, self.plugins_manager)
+                reader, writer, self.plugins_manager
+            )
         except (MQTTError, NoDataError) as exc:
-            raise AMQTTError(f"invalid CONNECT from {remote_address}:{remote_port}: "
-                             f"{exc}") from exc
+            raise AMQTTError(f"invalid CONNECT from {remote_address}:{remote_port}: {exc}") from exc
         if isinstance(reader, _LimitedReader):
             reader.connect_deadline = None  # (the hashing below has no deadline)
         login = fresh.username
@@ -347,7 +377,8 @@ class PatchedBroker(Broker):  # type: ignore[misc]
                 self._hashes_waiting += 1
                 try:
                     role = await asyncio.get_running_loop().run_in_executor(
-                        self._hash_pool, self.guard.slow_check, login, fresh.password)
+                        self._hash_pool, self.guard.slow_check, login, fresh.password
+                    )
                 finally:
                     self._hashes_waiting -= 1
         if not code and not role:
@@ -356,16 +387,20 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             held = self._sessions.get(fresh.client_id)
             claim = self._claims.get(fresh.client_id)
             if (held is not None and held[0].username != login) or (
-                    claim is not None and claim[0] != login):
+                claim is not None and claim[0] != login
+            ):
                 why, code = ("its client id belongs to another login", IDENTIFIER_REJECTED)
-            elif fresh.will_flag and not self.guard.may(role, "publish", fresh.will_topic or "",
-                                                        login, fresh.client_id):
+            elif fresh.will_flag and not self.guard.may(
+                role, "publish", fresh.will_topic or "", login, fresh.client_id
+            ):
                 why, code = "may not publish its will there", NOT_AUTHORIZED
         if code:
             self.refused_logins += 1
             # (keyed by address, names cut short: both are the client's to choose)
-            self._log_denied(f"login from {remote_address}", f"login {str(login)[:64]!r} "
-                             f"from {remote_address} refused: {why}")
+            self._log_denied(
+                f"login from {remote_address}",
+                f"login {str(login)[:64]!r} from {remote_address} refused: {why}",
+            )
             with contextlib.suppress(Exception):
                 await ConnackPacket.build(0, code).to_stream(writer)
                 await writer.close()
@@ -377,14 +412,18 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         self._claims[fresh.client_id] = claim
         fresh.lbmqtt_claim = claim
         if isinstance(reader, _LimitedReader):
-            reader.limit = (self.max_packet_bytes if role == "balancer"
-                            else self.client_max_packet_bytes)
+            reader.limit = (
+                self.max_packet_bytes if role == "balancer" else self.client_max_packet_bytes
+            )
             reader.no_qos2 = True
         # amqtt's own session handling from here (Broker._initialize_client_session)
         session = fresh
         account = self.guard.account_key(login)
-        if not session.clean_session and session.client_id in self._sessions and getattr(
-                self._sessions[session.client_id][0], "lbmqtt_account", None) != account:
+        if (
+            not session.clean_session
+            and session.client_id in self._sessions
+            and getattr(self._sessions[session.client_id][0], "lbmqtt_account", None) != account
+        ):
             # a persistent session kept from before the login's role or password changed:
             # its subscriptions were granted under the old rights
             await self._delete_session(session.client_id)
@@ -396,8 +435,16 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             session.parent = 0
         elif session.client_id in self._sessions:
             old, _ = self._sessions[session.client_id]
-            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive",
-                         "username", "password", "lbmqtt_claim"):
+            for attr in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "keep_alive",
+                "username",
+                "password",
+                "lbmqtt_claim",
+            ):
                 setattr(old, attr, getattr(session, attr))
             session = old
             session.parent = 1
@@ -408,11 +455,18 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         return handler, session
 
     async def _handle_client_session(  # noqa: PLR0917 (amqtt's signature)
-            self, reader: Any, writer: Any, client_session: Session, handler: Any,
-            server: Any, listener_name: str) -> None:
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Session,
+        handler: Any,
+        server: Any,
+        listener_name: str,
+    ) -> None:
         try:
-            await super()._handle_client_session(reader, writer, client_session, handler,
-                                                 server, listener_name)
+            await super()._handle_client_session(
+                reader, writer, client_session, handler, server, listener_name
+            )
         finally:
             claim = getattr(client_session, "lbmqtt_claim", None)
             if claim is not None and self._claims.get(client_session.client_id) is claim:
@@ -425,9 +479,11 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             held = self._held.setdefault(session.client_id, set())
             if subscription[0] not in held and len(held) >= MAX_SUBSCRIPTIONS:
                 self.denied += 1
-                self._log_denied(f"subscriptions {session.username}",
-                                 f"{session.username!r} ({session.client_id}) holds "
-                                 f"{MAX_SUBSCRIPTIONS} subscriptions: no more")
+                self._log_denied(
+                    f"subscriptions {session.username}",
+                    f"{session.username!r} ({session.client_id}) holds "
+                    f"{MAX_SUBSCRIPTIONS} subscriptions: no more",
+                )
                 return 0x80
             code: int = await super().add_subscription(subscription, session)
             if code != 0x80:
@@ -436,8 +492,9 @@ class PatchedBroker(Broker):  # type: ignore[misc]
         code = await super().add_subscription(subscription, session)
         return code
 
-    async def _handle_unsubscription(self, client_session: Session, handler: Any,
-                                     unsubscribe_waiter: asyncio.Future[Any]) -> None:
+    async def _handle_unsubscription(
+        self, client_session: Session, handler: Any, unsubscribe_waiter: asyncio.Future[Any]
+    ) -> None:
         await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
         held = self._held.get(client_session.client_id)
         for topic in unsubscribe_waiter.result().topics:
@@ -461,13 +518,17 @@ class PatchedBroker(Broker):  # type: ignore[misc]
             return True  # every granted subscription is within the login's reading rights
         role: Role | None = getattr(session, "lbmqtt_role", None)
         verb: Literal["publish", "subscribe"] = (
-            "publish" if action == Action.PUBLISH else "subscribe")
-        if role is not None and self.guard.may(role, verb, topic, session.username or "",
-                                               session.client_id or ""):
+            "publish" if action == Action.PUBLISH else "subscribe"
+        )
+        if role is not None and self.guard.may(
+            role, verb, topic, session.username or "", session.client_id or ""
+        ):
             return True
         self.denied += 1
-        self._log_denied(f"denied {session.username}", f"{session.username!r} "
-                         f"({session.client_id}) may not {verb} {topic[:200]!r}")
+        self._log_denied(
+            f"denied {session.username}",
+            f"{session.username!r} ({session.client_id}) may not {verb} {topic[:200]!r}",
+        )
         return False
 
     def _log_denied(self, key: str, what: str) -> None:
@@ -486,8 +547,11 @@ class PatchedBroker(Broker):  # type: ignore[misc]
     def _drop_silent_client(self, handler: Any) -> None:
         session = handler.session
         client_id = session.client_id if session is not None else "?"
-        log.info("client %s silent for %.1f s (1.5 x keep-alive): closing its connection",
-                 client_id, session.keep_alive if session is not None else 0)
+        log.info(
+            "client %s silent for %.1f s (1.5 x keep-alive): closing its connection",
+            client_id,
+            session.keep_alive if session is not None else 0,
+        )
         self.keepalive_drops += 1
         self.close_connection(handler)
 
@@ -504,10 +568,14 @@ class PatchedBroker(Broker):  # type: ignore[misc]
 
     # -- socket_leak ----------------------------------------------------------------------
 
-    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               listener_name: str) -> None:
-        adapter = (_ClosingStreamWriter(writer) if "socket_leak" in self.patches
-                   else StreamWriterAdapter(writer))
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        adapter = (
+            _ClosingStreamWriter(writer)
+            if "socket_leak" in self.patches
+            else StreamWriterAdapter(writer)
+        )
         limit = self.max_packet_bytes if self.guard is None else self.client_max_packet_bytes
         limited = _LimitedReader(reader, limit, writer.transport, self._refuse_connection)
         self.transports.add(writer.transport)
@@ -537,8 +605,9 @@ class PatchedBroker(Broker):  # type: ignore[misc]
 
     # -- offline_queue --------------------------------------------------------------------
 
-    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int,
-                                        target_session: Session) -> None:
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
         if "offline_queue" in self.patches:
             queue = target_session.retained_messages
             if queue.empty():  # (drained when it came back: count afresh)
@@ -549,41 +618,62 @@ class PatchedBroker(Broker):  # type: ignore[misc]
                 self.offline_dropped += 1
                 self._denied_log.warning(
                     f"offline {target_session.client_id}",
-                    "client %s is away with %d messages (%d bytes) kept for it: dropping "
-                    "more", target_session.client_id, queue.qsize(), kept)
+                    "client %s is away with %d messages (%d bytes) kept for it: dropping more",
+                    target_session.client_id,
+                    queue.qsize(),
+                    kept,
+                )
                 return
             target_session.lbmqtt_kept_bytes = kept + size
         await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     # -- dollar_publish -------------------------------------------------------------------
 
-    async def _handle_message_delivery(self, client_session: Session, handler: Any,
-                                       wait_deliver: asyncio.Future[Any]) -> bool:
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
         if "dollar_publish" in self.patches:
             message = wait_deliver.result()
             topic = getattr(message, "topic", None) if message is not None else None
             if message is not None and isinstance(topic, str) and topic.startswith("$"):
                 self.dropped_dollar_publishes += 1
-                log.info("client %s published to %r: '$' topics are reserved; dropped",
-                         client_session.client_id, topic)
+                log.info(
+                    "client %s published to %r: '$' topics are reserved; dropped",
+                    client_session.client_id,
+                    topic,
+                )
                 return True
             if message is not None and (not topic or "#" in topic or "+" in topic):
-                log.info("client %s published to an invalid topic %r: closing its connection",
-                         client_session.client_id, topic)
+                log.info(
+                    "client %s published to an invalid topic %r: closing its connection",
+                    client_session.client_id,
+                    topic,
+                )
                 self.close_connection(handler)
                 return True
         if self.guard is not None:
             message = wait_deliver.result()
             packet = getattr(message, "publish_packet", None)
             role = getattr(client_session, "lbmqtt_role", None)
-            if (message is not None and packet is not None and packet.retain_flag
-                    and role is not None and not self.guard.may(
-                        role, "retain", message.topic, client_session.username or "",
-                        client_session.client_id or "")):
+            if (
+                message is not None
+                and packet is not None
+                and packet.retain_flag
+                and role is not None
+                and not self.guard.may(
+                    role,
+                    "retain",
+                    message.topic,
+                    client_session.username or "",
+                    client_session.client_id or "",
+                )
+            ):
                 self.denied += 1
-                self._log_denied(f"retain {client_session.username}",
-                                 f"{client_session.username!r} may not retain on "
-                                 f"{message.topic[:200]!r}: dropped")
+                self._log_denied(
+                    f"retain {client_session.username}",
+                    f"{client_session.username!r} may not retain on "
+                    f"{message.topic[:200]!r}: dropped",
+                )
                 return True
         result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
         return result
@@ -603,11 +693,18 @@ class EmbeddedBroker:
         client_max_packet_bytes: largest packet from any other login.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
-                 patches: Iterable[str] = ALL_PATCHES, prefix: str | None = None,
-                 guard: AccessGuard | None = None, tls: TlsListener | None = None,
-                 max_packet_bytes: int = 256 * 2**20,
-                 client_max_packet_bytes: int | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        patches: Iterable[str] = ALL_PATCHES,
+        prefix: str | None = None,
+        guard: AccessGuard | None = None,
+        tls: TlsListener | None = None,
+        max_packet_bytes: int = 256 * 2**20,
+        client_max_packet_bytes: int | None = None,
+    ):
         self.host = host
         self.requested_port = port
         self.patches = frozenset(patches)
@@ -640,58 +737,88 @@ class EmbeddedBroker:
                 now = guard.account_key(session.username or "")
                 if now == was:
                     continue
-                what = "gone" if now is None else (
-                    f"a {now[0]}" if now[0] != was[0] else "given a new password")
+                what = (
+                    "gone"
+                    if now is None
+                    else (f"a {now[0]}" if now[0] != was[0] else "given a new password")
+                )
                 broker.revoked += 1
                 if session.transitions.state == "connected":
-                    log.warning("login %r is %s now: closing its connection (%s)",
-                                session.username, what, client_id)
+                    log.warning(
+                        "login %r is %s now: closing its connection (%s)",
+                        session.username,
+                        what,
+                        client_id,
+                    )
                     session.lbmqtt_account = None  # (a resumed session starts afresh)
                     broker.close_connection(handler)
                 else:
-                    log.warning("login %r is %s now: forgetting its session %s",
-                                session.username, what, client_id)
+                    log.warning(
+                        "login %r is %s now: forgetting its session %s",
+                        session.username,
+                        what,
+                        client_id,
+                    )
                     await broker._delete_session(client_id)
 
     async def start(self) -> None:
         """Start listening; afterwards :attr:`port` holds the bound port."""
-        config = broker_config(self.host, self.requested_port, anonymous=self.guard is None,
-                               tls=self.tls)
-        self.broker = PatchedBroker(config, patches=self.patches, guard=self.guard,
-                                    max_packet_bytes=self.max_packet_bytes,
-                                    client_max_packet_bytes=self.client_max_packet_bytes)
+        config = broker_config(
+            self.host, self.requested_port, anonymous=self.guard is None, tls=self.tls
+        )
+        self.broker = PatchedBroker(
+            config,
+            patches=self.patches,
+            guard=self.guard,
+            max_packet_bytes=self.max_packet_bytes,
+            client_max_packet_bytes=self.client_max_packet_bytes,
+        )
         await self.broker.start()
         self.port = bound_port(self.broker)
         if self.guard is not None and self.guard.accounts_file is not None:
-            self._watcher = asyncio.create_task(self._watch_accounts(),
-                                                name="lbmqtt-broker-accounts")
+            self._watcher = asyncio.create_task(
+                self._watch_accounts(), name="lbmqtt-broker-accounts"
+            )
         if self.tls is not None:
             self.tls_port = bound_port(self.broker, "tls")
         if self.prefix is not None:
             await self._publish_status()
-            self._reporter = asyncio.create_task(self._report_refusals(),
-                                                 name="lbmqtt-broker-status")
+            self._reporter = asyncio.create_task(
+                self._report_refusals(), name="lbmqtt-broker-status"
+            )
 
     def refusals(self) -> dict[str, int]:
         """What the broker refused since it started, by kind (see BrokerStatus)."""
         b = self.broker
         if b is None:
             return {}
-        return {"logins": b.refused_logins, "denied": b.denied, "too_large": b.too_large,
-                "connect_timeouts": b.connect_timeouts, "revoked": b.revoked,
-                "offline_dropped": b.offline_dropped,
-                "dollar_publishes": b.dropped_dollar_publishes}
+        return {
+            "logins": b.refused_logins,
+            "denied": b.denied,
+            "too_large": b.too_large,
+            "connect_timeouts": b.connect_timeouts,
+            "revoked": b.revoked,
+            "offline_dropped": b.offline_dropped,
+            "dollar_publishes": b.dropped_dollar_publishes,
+        }
 
     async def _publish_status(self) -> None:
         assert self.broker is not None and self.prefix is not None
-        status = BrokerStatus(online=True, host=self.host, port=self.port,
-                              version=AMQTT_VERSION, refused=self.refusals())
-        await self.broker.retain_message(None, Topics(self.prefix).broker_status,
-                                         status.encode(), 1)
+        status = BrokerStatus(
+            online=True,
+            host=self.host,
+            port=self.port,
+            version=AMQTT_VERSION,
+            refused=self.refusals(),
+        )
+        await self.broker.retain_message(
+            None, Topics(self.prefix).broker_status, status.encode(), 1
+        )
         # (retain_message stores it; subscribers hear of it at their next subscribe, so
         # tell the ones subscribed now too)
-        await self.broker.internal_message_broadcast(Topics(self.prefix).broker_status,
-                                                     status.encode(), 1)
+        await self.broker.internal_message_broadcast(
+            Topics(self.prefix).broker_status, status.encode(), 1
+        )
 
     async def _report_refusals(self) -> None:
         sent = self.refusals()
@@ -749,9 +876,12 @@ def embedded_broker(settings: Settings) -> EmbeddedBroker:
         guard = AccessGuard(settings.topic_prefix, settings.auth_file, extra=extra)
         for name in extra:
             if guard.in_file(name):
-                log.warning("account %r of the accounts file is taken by a part `lbmqtt up` "
-                            "started (its node has that name): that account cannot log in "
-                            "while `up` runs", name)
+                log.warning(
+                    "account %r of the accounts file is taken by a part `lbmqtt up` "
+                    "started (its node has that name): that account cannot log in "
+                    "while `up` runs",
+                    name,
+                )
     host = settings.bind_host
     tls = None
     if settings.tls_listener:
@@ -759,8 +889,9 @@ def embedded_broker(settings: Settings) -> EmbeddedBroker:
         for path in (settings.broker_tls_cert, settings.broker_tls_key):
             if not os.path.isfile(path):
                 raise ConfigError(f"BROKER_TLS_CERT / BROKER_TLS_KEY: no such file {path}")
-        tls = TlsListener(host, settings.broker_tls_port, settings.broker_tls_cert,
-                          settings.broker_tls_key)
+        tls = TlsListener(
+            host, settings.broker_tls_port, settings.broker_tls_cert, settings.broker_tls_key
+        )
         host = "127.0.0.1"  # plain MQTT only for the parts on this machine
     if guard is None and not (is_loopback(host) and (tls is None or is_loopback(tls.host))):
         where = tls.host if tls is not None else host
@@ -768,23 +899,37 @@ def embedded_broker(settings: Settings) -> EmbeddedBroker:
             f"refusing to listen on {where} without accounts: anyone on the network could "
             f"then read, submit and cancel every task. Create accounts and point AUTH_FILE "
             f"at them, e.g.\n  lbmqtt user add alice --role user --file accounts\n  lbmqtt "
-            f"user add gpu-box --role node --file accounts\nthen set \"AUTH_FILE\": "
-            f"\"accounts\" in parameters.json (or LBMQTT_AUTH_FILE=accounts); or listen on "
-            f"127.0.0.1 only (see README, \"Running on a shared LAN\")")
-    return EmbeddedBroker(host, settings.broker_port, prefix=settings.topic_prefix,
-                          guard=guard, tls=tls,
-                          max_packet_bytes=settings.broker_max_packet_bytes,
-                          client_max_packet_bytes=settings.max_payload_bytes + TOPIC_SLACK_BYTES)
+            f'user add gpu-box --role node --file accounts\nthen set "AUTH_FILE": '
+            f'"accounts" in parameters.json (or LBMQTT_AUTH_FILE=accounts); or listen on '
+            f'127.0.0.1 only (see README, "Running on a shared LAN")'
+        )
+    return EmbeddedBroker(
+        host,
+        settings.broker_port,
+        prefix=settings.topic_prefix,
+        guard=guard,
+        tls=tls,
+        max_packet_bytes=settings.broker_max_packet_bytes,
+        client_max_packet_bytes=settings.max_payload_bytes + TOPIC_SLACK_BYTES,
+    )
 
 
 def loopback_mosquitto_conf(shipped: str, port: int) -> str:
     """The shipped ``broker/mosquitto.conf`` turned into an anonymous broker on one
     loopback port without persistence: what the tests and benchmarks run (the tests of
     logins and ACLs write their own)."""
-    swap = {"listener 1883 0.0.0.0": f"listener {port} 127.0.0.1",
-            "allow_anonymous false": "allow_anonymous true"}
-    return "\n".join(swap.get(line, line) for line in shipped.splitlines()
-                     if not line.startswith(("password_file", "acl_file", "persistence"))) + "\n"
+    swap = {
+        "listener 1883 0.0.0.0": f"listener {port} 127.0.0.1",
+        "allow_anonymous false": "allow_anonymous true",
+    }
+    return (
+        "\n".join(
+            swap.get(line, line)
+            for line in shipped.splitlines()
+            if not line.startswith(("password_file", "acl_file", "persistence"))
+        )
+        + "\n"
+    )
 
 
 def quiet_amqtt_logs(level: int) -> None:
@@ -792,16 +937,18 @@ def quiet_amqtt_logs(level: int) -> None:
     through at most one line per kind every 10 s (it logs one per refused or broken
     connection, so a client could flood the log)."""
     for name in ("amqtt", "transitions"):
-        logging.getLogger(name).setLevel(logging.DEBUG if level <= logging.DEBUG
-                                         else logging.WARNING)
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+        )
     if level > logging.DEBUG:
         for handler in logging.getLogger().handlers:
             if not any(isinstance(f, ForeignLogFilter) for f in handler.filters):
                 handler.addFilter(ForeignLogFilter())
 
 
-async def serve(settings: Settings, *, ready_fd: int | None = None,
-                stop: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: Settings, *, ready_fd: int | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Run the embedded broker until SIGINT/SIGTERM (or ``stop`` is set).
 
     Prints ``lbmqtt broker: listening on HOST:PORT`` and, with ``ready_fd``, writes one
@@ -823,23 +970,28 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
         cause = exc.__cause__ or exc
         raise OSError(
             f"cannot listen on {host}:{settings.broker_port} ({cause}): is another broker "
-            f"or `lbmqtt up` running there? --broker-port 0 picks a free port") from exc
+            f"or `lbmqtt up` running there? --broker-port 0 picks a free port"
+        ) from exc
     finally:
         amqtt_log.setLevel(level)
     print(f"lbmqtt broker: listening on {host}:{broker.port} ({AMQTT_VERSION})", flush=True)
     if broker.tls is not None:
         print(f"lbmqtt broker: TLS on {broker.tls.host}:{broker.tls_port}", flush=True)
     if broker.guard is not None:
-        print("lbmqtt broker: logins required"
-              + (f" (accounts: {settings.auth_file})" if settings.auth_file else ""),
-              flush=True)
+        print(
+            "lbmqtt broker: logins required"
+            + (f" (accounts: {settings.auth_file})" if settings.auth_file else ""),
+            flush=True,
+        )
     advertiser = None
     if settings.broker_advertise:
         from .discovery import Advertiser
 
-        advertiser = (Advertiser(broker.tls.host, broker.tls_port or 0, settings.topic_prefix)
-                      if broker.tls is not None else
-                      Advertiser(host, broker.port, settings.topic_prefix))
+        advertiser = (
+            Advertiser(broker.tls.host, broker.tls_port or 0, settings.topic_prefix)
+            if broker.tls is not None
+            else Advertiser(host, broker.port, settings.topic_prefix)
+        )
         try:
             addresses = await asyncio.to_thread(advertiser.start)
         except Exception as exc:  # no multicast here: the broker serves all the same
@@ -847,12 +999,16 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
             advertiser = None
         else:
             if addresses:
-                print(f"lbmqtt broker: advertised by mDNS on {', '.join(addresses)} "
-                      f"(BROKER_HOST \"auto\" finds it)", flush=True)
+                print(
+                    f"lbmqtt broker: advertised by mDNS on {', '.join(addresses)} "
+                    f'(BROKER_HOST "auto" finds it)',
+                    flush=True,
+                )
     if ready_fd is not None:
         with os.fdopen(ready_fd, "w") as f:
-            f.write(json.dumps({"host": host, "port": broker.port,
-                                "tls_port": broker.tls_port}) + "\n")
+            f.write(
+                json.dumps({"host": host, "port": broker.port, "tls_port": broker.tls_port}) + "\n"
+            )
     try:
         await stop.wait()
     finally:

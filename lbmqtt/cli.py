@@ -39,11 +39,11 @@ class Exit(IntEnum):
     """Exit statuses of the ``lbmqtt`` command."""
 
     OK = 0
-    FAILED = 1          # a task failed or was cancelled; a component failed
-    USAGE = 2           # bad flags or parameters file
-    UNAVAILABLE = 3     # broker or balancer not reachable
-    TIMEOUT = 4         # --timeout passed
-    REFUSED = 5         # the balancer refused the submit (quota, invalid task)
+    FAILED = 1  # a task failed or was cancelled; a component failed
+    USAGE = 2  # bad flags or parameters file
+    UNAVAILABLE = 3  # broker or balancer not reachable
+    TIMEOUT = 4  # --timeout passed
+    REFUSED = 5  # the balancer refused the submit (quota, invalid task)
     INTERRUPTED = 130
 
 
@@ -62,13 +62,15 @@ examples:
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("settings (override parameters.json and LBMQTT_* variables)")
-    g.add_argument("--parameters", metavar="FILE",
-                   help="parameters file (default: ./parameters.json if present)")
+    g.add_argument(
+        "--parameters",
+        metavar="FILE",
+        help="parameters file (default: ./parameters.json if present)",
+    )
     g.add_argument("--broker-host", metavar="HOST", help="BROKER_HOST")
     g.add_argument("--broker-port", metavar="PORT", type=int, help="BROKER_PORT")
     g.add_argument("--prefix", metavar="PREFIX", help="TOPIC_PREFIX")
-    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="LOG_LEVEL")
+    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="LOG_LEVEL")
 
 
 def _ready_fd(p: argparse.ArgumentParser) -> None:
@@ -78,71 +80,130 @@ def _ready_fd(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lbmqtt`` command."""
     ap = argparse.ArgumentParser(
-        prog="lbmqtt", description="A task load balancer for unequal machines on a LAN, "
-        "over MQTT.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="lbmqtt",
+        description="A task load balancer for unequal machines on a LAN, over MQTT.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--version", action="version", version=f"lbmqtt {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def cmd(name: str, help_: str, epilog: str = "") -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(p)
         return p
 
-    p = cmd("up", "run broker, balancer, dashboard and a local node (Ctrl-C stops all)",
-            "example:\n  lbmqtt up --tasks nodes/demo_tasks.py")
-    p.add_argument("--tasks", action="append", default=[], metavar="MODULE",
-                   help="task module or .py file for the local node (default NODE_TASKS)")
+    p = cmd(
+        "up",
+        "run broker, balancer, dashboard and a local node (Ctrl-C stops all)",
+        "example:\n  lbmqtt up --tasks nodes/demo_tasks.py",
+    )
+    p.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="task module or .py file for the local node (default NODE_TASKS)",
+    )
     p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     p.add_argument("--no-node", action="store_true", help="do not start a local node")
     p.add_argument("--monitor-port", type=int, metavar="PORT", help="MONITOR_PORT")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="METRICS_PORT: the balancer's Prometheus endpoint (0: any free port)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="METRICS_PORT: the balancer's Prometheus endpoint (0: any free port)",
+    )
 
-    p = cmd("broker", "run the embedded MQTT broker (amqtt)",
-            "example:\n  lbmqtt broker --broker-port 1883")
+    p = cmd(
+        "broker",
+        "run the embedded MQTT broker (amqtt)",
+        "example:\n  lbmqtt broker --broker-port 1883",
+    )
     p.add_argument("--bind", metavar="ADDR", help="BROKER_BIND: address to listen on")
     _ready_fd(p)
 
     p = cmd("balancer", "run the balancer", "example:\n  lbmqtt balancer --metrics-port 9110")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="METRICS_PORT: the Prometheus endpoint (0: any free port)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="METRICS_PORT: the Prometheus endpoint (0: any free port)",
+    )
     _ready_fd(p)
 
-    p = cmd("node", "run a node daemon serving tasks in worker processes",
-            "examples:\n  lbmqtt node --tasks nodes/demo_tasks.py\n"
-            "  lbmqtt node --tasks mypackage.tasks --name gpu-box --workers 4")
-    p.add_argument("--tasks", action="append", default=[], metavar="MODULE",
-                   help="task module (dotted name) or .py file; repeatable (default NODE_TASKS)")
+    p = cmd(
+        "node",
+        "run a node daemon serving tasks in worker processes",
+        "examples:\n  lbmqtt node --tasks nodes/demo_tasks.py\n"
+        "  lbmqtt node --tasks mypackage.tasks --name gpu-box --workers 4",
+    )
+    p.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="task module (dotted name) or .py file; repeatable (default NODE_TASKS)",
+    )
     p.add_argument("--name", metavar="NAME", help="NODE_NAME (default: host name)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="one group of N slots for every priority (instead of WKHUB_WORKERS)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="one group of N slots for every priority (instead of WKHUB_WORKERS)",
+    )
     p.add_argument("--speed", type=float, metavar="X", help="NODE_SPEED")
     _ready_fd(p)
 
-    p = cmd("dashboard", "run the live dashboard (Bokeh server)",
-            "example:\n  lbmqtt dashboard --monitor-port 9000")
+    p = cmd(
+        "dashboard",
+        "run the live dashboard (Bokeh server)",
+        "example:\n  lbmqtt dashboard --monitor-port 9000",
+    )
     p.add_argument("--monitor-port", type=int, metavar="PORT", help="MONITOR_PORT")
     _ready_fd(p)
 
-    p = cmd("submit", "submit a task; print its id, or its result with --wait",
-            "examples:\n  lbmqtt submit HELLO '{\"firstName\": \"John\", \"lastName\": \"Doe\"}' "
-            "--wait\n  lbmqtt submit SLEEP '{\"seconds\": 3}' --priority 10 --id my-sleep")
+    p = cmd(
+        "submit",
+        "submit a task; print its id, or its result with --wait",
+        'examples:\n  lbmqtt submit HELLO \'{"firstName": "John", "lastName": "Doe"}\' '
+        "--wait\n  lbmqtt submit SLEEP '{\"seconds\": 3}' --priority 10 --id my-sleep",
+    )
     p.add_argument("name", help="task name, e.g. HELLO")
     p.add_argument("args", nargs="?", default="null", help="task arguments as JSON")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--id", dest="task_id", metavar="ID", help="your own task id")
     p.add_argument("--timeout-s", type=float, metavar="S", help="per-attempt time limit")
-    p.add_argument("--requires", action="append", default=[], metavar="NAME=AMOUNT",
-                   help="a counted resource its node must have free, e.g. gpu=1 (repeatable)")
-    p.add_argument("--tag", action="append", default=[], metavar="TAG",
-                   help="a tag its node must carry (repeatable)")
+    p.add_argument(
+        "--requires",
+        action="append",
+        default=[],
+        metavar="NAME=AMOUNT",
+        help="a counted resource its node must have free, e.g. gpu=1 (repeatable)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="a tag its node must carry (repeatable)",
+    )
     p.add_argument("--wait", action="store_true", help="wait and print the result")
     p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
     p.add_argument("--json", action="store_true", help="print the whole final state as JSON")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --wait: draw a progress bar on stderr (default: if a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --wait: draw a progress bar on stderr (default: if a terminal)",
+    )
 
     p = cmd("get", "print a task's state", "example:\n  lbmqtt get TASK_ID --json")
     p.add_argument("task_id", metavar="ID")
@@ -153,60 +214,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_ids", nargs="+", metavar="ID")
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
 
-    p = cmd("status", "show queues, nodes and warnings",
-            "examples:\n  lbmqtt status --json\n  lbmqtt status --watch 2")
-    p.add_argument("--json", action="store_true",
-                   help="print the balancer's stats as JSON (with --watch: one line each)")
-    p.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="S",
-                   help="refresh every S seconds (default 1) until Ctrl-C")
+    p = cmd(
+        "status",
+        "show queues, nodes and warnings",
+        "examples:\n  lbmqtt status --json\n  lbmqtt status --watch 2",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the balancer's stats as JSON (with --watch: one line each)",
+    )
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=1.0,
+        metavar="S",
+        help="refresh every S seconds (default 1) until Ctrl-C",
+    )
     p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
-                   help="how long to wait for the balancer's stats")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="how long to wait for the balancer's stats",
+    )
 
-    p = cmd("user", "manage the accounts file (AUTH_FILE): logins, passwords and roles",
-            "examples:\n  lbmqtt user add alice --role user --file accounts\n"
-            "  lbmqtt user add gpu-box --role node --generate --file accounts  # prints it\n"
-            "  echo \"$PW\" | lbmqtt user add bob --role user --password-stdin\n"
-            "  lbmqtt user list\n  lbmqtt user remove bob\n"
-            "  lbmqtt user mosquitto      # writes ACCOUNTS.acl for Mosquitto's acl_file\n\n"
-            "roles: user (its own tasks), node (its own assignments and reports),\n"
-            "monitor (reads stats: the dashboard, lbmqtt status), balancer (everything)")
+    p = cmd(
+        "user",
+        "manage the accounts file (AUTH_FILE): logins, passwords and roles",
+        "examples:\n  lbmqtt user add alice --role user --file accounts\n"
+        "  lbmqtt user add gpu-box --role node --generate --file accounts  # prints it\n"
+        '  echo "$PW" | lbmqtt user add bob --role user --password-stdin\n'
+        "  lbmqtt user list\n  lbmqtt user remove bob\n"
+        "  lbmqtt user mosquitto      # writes ACCOUNTS.acl for Mosquitto's acl_file\n\n"
+        "roles: user (its own tasks), node (its own assignments and reports),\n"
+        "monitor (reads stats: the dashboard, lbmqtt status), balancer (everything)",
+    )
     p.add_argument("action", choices=["add", "remove", "list", "mosquitto"])
     p.add_argument("name", nargs="?", help="account name (= user or node name)")
-    p.add_argument("--role", choices=["user", "node", "monitor", "balancer"],
-                   help="with add: what the account may do")
+    p.add_argument(
+        "--role",
+        choices=["user", "node", "monitor", "balancer"],
+        help="with add: what the account may do",
+    )
     p.add_argument("--file", metavar="FILE", help="accounts file (default AUTH_FILE)")
-    p.add_argument("--password-stdin", action="store_true",
-                   help="with add: read the password from stdin (else asked on a terminal, "
-                   "or generated and printed once)")
-    p.add_argument("--generate", action="store_true",
-                   help="with add: generate a random password and print it once")
-    p.add_argument("--replace", action="store_true",
-                   help="with add: replace an existing account (new password or role)")
-    p.add_argument("--acl", metavar="FILE",
-                   help="with mosquitto: where to write the ACL (default FILE.acl)")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="with add: read the password from stdin (else asked on a terminal, "
+        "or generated and printed once)",
+    )
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="with add: generate a random password and print it once",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with add: replace an existing account (new password or role)",
+    )
+    p.add_argument(
+        "--acl", metavar="FILE", help="with mosquitto: where to write the ACL (default FILE.acl)"
+    )
     return ap
 
 
 def _settings(ns: argparse.Namespace) -> Settings:
     overrides = {
-        "BROKER_HOST": ns.broker_host, "BROKER_PORT": ns.broker_port,
-        "TOPIC_PREFIX": ns.prefix, "LOG_LEVEL": ns.log_level,
+        "BROKER_HOST": ns.broker_host,
+        "BROKER_PORT": ns.broker_port,
+        "TOPIC_PREFIX": ns.prefix,
+        "LOG_LEVEL": ns.log_level,
         "MONITOR_PORT": getattr(ns, "monitor_port", None),
         "METRICS_PORT": getattr(ns, "metrics_port", None),
-        "NODE_NAME": getattr(ns, "name", None), "NODE_SPEED": getattr(ns, "speed", None),
+        "NODE_NAME": getattr(ns, "name", None),
+        "NODE_SPEED": getattr(ns, "speed", None),
         "BROKER_BIND": getattr(ns, "bind", None),
         "CLIENT_USER": getattr(ns, "user", None),
     }
     if getattr(ns, "workers", None) is not None:
-        overrides["WKHUB_WORKERS"] = [{"nWorkers": ns.workers, "minP": -(2**31),
-                                       "maxP": 2**31 - 1, "processP": 0}]
+        overrides["WKHUB_WORKERS"] = [
+            {"nWorkers": ns.workers, "minP": -(2**31), "maxP": 2**31 - 1, "processP": 0}
+        ]
     return load_settings(ns.parameters, overrides=overrides)
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
     from .broker import quiet_amqtt_logs
 
     quiet_amqtt_logs(getattr(logging, level))
@@ -233,9 +334,13 @@ def _write_ready(fd: int | None, info: dict[str, Any]) -> None:
 
 def _common_args(ns: argparse.Namespace) -> list[str]:
     out: list[str] = []
-    for flag, value in (("--parameters", ns.parameters), ("--broker-host", ns.broker_host),
-                        ("--broker-port", ns.broker_port), ("--prefix", ns.prefix),
-                        ("--log-level", ns.log_level)):
+    for flag, value in (
+        ("--parameters", ns.parameters),
+        ("--broker-host", ns.broker_host),
+        ("--broker-port", ns.broker_port),
+        ("--prefix", ns.prefix),
+        ("--log-level", ns.log_level),
+    ):
         if value is not None:
             out += [flag, str(value)]
     return out
@@ -271,9 +376,12 @@ def cmd_balancer(ns: argparse.Namespace, s: Settings) -> int:
 
     def ready(b: Balancer) -> None:
         r = b.settings  # (with the broker found, if BROKER_HOST was auto)
-        print(f"lbmqtt balancer: ready on {r.broker_host}:{r.broker_port}, topics under "
-              f"{r.topic_prefix}/ (instance {b.instance})"
-              + (f", metrics on {b.metrics_url}" if b.metrics_url else ""), flush=True)
+        print(
+            f"lbmqtt balancer: ready on {r.broker_host}:{r.broker_port}, topics under "
+            f"{r.topic_prefix}/ (instance {b.instance})"
+            + (f", metrics on {b.metrics_url}" if b.metrics_url else ""),
+            flush=True,
+        )
         _write_ready(ns.ready_fd, {"instance": b.instance, "metrics": b.metrics_url})
 
     tune_gc()
@@ -290,10 +398,12 @@ def cmd_node(ns: argparse.Namespace, s: Settings) -> int:
 
     def ready(n: Node) -> None:
         r = n.settings
-        print(f"lbmqtt node {n.name}: ready with {n.slots} worker slots on "
-              f"{r.broker_host}:{r.broker_port}, tasks {', '.join(n.task_names)}", flush=True)
-        _write_ready(ns.ready_fd, {"name": n.name, "slots": n.slots,
-                                   "tasks": n.task_names})
+        print(
+            f"lbmqtt node {n.name}: ready with {n.slots} worker slots on "
+            f"{r.broker_host}:{r.broker_port}, tasks {', '.join(n.task_names)}",
+            flush=True,
+        )
+        _write_ready(ns.ready_fd, {"name": n.name, "slots": n.slots, "tasks": n.task_names})
 
     asyncio.run(node.run(on_ready=ready))
     return Exit.OK
@@ -317,8 +427,9 @@ def cmd_submit(ns: argparse.Namespace, s: Settings) -> int:
     try:
         args = json.loads(ns.args)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"ARGS is not valid JSON ({exc.msg} at column {exc.colno}): "
-                          f"{ns.args!r}") from exc
+        raise ConfigError(
+            f"ARGS is not valid JSON ({exc.msg} at column {exc.colno}): {ns.args!r}"
+        ) from exc
     requires: dict[str, float] = {}
     for item in ns.requires:
         key, sep, amount = item.partition("=")
@@ -329,17 +440,26 @@ def cmd_submit(ns: argparse.Namespace, s: Settings) -> int:
         if not sep:
             raise ConfigError(f"--requires {item!r}: write NAME=AMOUNT, e.g. gpu=1")
     with Client(s) as client:
-        tid = client.submit(ns.name, args, priority=ns.priority, task_id=ns.task_id,
-                            timeout_s=ns.timeout_s, requires=requires or None,
-                            tags=ns.tag or None)
+        tid = client.submit(
+            ns.name,
+            args,
+            priority=ns.priority,
+            task_id=ns.task_id,
+            timeout_s=ns.timeout_s,
+            requires=requires or None,
+            tags=ns.tag or None,
+        )
         if not ns.wait:
             print(tid)
             return Exit.OK
         first = client.get(tid)
         if first.waiting:
-            print(f"lbmqtt: task {tid} is queued: {first.waiting}; waiting for it "
-                  f"(Ctrl-C stops waiting, the task stays queued: `lbmqtt cancel {tid}`)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"lbmqtt: task {tid} is queued: {first.waiting}; waiting for it "
+                f"(Ctrl-C stops waiting, the task stays queued: `lbmqtt cancel {tid}`)",
+                file=sys.stderr,
+                flush=True,
+            )
         from .progress import ProgressBar
 
         show = sys.stderr.isatty() if ns.progress is None else ns.progress
@@ -354,8 +474,11 @@ def cmd_submit(ns: argparse.Namespace, s: Settings) -> int:
         try:
             state = client.wait_state(tid, ns.timeout, on_state=on_state if bar else None)
         except KeyboardInterrupt:
-            print(f"lbmqtt: stopped waiting; task {tid} goes on (`lbmqtt get {tid}`, "
-                  f"`lbmqtt cancel {tid}`)", file=sys.stderr)
+            print(
+                f"lbmqtt: stopped waiting; task {tid} goes on (`lbmqtt get {tid}`, "
+                f"`lbmqtt cancel {tid}`)",
+                file=sys.stderr,
+            )
             raise
         finally:
             if bar is not None:
@@ -377,9 +500,11 @@ def cmd_get(ns: argparse.Namespace, s: Settings) -> int:
     if ns.json:
         print(state.model_dump_json(indent=2))
         return Exit.OK
-    print(f"{state.id}  {state.name}  {state.status.value}  progress {state.progress}%"
-          + (f"  on {state.node}" if state.node else "")
-          + (f"  ({state.waiting})" if state.waiting else ""))
+    print(
+        f"{state.id}  {state.name}  {state.status.value}  progress {state.progress}%"
+        + (f"  on {state.node}" if state.node else "")
+        + (f"  ({state.waiting})" if state.waiting else "")
+    )
     if state.status == "done":
         _print_result(state.result)
     elif state.error is not None:
@@ -423,11 +548,18 @@ def cmd_status(ns: argparse.Namespace, s: Settings) -> int:
             print(("\x1b[H\x1b[2J" if clear else "\n") + format_stats(stats), flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(watch_stats(
-            s, show, interval_s=ns.watch, count=ns.count,
-            timeout_s=max(ns.timeout, 3 * ns.watch),
-            on_wait=lambda why: print(f"lbmqtt: {why}; still watching (Ctrl-C stops)",
-                                      file=sys.stderr, flush=True)))
+        asyncio.run(
+            watch_stats(
+                s,
+                show,
+                interval_s=ns.watch,
+                count=ns.count,
+                timeout_s=max(ns.timeout, 3 * ns.watch),
+                on_wait=lambda why: print(
+                    f"lbmqtt: {why}; still watching (Ctrl-C stops)", file=sys.stderr, flush=True
+                ),
+            )
+        )
     return Exit.OK
 
 
@@ -448,9 +580,11 @@ def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
         return Exit.OK
     if ns.action == "mosquitto":
         _write_acl(acl_path, accounts, s.topic_prefix)
-        print(f"wrote {acl_path}; in mosquitto.conf:\n"
-              + access.mosquitto_conf_snippet(os.path.abspath(path), os.path.abspath(acl_path)),
-              end="")
+        print(
+            f"wrote {acl_path}; in mosquitto.conf:\n"
+            + access.mosquitto_conf_snippet(os.path.abspath(path), os.path.abspath(acl_path)),
+            end="",
+        )
         return Exit.OK
     access.check_name(ns.name)
     if ns.action == "remove":
@@ -461,8 +595,10 @@ def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
         print(f"removed {ns.name} from {path}")
     else:
         if not ns.role:
-            raise ConfigError("lbmqtt user add NAME --role ROLE: the role is missing "
-                              "(user, node, monitor or balancer)")
+            raise ConfigError(
+                "lbmqtt user add NAME --role ROLE: the role is missing "
+                "(user, node, monitor or balancer)"
+            )
         if ns.name in accounts and not ns.replace:
             raise ConfigError(f"{path}: account {ns.name!r} exists (--replace to change it)")
         generated = False
@@ -480,14 +616,16 @@ def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
             password, generated = access.new_password(), True
         if not password:
             raise ConfigError("empty password")
-        accounts[ns.name] = access.Account(ns.name, access.check_role(ns.role),
-                                           access.hash_password(password))
+        accounts[ns.name] = access.Account(
+            ns.name, access.check_role(ns.role), access.hash_password(password)
+        )
         access.write_accounts(path, accounts.values())
-        print(f"{'replaced' if exists and ns.replace else 'added'} {ns.name} ({ns.role}) "
-              f"in {path}")
+        print(f"{'replaced' if exists and ns.replace else 'added'} {ns.name} ({ns.role}) in {path}")
         if generated:
-            print(f"password: {password}\n(shown once: give it to {ns.name} as "
-                  f"LBMQTT_BROKER_PASSWORD or in a BROKER_PASSWORD_FILE)")
+            print(
+                f"password: {password}\n(shown once: give it to {ns.name} as "
+                f"LBMQTT_BROKER_PASSWORD or in a BROKER_PASSWORD_FILE)"
+            )
     if os.path.exists(acl_path):
         _write_acl(acl_path, accounts, s.topic_prefix)
         print(f"updated {acl_path} (send Mosquitto a SIGHUP to reload)")
@@ -504,9 +642,16 @@ def _write_acl(path: str, accounts: dict[str, Any], prefix: str) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-    "up": cmd_up, "broker": cmd_broker, "balancer": cmd_balancer, "node": cmd_node,
-    "dashboard": cmd_dashboard, "submit": cmd_submit, "get": cmd_get, "cancel": cmd_cancel,
-    "status": cmd_status, "user": cmd_user,
+    "up": cmd_up,
+    "broker": cmd_broker,
+    "balancer": cmd_balancer,
+    "node": cmd_node,
+    "dashboard": cmd_dashboard,
+    "submit": cmd_submit,
+    "get": cmd_get,
+    "cancel": cmd_cancel,
+    "status": cmd_status,
+    "user": cmd_user,
 }
 
 
@@ -548,4 +693,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             print("lbmqtt: interrupted", file=sys.stderr)
         return Exit.INTERRUPTED
-

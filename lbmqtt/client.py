@@ -119,8 +119,7 @@ class _MapProgress:
 
     def __call__(self, fut: asyncio.Future[TaskState]) -> None:
         self.finished += 1
-        if not fut.cancelled() and fut.exception() is None \
-                and fut.result().status != Status.DONE:
+        if not fut.cancelled() and fut.exception() is None and fut.result().status != Status.DONE:
             self.failed += 1
         if self._report is not None:
             self._report(self.finished, self.total)
@@ -130,7 +129,8 @@ class _MapProgress:
     def _draw(self, final: bool) -> None:
         assert self._bar is not None
         note = f"{self.finished}/{self.total} finished" + (
-            f", {self.failed} failed" if self.failed else "")
+            f", {self.failed} failed" if self.failed else ""
+        )
         self._bar.update(100.0 * self.finished / max(1, self.total), note, final=final)
 
     def close(self) -> None:
@@ -138,8 +138,9 @@ class _MapProgress:
             self._bar.close()
 
 
-def _map_progress(progress: bool | Callable[[int, int], None], total: int,
-                  label: str) -> _MapProgress | None:
+def _map_progress(
+    progress: bool | Callable[[int, int], None], total: int, label: str
+) -> _MapProgress | None:
     if progress is False:
         return None
     return _MapProgress(total, None if progress is True else progress, label)
@@ -159,8 +160,12 @@ def outcome(state: TaskState) -> Any:
     err = state.error
     etype = err.type if err else "Failed"
     msg = err.message if err else state.status.value
-    raise TaskFailed(f"task {state.id} ({state.name}) failed: {etype}: {msg}", state,
-                     error_type=etype, traceback=err.traceback if err else "")
+    raise TaskFailed(
+        f"task {state.id} ({state.name}) failed: {etype}: {msg}",
+        state,
+        error_type=etype,
+        traceback=err.traceback if err else "",
+    )
 
 
 class AsyncClient:
@@ -175,11 +180,17 @@ class AsyncClient:
             ``CLIENT_ACK_TIMEOUT_S``) before raising :class:`BalancerUnavailable`.
     """
 
-    def __init__(self, parameters: Settings | str | os.PathLike[str] | None = None, *,
-                 user: str | None = None, ack_timeout_s: float | None = None):
+    def __init__(
+        self,
+        parameters: Settings | str | os.PathLike[str] | None = None,
+        *,
+        user: str | None = None,
+        ack_timeout_s: float | None = None,
+    ):
         self.settings = coerce_settings(parameters)
-        self.user = (user or self.settings.client_user or self.settings.broker_username
-                     or default_user())
+        self.user = (
+            user or self.settings.client_user or self.settings.broker_username or default_user()
+        )
         if not is_valid_name(self.user):
             raise ConfigError(f"invalid user name {self.user!r}: 1-64 letters, digits, _.-")
         self.topics = Topics(self.settings.topic_prefix)
@@ -210,8 +221,7 @@ class AsyncClient:
             **connection_options(s),
             client_id=client_id("client", self.user),
             on_message=self._on_message,
-            subscriptions=[(self.topics.events(self.user), 1),
-                           (self.topics.errors(self.user), 1)],
+            subscriptions=[(self.topics.events(self.user), 1), (self.topics.errors(self.user), 1)],
             on_connect=self._on_connect,
         )
         try:
@@ -242,10 +252,17 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ API
 
-    async def submit(self, name: str, args: Any = None, *, priority: int = 0,
-                     task_id: str | None = None, timeout_s: float | None = None,
-                     requires: Mapping[str, float] | None = None,
-                     tags: Iterable[str] | None = None) -> str:
+    async def submit(
+        self,
+        name: str,
+        args: Any = None,
+        *,
+        priority: int = 0,
+        task_id: str | None = None,
+        timeout_s: float | None = None,
+        requires: Mapping[str, float] | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> str:
         """Submit one task and wait for the balancer to accept it.
 
         Args:
@@ -266,14 +283,24 @@ class AsyncClient:
             InvalidTask: the task is malformed (bad name, id, arguments...).
             BalancerUnavailable: no acknowledgement within ``ack_timeout_s``.
         """
-        ids = await self.submit_many([{"name": name, "args": args, "priority": priority,
-                                       "id": task_id, "timeout_s": timeout_s,
-                                       "requires": dict(requires) if requires else None,
-                                       "tags": list(tags) if tags else None}])
+        ids = await self.submit_many(
+            [
+                {
+                    "name": name,
+                    "args": args,
+                    "priority": priority,
+                    "id": task_id,
+                    "timeout_s": timeout_s,
+                    "requires": dict(requires) if requires else None,
+                    "tags": list(tags) if tags else None,
+                }
+            ]
+        )
         return ids[0]
 
-    async def submit_many(self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *,
-                          batch_size: int = DEFAULT_BATCH) -> list[str]:
+    async def submit_many(
+        self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *, batch_size: int = DEFAULT_BATCH
+    ) -> list[str]:
         """Submit many tasks in batches (one message per ``batch_size`` tasks).
 
         Each item is a :class:`TaskSpec` or a mapping with its fields (``name``, ``args``,
@@ -307,18 +334,20 @@ class AsyncClient:
             try:
                 specs.append(TaskSpec.model_validate(data))
             except ValueError as exc:
-                raise error_from_code("invalid", f"invalid task {data.get('name')!r}: {exc}",
-                                      data["id"]) from exc
+                raise error_from_code(
+                    "invalid", f"invalid task {data.get('name')!r}: {exc}", data["id"]
+                ) from exc
         return specs
 
-    async def _submit_specs(self, specs: list[TaskSpec],
-                            batch_size: int = DEFAULT_BATCH) -> list[BaseException | None]:
+    async def _submit_specs(
+        self, specs: list[TaskSpec], batch_size: int = DEFAULT_BATCH
+    ) -> list[BaseException | None]:
         """Publish in batches, resend until each is acknowledged; per spec: None (accepted)
         or the refusal."""
         t = self._t()
         acks = [self._watch_next(spec.id or "") for spec in specs]
         for start in range(0, len(specs), batch_size):
-            self._publish_submit(t, specs[start:start + batch_size])
+            self._publish_submit(t, specs[start : start + batch_size])
         await self._await_acks(specs, acks)
         out: list[BaseException | None] = []
         for spec, f in zip(specs, acks, strict=True):
@@ -334,12 +363,14 @@ class AsyncClient:
         if len(specs) == 1:
             payload = specs[0].model_dump_json(exclude_none=True, exclude={"v"}).encode()
         else:
-            payload = (b'{"tasks":' + _SPECS.dump_json(specs, exclude_none=True,
-                                                       exclude=_NOT_SENT) + b"}")
+            payload = (
+                b'{"tasks":' + _SPECS.dump_json(specs, exclude_none=True, exclude=_NOT_SENT) + b"}"
+            )
         t.publish(self.topics.submit(self.user), payload, qos=1)
 
-    async def _await_acks(self, specs: list[TaskSpec],
-                          acks: list[asyncio.Future[TaskState]]) -> None:
+    async def _await_acks(
+        self, specs: list[TaskSpec], acks: list[asyncio.Future[TaskState]]
+    ) -> None:
         deadline = time.monotonic() + self.ack_timeout_s
         while True:
             pending = [f for f in acks if not f.done()]
@@ -357,12 +388,13 @@ class AsyncClient:
                 raise BalancerUnavailable(
                     f"{len(pending)} of {len(specs)} submits not acknowledged within "
                     f"{self.ack_timeout_s:g} s: is `lbmqtt balancer` (or `lbmqtt up`) running "
-                    f"on prefix {self.topics.prefix!r}?")
+                    f"on prefix {self.topics.prefix!r}?"
+                )
             await asyncio.wait(pending, timeout=min(RESEND_S, remaining))
             unacked = [s for s, f in zip(specs, acks, strict=True) if not f.done()]
             if unacked and time.monotonic() < deadline:
                 for start in range(0, len(unacked), DEFAULT_BATCH):
-                    self._publish_submit(self._t(), unacked[start:start + DEFAULT_BATCH])
+                    self._publish_submit(self._t(), unacked[start : start + DEFAULT_BATCH])
 
     async def get(self, task_id: str) -> TaskState:
         """The current state of a task (status, progress, result, error, node, times).
@@ -398,8 +430,13 @@ class AsyncClient:
         state = await self.wait_state(task_id, timeout)
         return outcome(state)
 
-    async def wait_state(self, task_id: str, timeout: float | None = None, *,
-                         on_state: Callable[[TaskState], None] | None = None) -> TaskState:
+    async def wait_state(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        *,
+        on_state: Callable[[TaskState], None] | None = None,
+    ) -> TaskState:
         """Like :meth:`wait`, but return the final :class:`TaskState` instead of raising.
 
         Args:
@@ -442,17 +479,20 @@ class AsyncClient:
             if deadline is not None and now >= deadline:
                 st = tr.state.status.value if tr.state else "unknown"
                 why = f": {tr.state.waiting}" if tr.state and tr.state.waiting else ""
-                raise WaitTimeout(f"task {task_id} did not finish within {timeout:g} s "
-                                  f"(status: {st}{why})")
+                raise WaitTimeout(
+                    f"task {task_id} did not finish within {timeout:g} s (status: {st}{why})"
+                )
             if now >= query_at:
                 query_at = now + REQUERY_S
                 if self._t().connected:
                     nxt = self._watch_next(task_id)
                     self._publish_ids(self.topics.query(self.user), [task_id])
             wait_for = query_at - now if deadline is None else min(query_at, deadline) - now
-            await asyncio.wait([f for f in (final, nxt, seen) if f is not None and not f.done()]
-                               or [final], timeout=max(0.0, wait_for),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [f for f in (final, nxt, seen) if f is not None and not f.done()] or [final],
+                timeout=max(0.0, wait_for),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         state = final.result()
         if on_state is not None:
             on_state(state)
@@ -477,16 +517,20 @@ class AsyncClient:
         while not final.done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BalancerUnavailable(f"cancel of {task_id} not acknowledged within "
-                                          f"{self.ack_timeout_s:g} s")
+                raise BalancerUnavailable(
+                    f"cancel of {task_id} not acknowledged within {self.ack_timeout_s:g} s"
+                )
             nxt = self._watch_next(task_id)
             self._publish_ids(self.topics.cancel(self.user), [task_id])
             # the answer is the task's final state; any other state (progress) means the
             # cancel is still on its way, so wait for the final one until the resend
             resend_at = time.monotonic() + min(RESEND_S, remaining)
             while not final.done() and time.monotonic() < resend_at:
-                await asyncio.wait([final, nxt], timeout=resend_at - time.monotonic(),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [final, nxt],
+                    timeout=resend_at - time.monotonic(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if nxt.done():
                     if nxt.exception() is not None:
                         self._forget(task_id)
@@ -496,12 +540,19 @@ class AsyncClient:
         self._collect(state)
         return state.status == Status.CANCELLED
 
-    async def map(self, name: str, iterable: Iterable[Any], *, priority: int = 0,
-                  timeout: float | None = None, return_exceptions: bool = False,
-                  batch_size: int = DEFAULT_BATCH,
-                  requires: Mapping[str, float] | None = None,
-                  tags: Iterable[str] | None = None,
-                  progress: bool | Callable[[int, int], None] = False) -> list[Any]:
+    async def map(
+        self,
+        name: str,
+        iterable: Iterable[Any],
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        requires: Mapping[str, float] | None = None,
+        tags: Iterable[str] | None = None,
+        progress: bool | Callable[[int, int], None] = False,
+    ) -> list[Any]:
         """Run task ``name`` once per argument, in batches; results in input order.
 
         More tasks than your queue cap (``LB_QUEING_MAXPERUSER``) are fine: the ones the
@@ -521,10 +572,13 @@ class AsyncClient:
             SubmitRefused: a task was refused for another reason than the queue cap.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        extra: dict[str, Any] = {"requires": dict(requires) if requires else None,
-                                 "tags": list(tags) if tags else None}
-        specs = self._specs({"name": name, "args": a, "priority": priority, **extra}
-                            for a in iterable)
+        extra: dict[str, Any] = {
+            "requires": dict(requires) if requires else None,
+            "tags": list(tags) if tags else None,
+        }
+        specs = self._specs(
+            {"name": name, "args": a, "priority": priority, **extra} for a in iterable
+        )
         ids = [s.id or "" for s in specs]
         what = f"{len(ids)} {name!r} tasks" + (f" (timeout {timeout:g} s)" if timeout else "")
         finals = {i: self._final_future(i) for i in ids}
@@ -533,16 +587,32 @@ class AsyncClient:
             for f in finals.values():
                 f.add_done_callback(bar)
         try:
-            return await self._map(name, ids, specs, finals, batch_size=batch_size,
-                                   deadline=deadline, what=what,
-                                   return_exceptions=return_exceptions)
+            return await self._map(
+                name,
+                ids,
+                specs,
+                finals,
+                batch_size=batch_size,
+                deadline=deadline,
+                what=what,
+                return_exceptions=return_exceptions,
+            )
         finally:
             if bar is not None:
                 bar.close()
 
-    async def _map(self, name: str, ids: list[str], specs: list[TaskSpec],
-                   finals: dict[str, asyncio.Future[TaskState]], *, batch_size: int,
-                   deadline: float | None, what: str, return_exceptions: bool) -> list[Any]:
+    async def _map(
+        self,
+        name: str,
+        ids: list[str],
+        specs: list[TaskSpec],
+        finals: dict[str, asyncio.Future[TaskState]],
+        *,
+        batch_size: int,
+        deadline: float | None,
+        what: str,
+        return_exceptions: bool,
+    ) -> list[Any]:
         todo = specs
         pause = RATE_PAUSE_MIN_S
         while todo:
@@ -558,8 +628,11 @@ class AsyncClient:
             if limited and not refused:
                 # over the balancer's SUBMIT_RATE: the rest goes again after a pause that
                 # grows while nothing gets through
-                pause = RATE_PAUSE_MIN_S if len(limited) < len(todo) else min(
-                    RATE_PAUSE_MAX_S, pause * 2)
+                pause = (
+                    RATE_PAUSE_MIN_S
+                    if len(limited) < len(todo)
+                    else min(RATE_PAUSE_MAX_S, pause * 2)
+                )
                 await asyncio.sleep(pause)
                 todo = limited
                 continue
@@ -572,16 +645,20 @@ class AsyncClient:
                 if len(refused) < len(todo):
                     todo = refused  # what the cap let in has finished already: room again
                     continue
-                raise QuotaExceeded(f"the balancer refuses every {name!r} task for the "
-                                    "queue cap, with none of yours in flight", code="quota")
+                raise QuotaExceeded(
+                    f"the balancer refuses every {name!r} task for the "
+                    "queue cap, with none of yours in flight",
+                    code="quota",
+                )
             # wait for a good part of what is in flight to finish, then try again
             need = max(1, min(len(refused), len(in_flight) // 2))
             await self._wait_some(in_flight, need, deadline=deadline, what=what)
             todo = refused
         pending = [f for f in finals.values() if not f.done()]
         if pending:
-            await self._wait_some(pending, len(pending), deadline=deadline,
-                                  what=f"{len(pending)} of {what}")
+            await self._wait_some(
+                pending, len(pending), deadline=deadline, what=f"{len(pending)} of {what}"
+            )
         out: list[Any] = []
         for i in ids:
             state = finals[i].result()
@@ -595,8 +672,9 @@ class AsyncClient:
         return out
 
     @staticmethod
-    async def _wait_some(futures: list[asyncio.Future[TaskState]], count: int, *,
-                         deadline: float | None, what: str) -> None:
+    async def _wait_some(
+        futures: list[asyncio.Future[TaskState]], count: int, *, deadline: float | None, what: str
+    ) -> None:
         """Wait until ``count`` of ``futures`` are done, or raise WaitTimeout at ``deadline``."""
         pending = set(futures)
         done_count = 0
@@ -604,8 +682,9 @@ class AsyncClient:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(f"{what} did not finish in time")
-            done, pending = await asyncio.wait(pending, timeout=remaining,
-                                               return_when=asyncio.FIRST_COMPLETED)
+            done, pending = await asyncio.wait(
+                pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
             done_count += len(done)
 
     # ------------------------------------------------------------------ internals
@@ -632,8 +711,10 @@ class AsyncClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 fut.cancel()
-                raise BalancerUnavailable(f"no answer about task {task_id} within "
-                                          f"{self.ack_timeout_s:g} s: is the balancer running?")
+                raise BalancerUnavailable(
+                    f"no answer about task {task_id} within "
+                    f"{self.ack_timeout_s:g} s: is the balancer running?"
+                )
             self._publish_ids(self.topics.query(self.user), [task_id])
             await asyncio.wait([fut], timeout=min(RESEND_S, remaining))
         try:
@@ -673,24 +754,29 @@ class AsyncClient:
         ids = sorted(self._to_ack)
         self._to_ack.clear()
         for start in range(0, len(ids), 5000):
-            self._publish_ids(self.topics.ack(self.user), ids[start:start + 5000])
+            self._publish_ids(self.topics.ack(self.user), ids[start : start + 5000])
 
     def _on_connect(self) -> None:
         # Events may have been missed while disconnected: ask again about what we await.
-        waiting = [tid for tid, tr in self._tracked.items()
-                   if tr.final is not None and not tr.final.done()]
+        waiting = [
+            tid for tid, tr in self._tracked.items() if tr.final is not None and not tr.final.done()
+        ]
         if waiting and self._transport is not None:
             for start in range(0, len(waiting), 5000):
-                self._transport.publish(self.topics.query(self.user),
-                                        IdList(ids=waiting[start:start + 5000]).encode(), qos=1)
+                self._transport.publish(
+                    self.topics.query(self.user),
+                    IdList(ids=waiting[start : start + 5000]).encode(),
+                    qos=1,
+                )
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.topics.events(self.user):
             try:
                 events = decode(Events, payload)
             except LbmqttError as exc:
-                self._log_limited("malformed-events", "ignoring a malformed events "
-                                  "message: %s", exc)
+                self._log_limited(
+                    "malformed-events", "ignoring a malformed events message: %s", exc
+                )
                 return
             for st in events.states:
                 tr = self._tracked.get(st.id)
@@ -717,8 +803,7 @@ class AsyncClient:
             for e in errors.errors:
                 tr = self._tracked.get(e.id) if e.id else None
                 if tr is None:
-                    self._log_limited(str(e.code), "the balancer says: %s (%s)", e.message,
-                                      e.code)
+                    self._log_limited(str(e.code), "the balancer says: %s (%s)", e.message, e.code)
                     continue
                 for fut in tr.next:
                     if not fut.done():
@@ -742,13 +827,19 @@ class Client:
         BrokerUnavailable: the broker is not reachable.
     """
 
-    def __init__(self, parameters: Settings | str | os.PathLike[str] | None = None, *,
-                 user: str | None = None, ack_timeout_s: float | None = None):
+    def __init__(
+        self,
+        parameters: Settings | str | os.PathLike[str] | None = None,
+        *,
+        user: str | None = None,
+        ack_timeout_s: float | None = None,
+    ):
         self._async = AsyncClient(parameters, user=user, ack_timeout_s=ack_timeout_s)
         self.user = self._async.user
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="lbmqtt-client",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="lbmqtt-client", daemon=True
+        )
         self._thread.start()
         self._closed = False
         try:
@@ -778,17 +869,33 @@ class Client:
             fut.cancel()
             raise
 
-    def submit(self, name: str, args: Any = None, *, priority: int = 0,
-               task_id: str | None = None, timeout_s: float | None = None,
-               requires: Mapping[str, float] | None = None,
-               tags: Iterable[str] | None = None) -> str:
+    def submit(
+        self,
+        name: str,
+        args: Any = None,
+        *,
+        priority: int = 0,
+        task_id: str | None = None,
+        timeout_s: float | None = None,
+        requires: Mapping[str, float] | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> str:
         """See :meth:`AsyncClient.submit`."""
-        return self._call(self._async.submit(name, args, priority=priority, task_id=task_id,
-                                             timeout_s=timeout_s, requires=requires,
-                                             tags=tags))
+        return self._call(
+            self._async.submit(
+                name,
+                args,
+                priority=priority,
+                task_id=task_id,
+                timeout_s=timeout_s,
+                requires=requires,
+                tags=tags,
+            )
+        )
 
-    def submit_many(self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *,
-                    batch_size: int = DEFAULT_BATCH) -> list[str]:
+    def submit_many(
+        self, tasks: Iterable[Mapping[str, Any] | TaskSpec], *, batch_size: int = DEFAULT_BATCH
+    ) -> list[str]:
         """See :meth:`AsyncClient.submit_many`."""
         return self._call(self._async.submit_many(list(tasks), batch_size=batch_size))
 
@@ -800,8 +907,13 @@ class Client:
         """See :meth:`AsyncClient.wait`."""
         return self._call(self._async.wait(task_id, timeout))
 
-    def wait_state(self, task_id: str, timeout: float | None = None, *,
-                   on_state: Callable[[TaskState], None] | None = None) -> TaskState:
+    def wait_state(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        *,
+        on_state: Callable[[TaskState], None] | None = None,
+    ) -> TaskState:
         """See :meth:`AsyncClient.wait_state` (``on_state`` runs in the client's thread)."""
         return self._call(self._async.wait_state(task_id, timeout, on_state=on_state))
 
@@ -809,17 +921,34 @@ class Client:
         """See :meth:`AsyncClient.cancel`."""
         return self._call(self._async.cancel(task_id))
 
-    def map(self, name: str, iterable: Iterable[Any], *, priority: int = 0,
-            timeout: float | None = None, return_exceptions: bool = False,
-            batch_size: int = DEFAULT_BATCH, requires: Mapping[str, float] | None = None,
-            tags: Iterable[str] | None = None,
-            progress: bool | Callable[[int, int], None] = False) -> list[Any]:
+    def map(
+        self,
+        name: str,
+        iterable: Iterable[Any],
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        batch_size: int = DEFAULT_BATCH,
+        requires: Mapping[str, float] | None = None,
+        tags: Iterable[str] | None = None,
+        progress: bool | Callable[[int, int], None] = False,
+    ) -> list[Any]:
         """See :meth:`AsyncClient.map` (a ``progress`` function runs in the client's
         thread)."""
-        return self._call(self._async.map(name, list(iterable), priority=priority,
-                                          timeout=timeout, return_exceptions=return_exceptions,
-                                          batch_size=batch_size, requires=requires,
-                                          tags=tags, progress=progress))
+        return self._call(
+            self._async.map(
+                name,
+                list(iterable),
+                priority=priority,
+                timeout=timeout,
+                return_exceptions=return_exceptions,
+                batch_size=batch_size,
+                requires=requires,
+                tags=tags,
+                progress=progress,
+            )
+        )
 
     def close(self) -> None:
         """Disconnect and stop the background thread."""

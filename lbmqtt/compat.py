@@ -51,8 +51,7 @@ def _settings(parametersfile: str | os.PathLike[str] | None) -> Settings:
     return load_settings(parametersfile)
 
 
-def startAll(parametersfile: str | os.PathLike[str] | None = None
-             ) -> list[subprocess.Popen[bytes]]:
+def startAll(parametersfile: str | os.PathLike[str] | None = None) -> list[subprocess.Popen[bytes]]:
     """Start the broker (if embedded), the balancer and the dashboard; return their processes.
 
     Does not block; the processes stop when this program exits.
@@ -79,15 +78,12 @@ def startAll(parametersfile: str | os.PathLike[str] | None = None
 class WorkerHub:
     """A node daemon with pyLoadBalancer's API (see the module docstring)."""
 
-    def __init__(self, parametersfile: str | os.PathLike[str] | None = None, *_: Any,
-                 **__: Any):
+    def __init__(self, parametersfile: str | os.PathLike[str] | None = None, *_: Any, **__: Any):
         self.node = Node(_settings(parametersfile))
 
-    def addTask(self, taskname: str, taskfunct: Callable[..., Any],
-                **kwargs: Any) -> None:
+    def addTask(self, taskname: str, taskfunct: Callable[..., Any], **kwargs: Any) -> None:
         """Register ``taskfunct``, called as ``taskfunct(task=..., arguments=kwargs)``."""
-        self.node.registry.add_task(taskname, taskfunct, style="pyloadbalancer",
-                                    arguments=kwargs)
+        self.node.registry.add_task(taskname, taskfunct, style="pyloadbalancer", arguments=kwargs)
 
     def rmvTask(self, taskname: str) -> None:
         """Forget a task."""
@@ -113,8 +109,9 @@ class Client:
             c = self._clients[userid] = _Client(self.settings, user=userid)
         return c
 
-    def sendTask(self, taskname: str, taskdict: Any, priority: int = 0,
-                 userid: str = DEFAULT_USER) -> dict[str, Any]:
+    def sendTask(
+        self, taskname: str, taskdict: Any, priority: int = 0, userid: str = DEFAULT_USER
+    ) -> dict[str, Any]:
         """Submit a task; ``{"taskid": ...}``, or ``{"LB": "ERROR", "error": ...}``."""
         try:
             tid = self._client(userid).submit(taskname, taskdict, priority=priority)
@@ -160,8 +157,11 @@ def _old_state(state: TaskState) -> dict[str, Any]:
         return {"progress": "cancelled", "result": None}
     if state.status.final:
         err = state.error
-        return {"progress": None, "result": None,
-                "error": f"{err.type}: {err.message}" if err else state.status.value}
+        return {
+            "progress": None,
+            "result": None,
+            "error": f"{err.type}: {err.message}" if err else state.status.value,
+        }
     if state.status == Status.RUNNING:
         return {"progress": max(1, min(99, state.progress)), "result": None}
     return {"progress": 0, "result": None}

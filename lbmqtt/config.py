@@ -37,10 +37,18 @@ DEFAULT_FILE = "parameters.json"
 _NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"  # = protocol.NAME_PATTERN
 _RESOURCE = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"  # = protocol.RESOURCE_PATTERN
 
-OBSOLETE_KEYS = frozenset({
-    "SOCKET_TIMEOUT", "LB_IP", "LB_WKPULLPORT", "LB_HCREPPORT", "LB_CLIENTPULLPORT",
-    "WKHUB_IP", "WKHUB_LBPORT", "WKHUB_HCPORT",
-})
+OBSOLETE_KEYS = frozenset(
+    {
+        "SOCKET_TIMEOUT",
+        "LB_IP",
+        "LB_WKPULLPORT",
+        "LB_HCREPPORT",
+        "LB_CLIENTPULLPORT",
+        "WKHUB_IP",
+        "WKHUB_LBPORT",
+        "WKHUB_HCPORT",
+    }
+)
 
 
 class WorkerGroup(BaseModel):
@@ -108,8 +116,9 @@ class Settings(BaseModel):
     auth_file: str | None = Field(None, alias="AUTH_FILE")
     """Accounts file (``lbmqtt user add``): with it, the embedded broker admits only these
     logins, each to its role's topics. Without it, the broker must listen on loopback."""
-    broker_max_packet_bytes: int = Field(64 * 2**20, alias="BROKER_MAX_PACKET_BYTES",
-                                         ge=65_536, le=256 * 2**20)
+    broker_max_packet_bytes: int = Field(
+        64 * 2**20, alias="BROKER_MAX_PACKET_BYTES", ge=65_536, le=256 * 2**20
+    )
     """Largest MQTT packet the embedded broker takes from the balancer (and, without
     accounts, from anyone); other logins: MAX_PAYLOAD_BYTES + 64 KiB."""
     broker_keepalive_s: int = Field(5, alias="BROKER_KEEPALIVE_S", ge=1, le=3600)
@@ -117,8 +126,9 @@ class Settings(BaseModel):
     """The embedded broker advertises itself by mDNS when it listens beyond loopback."""
     discovery_timeout_s: float = Field(5.0, alias="DISCOVERY_TIMEOUT_S", gt=0, le=300)
     """How long ``BROKER_HOST: "auto"`` looks for a broker."""
-    topic_prefix: str = Field("lbmqtt/v1", alias="TOPIC_PREFIX",
-                              pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    topic_prefix: str = Field(
+        "lbmqtt/v1", alias="TOPIC_PREFIX", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
+    )
 
     # -- dashboard ------------------------------------------------------------------------
     monitor_ip: str = Field("127.0.0.1", alias="MONITOR_IP", min_length=1)
@@ -164,8 +174,7 @@ class Settings(BaseModel):
     group commit)."""
 
     # -- node -----------------------------------------------------------------------------
-    wkhub_workers: list[WorkerGroup] = Field(default_factory=_default_groups,
-                                             alias="WKHUB_WORKERS")
+    wkhub_workers: list[WorkerGroup] = Field(default_factory=_default_groups, alias="WKHUB_WORKERS")
     node_name: str | None = Field(None, alias="NODE_NAME", pattern=_NAME)
     """Unique name of this node on the LAN (default: its BROKER_USERNAME, else the host
     name). With accounts, a node's name is its login."""
@@ -226,8 +235,7 @@ class Settings(BaseModel):
             with open(os.path.expanduser(self.broker_password_file), encoding="utf-8") as f:
                 return f.readline().rstrip("\r\n")
         except OSError as exc:
-            raise ConfigError(f"BROKER_PASSWORD_FILE {self.broker_password_file}: {exc}") \
-                from exc
+            raise ConfigError(f"BROKER_PASSWORD_FILE {self.broker_password_file}: {exc}") from exc
 
     @property
     def tls_listener(self) -> bool:
@@ -252,8 +260,13 @@ class Settings(BaseModel):
             raise ConfigError(_format_validation_error(self.source, exc)) from exc
 
 
-PATH_KEYS: tuple[str, ...] = ("AUTH_FILE", "BROKER_PASSWORD_FILE", "BROKER_CA_FILE",
-                               "BROKER_TLS_CERT", "BROKER_TLS_KEY")
+PATH_KEYS: tuple[str, ...] = (
+    "AUTH_FILE",
+    "BROKER_PASSWORD_FILE",
+    "BROKER_CA_FILE",
+    "BROKER_TLS_CERT",
+    "BROKER_TLS_KEY",
+)
 
 SERVICE_ACCOUNTS_ENV = "LBMQTT_SERVICE_ACCOUNTS"
 """Accounts ``lbmqtt up`` gives the embedded broker for the parts it starts (JSON
@@ -268,8 +281,9 @@ def service_accounts(env: Mapping[str, str] | None = None) -> dict[str, tuple[st
         data = json.loads(raw)
         return {str(k): (str(v[0]), str(v[1])) for k, v in data.items()}
     except (ValueError, TypeError, IndexError, AttributeError) as exc:
-        raise ConfigError(f"{SERVICE_ACCOUNTS_ENV}: not a JSON object of name: [role, "
-                          f"password]") from exc
+        raise ConfigError(
+            f"{SERVICE_ACCOUNTS_ENV}: not a JSON object of name: [role, password]"
+        ) from exc
 
 
 def is_loopback(host: str) -> bool:
@@ -302,8 +316,9 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
     loc = _format_loc(tuple(err["loc"]))
     if err["type"] == "extra_forbidden":
         key = str(err["loc"][-1])
-        candidates = list(ALIASES) if len(err["loc"]) == 1 else [
-            "nWorkers", "minP", "maxP", "processP"]
+        candidates = (
+            list(ALIASES) if len(err["loc"]) == 1 else ["nWorkers", "minP", "maxP", "processP"]
+        )
         close = difflib.get_close_matches(key, candidates, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{source}: unknown key {loc!r}{hint}"
@@ -344,7 +359,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        name = key[len(ENV_PREFIX):]
+        name = key[len(ENV_PREFIX) :]
         if name not in ALIASES:
             continue  # LBMQTT_* variables of other tools or later versions are not ours
         try:
@@ -403,8 +418,12 @@ def load_settings(
         # keys starting with "_" are comments (JSON has none): "_about": "..."
         data = {k: v for k, v in data.items() if not k.startswith("_")}
         for key in sorted(OBSOLETE_KEYS & data.keys()):
-            log.warning("%s: ignoring pyLoadBalancer key %s (lbmqtt talks through the MQTT "
-                        "broker: see BROKER_HOST / BROKER_PORT)", source, key)
+            log.warning(
+                "%s: ignoring pyLoadBalancer key %s (lbmqtt talks through the MQTT "
+                "broker: see BROKER_HOST / BROKER_PORT)",
+                source,
+                key,
+            )
             del data[key]
         if "NODE_TASKS" in data and isinstance(data["NODE_TASKS"], list):
             data["NODE_TASKS"] = _resolve_task_paths(data["NODE_TASKS"], base)

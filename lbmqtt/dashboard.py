@@ -88,10 +88,28 @@ ROLLOVER: Final = 720
 """Points kept per chart (and samples kept in the ring buffer): 6 minutes at 2 Hz."""
 UPDATE_MS: Final = 500
 """Period of each page's update callback."""
-SAMPLE_COLUMNS: Final = ("t", "queued", "running", "busy", "free", "slots", "done_total",
-                         "failed_total", "rate")
-NODE_COLUMNS: Final = ("name", "online", "host", "busy", "slots", "load", "speed",
-                       "last_seen", "tasks")
+SAMPLE_COLUMNS: Final = (
+    "t",
+    "queued",
+    "running",
+    "busy",
+    "free",
+    "slots",
+    "done_total",
+    "failed_total",
+    "rate",
+)
+NODE_COLUMNS: Final = (
+    "name",
+    "online",
+    "host",
+    "busy",
+    "slots",
+    "load",
+    "speed",
+    "last_seen",
+    "tasks",
+)
 MAX_BANDS: Final = 6
 """Bands drawn in the queue chart; more are added up in the last one ("more")."""
 ALL_TASKS: Final = "all tasks"
@@ -136,9 +154,19 @@ def _bands(d: dict[str, int]) -> Bands:
 
 
 def _sample_of(seq: int, h: HistorySample, rate: float) -> Sample:
-    return Sample(seq, h.time, h.queued, h.running, h.busy, h.slots, h.done_total,
-                  h.failed_total, rate, _bands(h.bands),
-                  tuple((n, _bands(b)) for n, b in h.names.items()))
+    return Sample(
+        seq,
+        h.time,
+        h.queued,
+        h.running,
+        h.busy,
+        h.slots,
+        h.done_total,
+        h.failed_total,
+        rate,
+        _bands(h.bands),
+        tuple((n, _bands(b)) for n, b in h.names.items()),
+    )
 
 
 def _rate(prev: deque[Sample], t: float, finished: int) -> float:
@@ -182,8 +210,12 @@ class DashboardState:
         stale_after_s: stats older than this are reported as stale on the page.
     """
 
-    def __init__(self, capacity: int = ROLLOVER, stale_after_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        capacity: int = ROLLOVER,
+        stale_after_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._lock = threading.Lock()
         self._samples: deque[Sample] = deque(maxlen=capacity)
         self._clock = clock
@@ -204,8 +236,9 @@ class DashboardState:
         """Record a stats snapshot. Returns False for a replay of one already recorded
         (same balancer instance, not newer), which updates nothing."""
         if not plausible_time(stats.time, time.time()):
-            self._count_bad("stats", DecodeError(f"stats time {stats.time} is not a time "
-                                                 "of now", b""))
+            self._count_bad(
+                "stats", DecodeError(f"stats time {stats.time} is not a time of now", b"")
+            )
             return False
         with self._lock:
             self._received += 1
@@ -213,8 +246,11 @@ class DashboardState:
             if last is not None and last.instance == stats.instance and stats.time <= last.time:
                 return False
             same = last is not None and last.instance == stats.instance
-            rate = _rate(self._samples, stats.time, stats.done_total + stats.failed_total) \
-                if same else 0.0
+            rate = (
+                _rate(self._samples, stats.time, stats.done_total + stats.failed_total)
+                if same
+                else 0.0
+            )
             self._seq += 1
             self._samples.append(_sample_of(self._seq, HistorySample.of(stats), rate))
             self._stats, self._stats_at = stats, self._clock()
@@ -242,8 +278,11 @@ class DashboardState:
                 seq += 1
                 finished = item.done_total + item.failed_total
                 rate = _rate(rebuilt, item.time, finished) if rebuilt else 0.0
-                rebuilt.append(_sample_of(seq, item, rate) if isinstance(item, HistorySample)
-                               else dataclasses.replace(item, seq=seq, rate=rate))
+                rebuilt.append(
+                    _sample_of(seq, item, rate)
+                    if isinstance(item, HistorySample)
+                    else dataclasses.replace(item, seq=seq, rate=rate)
+                )
             self._samples, self._seq = rebuilt, seq
             self._epoch += 1
             return len(older)
@@ -289,8 +328,12 @@ class DashboardState:
             self._bad += 1
             first = self._bad == 1
         # a broken publisher repeats itself twice a second: warn once, then debug
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "ignoring a malformed balancer %s message: %s", what, exc)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "ignoring a malformed balancer %s message: %s",
+            what,
+            exc,
+        )
 
     def set_connected(self, connected: bool) -> None:
         """Record whether the dashboard is connected to the broker."""
@@ -332,22 +375,28 @@ class DashboardState:
                 new = tuple(itertools.islice(self._samples, start, None))
             age = None if self._stats_at is None else self._clock() - self._stats_at
             return Snapshot(
-                stats=self._stats, balancer_online=self._balancer_online,
-                mqtt_connected=self._mqtt_connected, received=self._received,
-                bad_messages=self._bad, age_s=age,
+                stats=self._stats,
+                balancer_online=self._balancer_online,
+                mqtt_connected=self._mqtt_connected,
+                received=self._received,
+                bad_messages=self._bad,
+                age_s=age,
                 stale=age is not None and age > self.stale_after_s,
-                samples=new, closed=self._closed, epoch=self._epoch)
+                samples=new,
+                closed=self._closed,
+                epoch=self._epoch,
+            )
 
 
 def subscriptions(topics: Topics) -> list[tuple[str, int]]:
     """The dashboard's MQTT subscriptions (stats at QoS 0: a later snapshot replaces a lost
     one; the history, sent once, at QoS 1)."""
-    return [(topics.balancer_stats, 0), (topics.balancer_status, 0),
-            (topics.balancer_history, 1)]
+    return [(topics.balancer_stats, 0), (topics.balancer_status, 0), (topics.balancer_history, 1)]
 
 
 def message_handler(state: DashboardState, topics: Topics) -> MessageHandler:
     """An MQTT message handler that feeds ``state``."""
+
     def on_message(topic: str, payload: bytes, retained: bool) -> None:
         if topic == topics.balancer_stats:
             state.feed_stats(payload)
@@ -355,6 +404,7 @@ def message_handler(state: DashboardState, topics: Topics) -> MessageHandler:
             state.feed_balancer_status(payload)
         elif topic == topics.balancer_history:
             state.feed_history(payload)
+
     return on_message
 
 
@@ -372,9 +422,12 @@ def dashboard_transport(settings: Settings, state: DashboardState, url: str) -> 
     transport = MqttTransport(
         **connection_options(settings),
         client_id=client_id("dashboard"),
-        on_message=message_handler(state, topics), subscriptions=subscriptions(topics),
-        on_connect=on_connect, on_disconnect=lambda: state.set_connected(False),
-        will=Will(topics.dashboard_status, DashboardStatus(online=False).encode()))
+        on_message=message_handler(state, topics),
+        subscriptions=subscriptions(topics),
+        on_connect=on_connect,
+        on_disconnect=lambda: state.set_connected(False),
+        will=Will(topics.dashboard_status, DashboardStatus(online=False).encode()),
+    )
     return transport
 
 
@@ -384,17 +437,20 @@ def dashboard_transport(settings: Settings, state: DashboardState, url: str) -> 
 def _sample_columns(samples: tuple[Sample, ...]) -> dict[str, Any]:
     return {
         "t": [s.time * 1000.0 for s in samples],  # Bokeh datetimes are epoch milliseconds
-        "queued": [s.queued for s in samples], "running": [s.running for s in samples],
+        "queued": [s.queued for s in samples],
+        "running": [s.running for s in samples],
         "busy": [s.busy for s in samples],
         "free": [max(0, s.slots - s.busy) for s in samples],
-        "slots": [s.slots for s in samples], "done_total": [s.done_total for s in samples],
+        "slots": [s.slots for s in samples],
+        "done_total": [s.done_total for s in samples],
         "failed_total": [s.failed_total for s in samples],
         "rate": [round(s.rate, 2) for s in samples],
     }
 
 
-def _bands_seen(labels: Iterable[str], stats: BalancerStats | None,
-                samples: Iterable[Sample]) -> list[str]:
+def _bands_seen(
+    labels: Iterable[str], stats: BalancerStats | None, samples: Iterable[Sample]
+) -> list[str]:
     """Every band in ``labels``, ``stats`` and ``samples``, in priority order (a band no
     node serves now still has history to draw)."""
     seen = set(labels) | (set(stats.bands) if stats is not None else set())
@@ -407,7 +463,7 @@ def _band_slots(bands: list[str]) -> list[str]:
     """Up to MAX_BANDS labels: the bands in order, the last one adding up any beyond."""
     if len(bands) <= MAX_BANDS:
         return bands
-    return [*bands[:MAX_BANDS - 1], f"{bands[MAX_BANDS - 1]} and more"]
+    return [*bands[: MAX_BANDS - 1], f"{bands[MAX_BANDS - 1]} and more"]
 
 
 def _queue_columns(samples: tuple[Sample, ...], bands: list[str], name: str) -> dict[str, Any]:
@@ -435,28 +491,38 @@ def _age(seconds: float) -> str:
 def _node_columns(stats: BalancerStats | None) -> dict[str, Any]:
     # one row per name: the names are a chart's categories, which must be unique (a real
     # balancer never repeats one; a stray publisher might)
-    nodes = sorted({n.name: n for n in reversed(stats.nodes)}.values(),
-                   key=lambda n: n.name) if stats is not None else []
+    nodes = (
+        sorted({n.name: n for n in reversed(stats.nodes)}.values(), key=lambda n: n.name)
+        if stats is not None
+        else []
+    )
     now = stats.time if stats is not None else 0.0
     return {
-        "name": [n.name for n in nodes], "online": ["yes" if n.online else "no" for n in nodes],
-        "host": [n.host for n in nodes], "slots": [n.slots for n in nodes],
+        "name": [n.name for n in nodes],
+        "online": ["yes" if n.online else "no" for n in nodes],
+        "host": [n.host for n in nodes],
+        "slots": [n.slots for n in nodes],
         "busy": [n.busy for n in nodes],
         "free": [max(0, n.slots - n.busy) if n.online else 0 for n in nodes],
         "offline": [0 if n.online else max(1, n.slots) for n in nodes],
         "speed": [n.speed for n in nodes],
         "load": [f"{n.load[0]:.2f}" if n.load else "-" for n in nodes],
-        "last_seen": [_age(max(0.0, now - n.last_seen)) if n.last_seen else "never"
-                      for n in nodes],
+        "last_seen": [_age(max(0.0, now - n.last_seen)) if n.last_seen else "never" for n in nodes],
         "tasks": [", ".join(n.tasks) for n in nodes],
     }
 
 
 def _user_columns(stats: BalancerStats | None) -> dict[str, Any]:
-    users = sorted({u.user: u for u in reversed(stats.users)}.values(),
-                   key=lambda u: u.user) if stats is not None else []
-    return {"user": [u.user for u in users], "running": [u.running for u in users],
-            "queued": [u.queued for u in users]}
+    users = (
+        sorted({u.user: u for u in reversed(stats.users)}.values(), key=lambda u: u.user)
+        if stats is not None
+        else []
+    )
+    return {
+        "user": [u.user for u in users],
+        "running": [u.running for u in users],
+        "queued": [u.queued for u in users],
+    }
 
 
 def _ms(v: float | None) -> str:
@@ -469,11 +535,13 @@ def _ms(v: float | None) -> str:
 
 def _time_columns(stats: BalancerStats | None) -> dict[str, Any]:
     names = sorted(stats.names, key=lambda n: n.name) if stats is not None else []
-    cols: dict[str, list[Any]] = {"name": [n.name for n in names],
-                                  "queued": [n.queued for n in names],
-                                  "running": [n.running for n in names],
-                                  "done": [n.done for n in names],
-                                  "failed": [n.failed for n in names]}
+    cols: dict[str, list[Any]] = {
+        "name": [n.name for n in names],
+        "queued": [n.queued for n in names],
+        "running": [n.running for n in names],
+        "done": [n.done for n in names],
+        "failed": [n.failed for n in names],
+    }
     for kind in ("wait", "run"):
         for q in ("p50", "p95", "p99"):
             cols[f"{kind}_{q}"] = [_ms(getattr(n, f"{kind}_{q}_s")) for n in names]
@@ -484,11 +552,15 @@ def _time_columns(stats: BalancerStats | None) -> dict[str, Any]:
 def _task_columns(stats: BalancerStats | None) -> dict[str, Any]:
     rows = stats.tasks if stats is not None else []
     return {
-        "id": [r.id for r in rows], "user": [r.user for r in rows],
-        "name": [r.name for r in rows], "node": [r.node or "" for r in rows],
-        "status": [r.status for r in rows], "progress": [r.progress for r in rows],
+        "id": [r.id for r in rows],
+        "user": [r.user for r in rows],
+        "name": [r.name for r in rows],
+        "node": [r.node or "" for r in rows],
+        "status": [r.status for r in rows],
+        "progress": [r.progress for r in rows],
         "priority": [r.priority for r in rows],
-        "wait_ms": [_ms(r.wait_s) for r in rows], "run_ms": [_ms(r.run_s) for r in rows],
+        "wait_ms": [_ms(r.wait_s) for r in rows],
+        "run_ms": [_ms(r.run_s) for r in rows],
     }
 
 
@@ -516,45 +588,64 @@ def _summary_html(snap: Snapshot) -> str:
         return "<b>lbmqtt</b>: waiting for the balancer"
     online = sum(1 for n in s.nodes if n.online)
     rate = snap.samples[-1].rate if snap.samples else None
-    parts = [f"queued <b>{s.queued}</b>", f"running <b>{s.running}</b>",
-             f"busy <b>{s.busy}</b> / {s.slots} slots", f"done {s.done_total}",
-             f"failed {s.failed_total}", f"refused {s.refused_total}",
-             f"nodes {online} / {len(s.nodes)}"]
+    parts = [
+        f"queued <b>{s.queued}</b>",
+        f"running <b>{s.running}</b>",
+        f"busy <b>{s.busy}</b> / {s.slots} slots",
+        f"done {s.done_total}",
+        f"failed {s.failed_total}",
+        f"refused {s.refused_total}",
+        f"nodes {online} / {len(s.nodes)}",
+    ]
     if rate is not None:
         parts.insert(3, f"<b>{rate:.1f}</b> tasks/s")
     return f"<b>lbmqtt</b> balancer {html.escape(s.instance)}: " + " &middot; ".join(parts)
 
 
-def _table(source: ColumnDataSource, name: str, columns: list[tuple[str, str]],
-           height: int, progress: str | None = None) -> DataTable:
+def _table(
+    source: ColumnDataSource,
+    name: str,
+    columns: list[tuple[str, str]],
+    height: int,
+    progress: str | None = None,
+) -> DataTable:
     cols = []
     for field, title in columns:
         fmt: Any = None
         if field == progress:
             fmt = HTMLTemplateFormatter(template=_PROGRESS_TEMPLATE)
-        cols.append(TableColumn(field=field, title=title, formatter=fmt)
-                    if fmt is not None else TableColumn(field=field, title=title))
-    table = DataTable(source=source, index_position=None, height=height,
-                      sizing_mode="stretch_width", name=name, columns=cols)
+        cols.append(
+            TableColumn(field=field, title=title, formatter=fmt)
+            if fmt is not None
+            else TableColumn(field=field, title=title)
+        )
+    table = DataTable(
+        source=source,
+        index_position=None,
+        height=height,
+        sizing_mode="stretch_width",
+        name=name,
+        columns=cols,
+    )
     # BokehJS (3.9) redraws a DataTable only when its CDSView's indices change, so new data
     # with as many rows as before would never show: nudge the view on every replacement.
-    source.js_on_change("data", CustomJS(args={"table": table},
-                                         code="table.view.change.emit()"))
+    source.js_on_change("data", CustomJS(args={"table": table}, code="table.view.change.emit()"))
     return table
 
 
 def _legend_above(fig: Any, renderers: list[Any], labels: list[str]) -> None:
-    items = [LegendItem(label=value(t), renderers=[r]) for t, r in zip(labels, renderers,
-                                                                        strict=True)]
-    fig.add_layout(Legend(items=items, orientation="horizontal", location="top_left"),
-                   "above")
+    items = [
+        LegendItem(label=value(t), renderers=[r]) for t, r in zip(labels, renderers, strict=True)
+    ]
+    fig.add_layout(Legend(items=items, orientation="horizontal", location="top_left"), "above")
 
 
 _PROGRESS_TEMPLATE: Final = (
     '<div style="background:#eee;width:100%;height:12px;margin-top:4px;position:relative">'
     '<div style="background:#2ca02c;height:12px;width:<%= value %>%"></div>'
     '<span style="position:absolute;top:-3px;left:4px;font-size:10px"><%= value %>%</span>'
-    '</div>')
+    "</div>"
+)
 
 
 class DashboardPage:
@@ -571,95 +662,192 @@ class DashboardPage:
         self._failed = False
         self.samples = ColumnDataSource(_sample_columns(snap.samples), name="samples")
         self.queue = ColumnDataSource(
-            _queue_columns(snap.samples, self._band_labels, self._name), name="queue")
+            _queue_columns(snap.samples, self._band_labels, self._name), name="queue"
+        )
         self.nodes = ColumnDataSource(_node_columns(snap.stats), name="nodes")
         self.users = ColumnDataSource(_user_columns(snap.stats), name="users")
         self.times = ColumnDataSource(_time_columns(snap.stats), name="times")
         self.tasks = ColumnDataSource(_task_columns(snap.stats), name="tasks")
         self.summary = Div(text=_summary_html(snap), name="summary")
         self.warnings = Div(text=self._warnings_html(snap), name="warnings")
-        self.select = Select(title="queued tasks of", value=ALL_TASKS, name="name_select",
-                             options=self._name_options(snap.stats), width=240)
+        self.select = Select(
+            title="queued tasks of",
+            value=ALL_TASKS,
+            name="name_select",
+            options=self._name_options(snap.stats),
+            width=240,
+        )
         self.select.on_change("value", self._on_select)
 
         tools = "pan,xwheel_zoom,box_zoom,reset,save"
 
         def timeseries(title: str, name: str, **kw: Any) -> Any:
-            return figure(title=title, x_axis_type="datetime", height=260, tools=tools,
-                          sizing_mode="stretch_width", name=name,
-                          y_range=DataRange1d(start=0), **kw)
+            return figure(
+                title=title,
+                x_axis_type="datetime",
+                height=260,
+                tools=tools,
+                sizing_mode="stretch_width",
+                name=name,
+                y_range=DataRange1d(start=0),
+                **kw,
+            )
 
         queue = timeseries("Queued tasks by priority band", "queue_chart")
-        stacked = queue.varea_stack([f"b{i}" for i in range(MAX_BANDS)], x="t",
-                                    color=list(BAND_COLORS), source=self.queue)
-        self.band_items = [LegendItem(label=value(""), renderers=[r], visible=False)
-                           for r in stacked]
-        queue.add_layout(Legend(items=self.band_items, location="top_left",
-                                click_policy="hide"))
+        stacked = queue.varea_stack(
+            [f"b{i}" for i in range(MAX_BANDS)], x="t", color=list(BAND_COLORS), source=self.queue
+        )
+        self.band_items = [
+            LegendItem(label=value(""), renderers=[r], visible=False) for r in stacked
+        ]
+        queue.add_layout(Legend(items=self.band_items, location="top_left", click_policy="hide"))
         self._show_bands()
         tasks = timeseries("Tasks", "tasks_chart", x_range=queue.x_range)
-        tasks.line("t", "queued", source=self.samples, legend_label="queued", color="#d62728",
-                   line_width=2)
-        tasks.line("t", "running", source=self.samples, legend_label="running",
-                   color="#2ca02c", line_width=2)
-        workers = timeseries("Worker slots: busy and free", "slots_chart",
-                             x_range=queue.x_range)
-        workers.varea_stack(["busy", "free"], x="t", color=["#1f77b4", "#c6dbef"],
-                            legend_label=["busy", "free"], source=self.samples)
-        rate = timeseries("Throughput (tasks finished per second)", "rate_chart",
-                          x_range=queue.x_range)
-        rate.line("t", "rate", source=self.samples, legend_label="tasks/s", color="#9467bd",
-                  line_width=2)
+        tasks.line(
+            "t", "queued", source=self.samples, legend_label="queued", color="#d62728", line_width=2
+        )
+        tasks.line(
+            "t",
+            "running",
+            source=self.samples,
+            legend_label="running",
+            color="#2ca02c",
+            line_width=2,
+        )
+        workers = timeseries("Worker slots: busy and free", "slots_chart", x_range=queue.x_range)
+        workers.varea_stack(
+            ["busy", "free"],
+            x="t",
+            color=["#1f77b4", "#c6dbef"],
+            legend_label=["busy", "free"],
+            source=self.samples,
+        )
+        rate = timeseries(
+            "Throughput (tasks finished per second)", "rate_chart", x_range=queue.x_range
+        )
+        rate.line(
+            "t", "rate", source=self.samples, legend_label="tasks/s", color="#9467bd", line_width=2
+        )
         for fig in (tasks, workers, rate):
             fig.legend.location = "top_left"
             fig.legend.click_policy = "hide"
 
         self.user_range = FactorRange(factors=list(self.users.data["user"]))
-        users = figure(title="Users: running and queued", y_range=self.user_range,
-                       height=260, sizing_mode="stretch_width", name="users_chart",
-                       tools="save", x_range=DataRange1d(start=0))
-        bars = users.hbar_stack(["running", "queued"], y="user", height=0.7,
-                                source=self.users, color=["#2ca02c", "#d62728"])
+        users = figure(
+            title="Users: running and queued",
+            y_range=self.user_range,
+            height=260,
+            sizing_mode="stretch_width",
+            name="users_chart",
+            tools="save",
+            x_range=DataRange1d(start=0),
+        )
+        bars = users.hbar_stack(
+            ["running", "queued"],
+            y="user",
+            height=0.7,
+            source=self.users,
+            color=["#2ca02c", "#d62728"],
+        )
         _legend_above(users, bars, ["running", "queued"])
         self.node_range = FactorRange(factors=list(self.nodes.data["name"]))
-        nodes = figure(title="Nodes: busy, free and offline slots", y_range=self.node_range,
-                       height=260, sizing_mode="stretch_width", name="nodes_chart",
-                       tools="save", x_range=DataRange1d(start=0))
-        bars = nodes.hbar_stack(["busy", "free", "offline"], y="name", height=0.7,
-                                source=self.nodes, color=["#1f77b4", "#c6dbef", "#bbbbbb"])
+        nodes = figure(
+            title="Nodes: busy, free and offline slots",
+            y_range=self.node_range,
+            height=260,
+            sizing_mode="stretch_width",
+            name="nodes_chart",
+            tools="save",
+            x_range=DataRange1d(start=0),
+        )
+        bars = nodes.hbar_stack(
+            ["busy", "free", "offline"],
+            y="name",
+            height=0.7,
+            source=self.nodes,
+            color=["#1f77b4", "#c6dbef", "#bbbbbb"],
+        )
         _legend_above(nodes, bars, ["busy", "free", "offline"])
         for fig in (users, nodes):
             fig.ygrid.grid_line_color = None
 
-        node_table = _table(self.nodes, "nodes_table", [
-            ("name", "node"), ("online", "online"), ("last_seen", "last seen"),
-            ("busy", "busy"), ("slots", "slots"), ("load", "load (1 min)"),
-            ("speed", "speed"), ("host", "host"), ("tasks", "tasks")], 120)
-        time_table = _table(self.times, "times_table", [
-            ("name", "task"), ("queued", "queued"), ("running", "running"), ("done", "done"),
-            ("failed", "failed"), ("wait_p50", "wait p50 ms"), ("wait_p95", "p95"),
-            ("wait_p99", "p99"), ("run_p50", "run p50 ms"), ("run_p95", "p95"),
-            ("run_p99", "p99"), ("waiting", "why waiting")], 180)
-        task_table = _table(self.tasks, "tasks_table", [
-            ("status", "state"), ("progress", "progress"), ("name", "task"), ("user", "user"),
-            ("node", "node"), ("priority", "priority"), ("wait_ms", "wait ms"),
-            ("run_ms", "run ms"), ("id", "id")], 300, progress="progress")
+        node_table = _table(
+            self.nodes,
+            "nodes_table",
+            [
+                ("name", "node"),
+                ("online", "online"),
+                ("last_seen", "last seen"),
+                ("busy", "busy"),
+                ("slots", "slots"),
+                ("load", "load (1 min)"),
+                ("speed", "speed"),
+                ("host", "host"),
+                ("tasks", "tasks"),
+            ],
+            120,
+        )
+        time_table = _table(
+            self.times,
+            "times_table",
+            [
+                ("name", "task"),
+                ("queued", "queued"),
+                ("running", "running"),
+                ("done", "done"),
+                ("failed", "failed"),
+                ("wait_p50", "wait p50 ms"),
+                ("wait_p95", "p95"),
+                ("wait_p99", "p99"),
+                ("run_p50", "run p50 ms"),
+                ("run_p95", "p95"),
+                ("run_p99", "p99"),
+                ("waiting", "why waiting"),
+            ],
+            180,
+        )
+        task_table = _table(
+            self.tasks,
+            "tasks_table",
+            [
+                ("status", "state"),
+                ("progress", "progress"),
+                ("name", "task"),
+                ("user", "user"),
+                ("node", "node"),
+                ("priority", "priority"),
+                ("wait_ms", "wait ms"),
+                ("run_ms", "run ms"),
+                ("id", "id"),
+            ],
+            300,
+            progress="progress",
+        )
         doc.title = "lbmqtt dashboard"
         w: Final = "stretch_width"
-        doc.add_root(column(
-            self.summary, self.warnings,
-            row(column(self.select, queue, sizing_mode=w), column(tasks, sizing_mode=w),
-                sizing_mode=w),
-            row(workers, rate, sizing_mode=w), row(users, nodes, sizing_mode=w),
-            Div(text="<b>Nodes</b>"), node_table,
-            Div(text="<b>Task names</b>: wait (submit to start) and run times of recent "
-                     "tasks"), time_table,
-            Div(text="<b>Tasks</b>: running, then recently finished"), task_table,
-            sizing_mode=w))
+        doc.add_root(
+            column(
+                self.summary,
+                self.warnings,
+                row(
+                    column(self.select, queue, sizing_mode=w),
+                    column(tasks, sizing_mode=w),
+                    sizing_mode=w,
+                ),
+                row(workers, rate, sizing_mode=w),
+                row(users, nodes, sizing_mode=w),
+                Div(text="<b>Nodes</b>"),
+                node_table,
+                Div(text="<b>Task names</b>: wait (submit to start) and run times of recent tasks"),
+                time_table,
+                Div(text="<b>Tasks</b>: running, then recently finished"),
+                task_table,
+                sizing_mode=w,
+            )
+        )
         self._doc = doc
         # Bokeh's stubs only know plain callbacks; coroutine functions are supported.
-        self._callback = doc.add_periodic_callback(cast(Callable[[], None], self.update),
-                                                   UPDATE_MS)
+        self._callback = doc.add_periodic_callback(cast(Callable[[], None], self.update), UPDATE_MS)
 
     @staticmethod
     def _name_options(stats: BalancerStats | None) -> list[str | None]:
@@ -726,8 +914,7 @@ class DashboardPage:
             self._show_bands()
             self._redraw_queue()
         elif snap.samples:
-            self.queue.stream(_queue_columns(snap.samples, bands, self._name),
-                              rollover=ROLLOVER)
+            self.queue.stream(_queue_columns(snap.samples, bands, self._name), rollover=ROLLOVER)
         if stats is not self._last_stats:
             self._last_stats = stats
             self.nodes.data = _node_columns(stats)
@@ -769,8 +956,13 @@ def _origins(ip: str, port: int) -> list[str]:
         hosts |= {socket.getfqdn()}
         with contextlib.suppress(OSError):
             hosts |= set(socket.gethostbyname_ex(socket.gethostname())[2])
-    return sorted({f"[{h}]:{port}" if ":" in h and not h.startswith("[") else f"{h}:{port}"
-                   for h in hosts if h not in _WILDCARD_HOSTS})
+    return sorted(
+        {
+            f"[{h}]:{port}" if ":" in h and not h.startswith("[") else f"{h}:{port}"
+            for h in hosts
+            if h not in _WILDCARD_HOSTS
+        }
+    )
 
 
 class DashboardServer:
@@ -804,8 +996,9 @@ def _bind_sockets(host: str, port: int) -> tuple[list[socket.socket], int]:
     socks: list[socket.socket] = []
     bound = port
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         for family, kind, proto, _, addr in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
             socks.append(sock)
@@ -819,9 +1012,12 @@ def _bind_sockets(host: str, port: int) -> tuple[list[socket.socket], int]:
     except OSError as exc:
         for sock in socks:
             sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror} (is another "
-                                 f"dashboard running there? --monitor-port 0 picks a free "
-                                 f"port)") from exc
+        raise OSError(
+            exc.errno,
+            f"cannot listen on {host}:{port}: {exc.strerror} (is another "
+            f"dashboard running there? --monitor-port 0 picks a free "
+            f"port)",
+        ) from exc
     return socks, bound
 
 
@@ -834,13 +1030,17 @@ def start_server(state: DashboardState, host: str = "127.0.0.1", port: int = 0) 
     sockets, bound = _bind_sockets(host, port)
     url = f"http://{_url_host(host)}:{bound}/"
     try:
+
         def modify_doc(doc: Document) -> None:
             make_document(doc, state)
 
         app = Application(FunctionHandler(modify_doc))
-        tornado_app = BokehTornado({"/": app}, absolute_url=url,
-                                   extra_websocket_origins=_origins(host, bound),
-                                   compress_response=True)
+        tornado_app = BokehTornado(
+            {"/": app},
+            absolute_url=url,
+            extra_websocket_origins=_origins(host, bound),
+            compress_response=True,
+        )
         http_server = HTTPServer(tornado_app, xheaders=False)
         http_server.add_sockets(sockets)
     except Exception:
@@ -852,8 +1052,9 @@ def start_server(state: DashboardState, host: str = "127.0.0.1", port: int = 0) 
     return DashboardServer(server, http_server, bound, url)
 
 
-async def serve(settings: Settings, *, ready_fd: int | None = None,
-                stop: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: Settings, *, ready_fd: int | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Run the dashboard until SIGINT/SIGTERM (or ``stop`` is set).
 
     Prints ``lbmqtt dashboard: http://HOST:PORT/`` and, with ``ready_fd``, writes one JSON
@@ -888,9 +1089,12 @@ async def serve(settings: Settings, *, ready_fd: int | None = None,
             await stop.wait()
         finally:
             if transport is not None and transport.connected:
-                await transport.publish_confirmed(topics.dashboard_status,
-                                                  DashboardStatus(online=False).encode(),
-                                                  retain=True, timeout_s=2.0)
+                await transport.publish_confirmed(
+                    topics.dashboard_status,
+                    DashboardStatus(online=False).encode(),
+                    retain=True,
+                    timeout_s=2.0,
+                )
             state.close()
             await server.stop()
             if transport is not None:

@@ -61,8 +61,13 @@ class Advertiser:
     """
 
     def __init__(self, bind: str, port: int, prefix: str):
-        self.addresses = (local_ipv4_addresses() if bind in ("0.0.0.0", "", "::")  # noqa: S104
-                          else [] if is_loopback(bind) else [bind])
+        self.addresses = (
+            local_ipv4_addresses()
+            if bind in ("0.0.0.0", "", "::")  # noqa: S104
+            else []
+            if is_loopback(bind)
+            else [bind]
+        )
         self.port = port
         self.prefix = prefix
         self._zc: object | None = None
@@ -77,11 +82,14 @@ class Advertiser:
         host = socket.gethostname().split(".")[0] or "lbmqtt"
         name = f"lbmqtt broker on {host} port {self.port}.{SERVICE_TYPE}"
         info = ServiceInfo(
-            SERVICE_TYPE, name, port=self.port,
+            SERVICE_TYPE,
+            name,
+            port=self.port,
             addresses=[socket.inet_aton(a) for a in self.addresses],
             properties={"lbmqtt": __version__, "prefix": self.prefix},
-            server=f"{host}-lbmqtt-{self.port}.local.")
-        interfaces = (self.addresses if len(self.addresses) == 1 else InterfaceChoice.All)
+            server=f"{host}-lbmqtt-{self.port}.local.",
+        )
+        interfaces = self.addresses if len(self.addresses) == 1 else InterfaceChoice.All
         zc = Zeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         try:
             zc.register_service(info, allow_name_change=True)
@@ -113,8 +121,9 @@ def browse(timeout_s: float, *, settle_s: float = 0.3) -> list[Found]:
     first = threading.Event()
     zc = Zeroconf(ip_version=IPVersion.V4Only)
 
-    def on_change(zeroconf: Zeroconf, service_type: str, name: str,
-                  state_change: ServiceStateChange) -> None:
+    def on_change(
+        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
         if state_change is ServiceStateChange.Removed:
             return
         info = zeroconf.get_service_info(service_type, name, timeout=int(timeout_s * 1000))
@@ -124,11 +133,18 @@ def browse(timeout_s: float, *, settle_s: float = 0.3) -> list[Found]:
         if not addrs:
             return
         addrs = sorted(addrs, key=lambda a: (not _on_a_local_subnet(a), a))
-        props = {k.decode(): (v.decode() if v is not None else None)
-                 for k, v in (info.properties or {}).items()}
+        props = {
+            k.decode(): (v.decode() if v is not None else None)
+            for k, v in (info.properties or {}).items()
+        }
         with lock:
-            found[name] = Found(name=name, host=addrs[0], port=int(info.port),
-                                prefix=props.get("prefix"), lbmqtt=props.get("lbmqtt"))
+            found[name] = Found(
+                name=name,
+                host=addrs[0],
+                port=int(info.port),
+                prefix=props.get("prefix"),
+                lbmqtt=props.get("lbmqtt"),
+            )
         first.set()
 
     try:
@@ -179,17 +195,24 @@ def discover(settings: Settings) -> tuple[str, int]:
         found = browse(settings.discovery_timeout_s)
     except Exception as exc:  # no usable interface, no multicast...: say so plainly
         raise BrokerUnavailable(
-            f"BROKER_HOST is \"auto\" but mDNS discovery cannot run here ({exc}): set "
-            f"BROKER_HOST to the broker's address") from exc
+            f'BROKER_HOST is "auto" but mDNS discovery cannot run here ({exc}): set '
+            f"BROKER_HOST to the broker's address"
+        ) from exc
     best = choose(found, settings.topic_prefix)
     if best is None:
         raise BrokerUnavailable(
-            f"BROKER_HOST is \"auto\" but no broker advertised itself on the LAN within "
+            f'BROKER_HOST is "auto" but no broker advertised itself on the LAN within '
             f"{settings.discovery_timeout_s:g} s (mDNS, {SERVICE_TYPE}): start `lbmqtt up` "
-            f"or `lbmqtt broker` with a non-loopback --bind, or set BROKER_HOST")
+            f"or `lbmqtt broker` with a non-loopback --bind, or set BROKER_HOST"
+        )
     others = [f"{f.host}:{f.port}" for f in found if f is not best]
-    log.info("found the broker %s:%d by mDNS (%s)%s", best.host, best.port, best.name,
-             f"; also seen: {', '.join(others)}" if others else "")
+    log.info(
+        "found the broker %s:%d by mDNS (%s)%s",
+        best.host,
+        best.port,
+        best.name,
+        f"; also seen: {', '.join(others)}" if others else "",
+    )
     return best.host, best.port
 
 
@@ -199,10 +222,11 @@ async def resolve(settings: Settings) -> Settings:
         return settings
     if settings.broker_username and not settings.broker_tls:
         raise ConfigError(
-            "BROKER_HOST \"auto\" with a login and without TLS: the password would go in "
+            'BROKER_HOST "auto" with a login and without TLS: the password would go in '
             "clear to whichever machine answers on mDNS first (anyone on the LAN can). "
-            "Give the broker's address (BROKER_HOST), or turn on TLS (\"BROKER_TLS\": true "
+            'Give the broker\'s address (BROKER_HOST), or turn on TLS ("BROKER_TLS": true '
             "and the broker's CA in BROKER_CA_FILE: the certificate proves it is your "
-            "broker); see README, \"Running on a shared LAN\"")
+            'broker); see README, "Running on a shared LAN"'
+        )
     host, port = await asyncio.to_thread(discover, settings)
     return settings.with_overrides(broker_host=host, broker_port=port)

@@ -71,8 +71,15 @@ class BalancerUnavailable(LbmqttError):
 class DecodeError(LbmqttError):
     """A message could not be decoded; ``raw`` holds the bytes as received."""
 
-    def __init__(self, message: str, raw: bytes = b"", code: ErrorCode = ErrorCode.INVALID,
-                 *, task_id: str | None = None, ref: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        raw: bytes = b"",
+        code: ErrorCode = ErrorCode.INVALID,
+        *,
+        task_id: str | None = None,
+        ref: str | None = None,
+    ):
         super().__init__(message)
         self.raw = raw
         self.code = code
@@ -119,8 +126,9 @@ class TaskFailed(TaskError):
         traceback: the traceback text from the worker, when there is one.
     """
 
-    def __init__(self, message: str, state: Any = None, *, error_type: str = "",
-                 traceback: str = ""):
+    def __init__(
+        self, message: str, state: Any = None, *, error_type: str = "", traceback: str = ""
+    ):
         super().__init__(message, state)
         self.error_type = error_type
         self.traceback = traceback
@@ -150,7 +158,6 @@ def error_from_code(code: str, message: str, task_id: str | None = None) -> Lbmq
         return RateLimited(message, code=code, task_id=task_id)
     if code == ErrorCode.UNKNOWN_TASK:
         return UnknownTask(message)
-    if code in (ErrorCode.INVALID, ErrorCode.BAD_JSON, ErrorCode.DUPLICATE_ID,
-                ErrorCode.TOO_LARGE):
+    if code in (ErrorCode.INVALID, ErrorCode.BAD_JSON, ErrorCode.DUPLICATE_ID, ErrorCode.TOO_LARGE):
         return InvalidTask(message, code=code, task_id=task_id)
     return SubmitRefused(message, code=code, task_id=task_id)

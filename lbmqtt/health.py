@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=BaseModel)
 
 
-async def online_status(settings: Settings, topic: str, model: type[S], *,
-                        what: str) -> S | None:
+async def online_status(settings: Settings, topic: str, model: type[S], *, what: str) -> S | None:
     """The retained status on ``topic`` if it says online, else None.
 
     If the broker cannot be reached yet, logs that the check was skipped (``what`` names
@@ -33,13 +32,19 @@ async def online_status(settings: Settings, topic: str, model: type[S], *,
     """
     try:
         retained = await read_retained(
-            host=settings.broker_host, port=settings.broker_port, filters=[topic],
-            prefix=settings.topic_prefix, username=settings.broker_username,
-            password=settings.password, tls=tls_context(settings),
-            timeout_s=min(3.0, settings.connect_timeout_s))
+            host=settings.broker_host,
+            port=settings.broker_port,
+            filters=[topic],
+            prefix=settings.topic_prefix,
+            username=settings.broker_username,
+            password=settings.password,
+            tls=tls_context(settings),
+            timeout_s=min(3.0, settings.connect_timeout_s),
+        )
     except BrokerUnavailable:
-        log.warning("the broker is not reachable yet: starting anyway (without checking "
-                    "that %s)", what)
+        log.warning(
+            "the broker is not reachable yet: starting anyway (without checking that %s)", what
+        )
         return None
     if topic not in retained:
         return None

@@ -32,9 +32,30 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 
 # The column order of a row tuple; the SQL below spells the same list out (kept literal).
-_COLUMNS = ("id", "user", "name", "args", "priority", "seq", "submitted_at", "notify",
-            "timeout_s", "ref", "requires", "tags", "status", "attempt", "node", "grp",
-            "started_at", "finished_at", "result", "error", "collected_at", "waived")
+_COLUMNS = (
+    "id",
+    "user",
+    "name",
+    "args",
+    "priority",
+    "seq",
+    "submitted_at",
+    "notify",
+    "timeout_s",
+    "ref",
+    "requires",
+    "tags",
+    "status",
+    "attempt",
+    "node",
+    "grp",
+    "started_at",
+    "finished_at",
+    "result",
+    "error",
+    "collected_at",
+    "waived",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,21 +71,37 @@ CREATE TABLE IF NOT EXISTS tasks (
 INSERT OR IGNORE INTO meta VALUES ('schema', '2');
 """
 
-_SELECT = ("SELECT id, user, name, args, priority, seq, submitted_at, notify, timeout_s, ref, "
-           "requires, tags, status, attempt, node, grp, started_at, finished_at, result, "
-           "error, collected_at, waived FROM tasks ORDER BY seq")
-_UPSERT = ("INSERT OR REPLACE INTO tasks (id, user, name, args, priority, seq, submitted_at, "
-           "notify, timeout_s, ref, requires, tags, status, attempt, node, grp, started_at, "
-           "finished_at, result, error, collected_at, waived) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SELECT = (
+    "SELECT id, user, name, args, priority, seq, submitted_at, notify, timeout_s, ref, "
+    "requires, tags, status, attempt, node, grp, started_at, finished_at, result, "
+    "error, collected_at, waived FROM tasks ORDER BY seq"
+)
+_UPSERT = (
+    "INSERT OR REPLACE INTO tasks (id, user, name, args, priority, seq, submitted_at, "
+    "notify, timeout_s, ref, requires, tags, status, attempt, node, grp, started_at, "
+    "finished_at, result, error, collected_at, waived) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 assert _UPSERT.count("?") == len(_COLUMNS)
-CHANGING = ("status", "attempt", "node", "grp", "started_at", "finished_at", "result",
-            "error", "collected_at", "waived")
+CHANGING = (
+    "status",
+    "attempt",
+    "node",
+    "grp",
+    "started_at",
+    "finished_at",
+    "result",
+    "error",
+    "collected_at",
+    "waived",
+)
 """The columns a task's row changes in after its submit (the others never change)."""
-_UPDATE = ("UPDATE tasks SET status = ?, attempt = ?, node = ?, grp = ?, started_at = ?, "
-           "finished_at = ?, result = ?, error = ?, collected_at = ?, waived = ? "
-           "WHERE seq = ?")
-assert _COLUMNS[-len(CHANGING):] == CHANGING and _UPDATE.count("?") == len(CHANGING) + 1
+_UPDATE = (
+    "UPDATE tasks SET status = ?, attempt = ?, node = ?, grp = ?, started_at = ?, "
+    "finished_at = ?, result = ?, error = ?, collected_at = ?, waived = ? "
+    "WHERE seq = ?"
+)
+assert _COLUMNS[-len(CHANGING) :] == CHANGING and _UPDATE.count("?") == len(CHANGING) + 1
 
 
 @dataclass(slots=True)
@@ -105,8 +142,9 @@ def default_path(host: str, port: int, prefix: str) -> Path:
     """Where the journal of a balancer for this broker and prefix lives by default:
     ``$XDG_STATE_HOME/lbmqtt/`` (``~/.local/state/lbmqtt/``), one file per broker and prefix.
     """
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                            ".local", "state")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{host}_{port}_{prefix}")
     return Path(base) / "lbmqtt" / f"journal-{stem}.sqlite3"
 
@@ -130,8 +168,10 @@ class Journal:
         self._db.executescript(_SCHEMA)
         (version,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if int(version) != SCHEMA_VERSION:
-            raise RuntimeError(f"journal {self.path} has schema {version}; this lbmqtt "
-                               f"reads schema {SCHEMA_VERSION}")
+            raise RuntimeError(
+                f"journal {self.path} has schema {version}; this lbmqtt "
+                f"reads schema {SCHEMA_VERSION}"
+            )
         self.commits = 0
         self.rows_written = 0
         self.commit_seconds = 0.0
@@ -146,8 +186,12 @@ class Journal:
         (n,) = self._db.execute("SELECT count(*) FROM tasks").fetchone()
         return int(n)
 
-    def commit(self, rows: Iterable[tuple[Any, ...]], deleted: Iterable[int] = (),
-               changes: Iterable[tuple[Any, ...]] = ()) -> int:
+    def commit(
+        self,
+        rows: Iterable[tuple[Any, ...]],
+        deleted: Iterable[int] = (),
+        changes: Iterable[tuple[Any, ...]] = (),
+    ) -> int:
         """Write ``rows`` (whole rows: tuples in :data:`_COLUMNS` order), apply ``changes``
         to rows written before (tuples of the :data:`CHANGING` columns, then the seq) and
         delete the rows of the ``deleted`` seqs, in one transaction. Returns the number of
@@ -174,8 +218,10 @@ class Journal:
             if changes:
                 updated = db.executemany(_UPDATE, changes).rowcount
                 if updated != len(changes):
-                    raise LookupError(f"{len(changes) - updated} of {len(changes)} changed "
-                                      f"tasks have no row in the journal")
+                    raise LookupError(
+                        f"{len(changes) - updated} of {len(changes)} changed "
+                        f"tasks have no row in the journal"
+                    )
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

@@ -52,9 +52,15 @@ class Child:
     """Its environment, if not ours (to start it again)."""
 
 
-def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
-           env: dict[str, str] | None = None, wrap: tuple[str, ...] = (),
-           stdout: Any = None) -> Child:
+def spawn(
+    name: str,
+    args: list[str],
+    timeout_s: float = READY_TIMEOUT_S,
+    *,
+    env: dict[str, str] | None = None,
+    wrap: tuple[str, ...] = (),
+    stdout: Any = None,
+) -> Child:
     """Start ``python -m lbmqtt ARGS`` and wait for its ready line.
 
     ``env``: the whole environment (default: ours); ``wrap``: a command to run it under
@@ -66,8 +72,14 @@ def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
     env[SUPERVISOR_ENV] = str(os.getpid())
     cmd = [*wrap, sys.executable, "-m", "lbmqtt", *args, "--ready-fd", str(w)]
     try:
-        proc = subprocess.Popen(cmd, pass_fds=(w,), env=env, start_new_session=True,
-                                stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=(w,),
+            env=env,
+            start_new_session=True,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout else None,
+        )
     finally:
         os.close(w)
     deadline = time.monotonic() + timeout_s
@@ -84,20 +96,26 @@ def spawn(name: str, args: list[str], timeout_s: float = READY_TIMEOUT_S, *,
                 chunk = os.read(r, 4096)
                 if not chunk:
                     rc = proc.wait()
-                    raise LaunchError(f"{name} exited with status {rc} before it was ready "
-                                      f"(see its messages above)")
+                    raise LaunchError(
+                        f"{name} exited with status {rc} before it was ready "
+                        f"(see its messages above)"
+                    )
                 buf += chunk
     finally:
         os.close(r)
-    return Child(name, proc, json.loads(buf.split(b"\n", 1)[0]), list(args),
-                 given)
+    return Child(name, proc, json.loads(buf.split(b"\n", 1)[0]), list(args), given)
 
 
 _spawn = spawn  # the name compat and older code use
 
 
-def _respawn(name: str, args: list[str], stopping: Any,
-             timeout_s: float = READY_TIMEOUT_S, env: dict[str, str] | None = None) -> Child:
+def _respawn(
+    name: str,
+    args: list[str],
+    stopping: Any,
+    timeout_s: float = READY_TIMEOUT_S,
+    env: dict[str, str] | None = None,
+) -> Child:
     """Start a part again; retried for a while (a restarted balancer may first see its dead
     predecessor still "online" until the broker has fired that one's will)."""
     deadline = time.monotonic() + timeout_s
@@ -110,8 +128,9 @@ def _respawn(name: str, args: list[str], stopping: Any,
             time.sleep(1.0)  # a supervisor's back-off
 
 
-def stop_children(children: list[Child], grace_s: float = STOP_GRACE_S,
-                  node_grace_s: float | None = None) -> None:
+def stop_children(
+    children: list[Child], grace_s: float = STOP_GRACE_S, node_grace_s: float | None = None
+) -> None:
     """SIGTERM each child in reverse start order, SIGKILL what outlives the grace period
     (``node_grace_s`` for a node, which drains first: NODE_DRAIN_S + 5 s in ``up``)."""
     if node_grace_s is None:
@@ -139,23 +158,35 @@ def service_logins(settings: Settings) -> dict[str, dict[str, str]]:
     from .config import SERVICE_ACCOUNTS_ENV
     from .node import default_node_name
 
-    logins = {"balancer": ("lbmqtt-up-balancer", "balancer"),
-              "dashboard": ("lbmqtt-up-dashboard", "monitor"),
-              "node": (settings.node_name or default_node_name(), "node")}
+    logins = {
+        "balancer": ("lbmqtt-up-balancer", "balancer"),
+        "dashboard": ("lbmqtt-up-dashboard", "monitor"),
+        "node": (settings.node_name or default_node_name(), "node"),
+    }
     accounts: dict[str, list[str]] = {}
     envs: dict[str, dict[str, str]] = {}
     for part, (login, role) in logins.items():
         password = new_password()
         accounts[login] = [role, password]
-        envs[part] = {**os.environ, "LBMQTT_BROKER_USERNAME": login,
-                      "LBMQTT_BROKER_PASSWORD": password, "LBMQTT_BROKER_TLS": "false"}
+        envs[part] = {
+            **os.environ,
+            "LBMQTT_BROKER_USERNAME": login,
+            "LBMQTT_BROKER_PASSWORD": password,
+            "LBMQTT_BROKER_TLS": "false",
+        }
         envs[part].pop(SERVICE_ACCOUNTS_ENV, None)
     envs["broker"] = {**os.environ, SERVICE_ACCOUNTS_ENV: json.dumps(accounts)}
     return envs
 
 
-def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bool = True,
-       node: bool = True) -> int:
+def up(
+    settings: Settings,
+    common: list[str],
+    *,
+    tasks: list[str],
+    dashboard: bool = True,
+    node: bool = True,
+) -> int:
     """Run the whole system until Ctrl-C / SIGTERM. Returns the exit status.
 
     Args:
@@ -183,7 +214,7 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
             port = int(c.info["port"])
             if "--broker-port" in common:  # e.g. 0 ("pick one"): the children need the real one
                 i = common.index("--broker-port")
-                del common[i:i + 2]
+                del common[i : i + 2]
             common += ["--broker-port", str(port)]
             host = settings.broker_host
             if host == "auto" or settings.tls_listener:
@@ -191,36 +222,46 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
                 # plain MQTT is on 127.0.0.1 only)
                 if "--broker-host" in common:
                     i = common.index("--broker-host")
-                    del common[i:i + 2]
+                    del common[i : i + 2]
                 host = "127.0.0.1"
                 common += ["--broker-host", host]
-            broker_url = f"mqtt://{host}:{port} (embedded amqtt, listening on " \
-                         f"{settings.bind_host})"
+            broker_url = f"mqtt://{host}:{port} (embedded amqtt, listening on {settings.bind_host})"
         children.append(_spawn("balancer", ["balancer", *common], env=envs.get("balancer")))
         if dashboard:
-            children.append(_spawn("dashboard", ["dashboard", *common],
-                                   env=envs.get("dashboard")))
+            children.append(_spawn("dashboard", ["dashboard", *common], env=envs.get("dashboard")))
         if node:
             node_args = ["node", *common]
             for t in tasks:
                 node_args += ["--tasks", t]
             children.append(_spawn("node", node_args, env=envs.get("node")))
-        lines = ["", "lbmqtt is up:", f"  broker     {broker_url}",
-                 f"  balancer   topics under {settings.topic_prefix}/"]
+        lines = [
+            "",
+            "lbmqtt is up:",
+            f"  broker     {broker_url}",
+            f"  balancer   topics under {settings.topic_prefix}/",
+        ]
         for c in children:
             if c.name == "balancer" and c.info.get("metrics"):
                 lines.append(f"  metrics    {c.info['metrics']}")
             if c.name == "dashboard":
                 lines.append(f"  dashboard  {c.info.get('url')}")
             if c.name == "node":
-                lines.append(f"  node       {c.info.get('name')}: {c.info.get('slots')} worker "
-                             f"slots, tasks {', '.join(c.info.get('tasks', []))}")
+                lines.append(
+                    f"  node       {c.info.get('name')}: {c.info.get('slots')} worker "
+                    f"slots, tasks {', '.join(c.info.get('tasks', []))}"
+                )
         port_hint = ""
         if "--broker-port" in common:
             port_hint = f" --broker-port {common[common.index('--broker-port') + 1]}"
-        lines += ["", "Try:", f"  lbmqtt submit HELLO '{{\"firstName\": \"John\", \"lastName\": "
-                  f"\"Doe\"}}' --wait{port_hint}", f"  lbmqtt status{port_hint}",
-                  "Ctrl-C stops everything.", ""]
+        lines += [
+            "",
+            "Try:",
+            f'  lbmqtt submit HELLO \'{{"firstName": "John", "lastName": '
+            f'"Doe"}}\' --wait{port_hint}',
+            f"  lbmqtt status{port_hint}",
+            "Ctrl-C stops everything.",
+            "",
+        ]
         print("\n".join(lines), flush=True)
         # how to start each part again: the broker on the port it got the first time
         specs = {c.name: c.args for c in children}
@@ -228,7 +269,7 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
             b_args = list(specs["broker"])
             if "--broker-port" in b_args:
                 i = b_args.index("--broker-port")
-                del b_args[i:i + 2]
+                del b_args[i : i + 2]
             specs["broker"] = [*b_args, "--broker-port", common[common.index("--broker-port") + 1]]
         restarts: dict[str, list[float]] = {}
         while not stopping:
@@ -239,13 +280,17 @@ def up(settings: Settings, common: list[str], *, tasks: list[str], dashboard: bo
                 now = time.monotonic()
                 recent = [t for t in restarts.get(c.name, []) if now - t < RESTART_WINDOW_S]
                 if len(recent) >= MAX_RESTARTS:
-                    log.error("%s exited unexpectedly (status %s) %d times within %g s: "
-                              "stopping the others", c.name, rc, len(recent) + 1,
-                              RESTART_WINDOW_S)
+                    log.error(
+                        "%s exited unexpectedly (status %s) %d times within %g s: "
+                        "stopping the others",
+                        c.name,
+                        rc,
+                        len(recent) + 1,
+                        RESTART_WINDOW_S,
+                    )
                     stop_children(children, node_grace_s=node_grace)
                     return 1
-                log.warning("%s exited unexpectedly (status %s): starting it again", c.name,
-                            rc)
+                log.warning("%s exited unexpectedly (status %s): starting it again", c.name, rc)
                 restarts[c.name] = [*recent, now]
                 children[i] = _respawn(c.name, specs[c.name], lambda: stopping, env=c.env)
                 print(f"lbmqtt: {c.name} is back", flush=True)

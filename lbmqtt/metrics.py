@@ -22,8 +22,27 @@ from .protocol import BalancerStats
 
 log = logging.getLogger(__name__)
 
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-           30.0, 60.0, 300.0, 900.0, 3600.0, float("inf"))
+BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    float("inf"),
+)
 """Seconds: from no-op tasks (milliseconds) to long jobs (an hour)."""
 
 
@@ -36,49 +55,59 @@ class _StatsCollector(Collector):
         if s is None:
             return
         for name, value, doc in (
-                ("submitted", s.submitted_total, "Tasks accepted"),
-                ("done", s.done_total, "Tasks finished successfully"),
-                ("failed", s.failed_total, "Tasks failed (after their last attempt)"),
-                ("cancelled", s.cancelled_total, "Tasks cancelled"),
-                ("refused", s.refused_total, "Submissions refused (cap, duplicate id, bad)"),
-                ("bad_messages", s.bad_messages_total, "Malformed inbound messages")):
+            ("submitted", s.submitted_total, "Tasks accepted"),
+            ("done", s.done_total, "Tasks finished successfully"),
+            ("failed", s.failed_total, "Tasks failed (after their last attempt)"),
+            ("cancelled", s.cancelled_total, "Tasks cancelled"),
+            ("refused", s.refused_total, "Submissions refused (cap, duplicate id, bad)"),
+            ("bad_messages", s.bad_messages_total, "Malformed inbound messages"),
+        ):
             yield CounterMetricFamily(f"lbmqtt_{name}", doc, value=value)
-        by_code = CounterMetricFamily("lbmqtt_refused_by_code",
-                                      "Refusals by error code (too_large, rate_limited, ...)",
-                                      labels=["code"])
+        by_code = CounterMetricFamily(
+            "lbmqtt_refused_by_code",
+            "Refusals by error code (too_large, rate_limited, ...)",
+            labels=["code"],
+        )
         for code, n in sorted(s.refused_by_code.items()):
             by_code.add_metric([code], n)
         yield by_code
-        broker = CounterMetricFamily("lbmqtt_broker_refused",
-                                     "The embedded broker's refusals by kind (logins, denied, "
-                                     "too_large, ...)", labels=["kind"])
+        broker = CounterMetricFamily(
+            "lbmqtt_broker_refused",
+            "The embedded broker's refusals by kind (logins, denied, too_large, ...)",
+            labels=["kind"],
+        )
         for kind, n in sorted(s.broker_refused.items()):
             broker.add_metric([kind], n)
         yield broker
         for name, value, doc in (
-                ("queued", s.queued, "Tasks queued"),
-                ("running", s.running, "Tasks placed on a node (assigned or running)"),
-                ("slots", s.slots, "Worker slots of the nodes online"),
-                ("slots_busy", s.busy, "Worker slots busy")):
+            ("queued", s.queued, "Tasks queued"),
+            ("running", s.running, "Tasks placed on a node (assigned or running)"),
+            ("slots", s.slots, "Worker slots of the nodes online"),
+            ("slots_busy", s.busy, "Worker slots busy"),
+        ):
             yield GaugeMetricFamily(f"lbmqtt_{name}", doc, value=value)
-        g = GaugeMetricFamily("lbmqtt_queued_by_band", "Tasks queued per priority band",
-                              labels=["band"])
+        g = GaugeMetricFamily(
+            "lbmqtt_queued_by_band", "Tasks queued per priority band", labels=["band"]
+        )
         for band, n in sorted(s.queued_by_band.items()):
             g.add_metric([band], n)
         yield g
-        queued = GaugeMetricFamily("lbmqtt_user_queued", "Tasks queued per user",
-                                   labels=["user"])
-        running = GaugeMetricFamily("lbmqtt_user_running", "Tasks placed per user",
-                                    labels=["user"])
+        queued = GaugeMetricFamily("lbmqtt_user_queued", "Tasks queued per user", labels=["user"])
+        running = GaugeMetricFamily("lbmqtt_user_running", "Tasks placed per user", labels=["user"])
         for u in s.users:
             queued.add_metric([u.user], u.queued)
             running.add_metric([u.user], u.running)
         yield queued
         yield running
-        by_name = {k: GaugeMetricFamily(f"lbmqtt_task_{k}", f"Tasks {k} per task name",
-                                        labels=["name"]) for k in ("queued", "running")}
-        finished = CounterMetricFamily("lbmqtt_task_finished", "Tasks finished per task name "
-                                       "and outcome", labels=["name", "outcome"])
+        by_name = {
+            k: GaugeMetricFamily(f"lbmqtt_task_{k}", f"Tasks {k} per task name", labels=["name"])
+            for k in ("queued", "running")
+        }
+        finished = CounterMetricFamily(
+            "lbmqtt_task_finished",
+            "Tasks finished per task name and outcome",
+            labels=["name", "outcome"],
+        )
         for t in s.names:
             by_name["queued"].add_metric([t.name], t.queued)
             by_name["running"].add_metric([t.name], t.running)
@@ -87,11 +116,17 @@ class _StatsCollector(Collector):
             finished.add_metric([t.name, "cancelled"], t.cancelled)
         yield from by_name.values()
         yield finished
-        node = {k: GaugeMetricFamily(f"lbmqtt_node_{k}", doc, labels=["node"]) for k, doc in (
-            ("online", "1 if the node is online"), ("slots", "Worker slots of the node"),
-            ("slots_busy", "Worker slots busy on the node"), ("speed", "The node's speed"),
-            ("load1", "The node's 1-minute load average"),
-            ("last_seen_timestamp_seconds", "When the node was last heard from"))}
+        node = {
+            k: GaugeMetricFamily(f"lbmqtt_node_{k}", doc, labels=["node"])
+            for k, doc in (
+                ("online", "1 if the node is online"),
+                ("slots", "Worker slots of the node"),
+                ("slots_busy", "Worker slots busy on the node"),
+                ("speed", "The node's speed"),
+                ("load1", "The node's 1-minute load average"),
+                ("last_seen_timestamp_seconds", "When the node was last heard from"),
+            )
+        }
         for ns in s.nodes:
             node["online"].add_metric([ns.name], 1.0 if ns.online else 0.0)
             node["slots"].add_metric([ns.name], ns.slots)
@@ -101,8 +136,9 @@ class _StatsCollector(Collector):
                 node["load1"].add_metric([ns.name], ns.load[0])
             node["last_seen_timestamp_seconds"].add_metric([ns.name], ns.last_seen)
         yield from node.values()
-        yield GaugeMetricFamily("lbmqtt_stats_timestamp_seconds",
-                                "When these figures were taken", value=s.time)
+        yield GaugeMetricFamily(
+            "lbmqtt_stats_timestamp_seconds", "When these figures were taken", value=s.time
+        )
 
 
 class Metrics:
@@ -115,10 +151,20 @@ class Metrics:
     def __init__(self, latest: Callable[[], BalancerStats | None]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StatsCollector(latest))
-        self.wait = Histogram("lbmqtt_task_wait_seconds", "Submit to start, per task name",
-                              ["name"], buckets=BUCKETS, registry=self.registry)
-        self.run = Histogram("lbmqtt_task_run_seconds", "Start to finish, per task name",
-                             ["name"], buckets=BUCKETS, registry=self.registry)
+        self.wait = Histogram(
+            "lbmqtt_task_wait_seconds",
+            "Submit to start, per task name",
+            ["name"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.run = Histogram(
+            "lbmqtt_task_run_seconds",
+            "Start to finish, per task name",
+            ["name"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.port = 0

@@ -73,8 +73,9 @@ def _coalesce(out: Any) -> None:
             merged.append(run[0])
         elif run:
             data = b"".join(p["packet"] for p in run)
-            merged.append({**run[0], "pos": 0, "to_process": len(data), "packet": data,
-                           "info": None})
+            merged.append(
+                {**run[0], "pos": 0, "to_process": len(data), "packet": data, "info": None}
+            )
         run.clear()
 
     for p in out:
@@ -97,8 +98,9 @@ class _PahoClient(paho.Client):
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         context = self._ssl_context
         assert context is not None and context.check_hostname  # (tls_context makes it so)
-        ssl_sock = context.wrap_socket(tcp_sock, server_hostname=self._host,
-                                       do_handshake_on_connect=False)
+        ssl_sock = context.wrap_socket(
+            tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
+        )
         try:
             ssl_sock.settimeout(self._connect_timeout)
             ssl_sock.do_handshake()
@@ -128,10 +130,15 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 def connection_options(settings: Settings) -> dict[str, Any]:
     """Where and how every component connects: host, port, login, TLS."""
-    return {"host": settings.broker_host, "port": settings.broker_port,
-            "username": settings.broker_username, "password": settings.password,
-            "tls": tls_context(settings), "keepalive_s": settings.broker_keepalive_s,
-            "connect_timeout_s": settings.connect_timeout_s}
+    return {
+        "host": settings.broker_host,
+        "port": settings.broker_port,
+        "username": settings.broker_username,
+        "password": settings.password,
+        "tls": tls_context(settings),
+        "keepalive_s": settings.broker_keepalive_s,
+        "connect_timeout_s": settings.connect_timeout_s,
+    }
 
 
 class MqttTransport:
@@ -246,7 +253,8 @@ class MqttTransport:
             raise ConfigError(
                 f"cannot connect to the MQTT broker at port {self.port}: BROKER_PORT 0 means "
                 f"'pick a free port' for the embedded broker only; give clients the port it "
-                f"printed (--broker-port N or LBMQTT_BROKER_PORT=N)")
+                f"printed (--broker-port N or LBMQTT_BROKER_PORT=N)"
+            )
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
@@ -267,15 +275,17 @@ class MqttTransport:
             await asyncio.wait_for(self._ready.wait(), timeout_s)
         except TimeoutError:
             why = f" ({self.last_error})" if self.last_error else ""
-            hint = ("is `lbmqtt up` or `lbmqtt broker` running (see BROKER_HOST / "
-                    "BROKER_PORT)?")
+            hint = "is `lbmqtt up` or `lbmqtt broker` running (see BROKER_HOST / BROKER_PORT)?"
             if self.last_error and self.last_error.startswith("broker refused"):
-                hint = ("check the login: BROKER_USERNAME and BROKER_PASSWORD (or "
-                        "LBMQTT_BROKER_PASSWORD, BROKER_PASSWORD_FILE), an account of "
-                        "`lbmqtt user list` on the broker's machine")
+                hint = (
+                    "check the login: BROKER_USERNAME and BROKER_PASSWORD (or "
+                    "LBMQTT_BROKER_PASSWORD, BROKER_PASSWORD_FILE), an account of "
+                    "`lbmqtt user list` on the broker's machine"
+                )
             raise BrokerUnavailable(
                 f"cannot reach the MQTT broker at {self.host}:{self.port}{why} "
-                f"within {timeout_s:g} s: {hint}") from None
+                f"within {timeout_s:g} s: {hint}"
+            ) from None
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Disconnect cleanly (no will is published) and stop reconnecting."""
@@ -338,8 +348,9 @@ class MqttTransport:
         log.warning("publish to %s dropped: %s", topic, paho.error_string(info.rc))
         return False
 
-    async def publish_confirmed(self, topic: str, payload: bytes, *, retain: bool = False,
-                                timeout_s: float = 5.0) -> bool:
+    async def publish_confirmed(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout_s: float = 5.0
+    ) -> bool:
         """Publish at QoS 1 and wait for the broker's PUBACK. Returns False on timeout."""
         validate_topic_for_publish(topic)
         info = self._client.publish(topic, payload, qos=1, retain=retain)
@@ -417,12 +428,21 @@ class MqttTransport:
                 now = time.monotonic()
                 if failing_since is None:
                     failing_since = now
-                    log.warning("cannot reach the MQTT broker at %s:%s (%s); retrying",
-                                self.host, self.port, self.last_error)
+                    log.warning(
+                        "cannot reach the MQTT broker at %s:%s (%s); retrying",
+                        self.host,
+                        self.port,
+                        self.last_error,
+                    )
                     last_report = now
                 elif now - last_report > 30:
-                    log.warning("still cannot reach the MQTT broker at %s:%s after %.0f s (%s)",
-                                self.host, self.port, now - failing_since, self.last_error)
+                    log.warning(
+                        "still cannot reach the MQTT broker at %s:%s after %.0f s (%s)",
+                        self.host,
+                        self.port,
+                        now - failing_since,
+                        self.last_error,
+                    )
                     last_report = now
                 await asyncio.sleep(self._backoff(attempt))
                 attempt += 1
@@ -432,13 +452,21 @@ class MqttTransport:
                 await asyncio.wait_for(self._wait_connack_or_end(ended), self._connect_timeout)
             except TimeoutError:
                 self.last_error = "no CONNACK from the broker"
-                log.warning("no CONNACK from %s:%s within %.0f s; reconnecting",
-                            self.host, self.port, self._connect_timeout)
+                log.warning(
+                    "no CONNACK from %s:%s within %.0f s; reconnecting",
+                    self.host,
+                    self.port,
+                    self._connect_timeout,
+                )
                 self._force_close()
             if self._connected:
                 if failing_since is not None:
-                    log.info("connected to the MQTT broker at %s:%s after %.1f s",
-                             self.host, self.port, time.monotonic() - failing_since)
+                    log.info(
+                        "connected to the MQTT broker at %s:%s after %.1f s",
+                        self.host,
+                        self.port,
+                        time.monotonic() - failing_since,
+                    )
                 failing_since = None
                 attempt = 0
             await ended.wait()
@@ -587,13 +615,18 @@ class MqttTransport:
             log.exception("paho loop_write failed; dropping the connection")
             self._force_close()
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         try:
             if reason.is_failure:
                 self.last_error = f"broker refused the connection: {reason}"
-                log.error("the MQTT broker at %s:%s refused the connection: %s",
-                          self.host, self.port, reason)
+                log.error(
+                    "the MQTT broker at %s:%s refused the connection: %s",
+                    self.host,
+                    self.port,
+                    reason,
+                )
                 return
             self._connected = True
             self.connects += 1
@@ -609,8 +642,9 @@ class MqttTransport:
         except Exception:
             log.exception("on_connect handler failed")
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
-                      properties: Any) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
         try:
             failed = [r for r in reasons if getattr(r, "is_failure", False)]
             if failed:
@@ -624,22 +658,29 @@ class MqttTransport:
         except Exception:
             log.exception("on_subscribe handler failed")
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
-                    properties: Any) -> None:
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
         fut = self._pub_waiters.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         try:
             was_connected = self._connected
             self._connected = False
             self._ready.clear()
             self._initial_sub_mid = None
             if was_connected and not self._closing:
-                log.warning("%s lost its connection to the MQTT broker at %s:%s (%s); "
-                            "reconnecting", self.client_id, self.host, self.port, reason)
+                log.warning(
+                    "%s lost its connection to the MQTT broker at %s:%s (%s); reconnecting",
+                    self.client_id,
+                    self.host,
+                    self.port,
+                    reason,
+                )
             if self._session_ended is not None:
                 self._session_ended.set()
             if was_connected and self._on_disconnect_hook is not None:
@@ -670,10 +711,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def read_retained(*, host: str, port: int, filters: Sequence[str], prefix: str,
-                        username: str | None = None, password: str | None = None,
-                        tls: ssl.SSLContext | None = None,
-                        timeout_s: float = 5.0) -> dict[str, bytes]:
+async def read_retained(
+    *,
+    host: str,
+    port: int,
+    filters: Sequence[str],
+    prefix: str,
+    username: str | None = None,
+    password: str | None = None,
+    tls: ssl.SSLContext | None = None,
+    timeout_s: float = 5.0,
+) -> dict[str, bytes]:
     """The retained messages on ``filters`` right now, read by a short-lived connection.
 
     The broker sends the retained messages of a subscription before it handles the next
@@ -694,10 +742,17 @@ async def read_retained(*, host: str, port: int, filters: Sequence[str], prefix:
         elif retained and payload:
             got[topic] = payload
 
-    t = MqttTransport(host=host, port=port, client_id=client_id,
-                      on_message=on_message, username=username, password=password, tls=tls,
-                      subscriptions=[*((f, 1) for f in filters), (probe, 1)],
-                      connect_timeout_s=timeout_s)
+    t = MqttTransport(
+        host=host,
+        port=port,
+        client_id=client_id,
+        on_message=on_message,
+        username=username,
+        password=password,
+        tls=tls,
+        subscriptions=[*((f, 1) for f in filters), (probe, 1)],
+        connect_timeout_s=timeout_s,
+    )
     try:
         await t.start(wait=True, timeout_s=timeout_s)
         t.publish(probe, b"", qos=1)

@@ -178,8 +178,9 @@ class Node:
         groups: Sequence[WorkerGroup] | None = None,
     ):
         self.settings = coerce_settings(parameters)
-        self.name = (name or self.settings.node_name or self.settings.broker_username
-                     or default_node_name())
+        self.name = (
+            name or self.settings.node_name or self.settings.broker_username or default_node_name()
+        )
         self._bad_log = LogLimiter(log)
         self.registry = Registry()
         # NODE_TASKS only when this node is given no tasks of its own (see start)
@@ -240,22 +241,34 @@ class Node:
         try:
             loaded = load_sources(self._sources)
         except (ImportError, ValueError, SyntaxError) as exc:
-            raise ConfigError(f"cannot load task modules {self._sources}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise ConfigError(
+                f"cannot load task modules {self._sources}: {type(exc).__name__}: {exc}"
+            ) from exc
         names = set(loaded.names())
         refs = []
         for tname, entry in self.registry.entries():
             try:
-                refs.append(json.dumps({"name": tname, "ref": function_reference(entry.fn),
-                                        "style": entry.style, "arguments": entry.arguments}))
+                refs.append(
+                    json.dumps(
+                        {
+                            "name": tname,
+                            "ref": function_reference(entry.fn),
+                            "style": entry.style,
+                            "arguments": entry.arguments,
+                        }
+                    )
+                )
             except TypeError as exc:
-                raise ConfigError(f"the arguments given with task {tname!r} must be JSON "
-                                  f"values (they are sent to the worker processes): {exc}"
-                                  ) from exc
+                raise ConfigError(
+                    f"the arguments given with task {tname!r} must be JSON "
+                    f"values (they are sent to the worker processes): {exc}"
+                ) from exc
             names.add(tname)
         if not names:
-            raise ConfigError("this node has no tasks: pass --tasks MODULE (or NODE_TASKS in "
-                              "parameters.json, or register tasks with node.task)")
+            raise ConfigError(
+                "this node has no tasks: pass --tasks MODULE (or NODE_TASKS in "
+                "parameters.json, or register tasks with node.task)"
+            )
         self._all_names = sorted(names)
         args: list[str] = []
         for src in self._sources:
@@ -265,45 +278,63 @@ class Node:
         self._worker_args = args
         self.settings = await resolve_broker(self.settings)
         await self._check_name_is_free()
-        groups = [GroupInfo(index=i, workers=g.n_workers, min_p=g.min_p, max_p=g.max_p,
-                            nice=g.process_p) for i, g in enumerate(self._groups)]
+        groups = [
+            GroupInfo(index=i, workers=g.n_workers, min_p=g.min_p, max_p=g.max_p, nice=g.process_p)
+            for i, g in enumerate(self._groups)
+        ]
         self._group_info = groups
         s = self.settings
-        will = Will(self.topics.node_status(self.name),
-                    NodeStatus(node=self.name, instance=self.instance, online=False).encode())
+        will = Will(
+            self.topics.node_status(self.name),
+            NodeStatus(node=self.name, instance=self.instance, online=False).encode(),
+        )
         self._transport = MqttTransport(
             **connection_options(s),
             client_id=client_id("node", self.name),
-            on_message=self._on_message, subscriptions=[(self.topics.assign(self.name), 1)],
-            on_connect=self._on_connect, will=will,
+            on_message=self._on_message,
+            subscriptions=[(self.topics.assign(self.name), 1)],
+            on_connect=self._on_connect,
+            will=will,
         )
         for g in groups:
             self._pending[g.index] = deque()
             for slot in range(g.workers):
                 w = _Worker(group=g, slot=slot)
                 self._workers.append(w)
-                self._worker_tasks.append(asyncio.create_task(
-                    self._worker_loop(w), name=f"worker-{g.index}-{slot}"))
+                self._worker_tasks.append(
+                    asyncio.create_task(self._worker_loop(w), name=f"worker-{g.index}-{slot}")
+                )
         await self._transport.start()
         self._bg = [
             asyncio.create_task(self._heartbeat_loop(), name="node-heartbeat"),
             asyncio.create_task(self._resend_loop(), name="node-resend"),
             asyncio.create_task(self._ready_watch(), name="node-ready"),
         ]
-        log.info("node %s: %d worker slots in %d groups, tasks: %s", self.name,
-                 len(self._workers), len(groups), ", ".join(self._all_names))
+        log.info(
+            "node %s: %d worker slots in %d groups, tasks: %s",
+            self.name,
+            len(self._workers),
+            len(groups),
+            ", ".join(self._all_names),
+        )
 
     async def _check_name_is_free(self) -> None:
-        other = await online_status(self.settings, self.topics.node_status(self.name),
-                                    NodeStatus, what=f"no other node is named {self.name!r}")
+        other = await online_status(
+            self.settings,
+            self.topics.node_status(self.name),
+            NodeStatus,
+            what=f"no other node is named {self.name!r}",
+        )
         if other is not None and other.instance != self.instance:
             raise ConfigError(
                 f"a node named {self.name!r} is already online (host {other.host or '?'}, "
                 f"pid {other.pid or '?'}): give this one another name with --name or "
-                f"NODE_NAME")
+                f"NODE_NAME"
+            )
 
-    async def drain(self, grace_s: float | None = None,
-                    urgent: asyncio.Event | None = None) -> bool:
+    async def drain(
+        self, grace_s: float | None = None, urgent: asyncio.Event | None = None
+    ) -> bool:
         """Shut down gracefully: take no more work, let the running tasks finish and their
         results be acknowledged, while the balancer takes back the tasks not started yet.
 
@@ -324,13 +355,17 @@ class Node:
         if not t.connected:
             return not self._local
         self._flush()  # "started" reports go before the status: started tasks stay ours
-        t.publish(self.topics.node_status(self.name), self._status().encode(), qos=1,
-                  retain=True)
+        t.publish(self.topics.node_status(self.name), self._status().encode(), qos=1, retain=True)
         states = [lt.state for lt in self._local.values()]
-        log.info("node %s draining: %d task(s) running, %d finished awaiting their "
-                 "acknowledgement, %d not started go back (at most %g s)", self.name,
-                 states.count("running"), states.count("finished"), states.count("pending"),
-                 grace)
+        log.info(
+            "node %s draining: %d task(s) running, %d finished awaiting their "
+            "acknowledgement, %d not started go back (at most %g s)",
+            self.name,
+            states.count("running"),
+            states.count("finished"),
+            states.count("pending"),
+            grace,
+        )
         while self._local and not (urgent is not None and urgent.is_set()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -343,8 +378,12 @@ class Node:
             for w in waits:
                 w.cancel()
         if self._local:
-            log.warning("node %s: %d task(s) still held at the end of the drain; the "
-                        "balancer requeues them", self.name, len(self._local))
+            log.warning(
+                "node %s: %d task(s) still held at the end of the drain; the "
+                "balancer requeues them",
+                self.name,
+                len(self._local),
+            )
         return not self._local
 
     async def stop(self) -> None:
@@ -358,7 +397,9 @@ class Node:
             await t.publish_confirmed(
                 self.topics.node_status(self.name),
                 NodeStatus(node=self.name, instance=self.instance, online=False).encode(),
-                retain=True, timeout_s=2.0)
+                retain=True,
+                timeout_s=2.0,
+            )
         for task in self._bg:
             task.cancel()
         for w in self._workers:
@@ -377,8 +418,14 @@ class Node:
         if t is not None:
             await t.close()
         c = self.counters
-        log.info("node %s stopped: %d started, %d done, %d failed, %d lost", self.name,
-                 c["started"], c["done"], c["failed"], c["lost"])
+        log.info(
+            "node %s stopped: %d started, %d done, %d failed, %d lost",
+            self.name,
+            c["started"],
+            c["done"],
+            c["failed"],
+            c["lost"],
+        )
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -387,8 +434,9 @@ class Node:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def run(self, stop: asyncio.Event | None = None, *,
-                  on_ready: Callable[[Node], None] | None = None) -> None:
+    async def run(
+        self, stop: asyncio.Event | None = None, *, on_ready: Callable[[Node], None] | None = None
+    ) -> None:
         """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -424,22 +472,29 @@ class Node:
         if in_worker():
             return
         if not logging.getLogger().handlers:
-            logging.basicConfig(level=self.settings.log_level,
-                                format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+            logging.basicConfig(
+                level=self.settings.log_level,
+                format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+            )
 
         def ready(n: Node) -> None:
             s = n.settings
-            print(f"lbmqtt node {n.name}: ready with {n.slots} worker slots on "
-                  f"{s.broker_host}:{s.broker_port}, tasks {', '.join(n.task_names)}",
-                  flush=True)
+            print(
+                f"lbmqtt node {n.name}: ready with {n.slots} worker slots on "
+                f"{s.broker_host}:{s.broker_port}, tasks {', '.join(n.task_names)}",
+                flush=True,
+            )
 
         asyncio.run(self.run(on_ready=ready))
 
     @property
     def resources(self) -> dict[str, float]:
         """Counted resources announced: the machine's cores and memory, then NODE_RESOURCES."""
-        return {"cores": float(os.cpu_count() or 1), "memory_mb": float(_memory_mb()),
-                **self.settings.node_resources}
+        return {
+            "cores": float(os.cpu_count() or 1),
+            "memory_mb": float(_memory_mb()),
+            **self.settings.node_resources,
+        }
 
     @property
     def slots(self) -> int:
@@ -455,20 +510,36 @@ class Node:
 
     def _status(self) -> NodeStatus:
         return NodeStatus(
-            node=self.name, instance=self.instance, online=True, host=socket.gethostname(),
-            pid=os.getpid(), version=__version__, started_at=self.started_at,
-            groups=self._group_info, tasks=self._all_names, cores=os.cpu_count() or 1,
-            memory_mb=_memory_mb(), speed=self.settings.node_speed,
-            heartbeat_s=self.settings.heartbeat_s, resources=self.resources,
-            tags=sorted(set(self.settings.node_tags)), draining=self._draining,
-            pending=[TaskRef(id=lt.a.id, attempt=lt.a.attempt) for lt in self._local.values()
-                     if lt.state == "pending"] if self._draining else [],
+            node=self.name,
+            instance=self.instance,
+            online=True,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            started_at=self.started_at,
+            groups=self._group_info,
+            tasks=self._all_names,
+            cores=os.cpu_count() or 1,
+            memory_mb=_memory_mb(),
+            speed=self.settings.node_speed,
+            heartbeat_s=self.settings.heartbeat_s,
+            resources=self.resources,
+            tags=sorted(set(self.settings.node_tags)),
+            draining=self._draining,
+            pending=[
+                TaskRef(id=lt.a.id, attempt=lt.a.attempt)
+                for lt in self._local.values()
+                if lt.state == "pending"
+            ]
+            if self._draining
+            else [],
         )
 
     def _on_connect(self) -> None:
         assert self._transport is not None
-        self._transport.publish(self.topics.node_status(self.name), self._status().encode(),
-                                qos=1, retain=True)
+        self._transport.publish(
+            self.topics.node_status(self.name), self._status().encode(), qos=1, retain=True
+        )
         # after a reconnect, everything not yet acknowledged goes again
         for lt in self._local.values():
             if lt.state == "finished" and lt.result is not None:
@@ -487,8 +558,7 @@ class Node:
             self._bad_log.warning("assign", "ignoring a malformed assignment set: %s", exc)
             return
         if node != self.name:
-            self._bad_log.warning("addressee", "ignoring an assignment set addressed to %r",
-                                  node)
+            self._bad_log.warning("addressee", "ignoring an assignment set addressed to %r", node)
             return
         self._apply_set(tasks)
 
@@ -512,8 +582,11 @@ class Node:
         for item in tasks:
             tid = item.get("id") if isinstance(item, dict) else None
             lt = self._local.get(tid) if isinstance(tid, str) else None
-            if lt is not None and type(item.get("attempt")) is int and (
-                    item["attempt"] == lt.a.attempt):
+            if (
+                lt is not None
+                and type(item.get("attempt")) is int
+                and (item["attempt"] == lt.a.attempt)
+            ):
                 out.append(lt.a)
             else:
                 out.append(Assignment.model_validate(item))
@@ -536,8 +609,11 @@ class Node:
             if lt.state == "running" and lt.worker is not None:
                 w = lt.worker
                 if w.task is lt:
-                    log.info("task %s (attempt %d) withdrawn while running: killing its "
-                             "worker", tid, lt.a.attempt)
+                    log.info(
+                        "task %s (attempt %d) withdrawn while running: killing its worker",
+                        tid,
+                        lt.a.attempt,
+                    )
                     self.counters["killed"] += 1
                     self._kill(w)
                 else:  # handed over, not started: the worker skips it
@@ -556,8 +632,9 @@ class Node:
             added = True
         if added and self._draining and self._transport is not None:
             # sent before the balancer saw us draining: list them, so they go back too
-            self._transport.publish(self.topics.node_status(self.name),
-                                    self._status().encode(), qos=1, retain=True)
+            self._transport.publish(
+                self.topics.node_status(self.name), self._status().encode(), qos=1, retain=True
+            )
         self._dispatch()
 
     # --------------------------------------------------------------- running
@@ -580,16 +657,16 @@ class Node:
         for w in self._workers:
             if w.state not in ("idle", "busy") or w.writer is None:
                 continue
-            if w.queue and (len(w.queue) >= HANDOFF_BATCH
-                            or not all(self._is_short(x.a.name) for x in w.queue)):
+            if w.queue and (
+                len(w.queue) >= HANDOFF_BATCH or not all(self._is_short(x.a.name) for x in w.queue)
+            ):
                 continue  # busy with a task not known to be short, or full
             queue = self._pending[w.group.index]
             if not queue:
                 continue
             # the highest priority first, then the oldest: an urgent task does not wait
             # behind ordinary ones held in this node's pipelining window
-            live = [lt for lt in queue if self._local.get(lt.a.id) is lt
-                    and lt.state == "pending"]
+            live = [lt for lt in queue if self._local.get(lt.a.id) is lt and lt.state == "pending"]
             queue.clear()
             if not live:
                 continue
@@ -608,8 +685,10 @@ class Node:
 
     def _send(self, w: _Worker, *msgs: tuple[Any, ...]) -> bool:
         """Write frames to a worker in one write. False if it is going away."""
-        data = b"".join(_HEADER.pack(len(f)) + f for f in
-                        (pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL) for m in msgs))
+        data = b"".join(
+            _HEADER.pack(len(f)) + f
+            for f in (pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL) for m in msgs)
+        )
         try:
             assert w.writer is not None
             w.writer.write(data)
@@ -620,9 +699,17 @@ class Node:
         return True
 
     def _hand_over(self, w: _Worker, tasks: list[_LocalTask]) -> None:
-        frames = [("run", lt.a.id, lt.a.attempt, lt.a.name, lt.args_json,
-                   {"user": lt.a.user, "name": lt.a.name, "priority": lt.a.priority})
-                  for lt in tasks]
+        frames = [
+            (
+                "run",
+                lt.a.id,
+                lt.a.attempt,
+                lt.a.name,
+                lt.args_json,
+                {"user": lt.a.user, "name": lt.a.name, "priority": lt.a.priority},
+            )
+            for lt in tasks
+        ]
         if not self._send(w, *frames):
             # the worker is going away: the tasks wait for the next idle worker
             self._pending[w.group.index].extendleft(reversed(tasks))
@@ -646,7 +733,8 @@ class Node:
         lt.started_mono = time.monotonic()
         if lt.a.timeout_s is not None:
             lt.timeout_handle = asyncio.get_running_loop().call_later(
-                lt.a.timeout_s, self._on_timeout, lt)
+                lt.a.timeout_s, self._on_timeout, lt
+            )
 
     def _take_back(self, w: _Worker) -> list[_LocalTask]:
         """The tasks waiting in a worker behind the one it runs (handed over, never
@@ -671,14 +759,24 @@ class Node:
         w = lt.worker
         if w.task is not lt:
             return
-        log.info("task %s passed its timeout of %g s: killing its worker", lt.a.id,
-                 lt.a.timeout_s or 0)
-        self._finish(lt, Result(
-            id=lt.a.id, attempt=lt.a.attempt, status="timeout",
-            error=ErrorInfo(type="TimeoutError",
-                            message=f"task {lt.a.name!r} exceeded its timeout of "
-                                    f"{lt.a.timeout_s:g} s; its worker process was killed"),
-            runtime_s=time.monotonic() - lt.started_mono, finished_at=time.time()))
+        log.info(
+            "task %s passed its timeout of %g s: killing its worker", lt.a.id, lt.a.timeout_s or 0
+        )
+        self._finish(
+            lt,
+            Result(
+                id=lt.a.id,
+                attempt=lt.a.attempt,
+                status="timeout",
+                error=ErrorInfo(
+                    type="TimeoutError",
+                    message=f"task {lt.a.name!r} exceeded its timeout of "
+                    f"{lt.a.timeout_s:g} s; its worker process was killed",
+                ),
+                runtime_s=time.monotonic() - lt.started_mono,
+                finished_at=time.time(),
+            ),
+        )
         self._kill(w)
         self._dispatch()
 
@@ -713,23 +811,39 @@ class Node:
         if lt is None or msg[1] != lt.a.id or msg[2] != lt.a.attempt:
             return  # a late message about a task already withdrawn or timed out
         if kind == "progress":
-            self._progress[lt.a.id] = Progress(id=lt.a.id, attempt=lt.a.attempt,
-                                               progress=int(msg[3]))
+            self._progress[lt.a.id] = Progress(
+                id=lt.a.id, attempt=lt.a.attempt, progress=int(msg[3])
+            )
             self._schedule_progress()
         elif kind == "done":
             self._ran(lt.a.name, msg[4])
-            self._finish(lt, Result(id=lt.a.id, attempt=lt.a.attempt, status="done",
-                                    result=json.loads(msg[3]), runtime_s=msg[4],
-                                    finished_at=time.time()))
+            self._finish(
+                lt,
+                Result(
+                    id=lt.a.id,
+                    attempt=lt.a.attempt,
+                    status="done",
+                    result=json.loads(msg[3]),
+                    runtime_s=msg[4],
+                    finished_at=time.time(),
+                ),
+            )
             if not w.queue:
                 w.state = "idle"
             self._dispatch_soon()
         elif kind == "failed":
             self._ran(lt.a.name, msg[6])
-            self._finish(lt, Result(
-                id=lt.a.id, attempt=lt.a.attempt, status="failed",
-                error=ErrorInfo(type=msg[3], message=msg[4], traceback=msg[5]),
-                runtime_s=msg[6], finished_at=time.time()))
+            self._finish(
+                lt,
+                Result(
+                    id=lt.a.id,
+                    attempt=lt.a.attempt,
+                    status="failed",
+                    error=ErrorInfo(type=msg[3], message=msg[4], traceback=msg[5]),
+                    runtime_s=msg[6],
+                    finished_at=time.time(),
+                ),
+            )
             if not w.queue:
                 w.state = "idle"
             self._dispatch_soon()
@@ -750,10 +864,18 @@ class Node:
             w.kill_expected = False
             try:
                 w.proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "lbmqtt.worker", "--fd", str(child_sock.fileno()),
-                    "--parent", str(os.getpid()), "--nice", str(w.group.nice),
+                    sys.executable,
+                    "-m",
+                    "lbmqtt.worker",
+                    "--fd",
+                    str(child_sock.fileno()),
+                    "--parent",
+                    str(os.getpid()),
+                    "--nice",
+                    str(w.group.nice),
                     *self._worker_args,
-                    pass_fds=[child_sock.fileno()], stdin=asyncio.subprocess.DEVNULL,
+                    pass_fds=[child_sock.fileno()],
+                    stdin=asyncio.subprocess.DEVNULL,
                     start_new_session=True,
                 )
             except OSError as exc:
@@ -795,14 +917,23 @@ class Node:
             w.queue.clear()
             if lt is not None and lt.state == "running" and self._local.get(lt.a.id) is lt:
                 how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-                log.warning("worker process %d died (%s) while running task %s", w.pid, how,
-                            lt.a.id)
-                self._finish(lt, Result(
-                    id=lt.a.id, attempt=lt.a.attempt, status="lost",
-                    error=ErrorInfo(type="WorkerLost",
-                                    message=f"the worker process died ({how}) while running "
-                                            f"the task"),
-                    runtime_s=time.monotonic() - lt.started_mono, finished_at=time.time()))
+                log.warning(
+                    "worker process %d died (%s) while running task %s", w.pid, how, lt.a.id
+                )
+                self._finish(
+                    lt,
+                    Result(
+                        id=lt.a.id,
+                        attempt=lt.a.attempt,
+                        status="lost",
+                        error=ErrorInfo(
+                            type="WorkerLost",
+                            message=f"the worker process died ({how}) while running the task",
+                        ),
+                        runtime_s=time.monotonic() - lt.started_mono,
+                        finished_at=time.time(),
+                    ),
+                )
             elif not w.kill_expected and not self._stopping:
                 log.warning("worker process %d exited (code %s); restarting it", w.pid, rc)
             if waiting and not self._stopping:
@@ -811,8 +942,9 @@ class Node:
             if not w.kill_expected:
                 w.deaths.append(now)
             recent = [t for t in w.deaths if now - t < 10]
-            backoff = 0.0 if len(recent) < 3 else min(RESTART_BACKOFF_MAX_S,
-                                                      0.5 * 2 ** (len(recent) - 3))
+            backoff = (
+                0.0 if len(recent) < 3 else min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** (len(recent) - 3))
+            )
 
     async def _ready_watch(self) -> None:
         t = self._transport
@@ -853,7 +985,8 @@ class Node:
     def _schedule_progress(self) -> None:
         if self._progress_timer is None:
             self._progress_timer = asyncio.get_running_loop().call_later(
-                PROGRESS_FLUSH_S, self._flush)
+                PROGRESS_FLUSH_S, self._flush
+            )
 
     def _flush(self) -> None:
         self._flush_soon = False
@@ -869,9 +1002,13 @@ class Node:
         if not t.connected:
             return  # kept: resent on reconnect (results) or superseded (progress)
         now = time.monotonic()
-        report = NodeReport(node=self.name, instance=self.instance, started=self._started,
-                            progress=list(self._progress.values()),
-                            results=list(self._results.values()))
+        report = NodeReport(
+            node=self.name,
+            instance=self.instance,
+            started=self._started,
+            progress=list(self._progress.values()),
+            results=list(self._results.values()),
+        )
         t.publish(self.topics.reports(self.name), report.encode(), qos=1)
         self._last_flush = asyncio.get_running_loop().time()
         for tid in self._results:
@@ -894,13 +1031,23 @@ class Node:
                 load = list(os.getloadavg())
             except OSError:
                 load = []
-            running = [TaskRef(id=lt.a.id, attempt=lt.a.attempt)
-                       for lt in self._local.values() if lt.state == "running"]
+            running = [
+                TaskRef(id=lt.a.id, attempt=lt.a.attempt)
+                for lt in self._local.values()
+                if lt.state == "running"
+            ]
             pending = sum(1 for lt in self._local.values() if lt.state == "pending")
             held = [TaskRef(id=lt.a.id, attempt=lt.a.attempt) for lt in self._local.values()]
-            hb = Heartbeat(node=self.name, instance=self.instance, seq=self._hb_seq,
-                           time=time.time(), load=load, running=running, pending=pending,
-                           held=held)
+            hb = Heartbeat(
+                node=self.name,
+                instance=self.instance,
+                seq=self._hb_seq,
+                time=time.time(),
+                load=load,
+                running=running,
+                pending=pending,
+                held=held,
+            )
             t.publish(self.topics.heartbeat(self.name), hb.encode(), qos=0)
 
     async def _resend_loop(self) -> None:
@@ -909,9 +1056,11 @@ class Node:
             await asyncio.sleep(period / 2)
             now = time.monotonic()
             for lt in self._local.values():
-                if (lt.state == "finished" and lt.result is not None
-                        and now - lt.result_sent_at >= period):
+                if (
+                    lt.state == "finished"
+                    and lt.result is not None
+                    and now - lt.result_sent_at >= period
+                ):
                     self._results[lt.a.id] = lt.result
             if self._results:
                 self._flush()
-

@@ -22,8 +22,9 @@ class ProgressBar:
         min_interval_s: redraw at most this often (the final state is always drawn).
     """
 
-    def __init__(self, label: str, stream: TextIO | None = None, width: int = 30,
-                 min_interval_s: float = 0.1):
+    def __init__(
+        self, label: str, stream: TextIO | None = None, width: int = 30, min_interval_s: float = 0.1
+    ):
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.width = width

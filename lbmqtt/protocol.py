@@ -195,7 +195,7 @@ def decode_submit(raw: bytes | bytearray) -> list[TaskSpec | DecodeError]:
     except ValueError as exc:
         raise DecodeError(f"not valid UTF-8 JSON: {exc}", raw, ErrorCode.BAD_JSON) from exc
     if not isinstance(data, dict):
-        raise DecodeError("a submit is a JSON object (one task) or {\"tasks\": [...]}", raw)
+        raise DecodeError('a submit is a JSON object (one task) or {"tasks": [...]}', raw)
     if "tasks" in data:
         try:
             batch = SubmitBatch.model_validate(data)
@@ -278,10 +278,27 @@ class TaskState(_Lenient):
         return max(0.0, self.finished_at - self.started_at)
 
 
-_STATE_OPTIONAL: Final = ("node", "submitted_at", "started_at", "finished_at", "result",
-                          "error", "waiting", "ref")
-assert tuple(TaskState.model_fields) == ("v", "id", "user", "name", "status", "priority",
-                                         "progress", "attempt", *_STATE_OPTIONAL)
+_STATE_OPTIONAL: Final = (
+    "node",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "result",
+    "error",
+    "waiting",
+    "ref",
+)
+assert tuple(TaskState.model_fields) == (
+    "v",
+    "id",
+    "user",
+    "name",
+    "status",
+    "priority",
+    "progress",
+    "attempt",
+    *_STATE_OPTIONAL,
+)
 
 
 def task_state_dict(values: tuple[Any, ...]) -> dict[str, Any]:
@@ -294,9 +311,16 @@ def task_state_dict(values: tuple[Any, ...]) -> dict[str, Any]:
     and building the model cost 4 us per state against 1.8 us for the dict
     (``test_state_dict_encodes_as_the_model_does`` holds the two equal)."""
     id_, user, name, status, priority, progress, attempt = values[:7]
-    d: dict[str, Any] = {"v": 1, "id": id_, "user": user, "name": name,
-                         "status": status.value, "priority": priority, "progress": progress,
-                         "attempt": attempt}
+    d: dict[str, Any] = {
+        "v": 1,
+        "id": id_,
+        "user": user,
+        "name": name,
+        "status": status.value,
+        "priority": priority,
+        "progress": progress,
+        "attempt": attempt,
+    }
     for key, value in zip(_STATE_OPTIONAL, values[7:], strict=True):
         if value is not None:
             d[key] = value
@@ -641,10 +665,17 @@ class HistorySample(_Lenient):
         """The sample of one stats snapshot."""
         top = sorted(stats.names, key=lambda n: -n.queued)[:HISTORY_NAMES]
         return cls(
-            time=stats.time, queued=stats.queued, running=stats.running, busy=stats.busy,
-            slots=stats.slots, done_total=stats.done_total, failed_total=stats.failed_total,
-            refused=stats.refused_total, bands=stats.queued_by_band,
-            names={n.name: n.queued_by_band for n in top if n.queued_by_band})
+            time=stats.time,
+            queued=stats.queued,
+            running=stats.running,
+            busy=stats.busy,
+            slots=stats.slots,
+            done_total=stats.done_total,
+            failed_total=stats.failed_total,
+            refused=stats.refused_total,
+            bands=stats.queued_by_band,
+            names={n.name: n.queued_by_band for n in top if n.queued_by_band},
+        )
 
 
 class BalancerHistory(_Lenient):
@@ -736,9 +767,9 @@ class Topics:
         not under this prefix or its name is not a valid name.
         """
         if topic.startswith(self._users):
-            kind, tail = "user", topic[len(self._users):]
+            kind, tail = "user", topic[len(self._users) :]
         elif topic.startswith(self._nodes):
-            kind, tail = "node", topic[len(self._nodes):]
+            kind, tail = "node", topic[len(self._nodes) :]
         else:
             return None
         name, sep, rest = tail.partition("/")

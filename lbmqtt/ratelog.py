@@ -50,8 +50,7 @@ class ForeignLogFilter(logging.Filter):
     with text the client chose): the kind is the logger, the level and the message's
     first words."""
 
-    def __init__(self, prefixes: tuple[str, ...] = ("amqtt", "transitions"),
-                 every_s: float = 10.0):
+    def __init__(self, prefixes: tuple[str, ...] = ("amqtt", "transitions"), every_s: float = 10.0):
         super().__init__()
         self.prefixes = prefixes
         self._limiter = LogLimiter(logging.getLogger(__name__), every_s)

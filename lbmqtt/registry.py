@@ -88,8 +88,14 @@ class Registry:
 
         return deco
 
-    def add_task(self, name: str, fn: Callable[..., Any], *, style: str = "auto",
-                 arguments: Mapping[str, Any] | None = None) -> None:
+    def add_task(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        style: str = "auto",
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
         """Register ``fn`` as the function of task ``name``.
 
         Args:
@@ -172,8 +178,10 @@ def function_reference(fn: Callable[..., Any]) -> str:
         main = sys.modules["__main__"]
         path = getattr(main, "__file__", None)
         if not path:
-            raise TypeError(f"{qualname} is defined in an interactive session; put task "
-                            "functions in a module or a .py file")
+            raise TypeError(
+                f"{qualname} is defined in an interactive session; put task "
+                "functions in a module or a .py file"
+            )
         return f"{Path(path).resolve()}:{qualname}"
     return f"{module}:{qualname}"
 
@@ -222,8 +230,12 @@ def collect(module: Any) -> Registry:
             reg.update(inner)
     for value in list(vars(module).values()):
         name = getattr(value, TASK_ATTR, None)
-        if (isinstance(name, str) and inspect.isfunction(value)
-                and value.__module__ == module.__name__ and name not in reg):
+        if (
+            isinstance(name, str)
+            and inspect.isfunction(value)
+            and value.__module__ == module.__name__
+            and name not in reg
+        ):
             reg.add_task(name, value)
     return reg
 
@@ -276,6 +288,5 @@ def wants_context(fn: Callable[..., Any]) -> bool:
     params = list(sig.parameters.values())
     if any(p.name == "ctx" for p in params):
         return True
-    positional = [p for p in params
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)

@@ -180,8 +180,9 @@ class _PriorityQueue:
             del self.heaps[priority]
             self.prios.remove(priority)
 
-    def best_in_band(self, min_p: int, max_p: int,
-                     alive: dict[str, QueuedTask]) -> QueuedTask | None:
+    def best_in_band(
+        self, min_p: int, max_p: int, alive: dict[str, QueuedTask]
+    ) -> QueuedTask | None:
         """Highest-priority, then oldest, live task with ``min_p <= priority <= max_p``."""
         i = bisect.bisect_right(self.prios, max_p) - 1
         if i < 0 or self.prios[i] < min_p:
@@ -322,8 +323,7 @@ class Scheduler:
         return not self._long_busy.get(key) and self._is_short(name, caps)
 
     def _is_short(self, name: str, caps: NodeCaps) -> bool:
-        return (name in self.runtimes.work
-                and self.expected_runtime(name, caps) < self.window_long_s)
+        return name in self.runtimes.work and self.expected_runtime(name, caps) < self.window_long_s
 
     def capacity(self, node: str, group: Group) -> int:
         """Tasks a group may hold: its slots, plus the node's window for each."""
@@ -383,15 +383,24 @@ class Scheduler:
                 self._reserved.pop(r.node, None)
         return True
 
-    def adopt(self, task_id: str, user: str, node: str, group: int,
-              requires: Requires = ()) -> None:
+    def adopt(
+        self, task_id: str, user: str, node: str, group: int, requires: Requires = ()
+    ) -> None:
         """Record a task already running on a node (e.g. reported after a restart)."""
         if task_id in self._running:
             return
         self._mark_placed(task_id, user, node, group, requires)
 
-    def _mark_placed(self, task_id: str, user: str, node: str, group: int,
-                     requires: Requires, *, long: bool = True) -> None:
+    def _mark_placed(
+        self,
+        task_id: str,
+        user: str,
+        node: str,
+        group: int,
+        requires: Requires,
+        *,
+        long: bool = True,
+    ) -> None:
         self._running[task_id] = _Placed(node, group, user, requires, long=long)
         self._busy[(node, group)] += 1
         if long:
@@ -452,11 +461,18 @@ class Scheduler:
                 continue
             del self._alive[task.id]
             self._forget_queued(task)
-            self._mark_placed(task.id, task.user, node, gi, task.requires,
-                              long=not self._is_short(task.name, self._nodes[node]))
+            self._mark_placed(
+                task.id,
+                task.user,
+                node,
+                gi,
+                task.requires,
+                long=not self._is_short(task.name, self._nodes[node]),
+            )
             if now is not None:
-                self._running[task.id].expected_end = (
-                    now + self.expected_runtime(task.name, self._nodes[node]))
+                self._running[task.id].expected_end = now + self.expected_runtime(
+                    task.name, self._nodes[node]
+                )
             if self._busy[(node, gi)] >= self.capacity(node, free[(node, gi)]):
                 del free[(node, gi)]
             out.append(Placement(task, node, gi))
@@ -465,8 +481,9 @@ class Scheduler:
     HOLD_MARGIN = 0.8
     """Wait for a busy slot only if it would finish the task in under 80 % of the time."""
 
-    def _better_soon(self, task: QueuedTask, node: str, now: float,
-                     claimed: set[tuple[str, int]]) -> bool:
+    def _better_soon(
+        self, task: QueuedTask, node: str, now: float, claimed: set[tuple[str, int]]
+    ) -> bool:
         """Whether a busy slot frees soon enough to finish ``task`` clearly earlier than
         starting it on ``node`` now (and claim that slot for it)."""
         if task.name not in self.runtimes.work:
@@ -510,9 +527,11 @@ class Scheduler:
                     return False
         return True
 
-    def _next(self, free: dict[tuple[str, int], Group],
-              held: set[tuple[str, str, Shape]] = frozenset()  # type: ignore[assignment]
-              ) -> tuple[QueuedTask, tuple[str, int]] | None:
+    def _next(
+        self,
+        free: dict[tuple[str, int], Group],
+        held: set[tuple[str, str, Shape]] = frozenset(),  # type: ignore[assignment]
+    ) -> tuple[QueuedTask, tuple[str, int]] | None:
         cap = self.max_running_per_user
         order = sorted(self._queues, key=lambda u: self._running_by_user.get(u, 0))
         best: QueuedTask | None = None
@@ -535,28 +554,36 @@ class Scheduler:
             return None
         return best, self._best_slot(best, free)
 
-    def _user_head(self, user: str, free: dict[tuple[str, int], Group],
-                   fit_cache: dict[tuple[str, str, Shape], bool],
-                   held: set[tuple[str, str, Shape]],
-                   bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]],
-                   ) -> QueuedTask | None:
+    def _user_head(
+        self,
+        user: str,
+        free: dict[tuple[str, int], Group],
+        fit_cache: dict[tuple[str, str, Shape], bool],
+        held: set[tuple[str, str, Shape]],
+        bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]],
+    ) -> QueuedTask | None:
         head: QueuedTask | None = None
         for (name, shape), pq in self._queues[user].items():
             if held and (user, name, shape) in held:
                 continue
             bands = bands_cache.get((name, shape))
             if bands is None:  # the same for every user: computed once per placement
-                bands = bands_cache[(name, shape)] = self._open_bands(name, shape, free,
-                                                                      fit_cache)
+                bands = bands_cache[(name, shape)] = self._open_bands(name, shape, free, fit_cache)
             for lo, hi in bands:
                 t = pq.best_in_band(lo, hi, self._alive)
-                if t is not None and (head is None
-                                      or (-t.priority, t.seq) < (-head.priority, head.seq)):
+                if t is not None and (
+                    head is None or (-t.priority, t.seq) < (-head.priority, head.seq)
+                ):
                     head = t
         return head
 
-    def _open_bands(self, name: str, shape: Shape, free: dict[tuple[str, int], Group],
-                    fit_cache: dict[tuple[str, str, Shape], bool]) -> list[tuple[int, int]]:
+    def _open_bands(
+        self,
+        name: str,
+        shape: Shape,
+        free: dict[tuple[str, int], Group],
+        fit_cache: dict[tuple[str, str, Shape], bool],
+    ) -> list[tuple[int, int]]:
         """The priority bands of the free places a task of ``name`` and ``shape`` may take
         (its node offers the task and fits it; an idle slot, or a window place if short)."""
         bands: set[tuple[int, int]] = set()
@@ -585,8 +612,7 @@ class Scheduler:
             cache[(name, caps.name)] = est
         return est
 
-    def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]
-                   ) -> tuple[str, int]:
+    def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]) -> tuple[str, int]:
         """The free place for ``task`` with the smallest :meth:`_slot_key`.
 
         Within one :meth:`schedule` call the places are kept in a heap per (name, shape,
@@ -602,8 +628,11 @@ class Scheduler:
         hk = (task.name, task.shape, task.priority)
         h = heaps.get(hk)
         if h is None:
-            h = heaps[hk] = [self._slot_key(task, node, gi, g) for (node, gi), g in free.items()
-                             if self._slot_ok(task, node, g)]
+            h = heaps[hk] = [
+                self._slot_key(task, node, gi, g)
+                for (node, gi), g in free.items()
+                if self._slot_ok(task, node, g)
+            ]
             heapq.heapify(h)
         while h:
             key = h[0]
@@ -619,26 +648,34 @@ class Scheduler:
             return node, gi
         raise AssertionError("_user_head only returns tasks some free slot can run")
 
-    def _scan_best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]
-                        ) -> tuple[str, int]:
-        keys = [self._slot_key(task, node, gi, g) for (node, gi), g in free.items()
-                if self._slot_ok(task, node, g)]
+    def _scan_best_slot(
+        self, task: QueuedTask, free: dict[tuple[str, int], Group]
+    ) -> tuple[str, int]:
+        keys = [
+            self._slot_key(task, node, gi, g)
+            for (node, gi), g in free.items()
+            if self._slot_ok(task, node, g)
+        ]
         assert keys  # _user_head only returns tasks some free slot can run
         best = min(keys)
         return best[3], best[4]
 
     def _slot_ok(self, task: QueuedTask, node: str, g: Group) -> bool:
         caps = self._nodes[node]
-        return (g.accepts(task.priority) and self.fits(caps, task.name, task.shape)
-                and self._window_ok(task.name, caps, g))
+        return (
+            g.accepts(task.priority)
+            and self.fits(caps, task.name, task.shape)
+            and self._window_ok(task.name, caps, g)
+        )
 
     def _slot_key(self, task: QueuedTask, node: str, gi: int, g: Group) -> _SlotKey:
         """Smaller is better: expected finish (runtime, and the tasks ahead of it in a
         window), then the faster node, then the less loaded, then by name."""
         caps = self._nodes[node]
         slots = caps.slots
-        load = (sum(self._busy.get((node, x.index), 0) for x in caps.groups) / slots
-                if slots else 1.0)
+        load = (
+            sum(self._busy.get((node, x.index), 0) for x in caps.groups) / slots if slots else 1.0
+        )
         # in a window, the tasks ahead of it run first (on the group's slots)
         ahead = max(0, self._busy.get((node, gi), 0) + 1 - g.workers)
         runtime = self.expected_runtime(task.name, caps)
@@ -646,8 +683,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------- explain
 
-    def why_waiting(self, name: str, priority: int, requires: Requires = (),
-                    tags: frozenset[str] = NO_TAGS) -> str | None:
+    def why_waiting(
+        self, name: str, priority: int, requires: Requires = (), tags: frozenset[str] = NO_TAGS
+    ) -> str | None:
         """Why a task could not run on any online node even if all were idle, or None."""
         if not self._nodes:
             return "no node is online"
@@ -657,18 +695,21 @@ class Scheduler:
         if tags:
             tagged = [n for n in offering if tags <= n.tags]
             if not tagged:
-                return (f"no online node offering {name!r} has tags "
-                        f"{', '.join(sorted(tags))}")
+                return f"no online node offering {name!r} has tags {', '.join(sorted(tags))}"
             offering = tagged
         for res, amount in requires:
             enough = [n for n in offering if n.resources.get(res, 0.0) >= amount - 1e-9]
             if not enough:
                 most = max(n.resources.get(res, 0.0) for n in offering)
-                return (f"no online node offering {name!r} has {res}={amount:g} "
-                        f"(the most: {res}={most:g})")
+                return (
+                    f"no online node offering {name!r} has {res}={amount:g} "
+                    f"(the most: {res}={most:g})"
+                )
             offering = enough
         if not any(g.accepts(priority) and g.workers > 0 for n in offering for g in n.groups):
             bands = sorted({f"{g.min_p}..{g.max_p}" for n in offering for g in n.groups})
-            return (f"no online node offering {name!r} has a slot for priority {priority} "
-                    f"(bands: {', '.join(bands)})")
+            return (
+                f"no online node offering {name!r} has a slot for priority {priority} "
+                f"(bands: {', '.join(bands)})"
+            )
         return None

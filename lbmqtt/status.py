@@ -47,8 +47,10 @@ class StatsWatcher:
         topics = self.topics
         self._t = MqttTransport(
             **connection_options(s),
-            client_id=client_id("status"), on_message=self._on_message,
-            subscriptions=[(topics.balancer_status, 0), (topics.balancer_stats, 0)])
+            client_id=client_id("status"),
+            on_message=self._on_message,
+            subscriptions=[(topics.balancer_status, 0), (topics.balancer_stats, 0)],
+        )
         await self._t.start(wait=True)
         return self
 
@@ -65,11 +67,14 @@ class StatsWatcher:
         deadline = time.monotonic() + timeout_s
         while True:
             s = self.latest
-            if s is not None and (after is None or s.instance != after.instance
-                                  or s.time > after.time):
+            if s is not None and (
+                after is None or s.instance != after.instance or s.time > after.time
+            ):
                 if self.offline:
-                    raise BalancerUnavailable("the balancer is offline (its last stats are "
-                                              f"{time.time() - s.time:.0f} s old)")
+                    raise BalancerUnavailable(
+                        "the balancer is offline (its last stats are "
+                        f"{time.time() - s.time:.0f} s old)"
+                    )
                 return s
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -79,7 +84,8 @@ class StatsWatcher:
                 raise BalancerUnavailable(
                     f"no stats from a balancer on {cfg.broker_host}:{cfg.broker_port} "
                     f"(topics under {cfg.topic_prefix}/) within {timeout_s:g} s: is "
-                    f"`lbmqtt balancer` (or `lbmqtt up`) running?")
+                    f"`lbmqtt balancer` (or `lbmqtt up`) running?"
+                )
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
@@ -96,10 +102,15 @@ async def fetch_stats(settings: Settings, timeout_s: float = 5.0) -> BalancerSta
         return await w.next(None, timeout_s)
 
 
-async def watch_stats(settings: Settings, show: Callable[[BalancerStats], None], *,
-                      interval_s: float = 1.0, count: int | None = None,
-                      timeout_s: float = 5.0,
-                      on_wait: Callable[[str], None] | None = None) -> int:
+async def watch_stats(
+    settings: Settings,
+    show: Callable[[BalancerStats], None],
+    *,
+    interval_s: float = 1.0,
+    count: int | None = None,
+    timeout_s: float = 5.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> int:
     """Call ``show`` with a fresh snapshot every ``interval_s`` seconds, ``count`` times (or
     until cancelled / Ctrl-C). Returns how many were shown.
 
@@ -135,14 +146,28 @@ def format_stats(stats: BalancerStats) -> str:
     lines = [
         time.strftime("%H:%M:%S", time.localtime(stats.time))
         + f"  balancer {stats.instance}, up {_seconds(stats.time - stats.started_at)}"
-        if stats.started_at else time.strftime("%H:%M:%S", time.localtime(stats.time)),
+        if stats.started_at
+        else time.strftime("%H:%M:%S", time.localtime(stats.time)),
         f"queued {stats.queued}   running {stats.running}   slots {stats.busy}/{stats.slots} "
         f"busy   done {stats.done_total}   failed {stats.failed_total}   "
         f"cancelled {stats.cancelled_total}   refused {stats.refused_total}"
-        + (" (" + ", ".join(f"{code} {n}" for code, n in sorted(stats.refused_by_code.items()))
-           + ")" if stats.refused_by_code else ""),
-        *([("broker refused: " + ", ".join(f"{k} {n}" for k, n in sorted(
-            stats.broker_refused.items()) if n))] if any(stats.broker_refused.values()) else []),
+        + (
+            " ("
+            + ", ".join(f"{code} {n}" for code, n in sorted(stats.refused_by_code.items()))
+            + ")"
+            if stats.refused_by_code
+            else ""
+        ),
+        *(
+            [
+                (
+                    "broker refused: "
+                    + ", ".join(f"{k} {n}" for k, n in sorted(stats.broker_refused.items()) if n)
+                )
+            ]
+            if any(stats.broker_refused.values())
+            else []
+        ),
         "",
         f"{'NODE':<20} {'STATE':<8} {'BUSY':>9} {'SPEED':>6} {'LOAD':>6} {'SEEN':>6}  TASKS",
     ]
@@ -150,31 +175,45 @@ def format_stats(stats: BalancerStats) -> str:
         load = f"{n.load[0]:.2f}" if n.load else "-"
         state = "online" if n.online else "offline"
         seen = _seconds(max(0.0, stats.time - n.last_seen)) if n.last_seen else "never"
-        lines.append(f"{n.name:<20} {state:<8} {n.busy:>4}/{n.slots:<4} {n.speed:>6g} "
-                     f"{load:>6} {seen:>6}  {', '.join(n.tasks)}")
+        lines.append(
+            f"{n.name:<20} {state:<8} {n.busy:>4}/{n.slots:<4} {n.speed:>6g} "
+            f"{load:>6} {seen:>6}  {', '.join(n.tasks)}"
+        )
     if not stats.nodes:
         lines.append("(no nodes)")
     if stats.users:
         lines += ["", f"{'USER':<20} {'QUEUED':>8} {'RUNNING':>8}"]
         lines += [f"{u.user:<20} {u.queued:>8} {u.running:>8}" for u in stats.users]
     if stats.names:
-        lines += ["", f"{'TASK':<20} {'QUEUED':>7} {'RUNNING':>7} {'DONE':>7} {'FAILED':>7}"
-                      f"  {'WAIT mean/p95':>15}  {'RUN mean/p95':>15}"]
+        lines += [
+            "",
+            f"{'TASK':<20} {'QUEUED':>7} {'RUNNING':>7} {'DONE':>7} {'FAILED':>7}"
+            f"  {'WAIT mean/p95':>15}  {'RUN mean/p95':>15}",
+        ]
         for t in stats.names:
             wait, run = _pair(t.wait_mean_s, t.wait_p95_s), _pair(t.run_mean_s, t.run_p95_s)
-            lines.append(f"{t.name:<20} {t.queued:>7} {t.running:>7} {t.done:>7} "
-                         f"{t.failed:>7}  {wait:>15}  {run:>15}")
+            lines.append(
+                f"{t.name:<20} {t.queued:>7} {t.running:>7} {t.done:>7} "
+                f"{t.failed:>7}  {wait:>15}  {run:>15}"
+            )
     if stats.queued_by_band:
-        lines += ["", "queued by priority band: " + ", ".join(
-            f"{b} {stats.queued_by_band[b]}" for b in
-            [*stats.bands, *sorted(set(stats.queued_by_band) - set(stats.bands))]
-            if b in stats.queued_by_band)]
+        lines += [
+            "",
+            "queued by priority band: "
+            + ", ".join(
+                f"{b} {stats.queued_by_band[b]}"
+                for b in [*stats.bands, *sorted(set(stats.queued_by_band) - set(stats.bands))]
+                if b in stats.queued_by_band
+            ),
+        ]
     running = [t for t in stats.tasks if not _final(t.status)]
     if running:
         lines += ["", f"{'RUNNING':<20} {'USER':<12} {'NODE':<16} {'PROGRESS':>8} {'FOR':>7}"]
-        lines += [f"{t.name:<20} {t.user:<12} {t.node or '-':<16} {t.progress:>7}% "
-                  f"{_seconds(t.run_s if t.run_s is not None else t.wait_s):>7}"
-                  for t in running[:20]]
+        lines += [
+            f"{t.name:<20} {t.user:<12} {t.node or '-':<16} {t.progress:>7}% "
+            f"{_seconds(t.run_s if t.run_s is not None else t.wait_s):>7}"
+            for t in running[:20]
+        ]
         if len(running) > 20:
             lines.append(f"... and {len(running) - 20} more")
     if stats.warnings:

@@ -86,8 +86,9 @@ class Channel:
             elif len(self._out) == 1:
                 self._out_since = time.monotonic()
                 if self._flusher is None:
-                    self._flusher = threading.Thread(target=self._flush_late, daemon=True,
-                                                     name="lbmqtt-result-flush")
+                    self._flusher = threading.Thread(
+                        target=self._flush_late, daemon=True, name="lbmqtt-result-flush"
+                    )
                     self._flusher.start()
                 self._held.notify()
 
@@ -151,8 +152,8 @@ class Channel:
         (n,) = _HEADER.unpack_from(self._in)
         if len(self._in) < _HEADER.size + n:
             return None
-        body = bytes(self._in[_HEADER.size:_HEADER.size + n])
-        del self._in[:_HEADER.size + n]
+        body = bytes(self._in[_HEADER.size : _HEADER.size + n])
+        del self._in[: _HEADER.size + n]
         msg = pickle.loads(body)  # noqa: S301 - our own parent process
         assert isinstance(msg, tuple)
         return msg
@@ -196,8 +197,9 @@ def _load(sources: list[str], refs: list[str]) -> dict[str, Any]:
     tasks: dict[str, Any] = dict(reg.entries())
     for item in refs:
         spec = json.loads(item)
-        tasks[spec["name"]] = TaskEntry(resolve_reference(spec["ref"]),
-                                        spec.get("style", "auto"), spec.get("arguments"))
+        tasks[spec["name"]] = TaskEntry(
+            resolve_reference(spec["ref"]), spec.get("style", "auto"), spec.get("arguments")
+        )
     return tasks
 
 
@@ -254,13 +256,24 @@ def run(channel: Channel, tasks: dict[str, Any]) -> None:
                 data = json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
             except (TypeError, ValueError) as exc:
                 raise TypeError(
-                    f"the result of task {name!r} is not JSON-serializable: {exc}") from exc
+                    f"the result of task {name!r} is not JSON-serializable: {exc}"
+                ) from exc
         except BaseException as exc:  # any failure of user code is reported
             if isinstance(exc, KeyboardInterrupt):
                 raise
             tb = traceback.format_exc(limit=50)
-            channel.send(("failed", task_id, attempt, type(exc).__name__, str(exc), tb,
-                          time.perf_counter() - t0), hold=hold)
+            channel.send(
+                (
+                    "failed",
+                    task_id,
+                    attempt,
+                    type(exc).__name__,
+                    str(exc),
+                    tb,
+                    time.perf_counter() - t0,
+                ),
+                hold=hold,
+            )
             continue
         channel.send(("done", task_id, attempt, data, time.perf_counter() - t0), hold=hold)
 
@@ -289,8 +302,17 @@ def main(argv: list[str] | None = None) -> None:
         tasks = _load(ns.source, ns.ref)
     except BaseException:
         traceback.print_exc()
-        channel.send(("failed", "", 0, "ImportError", "cannot load task modules",
-                      traceback.format_exc(), 0.0))
+        channel.send(
+            (
+                "failed",
+                "",
+                0,
+                "ImportError",
+                "cannot load task modules",
+                traceback.format_exc(),
+                0.0,
+            )
+        )
         sys.exit(3)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         run(channel, tasks)

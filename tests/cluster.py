@@ -44,8 +44,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
-               interval: float = 0.01) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.01,
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -121,12 +125,12 @@ class NetNs:
         if shutil.which("ip") is None:
             return "needs iproute2's ip"
         probe = f"lbqprobe{os.getpid()}"
-        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
-                              timeout=10, check=False)
+        made = subprocess.run(
+            ["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10, check=False
+        )
         if made.returncode != 0:
             return f"cannot create a network namespace here: {made.stderr.strip()}"
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10,
-                       check=False)
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10, check=False)
         return None
 
     def _ip(self, *args: str, ns: bool = False) -> None:
@@ -174,8 +178,14 @@ class Cluster:
         overrides: extra settings (parameters.json keys).
     """
 
-    def __init__(self, workdir: Path, *, broker: str = "embedded", host: str = "127.0.0.1",
-                 overrides: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        broker: str = "embedded",
+        host: str = "127.0.0.1",
+        overrides: dict[str, Any] | None = None,
+    ):
         self.workdir = workdir
         self.broker_kind = broker
         self.host = host
@@ -183,12 +193,22 @@ class Cluster:
         self.prefix = f"chaos/{uuid.uuid4().hex[:8]}"
         self.runs_log = workdir / "runs.log"
         self.values: dict[str, Any] = {
-            "BROKER_HOST": host, "BROKER_PORT": self.port, "TOPIC_PREFIX": self.prefix,
-            "HEARTBEAT_S": 0.3, "NODE_TIMEOUT_S": 2.0, "BROKER_KEEPALIVE_S": 2,
-            "JOURNAL_PATH": str(workdir / "journal.sqlite3"), "NODE_TASKS": [TEST_TASKS],
-            "RESULT_RESEND_S": 1.0, "TASK_MAX_ATTEMPTS": 10, "CONNECT_TIMEOUT_S": 5.0,
-            "CLIENT_ACK_TIMEOUT_S": 60.0, "LB_QUEING_MAXPERUSER": 0,
-            "RESULT_COLLECTED_TTL_S": 600.0, "BROKER_ADVERTISE": False, "METRICS_PORT": 0,
+            "BROKER_HOST": host,
+            "BROKER_PORT": self.port,
+            "TOPIC_PREFIX": self.prefix,
+            "HEARTBEAT_S": 0.3,
+            "NODE_TIMEOUT_S": 2.0,
+            "BROKER_KEEPALIVE_S": 2,
+            "JOURNAL_PATH": str(workdir / "journal.sqlite3"),
+            "NODE_TASKS": [TEST_TASKS],
+            "RESULT_RESEND_S": 1.0,
+            "TASK_MAX_ATTEMPTS": 10,
+            "CONNECT_TIMEOUT_S": 5.0,
+            "CLIENT_ACK_TIMEOUT_S": 60.0,
+            "LB_QUEING_MAXPERUSER": 0,
+            "RESULT_COLLECTED_TTL_S": 600.0,
+            "BROKER_ADVERTISE": False,
+            "METRICS_PORT": 0,
         }
         self.values.update(overrides or {})
         # a broker beyond loopback needs accounts (lbmqtt refuses to run one without)
@@ -210,8 +230,9 @@ class Cluster:
         if name not in self._passwords:
             self._passwords[name] = new_password()
             accounts = read_accounts(self.accounts) if self.accounts.exists() else {}
-            accounts[name] = Account(name, role, hash_password(self._passwords[name],
-                                                               iterations=1000))
+            accounts[name] = Account(
+                name, role, hash_password(self._passwords[name], iterations=1000)
+            )
             write_accounts(self.accounts, accounts.values())
         return {"BROKER_USERNAME": name, "BROKER_PASSWORD": self._passwords[name]}
 
@@ -231,9 +252,16 @@ class Cluster:
     def _log(self, name: str) -> IO[bytes]:
         return open(self.workdir / f"{name}.log", "ab")  # closed in _forget
 
-    def _start(self, name: str, args: list[str], *, wrap: tuple[str, ...] = (),
-               env: dict[str, str] | None = None, timeout: float = 30.0,
-               role: Role | None = None) -> Proc:
+    def _start(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        wrap: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        timeout: float = 30.0,
+        role: Role | None = None,
+    ) -> Proc:
         log = self._log(name)
         try:
             if env is None:
@@ -249,18 +277,29 @@ class Cluster:
         if self.broker_kind == "mosquitto":
             exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
             conf = self.workdir / "mosquitto.conf"
-            conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\n"
-                            "persistence false\nmax_keepalive 60\n")
+            conf.write_text(
+                f"listener {self.port} {self.host}\nallow_anonymous true\n"
+                "persistence false\nmax_keepalive 60\n"
+            )
             log = self._log("broker")
-            popen = subprocess.Popen([*wrap, exe, "-c", str(conf)], stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(
+                [*wrap, exe, "-c", str(conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             self.procs["broker"] = Proc("broker", popen, log)
             wait_until(lambda: listening(self.host, self.port), 15, "the broker to listen")
         else:  # (ready once listening: it says so on the ready pipe)
             self._start("broker", ["broker", "--bind", self.host], wrap=wrap)
 
-    def start_balancer(self, timeout: float = 30.0, *, wrap: tuple[str, ...] = (),
-                       env: dict[str, str] | None = None) -> None:
+    def start_balancer(
+        self,
+        timeout: float = 30.0,
+        *,
+        wrap: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         # After a SIGKILL the old balancer's will may not have fired yet ("another
         # balancer is online"): try again for a few seconds, as a supervisor would.
         deadline = time.monotonic() + timeout
@@ -273,8 +312,15 @@ class Cluster:
                     raise
                 time.sleep(0.2)
 
-    def start_node(self, name: str, workers: int = 2, *, wrap: tuple[str, ...] = (),
-                   speed: float | None = None, env: dict[str, str] | None = None) -> None:
+    def start_node(
+        self,
+        name: str,
+        workers: int = 2,
+        *,
+        wrap: tuple[str, ...] = (),
+        speed: float | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         args = ["node", "--name", name, "--workers", str(workers)]
         if speed is not None:
             args += ["--speed", str(speed)]
@@ -430,8 +476,16 @@ class Stream:
     """Submits ``CHAOS`` tasks at a steady pace from a thread, then collects every final
     state. Submits ride out balancer and broker restarts (the client resends them)."""
 
-    def __init__(self, cluster: Cluster, *, count: int, interval_s: float = 0.02,
-                 task_ms: float = 100.0, batch: int = 1, user: str = "chaos"):
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        count: int,
+        interval_s: float = 0.02,
+        task_ms: float = 100.0,
+        batch: int = 1,
+        user: str = "chaos",
+    ):
         self.cluster = cluster
         self.count, self.interval_s, self.task_ms, self.batch = count, interval_s, task_ms, batch
         self.client = Client(cluster.settings(login=(user, "user")), user=user)
@@ -451,12 +505,20 @@ class Stream:
         try:
             sent = 0
             deadline = time.monotonic() + 600
-            while (sent < self.count and time.monotonic() < deadline
-                   and not self.stop.is_set()):
+            while sent < self.count and time.monotonic() < deadline and not self.stop.is_set():
                 n = min(self.batch, self.count - sent)
-                specs = [{"name": "CHAOS", "id": uuid.uuid4().hex,
-                          "args": {"value": sent + k, "ms": self.task_ms,
-                                   "log": str(self.cluster.runs_log)}} for k in range(n)]
+                specs = [
+                    {
+                        "name": "CHAOS",
+                        "id": uuid.uuid4().hex,
+                        "args": {
+                            "value": sent + k,
+                            "ms": self.task_ms,
+                            "log": str(self.cluster.runs_log),
+                        },
+                    }
+                    for k in range(n)
+                ]
                 for s in specs:
                     self.expected[str(s["id"])] = int(s["args"]["value"])  # type: ignore[index]
                 try:
@@ -513,12 +575,14 @@ class Accounting:
     def assert_clean(self) -> None:
         """Nothing lost, nothing wrong, no unexplained duplicate, every task done."""
         assert (self.lost, self.wrong, self.duplicated, self.failed) == (0, 0, 0, 0), (
-            f"{self.summary()}\n" + "\n".join(self.problems[:20]))
+            f"{self.summary()}\n" + "\n".join(self.problems[:20])
+        )
         assert self.done == self.submitted, self.summary()
 
 
-def account(expected: dict[str, int], states: dict[str, TaskState | None],
-            runs_log: Path) -> Accounting:
+def account(
+    expected: dict[str, int], states: dict[str, TaskState | None], runs_log: Path
+) -> Accounting:
     """Each task: exactly one final state, the right result if done, and no more runs to
     completion than attempts (a run beyond the first must be a retry's)."""
     completions = Counter[str]()
@@ -555,15 +619,26 @@ def account(expected: dict[str, int], states: dict[str, TaskState | None],
         if runs > 1:
             acc.reruns += runs - 1
         if runs > max(1, st.attempt) or any(
-                per_attempt[(tid, a)] > 1 for a in range(1, st.attempt + 1)):
+            per_attempt[(tid, a)] > 1 for a in range(1, st.attempt + 1)
+        ):
             acc.duplicated += 1
-            acc.problems.append(f"{tid}: ran to completion {runs} times in {st.attempt} "
-                                f"attempt(s)")
+            acc.problems.append(f"{tid}: ran to completion {runs} times in {st.attempt} attempt(s)")
         if st.status == Status.DONE and runs == 0:
             acc.problems.append(f"{tid}: done but never ran")
             acc.wrong += 1
     return acc
 
 
-__all__ = ["Accounting", "Cluster", "Lan", "LanHost", "NetNs", "Stream", "account", "children_of",
-           "free_port", "listening", "wait_until"]
+__all__ = [
+    "Accounting",
+    "Cluster",
+    "Lan",
+    "LanHost",
+    "NetNs",
+    "Stream",
+    "account",
+    "children_of",
+    "free_port",
+    "listening",
+    "wait_until",
+]

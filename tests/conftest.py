@@ -53,8 +53,7 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="test-loop")
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-loop")
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
@@ -88,13 +87,20 @@ class BrokerThread:
     """An :class:`EmbeddedBroker` on its own loop thread (as in production, apart from
     the balancer's loop)."""
 
-    def __init__(self, patches: frozenset[str] = ALL_PATCHES, prefix: str | None = None, *,
-                 broker: EmbeddedBroker | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        patches: frozenset[str] = ALL_PATCHES,
+        prefix: str | None = None,
+        *,
+        broker: EmbeddedBroker | None = None,
+        **kwargs: Any,
+    ):
         """``broker``: one built elsewhere (else one on a free loopback port, with
         ``kwargs``: guard, limits... of :class:`EmbeddedBroker`)."""
         self.lt = LoopThread()
-        self.broker = broker or EmbeddedBroker("127.0.0.1", 0, patches=patches, prefix=prefix,
-                                               **kwargs)
+        self.broker = broker or EmbeddedBroker(
+            "127.0.0.1", 0, patches=patches, prefix=prefix, **kwargs
+        )
         self.lt.run(self.broker.start())
         self.port = self.broker.port
 
@@ -121,16 +127,18 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A real Mosquitto on a free loopback port, configured like broker/mosquitto.conf."""
     import socket
 
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
-                                        if Path("/usr/sbin/mosquitto").exists() else None)
+    exe = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
     if exe is None:
         pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
     port = free_port()
     conf = loopback_mosquitto_conf((ROOT / "broker" / "mosquitto.conf").read_text(), port)
     path = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
     path.write_text(conf)
-    proc = subprocess.Popen([exe, "-c", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [exe, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
     def listening() -> bool:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -152,11 +160,19 @@ def prefix() -> str:
 
 def make_settings(port: int, prefix: str, **overrides: Any) -> Settings:
     base: dict[str, Any] = {
-        "BROKER_PORT": port, "TOPIC_PREFIX": prefix, "HEARTBEAT_S": 0.3,
-        "NODE_TIMEOUT_S": 3.0, "STATS_INTERVAL_S": 0.2, "CLIENT_ACK_TIMEOUT_S": 10.0,
-        "CONNECT_TIMEOUT_S": 5.0, "BROKER_KEEPALIVE_S": 5, "NODE_TASKS": [DEMO_TASKS],
-        "WKHUB_WORKERS": [{"nWorkers": 2, "minP": 0, "maxP": 9, "processP": 0},
-                          {"nWorkers": 1, "minP": 10, "maxP": 1000, "processP": 0}],
+        "BROKER_PORT": port,
+        "TOPIC_PREFIX": prefix,
+        "HEARTBEAT_S": 0.3,
+        "NODE_TIMEOUT_S": 3.0,
+        "STATS_INTERVAL_S": 0.2,
+        "CLIENT_ACK_TIMEOUT_S": 10.0,
+        "CONNECT_TIMEOUT_S": 5.0,
+        "BROKER_KEEPALIVE_S": 5,
+        "NODE_TASKS": [DEMO_TASKS],
+        "WKHUB_WORKERS": [
+            {"nWorkers": 2, "minP": 0, "maxP": 9, "processP": 0},
+            {"nWorkers": 1, "minP": 10, "maxP": 1000, "processP": 0},
+        ],
     }
     base.update(overrides)
     return load_settings(None, env={}, overrides=base)
@@ -192,8 +208,7 @@ class System:
         self.balancer = self.lt.run(go())
         return self.balancer
 
-    def start_node(self, name: str = "n1", settings: Settings | None = None,
-                   **kwargs: Any) -> Node:
+    def start_node(self, name: str = "n1", settings: Settings | None = None, **kwargs: Any) -> Node:
         async def go() -> Node:
             n = Node(settings or self.settings, name=name, **kwargs)
             await n.start()
@@ -204,8 +219,11 @@ class System:
         self.nodes.append(node)
         if self.balancer is not None:
             b = self.balancer
-            wait_for(lambda: self.lt.call(lambda: name in b.scheduler.nodes), 10,
-                     f"balancer to see node {name}")
+            wait_for(
+                lambda: self.lt.call(lambda: name in b.scheduler.nodes),
+                10,
+                f"balancer to see node {name}",
+            )
         return node
 
     def stop_node(self, node: Node) -> None:
@@ -268,9 +286,11 @@ class RawClient:
     def __init__(self, port: int, client_id: str | None = None, keepalive: int = 30):
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
-        self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=client_id or f"raw-{uuid.uuid4().hex[:8]}",
-                             protocol=MQTTProtocolVersion.MQTTv311)
+        self.c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"raw-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
         self.subacks: list[int] = []
         self.c.on_message = self._on_message
         self.c.on_subscribe = lambda c, u, mid, rc, p: self.subacks.append(mid)
@@ -291,8 +311,7 @@ class RawClient:
         _, mid = self.c.subscribe(topic, qos)
         wait_for(lambda: mid in self.subacks, timeout, f"SUBACK for {topic}")
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1,
-                retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
         info = self.c.publish(topic, payload, qos=qos, retain=retain)
         info.wait_for_publish(5)
 
@@ -322,12 +341,20 @@ def lbmqtt_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "lbmqtt", *args]
 
 
-def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
     full_env.update(env or {})
-    return subprocess.run(lbmqtt_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd or ROOT, check=False)
+    return subprocess.run(
+        lbmqtt_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or ROOT,
+        check=False,
+    )
 
 
 def process_alive(pid: int) -> bool:
@@ -359,9 +386,15 @@ def start_up(*extra: str, port: int = 0, env_extra: dict[str, str] | None = None
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
     env.update(env_extra or {})
     proc = subprocess.Popen(
-        lbmqtt_cmd("up", "--broker-port", str(port), "--monitor-port", "0", "--metrics-port", "0",
-                   *extra), cwd=ROOT,
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lbmqtt_cmd(
+            "up", "--broker-port", str(port), "--monitor-port", "0", "--metrics-port", "0", *extra
+        ),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     up = Up(proc)
 
     def reader() -> None:
@@ -371,8 +404,11 @@ def start_up(*extra: str, port: int = 0, env_extra: dict[str, str] | None = None
 
     up.reader = threading.Thread(target=reader, daemon=True)
     up.reader.start()
-    wait_for(lambda: "Ctrl-C stops everything." in up.lines or proc.poll() is not None, 90,
-             "`lbmqtt up` to be ready")
+    wait_for(
+        lambda: "Ctrl-C stops everything." in up.lines or proc.poll() is not None,
+        90,
+        "`lbmqtt up` to be ready",
+    )
     assert proc.poll() is None, up.text()
     m = re.search(r"--broker-port (\d+)", up.text())
     up.port = int(m.group(1)) if m else port

@@ -32,16 +32,27 @@ def block(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
     if "progress" in args:
         ctx.progress(args["progress"])
     opened = _wait_gate(args.get("gate"), float(args.get("limit_s", 60)))
-    return {"pid": os.getpid(), "opened": opened, "attempt": ctx.attempt,
-            "value": args.get("value")}
+    return {
+        "pid": os.getpid(),
+        "opened": opened,
+        "attempt": ctx.attempt,
+        "value": args.get("value"),
+    }
 
 
 @tasks.task("ECHO")
 def echo(args: Any, ctx: Any) -> dict[str, Any]:
     """Return the arguments and what the context says."""
-    return {"args": args, "task_id": ctx.task_id, "user": ctx.user, "name": ctx.name,
-            "priority": ctx.priority, "attempt": ctx.attempt, "pid": os.getpid(),
-            "nice": os.nice(0)}
+    return {
+        "args": args,
+        "task_id": ctx.task_id,
+        "user": ctx.user,
+        "name": ctx.name,
+        "priority": ctx.priority,
+        "attempt": ctx.attempt,
+        "pid": os.getpid(),
+        "nice": os.nice(0),
+    }
 
 
 @tasks.task("CRASH_ONCE")

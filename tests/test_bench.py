@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow
 
 
 def _bench(*args: str, timeout: float = 120) -> dict[str, Any]:
-    run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout, check=False)
+    run = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     return dict(json.loads(run.stdout.strip().splitlines()[-1]))
 
@@ -33,8 +39,21 @@ def test_bench_journal_runs() -> None:
 
 
 def test_bench_chaos_loses_nothing_in_a_short_run() -> None:
-    out = _bench("bench/chaos.py", "--seconds", "7", "--faults", "worker-kill,balancer-kill",
-                 "--interval", "2", "3", "--nodes", "2", "--seed", "3", timeout=240)
+    out = _bench(
+        "bench/chaos.py",
+        "--seconds",
+        "7",
+        "--faults",
+        "worker-kill,balancer-kill",
+        "--interval",
+        "2",
+        "3",
+        "--nodes",
+        "2",
+        "--seed",
+        "3",
+        timeout=240,
+    )
     assert out["submitted"] > 0
     assert (out["lost"], out["duplicated"], out["wrong"]) == (0, 0, 0), out
 
@@ -45,14 +64,26 @@ def test_bench_run_idle_runs() -> None:
 
 
 def test_bench_run_lan_runs() -> None:
-    out = _bench("bench/run.py", "lan", "--rounds", "1", "--tasks", "100", "--workers", "2",
-                 timeout=240)
+    out = _bench(
+        "bench/run.py", "lan", "--rounds", "1", "--tasks", "100", "--workers", "2", timeout=240
+    )
     assert out["tasks_per_s_0ms"] > 0 and out["tasks_per_s_2ms"] > 0
 
 
 def test_bench_run_scale_runs() -> None:
-    out = _bench("bench/run.py", "scale", "--tasks", "3000", "--nodes", "4", "--users", "3",
-                 "--seconds", "1", timeout=240)
+    out = _bench(
+        "bench/run.py",
+        "scale",
+        "--tasks",
+        "3000",
+        "--nodes",
+        "4",
+        "--users",
+        "3",
+        "--seconds",
+        "1",
+        timeout=240,
+    )
     assert out["queued"] == 3000 and out["accept_tasks_per_s"] > 0
     # (at this size the nodes may drain the queue before the timed window opens)
     assert out["rss_mb_queued"] > 0 and out["done_total"] > 0

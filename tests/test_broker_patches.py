@@ -53,13 +53,15 @@ def _str(s: str) -> bytes:
     return struct.pack("!H", len(b)) + b
 
 
-def raw_connect(port: int, client_id: str, keepalive: int, will_topic: str,
-                will_message: bytes) -> socket.socket:
+def raw_connect(
+    port: int, client_id: str, keepalive: int, will_topic: str, will_message: bytes
+) -> socket.socket:
     """A bare MQTT 3.1.1 client: CONNECT with a will, read CONNACK, then nothing."""
     flags = 0x02 | 0x04  # clean session, will flag (QoS 0, not retained)
     var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
-    payload = _str(client_id) + _str(will_topic) + struct.pack("!H", len(will_message)) \
-        + will_message
+    payload = (
+        _str(client_id) + _str(will_topic) + struct.pack("!H", len(will_message)) + will_message
+    )
     body = var + payload
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.sendall(bytes([0x10]) + varint(len(body)) + body)
@@ -74,8 +76,9 @@ def raw_publish_packet(topic: str, payload: bytes) -> bytes:
 
 
 @pytest.mark.slow
-def test_keepalive_silent_client_is_dropped_and_its_will_fires(case: str,
-                                                               cleanup: list[Any]) -> None:
+def test_keepalive_silent_client_is_dropped_and_its_will_fires(
+    case: str, cleanup: list[Any]
+) -> None:
     broker = broker_for(case, "keepalive")
     cleanup.append(broker)
     watcher = RawClient(broker.port).connect()
@@ -95,8 +98,7 @@ def test_keepalive_silent_client_is_dropped_and_its_will_fires(case: str,
             wait_for(lambda: watcher.payloads("wills/frozen"), 3.5, "the will")
 
 
-def test_retained_messages_go_only_to_matching_subscriptions(case: str,
-                                                             cleanup: list[Any]) -> None:
+def test_retained_messages_go_only_to_matching_subscriptions(case: str, cleanup: list[Any]) -> None:
     broker = broker_for(case, "retained_leak")
     cleanup.append(broker)
     alice = RawClient(broker.port).connect()
@@ -118,8 +120,9 @@ def test_retained_messages_go_only_to_matching_subscriptions(case: str,
         assert leaked == [b"alice's secret result"]
 
 
-def test_dollar_publish_does_not_turn_the_connection_into_a_zombie(case: str,
-                                                                   cleanup: list[Any]) -> None:
+def test_dollar_publish_does_not_turn_the_connection_into_a_zombie(
+    case: str, cleanup: list[Any]
+) -> None:
     broker = broker_for(case, "dollar_publish")
     cleanup.append(broker)
     c = RawClient(broker.port).connect()
@@ -135,7 +138,8 @@ def test_dollar_publish_does_not_turn_the_connection_into_a_zombie(case: str,
 
 
 def test_empty_topic_publish_closes_the_connection_and_fires_the_will(
-        case: str, cleanup: list[Any]) -> None:
+    case: str, cleanup: list[Any]
+) -> None:
     broker = broker_for(case, "dollar_publish")
     cleanup.append(broker)
     watcher = RawClient(broker.port).connect()

@@ -68,8 +68,9 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     if CHROMIUM is None or DRIVER is None:
         if os.environ.get("CI"):
             pytest.fail("chromium and chromium-driver must be installed in CI (.ci/run)")
-        pytest.skip("needs Debian's chromium and chromium-driver (apt install chromium "
-                    "chromium-driver)")
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver (apt install chromium chromium-driver)"
+        )
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium: never download a driver
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
@@ -77,10 +78,18 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
     opts = Options()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--window-size=1400,1900",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1900",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
@@ -103,27 +112,48 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             return state
 
         # (the page may open before the balancer's stats show the node: wait for both)
-        first = wait_for(lambda: (p := page()) and p["idle"] and p["samples"] > 0
-                         and p["nodes"] and p, 60,
-                         "the page to draw its first samples, with the local node")
+        first = wait_for(
+            lambda: (p := page()) and p["idle"] and p["samples"] > 0 and p["nodes"] and p,
+            60,
+            "the page to draw its first samples, with the local node",
+        )
 
         settings = load_settings(None, env={}, overrides={"BROKER_PORT": up.port})
         with Client(settings, user="alice") as alice, Client(settings, user="bob") as bob:
             # more than the node's slots, from two users: a queue builds up, then drains
             mine = [alice.submit("SLEEP", {"seconds": 2, "steps": 5}) for _ in range(4)]
-            theirs = [bob.submit("SLEEP", {"seconds": 1.5, "steps": 4}, priority=20)
-                      for _ in range(2)]
-            seen = wait_for(lambda: (p := page()) and p["max_queued"] > 0
-                            and {"alice", "bob"} <= set(p["users"])
-                            and "running" in p["task_states"] and p, 30,
-                            "the queue, both users and running tasks on the page")
+            theirs = [
+                bob.submit("SLEEP", {"seconds": 1.5, "steps": 4}, priority=20) for _ in range(2)
+            ]
+            seen = wait_for(
+                lambda: (
+                    (p := page())
+                    and p["max_queued"] > 0
+                    and {"alice", "bob"} <= set(p["users"])
+                    and "running" in p["task_states"]
+                    and p
+                ),
+                30,
+                "the queue, both users and running tasks on the page",
+            )
             # the picture (the README shows it): some tasks done, others running with
             # progress, after at least one more update has been drawn
-            mid = wait_for(lambda: (p := page()) and p["last_done"] >= 2
-                           and "running" in p["task_states"] and max(p["progress"]) > 0
-                           and p, 30, "tasks done and others running")
-            wait_for(lambda: (p := page()) and p["idle"] and p["samples"] > mid["samples"]
-                     and p, 20, "the page to draw the next update")
+            mid = wait_for(
+                lambda: (
+                    (p := page())
+                    and p["last_done"] >= 2
+                    and "running" in p["task_states"]
+                    and max(p["progress"]) > 0
+                    and p
+                ),
+                30,
+                "tasks done and others running",
+            )
+            wait_for(
+                lambda: (p := page()) and p["idle"] and p["samples"] > mid["samples"] and p,
+                20,
+                "the page to draw the next update",
+            )
             shot = tmp_path / "dashboard.png"
             assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
             if os.environ.get("LBMQTT_SCREENSHOT"):
@@ -134,10 +164,17 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
                 bob.wait(tid, 60)
         # ... and the task table, as drawn, shows them finished: 6 rows before (3 running,
         # 3 done) and after, which BokehJS would not redraw without the dashboard's nudge
-        done = wait_for(lambda: (p := page()) and p["last_done"] >= 6
-                        and p["task_states"].count("done") >= 6
-                        and sum(r.startswith("done") for r in p["drawn_rows"]) >= 6 and p, 30,
-                        "the finished tasks on the page")
+        done = wait_for(
+            lambda: (
+                (p := page())
+                and p["last_done"] >= 6
+                and p["task_states"].count("done") >= 6
+                and sum(r.startswith("done") for r in p["drawn_rows"]) >= 6
+                and p
+            ),
+            30,
+            "the finished tasks on the page",
+        )
         assert done["samples"] > seen["samples"] >= first["samples"]
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors

@@ -78,8 +78,7 @@ def test_a_killed_up_takes_its_children_with_it() -> None:
 
 @pytest.mark.slow
 def test_up_uses_an_external_broker_when_configured(mosquitto: int) -> None:
-    up = start_up("--no-dashboard", port=mosquitto,
-                  env_extra={"LBMQTT_BROKER_EMBEDDED": "false"})
+    up = start_up("--no-dashboard", port=mosquitto, env_extra={"LBMQTT_BROKER_EMBEDDED": "false"})
     try:
         assert "embedded" not in up.text() and "lbmqtt broker: listening" not in up.text()
         assert f"mqtt://127.0.0.1:{mosquitto}" in up.text()
@@ -92,8 +91,15 @@ def test_up_uses_an_external_broker_when_configured(mosquitto: int) -> None:
 
 
 def test_submit_without_a_broker_says_what_to_do() -> None:
-    r = run_cli("submit", "HELLO", HELLO, "--broker-port", "1", timeout=60,
-                env={"LBMQTT_CONNECT_TIMEOUT_S": "1"})
+    r = run_cli(
+        "submit",
+        "HELLO",
+        HELLO,
+        "--broker-port",
+        "1",
+        timeout=60,
+        env={"LBMQTT_CONNECT_TIMEOUT_S": "1"},
+    )
     assert r.returncode == 3
     assert "cannot reach the MQTT broker at 127.0.0.1:1" in r.stderr
     assert "lbmqtt up" in r.stderr and "Traceback" not in r.stderr
@@ -106,8 +112,18 @@ def test_submit_with_bad_json_arguments_is_a_usage_error() -> None:
 
 def test_submit_wait_says_why_a_task_cannot_run(running: Any) -> None:
     s = running.settings
-    r = run_cli("submit", "NOPE", "{}", "--wait", "--timeout", "1", "--broker-port",
-                str(s.broker_port), "--prefix", s.topic_prefix)
+    r = run_cli(
+        "submit",
+        "NOPE",
+        "{}",
+        "--wait",
+        "--timeout",
+        "1",
+        "--broker-port",
+        str(s.broker_port),
+        "--prefix",
+        s.topic_prefix,
+    )
     assert r.returncode == 4
     assert "is queued: no online node offers task 'NOPE'" in r.stderr
     assert "status: queued: no online node offers task 'NOPE'" in r.stderr
@@ -121,9 +137,25 @@ def test_node_tasks_flag_replaces_node_tasks(running: Any) -> None:
     s = running.settings
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
     proc = subprocess.Popen(
-        lbmqtt_cmd("node", "--tasks", TEST_TASKS, "--name", "cli-node", "--workers", "1",
-                   "--broker-port", str(s.broker_port), "--prefix", s.topic_prefix),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        lbmqtt_cmd(
+            "node",
+            "--tasks",
+            TEST_TASKS,
+            "--name",
+            "cli-node",
+            "--workers",
+            "1",
+            "--broker-port",
+            str(s.broker_port),
+            "--prefix",
+            s.topic_prefix,
+        ),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the ready line (the process is killed if it hangs)
@@ -146,20 +178,38 @@ def test_up_starts_a_killed_balancer_again_and_the_tasks_carry_on() -> None:
     up = start_up("--no-dashboard")
     try:
         port = str(up.port)
-        r = run_cli("submit", "SLEEP", '{"seconds": 1.5}', "--id", "survivor", "--broker-port",
-                    port)
+        r = run_cli(
+            "submit", "SLEEP", '{"seconds": 1.5}', "--id", "survivor", "--broker-port", port
+        )
         assert r.returncode == 0, r.stderr
-        queued = [run_cli("submit", "HELLO", HELLO, "--broker-port", port).stdout.strip()
-                  for _ in range(3)]
-        balancer = next(p for p in descendants(up.proc.pid)
-                        if b"balancer" in Path(f"/proc/{p}/cmdline").read_bytes())
+        queued = [
+            run_cli("submit", "HELLO", HELLO, "--broker-port", port).stdout.strip()
+            for _ in range(3)
+        ]
+        balancer = next(
+            p
+            for p in descendants(up.proc.pid)
+            if b"balancer" in Path(f"/proc/{p}/cmdline").read_bytes()
+        )
         os.kill(balancer, signal.SIGKILL)
-        wait_for(lambda: "balancer is back" in up.text() or up.proc.poll() is not None, 60,
-                 "`up` to start the balancer again")
+        wait_for(
+            lambda: "balancer is back" in up.text() or up.proc.poll() is not None,
+            60,
+            "`up` to start the balancer again",
+        )
         assert up.proc.poll() is None, up.text()
         # the running task finished where it ran; the queued ones ran
-        r = run_cli("submit", "SLEEP", '{"seconds": 1.5}', "--id", "survivor", "--wait",
-                    "--json", "--broker-port", port)
+        r = run_cli(
+            "submit",
+            "SLEEP",
+            '{"seconds": 1.5}',
+            "--id",
+            "survivor",
+            "--wait",
+            "--json",
+            "--broker-port",
+            port,
+        )
         state = json.loads(r.stdout)
         assert state["status"] == "done" and state["attempt"] == 1, state
         for tid in queued:

@@ -34,16 +34,27 @@ def test_the_repository_parameters_file_is_valid() -> None:
 
 
 def test_pyloadbalancer_keys_are_read_and_obsolete_ones_ignored(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    old = {"SOCKET_TIMEOUT": 500, "LB_IP": "127.0.0.1", "LB_WKPULLPORT": 5699,
-           "MONITOR_IP": "0.0.0.0", "MONITOR_PORT": 9001, "LB_QUEING_MAXPERUSER": 10,
-           "WKHUB_WORKERS": [{"nWorkers": 4, "minP": 0, "maxP": 9, "processP": 10},
-                             {"nWorkers": 4, "minP": 100, "maxP": 1000, "processP": 0}]}
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = {
+        "SOCKET_TIMEOUT": 500,
+        "LB_IP": "127.0.0.1",
+        "LB_WKPULLPORT": 5699,
+        "MONITOR_IP": "0.0.0.0",
+        "MONITOR_PORT": 9001,
+        "LB_QUEING_MAXPERUSER": 10,
+        "WKHUB_WORKERS": [
+            {"nWorkers": 4, "minP": 0, "maxP": 9, "processP": 10},
+            {"nWorkers": 4, "minP": 100, "maxP": 1000, "processP": 0},
+        ],
+    }
     s = load_settings(write(tmp_path, old), env={})
     assert s.monitor_ip == "0.0.0.0" and s.monitor_port == 9001
     assert s.lb_queing_maxperuser == 10
     assert [(g.n_workers, g.min_p, g.max_p, g.process_p) for g in s.wkhub_workers] == [
-        (4, 0, 9, 10), (4, 100, 1000, 0)]
+        (4, 0, 9, 10),
+        (4, 100, 1000, 0),
+    ]
     assert "ignoring pyLoadBalancer key LB_IP" in caplog.text
 
 
@@ -55,8 +66,15 @@ def test_unknown_key_names_the_file_and_suggests_the_right_one(tmp_path: Path) -
 
 
 def test_bad_value_names_the_key_path(tmp_path: Path) -> None:
-    p = write(tmp_path, {"WKHUB_WORKERS": [{"nWorkers": 1, "minP": 0, "maxP": 9},
-                                           {"nWorkers": "two", "minP": 0, "maxP": 9}]})
+    p = write(
+        tmp_path,
+        {
+            "WKHUB_WORKERS": [
+                {"nWorkers": 1, "minP": 0, "maxP": 9},
+                {"nWorkers": "two", "minP": 0, "maxP": 9},
+            ]
+        },
+    )
     with pytest.raises(ConfigError, match=r"WKHUB_WORKERS\[1\]\.nWorkers: .*integer.*\"two\""):
         load_settings(p, env={})
 
@@ -80,9 +98,12 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) -> None:
     p = write(tmp_path, {"BROKER_PORT": 1111, "NODE_NAME": "a"})
-    env = {"LBMQTT_BROKER_PORT": "2222", "LBMQTT_NODE_NAME": "007",
-           "LBMQTT_WKHUB_WORKERS": '[{"nWorkers": 3, "minP": 0, "maxP": 5}]',
-           "LBMQTT_SOMETHING_ELSE": "ignored"}
+    env = {
+        "LBMQTT_BROKER_PORT": "2222",
+        "LBMQTT_NODE_NAME": "007",
+        "LBMQTT_WKHUB_WORKERS": '[{"nWorkers": 3, "minP": 0, "maxP": 5}]',
+        "LBMQTT_SOMETHING_ELSE": "ignored",
+    }
     s = load_settings(p, env=env)
     assert s.broker_port == 2222 and s.node_name == "007"
     assert s.wkhub_workers[0].n_workers == 3
@@ -110,7 +131,16 @@ def test_cli_prints_one_line_for_a_bad_file_and_exits_2(tmp_path: Path) -> None:
 
 
 def test_every_command_takes_parameters() -> None:
-    for command in ("up", "broker", "balancer", "node", "dashboard", "submit", "get",
-                    "cancel", "status"):
+    for command in (
+        "up",
+        "broker",
+        "balancer",
+        "node",
+        "dashboard",
+        "submit",
+        "get",
+        "cancel",
+        "status",
+    ):
         r = run_cli(command, "--help", timeout=30)
         assert r.returncode == 0 and "--parameters FILE" in r.stdout, command

@@ -50,13 +50,25 @@ HOST = "127.0.0.1"
 
 def _settings(broker_port: int) -> Settings:
     return Settings().with_overrides(
-        broker_host=HOST, broker_port=broker_port, monitor_ip=HOST, monitor_port=0,
-        topic_prefix=f"test-{uuid.uuid4().hex[:10]}/v1")
+        broker_host=HOST,
+        broker_port=broker_port,
+        monitor_ip=HOST,
+        monitor_port=0,
+        topic_prefix=f"test-{uuid.uuid4().hex[:10]}/v1",
+    )
 
 
 def _stats(i: int, t0: float = 1_700_000_000.0, **extra: Any) -> BalancerStats:
-    return BalancerStats(time=t0 + 0.5 * i, instance="lb1", queued=10 + i, running=i % 4,
-                         busy=i % 4, slots=4, done_total=i, **extra)
+    return BalancerStats(
+        time=t0 + 0.5 * i,
+        instance="lb1",
+        queued=10 + i,
+        running=i % 4,
+        busy=i % 4,
+        slots=4,
+        done_total=i,
+        **extra,
+    )
 
 
 async def _wait_until(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
@@ -67,14 +79,23 @@ async def _wait_until(cond: Callable[[], bool], what: str, timeout_s: float = 10
         await asyncio.sleep(0.01)
 
 
-async def _client(port: int, name: str, topics: list[str] | None = None,
-                  inbox: list[tuple[str, bytes]] | None = None) -> MqttTransport:
+async def _client(
+    port: int,
+    name: str,
+    topics: list[str] | None = None,
+    inbox: list[tuple[str, bytes]] | None = None,
+) -> MqttTransport:
     def on_message(topic: str, payload: bytes, retained: bool) -> None:
         if inbox is not None:
             inbox.append((topic, payload))
 
-    t = MqttTransport(host=HOST, port=port, client_id=f"{name}-{uuid.uuid4().hex[:6]}",
-                      on_message=on_message, subscriptions=[(f, 1) for f in topics or []])
+    t = MqttTransport(
+        host=HOST,
+        port=port,
+        client_id=f"{name}-{uuid.uuid4().hex[:6]}",
+        on_message=on_message,
+        subscriptions=[(f, 1) for f in topics or []],
+    )
     await t.start(wait=True, timeout_s=10)
     return t
 
@@ -120,8 +141,9 @@ def test_state_receives_stats_over_mqtt() -> None:
             pub = await _client(broker.port, "pub")
             try:
                 for i in range(5):
-                    assert await pub.publish_confirmed(topics.balancer_stats,
-                                                       _stats(i).encode(), retain=True)
+                    assert await pub.publish_confirmed(
+                        topics.balancer_stats, _stats(i).encode(), retain=True
+                    )
                     await _wait_until(lambda i=i: state.last_seq == i + 1, f"sample {i + 1}")
                 await pub.publish_confirmed(topics.balancer_stats, b"{not json")
                 await pub.publish_confirmed(topics.balancer_stats, b'{"queued": 3}')
@@ -161,9 +183,15 @@ def test_history_goes_in_front_and_pages_redraw() -> None:
         state.add_stats(_stats(i, queued_by_band={"0-9": i}))
     page = make_document(Document(), state)
     assert len(page.samples.data["t"]) == 3
-    history = BalancerHistory(instance="lb1", samples=[
-        HistorySample(time=1_700_000_000.0 + 0.5 * i, queued=10 + i, done_total=i,
-                      bands={"0-9": i}) for i in range(12)])  # overlaps the live ones
+    history = BalancerHistory(
+        instance="lb1",
+        samples=[
+            HistorySample(
+                time=1_700_000_000.0 + 0.5 * i, queued=10 + i, done_total=i, bands={"0-9": i}
+            )
+            for i in range(12)
+        ],
+    )  # overlaps the live ones
     assert state.add_history(history) == 10  # only what is older than the first live one
     assert [s.seq for s in state.samples()] == list(range(1, 14))
     assert [s.queued for s in state.samples()] == [10 + i for i in range(13)]
@@ -173,8 +201,9 @@ def test_history_goes_in_front_and_pages_redraw() -> None:
     assert page.samples.data["queued"] == [10 + i for i in range(13)]
     assert page.queue.data["b0"] == list(range(13))
     # history of another balancer instance is not mixed in
-    assert state.add_history(BalancerHistory(instance="other", samples=[
-        HistorySample(time=1.0)])) == 0
+    assert (
+        state.add_history(BalancerHistory(instance="other", samples=[HistorySample(time=1.0)])) == 0
+    )
     assert state.feed_history(b"{broken") == 0 and state.bad_messages == 1
 
 
@@ -195,13 +224,31 @@ def test_odd_but_valid_stats_do_not_stop_a_page() -> None:
     page = make_document(Document(), state)
     dup = NodeSummary(name="n1", online=True, slots=2, busy=5, speed=float("nan"))
     odd = [
-        _stats(1, nodes=[dup, dup.model_copy(update={"online": False})],
-               users=[UserSummary(user="a", queued=1), UserSummary(user="a", running=2)]),
-        _stats(2, bands=[f"{i}-{i}" for i in range(20)],
-               queued_by_band={f"{i}-{i}": i for i in range(20)} | {"none": 3, "zzz": 1}),
+        _stats(
+            1,
+            nodes=[dup, dup.model_copy(update={"online": False})],
+            users=[UserSummary(user="a", queued=1), UserSummary(user="a", running=2)],
+        ),
+        _stats(
+            2,
+            bands=[f"{i}-{i}" for i in range(20)],
+            queued_by_band={f"{i}-{i}": i for i in range(20)} | {"none": 3, "zzz": 1},
+        ),
         _stats(3).model_copy(update={"queued": -5, "slots": -1, "busy": -2}),
-        _stats(4, tasks=[TaskRow(id="x", user="u", name="N", status="weird", progress=250,
-                                 wait_s=-1.0, run_s=1e12)]),
+        _stats(
+            4,
+            tasks=[
+                TaskRow(
+                    id="x",
+                    user="u",
+                    name="N",
+                    status="weird",
+                    progress=250,
+                    wait_s=-1.0,
+                    run_s=1e12,
+                )
+            ],
+        ),
     ]
     for stats in odd:
         assert state.add_stats(stats)
@@ -229,8 +276,9 @@ def test_make_document_streams_new_samples() -> None:
     assert "no balancer stats received yet" in page.warnings.text
     assert "not connected to the MQTT broker" in page.warnings.text
 
-    node = NodeSummary(name="n1", online=True, host="h1", slots=4, busy=2, speed=2.0,
-                       tasks=["HELLO", "SLEEP"])
+    node = NodeSummary(
+        name="n1", online=True, host="h1", slots=4, busy=2, speed=2.0, tasks=["HELLO", "SLEEP"]
+    )
     for i in range(3):
         state.add_stats(_stats(i, nodes=[node], warnings=["no node offers task 'X'"]))
     state.set_connected(True)
@@ -286,11 +334,16 @@ def test_serve_on_port_0(capsys: pytest.CaptureFixture[str]) -> None:
                 assert port > 0 and url == f"http://127.0.0.1:{port}/"
 
                 def statuses() -> list[DashboardStatus]:
-                    return [decode(DashboardStatus, p) for t, p in inbox
-                            if t == topics.dashboard_status and p]
+                    return [
+                        decode(DashboardStatus, p)
+                        for t, p in inbox
+                        if t == topics.dashboard_status and p
+                    ]
 
-                await _wait_until(lambda: any(s.online and s.url == url for s in statuses()),
-                                  "the retained online DashboardStatus with the URL")
+                await _wait_until(
+                    lambda: any(s.online and s.url == url for s in statuses()),
+                    "the retained online DashboardStatus with the URL",
+                )
 
                 status, _, body = await asyncio.to_thread(_http_get, url)
                 page = body.decode()
@@ -314,7 +367,8 @@ def test_serve_on_port_0(capsys: pytest.CaptureFixture[str]) -> None:
                 assert refused.value.code == 403
                 req = HTTPRequest(ws_url, headers={"Origin": url.rstrip("/")})
                 conn = await asyncio.wait_for(
-                    websocket_connect(req, subprotocols=["bokeh", token]), 10)
+                    websocket_connect(req, subprotocols=["bokeh", token]), 10
+                )
                 try:
                     frames: list[str] = []
 
@@ -328,16 +382,19 @@ def test_serve_on_port_0(capsys: pytest.CaptureFixture[str]) -> None:
                             frames.append(msg if isinstance(msg, str) else msg.decode())
 
                     await until('"ACK"')
-                    await pub.publish_confirmed(topics.balancer_stats, _stats(0).encode(),
-                                                retain=True)
+                    await pub.publish_confirmed(
+                        topics.balancer_stats, _stats(0).encode(), retain=True
+                    )
                     await until("ColumnsStreamed")
                 finally:
                     conn.close()
 
                 stop.set()
                 await asyncio.wait_for(task, 15)
-                await _wait_until(lambda: bool(statuses()) and not statuses()[-1].online,
-                                  "the retained offline DashboardStatus")
+                await _wait_until(
+                    lambda: bool(statuses()) and not statuses()[-1].online,
+                    "the retained offline DashboardStatus",
+                )
                 with pytest.raises(urllib.error.URLError):
                     await asyncio.to_thread(_http_get, url)
             finally:

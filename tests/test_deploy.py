@@ -22,10 +22,17 @@ NODE_CONFIGS = sorted(ROOT.glob("nodes/*.json"))
 
 
 def test_there_are_node_configs_and_units() -> None:
-    assert {p.name for p in NODE_CONFIGS} >= {"workstation.json", "gpu-box.json",
-                                               "laptop.json", "raspberry-pi.json"}
-    assert {p.name for p in UNITS} == {"lbmqtt-node.service", "lbmqtt-broker.service",
-                                       "lbmqtt-balancer.service"}
+    assert {p.name for p in NODE_CONFIGS} >= {
+        "workstation.json",
+        "gpu-box.json",
+        "laptop.json",
+        "raspberry-pi.json",
+    }
+    assert {p.name for p in UNITS} == {
+        "lbmqtt-node.service",
+        "lbmqtt-broker.service",
+        "lbmqtt-balancer.service",
+    }
 
 
 @pytest.mark.parametrize("path", NODE_CONFIGS, ids=lambda p: p.name)
@@ -71,9 +78,17 @@ def test_balancer_unit_keeps_its_journal_in_the_state_directory() -> None:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_units_verify(tmp_path: Path) -> None:
     for unit in UNITS:
-        run = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
-                             capture_output=True, text=True, timeout=60, check=False)
+        run = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         # missing /opt/lbmqtt or user lbmqtt on a test machine is expected; syntax is not
-        bad = [line for line in run.stderr.splitlines()
-               if "Unknown" in line or "Failed to parse" in line]
+        bad = [
+            line
+            for line in run.stderr.splitlines()
+            if "Unknown" in line or "Failed to parse" in line
+        ]
         assert bad == [], run.stderr

@@ -27,7 +27,6 @@ def with_test_tasks(system: System) -> System:
     return system
 
 
-
 @pytest.fixture(params=["embedded", "mosquitto"])
 def broker_port(request: pytest.FixtureRequest, broker: Any) -> int:
     """Every test here runs against the embedded broker and against Mosquitto: lbmqtt uses
@@ -35,6 +34,7 @@ def broker_port(request: pytest.FixtureRequest, broker: Any) -> int:
     if request.param == "mosquitto":
         return int(request.getfixturevalue("mosquitto"))
     return int(broker.port)
+
 
 def test_hello_comes_back_from_the_python_client(running: System, client: Client) -> None:
     task_id = client.submit("HELLO", JOHN)
@@ -64,8 +64,9 @@ def test_async_client_mirrors_the_sync_one(running: System) -> None:
     asyncio.run(scenario())
 
 
-def test_map_returns_results_in_order_and_batches_submits(running: System, client: Client,
-                                                           raw: Any) -> None:
+def test_map_returns_results_in_order_and_batches_submits(
+    running: System, client: Client, raw: Any
+) -> None:
     spy = raw()
     submit_topic = Topics(running.settings.topic_prefix).submit("alice")
     spy.subscribe(submit_topic)
@@ -78,15 +79,17 @@ def test_map_returns_results_in_order_and_batches_submits(running: System, clien
 
 
 def test_foreign_mqtt_client_submits_and_reads_result_with_documented_topics(
-        running: System, raw: Any) -> None:
+    running: System, raw: Any
+) -> None:
     # Given only the README's topics and JSON, as mosquitto_pub / Node-RED would use them
     p = running.settings.topic_prefix
     foreign = raw()
     foreign.subscribe(f"{p}/users/carol/results/hello-42")
     foreign.subscribe(f"{p}/users/carol/tasks/hello-42")
     # When it publishes a task
-    foreign.publish(f"{p}/users/carol/submit", json.dumps(
-        {"id": "hello-42", "name": "HELLO", "args": JOHN}))
+    foreign.publish(
+        f"{p}/users/carol/submit", json.dumps({"id": "hello-42", "name": "HELLO", "args": JOHN})
+    )
     # Then the retained result topic carries exactly the final state
     wait_for(lambda: foreign.payloads(f"{p}/users/carol/results/hello-42"), 20, "the result")
     final = json.loads(foreign.payloads(f"{p}/users/carol/results/hello-42")[0])
@@ -105,12 +108,14 @@ def test_foreign_mqtt_client_submits_and_reads_result_with_documented_topics(
 
 
 def test_submit_without_id_gets_an_id_from_the_balancer_and_echoes_ref(
-        running: System, raw: Any) -> None:
+    running: System, raw: Any
+) -> None:
     p = running.settings.topic_prefix
     foreign = raw()
     foreign.subscribe(f"{p}/users/dave/results/+")
-    foreign.publish(f"{p}/users/dave/submit", json.dumps(
-        {"name": "ADD", "args": [40, 2], "ref": "my-sum"}))
+    foreign.publish(
+        f"{p}/users/dave/submit", json.dumps({"name": "ADD", "args": [40, 2], "ref": "my-sum"})
+    )
     wait_for(lambda: foreign.messages, 20, "the result")
     topic, payload, _ = foreign.messages[0]
     state = json.loads(payload)
@@ -139,12 +144,15 @@ def test_resubmitting_the_same_id_runs_the_task_once(running: System, client: Cl
 
 
 def test_a_malformed_task_in_a_batch_is_named_and_nothing_of_the_batch_is_sent(
-        running: System, client: Client) -> None:
+    running: System, client: Client
+) -> None:
     # the client validates a batch in one call; when it fails, the error names the first
     # bad task (its name and id), and the good ones are not submitted either
-    tasks = [{"name": "ADD", "args": [1, 2], "id": "good-1"},
-             {"name": "ADD", "args": [3, 4], "id": "bad-1", "priority": "urgent"},
-             {"name": "not a name", "args": 0, "id": "bad-2"}]
+    tasks = [
+        {"name": "ADD", "args": [1, 2], "id": "good-1"},
+        {"name": "ADD", "args": [3, 4], "id": "bad-1", "priority": "urgent"},
+        {"name": "not a name", "args": 0, "id": "bad-2"},
+    ]
     with pytest.raises(InvalidTask, match="invalid task 'ADD'") as info:
         client.submit_many(tasks)
     assert info.value.task_id == "bad-1"
@@ -164,8 +172,9 @@ def test_task_error_comes_back_with_its_traceback(running: System, client: Clien
     assert client.get(tid).status == Status.FAILED
 
 
-def test_progress_is_reported_while_a_task_runs(system: System, client: Client,
-                                                 tmp_path: Path) -> None:
+def test_progress_is_reported_while_a_task_runs(
+    system: System, client: Client, tmp_path: Path
+) -> None:
     with_test_tasks(system)
     gate = tmp_path / "gate"
     tid = client.submit("BLOCK", {"progress": 40, "gate": str(gate)})
@@ -177,14 +186,16 @@ def test_progress_is_reported_while_a_task_runs(system: System, client: Client,
     assert client.get(tid).progress == 100
 
 
-def test_cancel_of_a_queued_task_removes_it_from_the_queue(system: System, client: Client,
-                                                            tmp_path: Path) -> None:
+def test_cancel_of_a_queued_task_removes_it_from_the_queue(
+    system: System, client: Client, tmp_path: Path
+) -> None:
     with_test_tasks(system)
     gate = tmp_path / "gate"
     # Given both low-priority slots busy
     busy = [client.submit("BLOCK", {"gate": str(gate)}) for _ in range(2)]
-    wait_for(lambda: all(client.get(t).status == Status.RUNNING for t in busy), 20,
-             "both slots busy")
+    wait_for(
+        lambda: all(client.get(t).status == Status.RUNNING for t in busy), 20, "both slots busy"
+    )
     # When a third task waits and is cancelled
     queued = client.submit("BLOCK", {"gate": str(gate)})
     assert client.get(queued).status == Status.QUEUED
@@ -200,12 +211,16 @@ def test_cancel_of_a_queued_task_removes_it_from_the_queue(system: System, clien
     assert client.cancel(busy[0]) is False  # already done
 
 
-def test_cancel_of_a_running_task_kills_and_restarts_its_worker(system: System, client: Client,
-                                                                 tmp_path: Path) -> None:
+def test_cancel_of_a_running_task_kills_and_restarts_its_worker(
+    system: System, client: Client, tmp_path: Path
+) -> None:
     with_test_tasks(system)
     started = tmp_path / "started"
-    tid = client.submit("BLOCK", {"started": str(started), "priority": 0,
-                                  "gate": str(tmp_path / "never")}, priority=50)
+    tid = client.submit(
+        "BLOCK",
+        {"started": str(started), "priority": 0, "gate": str(tmp_path / "never")},
+        priority=50,
+    )
     wait_for(started.exists, 20, "the task to start")
     pid = int(started.read_text())
     assert client.cancel(tid) is True
@@ -216,7 +231,8 @@ def test_cancel_of_a_running_task_kills_and_restarts_its_worker(system: System, 
 
 
 def test_worker_killed_mid_task_is_restarted_and_the_task_runs_again(
-        system: System, client: Client, tmp_path: Path) -> None:
+    system: System, client: Client, tmp_path: Path
+) -> None:
     with_test_tasks(system)
     started = tmp_path / "started"
     gate = tmp_path / "gate"
@@ -238,8 +254,7 @@ def test_a_task_that_kills_its_worker_is_retried(system: System, client: Client)
     assert client.wait(client.submit("CRASH_ONCE", {}), timeout=30) == "survived on attempt 2"
 
 
-def test_unknown_task_name_waits_visibly_and_takes_no_slot(running: System,
-                                                           client: Client) -> None:
+def test_unknown_task_name_waits_visibly_and_takes_no_slot(running: System, client: Client) -> None:
     tid = client.submit("NO_SUCH_TASK", {})
     state = client.get(tid)
     assert state.status == Status.QUEUED
@@ -251,8 +266,9 @@ def test_unknown_task_name_waits_visibly_and_takes_no_slot(running: System,
     assert any("NO_SUCH_TASK" in w for w in stats.warnings)
 
 
-def test_priority_bands_keep_slots_for_their_priorities(system: System, client: Client,
-                                                        tmp_path: Path) -> None:
+def test_priority_bands_keep_slots_for_their_priorities(
+    system: System, client: Client, tmp_path: Path
+) -> None:
     with_test_tasks(system)
     gate = tmp_path / "gate"
     # band 10..1000 has one slot: an urgent task runs there even with 0..9 full
@@ -265,7 +281,8 @@ def test_priority_bands_keep_slots_for_their_priorities(system: System, client: 
     # a priority no band accepts waits and says why
     odd = client.submit("ECHO", {}, priority=5000)
     assert "no online node offering 'ECHO' has a slot for priority 5000" in (
-        client.get(odd).waiting or "")
+        client.get(odd).waiting or ""
+    )
     gate.touch()
     for t in low:
         client.wait(t, timeout=20)
@@ -273,15 +290,19 @@ def test_priority_bands_keep_slots_for_their_priorities(system: System, client: 
 
 def test_nice_level_comes_from_processP(system: System, client: Client) -> None:
     system.start_balancer()
-    s = make_settings(system.settings.broker_port, system.settings.topic_prefix,
-                      WKHUB_WORKERS=[{"nWorkers": 1, "minP": 0, "maxP": 9, "processP": 7}])
+    s = make_settings(
+        system.settings.broker_port,
+        system.settings.topic_prefix,
+        WKHUB_WORKERS=[{"nWorkers": 1, "minP": 0, "maxP": 9, "processP": 7}],
+    )
     system.start_node("nice", settings=s, tasks=[DEMO_TASKS, TEST_TASKS])
     base = os.nice(0)
     assert client.wait(client.submit("ECHO", {}), timeout=20)["nice"] == min(19, base + 7)
 
 
-def test_quota_refuses_submits_beyond_the_cap(system: System, broker_port: int,
-                                              prefix: str) -> None:
+def test_quota_refuses_submits_beyond_the_cap(
+    system: System, broker_port: int, prefix: str
+) -> None:
     s = make_settings(broker_port, prefix, LB_QUEING_MAXPERUSER=2)
     system.start_balancer(s)  # no node: everything stays queued
     with Client(s, user="greedy") as c:
@@ -308,24 +329,38 @@ def test_result_that_is_not_json_fails_clearly(system: System, client: Client) -
         client.wait(client.submit("NOT_JSON", {}), timeout=20)
 
 
-def test_bad_messages_get_errors_and_do_not_stop_the_balancer(running: System, raw: Any,
-                                                              client: Client) -> None:
+def test_bad_messages_get_errors_and_do_not_stop_the_balancer(
+    running: System, raw: Any, client: Client
+) -> None:
     p = running.settings.topic_prefix
     foreign = raw()
     foreign.subscribe(f"{p}/users/mallory/errors")
-    bad = [b"not json", b"\xff\xfe", b"[1,2]", b'{"name": 5}', b'{"name": "X", "priority": "high"}',
-           b'{"tasks": [{"name": "HELLO", "args": {}}, {"nam": "typo"}]}',
-           b'{"id": "a/b", "name": "HELLO"}', b"{" * 5000]
+    bad = [
+        b"not json",
+        b"\xff\xfe",
+        b"[1,2]",
+        b'{"name": 5}',
+        b'{"name": "X", "priority": "high"}',
+        b'{"tasks": [{"name": "HELLO", "args": {}}, {"nam": "typo"}]}',
+        b'{"id": "a/b", "name": "HELLO"}',
+        b"{" * 5000,
+    ]
     for payload in bad:
         foreign.publish(f"{p}/users/mallory/submit", payload)
     foreign.publish(f"{p}/users/mallory/cancel", b'{"ids": 3}')
     foreign.publish(f"{p}/nodes/ghost/status", b"garbage")
     foreign.publish(f"{p}/nodes/ghost/reports", b'{"v": 1}')
-    wait_for(lambda: sum(len(json.loads(m)["errors"])
-                         for m in foreign.payloads(f"{p}/users/mallory/errors")) >= 9, 10,
-             "an error per bad message")
-    errors = [e for m in foreign.payloads(f"{p}/users/mallory/errors")
-              for e in json.loads(m)["errors"]]
+    wait_for(
+        lambda: (
+            sum(len(json.loads(m)["errors"]) for m in foreign.payloads(f"{p}/users/mallory/errors"))
+            >= 9
+        ),
+        10,
+        "an error per bad message",
+    )
+    errors = [
+        e for m in foreign.payloads(f"{p}/users/mallory/errors") for e in json.loads(m)["errors"]
+    ]
     codes = [e["code"] for e in errors]
     assert codes[0] == "bad_json" and codes.count("invalid") >= 6
     assert all(e["message"] for e in errors)
@@ -334,8 +369,9 @@ def test_bad_messages_get_errors_and_do_not_stop_the_balancer(running: System, r
     assert running.stats().bad_messages_total >= 10
 
 
-def test_get_and_cancel_of_unknown_or_foreign_tasks_raise(running: System, client: Client,
-                                                          settings: Any) -> None:
+def test_get_and_cancel_of_unknown_or_foreign_tasks_raise(
+    running: System, client: Client, settings: Any
+) -> None:
     with pytest.raises(UnknownTask):
         client.get("never-submitted")
     tid = client.submit("HELLO", JOHN)
@@ -348,7 +384,8 @@ def test_get_and_cancel_of_unknown_or_foreign_tasks_raise(running: System, clien
 
 
 def test_collected_results_are_forgotten_after_the_grace_period(
-        system: System, broker_port: int, prefix: str) -> None:
+    system: System, broker_port: int, prefix: str
+) -> None:
     s = make_settings(broker_port, prefix, RESULT_COLLECTED_TTL_S=0)
     system.start_balancer(s)
     system.start_node("n1", settings=s)
@@ -375,15 +412,19 @@ def test_tasks_spread_over_two_nodes(system: System, client: Client, tmp_path: P
     system.start_node("n2", tasks=[DEMO_TASKS, TEST_TASKS])
     gate = tmp_path / "gate"
     ids = [client.submit("BLOCK", {"gate": str(gate), "value": i}) for i in range(4)]
-    wait_for(lambda: all(client.get(t).status == Status.RUNNING for t in ids), 20,
-             "four tasks running on four slots")
+    wait_for(
+        lambda: all(client.get(t).status == Status.RUNNING for t in ids),
+        20,
+        "four tasks running on four slots",
+    )
     assert sorted(client.get(t).node or "" for t in ids) == ["n1", "n1", "n2", "n2"]
     gate.touch()
     assert [client.wait(t, timeout=20)["value"] for t in ids] == [0, 1, 2, 3]
 
 
-def test_node_going_offline_puts_its_tasks_back_in_the_queue(system: System, client: Client,
-                                                              tmp_path: Path) -> None:
+def test_node_going_offline_puts_its_tasks_back_in_the_queue(
+    system: System, client: Client, tmp_path: Path
+) -> None:
     system.start_balancer()
     n1 = system.start_node("n1", tasks=[DEMO_TASKS, TEST_TASKS])
     gate = tmp_path / "gate"
@@ -400,8 +441,9 @@ def test_node_going_offline_puts_its_tasks_back_in_the_queue(system: System, cli
     assert client.get(tid).node == "n2"
 
 
-def test_node_will_marks_it_offline_when_its_connection_drops(system: System,
-                                                               client: Client) -> None:
+def test_node_will_marks_it_offline_when_its_connection_drops(
+    system: System, client: Client
+) -> None:
     system.start_balancer()
     n1 = system.start_node("n1")
     wait_for(lambda: any(n.online for n in system.stats().nodes), 5, "n1 online")
@@ -409,8 +451,11 @@ def test_node_will_marks_it_offline_when_its_connection_drops(system: System,
     assert transport is not None
     system.lt.call(transport.drop_connection)
     # the broker publishes the will at once; the node reconnects and announces itself again
-    wait_for(lambda: any("n1 went offline" in w for w in system.stats().warnings), 10,
-             "the will to mark n1 offline")
+    wait_for(
+        lambda: any("n1 went offline" in w for w in system.stats().warnings),
+        10,
+        "the will to mark n1 offline",
+    )
     wait_for(lambda: system.stats().nodes[0].online, 10, "n1 back online")
     assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
 
@@ -428,9 +473,9 @@ def _alive(pid: int) -> bool:
     return process_alive(pid)
 
 
-
-def test_map_beyond_the_queue_cap_paces_itself(system: System, broker_port: int,
-                                               prefix: str) -> None:
+def test_map_beyond_the_queue_cap_paces_itself(
+    system: System, broker_port: int, prefix: str
+) -> None:
     s = make_settings(broker_port, prefix, LB_QUEING_MAXPERUSER=5)
     system.start_balancer(s)
     system.start_node("n1", settings=s)
@@ -440,7 +485,8 @@ def test_map_beyond_the_queue_cap_paces_itself(system: System, broker_port: int,
 
 
 def test_map_retries_what_the_cap_refused_when_what_it_let_in_has_already_finished(
-        system: System, broker_port: int, prefix: str) -> None:
+    system: System, broker_port: int, prefix: str
+) -> None:
     # under load the client may read "5 accepted, 35 refused for the cap" together with
     # "those 5 done": nothing of its own is then in flight, but the cap has room again
     # (map used to give up with QuotaExceeded; seen in a loaded run). The client's loop is
@@ -483,8 +529,7 @@ def test_map_retries_what_the_cap_refused_when_what_it_let_in_has_already_finish
     assert system.stats().refused_total > 0
 
 
-def test_short_tasks_are_pipelined_and_all_return_in_order(running: System,
-                                                          client: Client) -> None:
+def test_short_tasks_are_pipelined_and_all_return_in_order(running: System, client: Client) -> None:
     b = running.balancer
     assert b is not None
     results = client.map("ADD", [[i, 1] for i in range(300)], timeout=60)

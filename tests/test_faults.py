@@ -28,8 +28,9 @@ pytestmark = pytest.mark.slow
 
 @contextlib.contextmanager
 def _paho(cluster: Cluster) -> Iterator[paho.Client]:
-    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                    protocol=MQTTProtocolVersion.MQTTv311)
+    c = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311
+    )
     c.connect(cluster.host, cluster.port)
     c.loop_start()
     try:
@@ -41,6 +42,7 @@ def _paho(cluster: Cluster) -> Iterator[paho.Client]:
 
 def _retained(cluster: Cluster, topic: str) -> Callable[[], bytes | None]:
     """A probe: a fresh subscription's retained message on ``topic``, or None."""
+
     def probe() -> bytes | None:
         got: list[bytes] = []
         with _paho(cluster) as c:
@@ -49,6 +51,7 @@ def _retained(cluster: Cluster, topic: str) -> Callable[[], bytes | None]:
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: got, 0.5, "a retained message")
         return got[0] if got else None
+
     return probe
 
 
@@ -59,8 +62,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c.close()
 
 
-def _run_through(cluster: Cluster, stream: Stream, fault: Callable[[], None], *,
-                 after: int) -> None:
+def _run_through(
+    cluster: Cluster, stream: Stream, fault: Callable[[], None], *, after: int
+) -> None:
     stream.start()
     wait_until(lambda: len(stream.expected) >= after, 60, f"{after} tasks submitted")
     fault()
@@ -73,7 +77,8 @@ def _finish(cluster: Cluster, stream: Stream, *, min_retried: int = 0) -> None:
         print("accounting:", acc.summary())
         acc.assert_clean()
         assert acc.retried >= min_retried, (
-            f"the fault forced no retry: it did not hit a running task {acc.summary()}")
+            f"the fault forced no retry: it did not hit a running task {acc.summary()}"
+        )
     except AssertionError:
         print(cluster.log_tail())
         raise
@@ -162,8 +167,9 @@ def test_frozen_node_is_declared_dead_and_reconciled_when_it_thaws(cluster: Clus
 
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
 def test_broker_restart_loses_nothing(tmp_path: Path, broker: str) -> None:
-    if broker == "mosquitto" and not (shutil.which("mosquitto")
-                                      or Path("/usr/sbin/mosquitto").exists()):
+    if broker == "mosquitto" and not (
+        shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()
+    ):
         pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
     cluster = Cluster(tmp_path, broker=broker)
     try:
@@ -172,9 +178,18 @@ def test_broker_restart_loses_nothing(tmp_path: Path, broker: str) -> None:
         topics = Topics(cluster.prefix)
         retained_result = _retained(cluster, topics.result("mqtt-user", "before-restart"))
         with _paho(cluster) as c:
-            c.publish(topics.submit("mqtt-user"), json.dumps(
-                {"v": 1, "id": "before-restart", "name": "CHAOS",
-                 "args": {"value": 21, "log": str(cluster.runs_log)}}), qos=1).wait_for_publish(5)
+            c.publish(
+                topics.submit("mqtt-user"),
+                json.dumps(
+                    {
+                        "v": 1,
+                        "id": "before-restart",
+                        "name": "CHAOS",
+                        "args": {"value": 21, "log": str(cluster.runs_log)},
+                    }
+                ),
+                qos=1,
+            ).wait_for_publish(5)
         assert json.loads(wait_until(retained_result, 20, "the result"))["status"] == "done"
         stream = Stream(cluster, count=100, interval_s=0.01, task_ms=100)
 

@@ -91,8 +91,12 @@ def field_(raw: bytes) -> bytes:
 def connect_packet(client_id: str, login: tuple[str, str] | None, keepalive: int = 60) -> bytes:
     """A valid MQTT 3.1.1 CONNECT with a clean session."""
     flags = 0x02 | (0xC0 if login else 0)
-    body = field_(b"MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) \
+    body = (
+        field_(b"MQTT")
+        + bytes([4, flags])
+        + struct.pack("!H", keepalive)
         + field_(client_id.encode())
+    )
     if login:
         body += field_(login[0].encode()) + field_(login[1].encode())
     return b"\x10" + varint(len(body)) + body
@@ -114,7 +118,7 @@ def parse_packets(data: bytes) -> list[tuple[int, bytes]]:
             return out  # header cut off (the broker may have reset the connection)
         if j + n > len(data):
             return out
-        out.append((data[i] >> 4, data[j:j + n]))
+        out.append((data[i] >> 4, data[j : j + n]))
         i = j + n
     return out
 
@@ -141,8 +145,9 @@ def broker_side_sockets(port: int) -> int:
     return n
 
 
-def exchange(sock: socket.socket, data: bytes, timeout: float, *,
-             eof: bool = False) -> tuple[bool, bytes]:
+def exchange(
+    sock: socket.socket, data: bytes, timeout: float, *, eof: bool = False
+) -> tuple[bool, bytes]:
     """Write ``data`` (then, with ``eof``, end the stream) while reading what the broker
     sends, then read until it closes the connection or ``timeout`` passes. Returns (closed
     by the broker, bytes received).
@@ -179,11 +184,11 @@ def exchange(sock: socket.socket, data: bytes, timeout: float, *,
                     received += chunk or b""
                 if mask & selectors.EVENT_WRITE and view:
                     try:
-                        view = view[sock.send(view):]
+                        view = view[sock.send(view) :]
                     except BlockingIOError:
                         pass
                     except OSError:  # EPIPE / reset: the broker closed the connection
-                        view = view[len(view):]
+                        view = view[len(view) :]
                     if not view:
                         sel.modify(sock, selectors.EVENT_READ)
                         written()
@@ -238,9 +243,15 @@ class Target:
 
     def connected_sessions(self) -> list[str]:
         """Client ids of the sessions amqtt holds as connected."""
-        return list(self.on_loop(lambda: [
-            cid for cid, (s, _) in self.broker.sessions.items()
-            if s.transitions.state == "connected"]))
+        return list(
+            self.on_loop(
+                lambda: [
+                    cid
+                    for cid, (s, _) in self.broker.sessions.items()
+                    if s.transitions.state == "connected"
+                ]
+            )
+        )
 
     def connections(self) -> tuple[int, int]:
         """(broker-side sockets, connected amqtt sessions)."""
@@ -288,8 +299,11 @@ def assert_broker_serves(target: Target) -> None:
         wait_for(lambda: checker.payloads(topic), 5, "the checker's own message")
         token = uuid.uuid4().hex.encode()
         checker.publish(target.calm_topic, token)
-        wait_for(lambda: token in target.calm.payloads(target.calm_topic), 5,
-                 "the well-behaved subscriber's message")
+        wait_for(
+            lambda: token in target.calm.payloads(target.calm_topic),
+            5,
+            "the well-behaved subscriber's message",
+        )
     finally:
         checker.close()
     assert target.calm_disconnects == [], "the well-behaved subscriber was disconnected"
@@ -316,7 +330,8 @@ def assert_no_leaked_connections(target: Target, *, collect_garbage: bool = Fals
         wait_for(back, 5, "")
     assert target.connections() == target.baseline, (
         f"the broker's connections (sockets, sessions) did not go back to "
-        f"{target.baseline} but to {target.connections()}: {target.connected_sessions()}")
+        f"{target.baseline} but to {target.connections()}: {target.connected_sessions()}"
+    )
 
 
 def check_after_batch(target: Target, *, collect_garbage: bool = False) -> None:
@@ -330,8 +345,7 @@ def accounts_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     the balancer role). One hash (~100 ms) serves both."""
     path = tmp_path_factory.mktemp("fuzz-accounts") / "accounts"
     hashed = hash_password(PASSWORD)
-    write_accounts(path, [Account("lb", "balancer", hashed),
-                          Account("mallory", "user", hashed)])
+    write_accounts(path, [Account("lb", "balancer", hashed), Account("mallory", "user", hashed)])
     return str(path)
 
 
@@ -355,15 +369,23 @@ def running_target(kind: str, accounts_file: str) -> Iterator[Target]:
     """A broker of this kind on its own loop thread, with a subscriber that behaves."""
     lt = LoopThread()
     guard = AccessGuard(PREFIX, accounts_file) if kind == "accounts" else None
-    eb = EmbeddedBroker("127.0.0.1", 0, guard=guard, max_packet_bytes=LIMIT,
-                        client_max_packet_bytes=LIMIT)
+    eb = EmbeddedBroker(
+        "127.0.0.1", 0, guard=guard, max_packet_bytes=LIMIT, client_max_packet_bytes=LIMIT
+    )
     lt.run(eb.start())
     service = ("lb", PASSWORD) if guard is not None else None
     calm = RawClient(eb.port, client_id=f"calm-{uuid.uuid4().hex[:8]}")
     if service is not None:
         calm.c.username_pw_set(*service)
-    t = Target(kind, lt, eb, ("mallory", PASSWORD) if guard is not None else None, service,
-               calm, f"{PREFIX}/calm/{uuid.uuid4().hex[:8]}")
+    t = Target(
+        kind,
+        lt,
+        eb,
+        ("mallory", PASSWORD) if guard is not None else None,
+        service,
+        calm,
+        f"{PREFIX}/calm/{uuid.uuid4().hex[:8]}",
+    )
     try:
         calm.connect()
         calm.c.on_disconnect = lambda *args: t.calm_disconnects.append(args)
@@ -392,8 +414,11 @@ def target(request: pytest.FixtureRequest, accounts_file: str) -> Iterator[Targe
 def fresh_targets(accounts_file: str) -> Iterator[list[Target]]:
     """Both kinds of broker, for one test: the bug tests leave them in a state no other
     test should meet. (Both at once: each bug test waits out a deadline only once.)"""
-    with quiet_amqtt(), running_target("anonymous", accounts_file) as anonymous, \
-            running_target("accounts", accounts_file) as accounts:
+    with (
+        quiet_amqtt(),
+        running_target("anonymous", accounts_file) as anonymous,
+        running_target("accounts", accounts_file) as accounts,
+    ):
         yield [anonymous, accounts]
 
 
@@ -401,28 +426,67 @@ def fuzz_settings(examples: int) -> settings:
     """Hypothesis settings of every fuzz test: no per-example deadline (the broker runs on
     a shared 2-core machine), and no shrinking (each try costs sockets and, on failure, a
     deadline of seconds; the failing batch is reported as it was)."""
-    return settings(max_examples=examples, deadline=None, database=None,
-                    phases=[Phase.explicit, Phase.generate],
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # -------------------------------------------------------------------------- strategies
 # Strategies are built once, here: building them inside a composite, per packet, costs
 # hypothesis more than the drawing.
 
-INVALID_UTF8 = [b"\xff", b"\xfe\xff", b"\xc3\x28", b"\xc0\xc1", b"a\xffb", b"\xc0\x80",
-                b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xbf\xbf"]
+INVALID_UTF8 = [
+    b"\xff",
+    b"\xfe\xff",
+    b"\xc3\x28",
+    b"\xc0\xc1",
+    b"a\xffb",
+    b"\xc0\x80",
+    b"\xed\xa0\x80",
+    b"\xf4\x90\x80\x80",
+    b"\x80",
+    b"\xbf\xbf",
+]
 """Invalid bytes, a truncated sequence, overlong NUL, a lone surrogate, a code point past
 U+10FFFF, lone continuation bytes."""
-TOPICS = [b"", b"a", b"a/b", b"/", b"//", b"a//b", b"$SYS/broker/x", b"$", b"$share/g/a",
-          b"#", b"+", b"a/#", b"a/+", b"+/+/#", b"a#", b"a+b", b"#/a", b"\x00", b"a\x00b",
-          b" ", "é/ü".encode(), f"{PREFIX}/users/mallory/submit".encode(),
-          f"{PREFIX}/users/mallory/#".encode(), f"{PREFIX}/probe/x".encode(), *INVALID_UTF8]
+TOPICS = [
+    b"",
+    b"a",
+    b"a/b",
+    b"/",
+    b"//",
+    b"a//b",
+    b"$SYS/broker/x",
+    b"$",
+    b"$share/g/a",
+    b"#",
+    b"+",
+    b"a/#",
+    b"a/+",
+    b"+/+/#",
+    b"a#",
+    b"a+b",
+    b"#/a",
+    b"\x00",
+    b"a\x00b",
+    b" ",
+    "é/ü".encode(),
+    f"{PREFIX}/users/mallory/submit".encode(),
+    f"{PREFIX}/users/mallory/#".encode(),
+    f"{PREFIX}/probe/x".encode(),
+    *INVALID_UTF8,
+]
 
 short_bytes = st.binary(max_size=40)
-long_field = st.builds(lambda n, c: bytes([c]) * n,
-                       st.one_of(st.integers(100, 3000), st.just(65535)),
-                       st.integers(0x20, 0xFF))
+long_field = st.builds(
+    lambda n, c: bytes([c]) * n,
+    st.one_of(st.integers(100, 3000), st.just(65535)),
+    st.integers(0x20, 0xFF),
+)
 """A long field of one repeated byte (hypothesis draws small data only), up to the
 largest an MQTT string can be."""
 # After a CONNECT, long fields are zeros ("0", 0x30), rarely of the largest size: once
@@ -434,8 +498,7 @@ payloads = st.one_of(short_bytes, long_zeros)
 packet_ids = st.one_of(st.sampled_from([0, 1, 2, 0xFFFF]), st.integers(0, 0xFFFF))
 qos_bytes = st.one_of(st.sampled_from([0, 1, 2, 3, 0x80, 0xFF]), st.integers(0, 255))
 nibbles = st.integers(0, 15)
-LENGTH_MODES = ["right"] * 12 + ["delta", "random", "huge", "overlong", "five",
-                                  "truncated"] * 2
+LENGTH_MODES = ["right"] * 12 + ["delta", "random", "huge", "overlong", "five", "truncated"] * 2
 LENGTH_MODES[-1] = "right"  # "huge" once: a huge PUBLISH is refused, ending the connection
 length_modes = st.sampled_from(LENGTH_MODES)
 deltas = st.integers(-8, 8)
@@ -461,7 +524,7 @@ def frame(draw: st.DrawFn, first: int, body: bytes) -> bytes:
     if mode == "five":  # malformed: a remaining length has at most 4 bytes
         return bytes([first]) + b"\xff\xff\xff\xff" + bytes([draw(last_length_bytes)]) + body
     if mode == "truncated" and n:
-        return bytes([first]) + varint(n) + body[:int(draw(cuts) * n)]
+        return bytes([first]) + varint(n) + body[: int(draw(cuts) * n)]
     return bytes([first]) + varint(n) + body
 
 
@@ -523,28 +586,40 @@ def any_type(draw: st.DrawFn) -> bytes:
     return frame(draw, draw(nibbles) << 4 | draw(nibbles), draw(short_bytes))
 
 
-after_connect_packets = st.one_of(publish(), publish(), subscribe(), subscribe(),
-                                  unsubscribe(), acknowledgement(), any_type())
+after_connect_packets = st.one_of(
+    publish(), publish(), subscribe(), subscribe(), unsubscribe(), acknowledgement(), any_type()
+)
 EVERY_TYPE = [bytes([kind << 4 | (2 if kind in (6, 8, 10) else 0), 0]) for kind in range(16)]
 """A packet of each type 0..15, with no body (the required flags for PUBREL, SUBSCRIBE and
 UNSUBSCRIBE)."""
 ENDING_TYPES = (0, 1, 14, 15)
 """Reserved, CONNECT, DISCONNECT, reserved: after a CONNECT, each ends the connection."""
 
-connect_names = st.one_of(st.just(b"MQTT"), st.just(b"MQTT"),
-                          st.sampled_from([b"MQIsdp", b"mqtt", b"MQTT\x00", b"", b"MQT",
-                                           b"MQTTT", b"\xff\xfe", b"MQ\xc3\x28"]),
-                          st.binary(max_size=8))
-connect_levels = st.one_of(st.just(4), st.just(4), st.sampled_from([0, 3, 5, 255]),
-                           st.integers(0, 255))
-connect_flags = st.one_of(st.sampled_from([0x02, 0x00, 0xC2, 0x06, 0x0E, 0x16, 0x1E, 0x26,
-                                           0x42, 0x82, 0x03, 0x01]),
-                          st.integers(0, 255))
+connect_names = st.one_of(
+    st.just(b"MQTT"),
+    st.just(b"MQTT"),
+    st.sampled_from(
+        [b"MQIsdp", b"mqtt", b"MQTT\x00", b"", b"MQT", b"MQTTT", b"\xff\xfe", b"MQ\xc3\x28"]
+    ),
+    st.binary(max_size=8),
+)
+connect_levels = st.one_of(
+    st.just(4), st.just(4), st.sampled_from([0, 3, 5, 255]), st.integers(0, 255)
+)
+connect_flags = st.one_of(
+    st.sampled_from([0x02, 0x00, 0xC2, 0x06, 0x0E, 0x16, 0x1E, 0x26, 0x42, 0x82, 0x03, 0x01]),
+    st.integers(0, 255),
+)
 # never 0: a client with keep-alive 0 that leaves at once stays "connected" for ever
 # (test_client_without_keepalive_leaving_at_once_is_disconnected)
 keepalives = st.one_of(st.sampled_from([1, 60, 0xFFFF]), st.integers(1, 0xFFFF))
-client_ids = st.one_of(st.just(b""), st.sampled_from(INVALID_UTF8), short_bytes,
-                       short_bytes.map(lambda b: b"fz-" + b), long_field)
+client_ids = st.one_of(
+    st.just(b""),
+    st.sampled_from(INVALID_UTF8),
+    short_bytes,
+    short_bytes.map(lambda b: b"fz-" + b),
+    long_field,
+)
 _connections = itertools.count()
 
 
@@ -553,6 +628,8 @@ def unique(client_id: bytes) -> bytes:
     connection with the id of a live one takes its session over, which amqtt gets wrong
     (test_takeover_of_a_persistent_session_leaves_the_new_connection_served)."""
     return client_id and client_id[:65_000] + b"#%d" % next(_connections)
+
+
 connect_texts = st.one_of(short_bytes, st.sampled_from(INVALID_UTF8), long_field)
 logins = st.sampled_from(["real", "real", "real", "wrong password", "random"])
 will_topics = st.one_of(st.sampled_from(TOPICS), connect_texts)
@@ -560,15 +637,21 @@ one_in_eight = st.integers(0, 7)
 
 
 @st.composite
-def malformed_connect(draw: st.DrawFn, real_login: tuple[str, str] | None,
-                      ) -> tuple[bytes, bool, bool]:
+def malformed_connect(
+    draw: st.DrawFn,
+    real_login: tuple[str, str] | None,
+) -> tuple[bytes, bool, bool]:
     """A CONNECT, probably malformed. Returns (bytes, acceptable, header_complete):
     ``acceptable`` if the broker may accept it (protocol, level, reserved bit, and with
     accounts the right login); ``header_complete`` if its variable header is all there
     (else amqtt waits for the rest)."""
     name, level, flags = draw(connect_names), draw(connect_levels), draw(connect_flags)
-    body = field_(name) + bytes([level, flags]) + struct.pack("!H", draw(keepalives)) \
+    body = (
+        field_(name)
+        + bytes([level, flags])
+        + struct.pack("!H", draw(keepalives))
         + field_(unique(draw(client_ids)))
+    )
     if flags & 0x04:  # a will
         body += field_(draw(will_topics))
         body += field_(draw(connect_texts))
@@ -584,29 +667,31 @@ def malformed_connect(draw: st.DrawFn, real_login: tuple[str, str] | None,
     if flags & 0x40:
         body += field_(pw)
     login_right = real_login is None or (
-        flags & 0xC0 == 0xC0 and (user, pw) == tuple(x.encode() for x in real_login))
+        flags & 0xC0 == 0xC0 and (user, pw) == tuple(x.encode() for x in real_login)
+    )
     first = 0x10 if draw(nibbles) else 0x10 | draw(nibbles)  # flags must be 0
     packet = frame(draw, first, body)
     # the variable header (name, level, flags, keep-alive) after the remaining length
     start = 1 + next(i for i in range(1, 6) if i == 5 or not packet[i] & 0x80)
     five = packet[1:5] == b"\xff\xff\xff\xff"
     header_complete = five or len(packet) - start >= 2 + len(name) + 4
-    acceptable = (name == b"MQTT" and level == 4 and not flags & 0x01 and not five
-                  and login_right)
+    acceptable = name == b"MQTT" and level == 4 and not flags & 0x01 and not five and login_right
     return packet, acceptable, header_complete
 
 
 def before_connect_packets(real_login: tuple[str, str] | None) -> st.SearchStrategy[bytes]:
     """Random bytes, any packet type, or a malformed CONNECT."""
-    return st.one_of(st.binary(max_size=300), any_type(),
-                     malformed_connect(real_login).map(lambda c: c[0]))
+    return st.one_of(
+        st.binary(max_size=300), any_type(), malformed_connect(real_login).map(lambda c: c[0])
+    )
 
 
 # -------------------------------------------------------------------------- the fuzz tests
 
 
 def test_garbage_before_connect_leaves_the_broker_serving(
-        target: Target, request: pytest.FixtureRequest) -> None:
+    target: Target, request: pytest.FixtureRequest
+) -> None:
     """Random bytes, headers of every type 0..15 and malformed CONNECTs as the first bytes
     of a connection, which then closes at once (without reading: often a reset)."""
     packets = 0
@@ -628,7 +713,8 @@ def test_garbage_before_connect_leaves_the_broker_serving(
 
 
 def test_malformed_connect_is_answered_and_never_lets_garbage_in(
-        target: Target, request: pytest.FixtureRequest) -> None:
+    target: Target, request: pytest.FixtureRequest
+) -> None:
     """Each CONNECT is followed by the end of the client's stream: the broker must answer
     it (a CONNACK, or just closing) and close the connection; it may accept only a CONNECT
     with the right protocol, level and reserved bit, and with accounts the right login."""
@@ -643,8 +729,10 @@ def test_malformed_connect_is_answered_and_never_lets_garbage_in(
             closed, received = exchange(s, packet, CLOSE_DEADLINE_S, eof=True)
         packets += 1
         assert closed, f"connection still open {CLOSE_DEADLINE_S} s after {packet[:80]!r}"
-        assert received in (b"", *(b"\x20\x02" + bytes([sp, rc]) for sp in (0, 1)
-                                   for rc in range(6))), received
+        assert received in (
+            b"",
+            *(b"\x20\x02" + bytes([sp, rc]) for sp in (0, 1) for rc in range(6)),
+        ), received
         if received[3:4] == b"\x00":
             assert acceptable, f"accepted a CONNECT it must refuse: {packet[:80]!r}"
 
@@ -668,13 +756,17 @@ def fuzz_logged_in(target: Target, data: bytes, client_id: str) -> None:
     assert closed, "the broker kept the connection open after the client's stream ended"
     assert all(t in SERVER_TYPES for t, _ in parse_packets(received)), received[:200]
     if client_id in target.connected_sessions():
-        wait_for(lambda: client_id not in target.connected_sessions(), CLOSE_DEADLINE_S,
-                 "a zombie session: connection closed, session still connected")
+        wait_for(
+            lambda: client_id not in target.connected_sessions(),
+            CLOSE_DEADLINE_S,
+            "a zombie session: connection closed, session still connected",
+        )
     target.clear_retained()
 
 
 def test_malformed_packets_after_connect_never_leave_a_zombie(
-        target: Target, request: pytest.FixtureRequest) -> None:
+    target: Target, request: pytest.FixtureRequest
+) -> None:
     """Up to 80 malformed packets of every kind on one logged-in connection."""
     packets = 0
 
@@ -697,7 +789,8 @@ def test_malformed_packets_after_connect_never_leave_a_zombie(
 
 
 def test_random_bytes_after_connect_never_leave_a_zombie(
-        target: Target, request: pytest.FixtureRequest) -> None:
+    target: Target, request: pytest.FixtureRequest
+) -> None:
     """Random byte strings after a valid CONNECT (login)."""
     packets = 0
 
@@ -784,8 +877,7 @@ def open_sockets() -> Iterator[list[socket.socket]]:
             s.close()
 
 
-def test_first_packet_other_than_connect_closes_the_connection(
-        fresh_targets: list[Target]) -> None:
+def test_first_packet_other_than_connect_closes_the_connection(fresh_targets: list[Target]) -> None:
     """[MQTT-3.1.0-1] The first packet must be a CONNECT; [MQTT-4.8.0-1] on a protocol
     violation the server closes the connection. Here each packet type but CONNECT is sent
     first, with a CONNECT's body, so that amqtt reads it to the end."""
@@ -801,7 +893,8 @@ def test_first_packet_other_than_connect_closes_the_connection(
 
 
 def test_client_leaving_before_its_connect_ends_leaves_no_socket_open(
-        fresh_targets: list[Target]) -> None:
+    fresh_targets: list[Target],
+) -> None:
     """Clients that connect and leave before their CONNECT is complete (a port scan, a
     health check, a connection cut off) or after a first packet that is not a CONNECT."""
     gc.disable()  # the collector is what eventually closes the forgotten sockets
@@ -818,21 +911,30 @@ def test_client_leaving_before_its_connect_ends_leaves_no_socket_open(
         def sockets() -> list[int]:
             return [broker_side_sockets(t.port) - t.baseline[0] for t in fresh_targets]
 
-        wait_for(lambda: sockets() == [0, 0], 1.0,
-                 f"the brokers to close their sockets ({sockets()} left open)")
+        wait_for(
+            lambda: sockets() == [0, 0],
+            1.0,
+            f"the brokers to close their sockets ({sockets()} left open)",
+        )
     finally:
         gc.enable()
 
 
-@pytest.mark.xfail(sys.version_info < (3, 12), strict=True, reason=(
-    "amqtt stops a client's handler by cancelling its reader task (ProtocolHandler.stop) "
-    "and waits for it; the reader waits for each packet in asyncio.wait_for(..., "
-    "timeout=keep-alive), which on Python 3.11 swallows a cancellation arriving when the "
-    "read has already completed (CPython gh-86296, fixed in 3.12). With data still "
-    "arriving the reader never stops, and the connection stays open, its session "
-    "'connected', until 1.5 x keep-alive passes (lbmqtt's keepalive patch)"))
+@pytest.mark.xfail(
+    sys.version_info < (3, 12),
+    strict=True,
+    reason=(
+        "amqtt stops a client's handler by cancelling its reader task (ProtocolHandler.stop) "
+        "and waits for it; the reader waits for each packet in asyncio.wait_for(..., "
+        "timeout=keep-alive), which on Python 3.11 swallows a cancellation arriving when the "
+        "read has already completed (CPython gh-86296, fixed in 3.12). With data still "
+        "arriving the reader never stops, and the connection stays open, its session "
+        "'connected', until 1.5 x keep-alive passes (lbmqtt's keepalive patch)"
+    ),
+)
 def test_protocol_violation_amid_more_data_closes_the_connection(
-        fresh_targets: list[Target]) -> None:
+    fresh_targets: list[Target],
+) -> None:
     """A client (keep-alive 60 s) sends a DISCONNECT, a packet of reserved type 0 or a
     second CONNECT, followed at once by more packets: the broker must close the
     connection, as it does when nothing follows (or with keep-alive 0)."""
@@ -850,14 +952,19 @@ def test_protocol_violation_amid_more_data_closes_the_connection(
         assert all(closed), f"{closed.count(False)} of {len(closed)} connections still open"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BrokerProtocolHandler.start() creates its disconnect waiter only after its reader task "
-    "has run; without keep-alive the reader meets the EOF of a client already gone at once "
-    "and reports it (handle_connection_closed) while there is no waiter, so the report is "
-    "lost and Broker._client_message_loop waits on wait_disconnect() for ever: the session "
-    "stays 'connected', its will is never published, and it and its tasks leak"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BrokerProtocolHandler.start() creates its disconnect waiter only after its reader task "
+        "has run; without keep-alive the reader meets the EOF of a client already gone at once "
+        "and reports it (handle_connection_closed) while there is no waiter, so the report is "
+        "lost and Broker._client_message_loop waits on wait_disconnect() for ever: the session "
+        "stays 'connected', its will is never published, and it and its tasks leak"
+    ),
+)
 def test_client_without_keepalive_leaving_at_once_is_disconnected(
-        fresh_targets: list[Target]) -> None:
+    fresh_targets: list[Target],
+) -> None:
     """Clients with keep-alive 0 and a will send their CONNECT and close the connection
     without waiting for the CONNACK (a crash, a cut cable): each session must end and each
     will be published."""
@@ -868,9 +975,15 @@ def test_client_without_keepalive_leaving_at_once_is_disconnected(
             watcher.subscribe(will_topic)
             login = b"".join(field_(x.encode()) for x in t.fuzz_login or ())
             for n in range(5):
-                body = field_(b"MQTT") + bytes([4, 0x06 | (0xC0 if login else 0)]) \
-                    + struct.pack("!H", 0) + field_(f"fz-gone-{n}".encode()) \
-                    + field_(will_topic.encode()) + field_(b"gone %d" % n) + login
+                body = (
+                    field_(b"MQTT")
+                    + bytes([4, 0x06 | (0xC0 if login else 0)])
+                    + struct.pack("!H", 0)
+                    + field_(f"fz-gone-{n}".encode())
+                    + field_(will_topic.encode())
+                    + field_(b"gone %d" % n)
+                    + login
+                )
                 with open_socket(t.port) as s:
                     s.sendall(b"\x10" + varint(len(body)) + body)
 
@@ -884,7 +997,8 @@ def test_client_without_keepalive_leaving_at_once_is_disconnected(
 
 
 def test_refused_client_resetting_at_once_releases_its_connection_slot(
-        fresh_targets: list[Target]) -> None:
+    fresh_targets: list[Target],
+) -> None:
     """Clients send a CONNECT with protocol level 3 (refused with CONNACK 1) and reset the
     connection straight away (SO_LINGER 0): amqtt's connection count must come back."""
     body = field_(b"MQTT") + bytes([3, 2]) + struct.pack("!H", 60) + field_(b"fz-level3")
@@ -899,19 +1013,27 @@ def test_refused_client_resetting_at_once_releases_its_connection_slot(
     def counters() -> list[int]:
         return [t.connection_counter() for t in fresh_targets]
 
-    wait_for(lambda: counters() == before, 1.0,
-             f"amqtt's connection counts to go back to {before} (they are {counters()})")
+    wait_for(
+        lambda: counters() == before,
+        1.0,
+        f"amqtt's connection counts to go back to {before} (they are {counters()})",
+    )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a CONNECT with clean_session 0 and the client id of a connection the broker still "
-    "holds takes that session over (Broker._handle_client_session: stop the old handler, "
-    "attach the new one to the same Session object); the old connection's per-client loop "
-    "then ends with session.transitions.disconnect() on that shared Session, so the live "
-    "new connection is 'disconnected': _run_broadcast skips it (QoS 0) or queues for it "
-    "(QoS 1/2) and, anonymous, the session monitor deletes it"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a CONNECT with clean_session 0 and the client id of a connection the broker still "
+        "holds takes that session over (Broker._handle_client_session: stop the old handler, "
+        "attach the new one to the same Session object); the old connection's per-client loop "
+        "then ends with session.transitions.disconnect() on that shared Session, so the live "
+        "new connection is 'disconnected': _run_broadcast skips it (QoS 0) or queues for it "
+        "(QoS 1/2) and, anonymous, the session monitor deletes it"
+    ),
+)
 def test_takeover_of_a_persistent_session_leaves_the_new_connection_served(
-        fresh_targets: list[Target]) -> None:
+    fresh_targets: list[Target],
+) -> None:
     """A client with a persistent session reconnects while the broker still holds its old
     connection (a half-open TCP connection after a network cut): the new connection takes
     the session over [MQTT-3.1.4-2], subscribes and must get what is published."""
@@ -923,9 +1045,13 @@ def test_takeover_of_a_persistent_session_leaves_the_new_connection_served(
                 login = t.service_login
                 old = open_socket(t.port)
                 socks.append(old)
-                body = field_(b"MQTT") + bytes([4, 0xC0 if login else 0]) \
-                    + struct.pack("!H", 60) + field_(client_id.encode()) \
+                body = (
+                    field_(b"MQTT")
+                    + bytes([4, 0xC0 if login else 0])
+                    + struct.pack("!H", 60)
+                    + field_(client_id.encode())
                     + b"".join(field_(x.encode()) for x in login or ())
+                )
                 old.sendall(b"\x10" + varint(len(body)) + body)
                 assert old.recv(4) == CONNECT_OK
                 new = RawClient(t.port, client_id=client_id)
@@ -943,8 +1069,11 @@ def test_takeover_of_a_persistent_session_leaves_the_new_connection_served(
             def received() -> list[int]:
                 return [len(c.payloads(f"{PREFIX}/persistent")) for c in clients[::2]]
 
-            wait_for(lambda: received() == [1, 1], 1.0,
-                     f"the new connections' messages (got {received()})")
+            wait_for(
+                lambda: received() == [1, 1],
+                1.0,
+                f"the new connections' messages (got {received()})",
+            )
         finally:
             for c in clients:
                 c.close()

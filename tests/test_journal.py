@@ -22,8 +22,30 @@ JOHN = {"firstName": "John", "lastName": "Doe"}
 
 
 def _row(tid: str, seq: int, status: str = "queued") -> tuple[Any, ...]:
-    return (tid, "u", "ECHO", b"[1]", 0, seq, 1.0, "events", None, None, None, None, status,
-            0, None, None, None, None, None, None, None, 0)
+    return (
+        tid,
+        "u",
+        "ECHO",
+        b"[1]",
+        0,
+        seq,
+        1.0,
+        "events",
+        None,
+        None,
+        None,
+        None,
+        status,
+        0,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        0,
+    )
 
 
 def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) -> None:
@@ -34,31 +56,42 @@ def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) ->
     j.close()
     again = Journal(path)
     rows = list(again.load())
-    assert [(r.id, r.status, r.args) for r in rows] == [("a", "queued", b"[1]"),
-                                                          ("b", "done", b"[1]")]
+    assert [(r.id, r.status, r.args) for r in rows] == [
+        ("a", "queued", b"[1]"),
+        ("b", "done", b"[1]"),
+    ]
     assert again.count() == 2
     again.close()
 
 
-def test_a_change_rewrites_only_the_changing_columns_and_needs_its_row(
-        tmp_path: Path) -> None:
+def test_a_change_rewrites_only_the_changing_columns_and_needs_its_row(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     j = Journal(path)
     j.commit([_row("a", 1), _row("b", 2)])
     # status, attempt, node, grp, started, finished, result, error, collected, waived; seq
-    assert j.commit([], changes=[("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0,
-                                  2)]) == 1
+    assert j.commit([], changes=[("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0, 2)]) == 1
     with pytest.raises(LookupError, match="1 of 2 changed tasks have no row"):
-        j.commit([_row("c", 3)], changes=[("running", 1, "n1", 0, 5.0, None, None, None,
-                                           None, 0, 1), ("done", 1, None, None, None, None,
-                                                         None, None, None, 0, 9)])
+        j.commit(
+            [_row("c", 3)],
+            changes=[
+                ("running", 1, "n1", 0, 5.0, None, None, None, None, 0, 1),
+                ("done", 1, None, None, None, None, None, None, None, 0, 9),
+            ],
+        )
     j.close()
     rows = {r.id: r for r in Journal(path).load()}
     assert set(rows) == {"a", "b"}  # the failed group wrote nothing, not even "c"
     assert rows["a"].status == "queued"
     b = rows["b"]
-    assert (b.status, b.attempt, b.node, b.started_at, b.finished_at, b.result,
-            b.collected_at) == ("done", 1, "n1", 5.0, 6.0, b"[2]", 7.0)
+    assert (b.status, b.attempt, b.node, b.started_at, b.finished_at, b.result, b.collected_at) == (
+        "done",
+        1,
+        "n1",
+        5.0,
+        6.0,
+        b"[2]",
+        7.0,
+    )
     assert (b.user, b.name, b.args, b.seq, b.notify) == ("u", "ECHO", b"[1]", 2, "events")
 
 
@@ -80,8 +113,9 @@ def test_journal_of_another_schema_is_refused(tmp_path: Path) -> None:
         Journal(path)
 
 
-def test_default_journal_path_is_per_broker_and_prefix(monkeypatch: pytest.MonkeyPatch,
-                                                       tmp_path: Path) -> None:
+def test_default_journal_path_is_per_broker_and_prefix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     a = default_path("127.0.0.1", 1883, "lbmqtt/v1")
     assert a.parent == tmp_path / "lbmqtt" and "/" not in a.name
@@ -90,7 +124,8 @@ def test_default_journal_path_is_per_broker_and_prefix(monkeypatch: pytest.Monke
 
 
 def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
-        system: System, client: Client, tmp_path: Path) -> None:
+    system: System, client: Client, tmp_path: Path
+) -> None:
     first = system.start_balancer()
     system.start_node("n1", tasks=[TEST_TASKS])
     gate, started = tmp_path / "gate", tmp_path / "started"
@@ -123,13 +158,16 @@ def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
     def on_disk_as_in_memory() -> bool:
         j = second.journal
         assert j is not None
-        if second._journal_dirty or any(second.tasks[tid].collected_at is None
-                                        for tid in (done, running, queued)):
+        if second._journal_dirty or any(
+            second.tasks[tid].collected_at is None for tid in (done, running, queued)
+        ):
             return False  # (the acks of the results, and the next tick's commit)
         rows = {r.id: r for r in j.load()}
-        return all(tuple(getattr(rows[tid], c) for c in CHANGING)
-                   == Balancer._journal_change(second.tasks[tid])[:-1]
-                   for tid in (done, running, queued))
+        return all(
+            tuple(getattr(rows[tid], c) for c in CHANGING)
+            == Balancer._journal_change(second.tasks[tid])[:-1]
+            for tid in (done, running, queued)
+        )
 
     wait_for(lambda: system.lt.call(on_disk_as_in_memory), 10, "the journal to agree")
 
@@ -148,7 +186,8 @@ def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None
 
 
 def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
-        system: System, raw: Any) -> None:
+    system: System, raw: Any
+) -> None:
     b = system.start_balancer()
     system.start_node("n1")
     assert b.journal is not None
@@ -158,10 +197,15 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
     rc.subscribe(topics.events("carol"))
     # Given a journal that fails every write
     system.lt.call(b.journal._db.close)
-    rc.publish(topics.submit("carol"), json.dumps(
-        {"v": 1, "id": "j-1", "name": "HELLO", "args": JOHN, "notify": "events"}))
-    wait_for(lambda: system.lt.call(lambda: b.counters["journal_errors"]) >= 3, 10,
-             "failed group commits")
+    rc.publish(
+        topics.submit("carol"),
+        json.dumps({"v": 1, "id": "j-1", "name": "HELLO", "args": JOHN, "notify": "events"}),
+    )
+    wait_for(
+        lambda: system.lt.call(lambda: b.counters["journal_errors"]) >= 3,
+        10,
+        "failed group commits",
+    )
     # Then the submit is not acknowledged (the state goes out in the tick that commits),
     # and not placed either: its node could not be told, and would be blamed for it
     assert rc.payloads(topics.events("carol")) == []
@@ -179,11 +223,14 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
     assert json.loads(got[0])["states"][0]["id"] == "j-1"
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT status FROM tasks WHERE id = 'j-1'").fetchone() in (
-            ("queued",), ("assigned",), ("running",), ("done",))
+            ("queued",),
+            ("assigned",),
+            ("running",),
+            ("done",),
+        )
 
     def finished() -> bool:
-        states = [s for p in rc.payloads(topics.events("carol"))
-                  for s in json.loads(p)["states"]]
+        states = [s for p in rc.payloads(topics.events("carol")) for s in json.loads(p)["states"]]
         return any(s["status"] == "done" and s["attempt"] == 1 for s in states)
 
     wait_for(finished, 20, "the task to run once the journal works again")

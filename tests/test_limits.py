@@ -49,15 +49,15 @@ from .conftest import (
 
 
 def test_submits_beyond_the_rate_are_refused_and_map_sends_them_again(
-        system: System, broker: BrokerThread, prefix: str) -> None:
+    system: System, broker: BrokerThread, prefix: str
+) -> None:
     s = make_settings(broker.port, prefix, SUBMIT_RATE=40, SUBMIT_BURST=10)
     system.start_balancer(s)
     system.start_node("n1", s)
     with Client(s, user="alice") as c:
         with pytest.raises(RateLimited, match="SUBMIT_RATE"):
             c.submit_many([{"name": "ADD", "args": [i, 1]} for i in range(25)])
-        assert c.map("ADD", [[i, 1] for i in range(60)], timeout=60) == [
-            i + 1 for i in range(60)]
+        assert c.map("ADD", [[i, 1] for i in range(60)], timeout=60) == [i + 1 for i in range(60)]
         # another user has a bucket of their own
         with Client(s, user="bob") as bob:
             assert bob.wait(bob.submit("ADD", [2, 2]), timeout=20) == 4
@@ -72,33 +72,48 @@ def test_submits_beyond_the_rate_are_refused_and_map_sends_them_again(
 def alice_and_lb(tmp_path: Path) -> Path:
     """An accounts file with the user alice (password "a") and the balancer lb ("b")."""
     f = tmp_path / "accounts"
-    access.write_accounts(f, [
-        Account("alice", "user", access.hash_password("a", iterations=1000)),
-        Account("lb", "balancer", access.hash_password("b", iterations=1000))])
+    access.write_accounts(
+        f,
+        [
+            Account("alice", "user", access.hash_password("a", iterations=1000)),
+            Account("lb", "balancer", access.hash_password("b", iterations=1000)),
+        ],
+    )
     return f
 
 
 def test_the_broker_caps_packets_by_role(tmp_path: Path) -> None:
     f = alice_and_lb(tmp_path)
-    bt = BrokerThread(guard=AccessGuard("p", f), max_packet_bytes=1_000_000,
-                      client_max_packet_bytes=100_000)
+    bt = BrokerThread(
+        guard=AccessGuard("p", f), max_packet_bytes=1_000_000, client_max_packet_bytes=100_000
+    )
     broker, lt = bt.broker, bt.lt
     try:
         got: list[tuple[str, int]] = []
-        lb = MqttTransport(host="127.0.0.1", port=broker.port, client_id="lb-1",
-                           username="lb", password="b",
-                           on_message=lambda t, p, r: got.append((t, len(p))),
-                           subscriptions=[("p/#", 1)])
-        alice = MqttTransport(host="127.0.0.1", port=broker.port, client_id="alice-1",
-                              username="alice", password="a", on_message=lambda *a: None)
+        lb = MqttTransport(
+            host="127.0.0.1",
+            port=broker.port,
+            client_id="lb-1",
+            username="lb",
+            password="b",
+            on_message=lambda t, p, r: got.append((t, len(p))),
+            subscriptions=[("p/#", 1)],
+        )
+        alice = MqttTransport(
+            host="127.0.0.1",
+            port=broker.port,
+            client_id="alice-1",
+            username="alice",
+            password="a",
+            on_message=lambda *a: None,
+        )
         lt.run(lb.start(wait=True))
         lt.run(alice.start(wait=True))
         lt.call(lambda: alice.publish("p/users/alice/submit", b"x" * 99_000, qos=1))
         wait_for(lambda: ("p/users/alice/submit", 99_000) in got, 10, "the small one")
         connects = alice.connects
         lt.call(lambda: alice.publish("p/users/alice/submit", b"x" * 200_000, qos=1))
-        wait_for(lambda: bt.patched.too_large == 1, 10,
-                 "the broker to refuse 200 kB from a user")
+        wait_for(lambda: bt.patched.too_large == 1, 10, "the broker to refuse 200 kB from a user")
         wait_for(lambda: alice.connects > connects, 10, "alice to reconnect")
         lt.call(lambda: lb.publish("p/users/alice/events", b"y" * 500_000, qos=1))
         wait_for(lambda: ("p/users/alice/events", 500_000) in got, 10, "the balancer's")
@@ -111,17 +126,50 @@ def test_the_broker_caps_packets_by_role(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- fuzzing
 
-KEYS = ["v", "name", "args", "id", "ids", "priority", "tasks", "node", "online", "slots",
-        "groups", "results", "started", "progress", "instance", "status", "samples",
-        "timeout_s", "requires", "tags", "notify", "ref", "seq", "errors", "events"]
+KEYS = [
+    "v",
+    "name",
+    "args",
+    "id",
+    "ids",
+    "priority",
+    "tasks",
+    "node",
+    "online",
+    "slots",
+    "groups",
+    "results",
+    "started",
+    "progress",
+    "instance",
+    "status",
+    "samples",
+    "timeout_s",
+    "requires",
+    "tags",
+    "notify",
+    "ref",
+    "seq",
+    "errors",
+    "events",
+]
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=2**63, max_value=2**200),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
-    st.sampled_from(["", "$SYS", "../x", "a/b", "+", "#", "x" * 200, "\u0000", "\ud800"]))
-JSON = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=5),
-    st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), inner,
-                    max_size=6)), max_leaves=25)
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=2**63, max_value=2**200),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.sampled_from(["", "$SYS", "../x", "a/b", "+", "#", "x" * 200, "\u0000", "\ud800"]),
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=8)), inner, max_size=6),
+    ),
+    max_leaves=25,
+)
 
 
 def _encode(value: Any) -> bytes:
@@ -130,19 +178,28 @@ def _encode(value: Any) -> bytes:
 
 PAYLOADS = st.one_of(
     JSON.map(_encode),
-    st.dictionaries(st.sampled_from(KEYS), JSON, max_size=8).map(
-        lambda d: _encode({"v": 1, **d})),
+    st.dictionaries(st.sampled_from(KEYS), JSON, max_size=8).map(lambda d: _encode({"v": 1, **d})),
     st.binary(max_size=300),
     st.integers(min_value=1, max_value=3000).map(lambda n: b"[" * n + b"]" * n),
     st.integers(min_value=1, max_value=3000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
-    st.sampled_from([b"", b"null", b"NaN", b"-Infinity", b"1e999999", b'"\xff\xfe"',
-                     b'{"v": 1, "ids": [' + b'"x",' * 20000 + b'"x"]}',
-                     b'{"v": 1, "name": "ADD", "priority": NaN}',
-                     b'{"v": 1, "name": "ADD", "priority": -1e300}',
-                     b'{"v": 1, "tasks": [' + b'{"name": "NOOP"},' * 3000 + b'{}]}',
-                     b'{"v": 1, "name": "NOOP", "id": "$bad"}',
-                     b'{"v": 1, "name": "NOOP", "id": "a/b/#"}',
-                     b'{"v": 1, "name": "NOOP", "args": ' + b"9" * 5000 + b"}"]))
+    st.sampled_from(
+        [
+            b"",
+            b"null",
+            b"NaN",
+            b"-Infinity",
+            b"1e999999",
+            b'"\xff\xfe"',
+            b'{"v": 1, "ids": [' + b'"x",' * 20000 + b'"x"]}',
+            b'{"v": 1, "name": "ADD", "priority": NaN}',
+            b'{"v": 1, "name": "ADD", "priority": -1e300}',
+            b'{"v": 1, "tasks": [' + b'{"name": "NOOP"},' * 3000 + b"{}]}",
+            b'{"v": 1, "name": "NOOP", "id": "$bad"}',
+            b'{"v": 1, "name": "NOOP", "id": "a/b/#"}',
+            b'{"v": 1, "name": "NOOP", "args": ' + b"9" * 5000 + b"}",
+        ]
+    ),
+)
 
 
 def inbound_topics(t: Topics) -> list[str]:
@@ -152,10 +209,20 @@ def inbound_topics(t: Topics) -> list[str]:
         out += [t.submit(user), t.cancel(user), t.ack(user), t.query(user)]
     for node in ("n1", "ghost"):
         out += [t.node_status(node), t.heartbeat(node), t.reports(node)]
-    out += [t.assign("n1"), t.events("alice"), t.errors("alice"), t.dashboard_status,
-            t.balancer_stats, t.balancer_history, t.task("alice", "x"),
-            f"{t.prefix}/users/alice", f"{t.prefix}/nodes", f"{t.prefix}/users//submit",
-            "$SYS/x", "$share/g/" + t.submit("alice")]
+    out += [
+        t.assign("n1"),
+        t.events("alice"),
+        t.errors("alice"),
+        t.dashboard_status,
+        t.balancer_stats,
+        t.balancer_history,
+        t.task("alice", "x"),
+        f"{t.prefix}/users/alice",
+        f"{t.prefix}/nodes",
+        f"{t.prefix}/users//submit",
+        "$SYS/x",
+        "$share/g/" + t.submit("alice"),
+    ]
     return out
 
 
@@ -163,9 +230,11 @@ class Fuzzer:
     """A raw paho client publishing at QoS 0, counting what it sent."""
 
     def __init__(self, port: int):
-        self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=f"fuzz-{uuid.uuid4().hex[:8]}",
-                             protocol=MQTTProtocolVersion.MQTTv311)
+        self.c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"fuzz-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
         self.c.max_queued_messages_set(0)
         self.connects = 0
         self.connected = threading.Event()
@@ -207,7 +276,8 @@ def broker_process(tmp_path: Path) -> Iterator[int]:
 
 @pytest.mark.slow
 def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
-        system: System, broker_process: int, prefix: str, tmp_path: Path) -> None:
+    system: System, broker_process: int, prefix: str, tmp_path: Path
+) -> None:
     # (with the session's in-process broker, whose thread relaying the flood competes with
     # the balancer's loop for the interpreter, this failed now and then under load: bob's
     # submit unanswered for 10 s, the balancer, node and dashboard connections silent past
@@ -218,10 +288,13 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
     b = system.start_balancer(s)
     node = system.start_node("n1", s)
     dash = DashboardState()
-    dash_t = MqttTransport(host="127.0.0.1", port=port, client_id="fuzz-dash",
-                           on_message=message_handler(dash, topics),
-                           subscriptions=[(topics.balancer_stats, 0),
-                                          (topics.balancer_history, 1)])
+    dash_t = MqttTransport(
+        host="127.0.0.1",
+        port=port,
+        client_id="fuzz-dash",
+        on_message=message_handler(dash, topics),
+        subscriptions=[(topics.balancer_stats, 0), (topics.balancer_history, 1)],
+    )
     system.lt.run(dash_t.start(wait=True))
     fuzz = Fuzzer(port)
     targets = inbound_topics(topics)
@@ -231,8 +304,9 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
         running = alice.submit("BLOCK", {"gate": str(gate), "limit_s": 60})
         wait_for(lambda: alice.get(running).status == Status.RUNNING, 20, "a running task")
 
-        @settings(max_examples=40, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(st.lists(PAYLOADS, min_size=25, max_size=25))
         def blast(payloads: list[bytes]) -> None:
             for p in payloads:  # each payload on every topic
@@ -249,11 +323,15 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
         probe = RawClient(port).connect()
         probe.subscribe(topics.errors("alice"))
         for attempt in range(12):
-            probe.publish(topics.query("alice"),
-                          f'{{"v": 1, "ids": ["after-the-fuzz-{attempt}"]}}')
+            probe.publish(topics.query("alice"), f'{{"v": 1, "ids": ["after-the-fuzz-{attempt}"]}}')
             try:
-                wait_for(lambda: any(b"after-the-fuzz" in p for p in probe.payloads(
-                    topics.errors("alice"))), 5, "the balancer to answer after the fuzz")
+                wait_for(
+                    lambda: any(
+                        b"after-the-fuzz" in p for p in probe.payloads(topics.errors("alice"))
+                    ),
+                    5,
+                    "the balancer to answer after the fuzz",
+                )
                 break
             except AssertionError:
                 if attempt == 11:
@@ -267,8 +345,7 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
         assert alice.wait(running, timeout=30)["opened"] is True
     with Client(s, user="bob") as bob:
         assert bob.wait(bob.submit("ECHO", [1, 2]), timeout=30)["args"] == [1, 2]
-        assert [r["args"] for r in bob.map("ECHO", list(range(20)), timeout=30)] == list(
-            range(20))
+        assert [r["args"] for r in bob.map("ECHO", list(range(20)), timeout=30)] == list(range(20))
     assert system.lt.call(lambda: b._transport is not None and b._transport.connected)
     assert system.lt.call(lambda: node._transport is not None and node._transport.connected)
     assert system.lt.call(lambda: dash_t.connected)
@@ -292,7 +369,8 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
 
 @pytest.mark.parametrize("case", ["patched", "unpatched"])
 def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
-        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lbmqtt.broker as broker_mod
     from lbmqtt.broker import ALL_PATCHES
 
@@ -304,9 +382,12 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
     broker = bt.broker
     try:
         # alice subscribes in a persistent session, then goes away for good
-        away = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                           client_id="alice-away", clean_session=False,
-                           protocol=MQTTProtocolVersion.MQTTv311)
+        away = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id="alice-away",
+            clean_session=False,
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
         away.username_pw_set("alice", "a")
         away.connect("127.0.0.1", broker.port)
         away.loop_start()
@@ -317,10 +398,16 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
         assert subscribed.wait(5)
         stop_paho(away)
         b = bt.patched
-        wait_for(lambda: b._sessions["alice-away"][0].transitions.state != "connected", 5,
-                 "the broker to see alice gone")
-        lb = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="lb-x",
-                         protocol=MQTTProtocolVersion.MQTTv311)
+        wait_for(
+            lambda: b._sessions["alice-away"][0].transitions.state != "connected",
+            5,
+            "the broker to see alice gone",
+        )
+        lb = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id="lb-x",
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
         lb.username_pw_set("lb", "b")
         lb.max_inflight_messages_set(1000)
         lb.connect("127.0.0.1", broker.port)
@@ -344,7 +431,8 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
 
 @pytest.mark.parametrize("accounts", [False, True])
 def test_a_connection_that_never_says_connect_is_closed(
-        accounts: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    accounts: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import socket
 
     import lbmqtt.broker as broker_mod
@@ -353,8 +441,9 @@ def test_a_connection_that_never_says_connect_is_closed(
     guard = None
     if accounts:
         f = tmp_path / "accounts"
-        access.write_accounts(f, [Account("alice", "user",
-                                          access.hash_password("a", iterations=1000))])
+        access.write_accounts(
+            f, [Account("alice", "user", access.hash_password("a", iterations=1000))]
+        )
         guard = AccessGuard("p", f)
     bt = BrokerThread(guard=guard)
     broker = bt.broker
@@ -376,19 +465,24 @@ def test_a_connection_that_never_says_connect_is_closed(
 
 
 def test_many_unknown_ids_get_one_answer_and_too_many_are_refused(
-        running: System, raw: Any, prefix: str) -> None:
+    running: System, raw: Any, prefix: str
+) -> None:
     from lbmqtt.protocol import MAX_IDS
 
     c = raw()
     c.subscribe(f"{prefix}/users/eve/errors")
-    c.publish(f"{prefix}/users/eve/query",
-              json.dumps({"v": 1, "ids": [f"nope-{i}" for i in range(500)]}))
-    c.publish(f"{prefix}/users/eve/cancel",
-              json.dumps({"v": 1, "ids": [f"x{i}" for i in range(MAX_IDS + 1)]}))
+    c.publish(
+        f"{prefix}/users/eve/query", json.dumps({"v": 1, "ids": [f"nope-{i}" for i in range(500)]})
+    )
+    c.publish(
+        f"{prefix}/users/eve/cancel",
+        json.dumps({"v": 1, "ids": [f"x{i}" for i in range(MAX_IDS + 1)]}),
+    )
 
     def errors() -> list[dict[str, Any]]:
-        return [e for m in c.payloads(f"{prefix}/users/eve/errors")
-                for e in json.loads(m)["errors"]]
+        return [
+            e for m in c.payloads(f"{prefix}/users/eve/errors") for e in json.loads(m)["errors"]
+        ]
 
     wait_for(lambda: len(errors()) >= 2, 10, "two answers")
     got = errors()

@@ -43,8 +43,12 @@ from .conftest import TEST_TASKS, System, run_cli, wait_for
 
 
 def _block(tmp: Path, i: int, progress: int | None = None, **extra: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {"gate": str(tmp / "gate"), "started": str(tmp / f"started-{i}"),
-                            "limit_s": 30, **extra}
+    args: dict[str, Any] = {
+        "gate": str(tmp / "gate"),
+        "started": str(tmp / f"started-{i}"),
+        "limit_s": 30,
+        **extra,
+    }
     if progress is not None:
         args["progress"] = progress
     return args
@@ -52,7 +56,8 @@ def _block(tmp: Path, i: int, progress: int | None = None, **extra: Any) -> dict
 
 def _start(system: System, *, metrics: bool = False) -> System:
     settings = system.settings.with_overrides(
-        node_tasks=[TEST_TASKS], metrics_port=0 if metrics else None)
+        node_tasks=[TEST_TASKS], metrics_port=0 if metrics else None
+    )
     system.start_balancer(settings)
     system.start_node("n1", settings)
     return system
@@ -62,15 +67,18 @@ def _stats_where(system: System, cond: Any, what: str, timeout: float = 15.0) ->
     """The balancer's published stats once ``cond(stats)`` holds."""
     b = system.balancer
     assert b is not None
-    return wait_for(lambda: (s := system.lt.call(lambda: b._last_stats)) is not None
-                    and cond(s) and s, timeout, what)
+    return wait_for(
+        lambda: (s := system.lt.call(lambda: b._last_stats)) is not None and cond(s) and s,
+        timeout,
+        what,
+    )
 
 
-def test_the_document_shows_bands_users_nodes_times_and_tasks(system: System,
-                                                              tmp_path: Path) -> None:
+def test_the_document_shows_bands_users_nodes_times_and_tasks(
+    system: System, tmp_path: Path
+) -> None:
     _start(system)
-    with Client(system.settings, user="alice") as alice, \
-            Client(system.settings, user="bob") as bob:
+    with Client(system.settings, user="alice") as alice, Client(system.settings, user="bob") as bob:
         # two of alice's run (the 0..9 group has 2 slots) and report progress; the urgent
         # band's one slot takes bob's priority-50 task; the rest queue in both bands
         running = [alice.submit("BLOCK", _block(tmp_path, i, progress=40)) for i in range(2)]
@@ -81,9 +89,14 @@ def test_the_document_shows_bands_users_nodes_times_and_tasks(system: System,
         queued = [bob.submit("BLOCK", _block(tmp_path, 10 + i)) for i in range(3)]
         queued.append(alice.submit("BLOCK", _block(tmp_path, 20), priority=20))
         stats = _stats_where(
-            system, lambda s: s.queued == 4 and all(
-                t.progress in (40, 70) for t in s.tasks if t.status == "running")
-            and sum(t.status == "running" for t in s.tasks) == 3, "4 queued, 3 running at 40/70%")
+            system,
+            lambda s: (
+                s.queued == 4
+                and all(t.progress in (40, 70) for t in s.tasks if t.status == "running")
+                and sum(t.status == "running" for t in s.tasks) == 3
+            ),
+            "4 queued, 3 running at 40/70%",
+        )
 
         assert stats.bands == ["0-9", "10-1000"]
         assert stats.queued_by_band == {"0-9": 3, "10-1000": 1}
@@ -94,17 +107,27 @@ def test_the_document_shows_bands_users_nodes_times_and_tasks(system: System,
         q = page.queue.data
         assert (q["b0"], q["b1"], q["b2"]) == ([3], [1], [0])
         assert [i.label.value for i in page.band_items if i.visible] == [
-            "priority 0-9", "priority 10-1000"]
-        users = dict(zip(page.users.data["user"], zip(page.users.data["running"],
-                                                      page.users.data["queued"],
-                                                      strict=True), strict=True))
+            "priority 0-9",
+            "priority 10-1000",
+        ]
+        users = dict(
+            zip(
+                page.users.data["user"],
+                zip(page.users.data["running"], page.users.data["queued"], strict=True),
+                strict=True,
+            )
+        )
         assert users == {"alice": (2, 1), "bob": (1, 3)}
         assert list(page.user_range.factors) == ["alice", "bob"]
         assert page.nodes.data["name"] == ["n1"] and page.nodes.data["busy"] == [3]
         assert page.nodes.data["free"] == [0] and page.nodes.data["online"] == ["yes"]
         tasks = page.tasks.data
-        rows = {tid: (st, p, node) for tid, st, p, node in zip(
-            tasks["id"], tasks["status"], tasks["progress"], tasks["node"], strict=True)}
+        rows = {
+            tid: (st, p, node)
+            for tid, st, p, node in zip(
+                tasks["id"], tasks["status"], tasks["progress"], tasks["node"], strict=True
+            )
+        }
         assert {rows[t] for t in running} == {("running", 40, "n1")}
         assert rows[urgent] == ("running", 70, "n1")
         assert not set(queued) & set(rows)  # queued tasks are in the chart, not the table
@@ -117,8 +140,11 @@ def test_the_document_shows_bands_users_nodes_times_and_tasks(system: System,
 
         (tmp_path / "gate").touch()
         for tid in [*running, urgent, *queued]:
-            assert alice.wait_state(tid, 30) if tid in (*running, queued[-1]) \
+            assert (
+                alice.wait_state(tid, 30)
+                if tid in (*running, queued[-1])
                 else bob.wait_state(tid, 30)
+            )
         done = _stats_where(system, lambda s: s.done_total == 7 and s.queued == 0, "7 done")
         state.add_stats(done)
         asyncio.run(page.update())
@@ -132,8 +158,7 @@ def test_the_document_shows_bands_users_nodes_times_and_tasks(system: System,
         assert float(times["wait_p99"][i]) >= float(times["wait_p50"][i]) >= 0
 
 
-def test_a_run_time_is_the_nodes_measure_when_started_rides_with_the_result(
-        system: System) -> None:
+def test_a_run_time_is_the_nodes_measure_when_started_rides_with_the_result(system: System) -> None:
     """A node sends a short task's "started" in the same report as its result (lbmqtt's
     own node does, to save a message): the task ran for the runtime the node measured,
     not for the no time between the two on the balancer's clock."""
@@ -142,24 +167,40 @@ def test_a_run_time_is_the_nodes_measure_when_started_rides_with_the_result(
     topics = Topics(s.topic_prefix)
     name, instance = "handmade", "hm0123456789"
     sets: list[bytes] = []
-    node = MqttTransport(host="127.0.0.1", port=s.broker_port, client_id=f"{name}-node",
-                         on_message=lambda topic, payload, retained: sets.append(payload),
-                         subscriptions=[(topics.assign(name), 1)])
+    node = MqttTransport(
+        host="127.0.0.1",
+        port=s.broker_port,
+        client_id=f"{name}-node",
+        on_message=lambda topic, payload, retained: sets.append(payload),
+        subscriptions=[(topics.assign(name), 1)],
+    )
     system.lt.run(node.start(wait=True, timeout_s=10))
-    status = NodeStatus(node=name, instance=instance, online=True, host="here", pid=1,
-                        groups=[GroupInfo(index=0, workers=1, min_p=-1000, max_p=1000)],
-                        tasks=["ECHO"], cores=1, heartbeat_s=1.0, speed=1.0)
+    status = NodeStatus(
+        node=name,
+        instance=instance,
+        online=True,
+        host="here",
+        pid=1,
+        groups=[GroupInfo(index=0, workers=1, min_p=-1000, max_p=1000)],
+        tasks=["ECHO"],
+        cores=1,
+        heartbeat_s=1.0,
+        speed=1.0,
+    )
     try:
-        system.lt.call(lambda: node.publish(topics.node_status(name), status.encode(), qos=1,
-                                            retain=True))
+        system.lt.call(
+            lambda: node.publish(topics.node_status(name), status.encode(), qos=1, retain=True)
+        )
         with Client(s, user="alice") as alice:
             tid = alice.submit("ECHO", [1])
             wait_for(lambda: any(tid.encode() in p for p in sets), 10, "the assignment")
             time.sleep(0.25)  # the task runs (a shorter run could not have taken 0.25 s)
-            report = NodeReport(node=name, instance=instance,
-                                started=[Started(id=tid, attempt=1, time=time.time())],
-                                results=[Result(id=tid, attempt=1, status="done", result=[1],
-                                                runtime_s=0.25)])
+            report = NodeReport(
+                node=name,
+                instance=instance,
+                started=[Started(id=tid, attempt=1, time=time.time())],
+                results=[Result(id=tid, attempt=1, status="done", result=[1], runtime_s=0.25)],
+            )
             system.lt.call(lambda: node.publish(topics.reports(name), report.encode(), qos=1))
             st = alice.wait_state(tid, 10)
             assert st.status == Status.DONE and st.result == [1]
@@ -167,7 +208,8 @@ def test_a_run_time_is_the_nodes_measure_when_started_rides_with_the_result(
             assert st.wait_s is not None and st.wait_s >= 0
             names = system.lt.call(b.stats).names
             assert [n.run_p50_s for n in names if n.name == "ECHO"] == [
-                pytest.approx(0.25, abs=0.005)]
+                pytest.approx(0.25, abs=0.005)
+            ]
     finally:
         system.lt.call(lambda: node.publish(topics.node_status(name), b"", qos=1, retain=True))
         system.lt.run(node.close())
@@ -200,8 +242,7 @@ def test_metrics_endpoint_parses_and_counts(system: System, tmp_path: Path) -> N
     _start(system, metrics=True)
     b = system.balancer
     assert b is not None and b.metrics_url.startswith("http://127.0.0.1:")
-    with Client(system.settings, user="carol") as c, \
-            Client(system.settings, user="dan") as d:
+    with Client(system.settings, user="carol") as c, Client(system.settings, user="dan") as d:
         assert len(c.map("ECHO", list(range(5)))) == 5
         with pytest.raises(SubmitRefused, match="already used"):
             d.submit("ECHO", None, task_id=c.submit("ECHO", None, task_id="carol-1"))
@@ -210,31 +251,38 @@ def test_metrics_endpoint_parses_and_counts(system: System, tmp_path: Path) -> N
         blocked = c.submit("BLOCK", {"gate": str(gate), "limit_s": 60}, task_id="carol-2")
         wait_for(lambda: c.get(blocked).status == Status.RUNNING, 20, "the task to run")
         assert c.cancel(blocked)
-    _stats_where(system, lambda s: s.done_total == 6 and s.cancelled_total == 1,
-                 "6 done and 1 cancelled in the stats")
+    _stats_where(
+        system,
+        lambda s: s.done_total == 6 and s.cancelled_total == 1,
+        "6 done and 1 cancelled in the stats",
+    )
 
     def scrape() -> dict[str, Any]:
         with urllib.request.urlopen(b.metrics_url, timeout=5) as r:
             text = r.read().decode()
-        return {s.name + "|" + json.dumps(s.labels, sort_keys=True): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
+        return {
+            s.name + "|" + json.dumps(s.labels, sort_keys=True): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
 
     m = scrape()
-    assert m['lbmqtt_done_total|{}'] == 6
-    assert m['lbmqtt_slots|{}'] == 3
+    assert m["lbmqtt_done_total|{}"] == 6
+    assert m["lbmqtt_slots|{}"] == 3
     assert m['lbmqtt_node_online|{"node": "n1"}'] == 1
     assert m['lbmqtt_task_run_seconds_count|{"name": "ECHO"}'] == 6
     assert m['lbmqtt_task_wait_seconds_bucket|{"le": "+Inf", "name": "ECHO"}'] == 6
     assert m['lbmqtt_task_finished_total|{"name": "ECHO", "outcome": "done"}'] == 6
     assert m['lbmqtt_task_finished_total|{"name": "BLOCK", "outcome": "cancelled"}'] == 1
-    assert m['lbmqtt_refused_total|{}'] == 1
+    assert m["lbmqtt_refused_total|{}"] == 1
     assert m['lbmqtt_refused_by_code_total|{"code": "duplicate_id"}'] == 1
     stats = system.stats()
     assert any("refused" in w and "already used" in w for w in stats.warnings), stats.warnings
 
 
-def test_status_json_matches_the_balancer_and_watch_refreshes(system: System,
-                                                              tmp_path: Path) -> None:
+def test_status_json_matches_the_balancer_and_watch_refreshes(
+    system: System, tmp_path: Path
+) -> None:
     _start(system)
     b = system.balancer
     assert b is not None
@@ -248,8 +296,11 @@ def test_status_json_matches_the_balancer_and_watch_refreshes(system: System,
         assert r.returncode == 0, r.stderr
         shown = BalancerStats.model_validate_json(r.stdout)
         live = system.stats()
-        assert (shown.instance, shown.running, shown.slots, shown.busy) == (
-            b.instance, live.running, live.slots, live.busy) == (b.instance, 1, 3, 1)
+        assert (
+            (shown.instance, shown.running, shown.slots, shown.busy)
+            == (b.instance, live.running, live.slots, live.busy)
+            == (b.instance, 1, 3, 1)
+        )
         assert [n.name for n in shown.nodes] == ["n1"]
         assert [(t.id, t.status, t.progress) for t in shown.tasks] == [(tid, "running", 25)]
 
@@ -269,9 +320,19 @@ def test_status_json_matches_the_balancer_and_watch_refreshes(system: System,
 def test_submit_wait_draws_a_progress_bar(system: System) -> None:
     _start(system)
     s = system.settings
-    r = run_cli("submit", "BLOCK", json.dumps({"progress": 60}), "--wait", "--progress",
-                "--broker-port", str(s.broker_port), "--prefix", s.topic_prefix,
-                "--user", "erin")
+    r = run_cli(
+        "submit",
+        "BLOCK",
+        json.dumps({"progress": 60}),
+        "--wait",
+        "--progress",
+        "--broker-port",
+        str(s.broker_port),
+        "--prefix",
+        s.topic_prefix,
+        "--user",
+        "erin",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["opened"] is True
     bars = [line for line in r.stderr.splitlines() if line.startswith("BLOCK [")]
@@ -341,7 +402,8 @@ def test_metrics_are_off_unless_asked_for() -> None:
 
 
 def test_a_flood_of_dashboard_announcements_gets_one_history_a_second(
-        system: System, raw: Callable[..., Any]) -> None:
+    system: System, raw: Callable[..., Any]
+) -> None:
     _start(system)
     topics = Topics(system.settings.topic_prefix)
     watcher = raw()
@@ -349,11 +411,15 @@ def test_a_flood_of_dashboard_announcements_gets_one_history_a_second(
     spammer = raw()
     t0 = time.monotonic()
     for _ in range(200):  # anyone may publish here: each would cost the balancer ~100 kB
-        spammer.publish(topics.dashboard_status,
-                        DashboardStatus(online=True, url="http://x/").encode())
+        spammer.publish(
+            topics.dashboard_status, DashboardStatus(online=True, url="http://x/").encode()
+        )
     spammer.publish(topics.dashboard_status, b"\xff not json")
-    wait_for(lambda: len(watcher.payloads(topics.balancer_history)) >= 2, 10,
-             "the first history and the one that answers the rest of the flood")
+    wait_for(
+        lambda: len(watcher.payloads(topics.balancer_history)) >= 2,
+        10,
+        "the first history and the one that answers the rest of the flood",
+    )
     sent = len(watcher.payloads(topics.balancer_history))
     assert sent <= math.ceil(time.monotonic() - t0) + 1
     history = BalancerHistory.model_validate_json(watcher.payloads(topics.balancer_history)[0])
@@ -363,7 +429,8 @@ def test_a_flood_of_dashboard_announcements_gets_one_history_a_second(
 
 
 def test_waiting_with_a_progress_callback_does_not_query_in_a_loop(
-        system: System, raw: Callable[..., Any], tmp_path: Path) -> None:
+    system: System, raw: Callable[..., Any], tmp_path: Path
+) -> None:
     """Each answer to a query is a state event; a wait that asked again on every event
     would flood the balancer (it did, ~660 queries/s, with a progress bar drawn)."""
     _start(system)

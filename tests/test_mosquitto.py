@@ -12,8 +12,9 @@ from lbmqtt.protocol import Status
 from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, wait_for
 
 
-def test_tasks_run_end_to_end_through_mosquitto(mosquitto: int, prefix: str,
-                                                tmp_path: Path) -> None:
+def test_tasks_run_end_to_end_through_mosquitto(
+    mosquitto: int, prefix: str, tmp_path: Path
+) -> None:
     s = make_settings(mosquitto, prefix)
     system = System(s)
     try:

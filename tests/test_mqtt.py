@@ -29,11 +29,21 @@ def test_reconnects_and_resubscribes_after_a_broker_restart() -> None:
         got: list[bytes] = []
         broker = EmbeddedBroker("127.0.0.1", port)
         await broker.start()
-        sub = MqttTransport(host="127.0.0.1", port=port, client_id="sub",
-                            on_message=lambda t, p, r: got.append(p),
-                            subscriptions=[("r/#", 1)], reconnect_max_s=0.2)
-        pub = MqttTransport(host="127.0.0.1", port=port, client_id="pub",
-                            on_message=lambda *a: None, reconnect_max_s=0.2)
+        sub = MqttTransport(
+            host="127.0.0.1",
+            port=port,
+            client_id="sub",
+            on_message=lambda t, p, r: got.append(p),
+            subscriptions=[("r/#", 1)],
+            reconnect_max_s=0.2,
+        )
+        pub = MqttTransport(
+            host="127.0.0.1",
+            port=port,
+            client_id="pub",
+            on_message=lambda *a: None,
+            reconnect_max_s=0.2,
+        )
         await sub.start(wait=True)
         await pub.start(wait=True)
         pub.publish("r/1", b"before", qos=1)
@@ -60,12 +70,20 @@ def test_will_is_published_when_the_connection_drops() -> None:
     async def scenario() -> None:
         async with EmbeddedBroker() as broker:
             wills: list[bytes] = []
-            watcher = MqttTransport(host="127.0.0.1", port=broker.port, client_id="w",
-                                    on_message=lambda t, p, r: wills.append(p),
-                                    subscriptions=[("status/#", 1)])
-            node = MqttTransport(host="127.0.0.1", port=broker.port, client_id="n",
-                                 on_message=lambda *a: None,
-                                 will=Will("status/n", b"offline", retain=False))
+            watcher = MqttTransport(
+                host="127.0.0.1",
+                port=broker.port,
+                client_id="w",
+                on_message=lambda t, p, r: wills.append(p),
+                subscriptions=[("status/#", 1)],
+            )
+            node = MqttTransport(
+                host="127.0.0.1",
+                port=broker.port,
+                client_id="n",
+                on_message=lambda *a: None,
+                will=Will("status/n", b"offline", retain=False),
+            )
             await watcher.start(wait=True)
             await node.start(wait=True)
             node.drop_connection()
@@ -81,8 +99,9 @@ def test_will_is_published_when_the_connection_drops() -> None:
 def test_tcp_nodelay_is_set_on_the_socket() -> None:
     async def scenario() -> None:
         async with EmbeddedBroker() as broker:
-            t = MqttTransport(host="127.0.0.1", port=broker.port, client_id="x",
-                              on_message=lambda *a: None)
+            t = MqttTransport(
+                host="127.0.0.1", port=broker.port, client_id="x", on_message=lambda *a: None
+            )
             await t.start(wait=True)
             sock = t._client.socket()
             assert sock is not None
@@ -101,8 +120,7 @@ def test_publishing_to_a_dollar_topic_is_refused_locally() -> None:
 def test_unreachable_broker_gives_a_clear_error() -> None:
     async def scenario() -> None:
         port = free_port()
-        t = MqttTransport(host="127.0.0.1", port=port, client_id="x",
-                          on_message=lambda *a: None)
+        t = MqttTransport(host="127.0.0.1", port=port, client_id="x", on_message=lambda *a: None)
         with pytest.raises(BrokerUnavailable, match=rf"127.0.0.1:{port} \(connection refused\)"):
             await t.start(wait=True, timeout_s=1.0)
         await t.close()
@@ -125,18 +143,37 @@ def test_queued_packets_are_joined_where_paho_needs_nothing_once_they_are_writte
     import paho.mqtt.client as paho
 
     def pkt(command: int, qos: int, data: bytes, pos: int = 0) -> dict[str, Any]:
-        return {"command": command, "mid": 0, "qos": qos, "pos": pos,
-                "to_process": len(data) - pos, "packet": bytearray(data), "info": None}
+        return {
+            "command": command,
+            "mid": 0,
+            "qos": qos,
+            "pos": pos,
+            "to_process": len(data) - pos,
+            "packet": bytearray(data),
+            "info": None,
+        }
 
-    out = deque([pkt(paho.PUBLISH, 1, b"AB", pos=1),  # partly written already: kept
-                 pkt(paho.PUBACK, 0, b"c"), pkt(paho.PUBLISH | 2, 1, b"d"),
-                 pkt(paho.PUBLISH, 0, b"e"),  # QoS 0: its on_publish needs it alone
-                 pkt(paho.PUBACK, 0, b"f"), pkt(paho.SUBSCRIBE, 1, b"g"),
-                 pkt(paho.DISCONNECT, 0, b"h")])
+    out = deque(
+        [
+            pkt(paho.PUBLISH, 1, b"AB", pos=1),  # partly written already: kept
+            pkt(paho.PUBACK, 0, b"c"),
+            pkt(paho.PUBLISH | 2, 1, b"d"),
+            pkt(paho.PUBLISH, 0, b"e"),  # QoS 0: its on_publish needs it alone
+            pkt(paho.PUBACK, 0, b"f"),
+            pkt(paho.SUBSCRIBE, 1, b"g"),
+            pkt(paho.DISCONNECT, 0, b"h"),
+        ]
+    )
     _coalesce(out)
     assert [(bytes(p["packet"]), p["pos"], p["to_process"]) for p in out] == [
-        (b"AB", 1, 1), (b"cd", 0, 2), (b"e", 0, 1), (b"fg", 0, 2), (b"h", 0, 1)]
+        (b"AB", 1, 1),
+        (b"cd", 0, 2),
+        (b"e", 0, 1),
+        (b"fg", 0, 2),
+        (b"h", 0, 1),
+    ]
     # a joined packet is never taken for a QoS 0 PUBLISH or a DISCONNECT once written
     for p in (out[1], out[3]):
         assert p["command"] & 0xF0 != paho.DISCONNECT and not (
-            p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0)
+            p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0
+        )

@@ -35,21 +35,28 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_script_node_serves_its_decorated_and_added_tasks(system: System, tmp_path: Path,
-                                                            client: Client) -> None:
+def test_a_script_node_serves_its_decorated_and_added_tasks(
+    system: System, tmp_path: Path, client: Client
+) -> None:
     system.start_balancer()
     script = tmp_path / "my_node.py"
     script.write_text(SCRIPT)
     s = system.settings
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
-    env.update(LBMQTT_BROKER_PORT=str(s.broker_port), LBMQTT_TOPIC_PREFIX=s.topic_prefix,
-               LBMQTT_WKHUB_WORKERS='[{"nWorkers": 1, "minP": 0, "maxP": 9}]')
+    env.update(
+        LBMQTT_BROKER_PORT=str(s.broker_port),
+        LBMQTT_TOPIC_PREFIX=s.topic_prefix,
+        LBMQTT_WKHUB_WORKERS='[{"nWorkers": 1, "minP": 0, "maxP": 9}]',
+    )
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env)
     try:
         b = system.balancer
         assert b is not None
-        wait_for(lambda: system.lt.call(lambda: "scripted" in b.scheduler.nodes), 30,
-                 "the scripted node to join")
+        wait_for(
+            lambda: system.lt.call(lambda: "scripted" in b.scheduler.nodes),
+            30,
+            "the scripted node to join",
+        )
         assert client.wait(client.submit("SHOUT", "hi"), timeout=20) == "HI"
         assert client.wait(client.submit("WHISPER", "HO"), timeout=20) == "ho"
         family = descendants(proc.pid)

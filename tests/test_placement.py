@@ -20,12 +20,16 @@ def node_settings(system: System, **overrides: Any) -> Any:
     return make_settings(s.broker_port, s.topic_prefix, **overrides)
 
 
-def test_gpu_tasks_go_to_the_gpu_node_and_reserve_its_gpu(system: System, client: Client,
-                                                          tmp_path: Path) -> None:
+def test_gpu_tasks_go_to_the_gpu_node_and_reserve_its_gpu(
+    system: System, client: Client, tmp_path: Path
+) -> None:
     system.start_balancer()
     system.start_node("cpu-box", tasks=BOTH, settings=node_settings(system, NODE_SPEED=4))
-    system.start_node("gpu-box", tasks=BOTH, settings=node_settings(
-        system, NODE_RESOURCES={"gpu": 1}, NODE_TAGS=["cuda"]))
+    system.start_node(
+        "gpu-box",
+        tasks=BOTH,
+        settings=node_settings(system, NODE_RESOURCES={"gpu": 1}, NODE_TAGS=["cuda"]),
+    )
     gate = tmp_path / "gate"
     first = client.submit("BLOCK", {"gate": str(gate)}, requires={"gpu": 1})
     second = client.submit("BLOCK", {"gate": str(gate)}, requires={"gpu": 1})
@@ -44,15 +48,15 @@ def test_gpu_tasks_go_to_the_gpu_node_and_reserve_its_gpu(system: System, client
 
 
 def test_a_task_no_node_can_ever_run_says_which_resource_is_missing(
-        running: System, client: Client) -> None:
+    running: System, client: Client
+) -> None:
     tid = client.submit("HELLO", {"firstName": "A", "lastName": "B"}, requires={"gpu": 2})
     assert client.get(tid).waiting == "no online node offering 'HELLO' has gpu=2 (the most: gpu=0)"
     tid = client.submit("HELLO", {"firstName": "A", "lastName": "B"}, tags=["avx512"])
     assert client.get(tid).waiting == "no online node offering 'HELLO' has tags avx512"
 
 
-def test_a_fast_idle_machine_wins_over_a_slow_idle_one(system: System,
-                                                       client: Client) -> None:
+def test_a_fast_idle_machine_wins_over_a_slow_idle_one(system: System, client: Client) -> None:
     system.start_balancer()
     system.start_node("slow", settings=node_settings(system, NODE_SPEED=1))
     system.start_node("fast", settings=node_settings(system, NODE_SPEED=4))
@@ -62,8 +66,9 @@ def test_a_fast_idle_machine_wins_over_a_slow_idle_one(system: System,
         assert client.get(tid).node == "fast"
 
 
-def test_running_cap_per_user_leaves_room_for_others(system: System, broker: Any,
-                                                     prefix: str, tmp_path: Path) -> None:
+def test_running_cap_per_user_leaves_room_for_others(
+    system: System, broker: Any, prefix: str, tmp_path: Path
+) -> None:
     s = make_settings(broker.port, prefix, LB_RUNNING_MAXPERUSER=1)
     system.start_balancer(s)
     system.start_node("n1", settings=s, tasks=BOTH)
@@ -80,11 +85,13 @@ def test_running_cap_per_user_leaves_room_for_others(system: System, broker: Any
             assert c.wait(t, timeout=20)["opened"]
 
 
-def test_stats_carry_wait_and_run_times_per_task_name(running: System,
-                                                      client: Client) -> None:
+def test_stats_carry_wait_and_run_times_per_task_name(running: System, client: Client) -> None:
     client.map("SLEEP", [{"seconds": 0.05, "steps": 1}] * 6)
-    wait_for(lambda: next((n for n in running.stats().names if n.name == "SLEEP"),
-                          None) is not None, 5, "SLEEP stats")
+    wait_for(
+        lambda: next((n for n in running.stats().names if n.name == "SLEEP"), None) is not None,
+        5,
+        "SLEEP stats",
+    )
     row = next(n for n in running.stats().names if n.name == "SLEEP")
     assert row.count == 6 and row.done == 6
     assert row.run_mean_s is not None and 0.04 < row.run_mean_s < 5
@@ -94,12 +101,23 @@ def test_stats_carry_wait_and_run_times_per_task_name(running: System,
 
 def test_cli_submit_takes_requires_and_tags(running: System) -> None:
     s = running.settings
-    r = run_cli("submit", "HELLO", '{"firstName": "A", "lastName": "B"}', "--requires",
-                "gpu=1", "--tag", "cuda", "--broker-port", str(s.broker_port), "--prefix",
-                s.topic_prefix)
+    r = run_cli(
+        "submit",
+        "HELLO",
+        '{"firstName": "A", "lastName": "B"}',
+        "--requires",
+        "gpu=1",
+        "--tag",
+        "cuda",
+        "--broker-port",
+        str(s.broker_port),
+        "--prefix",
+        s.topic_prefix,
+    )
     tid = r.stdout.strip()
-    r = run_cli("get", tid, "--json", "--broker-port", str(s.broker_port), "--prefix",
-                s.topic_prefix)
+    r = run_cli(
+        "get", tid, "--json", "--broker-port", str(s.broker_port), "--prefix", s.topic_prefix
+    )
     assert "has tags cuda" in json.loads(r.stdout)["waiting"]
     r = run_cli("submit", "HELLO", "--requires", "gpu", "--broker-port", "1")
     assert r.returncode == 2 and "write NAME=AMOUNT" in r.stderr
@@ -153,16 +171,29 @@ def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) 
 
     from .conftest import descendants, free_port, process_alive
 
-    (tmp_path / "parameters.json").write_text(json.dumps({
-        "BROKER_PORT": free_port(), "MONITOR_PORT": 0, "TOPIC_PREFIX": "compat/v1",
-        "LB_IP": "127.0.0.1", "SOCKET_TIMEOUT": 500,
-        "WKHUB_WORKERS": [{"nWorkers": 1, "minP": 0, "maxP": 9, "processP": 0}]}))
-    for name, text in (("core.py", OLD_CORE), ("worker.py", OLD_WORKER),
-                       ("client.py", OLD_CLIENT)):
+    (tmp_path / "parameters.json").write_text(
+        json.dumps(
+            {
+                "BROKER_PORT": free_port(),
+                "MONITOR_PORT": 0,
+                "TOPIC_PREFIX": "compat/v1",
+                "LB_IP": "127.0.0.1",
+                "SOCKET_TIMEOUT": 500,
+                "WKHUB_WORKERS": [{"nWorkers": 1, "minP": 0, "maxP": 9, "processP": 0}],
+            }
+        )
+    )
+    for name, text in (("core.py", OLD_CORE), ("worker.py", OLD_WORKER), ("client.py", OLD_CLIENT)):
         (tmp_path / name).write_text(text)  # no __main__ guards, as in the old README
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
-    core = subprocess.Popen([sys.executable, "core.py"], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    core = subprocess.Popen(
+        [sys.executable, "core.py"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     worker = None
     try:
         assert core.stdout is not None
@@ -170,10 +201,22 @@ def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) 
         lines = [core.stdout.readline() for _ in range(4)]  # bounded by the test's timeout
         assert "core up\n" in lines, lines
         family = descendants(core.pid)
-        worker = subprocess.Popen([sys.executable, "worker.py"], cwd=tmp_path, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = subprocess.run([sys.executable, "client.py"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=90, check=False)
+        worker = subprocess.Popen(
+            [sys.executable, "worker.py"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        r = subprocess.run(
+            [sys.executable, "client.py"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr
         lines = r.stdout.splitlines()
         assert lines[0] == "100 Hello John Doe !"

@@ -38,8 +38,9 @@ def test_topics_put_the_user_and_the_node_in_the_topic() -> None:
 def test_a_single_task_and_a_batch_decode_alike() -> None:
     one = decode_submit(b'{"name": "HELLO", "args": {"firstName": "J"}}')
     assert isinstance(one[0], TaskSpec) and one[0].args == {"firstName": "J"}
-    many = decode_submit(json.dumps({"tasks": [{"name": "A"}, {"name": "B", "priority": 5}]})
-                         .encode())
+    many = decode_submit(
+        json.dumps({"tasks": [{"name": "A"}, {"name": "B", "priority": 5}]}).encode()
+    )
     assert [s.name for s in many if isinstance(s, TaskSpec)] == ["A", "B"]
 
 
@@ -50,24 +51,37 @@ def test_one_bad_task_in_a_batch_does_not_spoil_the_others() -> None:
     assert "prio" in str(out[1])
 
 
-@pytest.mark.parametrize("raw, code", [
-    (b"nope", ErrorCode.BAD_JSON), (b"\xff\xfe", ErrorCode.BAD_JSON),
-    (b"[1]", ErrorCode.INVALID), (b'"x"', ErrorCode.INVALID),
-    (b'{"tasks": 5}', ErrorCode.INVALID),
-])
+@pytest.mark.parametrize(
+    "raw, code",
+    [
+        (b"nope", ErrorCode.BAD_JSON),
+        (b"\xff\xfe", ErrorCode.BAD_JSON),
+        (b"[1]", ErrorCode.INVALID),
+        (b'"x"', ErrorCode.INVALID),
+        (b'{"tasks": 5}', ErrorCode.INVALID),
+    ],
+)
 def test_malformed_submits_raise_decode_error_with_a_code(raw: bytes, code: ErrorCode) -> None:
     with pytest.raises(DecodeError) as info:
         decode_submit(raw)
     assert info.value.code == code and info.value.raw == raw
 
 
-@pytest.mark.parametrize("task", [
-    {"name": "HELLO", "priority": "1"}, {"name": "HELLO", "priority": 1.5},
-    {"name": "HELLO", "priority": True}, {"name": "HELLO", "priority": 2**40},
-    {"name": "a b"}, {"name": ""}, {"name": "HELLO", "id": "a/b"},
-    {"name": "HELLO", "id": "$x"}, {"name": "HELLO", "timeout_s": -1},
-    {"name": "HELLO", "notify": "email"},
-])
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"name": "HELLO", "priority": "1"},
+        {"name": "HELLO", "priority": 1.5},
+        {"name": "HELLO", "priority": True},
+        {"name": "HELLO", "priority": 2**40},
+        {"name": "a b"},
+        {"name": ""},
+        {"name": "HELLO", "id": "a/b"},
+        {"name": "HELLO", "id": "$x"},
+        {"name": "HELLO", "timeout_s": -1},
+        {"name": "HELLO", "notify": "email"},
+    ],
+)
 def test_task_fields_are_validated_strictly(task: dict[str, object]) -> None:
     [item] = decode_submit(json.dumps(task).encode())
     assert isinstance(item, DecodeError)
@@ -76,8 +90,9 @@ def test_task_fields_are_validated_strictly(task: dict[str, object]) -> None:
 def test_models_round_trip_and_ignore_fields_of_newer_peers() -> None:
     st_ = TaskState(id="t", user="u", name="N", status=Status.DONE, result=[1, {"a": 2}])
     assert decode(TaskState, st_.encode()) == st_
-    newer = json.dumps({"v": 1, "node": "n", "instance": "i", "online": True,
-                        "future_field": 1}).encode()
+    newer = json.dumps(
+        {"v": 1, "node": "n", "instance": "i", "online": True, "future_field": 1}
+    ).encode()
     assert decode(NodeStatus, newer).online is True
     assert IdList(id="x").all_ids() == ["x"]
     assert decode(AssignmentSet, b'{"v":1,"node":"n","balancer":"b","seq":1}').tasks == []
@@ -92,9 +107,11 @@ def test_publish_topics_are_checked_before_they_reach_the_broker() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
-                                                                        max_size=4),
-    max_leaves=20)
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -108,20 +125,31 @@ def test_decode_submit_never_fails_with_anything_but_decode_error(raw: bytes) ->
 
 
 JSONISH = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=8)
-    | st.floats(),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
-                                                               max_size=3),
-    max_leaves=8)
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8) | st.floats(),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(status=st.sampled_from(list(Status)), result=JSONISH,
-       node=st.none() | st.just("n1"), ref=st.none() | st.text(max_size=5),
-       started=st.none() | st.floats(0, 2e9), failed=st.booleans())
-def test_state_dict_encodes_as_the_model_does(status: Status, result: object, node: str | None,
-                                              ref: str | None, started: float | None,
-                                              failed: bool) -> None:
+@given(
+    status=st.sampled_from(list(Status)),
+    result=JSONISH,
+    node=st.none() | st.just("n1"),
+    ref=st.none() | st.text(max_size=5),
+    started=st.none() | st.floats(0, 2e9),
+    failed=st.booleans(),
+)
+def test_state_dict_encodes_as_the_model_does(
+    status: Status,
+    result: object,
+    node: str | None,
+    ref: str | None,
+    started: float | None,
+    failed: bool,
+) -> None:
     # the balancer publishes events from plain dicts (the hot path); the bytes must be the
     # ones the TaskState model would give, None fields left out but None inside a result kept
     from lbmqtt.balancer import Balancer, TaskRecord
@@ -130,15 +158,39 @@ def test_state_dict_encodes_as_the_model_does(status: Status, result: object, no
     from .conftest import make_settings
 
     b = Balancer(make_settings(1883, "t/state"))
-    rec = TaskRecord(id="t1", user="alice", name="ECHO", args_json=b"[]", priority=3, seq=1,
-                     submitted_at=1.5e9, ref=ref, status=status, attempt=2, node=node,
-                     started_at=started, progress=40, result=result,
-                     error=ErrorInfo(type="ValueError", message="no", traceback="tb")
-                     if failed else None)
-    expected = TaskState(id="t1", user="alice", name="ECHO", status=status, priority=3,
-                         progress=40, attempt=2, node=node, submitted_at=1.5e9,
-                         started_at=started, result=result, error=rec.error,
-                         waiting=b._waiting(rec), ref=ref)
+    rec = TaskRecord(
+        id="t1",
+        user="alice",
+        name="ECHO",
+        args_json=b"[]",
+        priority=3,
+        seq=1,
+        submitted_at=1.5e9,
+        ref=ref,
+        status=status,
+        attempt=2,
+        node=node,
+        started_at=started,
+        progress=40,
+        result=result,
+        error=ErrorInfo(type="ValueError", message="no", traceback="tb") if failed else None,
+    )
+    expected = TaskState(
+        id="t1",
+        user="alice",
+        name="ECHO",
+        status=status,
+        priority=3,
+        progress=40,
+        attempt=2,
+        node=node,
+        submitted_at=1.5e9,
+        started_at=started,
+        result=result,
+        error=rec.error,
+        waiting=b._waiting(rec),
+        ref=ref,
+    )
     assert (expected.waiting is not None) == (status == Status.QUEUED)  # (no node: a reason)
     # (NaN and infinities in a result are null in both: strict JSON for any MQTT client)
     assert encode_model_json(b.state_dict(rec)) == expected.encode() == b.state_of(rec).encode()

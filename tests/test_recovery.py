@@ -20,11 +20,14 @@ JOHN = {"firstName": "John", "lastName": "Doe"}
 
 
 def test_a_node_wrongly_declared_offline_comes_back_with_its_next_heartbeat(
-        running: System, raw: Any, client: Client) -> None:
+    running: System, raw: Any, client: Client
+) -> None:
     node = running.nodes[0]
     # Given a forged "offline" for n1 (a stale will, a buggy script...)
-    raw().publish(Topics(running.settings.topic_prefix).node_status("n1"), json.dumps(
-        {"v": 1, "node": "n1", "instance": node.instance, "online": False}))
+    raw().publish(
+        Topics(running.settings.topic_prefix).node_status("n1"),
+        json.dumps({"v": 1, "node": "n1", "instance": node.instance, "online": False}),
+    )
     wait_for(lambda: not running.stats().nodes[0].online, 10, "n1 marked offline")
     # Then its heartbeats prove it alive, and it gets work again
     wait_for(lambda: running.stats().nodes[0].online, 10, "n1 back online")
@@ -43,15 +46,15 @@ def _silence_n1_and_deafen_the_balancer(running: System) -> float:
 
 
 def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_unread(
-        running: System) -> None:
+    running: System,
+) -> None:
     b = running.balancer
     assert b is not None
 
     def online() -> bool:
         return bool(running.lt.call(lambda: b.nodes["n1"].online))
 
-    wait_for(lambda: running.lt.call(lambda: b._heard_until > b._connected_at), 10,
-             "a probe back")
+    wait_for(lambda: running.lt.call(lambda: b._heard_until > b._connected_at), 10, "a probe back")
     # Given n1 falls silent while the balancer's probes stop coming back: whatever it has
     # not read yet (a flood ahead of the heartbeats, say) may hold n1's heartbeats
     heard = _silence_n1_and_deafen_the_balancer(running)
@@ -64,7 +67,8 @@ def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_
 
 
 def test_silence_is_judged_late_not_never_when_the_probes_never_come_back(
-        running: System, caplog: pytest.LogCaptureFixture) -> None:
+    running: System, caplog: pytest.LogCaptureFixture
+) -> None:
     b = running.balancer
     assert b is not None
     # a broker whose ACL refuses the balancer its probe topic: no probe ever comes back
@@ -74,8 +78,9 @@ def test_silence_is_judged_late_not_never_when_the_probes_never_come_back(
     assert "no probe of ours came back" in caplog.text
 
 
-def test_cancel_kills_the_processes_a_task_started(system: System, client: Client,
-                                                   tmp_path: Path) -> None:
+def test_cancel_kills_the_processes_a_task_started(
+    system: System, client: Client, tmp_path: Path
+) -> None:
     system.start_balancer()
     system.start_node("n1", tasks=[TEST_TASKS])
     pidfile = tmp_path / "child.pid"
@@ -88,7 +93,8 @@ def test_cancel_kills_the_processes_a_task_started(system: System, client: Clien
 
 
 def test_a_restarted_balancer_adopts_the_tasks_nodes_are_running(
-        system: System, client: Client, tmp_path: Path) -> None:
+    system: System, client: Client, tmp_path: Path
+) -> None:
     # Without a journal (or with a lost one) the retained assignment sets still tell a new
     # balancer what runs where.
     system.settings = system.settings.model_copy(update={"journal_path": "none"})
@@ -131,8 +137,11 @@ def test_a_retained_submit_is_never_obeyed(system: System, raw: Any, settings: A
     p = settings.topic_prefix
     stray = raw()
     # Given a submit published with the retain flag before the balancer starts
-    stray.publish(f"{p}/users/alice/submit", json.dumps(
-        {"id": "sticky", "name": "HELLO", "args": JOHN}), retain=True)
+    stray.publish(
+        f"{p}/users/alice/submit",
+        json.dumps({"id": "sticky", "name": "HELLO", "args": JOHN}),
+        retain=True,
+    )
     try:
         system.start_balancer()
         system.start_node("n1")
@@ -144,18 +153,20 @@ def test_a_retained_submit_is_never_obeyed(system: System, raw: Any, settings: A
         stray.publish(f"{p}/users/alice/submit", b"", retain=True)
 
 
-def test_too_large_messages_are_refused_with_a_code(system: System, broker: Any,
-                                                    prefix: str, raw: Any) -> None:
+def test_too_large_messages_are_refused_with_a_code(
+    system: System, broker: Any, prefix: str, raw: Any
+) -> None:
     s = make_settings(broker.port, prefix, MAX_PAYLOAD_BYTES=2048, MAX_BATCH=3)
     system.start_balancer(s)
     c = raw()
     c.subscribe(f"{prefix}/users/bob/errors")
     c.publish(f"{prefix}/users/bob/submit", json.dumps({"name": "HELLO", "args": "x" * 3000}))
-    c.publish(f"{prefix}/users/bob/submit",
-              json.dumps({"tasks": [{"name": "HELLO"}] * 4}))
+    c.publish(f"{prefix}/users/bob/submit", json.dumps({"tasks": [{"name": "HELLO"}] * 4}))
+
     def errors() -> list[dict[str, Any]]:  # one message may carry both (same tick)
-        return [e for m in c.payloads(f"{prefix}/users/bob/errors")
-                for e in json.loads(m)["errors"]]
+        return [
+            e for m in c.payloads(f"{prefix}/users/bob/errors") for e in json.loads(m)["errors"]
+        ]
 
     wait_for(lambda: len(errors()) >= 2, 10, "two errors")
     got = errors()
@@ -175,8 +186,11 @@ def test_an_assignment_the_node_missed_is_sent_again(running: System, client: Cl
 
     b = running.balancer
     assert b is not None
-    wait_for(lambda: running.lt.call(lambda: not b.nodes["n1"].fresh), 10,
-             "the start-up republication of n1's set to be over")
+    wait_for(
+        lambda: running.lt.call(lambda: not b.nodes["n1"].fresh),
+        10,
+        "the start-up republication of n1's set to be over",
+    )
     running.lt.call(lambda: setattr(node, "_apply_set", lossy))
     tid = client.submit("HELLO", JOHN)
     # the balancer sees, from heartbeats, that the node does not hold it; sends the set again
@@ -196,8 +210,9 @@ def test_wait_on_a_task_that_expired_raises_unknown_task(running: System) -> Non
     asyncio.run(scenario())
 
 
-def _block_on_n1(system: System, client: Client, tmp_path: Path,
-                 value: int) -> tuple[Balancer, Node, Path, str]:
+def _block_on_n1(
+    system: System, client: Client, tmp_path: Path, value: int
+) -> tuple[Balancer, Node, Path, str]:
     """A balancer, node n1, and a BLOCK task running there until ``gate`` is touched."""
     b = system.start_balancer()
     node = system.start_node("n1", tasks=[TEST_TASKS])
@@ -208,7 +223,8 @@ def _block_on_n1(system: System, client: Client, tmp_path: Path,
 
 
 def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_started(
-        system: System, client: Client, tmp_path: Path) -> None:
+    system: System, client: Client, tmp_path: Path
+) -> None:
     b, node, gate, running = _block_on_n1(system, client, tmp_path, 1)
     # Given a task assigned to n1 that it has not started (its worker start is held back)
     system.lt.call(lambda: setattr(node, "_dispatch", lambda: None))
@@ -232,7 +248,8 @@ def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_start
 
 
 def test_a_draining_node_keeps_a_running_task_the_balancer_thinks_is_only_assigned(
-        system: System, client: Client, tmp_path: Path) -> None:
+    system: System, client: Client, tmp_path: Path
+) -> None:
     b, node, gate, tid = _block_on_n1(system, client, tmp_path, 5)
     wait_for(lambda: system.record(tid).status == Status.RUNNING, 10, "the started report")
 
@@ -242,13 +259,18 @@ def test_a_draining_node_keeps_a_running_task_the_balancer_thinks_is_only_assign
 
     system.lt.call(forget_start)
     drained = asyncio.run_coroutine_threadsafe(node.drain(grace_s=30), system.lt.loop)
-    wait_for(lambda: system.lt.call(lambda: b.nodes["n1"].status.draining), 10,
-             "the draining status")
+    wait_for(
+        lambda: system.lt.call(lambda: b.nodes["n1"].status.draining), 10, "the draining status"
+    )
     # Then the running task is not taken back: it finishes where it runs, first attempt
     assert system.lt.call(lambda: b.counters["taken_back"]) == 0
     gate.touch()
-    assert client.wait(tid, timeout=20) == {"pid": node_pid_of(client, tid), "opened": True,
-                                            "attempt": 1, "value": 5}
+    assert client.wait(tid, timeout=20) == {
+        "pid": node_pid_of(client, tid),
+        "opened": True,
+        "attempt": 1,
+        "value": 5,
+    }
     assert drained.result(20) is True
 
 
@@ -257,11 +279,13 @@ def node_pid_of(client: Client, tid: str) -> int:
 
 
 def test_a_node_starts_the_most_urgent_task_of_its_window_first(
-        system: System, tmp_path: Path) -> None:
+    system: System, tmp_path: Path
+) -> None:
     from lbmqtt.config import WorkerGroup
 
-    node = system.start_node("n1", tasks=[TEST_TASKS],
-                             groups=[WorkerGroup(nWorkers=1, minP=0, maxP=1000)])
+    node = system.start_node(
+        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=1, minP=0, maxP=1000)]
+    )
     started: list[str] = []
     original = node._hand_over
 
@@ -276,8 +300,15 @@ def test_a_node_starts_the_most_urgent_task_of_its_window_first(
         node._apply_set(tasks)
 
     def a(tid: str, priority: int, args: Any) -> Assignment:
-        return Assignment(id=tid, attempt=1, user="u", name="BLOCK" if tid == "busy" else "ECHO",
-                          args=args, priority=priority, group=0)
+        return Assignment(
+            id=tid,
+            attempt=1,
+            user="u",
+            name="BLOCK" if tid == "busy" else "ECHO",
+            args=args,
+            priority=priority,
+            group=0,
+        )
 
     # Given the one slot busy, and a window holding ordinary tasks and, last, an urgent one
     busy = a("busy", 0, {"gate": str(gate)})

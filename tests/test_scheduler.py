@@ -23,8 +23,13 @@ from lbmqtt.scheduler import Group, NodeCaps, Placement, QueuedTask, Scheduler, 
 _ids = itertools.count()
 
 
-def task(user: str = "alice", name: str = "a", priority: int = 0,
-         seq: int | None = None, tid: str | None = None) -> QueuedTask:
+def task(
+    user: str = "alice",
+    name: str = "a",
+    priority: int = 0,
+    seq: int | None = None,
+    tid: str | None = None,
+) -> QueuedTask:
     n = next(_ids)
     return QueuedTask(tid or f"t{n}", user, name, priority, n if seq is None else seq)
 
@@ -524,7 +529,6 @@ def test_reused_task_id_with_another_name_never_reaches_a_node_lacking_that_name
     assert [(p.task.id, p.task.name) for p in s.schedule()] == [("y", "a")]
 
 
-
 def test_reused_task_id_of_another_user_is_judged_by_its_own_users_placed_count() -> None:
     s = Scheduler()
     s.set_node(node("n1", Group(0, 1, 0, 10)))
@@ -537,6 +541,7 @@ def test_reused_task_id_of_another_user_is_judged_by_its_own_users_placed_count(
     s.enqueue(QueuedTask("x", "bob", "a", 1, 1))  # same id and seq, now bob's
     # alice (0 placed) goes first, not bob (2 placed) through alice's stale entry
     assert placed_ids(s.schedule()) == ["y"]
+
 
 # ============================================================================= properties
 
@@ -558,14 +563,18 @@ def groups_st(draw: st.DrawFn) -> tuple[Group, ...]:
 
 
 def caps_st(name: str, min_names: int = 0) -> st.SearchStrategy[NodeCaps]:
-    return st.builds(NodeCaps, name=st.just(name), groups=groups_st(),
-                     tasks=st.frozensets(st.sampled_from(NAMES), min_size=min_names),
-                     speed=st.sampled_from((0.5, 1.0, 2.0)))
+    return st.builds(
+        NodeCaps,
+        name=st.just(name),
+        groups=groups_st(),
+        tasks=st.frozensets(st.sampled_from(NAMES), min_size=min_names),
+        speed=st.sampled_from((0.5, 1.0, 2.0)),
+    )
 
 
 @st.composite
 def cluster_st(draw: st.DrawFn) -> list[NodeCaps]:
-    return [draw(caps_st(n, min_names=1)) for n in NODE_NAMES[:draw(st.integers(1, 5))]]
+    return [draw(caps_st(n, min_names=1)) for n in NODE_NAMES[: draw(st.integers(1, 5))]]
 
 
 _INDEX = st.integers(0, 99)
@@ -576,21 +585,25 @@ _OP_ARGS: dict[str, st.SearchStrategy[tuple]] = {  # type: ignore[type-arg]
     "requeue": st.tuples(_INDEX),
     "remove": st.tuples(_INDEX),
     "reenqueue_removed": st.tuples(_INDEX),
-    "reuse_removed_id": st.tuples(_INDEX, st.sampled_from(USERS), st.sampled_from(NAMES),
-                                  st.none() | TASK_PRIOS),
+    "reuse_removed_id": st.tuples(
+        _INDEX, st.sampled_from(USERS), st.sampled_from(NAMES), st.none() | TASK_PRIOS
+    ),
     "remove_node": st.tuples(st.sampled_from(NODE_NAMES)),
     "set_node": st.tuples(st.sampled_from(NODE_NAMES).flatmap(caps_st)),
 }
 # weights: mostly enqueue and schedule, the rest now and then
-_KINDS = ["enqueue"] * 8 + ["schedule"] * 4 + [k for k in _OP_ARGS if k not in
-                                                ("enqueue", "schedule")]
-OPS = st.sampled_from(_KINDS).flatmap(
-    lambda kind: _OP_ARGS[kind].map(lambda args: (kind, *args)))
+_KINDS = (
+    ["enqueue"] * 8 + ["schedule"] * 4 + [k for k in _OP_ARGS if k not in ("enqueue", "schedule")]
+)
+OPS = st.sampled_from(_KINDS).flatmap(lambda kind: _OP_ARGS[kind].map(lambda args: (kind, *args)))
 
 
-def reference_schedule(nodes: dict[str, NodeCaps], busy: Counter[tuple[str, int]],
-                       running: Counter[str],
-                       queued: dict[str, QueuedTask]) -> list[tuple[str, str, int]]:
+def reference_schedule(
+    nodes: dict[str, NodeCaps],
+    busy: Counter[tuple[str, int]],
+    running: Counter[str],
+    queued: dict[str, QueuedTask],
+) -> list[tuple[str, str, int]]:
     """The module docstring's rules, written the obvious (slow) way: one placement at a
     time, the fairest task some free slot can run, on the slot expected to finish it first
     (no runtimes observed here: 1 / speed, then emptier node, name, group)."""
@@ -602,8 +615,9 @@ def reference_schedule(nodes: dict[str, NodeCaps], busy: Counter[tuple[str, int]
 
     out = []
     while True:
-        free = [(n, g) for n in nodes.values() for g in n.groups
-                if busy[(n.name, g.index)] < g.workers]
+        free = [
+            (n, g) for n in nodes.values() for g in n.groups if busy[(n.name, g.index)] < g.workers
+        ]
         heads: dict[str, QueuedTask] = {}
         for t in queued.values():
             if any(t.name in n.tasks and g.accepts(t.priority) for n, g in free):
@@ -613,10 +627,10 @@ def reference_schedule(nodes: dict[str, NodeCaps], busy: Counter[tuple[str, int]
         if not heads:
             return out
         chosen = min(heads.values(), key=lambda t: (running[t.user], t.seq))
-        n, g = min(((n, g) for n, g in free
-                    if chosen.name in n.tasks and g.accepts(chosen.priority)),
-                   key=lambda ng: (1 / ng[0].speed, -ng[0].speed, load(ng[0]), ng[0].name,
-                                   ng[1].index))
+        n, g = min(
+            ((n, g) for n, g in free if chosen.name in n.tasks and g.accepts(chosen.priority)),
+            key=lambda ng: (1 / ng[0].speed, -ng[0].speed, load(ng[0]), ng[0].name, ng[1].index),
+        )
         del queued[chosen.id]
         busy[(n.name, g.index)] += 1
         running[chosen.user] += 1
@@ -733,9 +747,11 @@ class Harness:
             assert t.name in caps.tasks, "placed on a node lacking the name"
             busy[(p.node, p.group)] += 1
             assert busy[(p.node, p.group)] <= g.workers, "overfilled a group"
-            older = [o for o in waiting.values()
-                     if (o.user, o.name, o.priority) == (t.user, t.name, t.priority)
-                     and o.seq < t.seq]
+            older = [
+                o
+                for o in waiting.values()
+                if (o.user, o.name, o.priority) == (t.user, t.name, t.priority) and o.seq < t.seq
+            ]
             assert not older, f"FIFO broken: {t} placed before {older}"
             self.where[t.id] = (p.node, p.group)
             self.state[t.id] = "placed"
@@ -743,8 +759,11 @@ class Harness:
         for caps in nodes.values():
             for g in caps.groups:
                 if self.s.busy(caps.name, g.index) < g.workers:
-                    runnable = [t for t in waiting.values()
-                                if t.name in caps.tasks and g.accepts(t.priority)]
+                    runnable = [
+                        t
+                        for t in waiting.values()
+                        if t.name in caps.tasks and g.accepts(t.priority)
+                    ]
                     assert not runnable, f"free slot {caps.name}/{g.index} left {runnable}"
         assert [(p.task.id, p.node, p.group) for p in got] == expected
         return got
@@ -772,15 +791,17 @@ class Harness:
         assert s.users() == set(running) | set(queued_by)
         for t in queued.values():  # why_waiting agrees with the work-conserving check
             reason = s.why_waiting(t.name, t.priority)
-            can_run = any(t.name in n.tasks and g.workers > 0 and g.accepts(t.priority)
-                          for n in s.nodes.values() for g in n.groups)
+            can_run = any(
+                t.name in n.tasks and g.workers > 0 and g.accepts(t.priority)
+                for n in s.nodes.values()
+                for g in n.groups
+            )
             assert (reason is None) == can_run
 
 
 @settings(max_examples=200, deadline=None)
 @given(cluster=cluster_st(), ops=st.lists(OPS, min_size=20, max_size=80))
-def test_random_operations_keep_every_invariant(cluster: list[NodeCaps],
-                                                ops: list[tuple]) -> None:  # type: ignore[type-arg]
+def test_random_operations_keep_every_invariant(cluster: list[NodeCaps], ops: list[tuple]) -> None:  # type: ignore[type-arg]
     h = Harness()
     for caps in cluster:
         h.s.set_node(caps)
@@ -792,12 +813,16 @@ def test_random_operations_keep_every_invariant(cluster: list[NodeCaps],
 
 
 @settings(max_examples=100, deadline=None)
-@given(cluster=cluster_st(),
-       stream=st.lists(st.tuples(st.sampled_from(USERS), st.sampled_from(NAMES), TASK_PRIOS),
-                       max_size=40),
-       finish=st.lists(st.integers(0, 99), max_size=40))
+@given(
+    cluster=cluster_st(),
+    stream=st.lists(
+        st.tuples(st.sampled_from(USERS), st.sampled_from(NAMES), TASK_PRIOS), max_size=40
+    ),
+    finish=st.lists(st.integers(0, 99), max_size=40),
+)
 def test_draining_a_backlog_places_each_task_once_and_in_fifo_order(
-        cluster: list[NodeCaps], stream: list[tuple[str, str, int]], finish: list[int]) -> None:
+    cluster: list[NodeCaps], stream: list[tuple[str, str, int]], finish: list[int]
+) -> None:
     h = Harness()
     for caps in cluster:
         h.s.set_node(caps)
@@ -826,16 +851,28 @@ _FEW_PRIOS = st.sampled_from((0, 1))  # so that removed and remaining tasks shar
 
 
 @settings(max_examples=100, deadline=None)
-@given(cluster=cluster_st(),
-       stream=st.lists(st.tuples(st.sampled_from(USERS), st.sampled_from(NAMES), _FEW_PRIOS),
-                       min_size=8, max_size=30),
-       removals=st.lists(_INDEX, min_size=5, max_size=15),
-       reuses=st.lists(st.tuples(_INDEX, st.sampled_from(USERS), st.sampled_from(NAMES),
-                                 st.none() | _FEW_PRIOS), min_size=5, max_size=15),
-       finish=st.lists(_INDEX, max_size=30))
+@given(
+    cluster=cluster_st(),
+    stream=st.lists(
+        st.tuples(st.sampled_from(USERS), st.sampled_from(NAMES), _FEW_PRIOS),
+        min_size=8,
+        max_size=30,
+    ),
+    removals=st.lists(_INDEX, min_size=5, max_size=15),
+    reuses=st.lists(
+        st.tuples(_INDEX, st.sampled_from(USERS), st.sampled_from(NAMES), st.none() | _FEW_PRIOS),
+        min_size=5,
+        max_size=15,
+    ),
+    finish=st.lists(_INDEX, max_size=30),
+)
 def test_ids_removed_and_queued_again_with_other_fields_are_scheduled_as_new_tasks(
-        cluster: list[NodeCaps], stream: list[tuple[str, str, int]], removals: list[int],
-        reuses: list[tuple], finish: list[int]) -> None:  # type: ignore[type-arg]
+    cluster: list[NodeCaps],
+    stream: list[tuple[str, str, int]],
+    removals: list[int],
+    reuses: list[tuple],
+    finish: list[int],
+) -> None:  # type: ignore[type-arg]
     h = Harness()
     for caps in cluster:
         h.s.set_node(caps)
@@ -855,13 +892,17 @@ def test_ids_removed_and_queued_again_with_other_fields_are_scheduled_as_new_tas
 
 
 @settings(max_examples=100, deadline=None)
-@given(users=st.integers(1, 5), slots=st.lists(st.integers(1, 4), min_size=1, max_size=3),
-       order=st.randoms(use_true_random=False), finish=st.lists(st.integers(0, 99), max_size=15))
+@given(
+    users=st.integers(1, 5),
+    slots=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    order=st.randoms(use_true_random=False),
+    finish=st.lists(st.integers(0, 99), max_size=15),
+)
 def test_uniform_cluster_shares_slots_evenly_between_users(
-        users: int, slots: list[int], order: object, finish: list[int]) -> None:
+    users: int, slots: list[int], order: object, finish: list[int]
+) -> None:
     s = Scheduler()
-    s.set_node(NodeCaps("n", tuple(Group(i, w, 0, 0) for i, w in enumerate(slots)),
-                        frozenset("a")))
+    s.set_node(NodeCaps("n", tuple(Group(i, w, 0, 0) for i, w in enumerate(slots)), frozenset("a")))
     backlog = sum(slots) + len(finish) + 1  # nobody runs dry
     names = [f"u{u}" for u in range(users)]
     submissions = [u for u in names for _ in range(backlog)]
@@ -888,8 +929,12 @@ def test_uniform_cluster_shares_slots_evenly_between_users(
 # ------------------------------------------------------- resources, tags, caps, speed
 
 
-def rtask(requires: dict[str, float] | None = None, tags: tuple[str, ...] = (),
-          user: str = "alice", name: str = "a") -> QueuedTask:
+def rtask(
+    requires: dict[str, float] | None = None,
+    tags: tuple[str, ...] = (),
+    user: str = "alice",
+    name: str = "a",
+) -> QueuedTask:
     n = next(_ids)
     return QueuedTask(f"r{n}", user, name, 0, n, requires_of(requires), frozenset(tags))
 
@@ -910,8 +955,16 @@ def test_counted_resources_are_reserved_while_a_task_runs() -> None:
 def test_a_task_goes_only_where_its_resources_and_tags_fit() -> None:
     s = Scheduler()
     s.set_node(NodeCaps("cpu", (Group(0, 4, 0, 10),), frozenset("a"), 4.0, {"cores": 8}))
-    s.set_node(NodeCaps("gpu", (Group(0, 4, 0, 10),), frozenset("a"), 1.0,
-                        {"cores": 4, "gpu": 2}, frozenset({"cuda"})))
+    s.set_node(
+        NodeCaps(
+            "gpu",
+            (Group(0, 4, 0, 10),),
+            frozenset("a"),
+            1.0,
+            {"cores": 4, "gpu": 2},
+            frozenset({"cuda"}),
+        )
+    )
     needs_gpu, needs_tag, plain = rtask({"gpu": 1}), rtask(tags=("cuda",)), rtask()
     for t in (needs_gpu, needs_tag, plain):
         s.enqueue(t)
@@ -923,9 +976,11 @@ def test_why_waiting_names_the_missing_resource_or_tag() -> None:
     s = Scheduler()
     s.set_node(NodeCaps("n1", (Group(0, 1, 0, 10),), frozenset("a"), 1.0, {"gpu": 1}))
     assert s.why_waiting("a", 0, requires_of({"gpu": 2})) == (
-        "no online node offering 'a' has gpu=2 (the most: gpu=1)")
+        "no online node offering 'a' has gpu=2 (the most: gpu=1)"
+    )
     assert s.why_waiting("a", 0, tags=frozenset({"cuda", "avx2"})) == (
-        "no online node offering 'a' has tags avx2, cuda")
+        "no online node offering 'a' has tags avx2, cuda"
+    )
     assert s.why_waiting("a", 0, requires_of({"gpu": 1})) is None  # busy is not "never"
 
 
@@ -973,20 +1028,30 @@ def test_an_overloaded_node_is_expected_to_be_slower() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=4),
-       st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=40),
-       st.lists(st.integers(0, 200), max_size=40))
-def test_resources_are_never_over_committed(nodes: list[tuple[int, int]],
-                                            tasks: list[tuple[int, bool]],
-                                            releases: list[int]) -> None:
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=4),
+    st.lists(st.tuples(st.integers(0, 3), st.booleans()), min_size=1, max_size=40),
+    st.lists(st.integers(0, 200), max_size=40),
+)
+def test_resources_are_never_over_committed(
+    nodes: list[tuple[int, int]], tasks: list[tuple[int, bool]], releases: list[int]
+) -> None:
     s = Scheduler()
     for i, (gpus, slots) in enumerate(nodes):
-        s.set_node(NodeCaps(f"n{i}", (Group(0, slots, 0, 10),), frozenset("a"), 1.0,
-                            {"gpu": gpus}))
+        s.set_node(NodeCaps(f"n{i}", (Group(0, slots, 0, 10),), frozenset("a"), 1.0, {"gpu": gpus}))
     placed: list[Placement] = []
     for i, (gpus, tagged) in enumerate(tasks):
-        s.enqueue(QueuedTask(f"t{i}", f"u{i % 3}", "a", 0, i, requires_of({"gpu": gpus}),
-                             frozenset({"x"}) if tagged else frozenset()))
+        s.enqueue(
+            QueuedTask(
+                f"t{i}",
+                f"u{i % 3}",
+                "a",
+                0,
+                i,
+                requires_of({"gpu": gpus}),
+                frozenset({"x"}) if tagged else frozenset(),
+            )
+        )
     for step in range(len(releases) + 1):
         for p in s.schedule():
             assert not p.task.tags, "a tagged task went to a node without the tag"
@@ -1151,8 +1216,7 @@ class _ScanningScheduler(Scheduler):
     """The reference: every placement scans every free place (what _best_slot's heap must
     reproduce exactly)."""
 
-    def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]
-                   ) -> tuple[str, int]:
+    def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]) -> tuple[str, int]:
         return self._scan_best_slot(task, free)
 
 
@@ -1168,11 +1232,23 @@ def test_slot_heap_places_exactly_like_a_full_scan(data: st.DataObject) -> None:
         groups = [Group(0, data.draw(st.integers(1, 3)), 0, 9)]
         if data.draw(st.booleans()):
             groups.append(Group(1, data.draw(st.integers(1, 2)), 10, 1000))
-        specs.append((f"n{i:02d}", tuple(groups), data.draw(st.sampled_from([0.5, 1.0, 2.0])),
-                      data.draw(st.integers(0, 3)), data.draw(st.floats(0, 8))))
-    tasks = [(data.draw(st.sampled_from(["alice", "bob", "carol"])),
-              data.draw(st.sampled_from(["a", "b"])), data.draw(st.sampled_from([0, 5, 20])))
-             for _ in range(data.draw(st.integers(1, 80)))]
+        specs.append(
+            (
+                f"n{i:02d}",
+                tuple(groups),
+                data.draw(st.sampled_from([0.5, 1.0, 2.0])),
+                data.draw(st.integers(0, 3)),
+                data.draw(st.floats(0, 8)),
+            )
+        )
+    tasks = [
+        (
+            data.draw(st.sampled_from(["alice", "bob", "carol"])),
+            data.draw(st.sampled_from(["a", "b"])),
+            data.draw(st.sampled_from([0, 5, 20])),
+        )
+        for _ in range(data.draw(st.integers(1, 80)))
+    ]
     finish = data.draw(st.lists(st.integers(0, 200), max_size=30))
     results = []
     for cls in (Scheduler, _ScanningScheduler):
@@ -1189,7 +1265,7 @@ def test_slot_heap_places_exactly_like_a_full_scan(data: st.DataObject) -> None:
         for rnd in range(3):
             out = s.schedule(now=100.0 + rnd)
             placed += [(p.task.id, p.node, p.group) for p in out]
-            for k in finish[rnd * 10:(rnd + 1) * 10]:
+            for k in finish[rnd * 10 : (rnd + 1) * 10]:
                 if placed:
                     s.release(placed[k % len(placed)][0])
         results.append(placed)

@@ -44,17 +44,33 @@ from .conftest import (
     wait_for,
 )
 
-PASSWORDS = {"alice": "pw-alice", "bob": "pw-bob", "n1": "pw-n1", "n2": "pw-n2",
-             "mon": "pw-mon", "lb": "pw-lb"}
-ROLES: dict[str, access.Role] = {"alice": "user", "bob": "user", "n1": "node", "n2": "node",
-                                 "mon": "monitor", "lb": "balancer"}
+PASSWORDS = {
+    "alice": "pw-alice",
+    "bob": "pw-bob",
+    "n1": "pw-n1",
+    "n2": "pw-n2",
+    "mon": "pw-mon",
+    "lb": "pw-lb",
+}
+ROLES: dict[str, access.Role] = {
+    "alice": "user",
+    "bob": "user",
+    "n1": "node",
+    "n2": "node",
+    "mon": "monitor",
+    "lb": "balancer",
+}
 
 
 def write_accounts(path: Path, iterations: int = 1000) -> None:
     """The test accounts (cheap hashes: these tests are about rules, not hashing cost)."""
-    access.write_accounts(path, [
-        Account(name, ROLES[name], access.hash_password(pw, iterations=iterations))
-        for name, pw in PASSWORDS.items()])
+    access.write_accounts(
+        path,
+        [
+            Account(name, ROLES[name], access.hash_password(pw, iterations=iterations))
+            for name, pw in PASSWORDS.items()
+        ],
+    )
 
 
 @dataclass
@@ -67,13 +83,19 @@ class Secure:
     made: list[Login] = field(default_factory=list)
 
     def settings(self, login: str, **extra: Any) -> Any:
-        return make_settings(self.port, self.prefix, BROKER_USERNAME=login,
-                             BROKER_PASSWORD=PASSWORDS[login],
-                             NODE_TASKS=[TEST_TASKS], **extra)
+        return make_settings(
+            self.port,
+            self.prefix,
+            BROKER_USERNAME=login,
+            BROKER_PASSWORD=PASSWORDS[login],
+            NODE_TASKS=[TEST_TASKS],
+            **extra,
+        )
 
     def login(self, user: str | None, password: str | None = None, **kw: Any) -> Login:
-        c = Login(self.port, user, PASSWORDS.get(user or "") if password is None else password,
-                  **kw)
+        c = Login(
+            self.port, user, PASSWORDS.get(user or "") if password is None else password, **kw
+        )
         self.made.append(c)
         return c
 
@@ -84,13 +106,24 @@ class Secure:
 class Login:
     """A foreign MQTT client with a login: records its CONNACK and what it receives."""
 
-    def __init__(self, port: int, user: str | None, password: str | None, *,
-                 client_id: str | None = None, will: tuple[str, bytes] | None = None,
-                 clean_session: bool = True):
+    def __init__(
+        self,
+        port: int,
+        user: str | None,
+        password: str | None,
+        *,
+        client_id: str | None = None,
+        will: tuple[str, bytes] | None = None,
+        clean_session: bool = True,
+    ):
         self.client_id = client_id or f"raw-{uuid.uuid4().hex[:8]}"
-        self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=self.client_id, protocol=MQTTProtocolVersion.MQTTv311,
-                             reconnect_on_failure=False, clean_session=clean_session)
+        self.c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+            clean_session=clean_session,
+        )
         if user is not None:
             self.c.username_pw_set(user, password)
         if will is not None:
@@ -156,14 +189,17 @@ def start_mosquitto(workdir: Path, accounts: Path, prefix: str) -> tuple[int, An
     acl.write_text(access.mosquitto_acl(access.read_accounts(accounts).values(), prefix))
     port = free_port()
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\n"
-                    f"password_file {accounts}\nacl_file {acl}\npersistence false\n"
-                    "max_queued_messages 100000\nset_tcp_nodelay true\n"
-                    # started as root, Mosquitto would read the files as the user
-                    # mosquitto, who cannot enter pytest's private temporary directory
-                    + ("user root\n" if os.geteuid() == 0 else ""))
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\n"
+        f"password_file {accounts}\nacl_file {acl}\npersistence false\n"
+        "max_queued_messages 100000\nset_tcp_nodelay true\n"
+        # started as root, Mosquitto would read the files as the user
+        # mosquitto, who cannot enter pytest's private temporary directory
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen(
+        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     from .cluster import listening
 
     def up() -> bool:
@@ -185,8 +221,9 @@ def start_mosquitto(workdir: Path, accounts: Path, prefix: str) -> tuple[int, An
 
 
 @pytest.fixture(scope="module", params=["embedded", "mosquitto"])
-def secure(request: pytest.FixtureRequest,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+def secure(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Secure]:
     workdir = tmp_path_factory.mktemp(f"secure-{request.param}")
     accounts = workdir / "accounts"
     write_accounts(accounts)
@@ -248,8 +285,9 @@ def break_connection(c: Login) -> None:
     assert c.closed.wait(10), "the broker kept a connection that sent a reserved packet"
 
 
-def test_a_will_outside_the_logins_rights_is_never_published(secure: Secure,
-                                                             watcher: Login) -> None:
+def test_a_will_outside_the_logins_rights_is_never_published(
+    secure: Secure, watcher: Login
+) -> None:
     own = secure.t("users/alice/ack")
     ok = secure.login("alice", will=(own, b'{"v": 1, "ids": []}'))
     assert ok.connect()
@@ -265,8 +303,7 @@ def test_a_will_outside_the_logins_rights_is_never_published(secure: Secure,
     assert not watcher.got(forged)
 
 
-def test_a_client_id_cannot_be_taken_from_another_login(secure: Secure,
-                                                        watcher: Login) -> None:
+def test_a_client_id_cannot_be_taken_from_another_login(secure: Secure, watcher: Login) -> None:
     b = secure.system.balancer
     assert b is not None and b._transport is not None
     victim = b._transport.client_id
@@ -286,10 +323,13 @@ def test_a_client_id_cannot_be_taken_from_another_login(secure: Secure,
 # ----------------------------------------------------------------------------- users
 
 
-def test_a_user_reads_and_cancels_only_their_own_tasks(secure: Secure, watcher: Login,
-                                                       tmp_path: Path) -> None:
-    with Client(secure.settings("bob"), user="bob") as bob, \
-            Client(secure.settings("alice"), user="alice") as alice:
+def test_a_user_reads_and_cancels_only_their_own_tasks(
+    secure: Secure, watcher: Login, tmp_path: Path
+) -> None:
+    with (
+        Client(secure.settings("bob"), user="bob") as bob,
+        Client(secure.settings("alice"), user="alice") as alice,
+    ):
         assert bob.wait(bob.submit("ECHO", {"x": 1}), timeout=30)["args"] == {"x": 1}
         assert alice.wait(alice.submit("ECHO", 2), timeout=30)["args"] == 2
         long_id = bob.submit("BLOCK", {"gate": str(tmp_path / "never"), "limit_s": 60})
@@ -297,8 +337,15 @@ def test_a_user_reads_and_cancels_only_their_own_tasks(secure: Secure, watcher: 
 
         spy = secure.login("alice")
         assert spy.connect()
-        for f in ("users/bob/#", "users/+/tasks/+", "users/+/results/+", "#",
-                  "users/bob/tasks/" + long_id, "nodes/n1/assign", "balancer/history"):
+        for f in (
+            "users/bob/#",
+            "users/+/tasks/+",
+            "users/+/results/+",
+            "#",
+            "users/bob/tasks/" + long_id,
+            "nodes/n1/assign",
+            "balancer/history",
+        ):
             spy.subscribe(secure.t(f))  # granted or not, nothing of bob's may arrive
         spy.subscribe("#")
         assert spy.subscribe(secure.t("users/alice/#"))
@@ -310,8 +357,14 @@ def test_a_user_reads_and_cancels_only_their_own_tasks(secure: Secure, watcher: 
         spy.publish(secure.t("users/bob/cancel"), forged_cancel)
         # (the control: her own query is answered on her own topics)
         spy.publish(secure.t("users/alice/query"), b'{"v": 1, "ids": ["no-such-task"]}')
-        wait_for(lambda: any(t.startswith(secure.t("users/alice/")) and not t.endswith("query")
-                             for t in spy.topics()), 10, "the answer to alice's query")
+        wait_for(
+            lambda: any(
+                t.startswith(secure.t("users/alice/")) and not t.endswith("query")
+                for t in spy.topics()
+            ),
+            10,
+            "the answer to alice's query",
+        )
         probe(spy, secure)
         assert not any(t.startswith(secure.t("users/bob/")) for t in spy.topics())
         assert (secure.t("users/bob/submit"), forged_submit) not in watcher.messages
@@ -333,7 +386,8 @@ def test_a_user_reads_and_cancels_only_their_own_tasks(secure: Secure, watcher: 
 
 
 def test_a_node_reads_only_its_own_assignments_and_cannot_act_as_a_user(
-        secure: Secure, watcher: Login, tmp_path: Path) -> None:
+    secure: Secure, watcher: Login, tmp_path: Path
+) -> None:
     with Client(secure.settings("bob"), user="bob") as bob:
         long_id = bob.submit("BLOCK", {"gate": str(tmp_path / "never"), "limit_s": 60})
         wait_for(lambda: bob.get(long_id).status == Status.RUNNING, 20, "bob's task to run")
@@ -349,15 +403,18 @@ def test_a_node_reads_only_its_own_assignments_and_cannot_act_as_a_user(
             "users/alice/submit": f'{{"v": 1, "name": "ECHO", "id": "{forged}"}}'.encode(),
             "nodes/n1/status": b'{"v": 1, "node": "n1", "online": false, "forged": 1}',
             "nodes/n1/reports": b'{"v": 1, "forged": 1}',
-            "nodes/n1/assign": b'{"v": 1, "forged": 1}'}
+            "nodes/n1/assign": b'{"v": 1, "forged": 1}',
+        }
         for t, p in forged_msgs.items():
             n2.publish(secure.t(t), p)
         marker = secure.t("nodes/n2/heartbeat")
         n2.publish(marker, b"{}")
         wait_for(lambda: watcher.got(marker), 10, "n2's own heartbeat")
         probe(n2, secure)
-        assert not any(t.startswith(secure.t("nodes/n1/")) or t.startswith(secure.t("users/"))
-                       for t in n2.topics())
+        assert not any(
+            t.startswith(secure.t("nodes/n1/")) or t.startswith(secure.t("users/"))
+            for t in n2.topics()
+        )
         for t, p in forged_msgs.items():
             assert (secure.t(t), p) not in watcher.messages, t
         assert secure.system.record(forged) is None
@@ -370,23 +427,34 @@ def test_a_node_reads_only_its_own_assignments_and_cannot_act_as_a_user(
 
 
 def test_a_monitor_reads_stats_and_publishes_nothing_but_its_presence(
-        secure: Secure, watcher: Login) -> None:
+    secure: Secure, watcher: Login
+) -> None:
     mon = secure.login("mon")
     assert mon.connect()
     assert mon.subscribe(secure.t("balancer/stats"))
     wait_for(lambda: mon.got(secure.t("balancer/stats")), 10, "the balancer's stats")
     assert not mon.subscribe(secure.t("users/alice/#")) or secure.kind == "mosquitto"
-    forbidden = ["users/alice/submit", "users/alice/cancel", "users/alice/ack",
-                 "nodes/n1/status", "nodes/n1/assign", "nodes/n1/reports",
-                 "balancer/status", "balancer/stats", "balancer/history", "broker/status"]
+    forbidden = [
+        "users/alice/submit",
+        "users/alice/cancel",
+        "users/alice/ack",
+        "nodes/n1/status",
+        "nodes/n1/assign",
+        "nodes/n1/reports",
+        "balancer/status",
+        "balancer/stats",
+        "balancer/history",
+        "broker/status",
+    ]
     for t in forbidden:
         mon.publish(secure.t(t), b'{"v": 1, "ids": []}')
     marker = secure.t("dashboard/status")
     mon.publish(marker, b'{"v": 1, "online": false}')
     wait_for(lambda: watcher.got(marker), 10, "the monitor's presence")
     for t in forbidden:
-        assert all(p != b'{"v": 1, "ids": []}' for tt, p in watcher.messages
-                   if tt == secure.t(t)), t
+        assert all(
+            p != b'{"v": 1, "ids": []}' for tt, p in watcher.messages if tt == secure.t(t)
+        ), t
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -402,10 +470,14 @@ def test_user_command_manages_the_accounts_file_and_the_mosquitto_acl(tmp_path: 
     assert run_cli("user", "add", "x/y", "--role", "user", "--file", str(f)).returncode == 2
     r = run_cli("user", "mosquitto", "--file", str(f))
     assert r.returncode == 0 and "acl_file" in r.stdout
-    r = subprocess.run(lbmqtt_cmd("user", "add", "gpu1", "--role", "node", "--file", str(f),
-                                  "--password-stdin"),
-                       input="s3cret\n", capture_output=True, text=True, timeout=60,
-                       check=False)
+    r = subprocess.run(
+        lbmqtt_cmd("user", "add", "gpu1", "--role", "node", "--file", str(f), "--password-stdin"),
+        input="s3cret\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0 and "updated" in r.stdout  # the ACL follows the accounts
     accounts = access.read_accounts(f)
     assert {a.name: a.role for a in accounts.values()} == {"alice": "user", "gpu1": "node"}
@@ -413,7 +485,11 @@ def test_user_command_manages_the_accounts_file_and_the_mosquitto_acl(tmp_path: 
     assert access.verify_password(password, accounts["alice"].hash)
     assert "user gpu1" in (tmp_path / "accounts.acl").read_text()
     assert run_cli("user", "list", "--file", str(f)).stdout.split() == [
-        "alice", "user", "gpu1", "node"]
+        "alice",
+        "user",
+        "gpu1",
+        "node",
+    ]
     assert run_cli("user", "remove", "alice", "--file", str(f)).returncode == 0
     assert "user alice" not in (tmp_path / "accounts.acl").read_text()
 
@@ -429,8 +505,7 @@ def test_hashing_runs_off_the_brokers_loop(tmp_path: Path) -> None:
     f = tmp_path / "accounts"
     write_accounts(f)
     accounts = access.read_accounts(f)
-    accounts["slow"] = Account("slow", "user",
-                               access.hash_password("pw", iterations=3_000_000))
+    accounts["slow"] = Account("slow", "user", access.hash_password("pw", iterations=3_000_000))
     access.write_accounts(f, accounts.values())
     bt = BrokerThread(guard=AccessGuard("p", f))
     broker = bt.broker
@@ -462,11 +537,14 @@ def test_up_with_accounts_logs_its_parts_in_and_admits_only_accounts(tmp_path: P
     up = start_up("--no-dashboard", env_extra={"LBMQTT_AUTH_FILE": str(f)})
     try:
         assert "logins required" in up.text()
-        s = make_settings(up.port, "lbmqtt/v1", BROKER_USERNAME="alice",
-                          BROKER_PASSWORD=PASSWORDS["alice"])
+        s = make_settings(
+            up.port, "lbmqtt/v1", BROKER_USERNAME="alice", BROKER_PASSWORD=PASSWORDS["alice"]
+        )
         with Client(s, user="alice") as c:
-            assert c.wait(c.submit("HELLO", {"firstName": "A", "lastName": "B"}),
-                          timeout=30) == "Hello A B !"
+            assert (
+                c.wait(c.submit("HELLO", {"firstName": "A", "lastName": "B"}), timeout=30)
+                == "Hello A B !"
+            )
         assert not Login(up.port, None, None).connect()
         with pytest.raises(BrokerUnavailable, match="BROKER_USERNAME"):
             Client(make_settings(up.port, "lbmqtt/v1", CONNECT_TIMEOUT_S=2), user="alice")
@@ -476,15 +554,40 @@ def test_up_with_accounts_logs_its_parts_in_and_admits_only_accounts(tmp_path: P
 
 def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
     cert, key = tmp_path / "broker.crt", tmp_path / "broker.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     f = tmp_path / "accounts"
     write_accounts(f)
     prefix = f"tls/{uuid.uuid4().hex[:8]}"
-    base = make_settings(0, prefix, AUTH_FILE=str(f), BROKER_TLS_CERT=str(cert),
-                         BROKER_TLS_KEY=str(key), BROKER_TLS_PORT=0)
+    base = make_settings(
+        0,
+        prefix,
+        AUTH_FILE=str(f),
+        BROKER_TLS_CERT=str(cert),
+        BROKER_TLS_KEY=str(key),
+        BROKER_TLS_PORT=0,
+    )
     bt = BrokerThread(broker=embedded_broker(base))
     broker = bt.broker
     system = System(make_settings(broker.port, prefix))
@@ -492,34 +595,62 @@ def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
         assert broker.tls_port and broker.host == "127.0.0.1"
         # the balancer and the node on plain MQTT (loopback), the client over TLS
         plain = {"BROKER_PORT": broker.port}
-        system.start_balancer(make_settings(broker.port, prefix, BROKER_USERNAME="lb",
-                                            BROKER_PASSWORD=PASSWORDS["lb"], **plain))
-        system.start_node("n1", make_settings(broker.port, prefix, BROKER_USERNAME="n1",
-                                              BROKER_PASSWORD=PASSWORDS["n1"],
-                                              NODE_TASKS=[TEST_TASKS]))
-        tls = make_settings(broker.tls_port, prefix, BROKER_TLS=True,
-                            BROKER_CA_FILE=str(cert), BROKER_USERNAME="alice",
-                            BROKER_PASSWORD=PASSWORDS["alice"])
+        system.start_balancer(
+            make_settings(
+                broker.port, prefix, BROKER_USERNAME="lb", BROKER_PASSWORD=PASSWORDS["lb"], **plain
+            )
+        )
+        system.start_node(
+            "n1",
+            make_settings(
+                broker.port,
+                prefix,
+                BROKER_USERNAME="n1",
+                BROKER_PASSWORD=PASSWORDS["n1"],
+                NODE_TASKS=[TEST_TASKS],
+            ),
+        )
+        tls = make_settings(
+            broker.tls_port,
+            prefix,
+            BROKER_TLS=True,
+            BROKER_CA_FILE=str(cert),
+            BROKER_USERNAME="alice",
+            BROKER_PASSWORD=PASSWORDS["alice"],
+        )
         with Client(tls, user="alice") as c:
             assert c.wait(c.submit("ECHO", "over tls"), timeout=30)["args"] == "over tls"
         # a client that does not trust the certificate does not connect
-        untrusting = make_settings(broker.tls_port, prefix, BROKER_TLS=True,
-                                   BROKER_USERNAME="alice", BROKER_PASSWORD=PASSWORDS["alice"],
-                                   CONNECT_TIMEOUT_S=2)
+        untrusting = make_settings(
+            broker.tls_port,
+            prefix,
+            BROKER_TLS=True,
+            BROKER_USERNAME="alice",
+            BROKER_PASSWORD=PASSWORDS["alice"],
+            CONNECT_TIMEOUT_S=2,
+        )
         with pytest.raises(BrokerUnavailable, match=r"(?i)certificate"):
             Client(untrusting, user="alice")
         # nor does one speaking plain MQTT to the TLS port
         with pytest.raises(BrokerUnavailable):
-            Client(make_settings(broker.tls_port, prefix, BROKER_USERNAME="alice",
-                                 BROKER_PASSWORD=PASSWORDS["alice"], CONNECT_TIMEOUT_S=2),
-                   user="alice")
+            Client(
+                make_settings(
+                    broker.tls_port,
+                    prefix,
+                    BROKER_USERNAME="alice",
+                    BROKER_PASSWORD=PASSWORDS["alice"],
+                    CONNECT_TIMEOUT_S=2,
+                ),
+                user="alice",
+            )
     finally:
         system.close()
         bt.stop()
 
 
 def test_removing_an_account_or_changing_its_role_ends_its_connection(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lbmqtt.broker as broker_mod
 
     monkeypatch.setattr(broker_mod, "ACCOUNTS_CHECK_S", 0.1)
@@ -528,8 +659,10 @@ def test_removing_an_account_or_changing_its_role_ends_its_connection(
     bt = BrokerThread(guard=AccessGuard("p", f))
     broker = bt.broker
     try:
-        alice, bob = Login(broker.port, "alice", PASSWORDS["alice"]), \
-            Login(broker.port, "bob", PASSWORDS["bob"])
+        alice, bob = (
+            Login(broker.port, "alice", PASSWORDS["alice"]),
+            Login(broker.port, "bob", PASSWORDS["bob"]),
+        )
         assert alice.connect() and bob.connect()
         accounts = access.read_accounts(f)
         del accounts["bob"]  # bob is removed; alice becomes a monitor
@@ -557,7 +690,8 @@ def guarded(tmp_path: Path) -> Iterator[tuple[BrokerThread, Path]]:
 
 
 def test_an_oversized_subscribe_or_a_qos2_publish_ends_only_that_connection(
-        guarded: tuple[BrokerThread, Path]) -> None:
+    guarded: tuple[BrokerThread, Path],
+) -> None:
     broker, _ = guarded
     b = broker.patched
     bystander = logged_in(broker.port, "alice")
@@ -580,7 +714,8 @@ def test_an_oversized_subscribe_or_a_qos2_publish_ends_only_that_connection(
 
 
 def test_subscriptions_are_capped_and_unsubscribed_filters_forgotten(
-        guarded: tuple[BrokerThread, Path]) -> None:
+    guarded: tuple[BrokerThread, Path],
+) -> None:
     from lbmqtt.broker import MAX_SUBSCRIPTIONS
 
     broker, _ = guarded
@@ -598,20 +733,21 @@ def test_subscriptions_are_capped_and_unsubscribed_filters_forgotten(
 
 
 def test_retained_messages_only_where_the_role_may_retain(
-        guarded: tuple[BrokerThread, Path]) -> None:
+    guarded: tuple[BrokerThread, Path],
+) -> None:
     broker, _ = guarded
     b = broker.patched
     mon = logged_in(broker.port, "mon")
     mon.c.publish(f"p/probe/{mon.client_id}", b"x" * 1000, qos=1, retain=True).wait_for_publish(5)
-    mon.c.publish("p/dashboard/status", b'{"v": 1, "online": true}', qos=1,
-                  retain=True).wait_for_publish(5)
+    mon.c.publish(
+        "p/dashboard/status", b'{"v": 1, "online": true}', qos=1, retain=True
+    ).wait_for_publish(5)
     wait_for(lambda: "p/dashboard/status" in b._retained_messages, 5, "the presence")
     assert f"p/probe/{mon.client_id}" not in b._retained_messages
     mon.close()
 
 
-def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(
-        tmp_path: Path) -> None:
+def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(tmp_path: Path) -> None:
     f = tmp_path / "accounts"
     write_accounts(f)
     accounts = access.read_accounts(f)
@@ -634,8 +770,11 @@ def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(
         answered = sum(1 for c in flood if c.connack)
         assert answered <= 6, f"bob waited for {answered} of the flood's logins"
         again.close()
-        wait_for(lambda: all(c.connack or c.closed.is_set() for c in flood), 60,
-                 "the flood to be answered")
+        wait_for(
+            lambda: all(c.connack or c.closed.is_set() for c in flood),
+            60,
+            "the flood to be answered",
+        )
         assert all(c.connack and c.connack[0].is_failure for c in flood if c.connack)
     finally:
         for c in flood:
@@ -644,21 +783,23 @@ def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(
 
 
 def test_a_persistent_session_does_not_keep_rights_its_login_lost(
-        guarded: tuple[BrokerThread, Path]) -> None:
+    guarded: tuple[BrokerThread, Path],
+) -> None:
     broker, f = guarded
     b = broker.patched
-    mon = Login(broker.port, "mon", PASSWORDS["mon"], client_id="mon-kept",
-                clean_session=False)
+    mon = Login(broker.port, "mon", PASSWORDS["mon"], client_id="mon-kept", clean_session=False)
     assert mon.connect()
     assert mon.subscribe("p/balancer/#")
     mon.close()
-    wait_for(lambda: b._sessions["mon-kept"][0].transitions.state != "connected", 5,
-             "the broker to see it leave")
+    wait_for(
+        lambda: b._sessions["mon-kept"][0].transitions.state != "connected",
+        5,
+        "the broker to see it leave",
+    )
     accounts = access.read_accounts(f)
     accounts["mon"] = Account("mon", "user", accounts["mon"].hash)  # a user now
     access.write_accounts(f, accounts.values())
-    back = Login(broker.port, "mon", PASSWORDS["mon"], client_id="mon-kept",
-                 clean_session=False)
+    back = Login(broker.port, "mon", PASSWORDS["mon"], client_id="mon-kept", clean_session=False)
     assert back.connect()
     assert back.subscribe("p/users/mon/#")
     lb = logged_in(broker.port, "lb")
@@ -671,7 +812,8 @@ def test_a_persistent_session_does_not_keep_rights_its_login_lost(
 
 
 def test_the_brokers_refusals_are_counted_in_the_balancers_stats(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lbmqtt.broker as broker_mod
 
     monkeypatch.setattr(broker_mod, "STATUS_EVERY_S", 0.2)
@@ -682,15 +824,23 @@ def test_the_brokers_refusals_are_counted_in_the_balancers_stats(
     broker = bt.broker
     system = System(make_settings(broker.port, prefix))
     try:
-        system.start_balancer(make_settings(broker.port, prefix, BROKER_USERNAME="lb",
-                                            BROKER_PASSWORD=PASSWORDS["lb"]))
+        system.start_balancer(
+            make_settings(
+                broker.port, prefix, BROKER_USERNAME="lb", BROKER_PASSWORD=PASSWORDS["lb"]
+            )
+        )
         assert not Login(broker.port, "alice", "wrong").connect()
         spy = logged_in(broker.port, "alice")
         assert not spy.subscribe(f"{prefix}/users/bob/#")
         spy.close()
-        wait_for(lambda: system.stats().broker_refused.get("logins") == 1
-                 and system.stats().broker_refused.get("denied") == 1, 10,
-                 "the broker's refusals in the stats")
+        wait_for(
+            lambda: (
+                system.stats().broker_refused.get("logins") == 1
+                and system.stats().broker_refused.get("denied") == 1
+            ),
+            10,
+            "the broker's refusals in the stats",
+        )
     finally:
         system.close()
         bt.stop()

@@ -28,9 +28,21 @@ class WorkerProc:
     def __init__(self) -> None:
         self.sock, child = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lbmqtt.worker", "--fd", str(child.fileno()),
-             "--parent", str(os.getpid()), "--source", "tests.tasks_for_tests"],
-            pass_fds=[child.fileno()], cwd=ROOT, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "lbmqtt.worker",
+                "--fd",
+                str(child.fileno()),
+                "--parent",
+                str(os.getpid()),
+                "--source",
+                "tests.tasks_for_tests",
+            ],
+            pass_fds=[child.fileno()],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
         child.close()
         self.sock.settimeout(30)
         self._in = bytearray()
@@ -48,8 +60,8 @@ class WorkerProc:
             if len(self._in) >= _HEADER.size:
                 (n,) = _HEADER.unpack_from(self._in)
                 if len(self._in) >= _HEADER.size + n:
-                    body = bytes(self._in[_HEADER.size:_HEADER.size + n])
-                    del self._in[:_HEADER.size + n]
+                    body = bytes(self._in[_HEADER.size : _HEADER.size + n])
+                    del self._in[: _HEADER.size + n]
                     msg = pickle.loads(body)
                     assert isinstance(msg, tuple)
                     return msg
@@ -81,10 +93,14 @@ def wait_for_file(path: Path, limit_s: float = 30) -> None:
 
 
 def test_tasks_handed_over_together_run_in_order_and_a_skipped_one_never_runs(
-        worker: WorkerProc, tmp_path: Path) -> None:
+    worker: WorkerProc, tmp_path: Path
+) -> None:
     gate, started = tmp_path / "gate", tmp_path / "started"
-    worker.send(worker.run("A", "BLOCK", {"gate": str(gate), "started": str(started)}),
-                worker.run("B", "ECHO", "b"), worker.run("C", "ECHO", "c"))
+    worker.send(
+        worker.run("A", "BLOCK", {"gate": str(gate), "started": str(started)}),
+        worker.run("B", "ECHO", "b"),
+        worker.run("C", "ECHO", "c"),
+    )
     wait_for_file(started)  # A runs; B and C wait in the worker
     worker.send(("skip", "B", 1))  # withdrawn before it started
     gate.touch()
@@ -97,10 +113,13 @@ def test_tasks_handed_over_together_run_in_order_and_a_skipped_one_never_runs(
 
 
 def test_results_held_to_share_a_write_leave_while_a_long_task_runs(
-        worker: WorkerProc, tmp_path: Path) -> None:
+    worker: WorkerProc, tmp_path: Path
+) -> None:
     gate = tmp_path / "gate"
-    worker.send(*(worker.run(f"E{i}", "ECHO", i) for i in range(3)),
-                worker.run("L", "BLOCK", {"gate": str(gate), "limit_s": 60}))
+    worker.send(
+        *(worker.run(f"E{i}", "ECHO", i) for i in range(3)),
+        worker.run("L", "BLOCK", {"gate": str(gate), "limit_s": 60}),
+    )
     # L waits for the gate, which only opens once the three results are here: they were
     # held (more work was queued behind them), and the worker's flush thread sent them
     got = [worker.recv() for _ in range(3)]
@@ -110,10 +129,12 @@ def test_results_held_to_share_a_write_leave_while_a_long_task_runs(
     assert (msg[0], msg[1], json.loads(msg[3])["opened"]) == ("done", "L", True)
 
 
-def test_a_failure_amid_a_batch_is_reported_and_the_rest_still_run(
-        worker: WorkerProc) -> None:
-    worker.send(worker.run("A", "ECHO", 1), worker.run("B", "NO_SUCH_TASK", None),
-                worker.run("C", "ECHO", 3))
+def test_a_failure_amid_a_batch_is_reported_and_the_rest_still_run(worker: WorkerProc) -> None:
+    worker.send(
+        worker.run("A", "ECHO", 1),
+        worker.run("B", "NO_SUCH_TASK", None),
+        worker.run("C", "ECHO", 3),
+    )
     got = [worker.recv() for _ in range(3)]
     assert [(m[0], m[1]) for m in got] == [("done", "A"), ("failed", "B"), ("done", "C")]
     assert got[1][3] == "LookupError"
