@@ -43,7 +43,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
 
-from .errors import DecodeError, ErrorCode
+from ..errors import DecodeError, ErrorCode
 
 VERSION: Final = 1
 
