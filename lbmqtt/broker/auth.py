@@ -6,7 +6,7 @@
     client id deletes (clean session) or rewrites (persistent session) that client's
     session, and a connected client is taken over even when the login then fails. We
     check the login first and refuse a client id held by another login (no upstream issue
-    known).
+    found).
 
 Password hashes are checked in two threads of the broker's own (NOTES.md: verifying one
 blocks the event loop ~150 ms); a login may hold at most :data:`MAX_SUBSCRIPTIONS`

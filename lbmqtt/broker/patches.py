@@ -18,19 +18,19 @@ Patches (NOTES.md, "Bugs to work around"):
     On every CONNECT amqtt replays the retained messages of every filter that *any* client
     holds to the new client, leaking other users' retained task states and duplicating
     messages. We replay retained messages only for filters the session itself holds (no
-    upstream issue known).
+    upstream issue found).
 ``dollar_publish``
     A PUBLISH to a ``$`` topic (or with a wildcard / empty topic) breaks amqtt's per-client
     loop while leaving the connection open: later publishes are dropped, SUBSCRIBE is
     never answered and the will never fires. We drop ``$`` publishes and keep serving the
     client; a wildcard or empty publish topic is a protocol error and closes the
-    connection properly (so the will fires). No upstream issue known.
+    connection properly (so the will fires). No upstream issue found.
 ``offline_queue``
     amqtt keeps every QoS 1 message for a disconnected persistent session (a login with
     ``clean_session`` false) in an unbounded queue: a client that subscribes and never
     comes back makes the broker grow without end. We keep at most
     :data:`MAX_OFFLINE_MESSAGES` (and :data:`MAX_OFFLINE_BYTES`) per session and drop (and
-    count) the rest. No upstream issue known.
+    count) the rest. Upstream: Yakifo/amqtt#14 ("inactive client sessions grow RAM forever").
 ``socket_leak``
     When a client disconnects, amqtt closes its side with ``drain(); write_eof(); close()``.
     If a message to the client was in flight as it left (a client that publishes, then

@@ -6,7 +6,7 @@
     holds an unreleased QoS 2 message forever before any access check, and waits for a
     CONNECT forever. :class:`LimitedReader` follows amqtt's packet framing and refuses such
     a packet from its header, closing the connection (NOTES.md, amqtt bug 6; no upstream
-    issue known).
+    issue found).
 ``socket_leak``
     :class:`ClosingStreamWriter`: see :mod:`lbmqtt.broker.patches`.
 """
