@@ -39,6 +39,7 @@ BAND_COLORS: Final = ("#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#17becf", "#9
 
 
 def sample_columns(samples: tuple[Sample, ...]) -> dict[str, Any]:
+    """Columns of the time-series charts, one row per sample."""
     return {
         "t": [s.time * 1000.0 for s in samples],  # Bokeh datetimes are epoch milliseconds
         "queued": [s.queued for s in samples],
@@ -93,6 +94,7 @@ def _age(seconds: float) -> str:
 
 
 def node_columns(stats: BalancerStats | None) -> dict[str, Any]:
+    """Columns of the nodes chart and table, one row per node name."""
     # one row per name: the names are a chart's categories, which must be unique (a real
     # balancer never repeats one; a stray publisher might)
     nodes = (
@@ -117,6 +119,7 @@ def node_columns(stats: BalancerStats | None) -> dict[str, Any]:
 
 
 def user_columns(stats: BalancerStats | None) -> dict[str, Any]:
+    """Columns of the users chart, one row per user."""
     users = (
         sorted({u.user: u for u in reversed(stats.users)}.values(), key=lambda u: u.user)
         if stats is not None
@@ -138,6 +141,7 @@ def _ms(v: float | None) -> str:
 
 
 def time_columns(stats: BalancerStats | None) -> dict[str, Any]:
+    """Columns of the task-name table: counts and wait and run time percentiles."""
     names = sorted(stats.names, key=lambda n: n.name) if stats is not None else []
     cols: dict[str, list[Any]] = {
         "name": [n.name for n in names],
@@ -154,6 +158,7 @@ def time_columns(stats: BalancerStats | None) -> dict[str, Any]:
 
 
 def task_columns(stats: BalancerStats | None) -> dict[str, Any]:
+    """Columns of the tasks table: running, then recently finished."""
     rows = stats.tasks if stats is not None else []
     return {
         "id": [r.id for r in rows],
@@ -187,6 +192,7 @@ def warnings_of(snap: Snapshot) -> list[str]:
 
 
 def summary_html(snap: Snapshot) -> str:
+    """The summary line at the top of the page."""
     s = snap.stats
     if s is None:
         return "<b>lbmqtt</b>: waiting for the balancer"
