@@ -190,3 +190,35 @@ def test_disconnected_clients_do_not_leak_sockets(case: str, cleanup: list[Any])
             assert _open_fds() - before >= 8
     finally:
         gc.enable()
+
+
+def test_broker_package_exports_its_public_names() -> None:
+    import lbmqtt.broker as broker
+
+    assert sorted(broker.__all__) == [
+        "ALL_PATCHES",
+        "AMQTT_VERSION",
+        "EmbeddedBroker",
+        "GuardedBroker",
+        "MAX_OFFLINE_BYTES",
+        "MAX_OFFLINE_MESSAGES",
+        "MAX_SUBSCRIPTIONS",
+        "PacketTooLarge",
+        "PatchedBroker",
+        "TlsListener",
+        "bound_port",
+        "broker_config",
+        "embedded_broker",
+        "loopback_mosquitto_conf",
+        "quiet_amqtt_logs",
+        "serve",
+    ]
+    assert all(hasattr(broker, name) for name in broker.__all__)
+
+
+def test_every_switchable_patch_is_documented_with_the_bug_it_works_around() -> None:
+    from lbmqtt.broker import patches
+
+    doc = patches.__doc__ or ""
+    for name in ALL_PATCHES:
+        assert f"\n``{name}``\n" in doc, f"patch {name} is not described in lbmqtt.broker.patches"

@@ -371,7 +371,7 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
 def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
     case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lbmqtt.broker as broker_mod
+    import lbmqtt.broker.patches as broker_mod
     from lbmqtt.broker import ALL_PATCHES
 
     monkeypatch.setattr(broker_mod, "MAX_OFFLINE_MESSAGES", 100)
@@ -435,7 +435,7 @@ def test_a_connection_that_never_says_connect_is_closed(
 ) -> None:
     import socket
 
-    import lbmqtt.broker as broker_mod
+    import lbmqtt.broker.streams as broker_mod
 
     monkeypatch.setattr(broker_mod, "CONNECT_TIMEOUT_S", 0.5)
     guard = None

@@ -651,7 +651,7 @@ def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
 def test_removing_an_account_or_changing_its_role_ends_its_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lbmqtt.broker as broker_mod
+    import lbmqtt.broker.embedded as broker_mod
 
     monkeypatch.setattr(broker_mod, "ACCOUNTS_CHECK_S", 0.1)
     f = tmp_path / "accounts"
@@ -814,7 +814,7 @@ def test_a_persistent_session_does_not_keep_rights_its_login_lost(
 def test_the_brokers_refusals_are_counted_in_the_balancers_stats(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lbmqtt.broker as broker_mod
+    import lbmqtt.broker.embedded as broker_mod
 
     monkeypatch.setattr(broker_mod, "STATUS_EVERY_S", 0.2)
     f = tmp_path / "accounts"

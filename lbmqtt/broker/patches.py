@@ -1,0 +1,263 @@
+"""lbmqtt's patches for amqtt 0.12.1's bugs, as one Broker subclass: :class:`PatchedBroker`.
+
+Each patch named in :data:`ALL_PATCHES` can be switched off (``patches=``) so that the
+tests (tests/test_broker_patches.py) can show the bug it fixes on a broker without it;
+they are overrides of one subclass rather than changes to amqtt's classes, so a patched
+and an unpatched broker can run side by side in one process. The patches that are part of
+every broker are listed last. amqtt 0.12.1 is pinned exactly (pyproject.toml): these
+overrides reach its internals.
+
+Patches (NOTES.md, "Bugs to work around"):
+
+``keepalive``
+    amqtt never drops a client that stops talking (Yakifo/amqtt#308): the read timeout
+    handler is a no-op, so a frozen or cut-off client stays "connected" and its last will
+    never fires. We close the connection after 1.5 x its keep-alive of silence (MQTT 3.1.1
+    section 3.1.2.10), which ends the session abnormally and publishes the will.
+``retained_leak``
+    On every CONNECT amqtt replays the retained messages of every filter that *any* client
+    holds to the new client, leaking other users' retained task states and duplicating
+    messages. We replay retained messages only for filters the session itself holds (no
+    upstream issue found).
+``dollar_publish``
+    A PUBLISH to a ``$`` topic (or with a wildcard / empty topic) breaks amqtt's per-client
+    loop while leaving the connection open: later publishes are dropped, SUBSCRIBE is
+    never answered and the will never fires. We drop ``$`` publishes and keep serving the
+    client; a wildcard or empty publish topic is a protocol error and closes the
+    connection properly (so the will fires). No upstream issue found.
+``offline_queue``
+    amqtt keeps every QoS 1 message for a disconnected persistent session (a login with
+    ``clean_session`` false) in an unbounded queue: a client that subscribes and never
+    comes back makes the broker grow without end. We keep at most
+    :data:`MAX_OFFLINE_MESSAGES` (and :data:`MAX_OFFLINE_BYTES`) per session and drop (and
+    count) the rest. Upstream: Yakifo/amqtt#14 ("inactive client sessions grow RAM forever").
+``socket_leak``
+    When a client disconnects, amqtt closes its side with ``drain(); write_eof(); close()``.
+    If a message to the client was in flight as it left (a client that publishes, then
+    says DISCONNECT and closes), the peer's reset makes ``write_eof`` fail with ENOTCONN,
+    ``close`` is never called and the socket stays open until the garbage collector finds
+    it: a broker serving short-lived clients leaks a file descriptor per such client. We
+    always close it (:class:`~lbmqtt.broker.streams.ClosingStreamWriter`).
+``connect_close`` (part of every broker, not optional)
+    amqtt closes the socket for only some failed CONNECTs: a first packet other than
+    CONNECT left the connection open and never read again, and a client that left before
+    its CONNECT ended left a socket in CLOSE_WAIT until the garbage collector ran, and a
+    client resetting the connection as its CONNECT was refused never gave back its
+    connection slot. We close the socket whenever the CONNECT fails, and free the slot.
+``empty_filters`` (part of every broker, not optional)
+    amqtt keeps a topic filter nobody holds any more after an UNSUBSCRIBE and matches
+    every message against it for good (200k of them cut throughput 180-fold). We forget it.
+``packet_limits`` (part of every broker, not optional)
+    No maximum packet size, no CONNECT deadline: see :mod:`lbmqtt.broker.streams`.
+``takeover`` (part of the guard, not optional)
+    A CONNECT could take over another login's client id: see :mod:`lbmqtt.broker.auth`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from amqtt.adapters import StreamWriterAdapter
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.session import Session
+
+from ..access import AccessGuard
+from .auth import GuardedBroker
+from .streams import ClosingStreamWriter, LimitedReader
+
+log = logging.getLogger(__name__)
+
+ALL_PATCHES: frozenset[str] = frozenset(
+    {"keepalive", "retained_leak", "dollar_publish", "socket_leak", "offline_queue"}
+)
+MAX_OFFLINE_MESSAGES = 10_000
+"""QoS 1 messages the broker keeps for one disconnected persistent session, at most..."""
+MAX_OFFLINE_BYTES = 64 * 2**20
+"""... and bytes of them."""
+KEEPALIVE_GRACE = 1.5
+
+
+class PatchedBroker(GuardedBroker):
+    """amqtt's Broker with lbmqtt's patches (see the module docstring) and, with a
+    ``guard``, its logins and access rules (:class:`~lbmqtt.broker.auth.GuardedBroker`)."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        patches: Iterable[str] = ALL_PATCHES,
+        guard: AccessGuard | None = None,
+        max_packet_bytes: int = 256 * 2**20,
+        client_max_packet_bytes: int | None = None,
+    ):
+        super().__init__(
+            config,
+            guard=guard,
+            max_packet_bytes=max_packet_bytes,
+            client_max_packet_bytes=client_max_packet_bytes,
+        )
+        unknown = set(patches) - ALL_PATCHES
+        if unknown:
+            raise ValueError(f"unknown broker patches: {sorted(unknown)}")
+        self.patches = frozenset(patches)
+        self.dropped_dollar_publishes = 0
+        self.keepalive_drops = 0
+        self.too_large = 0
+        self.offline_dropped = 0
+        self.connect_timeouts = 0
+        self.transports: set[asyncio.WriteTransport] = set()
+        """Every client connection being served (see abort_all)."""
+
+    # -- keepalive, connect_close -------------------------------------------------------
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[Any, Session]:
+        try:
+            handler, session = await super()._initialize_client_session(
+                reader, writer, remote_address, remote_port
+            )
+        except (AMQTTError, MQTTError, NoDataError, OSError) as exc:
+            # amqtt closes the socket only for some failed CONNECTs: a first packet that
+            # is not a CONNECT left it open and unread, a client gone before its CONNECT
+            # ended left it in CLOSE_WAIT until the garbage collector came by; and a reset
+            # while refusing a CONNECT (an OSError) escaped the code that frees its
+            # connection slot
+            with contextlib.suppress(Exception):
+                await writer.close()
+            if isinstance(exc, OSError):
+                raise AMQTTError(
+                    f"connection from {remote_address}:{remote_port} lost during its CONNECT: {exc}"
+                ) from exc
+            raise
+        if isinstance(reader, LimitedReader):
+            reader.connect_deadline = None
+        if "keepalive" in self.patches and session.keep_alive and session.keep_alive > 0:
+            # amqtt's reader loop waits this long for the next packet, then calls
+            # handle_read_timeout (a no-op upstream) and keeps waiting forever.
+            session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE * 10) / 10
+            handler.handle_read_timeout = lambda: self._drop_silent_client(handler)
+        return handler, session
+
+    def _refuse_connection(self, who: str, exc: Exception) -> None:
+        if isinstance(exc, TimeoutError):
+            self.connect_timeouts += 1
+            self._log_denied(who, f"{exc}: connection closed")
+            return
+        self.too_large += 1
+        self._log_denied(who, f"sent too large a packet ({exc}): connection closed")
+
+    def _drop_silent_client(self, handler: Any) -> None:
+        session = handler.session
+        client_id = session.client_id if session is not None else "?"
+        log.info(
+            "client %s silent for %.1f s (1.5 x keep-alive): closing its connection",
+            client_id,
+            session.keep_alive if session is not None else 0,
+        )
+        self.keepalive_drops += 1
+        self.close_connection(handler)
+
+    # -- empty_filters ------------------------------------------------------------------
+
+    async def _handle_unsubscription(
+        self, client_session: Session, handler: Any, unsubscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        await super()._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+        for topic in unsubscribe_waiter.result().topics:
+            if not self._subscriptions.get(topic, True):
+                del self._subscriptions[topic]  # (amqtt keeps it, and matches every
+                # message against it for good: 200k of them cut throughput 180-fold)
+
+    # -- socket_leak ----------------------------------------------------------------------
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        adapter = (
+            ClosingStreamWriter(writer)
+            if "socket_leak" in self.patches
+            else StreamWriterAdapter(writer)
+        )
+        limit = self.max_packet_bytes if self.guard is None else self.client_max_packet_bytes
+        limited = LimitedReader(reader, limit, writer.transport, self._refuse_connection)
+        self.transports.add(writer.transport)
+        try:
+            await self._client_connected(listener_name, limited, adapter)
+        finally:
+            self.transports.discard(writer.transport)
+
+    def abort_all(self) -> None:
+        """Cut every connection still open (amqtt's shutdown leaves those of clients it
+        lost track of, zombies among them, to the garbage collector)."""
+        for transport in list(self.transports):
+            transport.abort()
+        self.transports.clear()
+
+    # -- retained_leak --------------------------------------------------------------------
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        if "retained_leak" in self.patches:
+            topic_filter = subscription[0]
+            holders = self._subscriptions.get(topic_filter, ())
+            if not any(s.client_id == session.client_id for s, _ in holders):
+                return
+        await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    # -- offline_queue --------------------------------------------------------------------
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        if "offline_queue" in self.patches:
+            queue = target_session.retained_messages
+            if queue.empty():  # (drained when it came back: count afresh)
+                target_session.lbmqtt_kept_bytes = 0
+            kept = getattr(target_session, "lbmqtt_kept_bytes", 0)
+            size = len(broadcast.get("data") or b"")
+            if queue.qsize() >= MAX_OFFLINE_MESSAGES or kept + size > MAX_OFFLINE_BYTES:
+                self.offline_dropped += 1
+                self._denied_log.warning(
+                    f"offline {target_session.client_id}",
+                    "client %s is away with %d messages (%d bytes) kept for it: dropping more",
+                    target_session.client_id,
+                    queue.qsize(),
+                    kept,
+                )
+                return
+            target_session.lbmqtt_kept_bytes = kept + size
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    # -- dollar_publish -------------------------------------------------------------------
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        if "dollar_publish" in self.patches:
+            message = wait_deliver.result()
+            topic = getattr(message, "topic", None) if message is not None else None
+            if message is not None and isinstance(topic, str) and topic.startswith("$"):
+                self.dropped_dollar_publishes += 1
+                log.info(
+                    "client %s published to %r: '$' topics are reserved; dropped",
+                    client_session.client_id,
+                    topic,
+                )
+                return True
+            if message is not None and (not topic or "#" in topic or "+" in topic):
+                log.info(
+                    "client %s published to an invalid topic %r: closing its connection",
+                    client_session.client_id,
+                    topic,
+                )
+                self.close_connection(handler)
+                return True
+        result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return result
