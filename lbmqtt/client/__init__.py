@@ -26,14 +26,14 @@ from __future__ import annotations
 
 from ..errors import SubmitRefused
 from .core import ACK_FLUSH_S as ACK_FLUSH_S
-from .core import DEFAULT_BATCH as DEFAULT_BATCH
 from .core import LOG_EVERY_S as LOG_EVERY_S
 from .core import REQUERY_S as REQUERY_S
-from .core import RESEND_S as RESEND_S
 from .core import AsyncClient
 from .core import default_user as default_user
 from .mapping import RATE_PAUSE_MAX_S as RATE_PAUSE_MAX_S
 from .mapping import RATE_PAUSE_MIN_S as RATE_PAUSE_MIN_S
+from .resend import DEFAULT_BATCH as DEFAULT_BATCH
+from .resend import RESEND_S as RESEND_S
 from .sync import Client
 from .tracking import COLLECTED_CACHE as COLLECTED_CACHE
 from .waiting import outcome

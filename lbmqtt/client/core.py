@@ -11,14 +11,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..backoff import Backoff
 from ..config import Settings, coerce_settings
 from ..discovery import resolve as resolve_broker
 from ..errors import (
-    BalancerUnavailable,
     ConfigError,
     LbmqttError,
-    UnknownTask,
     WaitTimeout,
 )
 from ..mqtt import MqttTransport, client_id, connection_options
@@ -32,9 +29,10 @@ from ..protocol import (
     decode,
     is_valid_name,
 )
-from ..protocol.submit import encode_id_lists, encode_submit, validate_specs
+from ..protocol.submit import encode_id_lists, validate_specs
 from ..ratelog import LogLimiter
 from .mapping import run_map
+from .resend import DEFAULT_BATCH, cancel_until_final, query, submit_specs
 from .tracking import TaskBook, Tracked
 from .waiting import map_progress, outcome
 
@@ -42,20 +40,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AsyncClient", "default_user"]
 
-RESEND_S = 2.0
-"""How often a request the balancer has not acknowledged yet is sent again."""
 REQUERY_S = 10.0
 ACK_FLUSH_S = 0.05
-DEFAULT_BATCH = 500
 LOG_EVERY_S = 10.0
 """The client logs the balancer's unsolicited errors at most this often per code (anyone
 may publish on a user's topics without logins)."""
-
-
-def _resends() -> Backoff:
-    """The period of a resend until acknowledged: fixed (a lost message is resent, not a
-    failure to back off from; the balancer answers a duplicate at no cost)."""
-    return Backoff(min_s=RESEND_S, max_s=RESEND_S, jitter=False)
 
 
 def default_user() -> str:
@@ -208,7 +197,7 @@ class AsyncClient:
             BalancerUnavailable: some task was not acknowledged within ``ack_timeout_s``.
         """
         specs = self._specs(tasks)
-        errors = await self._submit_specs(specs, batch_size)
+        errors = await submit_specs(self, specs, batch_size)
         for err in errors:
             if err is not None:
                 raise err
@@ -222,58 +211,6 @@ class AsyncClient:
             data["notify"] = "events"
             items.append(data)
         return validate_specs(items)
-
-    async def _submit_specs(
-        self, specs: list[TaskSpec], batch_size: int = DEFAULT_BATCH
-    ) -> list[BaseException | None]:
-        """Publish in batches, resend until each is acknowledged; per spec: None (accepted)
-        or the refusal."""
-        t = self._t()
-        acks = [self._book.watch_next(spec.id or "") for spec in specs]
-        for start in range(0, len(specs), batch_size):
-            self._publish_submit(t, specs[start : start + batch_size])
-        await self._await_acks(specs, acks)
-        out: list[BaseException | None] = []
-        for spec, f in zip(specs, acks, strict=True):
-            exc = f.exception()
-            if exc is not None:
-                tr = self._book.tracked.get(spec.id or "")
-                if tr is not None and tr.state is None and not tr.next and tr.final is None:
-                    del self._book.tracked[spec.id or ""]
-            out.append(exc)
-        return out
-
-    def _publish_submit(self, t: MqttTransport, specs: list[TaskSpec]) -> None:
-        t.publish(self.topics.submit(self.user), encode_submit(specs), qos=1)
-
-    async def _await_acks(
-        self, specs: list[TaskSpec], acks: list[asyncio.Future[TaskState]]
-    ) -> None:
-        deadline = time.monotonic() + self.ack_timeout_s
-        resend = _resends()
-        while True:
-            pending = [f for f in acks if not f.done()]
-            if not pending:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                for f in pending:
-                    f.cancel()
-                for spec in specs:
-                    tr = self._book.tracked.get(spec.id or "")
-                    if tr is not None:
-                        tr.next = [f for f in tr.next if not f.done()]
-                        self._book.forget(spec.id or "")
-                raise BalancerUnavailable(
-                    f"{len(pending)} of {len(specs)} submits not acknowledged within "
-                    f"{self.ack_timeout_s:g} s: is `lbmqtt balancer` (or `lbmqtt up`) running "
-                    f"on prefix {self.topics.prefix!r}?"
-                )
-            await asyncio.wait(pending, timeout=min(resend.next(), remaining))
-            unacked = [s for s, f in zip(specs, acks, strict=True) if not f.done()]
-            if unacked and time.monotonic() < deadline:
-                for start in range(0, len(unacked), DEFAULT_BATCH):
-                    self._publish_submit(self._t(), unacked[start : start + DEFAULT_BATCH])
 
     async def get(self, task_id: str) -> TaskState:
         """The current state of a task (status, progress, result, error, node, times).
@@ -291,7 +228,7 @@ class AsyncClient:
         elif (known := self._book.known_final(task_id)) is not None:
             state = known
         else:
-            state = await self._query(task_id)
+            state = await query(self, task_id)
         if state.status.final:
             self._collect(state)
         return state
@@ -325,7 +262,7 @@ class AsyncClient:
         done = self._book.known_final(task_id)
         tr = self._book.tracked.get(task_id)
         if done is None and (tr is None or tr.state is None):
-            answer = await self._query(task_id)
+            answer = await query(self, task_id)
             tr = self._book.tracked.get(task_id)
             if tr is None:  # (a final answer nobody else waits for is filed as finished)
                 done = answer
@@ -392,30 +329,7 @@ class AsyncClient:
         if tr.state is not None and tr.state.status.final:
             return tr.state.status == Status.CANCELLED
         final = self._book.final_future(task_id)
-        deadline = time.monotonic() + self.ack_timeout_s
-        resend = _resends()
-        while not final.done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BalancerUnavailable(
-                    f"cancel of {task_id} not acknowledged within {self.ack_timeout_s:g} s"
-                )
-            nxt = self._book.watch_next(task_id)
-            self._publish_ids(self.topics.cancel(self.user), [task_id])
-            # the answer is the task's final state; any other state (progress) means the
-            # cancel is still on its way, so wait for the final one until the resend
-            resend_at = time.monotonic() + min(resend.next(), remaining)
-            while not final.done() and time.monotonic() < resend_at:
-                await asyncio.wait(
-                    [final, nxt],
-                    timeout=resend_at - time.monotonic(),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if nxt.done():
-                    if nxt.exception() is not None:
-                        self._book.forget(task_id)
-                        raise nxt.exception()  # type: ignore[misc]
-                    nxt = self._book.watch_next(task_id)
+        await cancel_until_final(self, task_id, final)
         state = final.result()
         self._collect(state)
         return state.status == Status.CANCELLED
@@ -483,26 +397,6 @@ class AsyncClient:
                 bar.close()
 
     # ------------------------------------------------------------------ internals
-
-    async def _query(self, task_id: str) -> TaskState:
-        fut = self._book.watch_next(task_id)
-        deadline = time.monotonic() + self.ack_timeout_s
-        resend = _resends()
-        while not fut.done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                fut.cancel()
-                raise BalancerUnavailable(
-                    f"no answer about task {task_id} within "
-                    f"{self.ack_timeout_s:g} s: is the balancer running?"
-                )
-            self._publish_ids(self.topics.query(self.user), [task_id])
-            await asyncio.wait([fut], timeout=min(resend.next(), remaining))
-        try:
-            return fut.result()
-        except UnknownTask:
-            self._book.forget(task_id)
-            raise
 
     def _publish_ids(self, topic: str, ids: list[str]) -> None:
         t = self._t()

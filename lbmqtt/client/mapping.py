@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..backoff import Backoff
 from ..errors import LbmqttError, QuotaExceeded, RateLimited
 from ..protocol import TaskSpec, TaskState
+from .resend import submit_specs
 from .waiting import outcome, wait_some
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ async def run_map(
     # nothing gets through
     rate_pause = Backoff(min_s=RATE_PAUSE_MIN_S, max_s=RATE_PAUSE_MAX_S, jitter=False)
     while todo:
-        errors = await client._submit_specs(todo, batch_size)
+        errors = await submit_specs(client, todo, batch_size)
         refused, limited = [], []
         for spec, err in zip(todo, errors, strict=True):
             if isinstance(err, QuotaExceeded):

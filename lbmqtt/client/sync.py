@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from ..config import Settings
 from ..errors import LbmqttError, WaitTimeout
 from ..protocol import TaskSpec, TaskState
-from .core import DEFAULT_BATCH, AsyncClient
+from .core import AsyncClient
+from .resend import DEFAULT_BATCH
 
 __all__ = ["Client"]
 
