@@ -1,5 +1,6 @@
-"""The asyncio client: connection, submit resent until acknowledged, task states tracked
-from the events (see the package's docstring for what it speaks)."""
+"""The asyncio client: its connection, its public API, the acknowledgements of collected
+results and the messages it receives (requests resent until answered are in ``resend``,
+what it knows of its tasks in ``tracking``; see the package's docstring)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,7 @@ from typing import Any
 
 from ..config import Settings, coerce_settings
 from ..discovery import resolve as resolve_broker
-from ..errors import (
-    ConfigError,
-    LbmqttError,
-    WaitTimeout,
-)
+from ..errors import ConfigError, LbmqttError, WaitTimeout
 from ..mqtt import MqttTransport, client_id, connection_options
 from ..protocol import (
     Errors,
