@@ -149,6 +149,31 @@ def restart_delay(deaths_in_a_row: int) -> float:
     )
 
 
+class Restarts:
+    """The supervisor's rule for its children (by name), times from ``time.monotonic``: one
+    that died is started again after :func:`restart_delay`, unless it died more than
+    ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S``."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+        self._restarts: dict[str, list[float]] = {}  # (within the window)
+        self._in_a_row: dict[str, int] = {}  # (deaths without a good run between them)
+
+    def started(self, name: str, now: float) -> None:
+        """``name`` was (started again and) is ready."""
+        self._started[name] = now
+
+    def died(self, name: str, now: float) -> float | None:
+        """``name`` has died: the delay before its next start, or None to give up."""
+        recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW_S]
+        if len(recent) >= MAX_RESTARTS:
+            return None
+        self._restarts[name] = [*recent, now]
+        ran_well = now - self._started.get(name, now) >= RESTART_STABLE_S
+        self._in_a_row[name] = 1 if ran_well else self._in_a_row.get(name, 0) + 1
+        return restart_delay(self._in_a_row[name])
+
+
 def stop_children(
     children: list[Child], grace_s: float = STOP_GRACE_S, node_grace_s: float | None = None
 ) -> None:
@@ -292,9 +317,9 @@ def up(
                 i = b_args.index("--broker-port")
                 del b_args[i : i + 2]
             specs["broker"] = [*b_args, "--broker-port", common[common.index("--broker-port") + 1]]
-        restarts: dict[str, list[float]] = {}
-        started = {c.name: time.monotonic() for c in children}
-        in_a_row: dict[str, int] = {}  # deaths without a good run between them
+        restarts = Restarts()
+        for c in children:
+            restarts.started(c.name, time.monotonic())
         restart_at: dict[str, float] = {}  # the dead ones waiting for their next start
         while not stopping:
             for i, c in enumerate(children):
@@ -303,22 +328,18 @@ def up(
                     continue
                 now = time.monotonic()
                 if c.name not in restart_at:  # it has just died
-                    recent = [t for t in restarts.get(c.name, []) if now - t < RESTART_WINDOW_S]
-                    if len(recent) >= MAX_RESTARTS:
+                    delay = restarts.died(c.name, now)
+                    if delay is None:
                         log.error(
                             "%s exited unexpectedly (status %s) %d times within %g s: "
                             "stopping the others",
                             c.name,
                             rc,
-                            len(recent) + 1,
+                            MAX_RESTARTS + 1,
                             RESTART_WINDOW_S,
                         )
                         stop_children(children, node_grace_s=node_grace)
                         return 1
-                    restarts[c.name] = [*recent, now]
-                    ran_well = now - started[c.name] >= RESTART_STABLE_S
-                    in_a_row[c.name] = 1 if ran_well else in_a_row.get(c.name, 0) + 1
-                    delay = restart_delay(in_a_row[c.name])
                     log.warning(
                         "%s exited unexpectedly (status %s): starting it again%s",
                         c.name,
@@ -330,7 +351,7 @@ def up(
                     continue  # (the others are watched meanwhile)
                 del restart_at[c.name]
                 children[i] = _respawn(c.name, specs[c.name], lambda: stopping, env=c.env)
-                started[c.name] = time.monotonic()
+                restarts.started(c.name, time.monotonic())
                 print(f"lbmqtt: {c.name} is back", flush=True)
             time.sleep(0.2)  # a supervisor's poll, not a test wait
         print("lbmqtt: stopping...", flush=True)
