@@ -70,3 +70,13 @@ def test_a_worker_process_does_not_import_the_heavy_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "[]"
+
+
+def test_the_client_names_import_from_lbmqtt_client_as_they_did_from_one_module() -> None:
+    import lbmqtt.client as client
+
+    assert client.__all__ == ["AsyncClient", "Client", "SubmitRefused", "outcome"]
+    assert client.Client is lbmqtt.Client and client.AsyncClient is lbmqtt.AsyncClient
+    assert client.SubmitRefused is lbmqtt.SubmitRefused
+    for name in ("RESEND_S", "REQUERY_S", "DEFAULT_BATCH", "RATE_PAUSE_MIN_S", "default_user"):
+        assert getattr(client, name) is not None

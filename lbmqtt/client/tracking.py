@@ -1,0 +1,115 @@
+"""What the client knows of its tasks: the last state of each, the futures waiting for
+the next or the final one, and final states kept a while after they reached the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..errors import error_from_code
+from ..protocol import ErrorItem, TaskState
+
+__all__ = ["COLLECTED_CACHE", "TaskBook", "Tracked"]
+
+COLLECTED_CACHE = 10_000
+
+
+@dataclass
+class Tracked:
+    """One task the client follows: its last state and who waits for what."""
+
+    state: TaskState | None = None
+    next: list[asyncio.Future[TaskState]] = field(default_factory=list)
+    final: asyncio.Future[TaskState] | None = None
+
+
+class TaskBook:
+    """The client's tasks by id; fed by the events and errors the balancer sends."""
+
+    def __init__(self) -> None:
+        self.tracked: dict[str, Tracked] = {}
+        # final states already handed to the caller (and acknowledged to the balancer) ...
+        self.collected: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
+        # ... and final states that arrived while nobody waited for them
+        self.finished: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The client's loop (set when it starts): the futures belong to it."""
+
+    def known_final(self, task_id: str) -> TaskState | None:
+        """The final state of a task that is no longer followed, if kept."""
+        return self.collected.get(task_id) or self.finished.get(task_id)
+
+    def watch_next(self, task_id: str) -> asyncio.Future[TaskState]:
+        """A future for the next state (or error) the balancer sends about ``task_id``."""
+        assert self.loop is not None
+        fut: asyncio.Future[TaskState] = self.loop.create_future()
+        self.tracked.setdefault(task_id, Tracked()).next.append(fut)
+        return fut
+
+    def final_future(self, task_id: str) -> asyncio.Future[TaskState]:
+        """The future of the final state of ``task_id`` (done already if it is known)."""
+        assert self.loop is not None
+        tr = self.tracked.setdefault(task_id, Tracked())
+        if tr.final is None:
+            tr.final = self.loop.create_future()
+            if tr.state is not None and tr.state.status.final:
+                tr.final.set_result(tr.state)
+        return tr.final
+
+    def forget(self, task_id: str) -> None:
+        """Stop following ``task_id`` if nobody waits for it."""
+        tr = self.tracked.get(task_id)
+        if tr is not None and not tr.next and (tr.final is None or tr.final.done()):
+            del self.tracked[task_id]
+
+    def collected_now(self, state: TaskState) -> None:
+        """A final state reached the caller: remember it a while, follow it no more."""
+        self.tracked.pop(state.id, None)
+        self.finished.pop(state.id, None)
+        _remember(self.collected, state)
+
+    def awaited(self) -> list[str]:
+        """The tasks somebody waits to see finish."""
+        return [
+            tid for tid, tr in self.tracked.items() if tr.final is not None and not tr.final.done()
+        ]
+
+    def on_states(self, states: Iterable[TaskState]) -> None:
+        """States from the balancer's events: resolve who waits for them."""
+        for st in states:
+            tr = self.tracked.get(st.id)
+            if tr is None:
+                continue  # another client's task of the same user
+            tr.state = st
+            for fut in tr.next:
+                if not fut.done():
+                    fut.set_result(st)
+            tr.next.clear()
+            if st.status.final:
+                if tr.final is not None and not tr.final.done():
+                    tr.final.set_result(st)
+                elif tr.final is None and not tr.next:
+                    # nobody waits for it now: keep it (bounded) for a later get/wait
+                    self.tracked.pop(st.id, None)
+                    _remember(self.finished, st)
+
+    def on_error(self, e: ErrorItem) -> bool:
+        """A refusal from the balancer: raise it in who waits for the task's next state.
+        False if it is about no task followed here."""
+        tr = self.tracked.get(e.id) if e.id else None
+        if tr is None:
+            return False
+        for fut in tr.next:
+            if not fut.done():
+                fut.set_exception(error_from_code(e.code, e.message, e.id))
+        tr.next.clear()
+        return True
+
+
+def _remember(cache: collections.OrderedDict[str, TaskState], state: TaskState) -> None:
+    cache[state.id] = state
+    cache.move_to_end(state.id)
+    while len(cache) > COLLECTED_CACHE:
+        cache.popitem(last=False)
