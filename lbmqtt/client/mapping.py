@@ -39,8 +39,9 @@ async def run_map(
     of ``ids`` (see :meth:`AsyncClient.map`)."""
     todo = specs
     # over the balancer's SUBMIT_RATE: the rest goes again after a pause that grows while
-    # nothing gets through
-    rate_pause = Backoff(min_s=RATE_PAUSE_MIN_S, max_s=RATE_PAUSE_MAX_S, jitter=False)
+    # nothing gets through (a first round refused whole waits twice the minimum: attempt 1,
+    # as the pause did before it used Backoff)
+    rate_pause = Backoff(min_s=RATE_PAUSE_MIN_S, max_s=RATE_PAUSE_MAX_S, jitter=False, attempt=1)
     while todo:
         errors = await submit_specs(client, todo, batch_size)
         refused, limited = [], []
