@@ -25,42 +25,28 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from .. import __version__
 from ..config import Settings, WorkerGroup, coerce_settings
 from ..discovery import resolve as resolve_broker
 from ..errors import ConfigError
 from ..health import online_status
 from ..mqtt import MqttTransport, Will, client_id, connection_options
-from ..protocol import Assignment, GroupInfo, Heartbeat, NodeStatus, TaskRef, Topics, encode_json
+from ..protocol import Assignment, GroupInfo, NodeStatus, Topics, encode_json
 from ..protocol.node_wire import decode_assignment_set
 from ..ratelog import LogLimiter
 from ..registry import Registry, function_reference, in_worker, load_sources
+from . import announce
+from .announce import default_node_name
 from .reports import ReportBatcher
 from .supervisor import HeldTask, Supervisor
 
-__all__ = ["Node", "default_node_name"]
+__all__ = ["Node"]
 
 log = logging.getLogger(__name__)
-
-
-def default_node_name() -> str:
-    """The host name, reduced to a valid node name."""
-    raw = socket.gethostname().split(".")[0] or "node"
-    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in raw)[:64]
-    return name if name[0].isalnum() or name[0] == "_" else f"n{name}"[:64]
-
-
-def _memory_mb() -> int:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20)
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 class Node:
@@ -436,11 +422,7 @@ class Node:
     @property
     def resources(self) -> dict[str, float]:
         """Counted resources announced: the machine's cores and memory, then NODE_RESOURCES."""
-        return {
-            "cores": float(os.cpu_count() or 1),
-            "memory_mb": float(_memory_mb()),
-            **self.settings.node_resources,
-        }
+        return announce.resources(self.settings)
 
     @property
     def slots(self) -> int:
@@ -455,30 +437,15 @@ class Node:
     # --------------------------------------------------------------- MQTT in
 
     def _status(self) -> NodeStatus:
-        return NodeStatus(
+        return announce.status(
+            self.settings,
             node=self.name,
             instance=self.instance,
-            online=True,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            version=__version__,
             started_at=self.started_at,
             groups=self._group_info,
             tasks=self._all_names,
-            cores=os.cpu_count() or 1,
-            memory_mb=_memory_mb(),
-            speed=self.settings.node_speed,
-            heartbeat_s=self.settings.heartbeat_s,
-            resources=self.resources,
-            tags=sorted(set(self.settings.node_tags)),
             draining=self.supervisor.draining,
-            pending=[
-                TaskRef(id=lt.a.id, attempt=lt.a.attempt)
-                for lt in self._local.values()
-                if lt.state == "pending"
-            ]
-            if self.supervisor.draining
-            else [],
+            held=self._local.values(),
         )
 
     def _on_connect(self) -> None:
@@ -574,26 +541,8 @@ class Node:
             if not t.connected:
                 continue
             self._hb_seq += 1
-            try:
-                load = list(os.getloadavg())
-            except OSError:
-                load = []
-            running = [
-                TaskRef(id=lt.a.id, attempt=lt.a.attempt)
-                for lt in self._local.values()
-                if lt.state == "running"
-            ]
-            pending = sum(1 for lt in self._local.values() if lt.state == "pending")
-            held = [TaskRef(id=lt.a.id, attempt=lt.a.attempt) for lt in self._local.values()]
-            hb = Heartbeat(
-                node=self.name,
-                instance=self.instance,
-                seq=self._hb_seq,
-                time=time.time(),
-                load=load,
-                running=running,
-                pending=pending,
-                held=held,
+            hb = announce.heartbeat(
+                node=self.name, instance=self.instance, seq=self._hb_seq, held=self._local.values()
             )
             t.publish(self.topics.heartbeat(self.name), hb.encode(), qos=0)
 
