@@ -4,17 +4,9 @@ Started by the node as ``python -m lbmqtt.worker --fd N ...`` with one end of a
 socketpair. Standard library only (plus the task modules), so that it starts fast and a
 restart after a cancel or a crash is cheap.
 
-Frames on the socket are a 4-byte big-endian length and a pickled tuple (pickle stays
-between a node and its own children; it never goes on the MQTT wire):
-
-=================================================  ===========================================
-node -> worker                                     worker -> node
-=================================================  ===========================================
-``("run", id, attempt, name, args_json, meta)``    ``("ready", pid, names)``
-``("skip", id, attempt)``                          ``("progress", id, attempt, percent)``
-                                                   ``("done", id, attempt, result_json, secs)``
-                                                   ``("failed", id, attempt, type, msg, tb, secs)``
-=================================================  ===========================================
+The messages on the socket (:class:`~lbmqtt.protocol_worker.Run`, ``Skip`` from the node;
+``Hello``, ``TaskProgress``, ``Done``, ``Failed`` to it) and their framing are defined in
+:mod:`lbmqtt.protocol_worker`.
 
 Tasks run in the order they were handed over. The node hands short tasks over several at a
 time, in one write; before each task the worker reads what else has arrived, so a ``skip``
@@ -33,10 +25,8 @@ import contextlib
 import ctypes
 import json
 import os
-import pickle
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -44,7 +34,8 @@ import traceback
 from collections import deque
 from typing import Any
 
-_HEADER = struct.Struct("!I")
+from .protocol_worker import Done, Failed, Hello, Message, Run, Skip, TaskProgress, encode, take
+
 PR_SET_PDEATHSIG = 1
 PROGRESS_MIN_INTERVAL_S = 0.05
 RESULT_HOLD_S = 0.001
@@ -64,7 +55,7 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 class Channel:
-    """Framed pickle messages over a socket: blocking receive, a non-blocking look at what
+    """Framed messages over a socket: blocking receive, a non-blocking look at what
     has arrived, and sends that may wait (at most RESULT_HOLD_S) to share a write."""
 
     def __init__(self, sock: socket.socket):
@@ -76,11 +67,11 @@ class Channel:
         self._flusher: threading.Thread | None = None
         self._in = bytearray()
 
-    def send(self, msg: tuple[Any, ...], *, hold: bool = False) -> None:
+    def send(self, msg: Message, *, hold: bool = False) -> None:
         """Send ``msg``, with whatever is held; ``hold``: it may wait to share a write."""
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        data = encode(msg)
         with self._lock:
-            self._out.append(_HEADER.pack(len(data)) + data)
+            self._out.append(data)
             if not hold:
                 self._send_held()
             elif len(self._out) == 1:
@@ -120,10 +111,10 @@ class Channel:
                     continue
                 self._send_held()
 
-    def recv(self) -> tuple[Any, ...] | None:
+    def recv(self) -> Message | None:
         """The next message, waiting for it; None when the node has closed the socket."""
         while True:
-            msg = self._take()
+            msg = take(self._in)
             if msg is not None:
                 return msg
             chunk = self.sock.recv(1 << 16)
@@ -131,7 +122,7 @@ class Channel:
                 return None
             self._in += chunk
 
-    def poll(self) -> list[tuple[Any, ...]]:
+    def poll(self) -> list[Message]:
         """The messages that have arrived, without waiting."""
         try:
             while True:
@@ -142,33 +133,21 @@ class Channel:
         except (BlockingIOError, InterruptedError):
             pass
         out = []
-        while (msg := self._take()) is not None:
+        while (msg := take(self._in)) is not None:
             out.append(msg)
         return out
-
-    def _take(self) -> tuple[Any, ...] | None:
-        if len(self._in) < _HEADER.size:
-            return None
-        (n,) = _HEADER.unpack_from(self._in)
-        if len(self._in) < _HEADER.size + n:
-            return None
-        body = bytes(self._in[_HEADER.size : _HEADER.size + n])
-        del self._in[: _HEADER.size + n]
-        msg = pickle.loads(body)  # noqa: S301 - our own parent process
-        assert isinstance(msg, tuple)
-        return msg
 
 
 class Context:
     """The :class:`~lbmqtt.registry.TaskContext` handed to task functions."""
 
-    def __init__(self, channel: Channel, task_id: str, attempt: int, meta: dict[str, Any]):
+    def __init__(self, channel: Channel, run: Run):
         self._channel = channel
-        self.task_id = task_id
-        self.attempt = attempt
-        self.user: str = meta.get("user", "")
-        self.name: str = meta.get("name", "")
-        self.priority: int = meta.get("priority", 0)
+        self.task_id = run.id
+        self.attempt = run.attempt
+        self.user: str = run.user
+        self.name: str = run.name
+        self.priority: int = run.priority
         self._last_sent = -1
         self._last_time = 0.0
 
@@ -182,7 +161,7 @@ class Context:
         if p == self._last_sent or (now - self._last_time < PROGRESS_MIN_INTERVAL_S and p < 100):
             return
         self._last_sent, self._last_time = p, now
-        self._channel.send(("progress", self.task_id, self.attempt, p))
+        self._channel.send(TaskProgress(self.task_id, self.attempt, p))
 
     def __repr__(self) -> str:
         return f"<TaskContext {self.name} id={self.task_id} attempt={self.attempt}>"
@@ -219,15 +198,15 @@ def _caller(entry: Any) -> Any:
 def run(channel: Channel, tasks: dict[str, Any]) -> None:
     """Serve ``run`` requests, in order, until the node closes the socket."""
     callers = {name: _caller(entry) for name, entry in tasks.items()}
-    channel.send(("ready", os.getpid(), sorted(tasks)))
-    todo: deque[tuple[Any, ...]] = deque()
+    channel.send(Hello(os.getpid(), sorted(tasks)))
+    todo: deque[Run] = deque()
 
-    def take(msg: tuple[Any, ...]) -> None:
-        if msg[0] == "run":
+    def receive(msg: Message) -> None:
+        if type(msg) is Run:
             todo.append(msg)
-        elif msg[0] == "skip":  # withdrawn before it started (if it already ran: no-op)
+        elif type(msg) is Skip:  # withdrawn before it started (if it already ran: no-op)
             for m in todo:
-                if m[1] == msg[1] and m[2] == msg[2]:
+                if m.id == msg.id and m.attempt == msg.attempt:
                     todo.remove(m)
                     break
 
@@ -237,12 +216,13 @@ def run(channel: Channel, tasks: dict[str, Any]) -> None:
             msg = channel.recv()
             if msg is None:
                 return
-            take(msg)
+            receive(msg)
         for msg in channel.poll():
-            take(msg)
+            receive(msg)
         if not todo:
             continue
-        _, task_id, attempt, name, args_json, meta = todo.popleft()
+        job = todo.popleft()
+        name, args_json = job.name, job.args_json
         # a result may wait for the next ones only if more work is already here
         hold = bool(todo) and channel.held_for() < RESULT_HOLD_S
         t0 = time.perf_counter()
@@ -251,7 +231,7 @@ def run(channel: Channel, tasks: dict[str, Any]) -> None:
             if call is None:
                 raise LookupError(f"this node has no task named {name!r}")
             args = json.loads(args_json) if args_json else None
-            result = call(args, Context(channel, task_id, attempt, meta))
+            result = call(args, Context(channel, job))
             try:
                 data = json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
             except (TypeError, ValueError) as exc:
@@ -263,19 +243,13 @@ def run(channel: Channel, tasks: dict[str, Any]) -> None:
                 raise
             tb = traceback.format_exc(limit=50)
             channel.send(
-                (
-                    "failed",
-                    task_id,
-                    attempt,
-                    type(exc).__name__,
-                    str(exc),
-                    tb,
-                    time.perf_counter() - t0,
+                Failed(
+                    job.id, job.attempt, type(exc).__name__, str(exc), tb, time.perf_counter() - t0
                 ),
                 hold=hold,
             )
             continue
-        channel.send(("done", task_id, attempt, data, time.perf_counter() - t0), hold=hold)
+        channel.send(Done(job.id, job.attempt, data, time.perf_counter() - t0), hold=hold)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,15 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException:
         traceback.print_exc()
         channel.send(
-            (
-                "failed",
-                "",
-                0,
-                "ImportError",
-                "cannot load task modules",
-                traceback.format_exc(),
-                0.0,
-            )
+            Failed("", 0, "ImportError", "cannot load task modules", traceback.format_exc(), 0.0)
         )
         sys.exit(3)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):

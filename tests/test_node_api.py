@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from lbmqtt import Client, Node, Registry
+from lbmqtt.errors import DecodeError
+from lbmqtt.protocol import Assignment, AssignmentSet, Status, decode
+from lbmqtt.protocol.node_wire import decode_assignment_set
 
-from .conftest import System, descendants, process_alive, wait_for
+from .conftest import TEST_TASKS, System, descendants, process_alive, wait_for
 
 SCRIPT = textwrap.dedent("""
     from lbmqtt import Node
@@ -102,3 +105,77 @@ def test_a_broken_task_module_is_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "cannot load task modules" in r.stderr and "no_such_module_xyz" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_node_can_be_waited_on_until_a_state_holds_and_until_it_holds_nothing(
+    system: System, client: Client, tmp_path: Path
+) -> None:
+    system.start_balancer()
+    node = system.start_node("n1", tasks=[TEST_TASKS])
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    # Given a task that runs on n1 until its gate opens
+    tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started)})
+    system.lt.run(node.until(lambda n: n.counters["started"] == 1, 20, "the task to start"))
+    assert system.lt.call(lambda: node.held) == 1
+    # Then waiting for the node to hold nothing times out while it runs, saying what for
+    with pytest.raises(
+        TimeoutError, match=r"n1: timed out after 0\.05 s waiting for the node to hold no task"
+    ):
+        system.lt.run(node.join(0.05))
+    # and returns once its result is acknowledged (the balancer has it)
+    gate.touch()
+    system.lt.run(node.join(20))
+    assert system.lt.call(lambda: (node.held, node.counters["done"])) == (0, 1)
+    assert client.get(tid).status == Status.DONE
+
+
+# ------------------------------------------------------------------ the assignment set
+
+
+def _set(tasks: list[object], node: str = "n1") -> bytes:
+    import json
+
+    return json.dumps({"v": 1, "node": node, "balancer": "b", "seq": 3, "tasks": tasks}).encode()
+
+
+def _assignment(tid: str, attempt: int = 1, **extra: object) -> dict[str, object]:
+    return {"id": tid, "attempt": attempt, "user": "u", "name": "ECHO", "args": [1], **extra}
+
+
+SETS = [
+    _set([]),
+    _set([_assignment("a"), _assignment("b", 2, priority=5, timeout_s=1.5, tags=["gpu"])]),
+    _set([_assignment("held"), _assignment("new", group=1, requires={"cores": 2})]),
+    _set([_assignment("held", 2)]),  # a newer attempt of a held task: validated again
+    _set([_assignment("a", unknown_field="ignored")]),
+]
+
+
+@pytest.mark.parametrize("payload", SETS)
+def test_the_node_reads_an_assignment_set_as_full_validation_does(payload: bytes) -> None:
+    held = Assignment.model_validate(_assignment("held"))
+    full = decode(AssignmentSet, payload)
+    node, tasks = decode_assignment_set(payload, {"held": held}.get)
+    assert (node, tasks) == (full.node, full.tasks)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b'{"v": 1, "node": "n1"}',  # no balancer, no seq
+        _set([{"id": "x", "attempt": "one", "user": "u", "name": "ECHO"}]),
+        _set([_assignment("x", user=None)]),
+        _set(["not an object"]),
+        b'{"v": 1, "node": "n1", "balancer": "b", "seq": 1, "tasks": "no list"}',
+    ],
+)
+def test_a_malformed_assignment_set_is_refused_as_full_validation_refuses_it(
+    payload: bytes,
+) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises((DecodeError, ValidationError)):
+        decode(AssignmentSet, payload)
+    with pytest.raises((DecodeError, ValidationError)):
+        decode_assignment_set(payload, lambda tid: None)

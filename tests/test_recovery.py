@@ -227,7 +227,7 @@ def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_start
 ) -> None:
     b, node, gate, running = _block_on_n1(system, client, tmp_path, 1)
     # Given a task assigned to n1 that it has not started (its worker start is held back)
-    system.lt.call(lambda: setattr(node, "_dispatch", lambda: None))
+    system.lt.call(lambda: setattr(node.supervisor, "dispatch", lambda: None))
     waiting = client.submit("ECHO", "later")
     wait_for(lambda: system.record(waiting).status == Status.ASSIGNED, 10, "the assignment")
     # When n1 drains
@@ -287,7 +287,7 @@ def test_a_node_starts_the_most_urgent_task_of_its_window_first(
         "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=1, minP=0, maxP=1000)]
     )
     started: list[str] = []
-    original = node._hand_over
+    original = node.supervisor._hand_over
 
     def recording(w: Any, tasks: list[Any]) -> None:
         started.extend(lt.a.id for lt in tasks)
@@ -296,7 +296,7 @@ def test_a_node_starts_the_most_urgent_task_of_its_window_first(
     gate = tmp_path / "gate"
 
     def give(tasks: list[Assignment]) -> None:
-        node._hand_over = recording  # type: ignore[method-assign]
+        node.supervisor._hand_over = recording  # type: ignore[method-assign]
         node._apply_set(tasks)
 
     def a(tid: str, priority: int, args: Any) -> Assignment:

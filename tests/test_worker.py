@@ -4,11 +4,11 @@ back to share a write still leave while a long task runs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -18,7 +18,21 @@ from typing import Any
 
 import pytest
 
-_HEADER = struct.Struct("!I")
+from lbmqtt.protocol_worker import (
+    HEADER,
+    Done,
+    Failed,
+    Hello,
+    Message,
+    Run,
+    Skip,
+    TaskProgress,
+    WorkerMessageError,
+    decode,
+    encode,
+    take,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,25 +60,19 @@ class WorkerProc:
         child.close()
         self.sock.settimeout(30)
         self._in = bytearray()
-        assert self.recv()[0] == "ready"
+        assert isinstance(self.recv(), Hello)
 
-    def send(self, *msgs: tuple[Any, ...]) -> None:
-        frames = [pickle.dumps(m) for m in msgs]
-        self.sock.sendall(b"".join(_HEADER.pack(len(f)) + f for f in frames))
+    def send(self, *msgs: Message) -> None:
+        self.sock.sendall(encode(*msgs))
 
-    def run(self, task_id: str, name: str, args: Any) -> tuple[Any, ...]:
-        return ("run", task_id, 1, name, json.dumps(args).encode(), {"name": name})
+    def run(self, task_id: str, name: str, args: Any) -> Run:
+        return Run(task_id, 1, name, json.dumps(args).encode(), "", 0)
 
-    def recv(self) -> tuple[Any, ...]:
+    def recv(self) -> Any:
         while True:
-            if len(self._in) >= _HEADER.size:
-                (n,) = _HEADER.unpack_from(self._in)
-                if len(self._in) >= _HEADER.size + n:
-                    body = bytes(self._in[_HEADER.size : _HEADER.size + n])
-                    del self._in[: _HEADER.size + n]
-                    msg = pickle.loads(body)
-                    assert isinstance(msg, tuple)
-                    return msg
+            msg = take(self._in)
+            if msg is not None:
+                return msg
             chunk = self.sock.recv(1 << 16)
             assert chunk, "the worker closed its socket"
             self._in += chunk
@@ -102,14 +110,14 @@ def test_tasks_handed_over_together_run_in_order_and_a_skipped_one_never_runs(
         worker.run("C", "ECHO", "c"),
     )
     wait_for_file(started)  # A runs; B and C wait in the worker
-    worker.send(("skip", "B", 1))  # withdrawn before it started
+    worker.send(Skip("B", 1))  # withdrawn before it started
     gate.touch()
     done = [worker.recv() for _ in range(2)]
-    assert [(m[0], m[1]) for m in done] == [("done", "A"), ("done", "C")]
+    assert [(type(m), m.id) for m in done] == [(Done, "A"), (Done, "C")]
     # B would have come before D: its absence is not a matter of waiting longer
     worker.send(worker.run("D", "ECHO", "d"))
     msg = worker.recv()
-    assert (msg[0], msg[1], json.loads(msg[3])["args"]) == ("done", "D", "d")
+    assert (type(msg), msg.id, json.loads(msg.result_json)["args"]) == (Done, "D", "d")
 
 
 def test_results_held_to_share_a_write_leave_while_a_long_task_runs(
@@ -123,10 +131,10 @@ def test_results_held_to_share_a_write_leave_while_a_long_task_runs(
     # L waits for the gate, which only opens once the three results are here: they were
     # held (more work was queued behind them), and the worker's flush thread sent them
     got = [worker.recv() for _ in range(3)]
-    assert [(m[0], m[1]) for m in got] == [("done", "E0"), ("done", "E1"), ("done", "E2")]
+    assert [(type(m), m.id) for m in got] == [(Done, "E0"), (Done, "E1"), (Done, "E2")]
     gate.touch()
     msg = worker.recv()
-    assert (msg[0], msg[1], json.loads(msg[3])["opened"]) == ("done", "L", True)
+    assert (type(msg), msg.id, json.loads(msg.result_json)["opened"]) == (Done, "L", True)
 
 
 def test_a_failure_amid_a_batch_is_reported_and_the_rest_still_run(worker: WorkerProc) -> None:
@@ -136,5 +144,78 @@ def test_a_failure_amid_a_batch_is_reported_and_the_rest_still_run(worker: Worke
         worker.run("C", "ECHO", 3),
     )
     got = [worker.recv() for _ in range(3)]
-    assert [(m[0], m[1]) for m in got] == [("done", "A"), ("failed", "B"), ("done", "C")]
-    assert got[1][3] == "LookupError"
+    assert [(type(m), m.id) for m in got] == [(Done, "A"), (Failed, "B"), (Done, "C")]
+    assert got[1].type == "LookupError"
+
+
+# ------------------------------------------------------------------ the messages themselves
+
+EVERY_KIND: list[Message] = [
+    Run("t-1", 2, "ECHO", b'{"a":1}', "alice", 7),
+    Skip("t-1", 2),
+    Hello(4242, ["ECHO", "HELLO"]),
+    TaskProgress("t-1", 2, 40),
+    Done("t-1", 2, b'{"ok":true}', 0.25),
+    Failed("t-1", 2, "ValueError", "bad", "Traceback ...", 0.5),
+]
+
+
+def test_every_message_kind_comes_through_a_frame_as_it_went_in() -> None:
+    buf = bytearray(encode(*EVERY_KIND))  # one write, as the node hands tasks over
+    got = []
+    while (msg := take(buf)) is not None:
+        got.append(msg)
+    assert got == EVERY_KIND
+    assert [type(m) for m in got] == [type(m) for m in EVERY_KIND]
+    assert not buf
+    # a frame cut short is not a message yet
+    partial = bytearray(encode(EVERY_KIND[4])[:-1])
+    assert take(partial) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "reason"),
+    [
+        (4, b"not a pickle", "malformed frame"),
+        (4, pickle.dumps(("t", 1)), "Done frame holds"),
+        (4, pickle.dumps(["t", 1, b"{}", 0.1]), "Done frame holds"),
+        (99, pickle.dumps(("t", 1)), "unknown kind 99"),
+    ],
+)
+def test_a_malformed_frame_is_a_clear_error(kind: int, body: bytes, reason: str) -> None:
+    with pytest.raises(WorkerMessageError, match=reason) as err:
+        decode(kind, body)
+    assert err.value.raw == body
+
+
+def test_a_malformed_frame_from_a_worker_does_not_stop_the_node_reading_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from lbmqtt.node.reports import ReportBatcher
+    from lbmqtt.node.supervisor import Supervisor
+    from lbmqtt.protocol import GroupInfo
+
+    async def scenario() -> Any:
+        held: dict[str, Any] = {}
+        reports = ReportBatcher("n", "i", "t", held, lambda: None)
+        sup = Supervisor(held, reports, {}, lambda: None)
+        sup.add_groups([GroupInfo(index=0, workers=1, min_p=0, max_p=9)], [])
+        w = sup.workers[0]
+        ours, theirs = socket.socketpair()
+        # garbled frames (the first is logged; more of the same, within the log's rate
+        # limit, are not), then a good hello
+        garbage = b"\x80garbage"
+        theirs.sendall(
+            HEADER.pack(len(garbage), 4)
+            + garbage
+            + HEADER.pack(3, 99)
+            + b"abc"
+            + encode(Hello(1234, ["ECHO"]))
+        )
+        theirs.close()
+        await sup._serve(w, ours)
+        return w
+
+    w = asyncio.run(scenario())
+    assert (w.state, w.pid) == ("dead", 1234)  # the hello was read; then the socket closed
+    assert "worker 0: malformed frame (8 bytes)" in caplog.text

@@ -1,0 +1,137 @@
+"""The node's report batcher: "started", progress and results coalesced into reports.
+
+A report (``nodes/{n}/reports``, a :class:`~lbmqtt.protocol.NodeReport`) carries every
+"started" notice, the latest progress of each running task, and every result gathered since
+the last one. Results leave at once unless the node has more coming (see
+:meth:`ReportBatcher.schedule`); progress at most every ``PROGRESS_FLUSH_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from ..protocol import NodeReport, Progress, Result, Started
+
+if TYPE_CHECKING:
+    from ..mqtt import MqttTransport
+    from .supervisor import HeldTask
+
+__all__ = ["PROGRESS_FLUSH_S", "REPORT_GAP_S", "ReportBatcher"]
+
+PROGRESS_FLUSH_S = 0.1
+REPORT_GAP_S = 0.002
+"""Reports go out at most this often: a lone result leaves at once, a busy node's results
+share a report (fewer messages for the broker and fewer rounds for the balancer)."""
+
+
+class ReportBatcher:
+    """What the node has to report, and when it goes.
+
+    Args:
+        node: the node's name.
+        instance: the node's instance id.
+        topic: where reports go.
+        held: the tasks the node holds, by id (a result sent is stamped on its task).
+        on_flush: called after a report went out.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        instance: str,
+        topic: str,
+        held: Mapping[str, HeldTask],
+        on_flush: Callable[[], None],
+    ):
+        self.node = node
+        self.instance = instance
+        self.topic = topic
+        self.transport: MqttTransport | None = None
+        self.busy: Callable[[], bool] = lambda: False
+        """Whether other tasks run or wait here (their results may share the next report)."""
+        self.started: list[Started] = []
+        self.progress: dict[str, Progress] = {}
+        self.results: dict[str, Result] = {}
+        self._held = held
+        self._on_flush = on_flush
+        self._soon = False
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._last = 0.0
+        self._progress_timer: asyncio.TimerHandle | None = None
+
+    def forget(self, task_id: str) -> None:
+        """Drop what is pending about a task the node no longer holds."""
+        self.results.pop(task_id, None)
+        self.progress.pop(task_id, None)
+
+    def schedule(self, *, urgent: bool = True) -> None:
+        """Send a report soon: results (``urgent``) at once unless a report left less than
+        REPORT_GAP_S ago while other tasks run or wait here (their results are due to share
+        the next report: as in Nagle's algorithm, only a sender with more coming waits),
+        then when that gap is over; started notices alone wait a gap, so that a short
+        task's result carries them."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not urgent:
+            due = now + REPORT_GAP_S
+        elif self.busy():
+            due = max(now, self._last + REPORT_GAP_S)
+        else:
+            due = now  # nothing else would ride along: a lone task is not held back
+        if self._soon:
+            if self._due <= due:
+                return
+            if self._handle is not None:
+                self._handle.cancel()
+        self._soon = True
+        self._due = due
+        if due > now:
+            self._handle = loop.call_at(due, self.flush)
+        else:
+            self._handle = None
+            loop.call_soon(self.flush)
+
+    def schedule_progress(self) -> None:
+        """Send the progress gathered within PROGRESS_FLUSH_S."""
+        if self._progress_timer is None:
+            self._progress_timer = asyncio.get_running_loop().call_later(
+                PROGRESS_FLUSH_S, self.flush
+            )
+
+    def flush(self) -> None:
+        """Send what is gathered now (kept if disconnected: results are resent on
+        reconnect, progress is superseded)."""
+        self._soon = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
+        t = self.transport
+        if t is None or not (self.started or self.progress or self.results):
+            return
+        if not t.connected:
+            return
+        now = time.monotonic()
+        report = NodeReport(
+            node=self.node,
+            instance=self.instance,
+            started=self.started,
+            progress=list(self.progress.values()),
+            results=list(self.results.values()),
+        )
+        t.publish(self.topic, report.encode(), qos=1)
+        self._last = asyncio.get_running_loop().time()
+        for tid in self.results:
+            lt = self._held.get(tid)
+            if lt is not None:
+                lt.result_sent_at = now
+        self.started = []
+        self.progress = {}
+        self.results = {}
+        self._on_flush()
