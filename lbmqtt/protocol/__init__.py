@@ -1,30 +1,36 @@
 """The wire: every topic name and every message model of lbmqtt, and nothing else.
 
-All payloads are UTF-8 JSON objects with a schema version ``"v": 1``. Identity comes
-from the topic: a user's messages live under ``{prefix}/users/{user}/...`` and a node's
-under ``{prefix}/nodes/{node}/...``, so a broker ACL keyed on the login can enforce who
-sees what. The default prefix is ``lbmqtt/v1``.
+All payloads (the probes' aside) are UTF-8 JSON objects with a schema version ``"v": 1``.
+Identity comes from the topic: a user's messages live under ``{prefix}/users/{user}/...``
+and a node's under ``{prefix}/nodes/{node}/...``, so a broker ACL keyed on the login can
+enforce who sees what. The default prefix is ``lbmqtt/v1``.
 
 ==================================  ========  ==========  ======================================
 topic (after the prefix)            retained  direction   payload
 ==================================  ========  ==========  ======================================
-``users/{u}/submit``                no        client->LB  :class:`TaskSpec` or ``{"tasks": []}``
-``users/{u}/cancel``                no        client->LB  :class:`IdList` (``{"ids": [...]}``)
-``users/{u}/ack``                   no        client->LB  :class:`IdList`: results collected
-``users/{u}/query``                 no        client->LB  :class:`IdList`: answer on ``events``
-``users/{u}/tasks/{id}``            yes       LB->client  :class:`TaskState`: latest state
-``users/{u}/results/{id}``          yes       LB->client  :class:`TaskState`: final only (idem)
-``users/{u}/events``                no        LB->client  :class:`Events`: batched states
-``users/{u}/errors``                no        LB->client  :class:`Errors`: refusals, bad input
-``nodes/{n}/status``                yes       node->LB    :class:`NodeStatus` (will: offline)
-``nodes/{n}/heartbeat``             no        node->LB    :class:`Heartbeat`
-``nodes/{n}/assign``                yes       LB->node    :class:`AssignmentSet` (full desired set)
-``nodes/{n}/reports``               no        node->LB    :class:`NodeReport`: started, results
-``balancer/status``                 yes       LB->all     :class:`BalancerStatus` (will: offline)
-``balancer/stats``                  yes       LB->all     :class:`BalancerStats` (about 2 Hz)
-``broker/status``                   yes       broker      :class:`BrokerStatus` (embedded only)
+``users/{user}/submit``             no        client->LB  :class:`TaskSpec` or ``{"tasks": []}``
+``users/{user}/cancel``             no        client->LB  :class:`IdList` (``{"ids": [...]}``)
+``users/{user}/ack``                no        client->LB  :class:`IdList`: results collected
+``users/{user}/query``              no        client->LB  :class:`IdList`: answer on ``events``
+``users/{user}/tasks/{id}``         yes       LB->client  :class:`TaskState`: latest state
+``users/{user}/results/{id}``       yes       LB->client  :class:`TaskState`: final only (idem)
+``users/{user}/events``             no        LB->client  :class:`Events`: batched states
+``users/{user}/errors``             no        LB->client  :class:`Errors`: refusals, bad input
+``nodes/{node}/status``             yes       node->LB    :class:`NodeStatus` (will: offline)
+``nodes/{node}/assign``             yes       LB->node    :class:`AssignmentSet` (full desired set)
+``nodes/{node}/reports``            no        node->LB    :class:`NodeReport`: started, results
+``nodes/{node}/heartbeat``          no        node->LB    :class:`Heartbeat`
 ``dashboard/status``                yes       dashboard   :class:`DashboardStatus` (will offline)
+``broker/status``                   yes       broker      :class:`BrokerStatus` (embedded only)
+``balancer/stats``                  yes       LB->all     :class:`BalancerStats` (about 2 Hz)
+``balancer/status``                 yes       LB->all     :class:`BalancerStatus` (will: offline)
+``balancer/history``                no        LB->dash.   :class:`BalancerHistory` (on request)
+``balancer/probe``                  no        LB->LB      ``INSTANCE SEQ``: its inbound delay
+``probe/{client}``                  no        any->self   empty: retained messages all came
 ==================================  ========  ==========  ======================================
+
+The same table, with who may publish and read each topic, is :data:`topics.TOPICS`: the
+topic names, inbound routing and the broker's access rules are all derived from it.
 
 An assignment set is the whole truth for a node: the tasks it should be running (or
 holding, finished, until the balancer has recorded the result). A task that disappears
@@ -103,7 +109,7 @@ from .stats import (
     band_order,
     plausible_time,
 )
-from .topics import Topics, validate_topic_for_publish
+from .topics import ROLES, TOPICS, Role, Route, Topics, TopicSpec, validate_topic_for_publish
 
 __all__ = [
     "HISTORY_NAMES",
@@ -112,8 +118,10 @@ __all__ = [
     "NAME_PATTERN",
     "NAME_RE",
     "RESOURCE_PATTERN",
+    "ROLES",
     "TASK_ID_PATTERN",
     "TASK_NAME_PATTERN",
+    "TOPICS",
     "VERSION",
     "Amount",
     "Assignment",
@@ -141,6 +149,8 @@ __all__ = [
     "ResourceName",
     "Result",
     "ResultStatus",
+    "Role",
+    "Route",
     "Started",
     "Status",
     "SubmitBatch",
@@ -150,6 +160,7 @@ __all__ = [
     "TaskRow",
     "TaskSpec",
     "TaskState",
+    "TopicSpec",
     "Topics",
     "UserSummary",
     "band_label",
