@@ -266,3 +266,19 @@ def test_the_public_names_of_protocol_are_pinned() -> None:
         "validate_topic_for_publish",
     ]
     assert all(hasattr(protocol, name) for name in protocol.__all__)
+
+
+def test_the_name_patterns_are_written_once() -> None:
+    # config, access and the models use protocol.names; a second copy would drift
+    from pathlib import Path
+
+    import lbmqtt
+    from lbmqtt.protocol import names
+
+    root = Path(lbmqtt.__file__).parent
+    for pattern in (names.NAME_PATTERN, names.RESOURCE_PATTERN, names.PREFIX_PATTERN):
+        body = pattern.strip("^$")
+        holders = [
+            p.relative_to(root).as_posix() for p in root.rglob("*.py") if body in p.read_text()
+        ]
+        assert holders == ["protocol/names.py"], (pattern, holders)

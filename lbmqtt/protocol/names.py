@@ -22,6 +22,8 @@ TaskName = Annotated[str, Field(pattern=TASK_NAME_PATTERN)]
 Priority = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
 RESOURCE_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
 """Names of counted resources (``gpu``, ``memory_mb``, ``license.matlab``) and of tags."""
+PREFIX_PATTERN: Final = r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
+"""The topic prefix (TOPIC_PREFIX): levels of letters, digits and ``_.-``, no wildcard."""
 ResourceName = Annotated[str, Field(pattern=RESOURCE_PATTERN)]
 Amount = Annotated[float, Field(gt=0, le=1e12, allow_inf_nan=False)]
 
