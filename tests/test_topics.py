@@ -45,6 +45,7 @@ def test_every_topic_of_the_table_is_built_by_its_method_and_routed_to_its_key()
         pattern = SPECS[key].pattern
         name = next((SAMPLE[p] for p in ("user", "node", "client") if f"{{{p}}}" in pattern), "")
         assert route.name == name
+        assert SPECS[key].named == next((p for p in SAMPLE if SAMPLE[p] == name), "")
         parsed = t.parse(topic)
         assert route.rest == (parsed[2] if parsed is not None else "")
 

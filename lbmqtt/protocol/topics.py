@@ -32,6 +32,16 @@ NAMESPACES: Final = ("users/{user}", "nodes/{node}", "balancer")
 a whole (a ``#`` filter, as ``mosquitto_sub -t 'lbmqtt/v1/users/alice/#'``)."""
 
 
+def _levels(pattern: str) -> tuple[str, str | None, tuple[str, ...]]:
+    """``users/{user}/tasks/{id}`` -> (``"users/"``, ``"user"``, ``("tasks", "{id}")``):
+    the literal part up to the first parameter, that parameter, and the levels after it."""
+    levels = pattern.split("/")
+    for i, level in enumerate(levels):
+        if level.startswith("{"):
+            return "".join(x + "/" for x in levels[:i]), level[1:-1], tuple(levels[i + 1 :])
+    return pattern, None, ()
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """One topic of the wire (a row of :data:`TOPICS`)."""
@@ -49,6 +59,9 @@ class TopicSpec:
     doc: str
     inbound: Mapping[Role, int] = field(default_factory=dict)
     """The roles whose component subscribes to it when it starts, with the QoS."""
+    named: str = ""
+    """Whose topic it is: ``"user"``, ``"node"`` or ``"client"`` (the parameter that
+    :attr:`Route.name` holds); ``""`` for the topics of no one."""
 
 
 def _spec(
@@ -71,6 +84,7 @@ def _spec(
         payload,
         doc,
         MappingProxyType(dict(inbound or {})),
+        _levels(pattern)[1] or "",
     )
 
 
@@ -280,16 +294,6 @@ class Route(NamedTuple):
 OWN_PARAM: Final[Mapping[Role, str]] = MappingProxyType({"user": "user", "node": "node"})
 """The topic parameter a role's own login fills: a user is ``{user}``, a node ``{node}``
 (a role reads only its own; the others' are any name to it)."""
-
-
-def _levels(pattern: str) -> tuple[str, str | None, tuple[str, ...]]:
-    """``users/{user}/tasks/{id}`` -> (``"users/"``, ``"user"``, ``("tasks", "{id}")``):
-    the literal part up to the first parameter, that parameter, and the levels after it."""
-    levels = pattern.split("/")
-    for i, level in enumerate(levels):
-        if level.startswith("{"):
-            return "".join(x + "/" for x in levels[:i]), level[1:-1], tuple(levels[i + 1 :])
-    return pattern, None, ()
 
 
 class Topics:
