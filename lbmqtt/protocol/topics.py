@@ -296,6 +296,29 @@ OWN_PARAM: Final[Mapping[Role, str]] = MappingProxyType({"user": "user", "node":
 (a role reads only its own; the others' are any name to it)."""
 
 
+def _routing() -> tuple[dict[str, Route], list[tuple[str, dict[str, str], dict[str, str]]]]:
+    """The routing tables of :data:`TOPICS`, relative to the prefix: the topics without a
+    name by their full name; the others per namespace (its start, then what follows the
+    name: exact, or a head before an ``{id}``)."""
+    fixed: dict[str, Route] = {}
+    named: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+    for spec in TOPICS:
+        start, param, rest = _levels(spec.pattern)
+        if param is None:
+            fixed[start] = Route(spec.key, "", "")
+            continue
+        exact, by_head = named.setdefault(start, ({}, {}))
+        if rest and rest[-1].startswith("{"):
+            by_head["/".join(rest[:-1])] = spec.key
+        else:
+            exact["/".join(rest)] = spec.key
+    return fixed, [(start, *tables) for start, tables in named.items()]
+
+
+_FIXED, _NAMED = _routing()
+_SPLIT: Final = {s.key: tuple(s.pattern.split("/")) for s in TOPICS}
+
+
 class Topics:
     """Every topic name, derived from one prefix and :data:`TOPICS`. No other module
     writes a topic literal."""
@@ -323,22 +346,9 @@ class Topics:
         self.all_user_tasks = self.of("task")
         self.all_assign = self.of("assign")
         self._probe = f"{p}/probe/"
-        # routing: topics without a name by their full name; the others per namespace
-        # (its start, then what follows the name: exact, or a head before an {id})
-        self._fixed: dict[str, Route] = {}
-        named: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
-        for spec in TOPICS:
-            start, param, rest = _levels(spec.pattern)
-            if param is None:
-                self._fixed[f"{p}/{start}"] = Route(spec.key, "", "")
-                continue
-            exact, by_head = named.setdefault(f"{p}/{start}", ({}, {}))
-            if rest and rest[-1].startswith("{"):
-                by_head["/".join(rest[:-1])] = spec.key
-            else:
-                exact["/".join(rest)] = spec.key
+        self._fixed = {f"{p}/{topic}": route for topic, route in _FIXED.items()}
+        self._named = tuple((f"{p}/{s}", len(p) + 1 + len(s), e, h) for s, e, h in _NAMED)
         self._routes: dict[str, Route] = {}
-        self._named = tuple((start, len(start), *tables) for start, tables in named.items())
 
     def of(self, key: str, **names: str) -> str:
         """The topic ``key`` of :data:`TOPICS` with its parameters filled in by name
@@ -348,10 +358,7 @@ class Topics:
         Raises:
             KeyError: no such topic.
         """
-        levels = [
-            names.get(level[1:-1], "+") if level.startswith("{") else level
-            for level in SPECS[key].pattern.split("/")
-        ]
+        levels = [names.get(x[1:-1], "+") if x[:1] == "{" else x for x in _SPLIT[key]]
         return f"{self.prefix}/" + "/".join(levels)
 
     # -- users
