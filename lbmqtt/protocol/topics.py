@@ -27,6 +27,11 @@ OWNER: Final[Role] = "balancer"
 """The role that owns the prefix: it may publish, read and retain anything under it (it
 clears what others left retained, and reads its own will)."""
 
+OWN_PARAM: Final[Mapping[Role, str]] = MappingProxyType({"user": "user", "node": "node"})
+"""The topic parameter a role's own login fills: a user is ``{user}``, a node ``{node}``
+(a role reads only its own; the others' are any name to it)."""
+
+
 NAMESPACES: Final = ("users/{user}", "nodes/{node}", "balancer")
 """Subtrees of the table. A role that may read every topic of one may read the subtree as
 a whole (a ``#`` filter, as ``mosquitto_sub -t 'lbmqtt/v1/users/alice/#'``)."""
@@ -289,11 +294,6 @@ class Route(NamedTuple):
     """The user, node or client named in the topic; ``""`` if none."""
     rest: str
     """What follows a user's or node's name (``"submit"``, ``"tasks/ID"``); else ``""``."""
-
-
-OWN_PARAM: Final[Mapping[Role, str]] = MappingProxyType({"user": "user", "node": "node"})
-"""The topic parameter a role's own login fills: a user is ``{user}``, a node ``{node}``
-(a role reads only its own; the others' are any name to it)."""
 
 
 def _routing() -> tuple[dict[str, Route], list[tuple[str, dict[str, str], dict[str, str]]]]:
