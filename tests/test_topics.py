@@ -168,3 +168,43 @@ def test_the_package_docstring_documents_every_topic_of_the_table_in_order() -> 
     doc = protocol.__doc__ or ""
     rows = re.findall(r"^``([^`]+)``\s+(yes|no)\s", doc, re.M)
     assert rows == [(s.pattern, "yes" if s.retained else "no") for s in TOPICS]
+
+
+def test_no_module_outside_protocol_writes_a_topic() -> None:
+    # every string of the package's code (docstrings aside) outside protocol/ is searched
+    # for a piece of a topic of the table ("balancer/", "/status"...): topics are built by
+    # Topics, routed by Topics.route and ruled by access from the table
+    import ast
+    from pathlib import Path
+
+    import lbmqtt
+
+    pieces = {
+        f"{level}/" if i == 0 else f"/{level}"
+        for spec in TOPICS
+        for i, level in enumerate(spec.pattern.split("/"))
+        if not level.startswith("{")
+    }
+    root = Path(lbmqtt.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).parts[0] == "protocol":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and "nodes/demo_tasks.py" not in node.value  # (a file of the repository)
+                and any(piece in node.value for piece in pieces)
+            ):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {node.value[:60]!r}")
+    assert found == []
