@@ -40,7 +40,8 @@ retained payload is an empty set.
 The package is laid out by concern, and everything is importable from ``lbmqtt.protocol``:
 ``names`` (the name patterns, once), ``codec`` (the model bases, :func:`decode`, the JSON
 encoders), ``models`` (client and node messages), ``stats`` (status and statistics) and
-``topics`` (the topic table, :class:`Topics`, routing and the access rules derived from it).
+``topics`` (the topic table, :class:`Topics`, routing; :mod:`lbmqtt.access` derives the
+broker's rules from the table).
 A submodule imports what it shares from its siblings, never from this ``__init__``, except
 those added after the re-exports below, which may import from the package itself.
 """
@@ -177,3 +178,6 @@ __all__ = [
 ]
 # (also importable, for the package's own submodules: the model bases _Model and _Lenient,
 # and _decode_error)
+
+# Submodules that build on the names above (they import them from the package) are
+# imported below this line, and their public names added to __all__.
