@@ -1,8 +1,10 @@
 """Accounts, roles and the topic rules the broker enforces (embedded amqtt and Mosquitto).
 
 Identity comes from the broker login: a user's topics are ``users/{login}/...`` and a
-node's ``nodes/{login}/...``, so one set of rules, written once here with Mosquitto's
-``%u`` (login) and ``%c`` (client id) patterns, says who may publish and subscribe where.
+node's ``nodes/{login}/...``, so one set of rules, derived here from the topic table of
+:mod:`lbmqtt.protocol.topics` (who publishes and who reads each topic) and written with
+Mosquitto's ``%u`` (login) and ``%c`` (client id) patterns, says who may publish and
+subscribe where.
 The embedded broker evaluates them directly (:class:`AccessGuard`); for Mosquitto,
 :func:`mosquitto_acl` renders them into an ``acl_file``.
 
@@ -48,67 +50,83 @@ from pathlib import Path
 from typing import Final, Literal
 
 from .errors import ConfigError
+from .protocol import NAME_RE, ROLES, TOPICS, Role, TopicSpec
+from .protocol.topics import NAMESPACES, OWN_PARAM, OWNER
+
+__all__ = [
+    "NAME_RE",
+    "PBKDF2_ITERATIONS",
+    "ROLES",
+    "RULES",
+    "AccessGuard",
+    "Account",
+    "Action",
+    "Role",
+    "allowed",
+    "check_name",
+    "check_role",
+    "filter_within",
+    "hash_password",
+    "mosquitto_acl",
+    "mosquitto_conf_snippet",
+    "new_password",
+    "read_accounts",
+    "render",
+    "verify_password",
+    "write_accounts",
+]
 
 log = logging.getLogger(__name__)
 
-Role = Literal["user", "node", "monitor", "balancer"]
-ROLES: Final[tuple[Role, ...]] = ("user", "node", "monitor", "balancer")
 Action = Literal["publish", "subscribe", "retain"]
 
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # = protocol.NAME_PATTERN
 
-#: Topic rules per role, relative to the topic prefix. ``%u`` is the login, ``%c`` the
-#: client id. "subscribe" also covers receiving: a filter is granted only if every topic
-#: it can match is readable, so a granted subscription never delivers a forbidden topic.
-#: "retain": where a publish may carry the retain flag (elsewhere it is dropped: a
-#: retained message would stay in the broker's memory for good). Mosquitto's ACL has no
-#: such rule; see README.
-RULES: Final[dict[Role, dict[Action, tuple[str, ...]]]] = {
-    "user": {
-        "publish": (
-            "users/%u/submit",
-            "users/%u/cancel",
-            "users/%u/ack",
-            "users/%u/query",
-            "probe/%c",
-        ),
-        "subscribe": (
-            "users/%u/#",
-            "balancer/status",
-            "balancer/stats",
-            "broker/status",
-            "probe/%c",
-        ),
-        "retain": (),
-    },
-    "node": {
-        "publish": ("nodes/%u/status", "nodes/%u/heartbeat", "nodes/%u/reports", "probe/%c"),
-        "subscribe": (
-            "nodes/%u/assign",
-            "nodes/%u/status",
-            "balancer/status",
-            "broker/status",
-            "probe/%c",
-        ),
-        "retain": ("nodes/%u/status",),
-    },
-    "monitor": {
-        "publish": ("dashboard/status", "probe/%c"),
-        "subscribe": (
-            "balancer/#",
-            "broker/status",
-            "nodes/+/status",
-            "dashboard/status",
-            "probe/%c",
-        ),
-        "retain": ("dashboard/status",),
-    },
-    "balancer": {
-        "publish": ("#",),
-        "subscribe": ("#",),
-        "retain": ("#",),
-    },
-}
+def _rules_of(role: Role) -> dict[Action, tuple[str, ...]]:
+    """A role's rules, from :data:`~lbmqtt.protocol.TOPICS`: it publishes the topics whose
+    publishers hold it, subscribes to those whose subscribers do, retains on the retained
+    ones it publishes. ``{user}``/``{node}`` becomes ``%u`` where it is the role's own
+    (:data:`~lbmqtt.protocol.topics.OWN_PARAM`), else ``+``; ``{client}`` becomes ``%c``.
+    A role granted every topic of a namespace (:data:`~lbmqtt.protocol.topics.NAMESPACES`)
+    is granted the namespace with ``#``; the :data:`~lbmqtt.protocol.topics.OWNER`, ``#``."""
+    if role == OWNER:
+        return {"publish": ("#",), "subscribe": ("#",), "retain": ("#",)}
+    own = OWN_PARAM.get(role)
+
+    def render(pattern: str) -> str:
+        levels = pattern.split("/")
+        for i, level in enumerate(levels):
+            if level.startswith("{"):
+                param = level[1:-1]
+                levels[i] = "%u" if param == own else "%c" if param == "client" else "+"
+        return "/".join(levels)
+
+    def granted(specs: list[TopicSpec]) -> tuple[str, ...]:
+        out: list[str] = []
+        for spec in specs:
+            ns = next((n for n in NAMESPACES if spec.pattern.startswith(n + "/")), None)
+            members = [s for s in TOPICS if ns is not None and s.pattern.startswith(ns + "/")]
+            if ns is not None and all(m in specs for m in members):
+                rule = render(ns) + "/#"
+            else:
+                rule = render(spec.pattern)
+            if rule not in out:
+                out.append(rule)
+        return tuple(out)
+
+    return {
+        "publish": granted([s for s in TOPICS if role in s.publishers]),
+        "subscribe": granted([s for s in TOPICS if role in s.subscribers]),
+        "retain": granted([s for s in TOPICS if s.retained and role in s.publishers]),
+    }
+
+
+#: Topic rules per role, relative to the topic prefix, derived from the topic table of
+#: :mod:`lbmqtt.protocol.topics`. ``%u`` is the login, ``%c`` the client id. "subscribe"
+#: also covers receiving: a filter is granted only if every topic it can match is
+#: readable, so a granted subscription never delivers a forbidden topic. "retain": where
+#: a publish may carry the retain flag (elsewhere it is dropped: a retained message would
+#: stay in the broker's memory for good). Mosquitto's ACL has no such rule; see README.
+RULES: Final[dict[Role, dict[Action, tuple[str, ...]]]] = {r: _rules_of(r) for r in ROLES}
 
 PBKDF2_ITERATIONS: Final = 100_000
 """Iterations of new hashes: ~90 ms to verify on a 2-core machine (Mosquitto pays it on
@@ -301,12 +319,12 @@ def mosquitto_acl(accounts: Iterable[Account], prefix: str) -> str:
     Mosquitto applies ``pattern`` lines to every login whatever its role, so a pattern
     like ``nodes/%u/reports`` would let the user ``alice`` act as a node named ``alice``.
     The role rules are therefore written per account (``user NAME`` blocks, ``%u``
-    filled in); only the role-independent ``probe/%c`` rule stays a pattern.
+    filled in); only the role-independent ``%c`` rules (``probe/%c``) stay patterns.
     """
     out = [
         "# Generated by lbmqtt from its accounts file: do not edit; run",
         "# `lbmqtt user mosquitto` again after adding or removing accounts.",
-        f"pattern readwrite {prefix}/probe/%c",
+        *(f"pattern {mode} {prefix}/{p}" for p, mode in _client_patterns()),
         "",
     ]
     for a in sorted(accounts, key=lambda a: a.name):
@@ -316,10 +334,31 @@ def mosquitto_acl(accounts: Iterable[Account], prefix: str) -> str:
         pubs = [p for p in rules["publish"] if "%c" not in p]
         subs = [p for p in rules["subscribe"] if "%c" not in p]
         for p in sorted(set(pubs) | set(subs)):
-            mode = "readwrite" if p in pubs and p in subs else "write" if p in pubs else "read"
-            out.append(f"topic {mode} {prefix}/{p.replace('%u', a.name)}")
+            out.append(f"topic {_mode(p in pubs, p in subs)} {prefix}/{p.replace('%u', a.name)}")
         out.append("")
     return "\n".join(out)
+
+
+def _mode(write: bool, read: bool) -> str:
+    return "readwrite" if write and read else "write" if write else "read"
+
+
+def _client_patterns() -> tuple[tuple[str, str], ...]:
+    """The ``%c`` rules and their Mosquitto mode. A Mosquitto ``pattern`` applies to every
+    login, so every role must hold them alike (the owner does through its ``#``)."""
+    roles = [r for r in ROLES if r != OWNER]
+    modes: dict[str, set[str]] = {}
+    holders: dict[str, set[Role]] = {}
+    for role in roles:
+        pubs, subs = RULES[role]["publish"], RULES[role]["subscribe"]
+        for p in {*pubs, *subs}:
+            if "%c" in p:
+                modes.setdefault(p, set()).add(_mode(p in pubs, p in subs))
+                holders.setdefault(p, set()).add(role)
+    for p, held in holders.items():
+        if len(held) < len(roles) or len(modes[p]) > 1:
+            raise AssertionError(f"{p}: the roles differ on it; a Mosquitto pattern cannot")
+    return tuple(sorted((p, mode) for p, (mode,) in modes.items()))
 
 
 def mosquitto_conf_snippet(accounts_file: str, acl_file: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .protocol.names import NAME_PATTERN, PREFIX_PATTERN, RESOURCE_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ DEFAULT_FILE = "parameters.json"
 
 #: pyLoadBalancer keys that have no meaning over a broker; accepted with a warning so an old
 #: parameters file keeps loading.
-_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"  # = protocol.NAME_PATTERN
-_RESOURCE = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"  # = protocol.RESOURCE_PATTERN
 
 OBSOLETE_KEYS = frozenset(
     {
@@ -126,9 +125,7 @@ class Settings(BaseModel):
     """The embedded broker advertises itself by mDNS when it listens beyond loopback."""
     discovery_timeout_s: float = Field(5.0, alias="DISCOVERY_TIMEOUT_S", gt=0, le=300)
     """How long ``BROKER_HOST: "auto"`` looks for a broker."""
-    topic_prefix: str = Field(
-        "lbmqtt/v1", alias="TOPIC_PREFIX", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
-    )
+    topic_prefix: str = Field("lbmqtt/v1", alias="TOPIC_PREFIX", pattern=PREFIX_PATTERN)
 
     # -- dashboard ------------------------------------------------------------------------
     monitor_ip: str = Field("127.0.0.1", alias="MONITOR_IP", min_length=1)
@@ -175,7 +172,7 @@ class Settings(BaseModel):
 
     # -- node -----------------------------------------------------------------------------
     wkhub_workers: list[WorkerGroup] = Field(default_factory=_default_groups, alias="WKHUB_WORKERS")
-    node_name: str | None = Field(None, alias="NODE_NAME", pattern=_NAME)
+    node_name: str | None = Field(None, alias="NODE_NAME", pattern=NAME_PATTERN)
     """Unique name of this node on the LAN (default: its BROKER_USERNAME, else the host
     name). With accounts, a node's name is its login."""
     node_tasks: list[str] = Field(default_factory=list, alias="NODE_TASKS")
@@ -195,7 +192,7 @@ class Settings(BaseModel):
     """A node resends a result the balancer has not acknowledged after this long."""
 
     # -- client ---------------------------------------------------------------------------
-    client_user: str | None = Field(None, alias="CLIENT_USER", pattern=_NAME)
+    client_user: str | None = Field(None, alias="CLIENT_USER", pattern=NAME_PATTERN)
     """User name the client submits as (default: BROKER_USERNAME, else the login name).
     With accounts, a user's name is its login."""
     client_ack_timeout_s: float = Field(30.0, alias="CLIENT_ACK_TIMEOUT_S", gt=0)
@@ -209,7 +206,7 @@ class Settings(BaseModel):
     @classmethod
     def _resources_are_counted(cls, v: dict[str, float]) -> dict[str, float]:
         for key, amount in v.items():
-            if not re.match(_RESOURCE, key):
+            if not re.match(RESOURCE_PATTERN, key):
                 raise ValueError(f"resource name {key!r}: letters, digits and _.- only")
             if not (0 <= amount < float("inf")):
                 raise ValueError(f"resource {key!r}: amount must be a finite number >= 0")
@@ -219,7 +216,7 @@ class Settings(BaseModel):
     @classmethod
     def _tags_are_names(cls, v: list[str]) -> list[str]:
         for tag in v:
-            if not re.match(_RESOURCE, tag):
+            if not re.match(RESOURCE_PATTERN, tag):
                 raise ValueError(f"tag {tag!r}: letters, digits and _.- only")
         return v
 

@@ -13,7 +13,9 @@ Facts this module is built on (NOTES.md):
 * An exception escaping a paho callback breaks paho's state: every callback is wrapped.
 * Publishing to a ``$`` topic makes an amqtt connection a zombie: refused here.
 
-This module knows no topic names: callers pass filters and a message handler.
+This module writes no topic: callers pass filters and a message handler (the probe of
+:func:`read_retained` comes from :class:`~lbmqtt.protocol.Topics`). Client ids and the
+connection options from the settings are in :mod:`lbmqtt.connect`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import secrets
 import select
 import socket
 import ssl
@@ -35,9 +36,20 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from .config import Settings
+from .connect import client_id, connection_options, tls_context
 from .errors import BrokerUnavailable, ConfigError
-from .protocol import validate_topic_for_publish
+from .paho_fixes import PahoClient, coalesce
+from .protocol import Topics, validate_topic_for_publish
+
+__all__ = [
+    "MessageHandler",
+    "MqttTransport",
+    "Will",
+    "client_id",
+    "connection_options",
+    "read_retained",
+    "tls_context",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,92 +65,6 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
-
-
-def _coalesce(out: Any) -> None:
-    """Join the packets waiting in paho's out queue into one write.
-
-    paho sends each packet with its own ``send``: on loopback, with TCP_NODELAY, one
-    syscall and one segment each, which the receiver also wakes up for. Once written, a
-    packet needs nothing more from paho unless it is a QoS 0 PUBLISH (``on_publish``) or a
-    DISCONNECT (closing), so runs of the others are joined (a QoS 1 PUBLISH is tracked in
-    paho's inflight table until its PUBACK, not by its out-queue entry); a packet partly
-    written already stays as it is.
-    """
-    merged: list[Any] = []
-    run: list[Any] = []
-
-    def close_run() -> None:
-        if len(run) == 1:
-            merged.append(run[0])
-        elif run:
-            data = b"".join(p["packet"] for p in run)
-            merged.append(
-                {**run[0], "pos": 0, "to_process": len(data), "packet": data, "info": None}
-            )
-        run.clear()
-
-    for p in out:
-        cmd = p["command"] & 0xF0
-        if p["pos"] or cmd == paho.DISCONNECT or (cmd == paho.PUBLISH and p["qos"] == 0):
-            close_run()
-            merged.append(p)
-        else:
-            run.append(p)
-    close_run()
-    if len(merged) < len(out):
-        out.clear()
-        out.extend(merged)
-
-
-class _PahoClient(paho.Client):
-    """paho's client, closing the TLS socket when the handshake fails (paho 2.2 leaves it
-    open: one file descriptor leaked per failed attempt, every back-off, forever)."""
-
-    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
-        context = self._ssl_context
-        assert context is not None and context.check_hostname  # (tls_context makes it so)
-        ssl_sock = context.wrap_socket(
-            tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
-        )
-        try:
-            ssl_sock.settimeout(self._connect_timeout)
-            ssl_sock.do_handshake()
-        except BaseException:
-            ssl_sock.close()
-            raise
-        return ssl_sock
-
-
-def client_id(kind: str, name: str = "") -> str:
-    """An MQTT client id nobody can guess: a broker hands a connection over to whoever
-    connects with its client id next, and Mosquitto does so whatever the login (the
-    embedded broker refuses another login's id). Ids never appear on any topic."""
-    return f"lbmqtt-{kind}-{name + '-' if name else ''}{secrets.token_hex(8)}"
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The TLS context clients use (BROKER_TLS), verifying the broker against
-    BROKER_CA_FILE or the system's CAs; None without BROKER_TLS."""
-    if not settings.broker_tls:
-        return None
-    try:
-        return ssl.create_default_context(cafile=settings.broker_ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"BROKER_CA_FILE {settings.broker_ca_file}: {exc}") from exc
-
-
-def connection_options(settings: Settings) -> dict[str, Any]:
-    """Where and how every component connects: host, port, login, TLS."""
-    return {
-        "host": settings.broker_host,
-        "port": settings.broker_port,
-        "username": settings.broker_username,
-        "password": settings.password,
-        "tls": tls_context(settings),
-        "keepalive_s": settings.broker_keepalive_s,
-        "connect_timeout_s": settings.connect_timeout_s,
-    }
 
 
 class MqttTransport:
@@ -192,7 +118,7 @@ class MqttTransport:
         self._reconnect_max = reconnect_max_s
         self._connect_timeout = connect_timeout_s
 
-        c = _PahoClient(
+        c = PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=True,
@@ -543,7 +469,7 @@ class MqttTransport:
         def soon() -> None:
             # Write once the running callback is over, not on the next poll for
             # writability: what the rest of this loop iteration publishes goes out in the
-            # same write (_coalesce), and the socket is watched only when it is full.
+            # same write (coalesce), and the socket is watched only when it is full.
             assert self._loop is not None
             if self._fd == fd and not self._write_soon and self._writer_fd is None:
                 self._write_soon = True
@@ -609,7 +535,7 @@ class MqttTransport:
         client = self._client
         try:
             if len(client._out_packet) > 1:
-                _coalesce(client._out_packet)
+                coalesce(client._out_packet)
             client.loop_write()
         except Exception:
             log.exception("paho loop_write failed; dropping the connection")
@@ -731,8 +657,8 @@ async def read_retained(
     Raises:
         BrokerUnavailable: the broker is not reachable within ``timeout_s``.
     """
-    client_id = f"lbmqtt-probe-{secrets.token_hex(8)}"
-    probe = f"{prefix.rstrip('/')}/probe/{client_id}"  # the access rules grant probe/%c
+    cid = client_id("probe")
+    probe = Topics(prefix).probe(cid)  # (the access rules grant every login its own)
     got: dict[str, bytes] = {}
     echoed = asyncio.Event()
 
@@ -745,7 +671,7 @@ async def read_retained(
     t = MqttTransport(
         host=host,
         port=port,
-        client_id=client_id,
+        client_id=cid,
         on_message=on_message,
         username=username,
         password=password,

@@ -10,7 +10,8 @@ import pytest
 
 from lbmqtt.broker import EmbeddedBroker
 from lbmqtt.errors import BrokerUnavailable, ConfigError
-from lbmqtt.mqtt import MqttTransport, Will, _coalesce
+from lbmqtt.mqtt import MqttTransport, Will
+from lbmqtt.paho_fixes import coalesce
 
 from .cluster import free_port
 
@@ -164,7 +165,7 @@ def test_queued_packets_are_joined_where_paho_needs_nothing_once_they_are_writte
             pkt(paho.DISCONNECT, 0, b"h"),
         ]
     )
-    _coalesce(out)
+    coalesce(out)
     assert [(bytes(p["packet"]), p["pos"], p["to_process"]) for p in out] == [
         (b"AB", 1, 1),
         (b"cd", 0, 2),

@@ -194,3 +194,91 @@ def test_state_dict_encodes_as_the_model_does(
     assert (expected.waiting is not None) == (status == Status.QUEUED)  # (no node: a reason)
     # (NaN and infinities in a result are null in both: strict JSON for any MQTT client)
     assert encode_model_json(b.state_dict(rec)) == expected.encode() == b.state_of(rec).encode()
+
+
+def test_the_public_names_of_protocol_are_pinned() -> None:
+    # what other modules and MQTT clients' authors import; a change here is a change of the
+    # package's API (the names are defined in its submodules, re-exported by __init__)
+    import lbmqtt.protocol as protocol
+
+    assert protocol.__all__ == [
+        "HISTORY_NAMES",
+        "MAX_CLOCK_AHEAD_S",
+        "MAX_IDS",
+        "NAME_PATTERN",
+        "NAME_RE",
+        "RESOURCE_PATTERN",
+        "ROLES",
+        "TASK_ID_PATTERN",
+        "TASK_NAME_PATTERN",
+        "TOPICS",
+        "VERSION",
+        "Amount",
+        "Assignment",
+        "AssignmentSet",
+        "BalancerHistory",
+        "BalancerStats",
+        "BalancerStatus",
+        "BrokerStatus",
+        "DashboardStatus",
+        "ErrorInfo",
+        "ErrorItem",
+        "Errors",
+        "Events",
+        "GroupInfo",
+        "Heartbeat",
+        "HistorySample",
+        "IdList",
+        "Name",
+        "NameSummary",
+        "NodeReport",
+        "NodeStatus",
+        "NodeSummary",
+        "Priority",
+        "Progress",
+        "ResourceName",
+        "Result",
+        "ResultStatus",
+        "Role",
+        "Route",
+        "Started",
+        "Status",
+        "SubmitBatch",
+        "TaskId",
+        "TaskName",
+        "TaskRef",
+        "TaskRow",
+        "TaskSpec",
+        "TaskState",
+        "TopicSpec",
+        "Topics",
+        "UserSummary",
+        "band_label",
+        "band_order",
+        "decode",
+        "decode_submit",
+        "encode_json",
+        "encode_model_json",
+        "is_valid_name",
+        "is_valid_task_id",
+        "plausible_time",
+        "task_state_dict",
+        "validate_topic_for_publish",
+    ]
+    assert all(hasattr(protocol, name) for name in protocol.__all__)
+
+
+def test_the_name_patterns_are_written_once() -> None:
+    # config, access and the models use protocol.names; a second copy would drift
+    from pathlib import Path
+
+    import lbmqtt
+    from lbmqtt.protocol import names
+
+    root = Path(lbmqtt.__file__).parent
+    for pattern in (names.NAME_PATTERN, names.RESOURCE_PATTERN, names.PREFIX_PATTERN):
+        body = pattern.strip("^$")
+        holders = [
+            p.relative_to(root).as_posix() for p in root.rglob("*.py") if body in p.read_text()
+        ]
+        assert holders == ["protocol/names.py"], (pattern, holders)
