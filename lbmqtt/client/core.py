@@ -103,7 +103,7 @@ class AsyncClient:
             **connection_options(s),
             client_id=client_id("client", self.user),
             on_message=self._on_message,
-            subscriptions=[(self.topics.events(self.user), 1), (self.topics.errors(self.user), 1)],
+            subscriptions=self.topics.inbound("user", self.user),
             on_connect=self._on_connect,
         )
         try:

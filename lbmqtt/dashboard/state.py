@@ -318,9 +318,9 @@ class DashboardState:
 
 
 def subscriptions(topics: Topics) -> list[tuple[str, int]]:
-    """The dashboard's MQTT subscriptions (stats at QoS 0: a later snapshot replaces a lost
-    one; the history, sent once, at QoS 1)."""
-    return [(topics.balancer_stats, 0), (topics.balancer_status, 0), (topics.balancer_history, 1)]
+    """The dashboard's MQTT subscriptions, from protocol's topic table (stats at QoS 0: a
+    later snapshot replaces a lost one; the history, sent once, at QoS 1)."""
+    return topics.inbound("monitor")
 
 
 def message_handler(state: DashboardState, topics: Topics) -> MessageHandler:

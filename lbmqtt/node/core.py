@@ -186,7 +186,7 @@ class Node:
             **connection_options(s),
             client_id=client_id("node", self.name),
             on_message=self._on_message,
-            subscriptions=[(self.topics.assign(self.name), 1)],
+            subscriptions=self.topics.inbound("node", self.name),
             on_connect=self._on_connect,
             will=will,
         )
