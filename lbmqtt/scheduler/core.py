@@ -1,213 +1,24 @@
-"""Scheduling policy: queues, priority bands, fairness between users, placement.
-
-Pure: plain data in, decisions out, time passed in; no clocks, no I/O, no MQTT. The
-balancer feeds it tasks, node capabilities and observed runtimes, and applies the
-placements it returns.
-
-Rules, applied one placement at a time while a free slot can run a queued task:
-
-* **Eligibility.** A slot of a group ``{minP, maxP}`` runs a task of priority ``p`` only if
-  ``minP <= p <= maxP`` (pyLoadBalancer's bands: they keep slots free for urgent work). The
-  node must implement the task's name, carry all its ``tags``, and have its ``requires``
-  (counted resources: ``{"gpu": 1, "memory_mb": 2000}``) free; they are reserved while the
-  task is placed. A task no online node could ever run stays queued and
-  :meth:`Scheduler.why_waiting` says why; it never holds a slot.
-* **Fairness.** Among users with a task some free slot may run, the user with the fewest
-  placed tasks goes first (ties: the oldest head task); within a user, higher priority
-  first, then oldest (FIFO). A user at ``max_running_per_user`` waits.
-* **Placement.** The chosen task goes to the eligible free slot expected to finish it
-  soonest: the runtime observed for that task name on that node (moving average), else the
-  name's runtime observed elsewhere scaled by the nodes' speeds, else 1 / speed; stretched
-  by the node's load beyond its cores. Ties: faster node, emptier node, name, group.
-* **Pipelining.** A node may be given a *window* (:meth:`Scheduler.set_window`): up to
-  ``window`` tasks per slot beyond its free slots, which it holds and starts as slots free,
-  so that a slot does not idle while the next assignment travels. Only a task known to be
-  short there (expected runtime under ``window_long_s``) takes a place in a window: a long
-  one waits for an idle slot, which may open elsewhere first. Every such task is still
-  chosen by the rules above; an idle slot is preferred to a place in a window (expected
-  finish counts the tasks ahead).
-* **Tail.** Given the time, when no more tasks are queued than the cluster has slots, a task
-  is not started on a slot if a busy slot that frees soon would finish it in under 80 % of
-  the time: it waits for that slot (so the last long task does not land on the slowest
-  machine). With a backlog, every free slot that can run a queued task gets one.
-
-Cost: choosing a task looks at each user's best task per (task name, requirement shape)
-queue for each free slot class, found by bisection over the distinct priorities and a heap
-per priority: it does not grow with the number of queued tasks.
-"""
+"""The scheduler: queues and slot accounting (the rules are in the package docstring)."""
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-Requires = tuple[tuple[str, float], ...]
-Shape = tuple[Requires, frozenset[str]]
-_SlotKey = tuple[float, float, float, str, int]
-"""(expected finish, -speed, load, node, group): how a free place ranks for a task."""
-NO_TAGS: frozenset[str] = frozenset()
-
-
-def requires_of(mapping: Mapping[str, float] | None) -> Requires:
-    """Canonical form of a task's counted-resource requirements."""
-    return tuple(sorted((k, float(v)) for k, v in (mapping or {}).items() if v))
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedTask:
-    """What the scheduler needs to know about a queued task."""
-
-    id: str
-    user: str
-    name: str
-    priority: int
-    seq: int
-    """Submission order; a requeued task keeps its seq, so it returns to the head."""
-    requires: Requires = ()
-    tags: frozenset[str] = NO_TAGS
-
-    @property
-    def shape(self) -> Shape:
-        return (self.requires, self.tags)
-
-    def __lt__(self, other: QueuedTask) -> bool:
-        # heap order within one priority: FIFO by seq (the task itself is the heap entry,
-        # no (seq, n, task) tuple: a million queued tasks cost ~100 bytes less each)
-        return (self.seq, self.id) < (other.seq, other.id)
-
-
-@dataclass(frozen=True, slots=True)
-class Group:
-    """A group of ``workers`` slots on a node accepting priorities ``min_p..max_p``."""
-
-    index: int
-    workers: int
-    min_p: int
-    max_p: int
-
-    def accepts(self, priority: int) -> bool:
-        return self.min_p <= priority <= self.max_p
-
-
-@dataclass(frozen=True, slots=True)
-class NodeCaps:
-    """What an online node offers."""
-
-    name: str
-    groups: tuple[Group, ...]
-    tasks: frozenset[str]
-    speed: float = 1.0
-    resources: Mapping[str, float] = field(default_factory=dict)
-    """Counted resources (``cores``, ``memory_mb``, ``gpu``, anything): capacity."""
-    tags: frozenset[str] = NO_TAGS
-    cores: int = 0
-
-    @property
-    def slots(self) -> int:
-        return sum(g.workers for g in self.groups)
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Decision: run ``task`` on ``node`` in a slot of group ``group``."""
-
-    task: QueuedTask
-    node: str
-    group: int
-
-
-class Runtimes:
-    """Moving averages of observed runtimes, per (task name, node) and per task name.
-
-    The per-name figure is normalised by the node's speed (seconds x speed), so a runtime
-    seen on a fast node predicts a slower one on a slow node.
-    """
-
-    ALPHA = 0.3
-
-    def __init__(self) -> None:
-        self.by_node: dict[tuple[str, str], float] = {}
-        self.work: dict[str, float] = {}
-
-    def observe(self, name: str, node: str, speed: float, runtime_s: float) -> None:
-        runtime_s = max(0.0, runtime_s)
-        key = (name, node)
-        old = self.by_node.get(key)
-        self.by_node[key] = runtime_s if old is None else old + self.ALPHA * (runtime_s - old)
-        w = runtime_s * max(speed, 1e-6)
-        oldw = self.work.get(name)
-        self.work[name] = w if oldw is None else oldw + self.ALPHA * (w - oldw)
-
-    def estimate(self, name: str, node: NodeCaps) -> float:
-        """Expected runtime of ``name`` on ``node`` (1 / speed when nothing is known)."""
-        seen = self.by_node.get((name, node.name))
-        if seen is not None:
-            return seen
-        w = self.work.get(name)
-        return (w if w is not None else 1.0) / max(node.speed, 1e-6)
-
-
-class _PriorityQueue:
-    """Queued tasks of one (user, name, shape): a FIFO heap per priority, sorted priorities."""
-
-    __slots__ = ("counts", "heaps", "prios")
-
-    def __init__(self) -> None:
-        self.prios: list[int] = []
-        # a removed task's entry stays until it reaches the top, and is recognised as stale
-        # because the task object queued under its id is another one (or none)
-        self.heaps: dict[int, list[QueuedTask]] = {}
-        self.counts: dict[int, int] = {}
-
-    def push(self, task: QueuedTask) -> None:
-        p = task.priority
-        heap = self.heaps.get(p)
-        if heap is None:
-            heap = self.heaps[p] = []
-            self.counts[p] = 0
-            bisect.insort(self.prios, p)
-        heapq.heappush(heap, task)
-        self.counts[p] += 1
-
-    def discard(self, priority: int) -> None:
-        """One task of ``priority`` left (lazily: its heap entry is skipped later)."""
-        self.counts[priority] -= 1
-        if self.counts[priority] == 0:
-            del self.counts[priority]
-            del self.heaps[priority]
-            self.prios.remove(priority)
-
-    def best_in_band(
-        self, min_p: int, max_p: int, alive: dict[str, QueuedTask]
-    ) -> QueuedTask | None:
-        """Highest-priority, then oldest, live task with ``min_p <= priority <= max_p``."""
-        i = bisect.bisect_right(self.prios, max_p) - 1
-        if i < 0 or self.prios[i] < min_p:
-            return None
-        heap = self.heaps[self.prios[i]]
-        while heap:
-            task = heap[0]
-            if alive.get(task.id) is task:
-                return task
-            heapq.heappop(heap)  # stale entry of a removed (or removed and re-queued) task
-        return None  # pragma: no cover - counts keep non-empty heaps only
-
-    def __bool__(self) -> bool:
-        return bool(self.prios)
-
-
-@dataclass
-class _Placed:
-    node: str
-    group: int
-    user: str
-    requires: Requires = ()
-    expected_end: float | None = None
-    long: bool = True
-    """Not known to be short (it blocks its group's pipelining window while placed)."""
+from .model import (
+    NO_TAGS,
+    Group,
+    NodeCaps,
+    Placement,
+    QueuedTask,
+    Requires,
+    Runtimes,
+    Shape,
+    SlotKey,
+)
+from .queues import Placed, PriorityQueue
 
 
 @dataclass
@@ -225,7 +36,7 @@ class Scheduler:
     holding: bool = False
     """The last :meth:`schedule` kept a task waiting for a faster slot: call it again soon."""
     _alive: dict[str, QueuedTask] = field(default_factory=dict)
-    _queues: dict[str, dict[tuple[str, Shape], _PriorityQueue]] = field(default_factory=dict)
+    _queues: dict[str, dict[tuple[str, Shape], PriorityQueue]] = field(default_factory=dict)
     _nodes: dict[str, NodeCaps] = field(default_factory=dict)
     _load: dict[str, float] = field(default_factory=dict)
     _busy: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -234,10 +45,10 @@ class Scheduler:
     _long_busy: Counter[tuple[str, int]] = field(default_factory=Counter)
     _rt_cache: dict[tuple[str, str], float] | None = None
     """Expected runtimes by (task name, node), while :meth:`schedule` runs."""
-    _slot_heaps: dict[tuple[str, Shape, int], list[_SlotKey]] | None = None
+    _slot_heaps: dict[tuple[str, Shape, int], list[SlotKey]] | None = None
     """Free places by placement key, per (task name, shape, priority), while
     :meth:`schedule` runs (see :meth:`_best_slot`)."""
-    _running: dict[str, _Placed] = field(default_factory=dict)
+    _running: dict[str, Placed] = field(default_factory=dict)
     _running_by_user: Counter[str] = field(default_factory=Counter)
     _queued_by_user: Counter[str] = field(default_factory=Counter)
 
@@ -249,7 +60,7 @@ class Scheduler:
             raise ValueError(f"task {task.id!r} is already queued or running")
         self._alive[task.id] = task
         by_key = self._queues.setdefault(task.user, {})
-        by_key.setdefault((task.name, task.shape), _PriorityQueue()).push(task)
+        by_key.setdefault((task.name, task.shape), PriorityQueue()).push(task)
         self._queued_by_user[task.user] += 1
 
     def remove(self, task_id: str) -> QueuedTask | None:
@@ -401,7 +212,7 @@ class Scheduler:
         *,
         long: bool = True,
     ) -> None:
-        self._running[task_id] = _Placed(node, group, user, requires, long=long)
+        self._running[task_id] = Placed(node, group, user, requires, long=long)
         self._busy[(node, group)] += 1
         if long:
             self._long_busy[(node, group)] += 1
@@ -668,7 +479,7 @@ class Scheduler:
             and self._window_ok(task.name, caps, g)
         )
 
-    def _slot_key(self, task: QueuedTask, node: str, gi: int, g: Group) -> _SlotKey:
+    def _slot_key(self, task: QueuedTask, node: str, gi: int, g: Group) -> SlotKey:
         """Smaller is better: expected finish (runtime, and the tasks ahead of it in a
         window), then the faster node, then the less loaded, then by name."""
         caps = self._nodes[node]

@@ -1,0 +1,68 @@
+"""Scheduling policy: queues, priority bands, fairness between users, placement.
+
+Pure: plain data in, decisions out, time passed in; no clocks, no I/O, no MQTT. The
+balancer feeds it tasks, node capabilities and observed runtimes, and applies the
+placements it returns.
+
+Rules, applied one placement at a time while a free slot can run a queued task:
+
+* **Eligibility.** A slot of a group ``{minP, maxP}`` runs a task of priority ``p`` only if
+  ``minP <= p <= maxP`` (pyLoadBalancer's bands: they keep slots free for urgent work). The
+  node must implement the task's name, carry all its ``tags``, and have its ``requires``
+  (counted resources: ``{"gpu": 1, "memory_mb": 2000}``) free; they are reserved while the
+  task is placed. A task no online node could ever run stays queued and
+  :meth:`Scheduler.why_waiting` says why; it never holds a slot.
+* **Fairness.** Among users with a task some free slot may run, the user with the fewest
+  placed tasks goes first (ties: the oldest head task); within a user, higher priority
+  first, then oldest (FIFO). A user at ``max_running_per_user`` waits.
+* **Placement.** The chosen task goes to the eligible free slot expected to finish it
+  soonest: the runtime observed for that task name on that node (moving average), else the
+  name's runtime observed elsewhere scaled by the nodes' speeds, else 1 / speed; stretched
+  by the node's load beyond its cores. Ties: faster node, emptier node, name, group.
+* **Pipelining.** A node may be given a *window* (:meth:`Scheduler.set_window`): up to
+  ``window`` tasks per slot beyond its free slots, which it holds and starts as slots free,
+  so that a slot does not idle while the next assignment travels. Only a task known to be
+  short there (expected runtime under ``window_long_s``) takes a place in a window: a long
+  one waits for an idle slot, which may open elsewhere first. Every such task is still
+  chosen by the rules above; an idle slot is preferred to a place in a window (expected
+  finish counts the tasks ahead).
+* **Tail.** Given the time, when no more tasks are queued than the cluster has slots, a task
+  is not started on a slot if a busy slot that frees soon would finish it in under 80 % of
+  the time: it waits for that slot (so the last long task does not land on the slowest
+  machine). With a backlog, every free slot that can run a queued task gets one.
+
+Cost: choosing a task looks at each user's best task per (task name, requirement shape)
+queue for each free slot class, found by bisection over the distinct priorities and a heap
+per priority: it does not grow with the number of queued tasks.
+
+The package: ``model`` (the plain data), ``queues`` (per-user priority queues, placed
+tasks), ``core`` (:class:`Scheduler`).
+"""
+
+from __future__ import annotations
+
+from .core import Scheduler
+from .model import (
+    NO_TAGS,
+    Group,
+    NodeCaps,
+    Placement,
+    QueuedTask,
+    Requires,
+    Runtimes,
+    Shape,
+    requires_of,
+)
+
+__all__ = [
+    "NO_TAGS",
+    "Group",
+    "NodeCaps",
+    "Placement",
+    "QueuedTask",
+    "Requires",
+    "Runtimes",
+    "Scheduler",
+    "Shape",
+    "requires_of",
+]

@@ -1,0 +1,69 @@
+"""The scheduler's bookkeeping: per-user queues by priority, and what is placed where."""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass
+
+from .model import QueuedTask, Requires
+
+
+class PriorityQueue:
+    """Queued tasks of one (user, name, shape): a FIFO heap per priority, sorted priorities."""
+
+    __slots__ = ("counts", "heaps", "prios")
+
+    def __init__(self) -> None:
+        self.prios: list[int] = []
+        # a removed task's entry stays until it reaches the top, and is recognised as stale
+        # because the task object queued under its id is another one (or none)
+        self.heaps: dict[int, list[QueuedTask]] = {}
+        self.counts: dict[int, int] = {}
+
+    def push(self, task: QueuedTask) -> None:
+        p = task.priority
+        heap = self.heaps.get(p)
+        if heap is None:
+            heap = self.heaps[p] = []
+            self.counts[p] = 0
+            bisect.insort(self.prios, p)
+        heapq.heappush(heap, task)
+        self.counts[p] += 1
+
+    def discard(self, priority: int) -> None:
+        """One task of ``priority`` left (lazily: its heap entry is skipped later)."""
+        self.counts[priority] -= 1
+        if self.counts[priority] == 0:
+            del self.counts[priority]
+            del self.heaps[priority]
+            self.prios.remove(priority)
+
+    def best_in_band(
+        self, min_p: int, max_p: int, alive: dict[str, QueuedTask]
+    ) -> QueuedTask | None:
+        """Highest-priority, then oldest, live task with ``min_p <= priority <= max_p``."""
+        i = bisect.bisect_right(self.prios, max_p) - 1
+        if i < 0 or self.prios[i] < min_p:
+            return None
+        heap = self.heaps[self.prios[i]]
+        while heap:
+            task = heap[0]
+            if alive.get(task.id) is task:
+                return task
+            heapq.heappop(heap)  # stale entry of a removed (or removed and re-queued) task
+        return None  # pragma: no cover - counts keep non-empty heaps only
+
+    def __bool__(self) -> bool:
+        return bool(self.prios)
+
+
+@dataclass
+class Placed:
+    node: str
+    group: int
+    user: str
+    requires: Requires = ()
+    expected_end: float | None = None
+    long: bool = True
+    """Not known to be short (it blocks its group's pipelining window while placed)."""
