@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from lbmqtt import Client
-from lbmqtt.balancer import Balancer
-from lbmqtt.journal import CHANGING, Journal, default_path
+from lbmqtt.balancer import CHANGING, JournalEntry, SqliteJournal, default_path
+from lbmqtt.balancer.journal import entry_of
 from lbmqtt.protocol import Status, Topics
 
 from .conftest import TEST_TASKS, System, wait_for
@@ -21,8 +21,8 @@ from .conftest import TEST_TASKS, System, wait_for
 JOHN = {"firstName": "John", "lastName": "Doe"}
 
 
-def _row(tid: str, seq: int, status: str = "queued") -> tuple[Any, ...]:
-    return (
+def _row(tid: str, seq: int, status: str = "queued") -> JournalEntry:
+    return JournalEntry(
         tid,
         "u",
         "ECHO",
@@ -48,13 +48,21 @@ def _row(tid: str, seq: int, status: str = "queued") -> tuple[Any, ...]:
     )
 
 
+def _change(*changing_then_seq: Any) -> JournalEntry:
+    """An entry whose CHANGING fields and seq are these; its other fields are junk (a
+    change must not write them)."""
+    *changing, seq = changing_then_seq
+    junk = _row("junk", seq)._replace(user="junk", name="JUNK", args=b"junk", notify="junk")
+    return junk._replace(**dict(zip(CHANGING, changing, strict=True)))
+
+
 def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    j = Journal(path)
+    j = SqliteJournal(path)
     j.commit([_row("b", 2), _row("a", 1), _row("c", 3)])
-    j.commit([_row("b", 2, "done")], deleted=[3])
+    j.commit([_row("b", 2, "done")], gone=[3])
     j.close()
-    again = Journal(path)
+    again = SqliteJournal(path)
     rows = list(again.load())
     assert [(r.id, r.status, r.args) for r in rows] == [
         ("a", "queued", b"[1]"),
@@ -66,20 +74,20 @@ def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) ->
 
 def test_a_change_rewrites_only_the_changing_columns_and_needs_its_row(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    j = Journal(path)
+    j = SqliteJournal(path)
     j.commit([_row("a", 1), _row("b", 2)])
     # status, attempt, node, grp, started, finished, result, error, collected, waived; seq
-    assert j.commit([], changes=[("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0, 2)]) == 1
+    assert j.commit([], [_change("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0, 2)]) == 1
     with pytest.raises(LookupError, match="1 of 2 changed tasks have no row"):
         j.commit(
             [_row("c", 3)],
-            changes=[
-                ("running", 1, "n1", 0, 5.0, None, None, None, None, 0, 1),
-                ("done", 1, None, None, None, None, None, None, None, 0, 9),
+            [
+                _change("running", 1, "n1", 0, 5.0, None, None, None, None, 0, 1),
+                _change("done", 1, None, None, None, None, None, None, None, 0, 9),
             ],
         )
     j.close()
-    rows = {r.id: r for r in Journal(path).load()}
+    rows = {r.id: r for r in SqliteJournal(path).load()}
     assert set(rows) == {"a", "b"}  # the failed group wrote nothing, not even "c"
     assert rows["a"].status == "queued"
     b = rows["b"]
@@ -97,20 +105,20 @@ def test_a_change_rewrites_only_the_changing_columns_and_needs_its_row(tmp_path:
 
 def test_an_id_deleted_and_written_in_one_group_stays_written(tmp_path: Path) -> None:
     # an expired task's id submitted again before the next group commit
-    j = Journal(tmp_path / "j.sqlite3")
+    j = SqliteJournal(tmp_path / "j.sqlite3")
     j.commit([_row("x", 1, "done")])
-    j.commit([_row("x", 2)], deleted=[1])
+    j.commit([_row("x", 2)], gone=[1])
     assert [(r.id, r.status) for r in j.load()] == [("x", "queued")]
     j.close()
 
 
 def test_journal_of_another_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    Journal(path).close()
+    SqliteJournal(path).close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
     with pytest.raises(RuntimeError, match="schema 99"):
-        Journal(path)
+        SqliteJournal(path)
 
 
 def test_default_journal_path_is_per_broker_and_prefix(
@@ -158,14 +166,14 @@ def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
     def on_disk_as_in_memory() -> bool:
         j = second.journal
         assert j is not None
-        if second._journal_dirty or any(
+        if second.outbox.durable or any(
             second.tasks[tid].collected_at is None for tid in (done, running, queued)
         ):
             return False  # (the acks of the results, and the next tick's commit)
         rows = {r.id: r for r in j.load()}
         return all(
             tuple(getattr(rows[tid], c) for c in CHANGING)
-            == Balancer._journal_change(second.tasks[tid])[:-1]
+            == tuple(getattr(entry_of(second.tasks[tid]), c) for c in CHANGING)
             for tid in (done, running, queued)
         )
 
@@ -180,7 +188,7 @@ def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None
     assert b.journal is not None
     path = b.journal.path
     system.lt.call(lambda: b.expire(b.tasks[tid].finished_at + 1e9))  # type: ignore[operator]
-    wait_for(lambda: system.lt.call(lambda: not b._journal_gone), 5, "the next commit")
+    wait_for(lambda: system.lt.call(lambda: not b.outbox.gone), 5, "the next commit")
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM tasks WHERE id = ?", (tid,)).fetchone() == (0,)
 
@@ -196,6 +204,7 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
     rc = raw()
     rc.subscribe(topics.events("carol"))
     # Given a journal that fails every write
+    assert isinstance(b.journal, SqliteJournal)
     system.lt.call(b.journal._db.close)
     rc.publish(
         topics.submit("carol"),
@@ -215,7 +224,7 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
 
     # When the journal works again, the held acknowledgement goes out
     def repair() -> None:
-        b.journal = Journal(path)
+        b.journal = SqliteJournal(path)
         b._kick()
 
     system.lt.call(repair)

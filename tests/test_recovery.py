@@ -42,7 +42,7 @@ def _silence_n1_and_deafen_the_balancer(running: System) -> float:
     assert b is not None
     running.lt.call(lambda: [t.cancel() for t in node._bg if t.get_name() == "node-heartbeat"])
     running.lt.call(lambda: b._transport.unsubscribe(b.topics.balancer_probe))
-    return float(running.lt.call(lambda: b._heard_until))
+    return float(running.lt.call(lambda: b.fleet.heard_until))
 
 
 def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_unread(
@@ -54,7 +54,11 @@ def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_
     def online() -> bool:
         return bool(running.lt.call(lambda: b.nodes["n1"].online))
 
-    wait_for(lambda: running.lt.call(lambda: b._heard_until > b._connected_at), 10, "a probe back")
+    wait_for(
+        lambda: running.lt.call(lambda: b.fleet.heard_until > b.fleet.connected_at),
+        10,
+        "a probe back",
+    )
     # Given n1 falls silent while the balancer's probes stop coming back: whatever it has
     # not read yet (a flood ahead of the heartbeats, say) may hold n1's heartbeats
     heard = _silence_n1_and_deafen_the_balancer(running)

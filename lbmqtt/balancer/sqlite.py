@@ -1,31 +1,26 @@
-"""The balancer's journal: every accepted task and every change of its state, on disk.
+"""The journal on disk: a :class:`~lbmqtt.balancer.journal.JournalStore` in one SQLite file.
 
-SQLite from the standard library, in WAL mode. The balancer writes in *group commits*: the
-records that changed during one tick go to disk in one transaction, and only then are the
-tick's states (the acknowledgements clients wait for) and assignment sets published. So a
-task whose ``queued`` state a client has seen survives a SIGKILL of the balancer.
+SQLite from the standard library, in WAL mode; the only module of lbmqtt that imports
+sqlite3. Each group commit of the balancer (the records that changed during one tick) is
+one transaction, so a task whose ``queued`` state a client has seen survives a SIGKILL of
+the balancer.
 
 ``JOURNAL_SYNC``: ``normal`` (the default) survives the balancer process dying at any
 moment - SQLite's WAL is in the kernel's page cache at commit - but a power cut may lose
 the last commits; ``full`` fsyncs every group commit and survives power loss too.
-
-Progress percentages are not journaled (they change often and are superseded); everything
-needed to run, reconcile and answer for a task is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+
+from .journal import CHANGING, JournalEntry
 
 log = logging.getLogger(__name__)
 
@@ -82,91 +77,45 @@ _UPSERT = (
     "finished_at, result, error, collected_at, waived) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-assert _UPSERT.count("?") == len(_COLUMNS)
-CHANGING = (
-    "status",
-    "attempt",
-    "node",
-    "grp",
-    "started_at",
-    "finished_at",
-    "result",
-    "error",
-    "collected_at",
-    "waived",
-)
-"""The columns a task's row changes in after its submit (the others never change)."""
+assert _UPSERT.count("?") == len(_COLUMNS) and JournalEntry._fields == _COLUMNS
+# (numbered parameters: an update binds the whole entry, and uses its changing columns)
 _UPDATE = (
-    "UPDATE tasks SET status = ?, attempt = ?, node = ?, grp = ?, started_at = ?, "
-    "finished_at = ?, result = ?, error = ?, collected_at = ?, waived = ? "
-    "WHERE seq = ?"
+    "UPDATE tasks SET status = ?13, attempt = ?14, node = ?15, grp = ?16, started_at = ?17, "
+    "finished_at = ?18, result = ?19, error = ?20, collected_at = ?21, waived = ?22 "
+    "WHERE seq = ?6"
 )
-assert _COLUMNS[-len(CHANGING) :] == CHANGING and _UPDATE.count("?") == len(CHANGING) + 1
+assert _COLUMNS[-len(CHANGING) :] == CHANGING and _COLUMNS[5] == "seq"
 
 
-@dataclass(slots=True)
-class JournalRow:
-    """One task as the journal holds it (JSON fields still encoded)."""
-
-    id: str
-    user: str
-    name: str
-    args: bytes
-    priority: int
-    seq: int
-    submitted_at: float
-    notify: str
-    timeout_s: float | None
-    ref: str | None
-    requires: str | None
-    tags: str | None
-    status: str
-    attempt: int
-    node: str | None
-    grp: int | None
-    started_at: float | None
-    finished_at: float | None
-    result: bytes | None
-    error: bytes | None
-    collected_at: float | None
-    waived: int = 0
-
-    def requires_dict(self) -> dict[str, float]:
-        return dict(json.loads(self.requires)) if self.requires else {}
-
-    def tags_list(self) -> list[str]:
-        return list(json.loads(self.tags)) if self.tags else []
+class JournalOpenError(OSError):
+    """The journal file cannot be opened (its message says why)."""
 
 
-def default_path(host: str, port: int, prefix: str) -> Path:
-    """Where the journal of a balancer for this broker and prefix lives by default:
-    ``$XDG_STATE_HOME/lbmqtt/`` (``~/.local/state/lbmqtt/``), one file per broker and prefix.
-    """
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{host}_{port}_{prefix}")
-    return Path(base) / "lbmqtt" / f"journal-{stem}.sqlite3"
-
-
-class Journal:
+class SqliteJournal:
     """A durable task journal in one SQLite file.
 
     Args:
         path: the file (created with its directory), or ``":memory:"`` for tests.
         sync: ``"normal"`` or ``"full"`` (see the module docstring).
+
+    Raises:
+        JournalOpenError: the file cannot be opened or created.
+        RuntimeError: the file holds another schema version.
     """
 
     def __init__(self, path: str | os.PathLike[str], sync: str = "normal"):
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), one per group
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-        self._db.executescript(_SCHEMA)
-        (version,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN ... COMMIT), one per group
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+            self._db.executescript(_SCHEMA)
+            (version,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.Error as exc:
+            raise JournalOpenError(str(exc)) from exc
         if int(version) != SCHEMA_VERSION:
             raise RuntimeError(
                 f"journal {self.path} has schema {version}; this lbmqtt "
@@ -176,11 +125,11 @@ class Journal:
         self.rows_written = 0
         self.commit_seconds = 0.0
 
-    def load(self) -> Iterator[JournalRow]:
+    def load(self) -> Iterator[JournalEntry]:
         """Every task in the journal, in submit order."""
         cur = self._db.execute(_SELECT)
         for row in cur:
-            yield JournalRow(*row)
+            yield JournalEntry(*row)
 
     def count(self) -> int:
         (n,) = self._db.execute("SELECT count(*) FROM tasks").fetchone()
@@ -188,31 +137,30 @@ class Journal:
 
     def commit(
         self,
-        rows: Iterable[tuple[Any, ...]],
-        deleted: Iterable[int] = (),
-        changes: Iterable[tuple[Any, ...]] = (),
+        new: Sequence[JournalEntry],
+        changed: Sequence[JournalEntry] = (),
+        gone: Iterable[int] = (),
     ) -> int:
-        """Write ``rows`` (whole rows: tuples in :data:`_COLUMNS` order), apply ``changes``
-        to rows written before (tuples of the :data:`CHANGING` columns, then the seq) and
-        delete the rows of the ``deleted`` seqs, in one transaction. Returns the number of
-        rows written. Raises sqlite3.Error, and LookupError if a change has no row (then
-        nothing is written).
+        """Delete the rows of the ``gone`` seqs, write the ``new`` entries whole and the
+        :data:`CHANGING` columns of the ``changed`` ones, in one transaction. Returns the
+        number of rows written. Raises sqlite3.Error, and LookupError if a change has no
+        row (then nothing is written).
 
         Rows are keyed by the task's ``seq`` (submit order), not its id: new rows append
         and changes touch recent pages, so a group commit writes few pages (random ids as
         keys cost ~2.5x more per row). A change rewrites 10 columns, not 22: half the cost
         of writing the row again."""
         t0 = time.perf_counter()
-        rows = list(rows)
-        changes = list(changes)
-        gone = [(seq,) for seq in deleted]
-        if not rows and not gone and not changes:
+        rows = new
+        changes = changed
+        deleted = [(seq,) for seq in gone]
+        if not rows and not deleted and not changes:
             return 0
         db = self._db
         db.execute("BEGIN")
         try:
-            if gone:
-                db.executemany("DELETE FROM tasks WHERE seq = ?", gone)
+            if deleted:
+                db.executemany("DELETE FROM tasks WHERE seq = ?", deleted)
             if rows:
                 db.executemany(_UPSERT, rows)
             if changes:
