@@ -6,15 +6,25 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lbmqtt import Client
-from lbmqtt.balancer import CHANGING, JournalEntry, SqliteJournal, default_path
-from lbmqtt.balancer.journal import entry_of
-from lbmqtt.protocol import Status, Topics
+from lbmqtt.balancer import (
+    CHANGING,
+    Balancer,
+    JournalEntry,
+    JournalStore,
+    MemoryJournal,
+    SqliteJournal,
+    default_path,
+)
+from lbmqtt.balancer.journal import entry_of, recover
+from lbmqtt.config import load_settings
+from lbmqtt.protocol import Status, TaskSpec, Topics
 
 from .conftest import TEST_TASKS, System, wait_for
 
@@ -177,7 +187,7 @@ def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
             for tid in (done, running, queued)
         )
 
-    wait_for(lambda: system.lt.call(on_disk_as_in_memory), 10, "the journal to agree")
+    system.until(lambda _: on_disk_as_in_memory(), 10, "the journal to agree")
 
 
 def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None:
@@ -188,7 +198,7 @@ def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None
     assert b.journal is not None
     path = b.journal.path
     system.lt.call(lambda: b.expire(b.tasks[tid].finished_at + 1e9))  # type: ignore[operator]
-    wait_for(lambda: system.lt.call(lambda: not b.outbox.gone), 5, "the next commit")
+    system.until(lambda b: not b.outbox.gone, 5, "the next commit")
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM tasks WHERE id = ?", (tid,)).fetchone() == (0,)
 
@@ -210,11 +220,7 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
         topics.submit("carol"),
         json.dumps({"v": 1, "id": "j-1", "name": "HELLO", "args": JOHN, "notify": "events"}),
     )
-    wait_for(
-        lambda: system.lt.call(lambda: b.counters["journal_errors"]) >= 3,
-        10,
-        "failed group commits",
-    )
+    system.until(lambda b: b.counters["journal_errors"] >= 3, 10, "failed group commits")
     # Then the submit is not acknowledged (the state goes out in the tick that commits),
     # and not placed either: its node could not be told, and would be blamed for it
     assert rc.payloads(topics.events("carol")) == []
@@ -243,3 +249,80 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
         return any(s["status"] == "done" and s["attempt"] == 1 for s in states)
 
     wait_for(finished, 20, "the task to run once the journal works again")
+
+
+# ------------------------------------------------------------- the in-memory store
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JournalStore]:
+    s: JournalStore = (
+        SqliteJournal(tmp_path / "j.sqlite3") if request.param == "sqlite" else MemoryJournal()
+    )
+    yield s
+    s.close()
+
+
+def test_both_stores_keep_the_same_entries_from_the_same_commits(store: JournalStore) -> None:
+    store.commit([_row("b", 2), _row("a", 1), _row("c", 3)])
+    store.commit([_row("x", 4, "done")], gone=[3])
+    store.commit([], [_change("running", 1, "n1", 0, 5.0, None, None, None, None, 0, 2)])
+    with pytest.raises(LookupError, match="1 of 2 changed tasks have no row"):
+        store.commit(
+            [_row("d", 5)],
+            [
+                _change("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0, 2),
+                _change("done", 1, None, None, None, None, None, None, None, 0, 9),
+            ],
+        )
+    got = [(e.id, e.seq, e.status, e.node, e.grp, e.user) for e in store.load()]
+    assert got == [
+        ("a", 1, "queued", None, None, "u"),
+        ("b", 2, "running", "n1", 0, "u"),  # (its static fields were not changed)
+        ("x", 4, "done", None, None, "u"),
+    ]
+
+
+def test_a_balancer_resumes_from_a_memory_journal_what_another_wrote() -> None:
+    # Given a balancer (not connected: its logic alone) that accepted tasks of two users,
+    # one of which was then cancelled, all on a memory journal
+    settings = load_settings(None, env={}, overrides={"JOURNAL_PATH": "none"})
+    mem = MemoryJournal()
+    first = Balancer(settings, journal=mem)
+    now = 1.0e9
+    for i, user in enumerate(["alice", "bob", "alice"]):
+        spec = TaskSpec(id=f"t{i}", name="ECHO", args=[i], priority=i, notify="events")
+        first.users.accept(user, spec, now)
+    first.users.on_cancel("bob", json.dumps({"v": 1, "ids": ["t1"]}).encode())
+    assert first.journal_writer.commit()
+    # When another balancer recovers from it
+    second = Balancer(settings, journal=mem)
+    assert recover(mem.load(), second.table) == 3
+    # Then it has the same tasks in the same states, queued ones in their queues
+    for tid in ("t0", "t1", "t2"):
+        assert entry_of(second.tasks[tid]) == entry_of(first.tasks[tid])
+    assert second.tasks["t1"].status == Status.CANCELLED
+    assert second.scheduler.queued == first.scheduler.queued == 2
+    assert second.counters["recovered"] == 3
+    assert second.table.seq == 3  # (new submits continue the order)
+
+
+def test_a_restarted_balancer_resumes_its_tasks_from_a_shared_memory_journal(
+    system: System, client: Client
+) -> None:
+    mem = MemoryJournal()
+    first = system.start_balancer(journal=mem)
+    system.start_node("n1", tasks=[TEST_TASKS])
+    done = client.submit("ECHO", [1, 2])
+    assert client.wait(done, timeout=20)["args"] == [1, 2]
+    queued = client.submit("HELLO", JOHN)  # n1 has no HELLO: it stays queued
+    # When the balancer is replaced by another on the same (memory) journal
+    system.lt.run(first.stop())
+    second = system.start_balancer(journal=mem)
+    # Then the new one knows both, in the state they had, and runs the queued one
+    assert system.record(done).status == Status.DONE
+    assert system.record(done).result["args"] == [1, 2]
+    assert system.record(queued).status == Status.QUEUED
+    assert system.lt.call(lambda: second.counters["recovered"]) >= 2
+    system.start_node("n2")
+    assert client.wait(queued, timeout=20) == "Hello John Doe !"

@@ -150,6 +150,8 @@ class Balancer:
             topics=self.topics,
         )
         self.users = Users(self.settings, self.table, self.scheduler, self.outbox, self.tally)
+        if journal is not None:
+            self.journal = journal  # (recovered from at start)
         self.ready = asyncio.Event()
         """Set once connected and subscribed."""
         self.loops = service.Loops("balancer")
