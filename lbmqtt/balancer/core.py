@@ -26,7 +26,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from .. import __version__, service
@@ -47,12 +46,12 @@ from ..protocol import (
     decode,
 )
 from ..scheduler import Scheduler
-from .journal import JournalStore, JournalWriter, default_path, recover
+from .journal import JournalStore, JournalWriter, recover
 from .nodes import HEALTH_CHECK_S, Fleet
 from .outbox import Outbox
-from .records import NodeInfo, QueueKey, TaskRecord
-from .sqlite import SqliteJournal
-from .stats import Tally, snapshot
+from .records import NodeInfo, TaskRecord
+from .sqlite import open_journal
+from .stats import Tally, snapshot, start_metrics
 from .tasks import TaskTable
 from .users import Users
 
@@ -185,14 +184,6 @@ class Balancer:
     @property
     def counters(self) -> Counter[str]:
         return self.tally.counters
-
-    @property
-    def queued_by(self) -> Counter[QueueKey]:
-        return self.tally.queued_by
-
-    @property
-    def running_by_name(self) -> Counter[str]:
-        return self.tally.running_by_name
 
     @property
     def journal(self) -> JournalStore | None:
@@ -333,61 +324,28 @@ class Balancer:
         )
 
     def _start_metrics(self) -> None:
-        s = self.settings
-        if s.metrics_port is None:
-            return
-        self.metrics = Metrics(lambda: self.tally.last_stats)
-        try:
-            port = self.metrics.serve(s.metrics_ip, s.metrics_port)
-        except OSError as exc:  # the balancer matters more than its metrics: go on without
-            log.error(
-                "no metrics endpoint: cannot listen on %s:%s (%s); set METRICS_PORT "
-                "to a free port, 0 for any, or null for none",
-                s.metrics_ip,
-                s.metrics_port,
-                exc.strerror or exc,
-            )
-            self.metrics = None
-            return
+        self.metrics, self.metrics_url = start_metrics(self.settings, lambda: self.tally.last_stats)
         self.table.metrics = self.metrics
-        host = f"[{s.metrics_ip}]" if ":" in s.metrics_ip else s.metrics_ip
-        self.metrics_url = f"http://{host}:{port}/metrics"
-        log.info("metrics: %s", self.metrics_url)
 
-    def _open_journal(self, configured: Settings | None = None) -> None:
-        store: JournalStore
-        if self._given_journal is not None:
-            store, where = self._given_journal, self._given_journal.path
-        else:
-            s = configured or self.settings
-            where = s.journal_path.strip()
-            if where.lower() in ("none", ""):
-                log.warning("JOURNAL_PATH is none: queued tasks do not survive a balancer restart")
-                return
-            path = (
-                default_path(s.broker_host, s.broker_port, s.topic_prefix)
-                if where.lower() == "auto"
-                else Path(where).expanduser()
-            )
-            try:
-                store = SqliteJournal(path, sync=s.journal_sync)
-            except (OSError, RuntimeError) as exc:
-                raise ConfigError(f"cannot open the journal {path}: {exc} (JOURNAL_PATH)") from exc
-            where = str(path)
+    def _open_journal(self, configured: Settings) -> None:
+        store = self._given_journal or open_journal(configured)
+        if store is None:
+            log.warning("JOURNAL_PATH is none: queued tasks do not survive a balancer restart")
+            return
         self.journal = store
         t0 = time.perf_counter()
         n = recover(store.load(), self.table)
         if n:
             log.info(
                 "journal %s: resumed %d task(s) in %.2f s (%d queued, %d placed)",
-                where,
+                store.path,
                 n,
                 time.perf_counter() - t0,
                 self.scheduler.queued,
                 sum(self.tally.running_by_name.values()),
             )
         else:
-            log.info("journal %s", where)
+            log.info("journal %s", store.path)
 
     async def _check_alone(self) -> None:
         s = self.settings

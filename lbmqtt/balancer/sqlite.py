@@ -20,7 +20,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .journal import CHANGING, JournalEntry
+from ..config import Settings
+from ..errors import ConfigError
+from .journal import CHANGING, JournalEntry, default_path
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +190,25 @@ class SqliteJournal:
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.close()
+
+
+def open_journal(settings: Settings) -> SqliteJournal | None:
+    """The journal JOURNAL_PATH names (``auto``: :func:`.journal.default_path` of the
+    broker and prefix), or None if it is ``none``.
+
+    Raises:
+        ConfigError: the file cannot be opened, or holds another schema.
+    """
+    where = settings.journal_path.strip()
+    if where.lower() in ("none", ""):
+        return None
+    s = settings
+    path = (
+        default_path(s.broker_host, s.broker_port, s.topic_prefix)
+        if where.lower() == "auto"
+        else Path(where).expanduser()
+    )
+    try:
+        return SqliteJournal(path, sync=s.journal_sync)
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(f"cannot open the journal {path}: {exc} (JOURNAL_PATH)") from exc

@@ -9,12 +9,16 @@ the task and node tables and the scheduler, into the :class:`BalancerStats` publ
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..config import Settings
 from ..errors import ErrorCode
+from ..metrics import Metrics
 from ..protocol import (
     BalancerStats,
     HistorySample,
@@ -27,6 +31,8 @@ from ..protocol import (
 )
 from ..scheduler import Scheduler
 from .records import NodeInfo, QueueKey, TaskRecord
+
+log = logging.getLogger(__name__)
 
 TIMES_KEPT = 1000  # per task name, for the mean and percentiles of wait and run times
 HISTORY_KEPT = 720  # stats samples a new dashboard is sent: 6 minutes at 2 Hz
@@ -289,3 +295,30 @@ def _pct(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
     return sorted_values[min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def start_metrics(
+    settings: Settings, latest: Callable[[], BalancerStats | None]
+) -> tuple[Metrics | None, str]:
+    """The Prometheus endpoint (METRICS_PORT), serving the ``latest`` stats, and its URL;
+    (None, "") if METRICS_PORT is null or its port cannot be had (logged: the balancer
+    matters more than its metrics, it goes on without)."""
+    s = settings
+    if s.metrics_port is None:
+        return None, ""
+    metrics = Metrics(latest)
+    try:
+        port = metrics.serve(s.metrics_ip, s.metrics_port)
+    except OSError as exc:
+        log.error(
+            "no metrics endpoint: cannot listen on %s:%s (%s); set METRICS_PORT "
+            "to a free port, 0 for any, or null for none",
+            s.metrics_ip,
+            s.metrics_port,
+            exc.strerror or exc,
+        )
+        return None, ""
+    host = f"[{s.metrics_ip}]" if ":" in s.metrics_ip else s.metrics_ip
+    url = f"http://{host}:{port}/metrics"
+    log.info("metrics: %s", url)
+    return metrics, url
