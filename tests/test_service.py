@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,7 @@ from lbmqtt.balancer import Balancer
 from lbmqtt.config import Settings
 from lbmqtt.service import LoopFailed, Loops
 
-from .conftest import ROOT, TEST_TASKS, LoopThread, System
+from .conftest import ROOT, TEST_TASKS, LoopThread, System, wait_for
 
 
 def test_a_loop_that_raises_is_logged_stops_the_others_and_is_raised_by_stop(
@@ -150,3 +152,65 @@ def test_join_returns_once_no_task_is_queued_or_placed(system: System, client: C
     recs = [system.record(t) for t in ids]
     assert all(r.status.final for r in recs)
     assert system.lt.call(lambda: b.scheduler.queued) == 0
+
+
+# The fault is injected into the balancer process of `lbmqtt up` from outside lbmqtt: a
+# sitecustomize module (Python imports it at start-up from PYTHONPATH) that, in the process
+# whose command line is `lbmqtt balancer`, makes the stats step raise once the test has
+# created the marker file, and deletes the file (so the restarted balancer runs normally).
+_FAULT_HOOK = """
+import os
+if b"balancer" in open("/proc/self/cmdline", "rb").read().split(b"\\0"):
+    import lbmqtt.balancer.core as core
+
+    marker = os.environ["FAULT_MARKER"]
+    healthy = core.Balancer._stats_step
+
+    def step(self):
+        if os.path.exists(marker):
+            os.unlink(marker)
+            raise RuntimeError("injected fault")
+        healthy(self)
+
+    core.Balancer._stats_step = step
+"""
+
+
+@pytest.mark.slow
+def test_up_starts_a_balancer_whose_loop_died_again(tmp_path: Path) -> None:
+    from .conftest import finish, run_cli, start_up
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAULT_HOOK)
+    marker = tmp_path / "fault"
+    env = {"PYTHONPATH": str(hook), "FAULT_MARKER": str(marker)}
+    up = start_up("--no-dashboard", env_extra=env)
+    try:
+        # When the balancer's stats loop raises
+        marker.touch()
+        wait_for(
+            lambda: "balancer is back" in up.text() or up.proc.poll() is not None,
+            60,
+            "`up` to start the balancer again",
+        )
+        # Then it died with its traceback and a non-zero status, and `up` started it again
+        assert up.proc.poll() is None, up.text()
+        assert not marker.exists()
+        assert "the balancer-stats loop died" in up.text()
+        assert "RuntimeError: injected fault" in up.text()
+        assert "balancer exited unexpectedly (status 1)" in up.text()
+        # and the new one works
+        r = run_cli(
+            "submit",
+            "HELLO",
+            '{"firstName": "John", "lastName": "Doe"}',
+            "--wait",
+            "--broker-port",
+            str(up.port),
+        )
+        assert r.stdout == "Hello John Doe !\n", r.stderr
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0
+    finally:
+        finish(up)
