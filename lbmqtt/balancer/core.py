@@ -73,7 +73,7 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-class Route(NamedTuple):
+class Route(NamedTuple):  # replaced by protocol's Route at merge
     """An inbound topic, routed: ``key`` names the Topics method or attribute it is of,
     ``name`` the user or node ("" for the others), ``rest`` what follows the name."""
 

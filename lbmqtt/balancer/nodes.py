@@ -95,6 +95,7 @@ class Fleet:
         self.grace_until = 0.0
 
     def on_status(self, name: str, payload: bytes) -> None:
+        """A node's retained status: online (maybe draining, or restarted) or offline."""
         if not payload:
             return  # a cleared retained status
         st = decode(NodeStatus, payload)
@@ -165,6 +166,7 @@ class Fleet:
             )
 
     def node_up(self, info: NodeInfo, st: NodeStatus) -> None:
+        """The node is online with ``st``: the scheduler gets its slots and capabilities."""
         if not info.online:
             log.info(
                 "node %s online: %d slots, speed %g, tasks %s",
@@ -228,6 +230,7 @@ class Fleet:
             )
 
     def on_heartbeat(self, name: str, payload: bytes) -> None:
+        """A heartbeat: the node is alive; its load, and what it holds (reconciled)."""
         hb = decode(Heartbeat, payload)
         info = self.nodes.get(name)
         if info is None or info.status is None or info.instance != hb.instance:
@@ -283,6 +286,7 @@ class Fleet:
                 )
 
     def node_lost(self, info: NodeInfo, reason: str) -> None:
+        """The node is gone (offline, silent, restarted): its tasks go back or fail."""
         log.warning(
             "node %s %s: %d of its tasks go back to the queue",
             info.name,
@@ -318,6 +322,7 @@ class Fleet:
         self.table.round_wanted = True
 
     def on_reports(self, name: str, payload: bytes) -> None:
+        """A node's report: tasks started, their progress, their results."""
         rep = decode(NodeReport, payload)
         info = self.nodes.get(name)
         if info is None or rep.node != name or (info.instance and info.instance != rep.instance):
@@ -366,6 +371,7 @@ class Fleet:
         return rec
 
     def apply_result(self, rec: TaskRecord, r: Result, now: float) -> None:
+        """A task's result from its node: done, failed, or lost (then retried)."""
         if rec.started_at is None:
             rec.started_at = now
         rt = r.runtime_s

@@ -86,6 +86,7 @@ class TaskTable:
     # ------------------------------------------------------------------ transitions
 
     def set_status(self, rec: TaskRecord, new: Status) -> None:
+        """Change the status, keeping the running counts."""
         old = rec.status
         if old == new:
             return
@@ -96,6 +97,7 @@ class TaskTable:
         rec.status = new
 
     def enqueue(self, rec: TaskRecord) -> None:
+        """Into its queue (in its seq's place); a round is wanted."""
         self.set_status(rec, Status.QUEUED)
         rec.node = None
         rec.group = None
@@ -106,6 +108,7 @@ class TaskTable:
         self.round_wanted = True
 
     def left_queue(self, rec: TaskRecord) -> None:
+        """It left its queue (placed or cancelled): the queued counts follow."""
         queued_by = self.tally.queued_by
         key = rec.queue_key
         queued_by[key] -= 1
@@ -123,6 +126,7 @@ class TaskTable:
         self.round_wanted = True
 
     def retry_or_fail(self, rec: TaskRecord, error: ErrorInfo, now: float) -> None:
+        """Its attempt was lost: queued again, or failed after TASK_MAX_ATTEMPTS."""
         max_attempts = self.settings.task_max_attempts
         if rec.attempt - rec.waived < max_attempts:
             log.info(
@@ -147,6 +151,7 @@ class TaskTable:
         self.outbox.emit(rec)
 
     def finalize(self, rec: TaskRecord, status: Status, now: float) -> None:
+        """Done, failed or cancelled: counted, timed, and kept until it expires."""
         self.set_status(rec, status)
         rec.finished_at = now
         rec.assignment_json = b""
@@ -170,6 +175,7 @@ class TaskTable:
         self.outbox.emit(rec)
 
     def expires_at(self, rec: TaskRecord) -> float:
+        """When a finished task is forgotten (RESULT_TTL_S, sooner once collected)."""
         finished = rec.finished_at or time.time()
         t = finished + self.settings.result_ttl_s
         if rec.collected_at is not None:

@@ -60,6 +60,7 @@ class Users:
         """user -> [tokens, at] (SUBMIT_RATE)."""
 
     def on_submit(self, user: str, payload: bytes) -> None:
+        """One task or a batch: each is accepted, or refused with an error."""
         now = time.time()
         items = decode_submit(payload)
         if len(items) > self.settings.max_batch:
@@ -189,6 +190,7 @@ class Users:
         )
 
     def on_cancel(self, user: str, payload: bytes) -> None:
+        """Cancel the user's tasks (a placed one is taken off its node)."""
         ids = decode(IdList, payload).all_ids()
         unknown = []
         for tid in ids:
@@ -209,6 +211,7 @@ class Users:
         self._unknown(user, unknown, "cancel", "no {} to cancel")  # (str.format)
 
     def on_ack(self, user: str, payload: bytes) -> None:
+        """The user collected these results: they expire sooner."""
         now = time.time()
         for tid in decode(IdList, payload).all_ids():
             rec = self.table.tasks.get(tid)
@@ -217,6 +220,7 @@ class Users:
             self.table.collected(rec, now)
 
     def on_query(self, user: str, payload: bytes) -> None:
+        """Send the current state of the user's tasks again."""
         unknown = []
         for tid in decode(IdList, payload).all_ids():
             rec = self.table.tasks.get(tid)
