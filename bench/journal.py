@@ -29,9 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lbmqtt.balancer import Balancer, TaskRecord  # noqa: E402
+from lbmqtt.balancer import Balancer, SqliteJournal, TaskRecord  # noqa: E402
+from lbmqtt.balancer.journal import entry_of, recover  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
-from lbmqtt.journal import Journal  # noqa: E402
 
 
 def records(n: int, start: int = 0) -> list[TaskRecord]:
@@ -59,26 +59,26 @@ def main() -> None:
     out: dict[str, object] = {"bench": "journal", "tasks": ns.tasks}
     with tempfile.TemporaryDirectory(prefix="lbmqtt-bench-journal-") as d:
         for sync in ("normal", "full"):
-            j = Journal(Path(d) / f"commit-{sync}.sqlite3", sync=sync)
+            j = SqliteJournal(Path(d) / f"commit-{sync}.sqlite3", sync=sync)
             per_task = []
             for r in range(ns.repeat):
                 batch = records(10_000, start=r * 10_000)
                 t0 = time.perf_counter()
-                j.commit(Balancer._journal_row(rec) for rec in batch)
+                j.commit([entry_of(rec) for rec in batch])
                 per_task.append((time.perf_counter() - t0) / len(batch))
             j.close()
             out[f"commit_us_per_task_{sync}"] = round(1e6 * statistics.median(per_task), 2)
 
         # what a busy balancer does: many small group commits (4 records per tick), each
         # record written ~4 times in its life, into a journal that already holds 100k rows
-        j = Journal(Path(d) / "small.sqlite3")
+        j = SqliteJournal(Path(d) / "small.sqlite3")
         for start in range(0, 100_000, 10_000):
-            j.commit(Balancer._journal_row(r) for r in records(10_000, start))
+            j.commit([entry_of(r) for r in records(10_000, start)])
         recs = records(8_000, start=100_000)
         t0 = time.perf_counter()
         for _ in range(4):  # queued, assigned, running, done
             for k in range(0, len(recs), 4):
-                j.commit(Balancer._journal_row(r) for r in recs[k : k + 4])
+                j.commit([entry_of(r) for r in recs[k : k + 4]])
         out["small_commits_us_per_write"] = round(
             1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2
         )
@@ -113,19 +113,17 @@ def main() -> None:
         db.close()
 
         path = Path(d) / "restart.sqlite3"
-        j = Journal(path)
+        j = SqliteJournal(path)
         for start in range(0, ns.tasks, 10_000):
-            j.commit(
-                Balancer._journal_row(r) for r in records(min(10_000, ns.tasks - start), start)
-            )
+            j.commit([entry_of(r) for r in records(min(10_000, ns.tasks - start), start)])
         j.close()
         out["journal_mb"] = round(
             sum(p.stat().st_size for p in Path(d).glob("restart*")) / 2**20, 1
         )
         b = Balancer(load_settings(None, env={}, overrides={"JOURNAL_PATH": "none"}))
         t0 = time.perf_counter()
-        j = Journal(path)
-        n = b._recover(j.load())
+        j = SqliteJournal(path)
+        n = recover(j.load(), b.table)
         out["restart_s"] = round(time.perf_counter() - t0, 2)
         out["restart_us_per_task"] = round(1e6 * (time.perf_counter() - t0) / n, 2)
         assert n == ns.tasks and b.scheduler.queued == ns.tasks

@@ -100,10 +100,10 @@ def bench_memory(n: int) -> dict[str, Any]:
         now = time.time()
         for i in range(n):
             spec = TaskSpec(name="HELLO", args={"i": i}, notify="events")
-            b._accept(sys.intern(f"user{i % 10}"), spec, now)
+            b.users.accept(sys.intern(f"user{i % 10}"), spec, now)
             if i % 100_000 == 0:
-                b._states.clear()  # the tick would have published and dropped these
-        b._states.clear()
+                b.outbox.states.clear()  # the tick would have published and dropped these
+        b.outbox.states.clear()
         return b
 
     b = asyncio.run(fill())

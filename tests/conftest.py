@@ -26,7 +26,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from lbmqtt.balancer import Balancer
+from lbmqtt.balancer import Balancer, JournalStore
 from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker, PatchedBroker, loopback_mosquitto_conf
 from lbmqtt.client import Client
 from lbmqtt.config import Settings, load_settings
@@ -198,9 +198,13 @@ class System:
         self.balancer: Balancer | None = None
         self.nodes: list[Node] = []
 
-    def start_balancer(self, settings: Settings | None = None) -> Balancer:
+    def start_balancer(
+        self, settings: Settings | None = None, journal: JournalStore | None = None
+    ) -> Balancer:
+        """``journal``: a store to use instead of JOURNAL_PATH's (a MemoryJournal)."""
+
         async def go() -> Balancer:
-            b = Balancer(settings or self.settings)
+            b = Balancer(settings or self.settings, journal=journal)
             await b.start()
             await asyncio.wait_for(b.ready.wait(), 10)
             return b
@@ -218,17 +222,19 @@ class System:
         node = self.lt.run(go(), timeout=40)
         self.nodes.append(node)
         if self.balancer is not None:
-            b = self.balancer
-            wait_for(
-                lambda: self.lt.call(lambda: name in b.scheduler.nodes),
-                10,
-                f"balancer to see node {name}",
-            )
+            self.until(lambda b: name in b.scheduler.nodes, 10, f"balancer to see node {name}")
         return node
 
     def stop_node(self, node: Node) -> None:
         self.lt.run(node.stop())
         self.nodes.remove(node)
+
+    def until(self, pred: Callable[[Balancer], object], timeout: float, what: str) -> None:
+        """Wait until ``pred(balancer)`` is true, checked on the loop thread after every
+        tick of the balancer (:meth:`Balancer.until`); TimeoutError says ``what``."""
+        b = self.balancer
+        assert b is not None
+        self.lt.run(b.until(pred, timeout, what), timeout=timeout + 10)
 
     def stats(self) -> Any:
         b = self.balancer

@@ -6,23 +6,33 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lbmqtt import Client
-from lbmqtt.balancer import Balancer
-from lbmqtt.journal import CHANGING, Journal, default_path
-from lbmqtt.protocol import Status, Topics
+from lbmqtt.balancer import (
+    CHANGING,
+    Balancer,
+    JournalEntry,
+    JournalStore,
+    MemoryJournal,
+    SqliteJournal,
+    default_path,
+)
+from lbmqtt.balancer.journal import entry_of, recover
+from lbmqtt.config import load_settings
+from lbmqtt.protocol import Status, TaskSpec, Topics
 
 from .conftest import TEST_TASKS, System, wait_for
 
 JOHN = {"firstName": "John", "lastName": "Doe"}
 
 
-def _row(tid: str, seq: int, status: str = "queued") -> tuple[Any, ...]:
-    return (
+def _row(tid: str, seq: int, status: str = "queued") -> JournalEntry:
+    return JournalEntry(
         tid,
         "u",
         "ECHO",
@@ -48,13 +58,21 @@ def _row(tid: str, seq: int, status: str = "queued") -> tuple[Any, ...]:
     )
 
 
+def _change(*changing_then_seq: Any) -> JournalEntry:
+    """An entry whose CHANGING fields and seq are these; its other fields are junk (a
+    change must not write them)."""
+    *changing, seq = changing_then_seq
+    junk = _row("junk", seq)._replace(user="junk", name="JUNK", args=b"junk", notify="junk")
+    return junk._replace(**dict(zip(CHANGING, changing, strict=True)))
+
+
 def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    j = Journal(path)
+    j = SqliteJournal(path)
     j.commit([_row("b", 2), _row("a", 1), _row("c", 3)])
-    j.commit([_row("b", 2, "done")], deleted=[3])
+    j.commit([_row("b", 2, "done")], gone=[3])
     j.close()
-    again = Journal(path)
+    again = SqliteJournal(path)
     rows = list(again.load())
     assert [(r.id, r.status, r.args) for r in rows] == [
         ("a", "queued", b"[1]"),
@@ -66,20 +84,20 @@ def test_journal_round_trips_rows_in_submit_order_and_deletes(tmp_path: Path) ->
 
 def test_a_change_rewrites_only_the_changing_columns_and_needs_its_row(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    j = Journal(path)
+    j = SqliteJournal(path)
     j.commit([_row("a", 1), _row("b", 2)])
     # status, attempt, node, grp, started, finished, result, error, collected, waived; seq
-    assert j.commit([], changes=[("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0, 2)]) == 1
+    assert j.commit([], [_change("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0, 2)]) == 1
     with pytest.raises(LookupError, match="1 of 2 changed tasks have no row"):
         j.commit(
             [_row("c", 3)],
-            changes=[
-                ("running", 1, "n1", 0, 5.0, None, None, None, None, 0, 1),
-                ("done", 1, None, None, None, None, None, None, None, 0, 9),
+            [
+                _change("running", 1, "n1", 0, 5.0, None, None, None, None, 0, 1),
+                _change("done", 1, None, None, None, None, None, None, None, 0, 9),
             ],
         )
     j.close()
-    rows = {r.id: r for r in Journal(path).load()}
+    rows = {r.id: r for r in SqliteJournal(path).load()}
     assert set(rows) == {"a", "b"}  # the failed group wrote nothing, not even "c"
     assert rows["a"].status == "queued"
     b = rows["b"]
@@ -97,20 +115,20 @@ def test_a_change_rewrites_only_the_changing_columns_and_needs_its_row(tmp_path:
 
 def test_an_id_deleted_and_written_in_one_group_stays_written(tmp_path: Path) -> None:
     # an expired task's id submitted again before the next group commit
-    j = Journal(tmp_path / "j.sqlite3")
+    j = SqliteJournal(tmp_path / "j.sqlite3")
     j.commit([_row("x", 1, "done")])
-    j.commit([_row("x", 2)], deleted=[1])
+    j.commit([_row("x", 2)], gone=[1])
     assert [(r.id, r.status) for r in j.load()] == [("x", "queued")]
     j.close()
 
 
 def test_journal_of_another_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    Journal(path).close()
+    SqliteJournal(path).close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
     with pytest.raises(RuntimeError, match="schema 99"):
-        Journal(path)
+        SqliteJournal(path)
 
 
 def test_default_journal_path_is_per_broker_and_prefix(
@@ -158,18 +176,18 @@ def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
     def on_disk_as_in_memory() -> bool:
         j = second.journal
         assert j is not None
-        if second._journal_dirty or any(
+        if second.outbox.durable or any(
             second.tasks[tid].collected_at is None for tid in (done, running, queued)
         ):
             return False  # (the acks of the results, and the next tick's commit)
         rows = {r.id: r for r in j.load()}
         return all(
             tuple(getattr(rows[tid], c) for c in CHANGING)
-            == Balancer._journal_change(second.tasks[tid])[:-1]
+            == tuple(getattr(entry_of(second.tasks[tid]), c) for c in CHANGING)
             for tid in (done, running, queued)
         )
 
-    wait_for(lambda: system.lt.call(on_disk_as_in_memory), 10, "the journal to agree")
+    system.until(lambda _: on_disk_as_in_memory(), 10, "the journal to agree")
 
 
 def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None:
@@ -180,7 +198,7 @@ def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None
     assert b.journal is not None
     path = b.journal.path
     system.lt.call(lambda: b.expire(b.tasks[tid].finished_at + 1e9))  # type: ignore[operator]
-    wait_for(lambda: system.lt.call(lambda: not b._journal_gone), 5, "the next commit")
+    system.until(lambda b: not b.outbox.gone, 5, "the next commit")
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM tasks WHERE id = ?", (tid,)).fetchone() == (0,)
 
@@ -196,16 +214,13 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
     rc = raw()
     rc.subscribe(topics.events("carol"))
     # Given a journal that fails every write
+    assert isinstance(b.journal, SqliteJournal)
     system.lt.call(b.journal._db.close)
     rc.publish(
         topics.submit("carol"),
         json.dumps({"v": 1, "id": "j-1", "name": "HELLO", "args": JOHN, "notify": "events"}),
     )
-    wait_for(
-        lambda: system.lt.call(lambda: b.counters["journal_errors"]) >= 3,
-        10,
-        "failed group commits",
-    )
+    system.until(lambda b: b.counters["journal_errors"] >= 3, 10, "failed group commits")
     # Then the submit is not acknowledged (the state goes out in the tick that commits),
     # and not placed either: its node could not be told, and would be blamed for it
     assert rc.payloads(topics.events("carol")) == []
@@ -215,7 +230,7 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
 
     # When the journal works again, the held acknowledgement goes out
     def repair() -> None:
-        b.journal = Journal(path)
+        b.journal = SqliteJournal(path)
         b._kick()
 
     system.lt.call(repair)
@@ -234,3 +249,80 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
         return any(s["status"] == "done" and s["attempt"] == 1 for s in states)
 
     wait_for(finished, 20, "the task to run once the journal works again")
+
+
+# ------------------------------------------------------------- the in-memory store
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JournalStore]:
+    s: JournalStore = (
+        SqliteJournal(tmp_path / "j.sqlite3") if request.param == "sqlite" else MemoryJournal()
+    )
+    yield s
+    s.close()
+
+
+def test_both_stores_keep_the_same_entries_from_the_same_commits(store: JournalStore) -> None:
+    store.commit([_row("b", 2), _row("a", 1), _row("c", 3)])
+    store.commit([_row("x", 4, "done")], gone=[3])
+    store.commit([], [_change("running", 1, "n1", 0, 5.0, None, None, None, None, 0, 2)])
+    with pytest.raises(LookupError, match="1 of 2 changed tasks have no row"):
+        store.commit(
+            [_row("d", 5)],
+            [
+                _change("done", 1, "n1", None, 5.0, 6.0, b"[2]", None, 7.0, 0, 2),
+                _change("done", 1, None, None, None, None, None, None, None, 0, 9),
+            ],
+        )
+    got = [(e.id, e.seq, e.status, e.node, e.grp, e.user) for e in store.load()]
+    assert got == [
+        ("a", 1, "queued", None, None, "u"),
+        ("b", 2, "running", "n1", 0, "u"),  # (its static fields were not changed)
+        ("x", 4, "done", None, None, "u"),
+    ]
+
+
+def test_a_balancer_resumes_from_a_memory_journal_what_another_wrote() -> None:
+    # Given a balancer (not connected: its logic alone) that accepted tasks of two users,
+    # one of which was then cancelled, all on a memory journal
+    settings = load_settings(None, env={}, overrides={"JOURNAL_PATH": "none"})
+    mem = MemoryJournal()
+    first = Balancer(settings, journal=mem)
+    now = 1.0e9
+    for i, user in enumerate(["alice", "bob", "alice"]):
+        spec = TaskSpec(id=f"t{i}", name="ECHO", args=[i], priority=i, notify="events")
+        first.users.accept(user, spec, now)
+    first.users.on_cancel("bob", json.dumps({"v": 1, "ids": ["t1"]}).encode())
+    assert first.journal_writer.commit()
+    # When another balancer recovers from it
+    second = Balancer(settings, journal=mem)
+    assert recover(mem.load(), second.table) == 3
+    # Then it has the same tasks in the same states, queued ones in their queues
+    for tid in ("t0", "t1", "t2"):
+        assert entry_of(second.tasks[tid]) == entry_of(first.tasks[tid])
+    assert second.tasks["t1"].status == Status.CANCELLED
+    assert second.scheduler.queued == first.scheduler.queued == 2
+    assert second.counters["recovered"] == 3
+    assert second.table.seq == 3  # (new submits continue the order)
+
+
+def test_a_restarted_balancer_resumes_its_tasks_from_a_shared_memory_journal(
+    system: System, client: Client
+) -> None:
+    mem = MemoryJournal()
+    first = system.start_balancer(journal=mem)
+    system.start_node("n1", tasks=[TEST_TASKS])
+    done = client.submit("ECHO", [1, 2])
+    assert client.wait(done, timeout=20)["args"] == [1, 2]
+    queued = client.submit("HELLO", JOHN)  # n1 has no HELLO: it stays queued
+    # When the balancer is replaced by another on the same (memory) journal
+    system.lt.run(first.stop())
+    second = system.start_balancer(journal=mem)
+    # Then the new one knows both, in the state they had, and runs the queued one
+    assert system.record(done).status == Status.DONE
+    assert system.record(done).result["args"] == [1, 2]
+    assert system.record(queued).status == Status.QUEUED
+    assert system.lt.call(lambda: second.counters["recovered"]) >= 2
+    system.start_node("n2")
+    assert client.wait(queued, timeout=20) == "Hello John Doe !"

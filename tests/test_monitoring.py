@@ -68,7 +68,7 @@ def _stats_where(system: System, cond: Any, what: str, timeout: float = 15.0) ->
     b = system.balancer
     assert b is not None
     return wait_for(
-        lambda: (s := system.lt.call(lambda: b._last_stats)) is not None and cond(s) and s,
+        lambda: (s := system.lt.call(lambda: b.tally.last_stats)) is not None and cond(s) and s,
         timeout,
         what,
     )
@@ -219,7 +219,7 @@ def test_a_restarted_dashboard_starts_with_the_balancers_history(system: System)
     _start(system)
     b = system.balancer
     assert b is not None
-    wait_for(lambda: system.lt.call(lambda: len(b._history)) >= 5, 20, "5 samples kept")
+    wait_for(lambda: system.lt.call(lambda: len(b.tally.history)) >= 5, 20, "5 samples kept")
     state = DashboardState()
     transport = dashboard_transport(system.settings, state, "http://127.0.0.1:1/")
     system.lt.run(transport.start(wait=True, timeout_s=10))

@@ -87,11 +87,7 @@ def test_running_cap_per_user_leaves_room_for_others(
 
 def test_stats_carry_wait_and_run_times_per_task_name(running: System, client: Client) -> None:
     client.map("SLEEP", [{"seconds": 0.05, "steps": 1}] * 6)
-    wait_for(
-        lambda: next((n for n in running.stats().names if n.name == "SLEEP"), None) is not None,
-        5,
-        "SLEEP stats",
-    )
+    running.until(lambda b: any(n.name == "SLEEP" for n in b.stats().names), 5, "SLEEP stats")
     row = next(n for n in running.stats().names if n.name == "SLEEP")
     assert row.count == 6 and row.done == 6
     assert row.run_mean_s is not None and 0.04 < row.run_mean_s < 5

@@ -188,7 +188,7 @@ def test_state_dict_encodes_as_the_model_does(
         started_at=started,
         result=result,
         error=rec.error,
-        waiting=b._waiting(rec),
+        waiting=b.table.waiting(rec),
         ref=ref,
     )
     assert (expected.waiting is not None) == (status == Status.QUEUED)  # (no node: a reason)

@@ -28,9 +28,9 @@ def test_a_node_wrongly_declared_offline_comes_back_with_its_next_heartbeat(
         Topics(running.settings.topic_prefix).node_status("n1"),
         json.dumps({"v": 1, "node": "n1", "instance": node.instance, "online": False}),
     )
-    wait_for(lambda: not running.stats().nodes[0].online, 10, "n1 marked offline")
+    running.until(lambda b: not b.stats().nodes[0].online, 10, "n1 marked offline")
     # Then its heartbeats prove it alive, and it gets work again
-    wait_for(lambda: running.stats().nodes[0].online, 10, "n1 back online")
+    running.until(lambda b: b.stats().nodes[0].online, 10, "n1 back online")
     assert client.wait(client.submit("HELLO", JOHN), timeout=20) == "Hello John Doe !"
 
 
@@ -42,7 +42,7 @@ def _silence_n1_and_deafen_the_balancer(running: System) -> float:
     assert b is not None
     running.lt.call(lambda: [t.cancel() for t in node._bg if t.get_name() == "node-heartbeat"])
     running.lt.call(lambda: b._transport.unsubscribe(b.topics.balancer_probe))
-    return float(running.lt.call(lambda: b._heard_until))
+    return float(running.lt.call(lambda: b.fleet.heard_until))
 
 
 def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_unread(
@@ -54,7 +54,7 @@ def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_
     def online() -> bool:
         return bool(running.lt.call(lambda: b.nodes["n1"].online))
 
-    wait_for(lambda: running.lt.call(lambda: b._heard_until > b._connected_at), 10, "a probe back")
+    running.until(lambda b: b.fleet.heard_until > b.fleet.connected_at, 10, "a probe back")
     # Given n1 falls silent while the balancer's probes stop coming back: whatever it has
     # not read yet (a flood ahead of the heartbeats, say) may hold n1's heartbeats
     heard = _silence_n1_and_deafen_the_balancer(running)
@@ -63,7 +63,7 @@ def test_a_node_is_silent_when_its_heartbeats_stop_arriving_not_while_they_wait_
     assert online()
     # And once its probes come back again, n1's silence counts: it is declared lost
     running.lt.run(b._transport.subscribe(b.topics.balancer_probe, 0))
-    wait_for(lambda: not online(), 15, "n1 declared silent")
+    running.until(lambda b: not b.nodes["n1"].online, 15, "n1 declared silent")
 
 
 def test_silence_is_judged_late_not_never_when_the_probes_never_come_back(
@@ -107,7 +107,7 @@ def test_a_restarted_balancer_adopts_the_tasks_nodes_are_running(
     system.lt.run(first.stop())
     second = system.start_balancer()
     assert second.instance != first.instance
-    wait_for(lambda: system.record(tid) is not None, 10, "the new balancer to adopt the task")
+    system.until(lambda b: tid in b.tasks, 10, "the new balancer to adopt the task")
     # Then the task is not killed, and its result reaches the waiting client
     gate.touch()
     result = client.wait(tid, timeout=20)
@@ -186,10 +186,8 @@ def test_an_assignment_the_node_missed_is_sent_again(running: System, client: Cl
 
     b = running.balancer
     assert b is not None
-    wait_for(
-        lambda: running.lt.call(lambda: not b.nodes["n1"].fresh),
-        10,
-        "the start-up republication of n1's set to be over",
+    running.until(
+        lambda b: not b.nodes["n1"].fresh, 10, "the start-up republication of n1's set to be over"
     )
     running.lt.call(lambda: setattr(node, "_apply_set", lossy))
     tid = client.submit("HELLO", JOHN)
@@ -229,11 +227,11 @@ def test_a_draining_node_finishes_what_runs_and_gives_back_what_it_has_not_start
     # Given a task assigned to n1 that it has not started (its worker start is held back)
     system.lt.call(lambda: setattr(node.supervisor, "dispatch", lambda: None))
     waiting = client.submit("ECHO", "later")
-    wait_for(lambda: system.record(waiting).status == Status.ASSIGNED, 10, "the assignment")
+    system.until(lambda b: b.tasks[waiting].status == Status.ASSIGNED, 10, "the assignment")
     # When n1 drains
     drained = asyncio.run_coroutine_threadsafe(node.drain(grace_s=30), system.lt.loop)
     # Then the task it had not started goes back, without using up an attempt
-    wait_for(lambda: system.record(waiting).status == Status.QUEUED, 10, "the take-back")
+    system.until(lambda b: b.tasks[waiting].status == Status.QUEUED, 10, "the take-back")
     assert system.record(waiting).attempt == 0
     assert system.lt.call(lambda: b.counters["taken_back"]) == 1
     # and the running one finishes on n1 before the drain ends
@@ -251,7 +249,7 @@ def test_a_draining_node_keeps_a_running_task_the_balancer_thinks_is_only_assign
     system: System, client: Client, tmp_path: Path
 ) -> None:
     b, node, gate, tid = _block_on_n1(system, client, tmp_path, 5)
-    wait_for(lambda: system.record(tid).status == Status.RUNNING, 10, "the started report")
+    system.until(lambda b: b.tasks[tid].status == Status.RUNNING, 10, "the started report")
 
     # Given a balancer whose view is stale (its "started" report was lost)
     def forget_start() -> None:
@@ -259,9 +257,7 @@ def test_a_draining_node_keeps_a_running_task_the_balancer_thinks_is_only_assign
 
     system.lt.call(forget_start)
     drained = asyncio.run_coroutine_threadsafe(node.drain(grace_s=30), system.lt.loop)
-    wait_for(
-        lambda: system.lt.call(lambda: b.nodes["n1"].status.draining), 10, "the draining status"
-    )
+    system.until(lambda b: b.nodes["n1"].status.draining, 10, "the draining status")
     # Then the running task is not taken back: it finishes where it runs, first attempt
     assert system.lt.call(lambda: b.counters["taken_back"]) == 0
     gate.touch()

@@ -1,0 +1,151 @@
+"""What the balancer has to send and to write, gathered between two ticks.
+
+Handlers never publish: they put a task whose state changed (:meth:`Outbox.emit`), an error
+for a user (:meth:`Outbox.error`) or a node whose assignment set changed
+(``dirty_nodes``) here, and the tick (:mod:`.core`) writes the journal, then sends one
+batch per user and one set per node. The outbox encodes, it never publishes: the tick hands
+it the transport's ``publish``. So every piece of the balancer depends on the outbox and
+the outbox on none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import DecodeError
+from ..protocol import ErrorItem, Errors, Topics, encode_model_json
+from ..protocol.assign import encode_assignment_set
+from ..ratelog import LogLimiter
+from .records import NodeInfo, TaskRecord
+
+log = logging.getLogger(__name__)
+
+BAD_LOG_INTERVAL_S = 10.0
+
+Publish = Callable[..., Any]
+"""The transport's ``publish(topic, payload, qos=..., retain=...)``."""
+
+
+class Outbox:
+    """Task states, errors, node sets and journal writes waiting for the next tick.
+
+    Args:
+        counters: the balancer's counters (``bad_messages`` is counted here).
+    """
+
+    def __init__(self, counters: Counter[str]):
+        self.counters = counters
+        self.states: dict[str, dict[str, TaskRecord]] = {}
+        """user -> task id -> record whose state goes out with the next tick."""
+        self.errors: dict[str, list[ErrorItem]] = {}
+        self.dirty_nodes: set[str] = set()
+        """Nodes whose assignment set goes out with the next tick."""
+        self.journaling = False
+        """A journal is open: durable changes are written before they are announced."""
+        self.durable: dict[str, TaskRecord] = {}
+        """Records to write to the journal with the next tick."""
+        self.gone: set[int] = set()
+        """Seqs of expired tasks to delete from the journal."""
+        self._bad_log = LogLimiter(log, BAD_LOG_INTERVAL_S)  # (bounded: names are not)
+
+    def emit(self, rec: TaskRecord, *, durable: bool = True) -> None:
+        """Publish the task's state with the next tick; ``durable``: journal it first."""
+        self.states.setdefault(rec.user, {})[rec.id] = rec
+        if durable and self.journaling:
+            self.durable[rec.id] = rec
+
+    def write(self, rec: TaskRecord) -> None:
+        """Journal the record with the next tick (a change no one is told about)."""
+        if self.journaling:
+            self.durable[rec.id] = rec
+
+    def forget(self, rec: TaskRecord) -> None:
+        """The task expired: delete its journal row with the next tick."""
+        if self.journaling:
+            self.durable.pop(rec.id, None)
+            self.gone.add(rec.seq)
+
+    def error(
+        self,
+        user: str,
+        code: str,
+        message: str,
+        *,
+        task_id: str | None = None,
+        ref: str | None = None,
+        topic: str | None = None,
+    ) -> None:
+        """Answer ``user`` on its ``errors`` topic with the next tick."""
+        self.errors.setdefault(user, []).append(
+            ErrorItem(code=code, message=message, id=task_id, ref=ref, topic=topic)
+        )
+
+    def bad_message(self, kind: str, name: str, rest: str, exc: DecodeError) -> None:
+        """Count, log (at a bounded rate) and answer (if a user sent it) a bad message."""
+        self.counters["bad_messages"] += 1
+        sender = f"{kind} {name}"
+        self._bad_log.warning(
+            sender, "bad message from %s on %s: %s (raw %r)", sender, rest, exc, exc.raw[:120]
+        )
+        if kind == "user":
+            self.error(
+                name,
+                exc.code,
+                f"bad message on {rest}: {exc}",
+                task_id=exc.task_id,
+                ref=exc.ref,
+                topic=rest,
+            )
+
+    def flush_sets(
+        self,
+        publish: Publish,
+        topics: Topics,
+        nodes: dict[str, NodeInfo],
+        tasks: dict[str, TaskRecord],
+        instance: str,
+    ) -> None:
+        """Publish the assignment set of every node whose set changed."""
+        for name in self.dirty_nodes:
+            info = nodes.get(name)
+            if info is None:
+                continue
+            info.seq += 1
+            parts = []
+            if info.assigned:
+                now = time.monotonic()
+                for tid in info.assigned:
+                    rec = tasks[tid]
+                    if not rec.assigned_at:
+                        rec.assigned_at = now
+                    parts.append(rec.assignment_json)
+            payload = encode_assignment_set(name, instance, info.seq, parts)
+            publish(topics.assign(name), payload, qos=1, retain=True)
+        self.dirty_nodes.clear()
+
+    def flush_states(
+        self,
+        publish: Publish,
+        topics: Topics,
+        tasks: dict[str, TaskRecord],
+        state_dict: Callable[[TaskRecord], dict[str, Any]],
+    ) -> None:
+        """Publish one batch of states per user (and the retained states), then the
+        errors."""
+        for user, recs in self.states.items():
+            states = [state_dict(r) for r in recs.values()]
+            publish(topics.events(user), encode_model_json({"v": 1, "states": states}), qos=1)
+            for st, rec in zip(states, recs.values(), strict=True):
+                if rec.notify == "retained" and rec.id in tasks:
+                    data = encode_model_json(st)
+                    publish(topics.task(user, rec.id), data, qos=1, retain=True)
+                    if rec.status.final:
+                        publish(topics.result(user, rec.id), data, qos=1, retain=True)
+        self.states.clear()
+        for user, errs in self.errors.items():
+            publish(topics.errors(user), Errors(errors=errs).encode(), qos=1)
+        self.errors.clear()

@@ -1,0 +1,107 @@
+"""What the balancer keeps about tasks and nodes: plain records, no behaviour.
+
+Every other module of the balancer acts on these: :class:`TaskRecord` is one task (its
+submit, its current attempt and its outcome), :class:`NodeInfo` the balancer's view of one
+node. Both are slotted dataclasses: a balancer holds up to millions of task records.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol import ErrorInfo, NodeStatus, Status, TaskSpec
+from ..scheduler import NO_TAGS, Requires, requires_of
+
+QueueKey = tuple[str, int, Requires, frozenset[str]]
+"""(name, priority, requires, tags): the tasks that wait in one queue of the scheduler."""
+
+PLACED = frozenset({Status.ASSIGNED, Status.RUNNING})
+"""The statuses of a task that holds a place on a node."""
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """Everything the balancer keeps about one task."""
+
+    id: str
+    user: str
+    name: str
+    args_json: bytes
+    priority: int
+    seq: int
+    submitted_at: float
+    notify: str = "retained"
+    timeout_s: float | None = None
+    ref: str | None = None
+    status: Status = Status.QUEUED
+    attempt: int = 0
+    node: str | None = None
+    group: int | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: int = 0
+    result: Any = None
+    error: ErrorInfo | None = None
+    collected_at: float | None = None
+    assignment_json: bytes = b""
+    assigned_at: float = 0.0
+    """When its node's set carrying this attempt was first published (0: not yet)."""
+    missing_since: float | None = None
+    requires: Requires = ()
+    tags: frozenset[str] = NO_TAGS
+    prefetched: bool = False
+    """Placed in its node's pipelining window (no idle slot was waiting for it)."""
+    waived: int = 0
+    """Attempts that do not count against TASK_MAX_ATTEMPTS (lost before they started)."""
+    journaled: bool = False
+    """Its row is in the journal (a change then updates only the columns that change)."""
+
+    @property
+    def queue_key(self) -> QueueKey:
+        return (self.name, self.priority, self.requires, self.tags)
+
+    def same_submit(self, spec: TaskSpec, args_json: bytes) -> bool:
+        """True if ``spec`` is a resend of this task's submit (idempotent)."""
+        return (
+            spec.name == self.name
+            and spec.priority == self.priority
+            and args_json == self.args_json
+            and spec.timeout_s == self.timeout_s
+            and requires_of(spec.requires) == self.requires
+            and (frozenset(spec.tags) if spec.tags else NO_TAGS) == self.tags
+        )
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    """The balancer's view of one node."""
+
+    name: str
+    instance: str = ""
+    online: bool = False
+    status: NodeStatus | None = None
+    last_seen: float = 0.0
+    load: list[float] = field(default_factory=list)
+    assigned: dict[str, None] = field(default_factory=dict)
+    seq: int = 0
+    offline_since: float | None = None
+    offline_reason: str = ""
+    fresh: bool = True
+    """Seen for the first time: its set is (re)published by the next health check."""
+    workers: dict[int, int] = field(default_factory=dict)
+    runtime_s: float | None = None
+    """Moving average of its short tasks' runtimes (sizes its pipelining window)."""
+    rtt_s: float | None = None
+    """Moving average of the dispatch round trip: set published -> "started" received,
+    for tasks that went to an idle slot."""
+    window: int = 0
+
+
+def node_info(nodes: dict[str, NodeInfo], name: str) -> NodeInfo:
+    """The node's record in ``nodes``, made (offline, seen now) if it has none yet."""
+    info = nodes.get(name)
+    if info is None:
+        info = nodes[name] = NodeInfo(name=name, last_seen=time.monotonic())
+    return info

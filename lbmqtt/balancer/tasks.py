@@ -1,0 +1,306 @@
+"""The task table and every transition of a task: queued, placed, retried, finished.
+
+:class:`TaskTable` owns the records (by id), the order in which finished ones expire and
+the flag that asks the tick for a placement round. Its transitions act on the table, the
+scheduler's queues and slots, the nodes' assigned sets, the counts (:class:`.stats.Tally`)
+and the outbox; they never publish nor write: what they change goes out with the tick.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..config import Settings
+from ..protocol import ErrorInfo, Status, TaskState, task_state_dict
+from ..protocol.assign import encode_assignment
+from ..scheduler import QueuedTask, Scheduler
+from .outbox import Outbox
+from .records import PLACED, NodeInfo, QueueKey, TaskRecord, node_info
+from .stats import Tally
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+EWMA_ALPHA = 0.2
+DEFAULT_RTT_S = 0.005  # dispatch round trip assumed before one is measured
+
+
+def assignment_json(rec: TaskRecord) -> bytes:
+    """The task's current attempt as its node's set carries it. Built once per attempt
+    from the stored args bytes: the set of a busy node is republished often, its tasks'
+    arguments are never re-encoded."""
+    return encode_assignment(
+        task_id=rec.id,
+        attempt=rec.attempt,
+        user=rec.user,
+        name=rec.name,
+        priority=rec.priority,
+        group=rec.group,
+        timeout_s=rec.timeout_s,
+        requires=rec.requires,
+        tags=rec.tags,
+        args_json=rec.args_json,
+    )
+
+
+class TaskTable:
+    """Every task the balancer knows, and the transitions between their states.
+
+    Args:
+        settings: the balancer's settings (attempts, retention, pipelining).
+        scheduler: the queues and slots.
+        outbox: where changed states and node sets go.
+        tally: the counts the transitions keep.
+        nodes: the balancer's node table (shared: placed tasks are in their node's set).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        outbox: Outbox,
+        tally: Tally,
+        nodes: dict[str, NodeInfo],
+    ):
+        self.settings = settings
+        self.scheduler = scheduler
+        self.outbox = outbox
+        self.tally = tally
+        self.nodes = nodes
+        self.tasks: dict[str, TaskRecord] = {}
+        self.seq = 0
+        """The newest submit sequence number given."""
+        self.round_wanted = False
+        """The next tick runs a placement round."""
+        self.expiry: list[tuple[float, str]] = []
+        self.why_cache: dict[QueueKey, str | None] = {}
+        self.metrics: Metrics | None = None
+
+    # ------------------------------------------------------------------ transitions
+
+    def set_status(self, rec: TaskRecord, new: Status) -> None:
+        """Change the status, keeping the running counts."""
+        old = rec.status
+        if old == new:
+            return
+        if old in PLACED and new not in PLACED:
+            self.tally.running_by_name[rec.name] -= 1
+        if new in PLACED and old not in PLACED:
+            self.tally.running_by_name[rec.name] += 1
+        rec.status = new
+
+    def enqueue(self, rec: TaskRecord) -> None:
+        """Into its queue (in its seq's place); a round is wanted."""
+        self.set_status(rec, Status.QUEUED)
+        rec.node = None
+        rec.group = None
+        self.scheduler.enqueue(
+            QueuedTask(rec.id, rec.user, rec.name, rec.priority, rec.seq, rec.requires, rec.tags)
+        )
+        self.tally.queued_by[rec.queue_key] += 1
+        self.round_wanted = True
+
+    def left_queue(self, rec: TaskRecord) -> None:
+        """It left its queue (placed or cancelled): the queued counts follow."""
+        queued_by = self.tally.queued_by
+        key = rec.queue_key
+        queued_by[key] -= 1
+        if queued_by[key] <= 0:
+            del queued_by[key]
+
+    def unplace(self, rec: TaskRecord, *, release: bool = True) -> None:
+        """Take a placed task off its node (its slot frees; its node's set changes)."""
+        if release:
+            self.scheduler.release(rec.id)
+        info = self.nodes.get(rec.node) if rec.node is not None else None
+        if info is not None and rec.id in info.assigned:
+            del info.assigned[rec.id]
+            self.outbox.dirty_nodes.add(info.name)
+        self.round_wanted = True
+
+    def retry_or_fail(self, rec: TaskRecord, error: ErrorInfo, now: float) -> None:
+        """Its attempt was lost: queued again, or failed after TASK_MAX_ATTEMPTS."""
+        max_attempts = self.settings.task_max_attempts
+        if rec.attempt - rec.waived < max_attempts:
+            log.info(
+                "task %s lost on attempt %d (%s): queued again", rec.id, rec.attempt, error.message
+            )
+            self.tally.counters["retried"] += 1
+            self.requeue(rec)
+        else:
+            rec.error = ErrorInfo(
+                type=error.type,
+                message=f"{error.message} (attempt {rec.attempt - rec.waived} of "
+                f"{max_attempts}: giving up)",
+                traceback=error.traceback,
+            )
+            self.finalize(rec, Status.FAILED, now)
+
+    def requeue(self, rec: TaskRecord) -> None:
+        """Back to the head of its queue (it keeps its seq), as if never started."""
+        rec.progress = 0
+        rec.started_at = None
+        self.enqueue(rec)
+        self.outbox.emit(rec)
+
+    def finalize(self, rec: TaskRecord, status: Status, now: float) -> None:
+        """Done, failed or cancelled: counted, timed, and kept until it expires."""
+        self.set_status(rec, status)
+        rec.finished_at = now
+        rec.assignment_json = b""
+        tally = self.tally
+        if status == Status.DONE:
+            tally.counters["done"] += 1
+            tally.done_by_name[rec.name] += 1
+        elif status == Status.FAILED:
+            tally.counters["failed"] += 1
+            tally.failed_by_name[rec.name] += 1
+        else:
+            tally.counters["cancelled"] += 1
+            tally.cancelled_by_name[rec.name] += 1
+        tally.recent.append(rec.id)
+        if rec.started_at is not None and status in (Status.DONE, Status.FAILED):
+            wait, run = max(0.0, rec.started_at - rec.submitted_at), max(0.0, now - rec.started_at)
+            tally.finished(rec.name, wait, run)
+            if self.metrics is not None:
+                self.metrics.observe(rec.name, wait, run)
+        heapq.heappush(self.expiry, (self.expires_at(rec), rec.id))
+        self.outbox.emit(rec)
+
+    def expires_at(self, rec: TaskRecord) -> float:
+        """When a finished task is forgotten (RESULT_TTL_S, sooner once collected)."""
+        finished = rec.finished_at or time.time()
+        t = finished + self.settings.result_ttl_s
+        if rec.collected_at is not None:
+            t = min(t, rec.collected_at + self.settings.result_collected_ttl_s)
+        return t
+
+    def collected(self, rec: TaskRecord, now: float) -> None:
+        """Its user has its result: it expires sooner (RESULT_COLLECTED_TTL_S)."""
+        if rec.collected_at is None:
+            rec.collected_at = now
+            self.outbox.write(rec)
+            heapq.heappush(self.expiry, (self.expires_at(rec), rec.id))
+
+    def expire(self, now: float) -> list[TaskRecord]:
+        """Forget finished tasks past their retention; returns them."""
+        gone = []
+        while self.expiry and self.expiry[0][0] <= now:
+            _, tid = heapq.heappop(self.expiry)
+            rec = self.tasks.get(tid)
+            if rec is None or not rec.status.final or self.expires_at(rec) > now:
+                continue
+            del self.tasks[tid]
+            self.outbox.forget(rec)
+            gone.append(rec)
+        return gone
+
+    # ------------------------------------------------------------------ placement
+
+    def place(self) -> None:
+        """One placement round: the scheduler's placements become assigned tasks."""
+        scheduler, outbox = self.scheduler, self.outbox
+        for p in scheduler.schedule(time.monotonic()):
+            rec = self.tasks[p.task.id]
+            info = self.nodes[p.node]
+            rec.prefetched = scheduler.busy(p.node, p.group) > info.workers.get(p.group, 0)
+            if rec.prefetched:
+                self.tally.counters["prefetched"] += 1
+            self.left_queue(rec)
+            self.set_status(rec, Status.ASSIGNED)
+            rec.attempt += 1
+            rec.node = p.node
+            rec.group = p.group
+            rec.progress = 0
+            rec.assignment_json = assignment_json(rec)
+            rec.assigned_at = 0.0  # set when its node's set goes out
+            rec.missing_since = None
+            info.assigned[rec.id] = None
+            outbox.dirty_nodes.add(p.node)
+            outbox.emit(rec)
+
+    def size_window(self, info: NodeInfo) -> None:
+        """A node's pipelining window per slot: enough queued tasks to cover the dispatch
+        round trip at its recent short-task runtime (``runtime_s`` averages only tasks under
+        PIPELINE_LONG_S; long tasks never take a window place: Scheduler._window_ok)."""
+        s = self.settings
+        rt = info.runtime_s
+        if not s.pipeline_window_max or rt is None:
+            window = 0
+        else:
+            rtt = info.rtt_s if info.rtt_s is not None else DEFAULT_RTT_S
+            window = min(s.pipeline_window_max, max(1, math.ceil(rtt / max(rt, 1e-4))))
+        if window != info.window:
+            info.window = window
+            self.scheduler.set_window(info.name, window)
+            self.round_wanted = True
+
+    def restore(self, rec: TaskRecord, node: str | None, now_mono: float) -> None:
+        """Put a task a journal or an earlier balancer knew back in the table: queued
+        ones in their queues (in their old order), placed ones on their node (``node``;
+        the heartbeats then confirm them), finished ones until they expire."""
+        self.tasks[rec.id] = rec
+        self.seq = max(self.seq, rec.seq)
+        status = rec.status
+        if status == Status.QUEUED:
+            self.enqueue(rec)
+        elif status in PLACED and node is not None and rec.group is not None:
+            rec.status = Status.QUEUED  # (so that set_status counts it as running)
+            rec.node = sys.intern(node)
+            self.set_status(rec, status)
+            rec.assignment_json = assignment_json(rec)
+            rec.assigned_at = now_mono
+            rec.prefetched = True  # (its "started" says nothing about the round trip)
+            node_info(self.nodes, rec.node).assigned[rec.id] = None
+            self.scheduler.adopt(rec.id, rec.user, rec.node, rec.group, rec.requires)
+        elif status.final:
+            rec.progress = 100 if status == Status.DONE else 0
+            heapq.heappush(self.expiry, (self.expires_at(rec), rec.id))
+        else:  # placed without a node: cannot happen; run it again rather than lose it
+            rec.status = Status.QUEUED
+            self.enqueue(rec)
+
+    # ------------------------------------------------------------------ states
+
+    def waiting(self, rec: TaskRecord) -> str | None:
+        """Why a queued task is not running yet (cached per queue until the next round)."""
+        if rec.status != Status.QUEUED:
+            return None
+        key = rec.queue_key
+        if key not in self.why_cache:
+            self.why_cache[key] = self.scheduler.why_waiting(*key)
+        return self.why_cache[key]
+
+    def state_dict(self, rec: TaskRecord) -> dict[str, Any]:
+        """The wire state of a task as the plain dict that encodes to the same JSON as
+        :class:`TaskState` (the hot path: what the events carry)."""
+        return task_state_dict(
+            (
+                rec.id,
+                rec.user,
+                rec.name,
+                rec.status,
+                rec.priority,
+                rec.progress,
+                rec.attempt,
+                rec.node,
+                rec.submitted_at,
+                rec.started_at,
+                rec.finished_at,
+                rec.result,
+                rec.error,
+                self.waiting(rec),
+                rec.ref,
+            )
+        )
+
+    def state_of(self, rec: TaskRecord) -> TaskState:
+        """The wire state of a task record (with the current waiting reason if queued)."""
+        return TaskState.model_validate(self.state_dict(rec))

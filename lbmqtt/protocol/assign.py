@@ -1,0 +1,78 @@
+"""Fast encoders of the balancer's assignment sets, and the balancer's probe payload.
+
+An assignment set is republished whole whenever a task joins or leaves a node's set, so a
+busy node's set goes out often. Its tasks' JSON is built once per attempt, from the
+argument bytes the balancer stored at submit (:func:`encode_assignment`), and a set is the
+splice of those parts (:func:`encode_assignment_set`): nothing is re-encoded. The bytes
+decode to the :class:`Assignment` / :class:`AssignmentSet` models next to which they live
+(tests/test_protocol.py holds them equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import Assignment, AssignmentSet, encode_json
+
+__all__ = [
+    "Assignment",
+    "AssignmentSet",
+    "encode_assignment",
+    "encode_assignment_set",
+    "encode_probe",
+    "parse_probe",
+]
+
+
+def encode_assignment(
+    *,
+    task_id: str,
+    attempt: int,
+    user: str,
+    name: str,
+    priority: int,
+    group: int | None,
+    timeout_s: float | None,
+    requires: Iterable[tuple[str, float]] | Mapping[str, float] = (),
+    tags: Iterable[str] = (),
+    args_json: bytes,
+) -> bytes:
+    """One :class:`Assignment` as JSON, with ``args_json`` (already encoded) spliced in."""
+    fields: dict[str, Any] = {
+        "id": task_id,
+        "attempt": attempt,
+        "user": user,
+        "name": name,
+        "priority": priority,
+        "group": group,
+        "timeout_s": timeout_s,
+    }
+    if requires:  # kept in the set so that a successor balancer can reserve them
+        fields["requires"] = dict(requires)
+    if tags:
+        fields["tags"] = sorted(tags)
+    head = encode_json(fields)
+    return head[:-1] + b',"args":' + args_json + b"}"
+
+
+def encode_assignment_set(node: str, balancer: str, seq: int, parts: list[bytes]) -> bytes:
+    """An :class:`AssignmentSet` of the already encoded ``parts`` (from
+    :func:`encode_assignment`). No parts: the empty payload, which clears a retained set."""
+    if not parts:
+        return b""
+    head = encode_json({"v": 1, "node": node, "balancer": balancer, "seq": seq})
+    return head[:-1] + b',"tasks":[' + b",".join(parts) + b"]}"
+
+
+def encode_probe(instance: str, seq: int) -> bytes:
+    """The payload of the balancer's probe to itself (on ``balancer/probe``)."""
+    return f"{instance} {seq}".encode()
+
+
+def parse_probe(payload: bytes) -> tuple[str, int] | None:
+    """``(instance, seq)`` of a probe payload, or None if it is not one."""
+    instance, _, seq = payload.decode("ascii", "replace").partition(" ")
+    if not (seq.isascii() and seq.isdigit() and len(seq) < 20):
+        return None
+    return instance, int(seq)

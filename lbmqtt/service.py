@@ -1,0 +1,192 @@
+"""The lifecycle the long-running components share: supervised loops and ``run()``.
+
+:class:`Loops` runs a component's named background loops under one
+:class:`asyncio.TaskGroup`. A loop that raises has its traceback logged, the others are
+cancelled and the component's :func:`run` ends with :class:`LoopFailed`: the process exits
+non-zero (``lbmqtt balancer`` / ``lbmqtt node`` return status 1), so ``lbmqtt up`` or
+systemd starts it again. Nothing dies silently, and :meth:`Loops.stop` does not swallow a
+loop's error: a component raises it from its ``stop()`` once it has shut down.
+
+:func:`run` is what ``Balancer.run`` and ``Node.run`` share: signal handlers, start, wait
+until ready (then ``on_ready``), wait for ``stop`` (or a dead loop), optionally drain, stop.
+
+A component adopts both with a few lines (the balancer does; the node can as well)::
+
+    class Node:
+        def __init__(self, ...):
+            self.loops = Loops("node")
+            self.ready = asyncio.Event()
+
+        async def start(self) -> None:
+            ...
+            await self.loops.start({"node-heartbeat": self._heartbeat_loop, ...})
+
+        async def stop(self) -> None:
+            await self.loops.stop()        # cancels them, keeps a loop's error
+            ...                            # the rest of the shutdown
+            self.loops.raise_if_failed()   # last: LoopFailed if a loop died
+
+        async def run(self, stop=None, *, on_ready=None) -> None:
+            await service.run(self, stop, on_ready=on_ready, drain=self._drain_on_stop)
+
+        async def _drain_on_stop(self, urgent: asyncio.Event) -> None:
+            await self.drain(urgent=urgent)  # ``urgent`` is set by a second signal
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Protocol, TypeVar
+
+from .errors import LbmqttError
+
+log = logging.getLogger(__name__)
+
+LoopFn = Callable[[], Coroutine[Any, Any, None]]
+
+
+class LoopFailed(LbmqttError):
+    """A component's background loop raised: the component cannot go on."""
+
+
+class Loops:
+    """Named background loops of one component, under one :class:`asyncio.TaskGroup`.
+
+    Args:
+        owner: the component's name, for messages.
+    """
+
+    def __init__(self, owner: str):
+        self.owner = owner
+        self.error: LoopFailed | None = None
+        """Set when a loop died (the first one)."""
+        self.dead = asyncio.Event()
+        """Set when a loop died."""
+        self._runner: asyncio.Task[None] | None = None
+
+    async def start(self, loops: Mapping[str, LoopFn]) -> None:
+        """Start the loops (named by the keys of ``loops``)."""
+        started = asyncio.Event()
+        self._runner = asyncio.create_task(
+            self._supervise(loops, started), name=f"{self.owner}-loops"
+        )
+        await started.wait()
+
+    async def _supervise(self, loops: Mapping[str, LoopFn], started: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, fn in loops.items():
+                    tg.create_task(self._guarded(name, fn), name=name)
+                started.set()
+        except BaseExceptionGroup:
+            pass  # (logged by _guarded; the error is in self.error)
+        finally:
+            started.set()
+
+    async def _guarded(self, name: str, fn: LoopFn) -> None:
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.exception("%s: the %s loop died", self.owner, name)
+            if self.error is None:
+                self.error = LoopFailed(f"{self.owner}: the {name} loop died: {exc!r}")
+                self.error.__cause__ = exc
+            self.dead.set()
+            raise
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None and not self._runner.done()
+
+    async def stop(self) -> None:
+        """Cancel the loops and wait for them. A loop's error is kept (see
+        :meth:`raise_if_failed`), not swallowed."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+    def raise_if_failed(self) -> None:
+        """Raises:
+        LoopFailed: a loop died (its exception is the cause)."""
+        if self.error is not None:
+            raise self.error
+
+
+class Component(Protocol):
+    """What :func:`run` runs: a long-lived part with supervised loops."""
+
+    @property
+    def ready(self) -> asyncio.Event: ...
+
+    @property
+    def loops(self) -> Loops: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+C = TypeVar("C", bound=Component)
+
+
+def _on_signals(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, fn)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def run(
+    component: C,
+    stop: asyncio.Event | None = None,
+    *,
+    on_ready: Callable[[C], None] | None = None,
+    drain: Callable[[asyncio.Event], Awaitable[None]] | None = None,
+) -> None:
+    """Run ``component`` until ``stop`` is set or SIGINT/SIGTERM arrives.
+
+    Args:
+        component: started, then stopped however this ends.
+        stop: set it to stop (None: only a signal stops it).
+        on_ready: called once the component is ready (not if it stops before).
+        drain: awaited after ``stop``, before the component stops, with an event that a
+            second signal sets (stop now).
+
+    Raises:
+        LoopFailed: one of the component's loops died (from ``component.stop()``).
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    _on_signals(loop, stop.set)
+    await component.start()
+    dead = component.loops.dead
+    try:
+        if on_ready is not None:
+            await _first(component.ready, stop, dead)
+            if component.ready.is_set() and not dead.is_set():
+                on_ready(component)
+        await _first(stop, dead)
+        if drain is not None and not dead.is_set():
+            urgent = asyncio.Event()  # a second signal: stop now
+            _on_signals(loop, urgent.set)
+            await drain(urgent)
+    finally:
+        await component.stop()

@@ -1,0 +1,216 @@
+"""The shared lifecycle (lbmqtt.service): supervised loops and run(); and the balancer's
+ways to be waited on (until, join)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lbmqtt import Client
+from lbmqtt.balancer import Balancer
+from lbmqtt.config import Settings
+from lbmqtt.service import LoopFailed, Loops
+
+from .conftest import ROOT, TEST_TASKS, LoopThread, System, wait_for
+
+
+def test_a_loop_that_raises_is_logged_stops_the_others_and_is_raised_by_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        loops = Loops("thing")
+        other_cancelled = asyncio.Event()
+
+        async def boom() -> None:
+            await asyncio.sleep(0.01)
+            raise ZeroDivisionError("boom")
+
+        async def forever() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                other_cancelled.set()
+
+        await loops.start({"thing-boom": boom, "thing-forever": forever})
+        await asyncio.wait_for(loops.dead.wait(), 5)
+        await asyncio.wait_for(other_cancelled.wait(), 5)
+        await loops.stop()  # (does not raise: the component finishes its own shutdown)
+        with pytest.raises(LoopFailed, match="thing-boom loop died") as info:
+            loops.raise_if_failed()
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+    with caplog.at_level(logging.ERROR, logger="lbmqtt.service"):
+        asyncio.run(scenario())
+    assert "the thing-boom loop died" in caplog.text
+    assert "ZeroDivisionError: boom" in caplog.text  # the traceback
+
+
+def test_stopping_healthy_loops_cancels_them_and_raises_nothing() -> None:
+    async def scenario() -> None:
+        loops = Loops("calm")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        await loops.start({"calm-tick": tick})
+        await asyncio.sleep(0.01)
+        assert loops.running
+        await loops.stop()
+        assert not loops.running and not loops.dead.is_set()
+        loops.raise_if_failed()
+        assert ticks > 0
+
+    asyncio.run(scenario())
+
+
+def test_a_balancer_whose_loop_dies_logs_it_and_run_raises(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a balancer whose stats loop will raise (fault injection)
+    def broken(self: Balancer) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(Balancer, "_stats_step", broken)
+    lt = LoopThread()
+    readied: list[str] = []
+    try:
+        b = Balancer(settings)
+        # When it runs, Then run() ends by itself with the loop's error
+        with (
+            caplog.at_level(logging.ERROR, logger="lbmqtt.service"),
+            pytest.raises(LoopFailed, match="balancer-stats loop died"),
+        ):
+            lt.run(b.run(on_ready=lambda b: readied.append(b.instance)), timeout=30)
+    finally:
+        lt.close()
+    assert "RuntimeError: injected fault" in caplog.text  # with its traceback
+    assert readied == [b.instance]
+    assert b.journal is None  # and it stopped: journal closed, transport closed
+
+
+def test_the_balancer_command_exits_non_zero_when_a_loop_dies(settings: Settings) -> None:
+    # a real `lbmqtt balancer` process whose health loop raises (the fault injected by
+    # patching the method before the command runs: no test hook in lbmqtt)
+    code = (
+        "import sys\n"
+        "import lbmqtt.balancer.core as core\n"
+        "def broken(self):\n"
+        "    raise RuntimeError('injected fault')\n"
+        "core.Balancer._health_step = broken\n"
+        "from lbmqtt.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "balancer",
+            "--broker-port",
+            str(settings.broker_port),
+            "--prefix",
+            settings.topic_prefix,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "RuntimeError: injected fault" in r.stderr  # the traceback, logged
+    assert "balancer-health loop died" in r.stderr
+
+
+def test_until_returns_once_true_and_times_out_saying_what_it_waited_for(
+    system: System, client: Client
+) -> None:
+    system.start_balancer()
+    system.start_node("n1", tasks=[TEST_TASKS])
+    tid = client.submit("ECHO", 1)
+    system.until(lambda b: tid in b.tasks and b.tasks[tid].status.final, 20, "ECHO to finish")
+    assert client.wait(tid, timeout=5)["args"] == 1
+    with pytest.raises(TimeoutError, match=r"not a miracle within 0\.2 s"):
+        system.until(lambda b: False, 0.2, "a miracle")
+
+
+def test_join_returns_once_no_task_is_queued_or_placed(system: System, client: Client) -> None:
+    b = system.start_balancer()
+    system.start_node("n1", tasks=[TEST_TASKS])
+    ids = [client.submit("ECHO", i) for i in range(20)]
+    system.lt.run(b.join(30), timeout=40)
+    recs = [system.record(t) for t in ids]
+    assert all(r.status.final for r in recs)
+    assert system.lt.call(lambda: b.scheduler.queued) == 0
+
+
+# The fault is injected into the balancer process of `lbmqtt up` from outside lbmqtt: a
+# sitecustomize module (Python imports it at start-up from PYTHONPATH) that, in the process
+# whose command line is `lbmqtt balancer`, makes the stats step raise once the test has
+# created the marker file, and deletes the file (so the restarted balancer runs normally).
+_FAULT_HOOK = """
+import os
+if b"balancer" in open("/proc/self/cmdline", "rb").read().split(b"\\0"):
+    import lbmqtt.balancer.core as core
+
+    marker = os.environ["FAULT_MARKER"]
+    healthy = core.Balancer._stats_step
+
+    def step(self):
+        if os.path.exists(marker):
+            os.unlink(marker)
+            raise RuntimeError("injected fault")
+        healthy(self)
+
+    core.Balancer._stats_step = step
+"""
+
+
+@pytest.mark.slow
+def test_up_starts_a_balancer_whose_loop_died_again(tmp_path: Path) -> None:
+    from .conftest import finish, run_cli, start_up
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAULT_HOOK)
+    marker = tmp_path / "fault"
+    env = {"PYTHONPATH": str(hook), "FAULT_MARKER": str(marker)}
+    up = start_up("--no-dashboard", env_extra=env)
+    try:
+        # When the balancer's stats loop raises
+        marker.touch()
+        wait_for(
+            lambda: "balancer is back" in up.text() or up.proc.poll() is not None,
+            60,
+            "`up` to start the balancer again",
+        )
+        # Then it died with its traceback and a non-zero status, and `up` started it again
+        assert up.proc.poll() is None, up.text()
+        assert not marker.exists()
+        assert "the balancer-stats loop died" in up.text()
+        assert "RuntimeError: injected fault" in up.text()
+        assert "balancer exited unexpectedly (status 1)" in up.text()
+        # and the new one works
+        r = run_cli(
+            "submit",
+            "HELLO",
+            '{"firstName": "John", "lastName": "Doe"}',
+            "--wait",
+            "--broker-port",
+            str(up.port),
+        )
+        assert r.stdout == "Hello John Doe !\n", r.stderr
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0
+    finally:
+        finish(up)
