@@ -14,7 +14,7 @@ import pytest
 from lbmqtt import Client, Node, Registry
 from lbmqtt.errors import DecodeError
 from lbmqtt.protocol import Assignment, AssignmentSet, Status, decode
-from lbmqtt.protocol.node_wire import decode_assignment_set
+from lbmqtt.protocol.assign import decode_assignment_set
 
 from .conftest import TEST_TASKS, System, descendants, process_alive, wait_for
 

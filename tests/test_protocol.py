@@ -264,6 +264,16 @@ def test_the_public_names_of_protocol_are_pinned() -> None:
         "plausible_time",
         "task_state_dict",
         "validate_topic_for_publish",
+        # the fast encoders and decoders of protocol.assign and protocol.submit
+        "IDS_PER_MESSAGE",
+        "decode_assignment_set",
+        "encode_assignment",
+        "encode_assignment_set",
+        "encode_id_lists",
+        "encode_probe",
+        "encode_submit",
+        "parse_probe",
+        "validate_specs",
     ]
     assert all(hasattr(protocol, name) for name in protocol.__all__)
 

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from .. import __version__, service
 from ..config import Settings, coerce_settings
@@ -45,6 +45,7 @@ from ..protocol import (
     Topics,
     decode,
 )
+from ..protocol.topics import SPECS
 from ..scheduler import Scheduler
 from .journal import JournalStore, JournalWriter, recover
 from .nodes import HEALTH_CHECK_S, Fleet
@@ -71,41 +72,6 @@ def tune_gc() -> None:
     ``lbmqtt balancer``, not by :class:`Balancer`: a program that embeds one keeps its own
     collector settings."""
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-class Route(NamedTuple):  # replaced by protocol's Route at merge
-    """An inbound topic, routed: ``key`` names the Topics method or attribute it is of,
-    ``name`` the user or node ("" for the others), ``rest`` what follows the name."""
-
-    key: str
-    name: str
-    rest: str
-
-
-_USER_KEYS = {"submit", "cancel", "ack", "query", "events", "errors"}
-_NODE_KEYS = {
-    "status": "node_status",
-    "heartbeat": "heartbeat",
-    "assign": "assign",
-    "reports": "reports",
-}
-
-
-def _route(topics: Topics, topic: str) -> Route | None:  # replaced by Topics.route at merge
-    parsed = topics.parse(topic)
-    if parsed is None:
-        for attr in ("balancer_probe", "dashboard_status", "broker_status"):
-            if topic == getattr(topics, attr):
-                return Route(attr, "", "")
-        return None
-    kind, name, rest = parsed
-    key: str | None
-    if kind == "user":
-        head = rest.partition("/")[0]
-        key = rest if rest in _USER_KEYS else {"tasks": "task", "results": "result"}.get(head)
-    else:
-        key = _NODE_KEYS.get(rest)
-    return None if key is None else Route(key, name, rest)
 
 
 class Balancer:
@@ -296,19 +262,7 @@ class Balancer:
             client_id=client_id("balancer"),
             on_message=self._on_message,
             # the retained sets an earlier balancer left come first: see Fleet.adopt
-            subscriptions=[
-                (t.all_assign, 1),
-                (t.all_submits, 1),
-                (t.all_cancels, 1),
-                (t.all_acks, 1),
-                (t.all_queries, 1),
-                (t.all_node_status, 1),
-                (t.all_reports, 1),
-                (t.all_heartbeats, 0),
-                (t.dashboard_status, 0),
-                (t.broker_status, 0),
-                (t.balancer_probe, 0),
-            ],
+            subscriptions=t.inbound("balancer"),
             on_connect=self._on_connect,
             will=Will(t.balancer_status, offline),
         )
@@ -447,7 +401,7 @@ class Balancer:
     # ------------------------------------------------------------------ inbound
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        route = _route(self.topics, topic)
+        route = self.topics.route(topic)
         if route is None:
             return
         key = route.key
@@ -462,9 +416,10 @@ class Balancer:
                 except DecodeError as exc:
                     self.outbox.bad_message("broker", "-", "status", exc)
             return
-        kind = "node" if key in ("node_status", "heartbeat", "assign", "reports") else "user"
+        spec = SPECS[key]
+        kind = spec.named  # "user" or "node"
         name, rest = sys.intern(route.name), route.rest  # one string per user/node
-        if retained and key not in ("node_status", "assign"):
+        if retained and not spec.retained:
             return  # a retained command would run again at every reconnect: never obey one
         if key == "assign":
             if retained and payload:

@@ -5,7 +5,7 @@ assignment set in, heartbeats, resends), :mod:`.supervisor` (the worker processe
 tasks handed to them), :mod:`.reports` (the report batcher), :mod:`.announce` (the status
 and heartbeat messages, the default name). The messages between the node
 and its workers are in :mod:`lbmqtt.protocol_worker`, the decoding of its assignment set in
-:mod:`lbmqtt.protocol.node_wire`.
+:mod:`lbmqtt.protocol.assign`.
 """
 
 from __future__ import annotations

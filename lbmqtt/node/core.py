@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..health import online_status
 from ..mqtt import MqttTransport, Will, client_id, connection_options
 from ..protocol import Assignment, GroupInfo, NodeStatus, Topics, encode_json
-from ..protocol.node_wire import decode_assignment_set
+from ..protocol.assign import decode_assignment_set
 from ..ratelog import LogLimiter
 from ..registry import Registry, function_reference, in_worker, load_sources
 from . import announce

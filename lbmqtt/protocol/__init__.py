@@ -181,3 +181,23 @@ __all__ = [
 
 # Submodules that build on the names above (they import them from the package) are
 # imported below this line, and their public names added to __all__.
+from .assign import (
+    decode_assignment_set,
+    encode_assignment,
+    encode_assignment_set,
+    encode_probe,
+    parse_probe,
+)
+from .submit import IDS_PER_MESSAGE, encode_id_lists, encode_submit, validate_specs
+
+__all__ += [
+    "IDS_PER_MESSAGE",
+    "decode_assignment_set",
+    "encode_assignment",
+    "encode_assignment_set",
+    "encode_id_lists",
+    "encode_probe",
+    "encode_submit",
+    "parse_probe",
+    "validate_specs",
+]

@@ -1,23 +1,31 @@
-"""Fast encoders of the balancer's assignment sets, and the balancer's probe payload.
+"""The assignment set both ways, fast: the balancer's encoders, the node's decoder; and the
+balancer's probe payload.
 
 An assignment set is republished whole whenever a task joins or leaves a node's set, so a
 busy node's set goes out often. Its tasks' JSON is built once per attempt, from the
 argument bytes the balancer stored at submit (:func:`encode_assignment`), and a set is the
 splice of those parts (:func:`encode_assignment_set`): nothing is re-encoded. The bytes
 decode to the :class:`Assignment` / :class:`AssignmentSet` models next to which they live
-(tests/test_protocol.py holds them equal).
+(tests/test_wire_assign.py holds them equal).
+
+A busy node's set comes again at every change, mostly with the tasks it holds already;
+:func:`decode_assignment_set` validates only the ones it does not hold, and must agree with
+full validation (``decode(AssignmentSet, payload)``) on what it returns
+(tests/test_node_api.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import Assignment, AssignmentSet, encode_json
+from . import Assignment, AssignmentSet, decode, encode_json
 
 __all__ = [
     "Assignment",
     "AssignmentSet",
+    "decode_assignment_set",
     "encode_assignment",
     "encode_assignment_set",
     "encode_probe",
@@ -76,3 +84,38 @@ def parse_probe(payload: bytes) -> tuple[str, int] | None:
     if not (seq.isascii() and seq.isdigit() and len(seq) < 20):
         return None
     return instance, int(seq)
+
+
+def decode_assignment_set(
+    payload: bytes, held: Callable[[str], Assignment | None]
+) -> tuple[str, list[Assignment]]:
+    """The addressee and the tasks of an assignment set.
+
+    Args:
+        payload: the set as received (not empty: an empty retained payload clears the set).
+        held: the assignment the node holds under a task id, or None. A task in the set
+            with the id and attempt of one held is that one (an attempt's assignment never
+            changes), not validated again: that costs a third of validating all.
+
+    Raises:
+        DecodeError: not JSON, or not an assignment set (with the reason).
+        pydantic.ValidationError: a task not held yet is not a valid assignment.
+    """
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        data = None
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, list):
+        aset = decode(AssignmentSet, payload)  # the error, with its reason
+        return aset.node, aset.tasks
+    head = AssignmentSet.model_validate({**data, "tasks": []})
+    out: list[Assignment] = []
+    for item in tasks:
+        tid = item.get("id") if isinstance(item, dict) else None
+        a = held(tid) if isinstance(tid, str) else None
+        if a is not None and type(item.get("attempt")) is int and item["attempt"] == a.attempt:
+            out.append(a)
+        else:
+            out.append(Assignment.model_validate(item))
+    return head.node, out
