@@ -15,6 +15,7 @@ import pytest
 from lbmqtt import Client
 from lbmqtt.balancer import Balancer
 from lbmqtt.config import Settings
+from lbmqtt.node import Node
 from lbmqtt.service import LoopFailed, Loops
 
 from .conftest import ROOT, TEST_TASKS, LoopThread, System, wait_for
@@ -96,6 +97,38 @@ def test_a_balancer_whose_loop_dies_logs_it_and_run_raises(
     assert "RuntimeError: injected fault" in caplog.text  # with its traceback
     assert readied == [b.instance]
     assert b.journal is None  # and it stopped: journal closed, transport closed
+
+
+def test_a_node_whose_loop_dies_logs_it_stops_its_workers_and_run_raises(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a node whose heartbeat loop raises once the node is up (fault injection)
+    up = asyncio.Event()
+
+    async def broken(self: Node) -> None:
+        await up.wait()
+        raise RuntimeError("injected fault")
+
+    def on_ready(n: Node) -> None:
+        readied.append(n.name)
+        up.set()
+
+    monkeypatch.setattr(Node, "_heartbeat_loop", broken)
+    lt = LoopThread()
+    readied: list[str] = []
+    try:
+        n = Node(settings, name="n-dies", tasks=[TEST_TASKS])
+        # When it runs, Then run() ends by itself with the loop's error
+        with (
+            caplog.at_level(logging.ERROR, logger="lbmqtt.service"),
+            pytest.raises(LoopFailed, match="node-heartbeat loop died"),
+        ):
+            lt.run(n.run(on_ready=on_ready), timeout=40)
+    finally:
+        lt.close()
+    assert "RuntimeError: injected fault" in caplog.text  # with its traceback
+    assert readied == ["n-dies"]
+    assert not n.loops.running  # and it stopped: its worker loops are gone too
 
 
 def test_the_balancer_command_exits_non_zero_when_a_loop_dies(settings: Settings) -> None:

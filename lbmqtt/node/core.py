@@ -24,12 +24,12 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from .. import service
 from ..config import Settings, WorkerGroup, coerce_settings
 from ..discovery import resolve as resolve_broker
 from ..errors import ConfigError
@@ -97,7 +97,8 @@ class Node:
         self._local: dict[str, HeldTask] = {}
         """The tasks this node holds, by id: from their assignment until the balancer
         acknowledges their result."""
-        self._bg: list[asyncio.Task[None]] = []
+        self.loops = service.Loops("node")
+        """The background loops (heartbeat, resend, one per worker slot), supervised."""
         self._transport: MqttTransport | None = None
         self._hb_seq = 0
         self._stopping = False
@@ -192,7 +193,8 @@ class Node:
         )
         self.reports.transport = self._transport
         self.supervisor.add_groups(groups, args)
-        self._start_loops()  # the worker processes start while the node connects
+        # the worker processes start while the node connects
+        await self.loops.start(dict(self._loops()))
         await self._transport.start()
         log.info(
             "node %s: %d worker slots in %d groups, tasks: %s",
@@ -285,7 +287,7 @@ class Node:
                 timeout_s=2.0,
             )
         self.supervisor.kill_all()
-        await self._stop_loops()
+        await self.loops.stop()
         await self.supervisor.reap()
         if t is not None:
             await t.close()
@@ -298,6 +300,7 @@ class Node:
             c["failed"],
             c["lost"],
         )
+        self.loops.raise_if_failed()  # (a dead loop: the process exits non-zero)
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -309,30 +312,16 @@ class Node:
     async def run(
         self, stop: asyncio.Event | None = None, *, on_ready: Callable[[Node], None] | None = None
     ) -> None:
-        """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        try:
-            if on_ready is not None:
-                ready = asyncio.ensure_future(self.ready.wait())
-                stopped = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                ready.cancel()
-                stopped.cancel()
-                if self.ready.is_set():
-                    on_ready(self)
-            await stop.wait()
-            urgent = asyncio.Event()  # a second signal: stop now
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, urgent.set)
-            await self.drain(urgent=urgent)
-        finally:
-            await self.stop()
+        """Run until ``stop`` is set or SIGINT/SIGTERM arrives, then drain (a second
+        signal: stop at once).
+
+        Raises:
+            LoopFailed: one of the node's background loops died.
+        """
+        await service.run(self, stop, on_ready=on_ready, drain=self._drain_on_stop)
+
+    async def _drain_on_stop(self, urgent: asyncio.Event) -> None:
+        await self.drain(urgent=urgent)
 
     def run_forever(self) -> None:
         """Blocking: run the node until Ctrl-C / SIGTERM; says when it is ready.
@@ -517,14 +506,6 @@ class Node:
             ("node-ready", self._ready_watch),
             *self.supervisor.loops(),
         ]
-
-    def _start_loops(self) -> None:
-        self._bg = [asyncio.create_task(fn(), name=name) for name, fn in self._loops()]
-
-    async def _stop_loops(self) -> None:
-        for task in self._bg:
-            task.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
 
     async def _ready_watch(self) -> None:
         t = self._transport
