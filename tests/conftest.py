@@ -33,8 +33,7 @@ from lbmqtt.config import Settings, load_settings
 from lbmqtt.node import Node
 
 from .cluster import children_of as descendants  # noqa: F401  (the tests import it from here)
-from .cluster import free_port
-from .cluster import wait_until as wait_for
+from .cluster import free_port, wait_until
 
 T = TypeVar("T")
 
@@ -145,7 +144,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    wait_for(listening, 10, "mosquitto to listen")
+    wait_until(listening, 10, "mosquitto to listen")
     yield port
     proc.terminate()
     proc.wait(10)
@@ -310,12 +309,12 @@ class RawClient:
     def connect(self) -> RawClient:
         self.c.connect("127.0.0.1", self.port, keepalive=self.keepalive)
         self.c.loop_start()
-        wait_for(self.c.is_connected, 5, "raw client to connect")
+        wait_until(self.c.is_connected, 5, "raw client to connect")
         return self
 
     def subscribe(self, topic: str, qos: int = 1, timeout: float = 5.0) -> None:
         _, mid = self.c.subscribe(topic, qos)
-        wait_for(lambda: mid in self.subacks, timeout, f"SUBACK for {topic}")
+        wait_until(lambda: mid in self.subacks, timeout, f"SUBACK for {topic}")
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
         info = self.c.publish(topic, payload, qos=qos, retain=retain)
@@ -410,7 +409,7 @@ def start_up(*extra: str, port: int = 0, env_extra: dict[str, str] | None = None
 
     up.reader = threading.Thread(target=reader, daemon=True)
     up.reader.start()
-    wait_for(
+    wait_until(
         lambda: "Ctrl-C stops everything." in up.lines or proc.poll() is not None,
         90,
         "`lbmqtt up` to be ready",

@@ -20,7 +20,7 @@ import pytest
 from lbmqtt.broker import ALL_PATCHES
 
 from .cluster import varint
-from .conftest import BrokerThread, RawClient, wait_for
+from .conftest import BrokerThread, RawClient, wait_until
 
 
 @pytest.fixture(params=["patched", "unpatched"])
@@ -90,12 +90,12 @@ def test_keepalive_silent_client_is_dropped_and_its_will_fires(
     started = time.monotonic()
     if case == "patched":
         # Then the broker drops it after 1.5 x keep-alive and publishes its will
-        wait_for(lambda: watcher.payloads("wills/frozen"), 5, "the will")
+        wait_until(lambda: watcher.payloads("wills/frozen"), 5, "the will")
         assert 1.2 < time.monotonic() - started < 4.5
     else:
         # amqtt 0.12.1 alone never does (Yakifo/amqtt#308): 3 keep-alives pass in silence
         with pytest.raises(AssertionError):
-            wait_for(lambda: watcher.payloads("wills/frozen"), 3.5, "the will")
+            wait_until(lambda: watcher.payloads("wills/frozen"), 3.5, "the will")
 
 
 def test_retained_messages_go_only_to_matching_subscriptions(case: str, cleanup: list[Any]) -> None:
@@ -105,13 +105,13 @@ def test_retained_messages_go_only_to_matching_subscriptions(case: str, cleanup:
     cleanup.append(alice)
     alice.subscribe("users/alice/#")
     alice.publish("users/alice/tasks/t1", b"alice's secret result", retain=True)
-    wait_for(lambda: alice.payloads("users/alice/tasks/t1"), 5, "alice's own message")
+    wait_until(lambda: alice.payloads("users/alice/tasks/t1"), 5, "alice's own message")
     # When bob connects and subscribes only to his own topics
     bob = RawClient(broker.port).connect()
     cleanup.append(bob)
     bob.subscribe("users/bob/#")
     bob.publish("users/bob/marker", b"m")
-    wait_for(lambda: bob.payloads("users/bob/marker"), 5, "bob's marker")
+    wait_until(lambda: bob.payloads("users/bob/marker"), 5, "bob's marker")
     # (a leak happens at CONNECT, before bob's SUBACK and marker: it would be here by now)
     leaked = bob.payloads("users/alice/tasks/t1")
     if case == "patched":
@@ -131,7 +131,7 @@ def test_dollar_publish_does_not_turn_the_connection_into_a_zombie(
     if case == "patched":
         c.subscribe("after/#", timeout=5)
         c.publish("after/1", b"still alive")
-        wait_for(lambda: c.payloads("after/1"), 5, "the client's own message")
+        wait_until(lambda: c.payloads("after/1"), 5, "the client's own message")
     else:
         with pytest.raises(AssertionError, match="SUBACK"):
             c.subscribe("after/#", timeout=2)
@@ -150,10 +150,10 @@ def test_empty_topic_publish_closes_the_connection_and_fires_the_will(
     # a protocol error [MQTT-4.7.3-1]; amqtt stops serving the client but keeps it open
     bad.sendall(raw_publish_packet("", b"x"))
     if case == "patched":
-        wait_for(lambda: watcher.payloads("wills/bad"), 5, "the will")
+        wait_until(lambda: watcher.payloads("wills/bad"), 5, "the will")
     else:
         with pytest.raises(AssertionError):
-            wait_for(lambda: watcher.payloads("wills/bad"), 2, "the will")
+            wait_until(lambda: watcher.payloads("wills/bad"), 2, "the will")
 
 
 def client_leaving_while_messages_fly(port: int, n: int) -> None:
@@ -184,7 +184,7 @@ def test_disconnected_clients_do_not_leak_sockets(case: str, cleanup: list[Any])
         for n in range(10):
             client_leaving_while_messages_fly(broker.port, n)
         if case == "patched":
-            wait_for(lambda: _open_fds() - before <= 0, 5, "the broker to close its sockets")
+            wait_until(lambda: _open_fds() - before <= 0, 5, "the broker to close its sockets")
         else:
             time.sleep(0.5)  # let the broker finish handling the disconnects
             assert _open_fds() - before >= 8

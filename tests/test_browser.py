@@ -17,7 +17,7 @@ import pytest
 from lbmqtt.client import Client
 from lbmqtt.config import load_settings
 
-from .conftest import finish, start_up, wait_for
+from .conftest import finish, start_up, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -112,7 +112,7 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             return state
 
         # (the page may open before the balancer's stats show the node: wait for both)
-        first = wait_for(
+        first = wait_until(
             lambda: (p := page()) and p["idle"] and p["samples"] > 0 and p["nodes"] and p,
             60,
             "the page to draw its first samples, with the local node",
@@ -125,7 +125,7 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             theirs = [
                 bob.submit("SLEEP", {"seconds": 1.5, "steps": 4}, priority=20) for _ in range(2)
             ]
-            seen = wait_for(
+            seen = wait_until(
                 lambda: (
                     (p := page())
                     and p["max_queued"] > 0
@@ -138,7 +138,7 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             )
             # the picture (the README shows it): some tasks done, others running with
             # progress, after at least one more update has been drawn
-            mid = wait_for(
+            mid = wait_until(
                 lambda: (
                     (p := page())
                     and p["last_done"] >= 2
@@ -149,7 +149,7 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
                 30,
                 "tasks done and others running",
             )
-            wait_for(
+            wait_until(
                 lambda: (p := page()) and p["idle"] and p["samples"] > mid["samples"] and p,
                 20,
                 "the page to draw the next update",
@@ -164,7 +164,7 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
                 bob.wait(tid, 60)
         # ... and the task table, as drawn, shows them finished: 6 rows before (3 running,
         # 3 done) and after, which BokehJS would not redraw without the dashboard's nudge
-        done = wait_for(
+        done = wait_until(
             lambda: (
                 (p := page())
                 and p["last_done"] >= 6

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT, Up, finish, lbmqtt_cmd, process_alive, run_cli, start_up, wait_for
+from .conftest import ROOT, Up, finish, lbmqtt_cmd, process_alive, run_cli, start_up, wait_until
 
 HELLO = '{"firstName": "John", "lastName": "Doe"}'
 
@@ -60,7 +60,7 @@ def test_up_then_submit_status_and_a_clean_ctrl_c(system_up: Up) -> None:
     assert len(family) >= 4 + 3  # broker, balancer, dashboard, node + its 3 workers
     system_up.proc.send_signal(signal.SIGINT)
     assert system_up.proc.wait(60) == 0
-    wait_for(lambda: not any(process_alive(p) for p in family), 10, "every child to exit")
+    wait_until(lambda: not any(process_alive(p) for p in family), 10, "every child to exit")
     assert "lbmqtt: stopped" in system_up.text()
 
 
@@ -73,7 +73,7 @@ def test_a_killed_up_takes_its_children_with_it() -> None:
     assert family
     up.proc.kill()  # SIGKILL: no chance to clean up; the kernel tells the children
     finish(up)
-    wait_for(lambda: not any(process_alive(p) for p in family), 20, "every child to exit")
+    wait_until(lambda: not any(process_alive(p) for p in family), 20, "every child to exit")
 
 
 @pytest.mark.slow
@@ -192,7 +192,7 @@ def test_up_starts_a_killed_balancer_again_and_the_tasks_carry_on() -> None:
             if b"balancer" in Path(f"/proc/{p}/cmdline").read_bytes()
         )
         os.kill(balancer, signal.SIGKILL)
-        wait_for(
+        wait_until(
             lambda: "balancer is back" in up.text() or up.proc.poll() is not None,
             60,
             "`up` to start the balancer again",

@@ -53,7 +53,7 @@ from lbmqtt.access import AccessGuard, Account, hash_password, write_accounts
 from lbmqtt.broker import EmbeddedBroker, PatchedBroker
 
 from .cluster import varint
-from .conftest import LoopThread, RawClient, wait_for
+from .conftest import LoopThread, RawClient, wait_until
 
 LIMIT = 64 * 1024
 """The fuzzed brokers' largest packet (lbmqtt's max_packet_bytes)."""
@@ -296,10 +296,10 @@ def assert_broker_serves(target: Target) -> None:
         topic = f"{PREFIX}/rt/{uuid.uuid4().hex}"
         checker.subscribe(topic, timeout=5)
         checker.publish(topic, b"round trip")
-        wait_for(lambda: checker.payloads(topic), 5, "the checker's own message")
+        wait_until(lambda: checker.payloads(topic), 5, "the checker's own message")
         token = uuid.uuid4().hex.encode()
         checker.publish(target.calm_topic, token)
-        wait_for(
+        wait_until(
             lambda: token in target.calm.payloads(target.calm_topic),
             5,
             "the well-behaved subscriber's message",
@@ -327,7 +327,7 @@ def assert_no_leaked_connections(target: Target, *, collect_garbage: bool = Fals
         return target.connections() == target.baseline
 
     with contextlib.suppress(AssertionError):
-        wait_for(back, 5, "")
+        wait_until(back, 5, "")
     assert target.connections() == target.baseline, (
         f"the broker's connections (sockets, sessions) did not go back to "
         f"{target.baseline} but to {target.connections()}: {target.connected_sessions()}"
@@ -390,7 +390,7 @@ def running_target(kind: str, accounts_file: str) -> Iterator[Target]:
         calm.connect()
         calm.c.on_disconnect = lambda *args: t.calm_disconnects.append(args)
         calm.subscribe(t.calm_topic)
-        wait_for(lambda: t.connections() == (1, 1), 5, "only the subscriber connected")
+        wait_until(lambda: t.connections() == (1, 1), 5, "only the subscriber connected")
         t.baseline = t.connections()
         yield t
     finally:
@@ -756,7 +756,7 @@ def fuzz_logged_in(target: Target, data: bytes, client_id: str) -> None:
     assert closed, "the broker kept the connection open after the client's stream ended"
     assert all(t in SERVER_TYPES for t, _ in parse_packets(received)), received[:200]
     if client_id in target.connected_sessions():
-        wait_for(
+        wait_until(
             lambda: client_id not in target.connected_sessions(),
             CLOSE_DEADLINE_S,
             "a zombie session: connection closed, session still connected",
@@ -906,12 +906,12 @@ def test_client_leaving_before_its_connect_ends_leaves_no_socket_open(
                 with open_socket(t.port) as s:
                     s.sendall(data)
             # the broker has handled them all when its connection counter is back
-            wait_for(t.counter_back_to(counted), 5, "the broker to handle the connections")
+            wait_until(t.counter_back_to(counted), 5, "the broker to handle the connections")
 
         def sockets() -> list[int]:
             return [broker_side_sockets(t.port) - t.baseline[0] for t in fresh_targets]
 
-        wait_for(
+        wait_until(
             lambda: sockets() == [0, 0],
             1.0,
             f"the brokers to close their sockets ({sockets()} left open)",
@@ -990,7 +990,7 @@ def test_client_without_keepalive_leaving_at_once_is_disconnected(
         def wills() -> list[int]:
             return [len(w.payloads(will_topic)) for w in watchers]
 
-        wait_for(lambda: wills() == [5, 5], 1.0, f"5 wills from each broker (got {wills()})")
+        wait_until(lambda: wills() == [5, 5], 1.0, f"5 wills from each broker (got {wills()})")
     finally:
         for w in watchers:
             w.close()
@@ -1013,7 +1013,7 @@ def test_refused_client_resetting_at_once_releases_its_connection_slot(
     def counters() -> list[int]:
         return [t.connection_counter() for t in fresh_targets]
 
-    wait_for(
+    wait_until(
         lambda: counters() == before,
         1.0,
         f"amqtt's connection counts to go back to {before} (they are {counters()})",
@@ -1069,7 +1069,7 @@ def test_takeover_of_a_persistent_session_leaves_the_new_connection_served(
             def received() -> list[int]:
                 return [len(c.payloads(f"{PREFIX}/persistent")) for c in clients[::2]]
 
-            wait_for(
+            wait_until(
                 lambda: received() == [1, 1],
                 1.0,
                 f"the new connections' messages (got {received()})",

@@ -26,7 +26,7 @@ from lbmqtt.balancer.journal import entry_of, recover
 from lbmqtt.config import load_settings
 from lbmqtt.protocol import Status, TaskSpec, Topics
 
-from .conftest import TEST_TASKS, System, wait_for
+from .conftest import TEST_TASKS, System, wait_until
 
 JOHN = {"firstName": "John", "lastName": "Doe"}
 
@@ -150,7 +150,7 @@ def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
     done = client.submit("ECHO", [1, 2])
     assert client.wait(done, timeout=20)["args"] == [1, 2]
     running = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 3})
-    wait_for(started.exists, 20, "the BLOCK task to start")
+    wait_until(started.exists, 20, "the BLOCK task to start")
     queued = client.submit("HELLO", JOHN)  # n1 has no HELLO: it stays queued
     # When the balancer is replaced (stop() here; a SIGKILL in test_faults.py)
     system.lt.run(first.stop())
@@ -234,7 +234,7 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
         b._kick()
 
     system.lt.call(repair)
-    got = wait_for(lambda: rc.payloads(topics.events("carol")), 10, "the acknowledgement")
+    got = wait_until(lambda: rc.payloads(topics.events("carol")), 10, "the acknowledgement")
     assert json.loads(got[0])["states"][0]["id"] == "j-1"
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT status FROM tasks WHERE id = 'j-1'").fetchone() in (
@@ -248,7 +248,7 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
         states = [s for p in rc.payloads(topics.events("carol")) for s in json.loads(p)["states"]]
         return any(s["status"] == "done" and s["attempt"] == 1 for s in states)
 
-    wait_for(finished, 20, "the task to run once the journal works again")
+    wait_until(finished, 20, "the task to run once the journal works again")
 
 
 # ------------------------------------------------------------- the in-memory store

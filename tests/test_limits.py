@@ -42,7 +42,7 @@ from .conftest import (
     System,
     make_settings,
     stop_paho,
-    wait_for,
+    wait_until,
 )
 
 # ----------------------------------------------------------------------------- rate
@@ -110,13 +110,13 @@ def test_the_broker_caps_packets_by_role(tmp_path: Path) -> None:
         lt.run(lb.start(wait=True))
         lt.run(alice.start(wait=True))
         lt.call(lambda: alice.publish("p/users/alice/submit", b"x" * 99_000, qos=1))
-        wait_for(lambda: ("p/users/alice/submit", 99_000) in got, 10, "the small one")
+        wait_until(lambda: ("p/users/alice/submit", 99_000) in got, 10, "the small one")
         connects = alice.connects
         lt.call(lambda: alice.publish("p/users/alice/submit", b"x" * 200_000, qos=1))
-        wait_for(lambda: bt.patched.too_large == 1, 10, "the broker to refuse 200 kB from a user")
-        wait_for(lambda: alice.connects > connects, 10, "alice to reconnect")
+        wait_until(lambda: bt.patched.too_large == 1, 10, "the broker to refuse 200 kB from a user")
+        wait_until(lambda: alice.connects > connects, 10, "alice to reconnect")
         lt.call(lambda: lb.publish("p/users/alice/events", b"y" * 500_000, qos=1))
-        wait_for(lambda: ("p/users/alice/events", 500_000) in got, 10, "the balancer's")
+        wait_until(lambda: ("p/users/alice/events", 500_000) in got, 10, "the balancer's")
         assert ("p/users/alice/submit", 200_000) not in got
         lt.run(alice.close())
         lt.run(lb.close())
@@ -302,7 +302,7 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
     with Client(s, user="alice") as alice:
         gate = tmp_path / "gate"
         running = alice.submit("BLOCK", {"gate": str(gate), "limit_s": 60})
-        wait_for(lambda: alice.get(running).status == Status.RUNNING, 20, "a running task")
+        wait_until(lambda: alice.get(running).status == Status.RUNNING, 20, "a running task")
 
         @settings(
             max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck)
@@ -325,7 +325,7 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
         for attempt in range(12):
             probe.publish(topics.query("alice"), f'{{"v": 1, "ids": ["after-the-fuzz-{attempt}"]}}')
             try:
-                wait_for(
+                wait_until(
                     lambda: any(
                         b"after-the-fuzz" in p for p in probe.payloads(topics.errors("alice"))
                     ),
@@ -349,7 +349,7 @@ def test_fuzzed_payloads_on_every_inbound_topic_break_nothing(
     assert system.lt.call(lambda: b._transport is not None and b._transport.connected)
     assert system.lt.call(lambda: node._transport is not None and node._transport.connected)
     assert system.lt.call(lambda: dash_t.connected)
-    wait_for(lambda: dash.snapshot().stats is not None, 10, "the dashboard's stats")
+    wait_until(lambda: dash.snapshot().stats is not None, 10, "the dashboard's stats")
     st_ = system.stats()
     assert st_.bad_messages_total > 1000  # they were read, and counted
     assert st_.done_total >= 22
@@ -391,14 +391,14 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
         away.username_pw_set("alice", "a")
         away.connect("127.0.0.1", broker.port)
         away.loop_start()
-        wait_for(away.is_connected, 5, "alice to connect")
+        wait_until(away.is_connected, 5, "alice to connect")
         subscribed = threading.Event()
         away.on_subscribe = lambda *a: subscribed.set()
         away.subscribe("p/users/alice/events", 1)
         assert subscribed.wait(5)
         stop_paho(away)
         b = bt.patched
-        wait_for(
+        wait_until(
             lambda: b._sessions["alice-away"][0].transitions.state != "connected",
             5,
             "the broker to see alice gone",
@@ -412,18 +412,18 @@ def test_a_persistent_session_that_never_returns_holds_a_bounded_queue(
         lb.max_inflight_messages_set(1000)
         lb.connect("127.0.0.1", broker.port)
         lb.loop_start()
-        wait_for(lb.is_connected, 5, "the publisher to connect")
+        wait_until(lb.is_connected, 5, "the publisher to connect")
         lb.publish("p/users/alice/events", b"x" * 20_000, qos=1)  # over the bytes bound
         for i in range(150):
             info = lb.publish("p/users/alice/events", f"{i:03}", qos=1)
         info.wait_for_publish(10)
         queue = b._sessions["alice-away"][0].retained_messages
         if case == "patched":  # the big one by size, then 50 by count
-            wait_for(lambda: b.offline_dropped == 51, 10, "51 dropped")
+            wait_until(lambda: b.offline_dropped == 51, 10, "51 dropped")
             assert queue.qsize() == 100
             assert all(len(m.data) == 3 for m in list(queue._queue))
         else:  # amqtt keeps all of it, and would keep anything more
-            wait_for(lambda: queue.qsize() == 151, 10, "151 kept")
+            wait_until(lambda: queue.qsize() == 151, 10, "151 kept")
         stop_paho(lb)
     finally:
         bt.stop()
@@ -484,7 +484,7 @@ def test_many_unknown_ids_get_one_answer_and_too_many_are_refused(
             e for m in c.payloads(f"{prefix}/users/eve/errors") for e in json.loads(m)["errors"]
         ]
 
-    wait_for(lambda: len(errors()) >= 2, 10, "two answers")
+    wait_until(lambda: len(errors()) >= 2, 10, "two answers")
     got = errors()
     assert len(got) == 2, [e["message"][:80] for e in got]
     assert got[0]["code"] == "unknown_task" and "500 in all" in got[0]["message"]

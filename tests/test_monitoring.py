@@ -39,7 +39,7 @@ from lbmqtt.protocol import (
     Topics,
 )
 
-from .conftest import TEST_TASKS, System, run_cli, wait_for
+from .conftest import TEST_TASKS, System, run_cli, wait_until
 
 
 def _block(tmp: Path, i: int, progress: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def _stats_where(system: System, cond: Any, what: str, timeout: float = 15.0) ->
     """The balancer's published stats once ``cond(stats)`` holds."""
     b = system.balancer
     assert b is not None
-    return wait_for(
+    return wait_until(
         lambda: (s := system.lt.call(lambda: b.tally.last_stats)) is not None and cond(s) and s,
         timeout,
         what,
@@ -84,8 +84,8 @@ def test_the_document_shows_bands_users_nodes_times_and_tasks(
         running = [alice.submit("BLOCK", _block(tmp_path, i, progress=40)) for i in range(2)]
         urgent = bob.submit("BLOCK", _block(tmp_path, 9, progress=70), priority=50)
         for i in range(2):
-            wait_for(lambda i=i: (tmp_path / f"started-{i}").exists(), 20, f"task {i} to start")
-        wait_for((tmp_path / "started-9").exists, 20, "the urgent task to start")
+            wait_until(lambda i=i: (tmp_path / f"started-{i}").exists(), 20, f"task {i} to start")
+        wait_until((tmp_path / "started-9").exists, 20, "the urgent task to start")
         queued = [bob.submit("BLOCK", _block(tmp_path, 10 + i)) for i in range(3)]
         queued.append(alice.submit("BLOCK", _block(tmp_path, 20), priority=20))
         stats = _stats_where(
@@ -193,7 +193,7 @@ def test_a_run_time_is_the_nodes_measure_when_started_rides_with_the_result(syst
         )
         with Client(s, user="alice") as alice:
             tid = alice.submit("ECHO", [1])
-            wait_for(lambda: any(tid.encode() in p for p in sets), 10, "the assignment")
+            wait_until(lambda: any(tid.encode() in p for p in sets), 10, "the assignment")
             time.sleep(0.25)  # the task runs (a shorter run could not have taken 0.25 s)
             report = NodeReport(
                 node=name,
@@ -219,14 +219,14 @@ def test_a_restarted_dashboard_starts_with_the_balancers_history(system: System)
     _start(system)
     b = system.balancer
     assert b is not None
-    wait_for(lambda: system.lt.call(lambda: len(b.tally.history)) >= 5, 20, "5 samples kept")
+    wait_until(lambda: system.lt.call(lambda: len(b.tally.history)) >= 5, 20, "5 samples kept")
     state = DashboardState()
     transport = dashboard_transport(system.settings, state, "http://127.0.0.1:1/")
     system.lt.run(transport.start(wait=True, timeout_s=10))
     try:
         # the retained stats arrive first; the history (sent in answer to the dashboard's
         # online announcement) then fills in everything older
-        wait_for(lambda: len(state.samples()) >= 5, 10, "the history to arrive")
+        wait_until(lambda: len(state.samples()) >= 5, 10, "the history to arrive")
         samples = state.samples()
         times = [s.time for s in samples]
         assert times == sorted(times) and len(set(times)) == len(times)
@@ -249,7 +249,7 @@ def test_metrics_endpoint_parses_and_counts(system: System, tmp_path: Path) -> N
         c.wait("carol-1", 20)
         gate = tmp_path / "never"
         blocked = c.submit("BLOCK", {"gate": str(gate), "limit_s": 60}, task_id="carol-2")
-        wait_for(lambda: c.get(blocked).status == Status.RUNNING, 20, "the task to run")
+        wait_until(lambda: c.get(blocked).status == Status.RUNNING, 20, "the task to run")
         assert c.cancel(blocked)
     _stats_where(
         system,
@@ -288,7 +288,7 @@ def test_status_json_matches_the_balancer_and_watch_refreshes(
     assert b is not None
     with Client(system.settings, user="dave") as c:
         tid = c.submit("BLOCK", _block(tmp_path, 0, progress=25))
-        wait_for((tmp_path / "started-0").exists, 20, "the task to start")
+        wait_until((tmp_path / "started-0").exists, 20, "the task to start")
         _stats_where(system, lambda s: any(t.progress == 25 for t in s.tasks), "progress 25")
         s = system.settings
         common = ["--broker-port", str(s.broker_port), "--prefix", s.topic_prefix]
@@ -359,7 +359,7 @@ def test_wait_state_on_a_task_already_finished_reports_its_final_state(system: S
     _start(system)
     with Client(system.settings, user="gil") as c:
         tid = c.submit("ECHO", 5)
-        wait_for(lambda: c.get(tid).status.final, 20, "the task to finish")
+        wait_until(lambda: c.get(tid).status.final, 20, "the task to finish")
         states: list[TaskState] = []
         final = c.wait_state(tid, 20, on_state=states.append)
     assert final.status == Status.DONE
@@ -415,7 +415,7 @@ def test_a_flood_of_dashboard_announcements_gets_one_history_a_second(
             topics.dashboard_status, DashboardStatus(online=True, url="http://x/").encode()
         )
     spammer.publish(topics.dashboard_status, b"\xff not json")
-    wait_for(
+    wait_until(
         lambda: len(watcher.payloads(topics.balancer_history)) >= 2,
         10,
         "the first history and the one that answers the rest of the flood",

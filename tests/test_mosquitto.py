@@ -9,7 +9,7 @@ import pytest
 from lbmqtt import Client, TaskCancelled
 from lbmqtt.protocol import Status
 
-from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, wait_for
+from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, wait_until
 
 
 def test_tasks_run_end_to_end_through_mosquitto(
@@ -26,7 +26,7 @@ def test_tasks_run_end_to_end_through_mosquitto(
             assert c.map("ADD", [[i, 1] for i in range(20)]) == [i + 1 for i in range(20)]
             gate = tmp_path / "gate"
             blocked = c.submit("BLOCK", {"gate": str(gate)})
-            wait_for(lambda: c.get(blocked).status == Status.RUNNING, 20, "the task to run")
+            wait_until(lambda: c.get(blocked).status == Status.RUNNING, 20, "the task to run")
             assert c.cancel(blocked) is True
             with pytest.raises(TaskCancelled):
                 c.wait(blocked, timeout=5)

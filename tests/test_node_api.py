@@ -16,7 +16,7 @@ from lbmqtt.errors import DecodeError
 from lbmqtt.protocol import Assignment, AssignmentSet, Status, decode
 from lbmqtt.protocol.assign import decode_assignment_set
 
-from .conftest import TEST_TASKS, System, descendants, process_alive, wait_for
+from .conftest import TEST_TASKS, System, descendants, process_alive, wait_until
 
 SCRIPT = textwrap.dedent("""
     from lbmqtt import Node
@@ -53,19 +53,13 @@ def test_a_script_node_serves_its_decorated_and_added_tasks(
     )
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env)
     try:
-        b = system.balancer
-        assert b is not None
-        wait_for(
-            lambda: system.lt.call(lambda: "scripted" in b.scheduler.nodes),
-            30,
-            "the scripted node to join",
-        )
+        system.until(lambda b: "scripted" in b.scheduler.nodes, 30, "the scripted node to join")
         assert client.wait(client.submit("SHOUT", "hi"), timeout=20) == "HI"
         assert client.wait(client.submit("WHISPER", "HO"), timeout=20) == "ho"
         family = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        wait_for(lambda: not any(process_alive(p) for p in family), 10, "its workers to exit")
+        wait_until(lambda: not any(process_alive(p) for p in family), 10, "its workers to exit")
     finally:
         if proc.poll() is None:
             proc.kill()

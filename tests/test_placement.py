@@ -10,7 +10,7 @@ from typing import Any
 from lbmqtt import Client
 from lbmqtt.protocol import Status
 
-from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, run_cli, wait_for
+from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, run_cli, wait_until
 
 BOTH = [DEMO_TASKS, TEST_TASKS]
 
@@ -34,7 +34,7 @@ def test_gpu_tasks_go_to_the_gpu_node_and_reserve_its_gpu(
     first = client.submit("BLOCK", {"gate": str(gate)}, requires={"gpu": 1})
     second = client.submit("BLOCK", {"gate": str(gate)}, requires={"gpu": 1})
     tagged = client.submit("ECHO", {}, tags=["cuda"])
-    wait_for(lambda: client.get(first).status == Status.RUNNING, 20, "the first gpu task")
+    wait_until(lambda: client.get(first).status == Status.RUNNING, 20, "the first gpu task")
     assert client.get(first).node == "gpu-box"
     # one gpu: the second waits although gpu-box has free slots
     assert client.get(second).status == Status.QUEUED
@@ -76,9 +76,9 @@ def test_running_cap_per_user_leaves_room_for_others(
     with Client(s, user="alice") as alice, Client(s, user="bob") as bob:
         a1 = alice.submit("BLOCK", {"gate": str(gate)})
         a2 = alice.submit("BLOCK", {"gate": str(gate)})
-        wait_for(lambda: alice.get(a1).status == Status.RUNNING, 20, "alice's first task")
+        wait_until(lambda: alice.get(a1).status == Status.RUNNING, 20, "alice's first task")
         b1 = bob.submit("BLOCK", {"gate": str(gate)})
-        wait_for(lambda: bob.get(b1).status == Status.RUNNING, 20, "bob's task")
+        wait_until(lambda: bob.get(b1).status == Status.RUNNING, 20, "bob's task")
         assert alice.get(a2).status == Status.QUEUED  # a slot is free; alice is at her cap
         gate.touch()
         for c, t in ((alice, a1), (alice, a2), (bob, b1)):
@@ -225,4 +225,4 @@ def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) 
                 proc.wait(30)
         if core.stdout is not None:
             core.stdout.close()
-    wait_for(lambda: not any(process_alive(p) for p in family), 20, "startAll's children")
+    wait_until(lambda: not any(process_alive(p) for p in family), 20, "startAll's children")

@@ -14,7 +14,7 @@ from lbmqtt.balancer import PROBE_PATIENCE_S
 from lbmqtt.errors import ConfigError
 from lbmqtt.protocol import Assignment, Status, Topics
 
-from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, process_alive, wait_for
+from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, process_alive, wait_until
 
 JOHN = {"firstName": "John", "lastName": "Doe"}
 
@@ -85,11 +85,11 @@ def test_cancel_kills_the_processes_a_task_started(
     system.start_node("n1", tasks=[TEST_TASKS])
     pidfile = tmp_path / "child.pid"
     tid = client.submit("SPAWN", {"pidfile": str(pidfile), "gate": str(tmp_path / "never")})
-    wait_for(pidfile.exists, 20, "the task's child process")
+    wait_until(pidfile.exists, 20, "the task's child process")
     child = int(pidfile.read_text())
     assert process_alive(child)
     assert client.cancel(tid) is True
-    wait_for(lambda: not process_alive(child), 10, "the task's child to be killed too")
+    wait_until(lambda: not process_alive(child), 10, "the task's child to be killed too")
 
 
 def test_a_restarted_balancer_adopts_the_tasks_nodes_are_running(
@@ -102,7 +102,7 @@ def test_a_restarted_balancer_adopts_the_tasks_nodes_are_running(
     system.start_node("n1", tasks=[DEMO_TASKS, TEST_TASKS])
     gate, started = tmp_path / "gate", tmp_path / "started"
     tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 7})
-    wait_for(started.exists, 20, "the task to start")
+    wait_until(started.exists, 20, "the task to start")
     # When the balancer is replaced while the task runs
     system.lt.run(first.stop())
     second = system.start_balancer()
@@ -168,7 +168,7 @@ def test_too_large_messages_are_refused_with_a_code(
             e for m in c.payloads(f"{prefix}/users/bob/errors") for e in json.loads(m)["errors"]
         ]
 
-    wait_for(lambda: len(errors()) >= 2, 10, "two errors")
+    wait_until(lambda: len(errors()) >= 2, 10, "two errors")
     got = errors()
     assert [e["code"] for e in got] == ["too_large", "too_large"]
     assert "MAX_PAYLOAD_BYTES" in got[0]["message"] and "MAX_BATCH" in got[1]["message"]
@@ -216,7 +216,7 @@ def _block_on_n1(
     node = system.start_node("n1", tasks=[TEST_TASKS])
     gate, started = tmp_path / "gate", tmp_path / "started"
     tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": value})
-    wait_for(started.exists, 20, "the BLOCK task to start")
+    wait_until(started.exists, 20, "the BLOCK task to start")
     return b, node, gate, tid
 
 
@@ -309,11 +309,11 @@ def test_a_node_starts_the_most_urgent_task_of_its_window_first(
     # Given the one slot busy, and a window holding ordinary tasks and, last, an urgent one
     busy = a("busy", 0, {"gate": str(gate)})
     system.lt.call(lambda: give([busy]))
-    wait_for(lambda: started, 10, "the blocking task to start")
+    wait_until(lambda: started, 10, "the blocking task to start")
     window = [busy, a("low1", 0, 1), a("low2", 0, 2), a("urgent", 50, 3), a("low3", 0, 4)]
     system.lt.call(lambda: give(window))
     assert started == ["busy"]
     gate.touch()
     # Then the urgent one goes next, and the others keep their order
-    wait_for(lambda: len(started) == 5, 20, "every task to start")
+    wait_until(lambda: len(started) == 5, 20, "every task to start")
     assert started == ["busy", "urgent", "low1", "low2", "low3"]

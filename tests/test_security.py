@@ -41,7 +41,7 @@ from .conftest import (
     run_cli,
     start_up,
     stop_paho,
-    wait_for,
+    wait_until,
 )
 
 PASSWORDS = {
@@ -147,13 +147,13 @@ class Login:
         """True if the broker accepted the login."""
         self.c.connect("127.0.0.1", self.port, keepalive=30)
         self.c.loop_start()
-        wait_for(lambda: self.connack or self.closed.is_set(), 10, "a CONNACK")
+        wait_until(lambda: self.connack or self.closed.is_set(), 10, "a CONNACK")
         return bool(self.connack) and not self.connack[0].is_failure
 
     def subscribe(self, topic: str) -> bool:
         """True if granted."""
         _, mid = self.c.subscribe(topic, 1)
-        wait_for(lambda: mid in self.subacks, 5, f"SUBACK for {topic}")
+        wait_until(lambda: mid in self.subacks, 5, f"SUBACK for {topic}")
         return not self.subacks[mid][0].is_failure
 
     def publish(self, topic: str, payload: bytes | str = b"{}") -> None:
@@ -209,7 +209,7 @@ def start_mosquitto(workdir: Path, accounts: Path, prefix: str) -> tuple[int, An
                 raise AssertionError(proc.stderr.read())
         return listening("127.0.0.1", port)
 
-    wait_for(up, 10, "mosquitto to listen")
+    wait_until(up, 10, "mosquitto to listen")
 
     def stop() -> None:
         proc.terminate()
@@ -262,7 +262,7 @@ def probe(c: Login, secure: Secure) -> None:
     with c.lock:
         c.messages = [m for m in c.messages if m[0] != topic]
     c.publish(topic, b"probe")
-    wait_for(lambda: c.got(topic), 10, "the probe to come back")
+    wait_until(lambda: c.got(topic), 10, "the probe to come back")
 
 
 # ----------------------------------------------------------------------------- logins
@@ -292,7 +292,7 @@ def test_a_will_outside_the_logins_rights_is_never_published(
     ok = secure.login("alice", will=(own, b'{"v": 1, "ids": []}'))
     assert ok.connect()
     break_connection(ok)
-    wait_for(lambda: watcher.got(own), 10, "alice's own will")  # (the control)
+    wait_until(lambda: watcher.got(own), 10, "alice's own will")  # (the control)
 
     forged = secure.t("users/bob/submit")
     c = secure.login("alice", will=(forged, b'{"v": 1, "name": "ECHO"}'))
@@ -333,7 +333,7 @@ def test_a_user_reads_and_cancels_only_their_own_tasks(
         assert bob.wait(bob.submit("ECHO", {"x": 1}), timeout=30)["args"] == {"x": 1}
         assert alice.wait(alice.submit("ECHO", 2), timeout=30)["args"] == 2
         long_id = bob.submit("BLOCK", {"gate": str(tmp_path / "never"), "limit_s": 60})
-        wait_for(lambda: bob.get(long_id).status == Status.RUNNING, 20, "bob's task to run")
+        wait_until(lambda: bob.get(long_id).status == Status.RUNNING, 20, "bob's task to run")
 
         spy = secure.login("alice")
         assert spy.connect()
@@ -357,7 +357,7 @@ def test_a_user_reads_and_cancels_only_their_own_tasks(
         spy.publish(secure.t("users/bob/cancel"), forged_cancel)
         # (the control: her own query is answered on her own topics)
         spy.publish(secure.t("users/alice/query"), b'{"v": 1, "ids": ["no-such-task"]}')
-        wait_for(
+        wait_until(
             lambda: any(
                 t.startswith(secure.t("users/alice/")) and not t.endswith("query")
                 for t in spy.topics()
@@ -390,7 +390,7 @@ def test_a_node_reads_only_its_own_assignments_and_cannot_act_as_a_user(
 ) -> None:
     with Client(secure.settings("bob"), user="bob") as bob:
         long_id = bob.submit("BLOCK", {"gate": str(tmp_path / "never"), "limit_s": 60})
-        wait_for(lambda: bob.get(long_id).status == Status.RUNNING, 20, "bob's task to run")
+        wait_until(lambda: bob.get(long_id).status == Status.RUNNING, 20, "bob's task to run")
         assert watcher.got(secure.t("nodes/n1/assign"))  # n1 has a retained assignment
 
         n2 = secure.login("n2")
@@ -409,7 +409,7 @@ def test_a_node_reads_only_its_own_assignments_and_cannot_act_as_a_user(
             n2.publish(secure.t(t), p)
         marker = secure.t("nodes/n2/heartbeat")
         n2.publish(marker, b"{}")
-        wait_for(lambda: watcher.got(marker), 10, "n2's own heartbeat")
+        wait_until(lambda: watcher.got(marker), 10, "n2's own heartbeat")
         probe(n2, secure)
         assert not any(
             t.startswith(secure.t("nodes/n1/")) or t.startswith(secure.t("users/"))
@@ -432,7 +432,7 @@ def test_a_monitor_reads_stats_and_publishes_nothing_but_its_presence(
     mon = secure.login("mon")
     assert mon.connect()
     assert mon.subscribe(secure.t("balancer/stats"))
-    wait_for(lambda: mon.got(secure.t("balancer/stats")), 10, "the balancer's stats")
+    wait_until(lambda: mon.got(secure.t("balancer/stats")), 10, "the balancer's stats")
     assert not mon.subscribe(secure.t("users/alice/#")) or secure.kind == "mosquitto"
     forbidden = [
         "users/alice/submit",
@@ -450,7 +450,7 @@ def test_a_monitor_reads_stats_and_publishes_nothing_but_its_presence(
         mon.publish(secure.t(t), b'{"v": 1, "ids": []}')
     marker = secure.t("dashboard/status")
     mon.publish(marker, b'{"v": 1, "online": false}')
-    wait_for(lambda: watcher.got(marker), 10, "the monitor's presence")
+    wait_until(lambda: watcher.got(marker), 10, "the monitor's presence")
     for t in forbidden:
         assert all(
             p != b'{"v": 1, "ids": []}' for tt, p in watcher.messages if tt == secure.t(t)
@@ -519,11 +519,11 @@ def test_hashing_runs_off_the_brokers_loop(tmp_path: Path) -> None:
         assert a.subscribe(topic)
         for i in range(20):  # 20 round trips while the slow login is being checked
             a.publish(topic, str(i))
-            wait_for(lambda i=i: (topic, str(i).encode()) in a.messages, 5, "an echo")
+            wait_until(lambda i=i: (topic, str(i).encode()) in a.messages, 5, "an echo")
             if not slow.connack:
                 echoes += 1
         assert echoes == 20, "the broker stalled while it checked a password"
-        wait_for(lambda: slow.connack, 30, "the slow login")
+        wait_until(lambda: slow.connack, 30, "the slow login")
         assert not slow.connack[0].is_failure
         slow.close()
         a.close()
@@ -707,7 +707,7 @@ def test_an_oversized_subscribe_or_a_qos2_publish_ends_only_that_connection(
     probe_topic = f"p/probe/{bystander.client_id}"
     assert bystander.subscribe(probe_topic)
     bystander.publish(probe_topic, b"still here")
-    wait_for(lambda: bystander.got(probe_topic), 10, "the bystander's round trip")
+    wait_until(lambda: bystander.got(probe_topic), 10, "the bystander's round trip")
     assert not bystander.closed.is_set()
     for c in (bystander, mon, user):
         c.close()
@@ -726,7 +726,7 @@ def test_subscriptions_are_capped_and_unsubscribed_filters_forgotten(
         topics = [f"p/users/alice/x{i}-{j}" for j in range(60)]
         assert all(alice.subscribe(t) for t in topics)
         alice.c.unsubscribe(topics)
-        wait_for(lambda: len(b._subscriptions) == before, 5, "the filters to be forgotten")
+        wait_until(lambda: len(b._subscriptions) == before, 5, "the filters to be forgotten")
     granted = [alice.subscribe(f"p/users/alice/y{j}") for j in range(MAX_SUBSCRIPTIONS + 5)]
     assert granted.count(True) == MAX_SUBSCRIPTIONS and not any(granted[MAX_SUBSCRIPTIONS:])
     alice.close()
@@ -742,7 +742,7 @@ def test_retained_messages_only_where_the_role_may_retain(
     mon.c.publish(
         "p/dashboard/status", b'{"v": 1, "online": true}', qos=1, retain=True
     ).wait_for_publish(5)
-    wait_for(lambda: "p/dashboard/status" in b._retained_messages, 5, "the presence")
+    wait_until(lambda: "p/dashboard/status" in b._retained_messages, 5, "the presence")
     assert f"p/probe/{mon.client_id}" not in b._retained_messages
     mon.close()
 
@@ -765,12 +765,12 @@ def test_a_flood_of_wrong_passwords_does_not_hold_up_a_known_login(tmp_path: Pat
             c.c.loop_start()
             flood.append(c)
         b = bt.patched
-        wait_for(lambda: b._hashes_waiting >= 20, 30, "the flood to queue up at the broker")
+        wait_until(lambda: b._hashes_waiting >= 20, 30, "the flood to queue up at the broker")
         again = logged_in(broker.port, "bob")
         answered = sum(1 for c in flood if c.connack)
         assert answered <= 6, f"bob waited for {answered} of the flood's logins"
         again.close()
-        wait_for(
+        wait_until(
             lambda: all(c.connack or c.closed.is_set() for c in flood),
             60,
             "the flood to be answered",
@@ -791,7 +791,7 @@ def test_a_persistent_session_does_not_keep_rights_its_login_lost(
     assert mon.connect()
     assert mon.subscribe("p/balancer/#")
     mon.close()
-    wait_for(
+    wait_until(
         lambda: b._sessions["mon-kept"][0].transitions.state != "connected",
         5,
         "the broker to see it leave",
@@ -805,7 +805,7 @@ def test_a_persistent_session_does_not_keep_rights_its_login_lost(
     lb = logged_in(broker.port, "lb")
     lb.publish("p/balancer/history", b"secret")
     lb.publish("p/users/mon/events", b"hers")
-    wait_for(lambda: back.got("p/users/mon/events"), 10, "its own events")
+    wait_until(lambda: back.got("p/users/mon/events"), 10, "its own events")
     assert not back.got("p/balancer/history")
     for c in (back, lb):
         c.close()
@@ -833,7 +833,7 @@ def test_the_brokers_refusals_are_counted_in_the_balancers_stats(
         spy = logged_in(broker.port, "alice")
         assert not spy.subscribe(f"{prefix}/users/bob/#")
         spy.close()
-        wait_for(
+        wait_until(
             lambda: (
                 system.stats().broker_refused.get("logins") == 1
                 and system.stats().broker_refused.get("denied") == 1

@@ -18,7 +18,7 @@ from lbmqtt.config import Settings
 from lbmqtt.node import Node
 from lbmqtt.service import LoopFailed, Loops
 
-from .conftest import ROOT, TEST_TASKS, LoopThread, System, wait_for
+from .conftest import ROOT, TEST_TASKS, LoopThread, System, wait_until
 
 
 def test_a_loop_that_raises_is_logged_stops_the_others_and_is_raised_by_stop(
@@ -222,7 +222,7 @@ def test_up_starts_a_balancer_whose_loop_died_again(tmp_path: Path) -> None:
     try:
         # When the balancer's stats loop raises
         marker.touch()
-        wait_for(
+        wait_until(
             lambda: "balancer is back" in up.text() or up.proc.poll() is not None,
             60,
             "`up` to start the balancer again",
