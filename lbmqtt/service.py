@@ -10,7 +10,7 @@ loop's error: a component raises it from its ``stop()`` once it has shut down.
 :func:`run` is what ``Balancer.run`` and ``Node.run`` share: signal handlers, start, wait
 until ready (then ``on_ready``), wait for ``stop`` (or a dead loop), optionally drain, stop.
 
-A component adopts both with a few lines (the balancer does; the node can as well)::
+A component adopts both with a few lines (the balancer and the node do)::
 
     class Node:
         def __init__(self, ...):
@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from .errors import LbmqttError
@@ -67,9 +67,22 @@ class Loops:
         self.dead = asyncio.Event()
         """Set when a loop died."""
         self._runner: asyncio.Task[None] | None = None
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        """The running loops by name (a loop cancelled alone just ends: fault injection)."""
+        self.closing = False
+        """Set by the component when it starts to stop: a loop may then return."""
+        self._once: frozenset[str] = frozenset()
 
-    async def start(self, loops: Mapping[str, LoopFn]) -> None:
-        """Start the loops (named by the keys of ``loops``)."""
+    async def start(self, loops: Mapping[str, LoopFn], *, once: Iterable[str] = ()) -> None:
+        """Start the loops (named by the keys of ``loops``).
+
+        Args:
+            loops: name -> the loop's coroutine function.
+            once: the names of loops that end by returning (e.g. one that waits until the
+                component is ready). Any other loop that returns before :attr:`closing` is
+                set has stopped by mistake: it counts as dead.
+        """
+        self._once = frozenset(once)
         started = asyncio.Event()
         self._runner = asyncio.create_task(
             self._supervise(loops, started), name=f"{self.owner}-loops"
@@ -80,7 +93,7 @@ class Loops:
         try:
             async with asyncio.TaskGroup() as tg:
                 for name, fn in loops.items():
-                    tg.create_task(self._guarded(name, fn), name=name)
+                    self.tasks[name] = tg.create_task(self._guarded(name, fn), name=name)
                 started.set()
         except BaseExceptionGroup:
             pass  # (logged by _guarded; the error is in self.error)
@@ -94,11 +107,17 @@ class Loops:
             raise
         except BaseException as exc:
             log.exception("%s: the %s loop died", self.owner, name)
-            if self.error is None:
-                self.error = LoopFailed(f"{self.owner}: the {name} loop died: {exc!r}")
-                self.error.__cause__ = exc
-            self.dead.set()
+            self._died(f"{self.owner}: the {name} loop died: {exc!r}", exc)
             raise
+        if name not in self._once and not self.closing:
+            log.error("%s: the %s loop returned: it should run until the end", self.owner, name)
+            self._died(f"{self.owner}: the {name} loop returned", None)
+
+    def _died(self, message: str, cause: BaseException | None) -> None:
+        if self.error is None:
+            self.error = LoopFailed(message)
+            self.error.__cause__ = cause
+        self.dead.set()
 
     @property
     def running(self) -> bool:
@@ -106,13 +125,14 @@ class Loops:
 
     async def stop(self) -> None:
         """Cancel the loops and wait for them. A loop's error is kept (see
-        :meth:`raise_if_failed`), not swallowed."""
+        :meth:`raise_if_failed`), not swallowed; a cancellation of the caller is not
+        swallowed either."""
+        self.closing = True
         runner, self._runner = self._runner, None
         if runner is None:
             return
         runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
+        await asyncio.wait([runner])
 
     def raise_if_failed(self) -> None:
         """Raises:

@@ -40,7 +40,7 @@ def _silence_n1_and_deafen_the_balancer(running: System) -> float:
     probe that did."""
     b, node = running.balancer, running.nodes[0]
     assert b is not None
-    running.lt.call(lambda: [t.cancel() for t in node._bg if t.get_name() == "node-heartbeat"])
+    running.lt.call(node.loops.tasks["node-heartbeat"].cancel)
     running.lt.call(lambda: b._transport.unsubscribe(b.topics.balancer_probe))
     return float(running.lt.call(lambda: b.fleet.heard_until))
 

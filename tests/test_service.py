@@ -74,6 +74,75 @@ def test_stopping_healthy_loops_cancels_them_and_raises_nothing() -> None:
     asyncio.run(scenario())
 
 
+def test_a_loop_that_returns_by_mistake_counts_as_dead_but_a_one_shot_loop_may_return(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        loops = Loops("thing")
+        ready = asyncio.Event()
+
+        async def one_shot() -> None:
+            ready.set()
+
+        async def forgetful() -> None:
+            await ready.wait()  # (returns: a `while True` lost in an edit)
+
+        async def forever() -> None:
+            await asyncio.Event().wait()
+
+        with caplog.at_level(logging.ERROR, logger="lbmqtt.service"):
+            await loops.start(
+                {"thing-ready": one_shot, "thing-forgetful": forgetful, "thing-forever": forever},
+                once={"thing-ready"},
+            )
+            await asyncio.wait_for(loops.dead.wait(), 5)
+        await loops.stop()
+        with pytest.raises(LoopFailed, match="the thing-forgetful loop returned"):
+            loops.raise_if_failed()
+        assert "thing-ready" not in caplog.text
+
+    asyncio.run(scenario())
+
+
+def test_loops_that_return_while_closing_are_not_dead() -> None:
+    async def scenario() -> None:
+        loops = Loops("thing")
+        done = asyncio.Event()
+
+        async def until_done() -> None:
+            await done.wait()
+
+        await loops.start({"thing-work": until_done})
+        loops.closing = True  # (the component begins to stop: its loops wind down)
+        done.set()
+        await asyncio.sleep(0)
+        await loops.stop()
+        assert not loops.dead.is_set()
+        loops.raise_if_failed()
+
+    asyncio.run(scenario())
+
+
+def test_stopping_loops_does_not_swallow_a_cancellation_of_the_caller() -> None:
+    async def scenario() -> None:
+        loops = Loops("stubborn")
+        release = asyncio.Event()
+
+        async def slow_to_die() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await release.wait()  # its clean-up takes a while
+
+        await loops.start({"stubborn-loop": slow_to_die})
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await loops.stop()  # the caller's time is up: it must hear so
+        release.set()
+
+    asyncio.run(scenario())
+
+
 def test_a_balancer_whose_loop_dies_logs_it_and_run_raises(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

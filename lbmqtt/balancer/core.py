@@ -274,7 +274,8 @@ class Balancer:
                 "balancer-stats": self._stats_loop,
                 "balancer-expiry": self._expiry_loop,
                 "balancer-ready": self._ready_watch,
-            }
+            },
+            once={"balancer-ready"},
         )
 
     def _start_metrics(self) -> None:
@@ -323,6 +324,7 @@ class Balancer:
             LoopFailed: a background loop had died (once everything else is stopped).
         """
         t = self._transport
+        self.loops.closing = True
         if self._history_timer is not None:
             self._history_timer.cancel()
         await self.loops.stop()

@@ -194,7 +194,7 @@ class Node:
         self.reports.transport = self._transport
         self.supervisor.add_groups(groups, args)
         # the worker processes start while the node connects
-        await self.loops.start(dict(self._loops()))
+        await self.loops.start(dict(self._loops()), once={"node-ready"})
         await self._transport.start()
         log.info(
             "node %s: %d worker slots in %d groups, tasks: %s",
@@ -276,6 +276,7 @@ class Node:
         if self._stopping:
             return
         self._stopping = True
+        self.loops.closing = True  # (a worker loop returns once its worker is killed)
         self.supervisor.stopping = True  # a worker that dies from here on stays dead
         t = self._transport
         if t is not None and t.connected:

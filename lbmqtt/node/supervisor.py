@@ -541,7 +541,7 @@ class Supervisor:
         waiting = self._take_back(w)
         w.queue.clear()
         if lt is not None and lt.state == "running" and self.held.get(lt.a.id) is lt:
-            how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
+            how = f"signal {_signal_name(-rc)}" if rc < 0 else f"exit code {rc}"
             log.warning("worker process %d died (%s) while running task %s", w.pid, how, lt.a.id)
             self._finish(
                 lt,
@@ -562,3 +562,11 @@ class Supervisor:
         if waiting and not self.stopping:
             self.dispatch()  # to the other workers
         self.on_change()
+
+
+def _signal_name(signum: int) -> str:
+    """SIGKILL for 9; the number for a signal the enum lacks (real-time ones: 34..64)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
