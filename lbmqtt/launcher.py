@@ -5,9 +5,8 @@ dashboard and a local node, each as ``python -m lbmqtt <command>`` in its own pr
 session, and waits for each to say it is ready (one JSON line on an inherited pipe).
 Ctrl-C or SIGTERM stops them in reverse order (SIGTERM, then SIGKILL after a grace
 period). If one of them dies it is started again (the broker on the same port; a restarted
-balancer resumes every task from its journal): at once the first time, after a growing delay
-(up to a few seconds) when it dies again soon after; one that dies 5 times within a minute
-stops them all. Each child also asks the kernel
+balancer resumes every task from its journal); one that dies 5 times within a minute stops
+them all. Each child also asks the kernel
 to signal it if this supervisor dies, so none is left behind even after a SIGKILL.
 """
 
@@ -25,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backoff import Backoff, compute_backoff
+from .backoff import Backoff
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -35,13 +34,8 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-RESTART_MIN_S = 0.5
-RESTART_MAX_S = 4.0
-"""A child that dies again soon after it was started again waits from RESTART_MIN_S,
-doubling, up to this before its next start (the first restart is immediate)."""
-RESTART_STABLE_S = 30.0
-"""A child that ran this long since its last start counts as well again: if it dies, it is
-started again at once."""
+RESTART_RETRY_S = 1.0
+"""How often a start that failed is tried again (see :func:`_respawn`)."""
 
 
 class LaunchError(Exception):
@@ -128,7 +122,7 @@ def _respawn(
     """Start a part again; retried for a while (a restarted balancer may first see its dead
     predecessor still "online" until the broker has fired that one's will)."""
     deadline = time.monotonic() + timeout_s
-    retry = Backoff(min_s=1.0, max_s=RESTART_MAX_S, jitter=False)
+    retry = Backoff(min_s=RESTART_RETRY_S, max_s=RESTART_RETRY_S, jitter=False)
     while True:
         try:
             return spawn(name, args, env=env)
@@ -138,40 +132,22 @@ def _respawn(
             time.sleep(retry.next())  # a supervisor's back-off
 
 
-def restart_delay(deaths_in_a_row: int) -> float:
-    """How long to wait before starting again a child that died ``deaths_in_a_row`` times
-    (1 for the first) with less than ``RESTART_STABLE_S`` of running between them: the first
-    time none, then from ``RESTART_MIN_S`` doubling up to ``RESTART_MAX_S``."""
-    if deaths_in_a_row <= 1:
-        return 0.0
-    return compute_backoff(
-        deaths_in_a_row - 2, min_s=RESTART_MIN_S, max_s=RESTART_MAX_S, jitter=False
-    )
-
-
 class Restarts:
     """The supervisor's rule for its children (by name), times from ``time.monotonic``: one
-    that died is started again after :func:`restart_delay`, unless it died more than
-    ``MAX_RESTARTS`` times within ``RESTART_WINDOW_S``."""
+    that died is started again at once, unless it died more than ``MAX_RESTARTS`` times
+    within ``RESTART_WINDOW_S``."""
 
     def __init__(self) -> None:
-        self._started: dict[str, float] = {}
         self._restarts: dict[str, list[float]] = {}  # (within the window)
-        self._in_a_row: dict[str, int] = {}  # (deaths without a good run between them)
 
-    def started(self, name: str, now: float) -> None:
-        """``name`` was (started again and) is ready."""
-        self._started[name] = now
-
-    def died(self, name: str, now: float) -> float | None:
-        """``name`` has died: the delay before its next start, or None to give up."""
+    def died(self, name: str, now: float) -> int | None:
+        """``name`` has died: how many times within the window, this one included, or None
+        when that is too many (give up)."""
         recent = [t for t in self._restarts.get(name, []) if now - t < RESTART_WINDOW_S]
         if len(recent) >= MAX_RESTARTS:
             return None
         self._restarts[name] = [*recent, now]
-        ran_well = now - self._started.get(name, now) >= RESTART_STABLE_S
-        self._in_a_row[name] = 1 if ran_well else self._in_a_row.get(name, 0) + 1
-        return restart_delay(self._in_a_row[name])
+        return len(recent) + 1
 
 
 def stop_children(
@@ -318,40 +294,24 @@ def up(
                 del b_args[i : i + 2]
             specs["broker"] = [*b_args, "--broker-port", common[common.index("--broker-port") + 1]]
         restarts = Restarts()
-        for c in children:
-            restarts.started(c.name, time.monotonic())
-        restart_at: dict[str, float] = {}  # the dead ones waiting for their next start
         while not stopping:
             for i, c in enumerate(children):
                 rc = c.proc.poll()
                 if rc is None:
                     continue
-                now = time.monotonic()
-                if c.name not in restart_at:  # it has just died
-                    delay = restarts.died(c.name, now)
-                    if delay is None:
-                        log.error(
-                            "%s exited unexpectedly (status %s) %d times within %g s: "
-                            "stopping the others",
-                            c.name,
-                            rc,
-                            MAX_RESTARTS + 1,
-                            RESTART_WINDOW_S,
-                        )
-                        stop_children(children, node_grace_s=node_grace)
-                        return 1
-                    log.warning(
-                        "%s exited unexpectedly (status %s): starting it again%s",
+                if restarts.died(c.name, time.monotonic()) is None:
+                    log.error(
+                        "%s exited unexpectedly (status %s) %d times within %g s: "
+                        "stopping the others",
                         c.name,
                         rc,
-                        f" in {delay:g} s" if delay else "",
+                        MAX_RESTARTS + 1,
+                        RESTART_WINDOW_S,
                     )
-                    restart_at[c.name] = now + delay
-                if now < restart_at[c.name]:
-                    continue  # (the others are watched meanwhile)
-                del restart_at[c.name]
+                    stop_children(children, node_grace_s=node_grace)
+                    return 1
+                log.warning("%s exited unexpectedly (status %s): starting it again", c.name, rc)
                 children[i] = _respawn(c.name, specs[c.name], lambda: stopping, env=c.env)
-                restarts.started(c.name, time.monotonic())
                 print(f"lbmqtt: {c.name} is back", flush=True)
             time.sleep(0.2)  # a supervisor's poll, not a test wait
         print("lbmqtt: stopping...", flush=True)
