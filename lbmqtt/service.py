@@ -141,6 +141,56 @@ class Loops:
             raise self.error
 
 
+class Changes:
+    """A component's "my state may have changed", for whoever waits for a condition on it
+    (tests, as with dramatiq's ``broker.join()`` or arq's ``burst``): the component calls
+    :meth:`notify` after each change, a waiter awaits :meth:`until`. No polling.
+
+    Args:
+        owner: the component, for messages (``"balancer"``, ``"node n1"``).
+    """
+
+    def __init__(self, owner: str):
+        self.owner = owner
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def notify(self) -> None:
+        """The state may have changed: wake every waiter (they check once the caller's
+        step is done)."""
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for f in waiters:
+                if not f.done():
+                    f.set_result(None)
+
+    def next(self) -> asyncio.Future[None]:
+        """A future that is done at the next :meth:`notify`."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return fut
+
+    async def until(self, check: Callable[[], object], timeout_s: float, what: str) -> None:
+        """Return once ``check()`` is true: checked now, then after every notify.
+
+        Raises:
+            TimeoutError: it was not true within ``timeout_s`` (the message says ``what``).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not check():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{self.owner}: timed out after {timeout_s:g} s waiting for {what}"
+                )
+            fut = self.next()
+            await asyncio.wait([fut], timeout=remaining)
+            if not fut.done():
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+
+
 class Component(Protocol):
     """What :func:`run` runs: a long-lived part with supervised loops."""
 

@@ -122,7 +122,8 @@ class Balancer:
         self.loops = service.Loops("balancer")
         self._transport: MqttTransport | None = None
         self._tick_soon = False
-        self._ticked: asyncio.Event | None = None  # (for until(): set by every tick)
+        self.changes = service.Changes("balancer")
+        """Notified by every tick (:meth:`until`)."""
         self._connects = 0
         self._history_sent_at = -1e9
         self._history_timer: asyncio.TimerHandle | None = None
@@ -210,23 +211,8 @@ class Balancer:
         Raises:
             TimeoutError: it was not true within ``timeout_s`` (says what was awaited).
         """
-        if predicate(self):
-            return
-        if self._ticked is None:
-            self._ticked = asyncio.Event()
-        ticked = self._ticked
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    ticked.clear()
-                    await ticked.wait()
-                    if predicate(self):
-                        return
-        except TimeoutError:
-            raise TimeoutError(
-                f"balancer: not {what or getattr(predicate, '__name__', 'true')} "
-                f"within {timeout_s:g} s"
-            ) from None
+        name = what or str(getattr(predicate, "__name__", repr(predicate)))
+        await self.changes.until(lambda: predicate(self), timeout_s, name)
 
     async def join(self, timeout_s: float = 30.0) -> None:
         """Return once no task is queued or placed (every task finished).
@@ -509,8 +495,7 @@ class Balancer:
 
     def _tick(self) -> None:
         self._tick_soon = False
-        if self._ticked is not None:
-            self._ticked.set()  # (the waiters of until() look once this tick is done)
+        self.changes.notify()  # (the waiters of until() look once this tick is done)
         table = self.table
         if table.round_wanted and not self.journal_writer.error:
             # (while the journal fails, no placement: its set could not go out, and the

@@ -102,15 +102,20 @@ class Node:
         self._transport: MqttTransport | None = None
         self._hb_seq = 0
         self._stopping = False
-        self._waiters: list[asyncio.Future[None]] = []
+        self.changes = service.Changes(f"node {self.name}")
+        """Notified at every change of the tasks it holds (:meth:`until`)."""
         self._all_names: list[str] = []
         self._group_info: list[GroupInfo] = []
         self.started_at = time.time()
         self.counters = {"started": 0, "done": 0, "failed": 0, "lost": 0, "killed": 0}
         self.reports = ReportBatcher(
-            self.name, self.instance, self.topics.reports(self.name), self._local, self._changed
+            self.name,
+            self.instance,
+            self.topics.reports(self.name),
+            self._local,
+            self.changes.notify,
         )
-        self.supervisor = Supervisor(self._local, self.reports, self.counters, self._changed)
+        self.supervisor = Supervisor(self._local, self.reports, self.counters, self.changes.notify)
         self.reports.busy = self.supervisor.busy
 
     # --------------------------------------------------------------- registry
@@ -256,7 +261,7 @@ class Node:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            waits: list[asyncio.Future[Any]] = [self._next_change()]
+            waits: list[asyncio.Future[Any]] = [self.changes.next()]
             if urgent is not None:
                 waits.append(asyncio.ensure_future(urgent.wait()))
             await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
@@ -351,19 +356,6 @@ class Node:
 
     # --------------------------------------------------------------- waiting
 
-    def _changed(self) -> None:
-        """The state of a held task may have changed: wake those waiting for a state."""
-        if self._waiters:
-            waiters, self._waiters = self._waiters, []
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
-
-    def _next_change(self) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        return fut
-
     async def until(
         self, predicate: Callable[[Node], object], timeout_s: float, what: str | None = None
     ) -> None:
@@ -379,21 +371,8 @@ class Node:
         Raises:
             TimeoutError: the predicate did not hold within ``timeout_s``.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not predicate(self):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                name = what or getattr(predicate, "__name__", repr(predicate))
-                raise TimeoutError(
-                    f"node {self.name}: timed out after {timeout_s:g} s waiting for {name}"
-                )
-            fut = self._next_change()
-            await asyncio.wait([fut], timeout=remaining)
-            if not fut.done():
-                fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+        name = what or str(getattr(predicate, "__name__", repr(predicate)))
+        await self.changes.until(lambda: predicate(self), timeout_s, name)
 
     async def join(self, timeout_s: float) -> None:
         """Wait until the node holds no task: every task it was given has finished and
@@ -495,7 +474,7 @@ class Node:
                 self.topics.node_status(self.name), self._status().encode(), qos=1, retain=True
             )
         self.supervisor.dispatch()
-        self._changed()
+        self.changes.notify()
 
     # --------------------------------------------------------------- background
 
