@@ -28,7 +28,7 @@ Roles (:data:`ROLES`):
     everything under the topic prefix.
 
 Every role may also use ``probe/%c`` (its own client id): the retained-message probe of
-:func:`lbmqtt.mqtt.read_retained`.
+:func:`lbmqtt.health.read_retained`.
 """
 
 from __future__ import annotations

@@ -8,15 +8,19 @@ turns it to offline at once, a frozen peer after 1.5 x its keep-alive).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import ssl
+from collections.abc import Sequence
 from typing import TypeVar
 
 from pydantic import BaseModel
 
 from .config import Settings
 from .errors import BrokerUnavailable, DecodeError
-from .mqtt import read_retained, tls_context
-from .protocol import decode
+from .mqtt import MqttTransport, client_id, tls_context
+from .protocol import Topics, decode
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +57,55 @@ async def online_status(settings: Settings, topic: str, model: type[S], *, what:
     except DecodeError:
         return None
     return status if getattr(status, "online", False) else None
+
+
+async def read_retained(
+    *,
+    host: str,
+    port: int,
+    filters: Sequence[str],
+    prefix: str,
+    username: str | None = None,
+    password: str | None = None,
+    tls: ssl.SSLContext | None = None,
+    timeout_s: float = 5.0,
+) -> dict[str, bytes]:
+    """The retained messages on ``filters`` right now, read by a short-lived connection.
+
+    The broker sends the retained messages of a subscription before it handles the next
+    packet of the same client, so a probe message published after subscribing comes back
+    after all of them: no guessing how long to wait.
+
+    Raises:
+        BrokerUnavailable: the broker is not reachable within ``timeout_s``.
+    """
+    cid = client_id("probe")
+    probe = Topics(prefix).probe(cid)  # (the access rules grant every login its own)
+    got: dict[str, bytes] = {}
+    echoed = asyncio.Event()
+
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        if topic == probe:
+            echoed.set()
+        elif retained and payload:
+            got[topic] = payload
+
+    t = MqttTransport(
+        host=host,
+        port=port,
+        client_id=cid,
+        on_message=on_message,
+        username=username,
+        password=password,
+        tls=tls,
+        subscriptions=[*((f, 1) for f in filters), (probe, 1)],
+        connect_timeout_s=timeout_s,
+    )
+    try:
+        await t.start(wait=True, timeout_s=timeout_s)
+        t.publish(probe, b"", qos=1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(echoed.wait(), timeout_s)
+    finally:
+        await t.close()
+    return got

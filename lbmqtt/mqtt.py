@@ -13,9 +13,10 @@ Facts this module is built on (NOTES.md):
 * An exception escaping a paho callback breaks paho's state: every callback is wrapped.
 * Publishing to a ``$`` topic makes an amqtt connection a zombie: refused here.
 
-This module writes no topic: callers pass filters and a message handler (the probe of
-:func:`read_retained` comes from :class:`~lbmqtt.protocol.Topics`). Client ids and the
-connection options from the settings are in :mod:`lbmqtt.connect`.
+This module writes no topic: callers pass filters and a message handler. Client ids and the
+connection options from the settings are in :mod:`lbmqtt.connect`; the short-lived reader of
+retained messages, :func:`lbmqtt.health.read_retained`, is built on the transport. The
+transport's own loops are watched by its owner's supervised loops (:meth:`MqttTransport.watch`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import select
 import socket
 import ssl
@@ -36,10 +36,11 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
+from .backoff import compute_backoff
 from .connect import client_id, connection_options, tls_context
 from .errors import BrokerUnavailable, ConfigError
 from .paho_fixes import PahoClient, coalesce
-from .protocol import Topics, validate_topic_for_publish
+from .protocol import validate_topic_for_publish
 
 __all__ = [
     "MessageHandler",
@@ -47,7 +48,6 @@ __all__ = [
     "Will",
     "client_id",
     "connection_options",
-    "read_retained",
     "tls_context",
 ]
 
@@ -150,6 +150,7 @@ class MqttTransport:
         self._writer_fd: int | None = None
         self._write_soon = False
         self._connected = False
+        self._started = asyncio.Event()  # (start() has created the loops)
         self._ready = asyncio.Event()  # connected and subscriptions acknowledged
         self._connack = asyncio.Event()
         self._session_ended: asyncio.Event | None = None
@@ -188,8 +189,19 @@ class MqttTransport:
             asyncio.create_task(self._connection_loop(), name=f"mqtt-connect-{self.client_id}"),
             asyncio.create_task(self._misc_loop(), name=f"mqtt-misc-{self.client_id}"),
         ]
+        self._started.set()
         if wait:
             await self.wait_ready(timeout_s if timeout_s is not None else self._connect_timeout)
+
+    async def watch(self) -> None:
+        """Run as one of the owner's supervised loops (:class:`lbmqtt.service.Loops`): wait
+        until one of the transport's own loops dies, and raise its error, so that the owner
+        goes down with a traceback instead of staying up deaf."""
+        await self._started.wait()
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                raise exc
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Wait until connected with subscriptions acknowledged.
@@ -334,8 +346,8 @@ class MqttTransport:
             loop.call_soon_threadsafe(fn)
 
     def _backoff(self, attempt: int) -> float:
-        base = min(self._reconnect_max, self._reconnect_min * (2 ** min(attempt, 20)))
-        return float(base * random.uniform(0.5, 1.0))
+        lo, hi = self._reconnect_min, self._reconnect_max
+        return compute_backoff(attempt, min_s=lo, max_s=max(lo, hi))
 
     async def _connection_loop(self) -> None:
         assert self._loop is not None
@@ -635,55 +647,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}"
-
-
-async def read_retained(
-    *,
-    host: str,
-    port: int,
-    filters: Sequence[str],
-    prefix: str,
-    username: str | None = None,
-    password: str | None = None,
-    tls: ssl.SSLContext | None = None,
-    timeout_s: float = 5.0,
-) -> dict[str, bytes]:
-    """The retained messages on ``filters`` right now, read by a short-lived connection.
-
-    The broker sends the retained messages of a subscription before it handles the next
-    packet of the same client, so a probe message published after subscribing comes back
-    after all of them: no guessing how long to wait.
-
-    Raises:
-        BrokerUnavailable: the broker is not reachable within ``timeout_s``.
-    """
-    cid = client_id("probe")
-    probe = Topics(prefix).probe(cid)  # (the access rules grant every login its own)
-    got: dict[str, bytes] = {}
-    echoed = asyncio.Event()
-
-    def on_message(topic: str, payload: bytes, retained: bool) -> None:
-        if topic == probe:
-            echoed.set()
-        elif retained and payload:
-            got[topic] = payload
-
-    t = MqttTransport(
-        host=host,
-        port=port,
-        client_id=cid,
-        on_message=on_message,
-        username=username,
-        password=password,
-        tls=tls,
-        subscriptions=[*((f, 1) for f in filters), (probe, 1)],
-        connect_timeout_s=timeout_s,
-    )
-    try:
-        await t.start(wait=True, timeout_s=timeout_s)
-        t.publish(probe, b"", qos=1)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(echoed.wait(), timeout_s)
-    finally:
-        await t.close()
-    return got

@@ -15,6 +15,7 @@ import pytest
 from lbmqtt import Client
 from lbmqtt.balancer import Balancer
 from lbmqtt.config import Settings
+from lbmqtt.mqtt import MqttTransport
 from lbmqtt.node import Node
 from lbmqtt.service import LoopFailed, Loops
 
@@ -198,6 +199,28 @@ def test_a_node_whose_loop_dies_logs_it_stops_its_workers_and_run_raises(
     assert "RuntimeError: injected fault" in caplog.text  # with its traceback
     assert readied == ["n-dies"]
     assert not n.loops.running  # and it stopped: its worker loops are gone too
+
+
+def test_a_balancer_whose_mqtt_transport_dies_goes_down_rather_than_on_deaf(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given an MQTT transport whose housekeeping loop raises (fault injection)
+    async def broken(self: MqttTransport) -> None:
+        raise RuntimeError("injected transport fault")
+
+    monkeypatch.setattr(MqttTransport, "_misc_loop", broken)
+    lt = LoopThread()
+    try:
+        b = Balancer(settings)
+        # When a balancer runs on it, Then run() ends with the transport's error
+        with (
+            caplog.at_level(logging.ERROR, logger="lbmqtt.service"),
+            pytest.raises(LoopFailed, match="balancer-transport loop died"),
+        ):
+            lt.run(b.run(), timeout=30)
+    finally:
+        lt.close()
+    assert "RuntimeError: injected transport fault" in caplog.text
 
 
 def test_the_balancer_command_exits_non_zero_when_a_loop_dies(settings: Settings) -> None:

@@ -260,6 +260,7 @@ class Balancer:
                 "balancer-stats": self._stats_loop,
                 "balancer-expiry": self._expiry_loop,
                 "balancer-ready": self._ready_watch,
+                "balancer-transport": self._transport.watch,
             },
             once={"balancer-ready"},
         )

@@ -480,10 +480,13 @@ class Node:
 
     def _loops(self) -> list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]]:
         """Every background loop of the node, named: its own, and one per worker slot."""
+        t = self._transport
+        assert t is not None
         return [
             ("node-heartbeat", self._heartbeat_loop),
             ("node-resend", self._resend_loop),
             ("node-ready", self._ready_watch),
+            ("node-transport", t.watch),
             *self.supervisor.loops(),
         ]
 
