@@ -13,13 +13,20 @@ faster than a named one (which pickles a reference to its class).
 
 node -> worker: :class:`Run`, :class:`Skip`.
 worker -> node: :class:`Hello`, :class:`TaskProgress`, :class:`Done`, :class:`Failed`.
+
+Also here: what a worker is told at start-up about the task functions registered on a
+``Node`` object (:class:`TaskReference`, a ``--ref`` argument of its command line), and
+the JSON of a task's result (:func:`encode_result` in the worker, :func:`decode_json` in
+the node, which also reads a task's arguments in the worker).
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import struct
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 __all__ = [
     "HEADER",
@@ -30,9 +37,14 @@ __all__ = [
     "Run",
     "Skip",
     "TaskProgress",
+    "TaskReference",
     "WorkerMessageError",
     "decode",
+    "decode_json",
+    "decode_task_reference",
     "encode",
+    "encode_result",
+    "encode_task_reference",
     "take",
 ]
 
@@ -168,3 +180,42 @@ def take(buf: bytearray) -> Message | None:
     body = bytes(buf[HEADER.size : end])
     del buf[:end]
     return decode(kind, body)
+
+
+class TaskReference(NamedTuple):
+    """A task function registered on a ``Node`` object, as its workers import it."""
+
+    name: str
+    ref: str
+    """``module:qualname`` (:func:`lbmqtt.registry.function_reference`)."""
+    style: str = "auto"
+    arguments: Mapping[str, Any] | None = None
+
+
+def encode_task_reference(r: TaskReference) -> str:
+    """One ``--ref`` argument of a worker's command line.
+
+    Raises:
+        TypeError: the entry's ``arguments`` are not JSON values.
+    """
+    return json.dumps({"name": r.name, "ref": r.ref, "style": r.style, "arguments": r.arguments})
+
+
+def decode_task_reference(text: str) -> TaskReference:
+    """The reference of a ``--ref`` argument (:func:`encode_task_reference`)."""
+    d = json.loads(text)
+    return TaskReference(d["name"], d["ref"], d.get("style", "auto"), d.get("arguments"))
+
+
+def encode_result(value: Any) -> bytes:
+    """A task's result as the JSON :class:`Done` carries (strict: no NaN).
+
+    Raises:
+        TypeError, ValueError: the value is not JSON-serializable.
+    """
+    return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+
+
+def decode_json(data: bytes) -> Any:
+    """The value of a task's arguments (:class:`Run`) or result (:class:`Done`)."""
+    return json.loads(data)

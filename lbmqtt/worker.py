@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import socket
@@ -34,7 +33,20 @@ import traceback
 from collections import deque
 from typing import Any
 
-from .protocol_worker import Done, Failed, Hello, Message, Run, Skip, TaskProgress, encode, take
+from .protocol_worker import (
+    Done,
+    Failed,
+    Hello,
+    Message,
+    Run,
+    Skip,
+    TaskProgress,
+    decode_json,
+    decode_task_reference,
+    encode,
+    encode_result,
+    take,
+)
 
 PR_SET_PDEATHSIG = 1
 PROGRESS_MIN_INTERVAL_S = 0.05
@@ -175,10 +187,8 @@ def _load(sources: list[str], refs: list[str]) -> dict[str, Any]:
     reg = load_sources(sources)
     tasks: dict[str, Any] = dict(reg.entries())
     for item in refs:
-        spec = json.loads(item)
-        tasks[spec["name"]] = TaskEntry(
-            resolve_reference(spec["ref"]), spec.get("style", "auto"), spec.get("arguments")
-        )
+        r = decode_task_reference(item)
+        tasks[r.name] = TaskEntry(resolve_reference(r.ref), r.style, r.arguments)
     return tasks
 
 
@@ -230,10 +240,10 @@ def run(channel: Channel, tasks: dict[str, Any]) -> None:
             call = callers.get(name)
             if call is None:
                 raise LookupError(f"this node has no task named {name!r}")
-            args = json.loads(args_json) if args_json else None
+            args = decode_json(args_json) if args_json else None
             result = call(args, Context(channel, job))
             try:
-                data = json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
+                data = encode_result(result)
             except (TypeError, ValueError) as exc:
                 raise TypeError(
                     f"the result of task {name!r} is not JSON-serializable: {exc}"

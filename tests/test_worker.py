@@ -27,9 +27,14 @@ from lbmqtt.protocol_worker import (
     Run,
     Skip,
     TaskProgress,
+    TaskReference,
     WorkerMessageError,
     decode,
+    decode_json,
+    decode_task_reference,
     encode,
+    encode_result,
+    encode_task_reference,
     take,
 )
 
@@ -219,3 +224,14 @@ def test_a_malformed_frame_from_a_worker_does_not_stop_the_node_reading_it(
     w = asyncio.run(scenario())
     assert (w.state, w.pid) == ("dead", 1234)  # the hello was read; then the socket closed
     assert "worker 0: malformed frame (8 bytes)" in caplog.text
+
+
+def test_a_task_reference_and_a_result_come_through_as_they_went_in() -> None:
+    ref = TaskReference("SQUARE", "mymod:square", "pyloadbalancer", {"k": [1, 2]})
+    assert decode_task_reference(encode_task_reference(ref)) == ref
+    assert decode_task_reference('{"name": "N", "ref": "m:f"}') == TaskReference("N", "m:f")
+    assert decode_json(encode_result({"a": [1, 2.5, None]})) == {"a": [1, 2.5, None]}
+    with pytest.raises(ValueError):
+        encode_result(float("nan"))  # (strict JSON, for any MQTT client)
+    with pytest.raises(TypeError):
+        encode_task_reference(TaskReference("N", "m:f", "auto", {"k": object()}))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from ..health import online_status
 from ..mqtt import MqttTransport, Will, client_id, connection_options
 from ..protocol import Assignment, GroupInfo, NodeStatus, Topics, encode_json
 from ..protocol.assign import decode_assignment_set
+from ..protocol_worker import TaskReference, encode_task_reference
 from ..ratelog import LogLimiter
 from ..registry import Registry, function_reference, in_worker, load_sources
 from . import announce
@@ -150,13 +150,10 @@ class Node:
         for tname, entry in self.registry.entries():
             try:
                 refs.append(
-                    json.dumps(
-                        {
-                            "name": tname,
-                            "ref": function_reference(entry.fn),
-                            "style": entry.style,
-                            "arguments": entry.arguments,
-                        }
+                    encode_task_reference(
+                        TaskReference(
+                            tname, function_reference(entry.fn), entry.style, entry.arguments
+                        )
                     )
                 )
             except TypeError as exc:

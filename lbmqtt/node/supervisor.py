@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ from ..protocol_worker import (
     TaskProgress,
     WorkerMessageError,
     decode,
+    decode_json,
     encode,
 )
 from ..ratelog import LogLimiter
@@ -398,7 +398,7 @@ class Supervisor:
                     id=lt.a.id,
                     attempt=lt.a.attempt,
                     status="done",
-                    result=json.loads(msg.result_json),
+                    result=decode_json(msg.result_json),
                     runtime_s=msg.runtime_s,
                     finished_at=time.time(),
                 ),
