@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# (what lbmqtt.scheduler re-exports; SlotKey is the scheduler's own)
 __all__ = [
     "NO_TAGS",
     "Group",
