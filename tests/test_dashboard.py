@@ -430,20 +430,11 @@ def test_serve_reports_a_busy_port() -> None:
 def test_dashboard_package_exports_its_public_names() -> None:
     import lbmqtt.dashboard as dashboard
 
-    assert sorted(dashboard.__all__) == [
-        "ALL_TASKS",
-        "DashboardPage",
-        "DashboardServer",
-        "DashboardState",
-        "ROLLOVER",
-        "Sample",
-        "Snapshot",
-        "dashboard_transport",
-        "make_document",
-        "message_handler",
-        "serve",
-        "start_server",
-        "subscriptions",
-        "warnings_of",
-    ]
+    assert sorted(dashboard.__all__) == (
+        """
+        ALL_TASKS DashboardPage DashboardServer DashboardState ROLLOVER Sample Snapshot
+        dashboard_transport make_document message_handler serve start_server subscriptions
+        warnings_of
+        """.split()
+    )
     assert all(hasattr(dashboard, name) for name in dashboard.__all__)

@@ -28,31 +28,11 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 
-# The column order of a row tuple; the SQL below spells the same list out (kept literal).
-_COLUMNS = (
-    "id",
-    "user",
-    "name",
-    "args",
-    "priority",
-    "seq",
-    "submitted_at",
-    "notify",
-    "timeout_s",
-    "ref",
-    "requires",
-    "tags",
-    "status",
-    "attempt",
-    "node",
-    "grp",
-    "started_at",
-    "finished_at",
-    "result",
-    "error",
-    "collected_at",
-    "waived",
-)
+# The columns, in the order of a row: the fields of a JournalEntry (the one list of them),
+# the CHANGING ones last.
+_COLUMNS = JournalEntry._fields
+_FIRST_CHANGING = len(_COLUMNS) - len(CHANGING)
+assert _COLUMNS[_FIRST_CHANGING:] == CHANGING
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,25 +48,12 @@ CREATE TABLE IF NOT EXISTS tasks (
 INSERT OR IGNORE INTO meta VALUES ('schema', '2');
 """
 
-_SELECT = (
-    "SELECT id, user, name, args, priority, seq, submitted_at, notify, timeout_s, ref, "
-    "requires, tags, status, attempt, node, grp, started_at, finished_at, result, "
-    "error, collected_at, waived FROM tasks ORDER BY seq"
-)
-_UPSERT = (
-    "INSERT OR REPLACE INTO tasks (id, user, name, args, priority, seq, submitted_at, "
-    "notify, timeout_s, ref, requires, tags, status, attempt, node, grp, started_at, "
-    "finished_at, result, error, collected_at, waived) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-assert _UPSERT.count("?") == len(_COLUMNS) and JournalEntry._fields == _COLUMNS
-_UPDATE = (
-    "UPDATE tasks SET status = ?, attempt = ?, node = ?, grp = ?, started_at = ?, "
-    "finished_at = ?, result = ?, error = ?, collected_at = ?, waived = ? "
-    "WHERE seq = ?"
-)
-_FIRST_CHANGING = len(_COLUMNS) - len(CHANGING)
-assert _COLUMNS[_FIRST_CHANGING:] == CHANGING and _UPDATE.count("?") == len(CHANGING) + 1
+# (the statements are built from the constant column names above, never from input)
+_NAMES = ", ".join(_COLUMNS)
+_SELECT = f"SELECT {_NAMES} FROM tasks ORDER BY seq"  # noqa: S608
+_MARKS = ", ".join("?" * len(_COLUMNS))
+_UPSERT = f"INSERT OR REPLACE INTO tasks ({_NAMES}) VALUES ({_MARKS})"  # noqa: S608
+_UPDATE = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in CHANGING)} WHERE seq = ?"  # noqa: S608
 
 
 class JournalOpenError(OSError):

@@ -16,19 +16,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import protocol
 from ..config import Settings
 from ..errors import ErrorCode
 from ..metrics import Metrics
-from ..protocol import (
-    BalancerStats,
-    HistorySample,
-    NameSummary,
-    NodeSummary,
-    TaskRow,
-    UserSummary,
-    band_label,
-    band_order,
-)
 from ..scheduler import Scheduler
 from .records import NodeInfo, QueueKey, TaskRecord
 
@@ -62,8 +53,10 @@ class Tally:
     """Ids of the tasks finished last."""
     last_refusal: tuple[float, str] | None = None
     """(time, why) of the newest refusal."""
-    history: deque[HistorySample] = field(default_factory=lambda: deque(maxlen=HISTORY_KEPT))
-    last_stats: BalancerStats | None = None
+    history: deque[protocol.HistorySample] = field(
+        default_factory=lambda: deque(maxlen=HISTORY_KEPT)
+    )
+    last_stats: protocol.BalancerStats | None = None
 
     def refused(self, who: str, why: str, code: str = ErrorCode.INVALID) -> None:
         """Count a refused submission (or message) and remember it for the warning."""
@@ -71,10 +64,10 @@ class Tally:
         self.refused_by_code[str(code)] += 1
         self.last_refusal = (time.time(), f"{who}: {why}"[:300])
 
-    def sample(self, stats: BalancerStats) -> None:
+    def sample(self, stats: protocol.BalancerStats) -> None:
         """Keep ``stats`` as the latest, and in the history."""
         self.last_stats = stats
-        self.history.append(HistorySample.of(stats))
+        self.history.append(protocol.HistorySample.of(stats))
 
     def finished(self, name: str, wait: float, run: float) -> None:
         """Record the wait and run times of a finished task."""
@@ -92,11 +85,11 @@ def snapshot(
     tasks: dict[str, TaskRecord],
     nodes: dict[str, NodeInfo],
     scheduler: Scheduler,
-) -> BalancerStats:
+) -> protocol.BalancerStats:
     """A snapshot of queues, nodes, users and warnings."""
     now_mono = time.monotonic()
     now = time.time()
-    summaries: list[NodeSummary] = []
+    summaries: list[protocol.NodeSummary] = []
     slots = busy = 0
     for info in sorted(nodes.values(), key=lambda i: i.name):
         st = info.status
@@ -106,7 +99,7 @@ def snapshot(
             slots += n_slots
             busy += n_busy
         summaries.append(
-            NodeSummary(
+            protocol.NodeSummary(
                 name=info.name,
                 online=info.online,
                 host=st.host if st else "",
@@ -124,7 +117,9 @@ def snapshot(
         )
     users = scheduler.users()
     user_rows = [
-        UserSummary(user=u, queued=scheduler.queued_for(u), running=scheduler.running_for(u))
+        protocol.UserSummary(
+            user=u, queued=scheduler.queued_for(u), running=scheduler.running_for(u)
+        )
         for u in sorted(users)
     ]
     queued_by_name = Counter[str]()
@@ -168,7 +163,7 @@ def snapshot(
         waits = sorted(w for w, _ in times)
         runs = sorted(r for _, r in times)
         name_rows.append(
-            NameSummary(
+            protocol.NameSummary(
                 name=name,
                 queued=queued_by_name[name],
                 running=tally.running_by_name[name],
@@ -210,7 +205,7 @@ def snapshot(
             f"{c['refused'] - refused_before} submission(s) refused in the "
             f"last {REFUSALS_WARN_S:.0f} s; last: {tally.last_refusal[1]}"
         )
-    return BalancerStats(
+    return protocol.BalancerStats(
         time=now,
         instance=instance,
         started_at=started_at,
@@ -230,7 +225,10 @@ def snapshot(
         users=user_rows,
         names=name_rows,
         queued_by_priority=dict(by_prio),
-        bands=sorted(set(by_band) | {band_label(*g) for g in band_of.groups}, key=band_order),
+        bands=sorted(
+            set(by_band) | {protocol.band_label(*g) for g in band_of.groups},
+            key=protocol.band_order,
+        ),
         queued_by_band=dict(by_band),
         tasks=_task_rows(tasks, nodes, tally.recent, now),
         warnings=warnings,
@@ -239,9 +237,9 @@ def snapshot(
 
 def _task_rows(
     tasks: dict[str, TaskRecord], nodes: dict[str, NodeInfo], recent: deque[str], now: float
-) -> list[TaskRow]:
+) -> list[protocol.TaskRow]:
     """The placed tasks (up to RUNNING_ROWS), then the most recently finished."""
-    rows: list[TaskRow] = []
+    rows: list[protocol.TaskRow] = []
     for info in nodes.values():
         for tid in info.assigned:
             if len(rows) >= RUNNING_ROWS:
@@ -257,9 +255,9 @@ def _task_rows(
     return rows
 
 
-def _task_row(rec: TaskRecord, now: float) -> TaskRow:
+def _task_row(rec: TaskRecord, now: float) -> protocol.TaskRow:
     start, end = rec.started_at, rec.finished_at or now
-    return TaskRow(
+    return protocol.TaskRow(
         id=rec.id,
         user=rec.user,
         name=rec.name,
@@ -282,11 +280,11 @@ class _Bands:
     def __call__(self, priority: int) -> str:
         for lo, hi in self.groups:
             if lo <= priority <= hi:
-                return band_label(lo, hi)
+                return protocol.band_label(lo, hi)
         return "none"
 
 
-def _bands(nodes: list[NodeSummary]) -> _Bands:
+def _bands(nodes: list[protocol.NodeSummary]) -> _Bands:
     return _Bands([(g.min_p, g.max_p) for n in nodes if n.online for g in n.groups])
 
 
@@ -298,7 +296,7 @@ def _pct(sorted_values: list[float], q: float) -> float | None:
 
 
 def start_metrics(
-    settings: Settings, latest: Callable[[], BalancerStats | None]
+    settings: Settings, latest: Callable[[], protocol.BalancerStats | None]
 ) -> tuple[Metrics | None, str]:
     """The Prometheus endpoint (METRICS_PORT), serving the ``latest`` stats, and its URL;
     (None, "") if METRICS_PORT is null or its port cannot be had (logged: the balancer

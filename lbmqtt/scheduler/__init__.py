@@ -41,28 +41,9 @@ tasks), ``core`` (:class:`Scheduler`).
 
 from __future__ import annotations
 
+from . import model
 from .core import Scheduler
-from .model import (
-    NO_TAGS,
-    Group,
-    NodeCaps,
-    Placement,
-    QueuedTask,
-    Requires,
-    Runtimes,
-    Shape,
-    requires_of,
-)
+from .model import *  # noqa: F403  (model's public names are its __all__, as in asyncio's __init__)
 
-__all__ = [
-    "NO_TAGS",
-    "Group",
-    "NodeCaps",
-    "Placement",
-    "QueuedTask",
-    "Requires",
-    "Runtimes",
-    "Scheduler",
-    "Shape",
-    "requires_of",
-]
+__all__ = ["Scheduler"]
+__all__ += model.__all__

@@ -5,6 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# (what lbmqtt.scheduler re-exports; SlotKey is the scheduler's own)
+__all__ = [
+    "NO_TAGS",
+    "Group",
+    "NodeCaps",
+    "Placement",
+    "QueuedTask",
+    "Requires",
+    "Runtimes",
+    "Shape",
+    "requires_of",
+]
+
 Requires = tuple[tuple[str, float], ...]
 Shape = tuple[Requires, frozenset[str]]
 SlotKey = tuple[float, float, float, str, int]
