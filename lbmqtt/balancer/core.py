@@ -270,7 +270,8 @@ class Balancer:
         self.table.metrics = self.metrics
 
     def _open_journal(self, configured: Settings) -> None:
-        store = self._given_journal or open_journal(configured)
+        given = self._given_journal
+        store = given if given is not None else open_journal(configured)
         if store is None:
             log.warning("JOURNAL_PATH is none: queued tasks do not survive a balancer restart")
             return
