@@ -41,7 +41,10 @@ The package is laid out by concern, and everything is importable from ``lbmqtt.p
 ``names`` (the name patterns, once), ``codec`` (the model bases, :func:`decode`, the JSON
 encoders), ``models`` (client and node messages), ``stats`` (status and statistics) and
 ``topics`` (the topic table, :class:`Topics`, routing; :mod:`lbmqtt.access` derives the
-broker's rules from the table).
+broker's rules from the table), ``assign`` (the assignment set both ways, fast, and the
+balancer's probe) and ``submit`` (the submit message both ways, the id lists). The messages
+between a node and its worker processes are in the sibling :mod:`lbmqtt.protocol_worker`
+(standard library only: a worker must start fast).
 A submodule imports what it shares from its siblings, never from this ``__init__``, except
 those added after the re-exports below, which may import from the package itself.
 """
@@ -74,7 +77,6 @@ from .models import (
     TaskRef,
     TaskSpec,
     TaskState,
-    decode_submit,
     task_state_dict,
 )
 from .names import (
@@ -188,7 +190,13 @@ from .assign import (
     encode_probe,
     parse_probe,
 )
-from .submit import IDS_PER_MESSAGE, encode_id_lists, encode_submit, validate_specs
+from .submit import (
+    IDS_PER_MESSAGE,
+    decode_submit,
+    encode_id_lists,
+    encode_submit,
+    validate_specs,
+)
 
 __all__ += [
     "IDS_PER_MESSAGE",

@@ -6,12 +6,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
-import pydantic_core
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field
 
-from ..errors import DecodeError, ErrorCode
-from .codec import _decode_error, _Lenient, _Model
-from .names import Amount, Priority, ResourceName, TaskId, TaskName, is_valid_task_id
+from .codec import _Lenient, _Model
+from .names import Amount, Priority, ResourceName, TaskId, TaskName
 
 
 class Status(StrEnum):
@@ -69,47 +67,6 @@ class SubmitBatch(_Model):
 
     v: Literal[1] = 1
     tasks: list[Any]
-
-
-_SPEC_ADAPTER: Final = TypeAdapter(TaskSpec)
-
-
-def decode_submit(raw: bytes | bytearray) -> list[TaskSpec | DecodeError]:
-    """Decode a submit payload: a single task object or ``{"tasks": [...]}``.
-
-    Each element of a batch is validated on its own, so one bad task does not refuse the
-    others. Returns a list holding a :class:`TaskSpec` or a :class:`DecodeError` per task.
-
-    Raises:
-        DecodeError: the payload as a whole is not JSON or not an object / batch.
-    """
-    raw = bytes(raw)
-    try:
-        data = pydantic_core.from_json(raw)
-    except ValueError as exc:
-        raise DecodeError(f"not valid UTF-8 JSON: {exc}", raw, ErrorCode.BAD_JSON) from exc
-    if not isinstance(data, dict):
-        raise DecodeError('a submit is a JSON object (one task) or {"tasks": [...]}', raw)
-    if "tasks" in data:
-        try:
-            batch = SubmitBatch.model_validate(data)
-        except ValidationError as exc:
-            raise _decode_error(exc, raw) from exc
-        items = batch.tasks
-    else:
-        items = [data]
-    out: list[TaskSpec | DecodeError] = []
-    for item in items:
-        try:
-            out.append(_SPEC_ADAPTER.validate_python(item))
-        except ValidationError as exc:
-            err = _decode_error(exc, raw)
-            if isinstance(item, dict):
-                tid, ref = item.get("id"), item.get("ref")
-                err.task_id = tid if isinstance(tid, str) and is_valid_task_id(tid) else None
-                err.ref = ref if isinstance(ref, str) else None
-            out.append(err)
-    return out
 
 
 MAX_IDS: Final = 10_000
