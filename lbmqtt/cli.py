@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="MODULE",
-        help="task module (dotted name) or .py file; repeatable (default NODE_TASKS)",
+        help="task module (dotted name, found in the current folder too) or .py file; "
+        "repeatable (default NODE_TASKS)",
     )
     p.add_argument("--name", metavar="NAME", help="NODE_NAME (default: host name)")
     p.add_argument(
