@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import textwrap
@@ -44,7 +45,8 @@ class Exit(IntEnum):
     UNAVAILABLE = 3  # broker or balancer not reachable
     TIMEOUT = 4  # --timeout passed
     REFUSED = 5  # the balancer refused the submit (quota, invalid task)
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    BROKEN_PIPE = 141  # stdout's reader left (`| head`): 128 + SIGPIPE, as other tools
 
 
 EXAMPLES = """\
@@ -570,6 +572,16 @@ def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
     return run(ns, s)
 
 
+def _stdout_gone() -> bool:
+    """True if nobody reads our stdout any more (a pipe or socket whose reader closed)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd or no poll(): assume it was stdout
+        return True
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "up": cmd_up,
     "broker": cmd_broker,
@@ -590,7 +602,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         s = _settings(ns)
         _configure_logging(s.log_level)
-        return int(COMMANDS[ns.command](ns, s))
+        rc = int(COMMANDS[ns.command](ns, s))
+        sys.stdout.flush()  # (a reader that left shows here, not as an error at exit)
+        return rc
+    except BrokenPipeError as exc:
+        if _stdout_gone():  # `lbmqtt status --json | head`: it has what it wanted
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return Exit.BROKEN_PIPE
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.FAILED
     except ConfigError as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
         return Exit.USAGE

@@ -1,5 +1,5 @@
 """Small things of the ``lbmqtt`` command a user runs into (issue 20): a task module in the
-current folder."""
+current folder, and ``status --json | head``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lbmqtt.client import Client
 
-from .conftest import System
+from .conftest import System, lbmqtt_cmd
 
 MYMODULE = textwrap.dedent(
     """\
@@ -83,3 +83,62 @@ def test_node_finds_a_dotted_task_module_in_the_current_folder(
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def _against(running: System) -> list[str]:
+    s = running.settings
+    return ["--broker-port", str(s.broker_port), "--prefix", s.topic_prefix]
+
+
+def _no_traceback(stderr: str) -> None:
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
+    assert "Broken pipe" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_status_json_into_a_pipe_whose_reader_left_exits_quietly(running: System) -> None:
+    # Given a pipe nobody reads any more (`| head` that has exited already)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        # When `lbmqtt status --json` writes its stats into it
+        proc = subprocess.run(
+            lbmqtt_cmd("status", "--json", *_against(running)),
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")},
+            check=False,
+        )
+    finally:
+        os.close(w)
+    # Then it exits with the status for it, and nothing on stderr
+    _no_traceback(proc.stderr)
+    assert proc.returncode == 141, proc.stderr
+
+
+def test_status_watch_json_piped_to_a_reader_of_one_line_exits_quietly(
+    running: System,
+) -> None:
+    # Given `lbmqtt status --json --watch` (one line a refresh, until Ctrl-C)
+    proc = subprocess.Popen(
+        lbmqtt_cmd("status", "--json", "--watch", "0.2", *_against(running)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")},
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        # When its reader takes the first line and leaves (as `| head -n 1`)
+        assert proc.stdout.readline().startswith("{")
+        proc.stdout.close()
+        # Then the next line ends it: the status for it, and nothing on stderr
+        assert proc.wait(30) == 141
+        _no_traceback(proc.stderr.read())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
