@@ -40,11 +40,12 @@ class Exit(IntEnum):
     """Exit statuses of the ``lbmqtt`` command."""
 
     OK = 0
-    FAILED = 1  # a task failed or was cancelled; a component failed
+    FAILED = 1  # a task failed, was cancelled, or had ended before a cancel; a component failed
     USAGE = 2  # bad flags or parameters file
     UNAVAILABLE = 3  # broker or balancer not reachable
     TIMEOUT = 4  # --timeout passed
     REFUSED = 5  # the balancer refused the submit (quota, invalid task)
+    UNKNOWN_TASK = 7  # no such task for this user (never submitted, or expired)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
     BROKEN_PIPE = 141  # stdout's reader left (`| head`): 128 + SIGPIPE, as other tools
 
@@ -213,7 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = cmd("cancel", "cancel tasks", "example:\n  lbmqtt cancel TASK_ID [TASK_ID...]")
+    p = cmd(
+        "cancel",
+        "cancel tasks",
+        "example:\n  lbmqtt cancel TASK_ID [TASK_ID...]\n\n"
+        "exit status: 0 each task was cancelled by this call; 1 a task had already ended\n"
+        "(done, failed, cancelled or expired: a line says which); 7 an id is unknown\n"
+        "(with several ids: the highest of these)",
+    )
     p.add_argument("task_ids", nargs="+", metavar="ID")
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
 
@@ -522,14 +530,17 @@ def cmd_cancel(ns: argparse.Namespace, s: Settings) -> int:
     with Client(s) as client:
         for tid in ns.task_ids:
             try:
-                ok = client.cancel(tid)
+                # a task already final is not cancelled by this call, whatever its end
+                if not client.get(tid).status.final and client.cancel(tid):
+                    print(f"{tid}: cancelled")
+                    continue
+                state = client.get(tid)  # (it ended before the cancel reached it)
             except UnknownTask as exc:
                 print(f"{tid}: {exc}", file=sys.stderr)
-                rc = Exit.FAILED
+                rc = max(rc, Exit.UNKNOWN_TASK)
                 continue
-            print(f"{tid}: {'cancelled' if ok else 'already finished'}")
-            if not ok:
-                rc = Exit.FAILED
+            print(f"{tid}: not cancelled: it had already ended ({state.status.value})")
+            rc = max(rc, Exit.FAILED)
     return rc
 
 
@@ -632,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.FAILED
     except UnknownTask as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
-        return Exit.FAILED
+        return Exit.UNKNOWN_TASK
     except OSError as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
         return Exit.FAILED

@@ -1,5 +1,5 @@
 """Small things of the ``lbmqtt`` command a user runs into (issue 20): a task module in the
-current folder, and ``status --json | head``."""
+current folder, ``status --json | head``, and what ``cancel`` says of a task that has ended."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from lbmqtt.client import Client
 
-from .conftest import System, lbmqtt_cmd
+from .conftest import System, lbmqtt_cmd, run_cli
 
 MYMODULE = textwrap.dedent(
     """\
@@ -142,3 +143,34 @@ def test_status_watch_json_piped_to_a_reader_of_one_line_exits_quietly(
             proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_cancel_says_the_same_of_every_task_that_had_ended(running: System) -> None:
+    at = [*_against(running), "--user", "carol"]
+
+    def cli(*args: str) -> Any:
+        return run_cli(*args, *at)
+
+    # Given a done, a failed and a running task
+    r = cli("submit", "HELLO", '{"firstName": "A", "lastName": "B"}', "--id", "c-done", "--wait")
+    assert r.returncode == 0, r.stderr
+    r = cli("submit", "FAIL", '{"message": "boom"}', "--id", "c-failed", "--wait")
+    assert r.returncode == 1, r.stderr
+    r = cli("submit", "SLEEP", '{"seconds": 60}', "--id", "c-sleep")
+    assert r.returncode == 0, r.stderr
+    # When the running one is cancelled: 0, "cancelled"
+    r = cli("cancel", "c-sleep")
+    assert (r.returncode, r.stdout) == (0, "c-sleep: cancelled\n"), r.stderr
+    # Then a cancel of any task that had ended, cancelled ones too, exits 1 and says its end
+    for tid, status in (("c-sleep", "cancelled"), ("c-done", "done"), ("c-failed", "failed")):
+        r = cli("cancel", tid)
+        assert r.returncode == 1, (tid, r.stdout, r.stderr)
+        assert f"{tid}: not cancelled: it had already ended ({status})" in r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+    # and an unknown id has a status of its own (7), over the others when several are given
+    r = cli("cancel", "c-nope")
+    assert r.returncode == 7 and "c-nope" in r.stderr, (r.stdout, r.stderr)
+    r = cli("cancel", "c-done", "c-nope")
+    assert r.returncode == 7, (r.stdout, r.stderr)
+    r = cli("get", "c-nope")
+    assert r.returncode == 7, (r.stdout, r.stderr)
