@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import textwrap
@@ -39,12 +40,14 @@ class Exit(IntEnum):
     """Exit statuses of the ``lbmqtt`` command."""
 
     OK = 0
-    FAILED = 1  # a task failed or was cancelled; a component failed
+    FAILED = 1  # a task failed, was cancelled, or had ended before a cancel; a component failed
     USAGE = 2  # bad flags or parameters file
     UNAVAILABLE = 3  # broker or balancer not reachable
     TIMEOUT = 4  # --timeout passed
     REFUSED = 5  # the balancer refused the submit (quota, invalid task)
-    INTERRUPTED = 130
+    UNKNOWN_TASK = 7  # no such task for this user (never submitted, or expired)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    BROKEN_PIPE = 141  # stdout's reader left (`| head`): 128 + SIGPIPE, as other tools
 
 
 EXAMPLES = """\
@@ -149,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="MODULE",
-        help="task module (dotted name) or .py file; repeatable (default NODE_TASKS)",
+        help="task module (dotted name, found in the current folder too) or .py file; "
+        "repeatable (default NODE_TASKS)",
     )
     p.add_argument("--name", metavar="NAME", help="NODE_NAME (default: host name)")
     p.add_argument(
@@ -210,7 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = cmd("cancel", "cancel tasks", "example:\n  lbmqtt cancel TASK_ID [TASK_ID...]")
+    p = cmd(
+        "cancel",
+        "cancel tasks",
+        "example:\n  lbmqtt cancel TASK_ID [TASK_ID...]\n\n"
+        "exit status: 0 each task was cancelled by this call; 1 a task had already ended\n"
+        "(done, failed, cancelled or expired: a line says which); 7 an id is unknown\n"
+        "(with several ids: the highest of these)",
+    )
     p.add_argument("task_ids", nargs="+", metavar="ID")
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
 
@@ -519,14 +530,17 @@ def cmd_cancel(ns: argparse.Namespace, s: Settings) -> int:
     with Client(s) as client:
         for tid in ns.task_ids:
             try:
-                ok = client.cancel(tid)
+                # a task already final is not cancelled by this call, whatever its end
+                if not client.get(tid).status.final and client.cancel(tid):
+                    print(f"{tid}: cancelled")
+                    continue
+                state = client.get(tid)  # (it ended before the cancel reached it)
             except UnknownTask as exc:
                 print(f"{tid}: {exc}", file=sys.stderr)
-                rc = Exit.FAILED
+                rc = max(rc, Exit.UNKNOWN_TASK)
                 continue
-            print(f"{tid}: {'cancelled' if ok else 'already finished'}")
-            if not ok:
-                rc = Exit.FAILED
+            print(f"{tid}: not cancelled: it had already ended ({state.status.value})")
+            rc = max(rc, Exit.FAILED)
     return rc
 
 
@@ -564,81 +578,19 @@ def cmd_status(ns: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
-    from . import access
+    from .cli_user import cmd_user as run
 
-    path = ns.file or s.auth_file
-    if not path:
-        raise ConfigError("which accounts file? give --file FILE or set AUTH_FILE")
-    acl_path = ns.acl or f"{path}.acl"
-    if ns.action in ("add", "remove") and not ns.name:
-        raise ConfigError(f"lbmqtt user {ns.action} NAME: the account name is missing")
-    exists = os.path.exists(path)
-    accounts = access.read_accounts(path) if exists or ns.action != "add" else {}
-    if ns.action == "list":
-        for a in sorted(accounts.values(), key=lambda a: a.name):
-            print(f"{a.name}\t{a.role}")
-        return Exit.OK
-    if ns.action == "mosquitto":
-        _write_acl(acl_path, accounts, s.topic_prefix)
-        print(
-            f"wrote {acl_path}; in mosquitto.conf:\n"
-            + access.mosquitto_conf_snippet(os.path.abspath(path), os.path.abspath(acl_path)),
-            end="",
-        )
-        return Exit.OK
-    access.check_name(ns.name)
-    if ns.action == "remove":
-        if ns.name not in accounts:
-            raise ConfigError(f"{path}: no account {ns.name!r}")
-        del accounts[ns.name]
-        access.write_accounts(path, accounts.values())
-        print(f"removed {ns.name} from {path}")
-    else:
-        if not ns.role:
-            raise ConfigError(
-                "lbmqtt user add NAME --role ROLE: the role is missing "
-                "(user, node, monitor or balancer)"
-            )
-        if ns.name in accounts and not ns.replace:
-            raise ConfigError(f"{path}: account {ns.name!r} exists (--replace to change it)")
-        generated = False
-        if ns.generate:
-            password, generated = access.new_password(), True
-        elif ns.password_stdin:
-            password = sys.stdin.readline().rstrip("\r\n")
-        elif sys.stdin.isatty():
-            import getpass
-
-            password = getpass.getpass(f"password for {ns.name}: ")
-            if getpass.getpass("again: ") != password:
-                raise ConfigError("the passwords differ")
-        else:
-            password, generated = access.new_password(), True
-        if not password:
-            raise ConfigError("empty password")
-        accounts[ns.name] = access.Account(
-            ns.name, access.check_role(ns.role), access.hash_password(password)
-        )
-        access.write_accounts(path, accounts.values())
-        print(f"{'replaced' if exists and ns.replace else 'added'} {ns.name} ({ns.role}) in {path}")
-        if generated:
-            print(
-                f"password: {password}\n(shown once: give it to {ns.name} as "
-                f"LBMQTT_BROKER_PASSWORD or in a BROKER_PASSWORD_FILE)"
-            )
-    if os.path.exists(acl_path):
-        _write_acl(acl_path, accounts, s.topic_prefix)
-        print(f"updated {acl_path} (send Mosquitto a SIGHUP to reload)")
-    return Exit.OK
+    return run(ns, s)
 
 
-def _write_acl(path: str, accounts: dict[str, Any], prefix: str) -> None:
-    from .access import mosquitto_acl
-
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(mosquitto_acl(accounts.values(), prefix))
-    os.replace(tmp, path)
+def _stdout_gone() -> bool:
+    """True if nobody reads our stdout any more (a pipe or socket whose reader closed)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd or no poll(): assume it was stdout
+        return True
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
@@ -661,7 +613,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         s = _settings(ns)
         _configure_logging(s.log_level)
-        return int(COMMANDS[ns.command](ns, s))
+        rc = int(COMMANDS[ns.command](ns, s))
+        sys.stdout.flush()  # (a reader that left shows here, not as an error at exit)
+        return rc
+    except BrokenPipeError as exc:
+        if _stdout_gone():  # `lbmqtt status --json | head`: it has what it wanted
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return Exit.BROKEN_PIPE
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.FAILED
     except ConfigError as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
         return Exit.USAGE
@@ -682,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.FAILED
     except UnknownTask as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
-        return Exit.FAILED
+        return Exit.UNKNOWN_TASK
     except OSError as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
         return Exit.FAILED

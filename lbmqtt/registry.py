@@ -190,7 +190,9 @@ def import_source(source: str) -> Any:
     """Import a task module from a dotted name or a path to a ``.py`` file.
 
     A file is imported under a name derived from its path, with its directory on
-    ``sys.path`` (so it can import its siblings).
+    ``sys.path`` (so it can import its siblings). A dotted name is looked up as
+    ``python -m`` does: the current folder first (put on ``sys.path`` if it is not there;
+    the ``lbmqtt`` script's own ``sys.path`` does not hold it), then the installed packages.
 
     Raises:
         ImportError: the module cannot be found or raises while importing.
@@ -216,7 +218,15 @@ def import_source(source: str) -> Any:
             del sys.modules[modname]
             raise
         return module
+    _cwd_on_path()
     return importlib.import_module(source)
+
+
+def _cwd_on_path() -> None:
+    """Put the current folder first on ``sys.path`` unless it is on it already."""
+    cwd = os.getcwd()
+    if not any(isinstance(p, str) and os.path.abspath(p) == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def collect(module: Any) -> Registry:
@@ -270,6 +280,7 @@ def resolve_reference(ref: str) -> Callable[..., Any]:
             sys.modules[modname] = module
             spec.loader.exec_module(module)
     else:
+        _cwd_on_path()
         module = importlib.import_module(modpart)
     obj: Any = module
     for part in qualname.split("."):

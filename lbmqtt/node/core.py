@@ -139,6 +139,7 @@ class Node:
         """
         if not self._sources and not len(self.registry):
             self._sources = list(self.settings.node_tasks)
+        cwd = os.getcwd()  # (dotted names resolve from here; the workers start here)
         try:
             loaded = load_sources(self._sources)
         except (ImportError, ValueError, SyntaxError) as exc:
@@ -194,7 +195,7 @@ class Node:
             will=will,
         )
         self.reports.transport = self._transport
-        self.supervisor.add_groups(groups, args)
+        self.supervisor.add_groups(groups, args, cwd=cwd)
         # the worker processes start while the node connects
         await self.loops.start(dict(self._loops()), once={"node-ready"})
         await self._transport.start()

@@ -156,14 +156,20 @@ class Supervisor:
         """Nothing new starts (what is not started goes back to the balancer)."""
         self.stopping = False
         self.worker_args: list[str] = []
+        self.worker_cwd: str | None = None
         self._runtimes: dict[str, float] = {}
         self._dispatch_wanted = False
         self._closing_writers: list[asyncio.StreamWriter] = []
         self._bad_log = LogLimiter(log)
 
-    def add_groups(self, groups: list[GroupInfo], worker_args: list[str]) -> None:
-        """One worker slot per worker of each group; ``worker_args`` say what to load."""
+    def add_groups(
+        self, groups: list[GroupInfo], worker_args: list[str], cwd: str | None = None
+    ) -> None:
+        """One worker slot per worker of each group; ``worker_args`` say what to load,
+        ``cwd`` where from (the folder the node loaded them in: relative ``.py`` paths and
+        dotted names resolve the same way in every worker, restarted ones too)."""
         self.worker_args = worker_args
+        self.worker_cwd = cwd
         for g in groups:
             self.pending[g.index] = deque()
             for slot in range(g.workers):
@@ -479,6 +485,7 @@ class Supervisor:
                     pass_fds=[child_sock.fileno()],
                     stdin=asyncio.subprocess.DEVNULL,
                     start_new_session=True,
+                    cwd=self.worker_cwd,
                 )
             except OSError as exc:
                 log.error("cannot start a worker process: %s", exc)
