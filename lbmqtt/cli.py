@@ -25,6 +25,7 @@ from .errors import (
     BrokerUnavailable,
     ConfigError,
     LbmqttError,
+    LoginRefused,
     SubmitRefused,
     TaskCancelled,
     TaskFailed,
@@ -44,6 +45,7 @@ class Exit(IntEnum):
     UNAVAILABLE = 3  # broker or balancer not reachable
     TIMEOUT = 4  # --timeout passed
     REFUSED = 5  # the balancer refused the submit (quota, invalid task)
+    LOGIN_REFUSED = 6  # the broker refused the login (CONNACK 4/5): not retried
     INTERRUPTED = 130
 
 
@@ -667,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.USAGE
     except (BrokerUnavailable, BalancerUnavailable) as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
-        return Exit.UNAVAILABLE
+        return Exit.LOGIN_REFUSED if isinstance(exc, LoginRefused) else Exit.UNAVAILABLE
     except WaitTimeout as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
         return Exit.TIMEOUT
