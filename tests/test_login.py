@@ -1,10 +1,14 @@
 """A refused login, as a user meets it: at once and in one line, except for a daemon that
-was logged in before (it keeps trying)."""
+was logged in before (it keeps trying); and the `Try:` lines of `lbmqtt up` with accounts,
+run as printed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +22,7 @@ from lbmqtt.client import Client
 from lbmqtt.errors import LoginRefused
 from lbmqtt.mqtt import MqttTransport
 
-from .conftest import BrokerThread, make_settings, run_cli
+from .conftest import ROOT, BrokerThread, finish, make_settings, run_cli, start_up
 from .test_security import PASSWORDS, write_accounts
 
 HELLO = '{"firstName": "John", "lastName": "Doe"}'
@@ -141,3 +145,33 @@ def test_a_daemon_whose_password_changes_keeps_trying_and_comes_back(
             await t.close()
 
     asyncio.run(scenario())
+
+
+def test_the_try_lines_of_up_with_accounts_work_as_printed(tmp_path: Path) -> None:
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    up = start_up("--no-dashboard", env_extra={"LBMQTT_AUTH_FILE": str(f)})
+    try:
+        text = up.text()
+        start = next(i for i, line in enumerate(up.lines) if line.startswith("Try"))
+        end = up.lines.index("Ctrl-C stops everything.")
+        assert up.lines[start].startswith(f"Try (as alice, a user of {f}; or bob)"), text
+        commands = [line.strip() for line in up.lines[start + 1 : end]]
+        # the one thing the lines say to fill in: alice's password in place of PASSWORD
+        assert commands[0].endswith("# alice's password in place of PASSWORD"), text
+        commands[0] = commands[0].replace("'PASSWORD'", f"'{PASSWORDS['alice']}'")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        r = subprocess.run(
+            ["bash", "-ec", "\n".join(commands)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=ROOT,
+            check=False,
+        )
+        assert r.returncode == 0, (commands, r.stdout, r.stderr)
+        assert "Hello John Doe !" in r.stdout and "online" in r.stdout, r.stdout
+    finally:
+        finish(up)
