@@ -22,7 +22,15 @@ from lbmqtt.client import Client
 from lbmqtt.errors import LoginRefused
 from lbmqtt.mqtt import MqttTransport
 
-from .conftest import ROOT, BrokerThread, finish, make_settings, run_cli, start_up
+from .conftest import (
+    ROOT,
+    TEST_TASKS,
+    BrokerThread,
+    finish,
+    make_settings,
+    run_cli,
+    start_up,
+)
 from .test_security import PASSWORDS, write_accounts
 
 HELLO = '{"firstName": "John", "lastName": "Doe"}'
@@ -81,7 +89,7 @@ def test_a_wrong_password_is_refused_at_once_not_retried(
     assert time.monotonic() - started < 3
 
 
-def test_submit_and_status_with_a_wrong_password_exit_6_with_one_line(
+def test_commands_and_daemons_with_a_wrong_password_exit_6_with_one_line(
     guarded: tuple[BrokerThread, Path],
 ) -> None:
     broker, _ = guarded
@@ -89,8 +97,11 @@ def test_submit_and_status_with_a_wrong_password_exit_6_with_one_line(
         "LBMQTT_BROKER_USERNAME": "alice",
         "LBMQTT_BROKER_PASSWORD": "not-her-password",
         "LBMQTT_CONNECT_TIMEOUT_S": "30",
+        "LBMQTT_JOURNAL_PATH": "none",
     }
-    for args in (["submit", "HELLO", HELLO, "--wait"], ["status"]):
+    commands = (["submit", "HELLO", HELLO, "--wait"], ["status"])
+    daemons = (["node", "--tasks", TEST_TASKS], ["balancer"])  # (their start-up check)
+    for args in (*commands, *daemons):
         started = time.monotonic()
         r = run_cli(*args, "--broker-port", str(broker.port), "--prefix", "p", env=env)
         assert r.returncode == 6, (args, r.stderr)
