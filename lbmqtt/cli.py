@@ -26,6 +26,7 @@ from .errors import (
     BrokerUnavailable,
     ConfigError,
     LbmqttError,
+    LoginRefused,
     SubmitRefused,
     TaskCancelled,
     TaskFailed,
@@ -45,6 +46,7 @@ class Exit(IntEnum):
     UNAVAILABLE = 3  # broker or balancer not reachable
     TIMEOUT = 4  # --timeout passed
     REFUSED = 5  # the balancer refused the submit (quota, invalid task)
+    LOGIN_REFUSED = 6  # the broker refused the login (CONNACK 4/5): not retried
     UNKNOWN_TASK = 7  # no such task for this user (never submitted, or expired)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
     BROKEN_PIPE = 141  # stdout's reader left (`| head`): 128 + SIGPIPE, as other tools
@@ -628,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return Exit.USAGE
     except (BrokerUnavailable, BalancerUnavailable) as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
-        return Exit.UNAVAILABLE
+        return Exit.LOGIN_REFUSED if isinstance(exc, LoginRefused) else Exit.UNAVAILABLE
     except WaitTimeout as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
         return Exit.TIMEOUT

@@ -5,6 +5,7 @@
     LbmqttError
     ├── ConfigError                 the operator: fix parameters.json / flags / environment
     ├── BrokerUnavailable           the operator: start or reach the MQTT broker
+    │   └── LoginRefused            whoever set the login: the broker refused it (final)
     ├── BalancerUnavailable         the operator: start or reach the balancer
     ├── DecodeError                 whoever sent a malformed message (carries the raw bytes)
     ├── SubmitRefused               the caller: the balancer refused a submit
@@ -62,6 +63,41 @@ class ConfigError(LbmqttError):
 
 class BrokerUnavailable(LbmqttError):
     """The MQTT broker could not be reached or refused the connection."""
+
+
+class LoginRefused(BrokerUnavailable):
+    """The broker refused the login (MQTT 3.1.1 CONNACK 4 "bad user name or password" or 5
+    "not authorized") of a connection that had never been accepted: trying again with the
+    same login cannot help, so it is not retried.
+
+    Attributes:
+        code: ``"bad_login"`` (CONNACK 4) or ``"not_authorized"`` (5).
+        login: the user name sent (None: anonymous).
+    """
+
+    CODES = {4: "bad_login", 5: "not_authorized"}
+    """The CONNACK return codes this error stands for, and their codes."""
+
+    def __init__(self, host: str, port: int, login: str | None, return_code: int):
+        self.code = self.CODES[return_code]
+        self.login = login
+        where = f"the MQTT broker at {host}:{port}"
+        if login is None:
+            message = (
+                f"{where} refused an anonymous connection: it requires a login; set "
+                f"LBMQTT_BROKER_USERNAME and LBMQTT_BROKER_PASSWORD to an account of its "
+                f"accounts file (`lbmqtt user list` on the broker's machine)"
+            )
+        else:
+            reason = "bad user name or password" if return_code == 4 else "not authorized"
+            message = (
+                f"{where} refused the login {login!r} ({reason}): check "
+                f"LBMQTT_BROKER_USERNAME and LBMQTT_BROKER_PASSWORD (or BROKER_PASSWORD_FILE) "
+                f"against the accounts file on the broker's machine (`lbmqtt user list`)"
+            )
+            if return_code == 5:  # (Mosquitto's answer to a wrong password, too)
+                message += ", and that the login's role fits this part"
+        super().__init__(message)
 
 
 class BalancerUnavailable(LbmqttError):

@@ -18,7 +18,7 @@ from typing import TypeVar
 from pydantic import BaseModel
 
 from .config import Settings
-from .errors import BrokerUnavailable, DecodeError
+from .errors import BrokerUnavailable, DecodeError, LoginRefused
 from .mqtt import MqttTransport, client_id, tls_context
 from .protocol import Topics, decode
 
@@ -33,6 +33,9 @@ async def online_status(settings: Settings, topic: str, model: type[S], *, what:
 
     If the broker cannot be reached yet, logs that the check was skipped (``what`` names
     it) and returns None: daemons start anyway and wait for the broker.
+
+    Raises:
+        LoginRefused: the broker refused the login (the daemon cannot start with it).
     """
     try:
         retained = await read_retained(
@@ -45,6 +48,8 @@ async def online_status(settings: Settings, topic: str, model: type[S], *, what:
             tls=tls_context(settings),
             timeout_s=min(3.0, settings.connect_timeout_s),
         )
+    except LoginRefused:
+        raise  # (final: the daemon's own connection would be refused too)
     except BrokerUnavailable:
         log.warning(
             "the broker is not reachable yet: starting anyway (without checking that %s)", what

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -112,6 +113,11 @@ def spawn(
 _spawn = spawn  # the name compat and older code use
 
 
+def _flag(args: list[str], name: str) -> str | None:
+    """The value of ``name`` in ``args``, or None."""
+    return args[args.index(name) + 1] if name in args[:-1] else None
+
+
 def _respawn(
     name: str,
     args: list[str],
@@ -201,6 +207,47 @@ def service_logins(settings: Settings) -> dict[str, dict[str, str]]:
     return envs
 
 
+def try_lines(settings: Settings, host: str, port: int, parameters: str | None) -> list[str]:
+    """The ``Try:`` lines of the summary: commands that work when copied. They carry the
+    flags a client needs to find this broker (those not at their defaults) and, with
+    accounts, a user's login in the variables a user sets; the password is not ours to
+    print (the file holds only its hash): the line says to fill it in."""
+    default = {k: f.default for k, f in Settings.model_fields.items()}
+    flags = f" --parameters {shlex.quote(parameters)}" if parameters else ""
+    if host != default["broker_host"]:
+        flags += f" --broker-host {host}"
+    if port != default["broker_port"]:
+        flags += f" --broker-port {port}"
+    if settings.topic_prefix != default["topic_prefix"]:
+        flags += f" --prefix {settings.topic_prefix}"
+    lines = ["Try:"]
+    if settings.auth_file:
+        from .access import read_accounts
+        from .errors import ConfigError
+
+        auth = os.path.abspath(settings.auth_file)
+        try:
+            accounts = list(read_accounts(auth).values())
+        except ConfigError:
+            accounts = []  # (the broker said why)
+        users = sorted(a.name for a in accounts if a.role == "user")
+        login = users[0] if users else "alice"
+        if users:
+            others = f"; or {', '.join(users[1:])}" if users[1:] else ""
+            lines = [f"Try (as {login}, a user of {auth}{others}):"]
+        else:
+            lines = [
+                f"Try (first give a user a login in {auth}; it asks for a password):",
+                f"  lbmqtt user add {login} --role user --file {shlex.quote(auth)}",
+            ]
+        lines.append(
+            f"  export LBMQTT_BROKER_USERNAME={login} LBMQTT_BROKER_PASSWORD='PASSWORD'"
+            f"  # {login}'s password in place of PASSWORD"
+        )
+    hello = """'{"firstName": "John", "lastName": "Doe"}'"""
+    return [*lines, f"  lbmqtt submit HELLO {hello} --wait{flags}", f"  lbmqtt status{flags}"]
+
+
 def up(
     settings: Settings,
     common: list[str],
@@ -229,6 +276,7 @@ def up(
     try:
         common = list(common)
         broker_url = f"mqtt://{settings.broker_host}:{settings.broker_port}"
+        host, port = settings.broker_host, settings.broker_port  # (clients connect there)
         envs = service_logins(settings) if settings.broker_embedded else {}
         if settings.broker_embedded:
             c = _spawn("broker", ["broker", *common], env=envs.get("broker"))
@@ -272,15 +320,9 @@ def up(
                     f"  node       {c.info.get('name')}: {c.info.get('slots')} worker "
                     f"slots, tasks {', '.join(c.info.get('tasks', []))}"
                 )
-        port_hint = ""
-        if "--broker-port" in common:
-            port_hint = f" --broker-port {common[common.index('--broker-port') + 1]}"
         lines += [
             "",
-            "Try:",
-            f'  lbmqtt submit HELLO \'{{"firstName": "John", "lastName": '
-            f'"Doe"}}\' --wait{port_hint}',
-            f"  lbmqtt status{port_hint}",
+            *try_lines(settings, host, port, _flag(common, "--parameters")),
             "Ctrl-C stops everything.",
             "",
         ]

@@ -12,6 +12,11 @@ Facts this module is built on (NOTES.md):
 * A clean session loses its subscriptions on reconnect: they are re-sent in ``on_connect``.
 * An exception escaping a paho callback breaks paho's state: every callback is wrapped.
 * Publishing to a ``$`` topic makes an amqtt connection a zombie: refused here.
+* A refused login (CONNACK 4 or 5) is final for a connection never accepted yet: the
+  connection loop ends with :class:`~lbmqtt.errors.LoginRefused` (``start(wait=True)``,
+  :meth:`MqttTransport.wait_ready` and :meth:`MqttTransport.watch` raise it). Once accepted,
+  a refusal (a password changed while a daemon runs) is logged once and retried with
+  back-off, as any lost connection: the daemon comes back when its login works again.
 
 This module writes no topic: callers pass filters and a message handler. Client ids and the
 connection options from the settings are in :mod:`lbmqtt.connect`; the short-lived reader of
@@ -38,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 
 from .backoff import compute_backoff
 from .connect import client_id, connection_options, tls_context
-from .errors import BrokerUnavailable, ConfigError
+from .errors import BrokerUnavailable, ConfigError, LoginRefused
 from .paho_fixes import PahoClient, coalesce
 from .protocol import validate_topic_for_publish
 
@@ -117,6 +122,7 @@ class MqttTransport:
         self._reconnect_min = reconnect_min_s
         self._reconnect_max = reconnect_max_s
         self._connect_timeout = connect_timeout_s
+        self._username = username
 
         c = PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -160,6 +166,8 @@ class MqttTransport:
         self._tasks: list[asyncio.Task[Any]] = []
         self._connecting: asyncio.Future[Any] | None = None
         self._closing = False
+        self._refused: int | None = None  # CONNACK 4 or 5 of the last attempt
+        self._refusal_logged = False  # (once per outage)
         self.last_error: str | None = None
         self.connects = 0
         self.bad_messages = 0
@@ -207,23 +215,36 @@ class MqttTransport:
         """Wait until connected with subscriptions acknowledged.
 
         Raises:
+            LoginRefused: the broker refused the login before ever accepting it.
             BrokerUnavailable: not ready within ``timeout_s``; says why when known.
         """
+        ready = asyncio.ensure_future(self._ready.wait())
+        conn = self._tasks[:1]  # the connection loop: it ends on a final refusal
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
-        except TimeoutError:
-            why = f" ({self.last_error})" if self.last_error else ""
-            hint = "is `lbmqtt up` or `lbmqtt broker` running (see BROKER_HOST / BROKER_PORT)?"
-            if self.last_error and self.last_error.startswith("broker refused"):
-                hint = (
-                    "check the login: BROKER_USERNAME and BROKER_PASSWORD (or "
-                    "LBMQTT_BROKER_PASSWORD, BROKER_PASSWORD_FILE), an account of "
-                    "`lbmqtt user list` on the broker's machine"
-                )
-            raise BrokerUnavailable(
-                f"cannot reach the MQTT broker at {self.host}:{self.port}{why} "
-                f"within {timeout_s:g} s: {hint}"
-            ) from None
+            await asyncio.wait(
+                [ready, *conn],
+                timeout=None if timeout_s == float("inf") else timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            ready.cancel()
+        if self._ready.is_set():
+            return
+        died = conn[0] if conn and conn[0].done() and not conn[0].cancelled() else None
+        if died is not None and (exc := died.exception()) is not None:
+            raise exc
+        why = f" ({self.last_error})" if self.last_error else ""
+        hint = "is `lbmqtt up` or `lbmqtt broker` running (see BROKER_HOST / BROKER_PORT)?"
+        if self.last_error and self.last_error.startswith("broker refused"):
+            hint = (
+                "check the login: BROKER_USERNAME and BROKER_PASSWORD (or "
+                "LBMQTT_BROKER_PASSWORD, BROKER_PASSWORD_FILE), an account of "
+                "`lbmqtt user list` on the broker's machine"
+            )
+        raise BrokerUnavailable(
+            f"cannot reach the MQTT broker at {self.host}:{self.port}{why} "
+            f"within {timeout_s:g} s: {hint}"
+        )
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Disconnect cleanly (no will is published) and stop reconnecting."""
@@ -358,6 +379,7 @@ class MqttTransport:
             ended = asyncio.Event()
             self._session_ended = ended
             self._connack.clear()
+            self._refused = None
             try:
                 self._connecting = self._loop.run_in_executor(None, self._client.reconnect)
                 await asyncio.shield(self._connecting)
@@ -397,6 +419,8 @@ class MqttTransport:
                     self._connect_timeout,
                 )
                 self._force_close()
+            if self._refused is not None:
+                self._login_refused()
             if self._connected:
                 if failing_since is not None:
                     log.info(
@@ -415,6 +439,18 @@ class MqttTransport:
                 last_report = failing_since
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
+
+    def _login_refused(self) -> None:
+        """The broker refused our login: final if it never accepted it (the same login
+        cannot do better), else logged once per outage and retried (its password may have
+        been changed while we run, and changed back or given to us again)."""
+        assert self._refused is not None
+        error = LoginRefused(self.host, self.port, self._username, self._refused)
+        if not self.connects:
+            raise error
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.warning("%s; retrying with back-off until it is accepted again", error)
 
     async def _wait_connack_or_end(self, ended: asyncio.Event) -> None:
         waits = {asyncio.ensure_future(self._connack.wait()), asyncio.ensure_future(ended.wait())}
@@ -559,14 +595,17 @@ class MqttTransport:
         try:
             if reason.is_failure:
                 self.last_error = f"broker refused the connection: {reason}"
-                log.error(
-                    "the MQTT broker at %s:%s refused the connection: %s",
-                    self.host,
-                    self.port,
-                    reason,
-                )
+                self._refused = _login_refusal(reason)
+                if self._refused is None:
+                    log.error(
+                        "the MQTT broker at %s:%s refused the connection: %s",
+                        self.host,
+                        self.port,
+                        reason,
+                    )
                 return
             self._connected = True
+            self._refusal_logged = False
             self.connects += 1
             self.last_error = None
             self._connack.set()
@@ -637,6 +676,13 @@ class MqttTransport:
         except Exception:
             self.bad_messages += 1
             log.exception("message handler failed on %s", topic)
+
+
+def _login_refusal(reason: Any) -> int | None:
+    """The MQTT 3.1.1 CONNACK return code of a refused login (4 or 5), or None for another
+    refusal. (paho hands 3.1.1 codes over as MQTT 5 reason codes: 4 as 134, 5 as 135.)"""
+    value = getattr(reason, "value", None)
+    return {134: 4, 135: 5}.get(value) if isinstance(value, int) else None
 
 
 def _describe(exc: BaseException) -> str:

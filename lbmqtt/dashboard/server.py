@@ -161,6 +161,7 @@ async def serve(
 
     Raises:
         OSError: ``MONITOR_IP:MONITOR_PORT`` cannot be bound.
+        LoginRefused: the broker refused the dashboard's login.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -183,7 +184,14 @@ async def serve(
                 fd, ready_fd = ready_fd, None
                 with os.fdopen(fd, "w") as f:
                     f.write(json.dumps({"url": server.url, "port": server.port}) + "\n")
-            await stop.wait()
+            # until stopped, or the transport's loops die (a refused login): raise that
+            watch = asyncio.ensure_future(transport.watch())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([watch, stopped], return_when=asyncio.FIRST_COMPLETED)
+            for w in (watch, stopped):
+                w.cancel()
+            if watch.done() and not watch.cancelled():
+                watch.result()
         finally:
             if transport is not None and transport.connected:
                 await transport.publish_confirmed(
