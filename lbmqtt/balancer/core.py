@@ -388,10 +388,13 @@ class Balancer:
         self._publish_status()
         # the broker may have restarted and lost the retained sets: publish them again
         self.outbox.dirty_nodes.update(n for n, info in self.nodes.items() if info.online)
-        # ... and the retained task states and results MQTT clients read: those too
+        # ... and the retained task states and results MQTT clients read: those too (they
+        # may also never have gone out, if the last balancer died between its journal
+        # commit and its publishes), except the results their users have acknowledged:
+        # those users have them, and would get them again
         if self._connects or self.counters["recovered"]:
             for rec in self.table.tasks.values():
-                if rec.notify == "retained":
+                if rec.notify == "retained" and rec.collected_at is None:
                     self.outbox.emit(rec, durable=False)
         self._connects += 1
         # and nodes could not reach us while we were away: give them time to speak again
