@@ -190,6 +190,48 @@ def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
     system.until(lambda _: on_disk_as_in_memory(), 10, "the journal to agree")
 
 
+def test_a_restarted_balancer_sends_again_the_results_not_collected_not_the_collected_ones(
+    system: System, settings: Any, raw: Any
+) -> None:
+    first = system.start_balancer()
+    system.start_node("n1", tasks=[TEST_TASKS])
+    t = Topics(settings.topic_prefix)
+    watcher, alice = raw(), raw()
+    watcher.subscribe(f"{settings.topic_prefix}/users/alice/#")
+    # Given two results of alice's, on their retained topics (notify: retained, the default)
+    ids = ("collected", "uncollected")
+    for tid in ids:
+        alice.publish(t.submit("alice"), json.dumps({"id": tid, "name": "ECHO", "args": [tid]}))
+    wait_until(
+        lambda: all(watcher.payloads(t.result("alice", tid)) for tid in ids), 20, "both results"
+    )
+    # and she acknowledges one of them (she has it)
+    alice.publish(t.ack("alice"), json.dumps({"v": 1, "ids": ["collected"]}))
+    system.until(lambda b: b.tasks["collected"].collected_at, 10, "the ack")
+    # When the balancer restarts on the same journal
+    system.lt.run(first.stop())
+    system.start_balancer()
+    # Then the result she has not collected is sent again (it may never have gone out)
+    wait_until(
+        lambda: len(watcher.payloads(t.result("alice", "uncollected"))) == 2,
+        10,
+        "the uncollected result sent again",
+    )
+
+    # and the collected one is not (they went out in the same tick: one events message)
+    def done_states(tid: str) -> int:
+        return sum(
+            1
+            for p in watcher.payloads(t.events("alice"))
+            for st in json.loads(p)["states"]
+            if st["id"] == tid and st["status"] == "done"
+        )
+
+    assert done_states("uncollected") == 2
+    assert done_states("collected") == 1
+    assert len(watcher.payloads(t.result("alice", "collected"))) == 1
+
+
 def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None:
     b = system.start_balancer()
     system.start_node("n1", tasks=[TEST_TASKS])

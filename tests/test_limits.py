@@ -215,6 +215,7 @@ def inbound_topics(t: Topics) -> list[str]:
         t.errors("alice"),
         t.dashboard_status,
         t.balancer_stats,
+        t.balancer_status,
         t.balancer_history,
         t.task("alice", "x"),
         f"{t.prefix}/users/alice",

@@ -130,9 +130,11 @@ def test_routes_are_remembered_up_to_a_bound() -> None:
 
 def test_each_component_subscribes_to_what_it_did_before_the_table() -> None:
     t = Topics(P)
-    # the balancer's list as it was written out by hand (the retained sets it left first)
+    # the balancer's list as it was written out by hand (the retained sets it left first),
+    # and its own status (it replaces a foreign one: issue 20)
     assert t.inbound("balancer") == [
         (t.all_assign, 1),
+        (t.balancer_status, 0),
         (t.all_submits, 1),
         (t.all_cancels, 1),
         (t.all_acks, 1),

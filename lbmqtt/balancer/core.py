@@ -46,6 +46,7 @@ from ..protocol import (
     decode,
 )
 from ..protocol.topics import SPECS
+from ..ratelog import LogLimiter
 from ..scheduler import Scheduler
 from .journal import JournalStore, JournalWriter, recover
 from .nodes import HEALTH_CHECK_S, Fleet
@@ -59,6 +60,9 @@ from .users import Users
 log = logging.getLogger(__name__)
 
 EXPIRY_CHECK_S = 1.0
+STATUS_FIX_S = 1.0
+"""The balancer publishes its status at most once per this many seconds when it replaces a
+foreign one on its status topic (:meth:`Balancer._on_own_status`)."""
 GC_THRESHOLDS = (50_000, 20, 100)
 """For the balancer's process (:func:`tune_gc`): CPython's default (700, 10, 10)."""
 
@@ -127,6 +131,20 @@ class Balancer:
         self._connects = 0
         self._history_sent_at = -1e9
         self._history_timer: asyncio.TimerHandle | None = None
+        self._status = BalancerStatus(
+            online=True,
+            instance=self.instance,
+            version=__version__,
+            started_at=self.started_at,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        ).encode()
+        """What it retains on its status topic while it runs."""
+        self._status_sent_at = -1e9
+        self._status_seen = b""
+        """The last payload it received on its status topic."""
+        self._status_timer: asyncio.TimerHandle | None = None
+        self._status_log = LogLimiter(log, 60.0)
         self.metrics: Metrics | None = None
         self.metrics_url = ""
         """Where the Prometheus endpoint listens ("" when METRICS_PORT is null)."""
@@ -313,8 +331,9 @@ class Balancer:
         """
         t = self._transport
         self.loops.closing = True
-        if self._history_timer is not None:
-            self._history_timer.cancel()
+        for timer in (self._history_timer, self._status_timer):
+            if timer is not None:
+                timer.cancel()
         await self.loops.stop()
         if t is not None:
             if t.connected:
@@ -366,22 +385,16 @@ class Balancer:
         self.ready.set()
 
     def _on_connect(self) -> None:
-        assert self._transport is not None
-        status = BalancerStatus(
-            online=True,
-            instance=self.instance,
-            version=__version__,
-            started_at=self.started_at,
-            pid=os.getpid(),
-            host=socket.gethostname(),
-        )
-        self._transport.publish(self.topics.balancer_status, status.encode(), qos=1, retain=True)
+        self._publish_status()
         # the broker may have restarted and lost the retained sets: publish them again
         self.outbox.dirty_nodes.update(n for n, info in self.nodes.items() if info.online)
-        # ... and the retained task states and results MQTT clients read: those too
+        # ... and the retained task states and results MQTT clients read: those too (they
+        # may also never have gone out, if the last balancer died between its journal
+        # commit and its publishes), except the results their users have acknowledged:
+        # those users have them, and would get them again
         if self._connects or self.counters["recovered"]:
             for rec in self.table.tasks.values():
-                if rec.notify == "retained":
+                if rec.notify == "retained" and rec.collected_at is None:
                     self.outbox.emit(rec, durable=False)
         self._connects += 1
         # and nodes could not reach us while we were away: give them time to speak again
@@ -398,6 +411,8 @@ class Balancer:
         if not route.name:
             if key == "balancer_probe":
                 self.fleet.on_probe(payload)
+            elif key == "balancer_status":
+                self._on_own_status(payload)
             elif key == "dashboard_status" and payload:
                 self._on_dashboard(payload)
             elif key == "broker_status" and payload:
@@ -462,6 +477,71 @@ class Balancer:
                     topic=rest,
                 )
         self._kick()
+
+    def _publish_status(self) -> None:
+        assert self._transport is not None
+        self._status_sent_at = time.monotonic()
+        self._transport.publish(self.topics.balancer_status, self._status, qos=1, retain=True)
+
+    def _on_own_status(self, payload: bytes) -> None:
+        """A message on its own status topic: its own, or one to replace with its own.
+
+        Without logins anyone may publish there, and a retained ``{"online": false}`` would
+        tell ``lbmqtt status`` and the dashboards that this balancer is offline for good.
+        A status that is not its own (offline, another instance's, empty, garbage) is
+        replaced, at most once per :data:`STATUS_FIX_S`; the broker keeps the last one
+        retained, so only the last one seen counts. The one exception is a balancer that
+        started before this one and says it is online: two of them would otherwise replace
+        each other's status forever; this one leaves the older its topic and says why.
+        """
+        self._status_seen = payload
+        if self._status_timer is not None or not self._foreign_status(payload):
+            return
+        delay = max(0.0, self._status_sent_at + STATUS_FIX_S - time.monotonic())
+        self._status_timer = asyncio.get_running_loop().call_later(delay, self._fix_status)
+
+    def _foreign_status(self, payload: bytes) -> bool:
+        """True if ``payload`` on its status topic is to be replaced by this one's status."""
+        if payload == self._status or self.loops.closing:
+            return False
+        try:
+            other = decode(BalancerStatus, payload)
+        except DecodeError:
+            return True
+        if (
+            other.online
+            and other.instance != self.instance
+            and other.started_at > 0
+            and (other.started_at, other.instance) < (self.started_at, self.instance)
+        ):
+            self._status_log.warning(
+                "older",
+                "another balancer (instance %s, host %s, pid %s), started before this one, "
+                "says it is online with topics under %s/: two balancers on one prefix "
+                "overwrite each other's assignment sets; stop one of them",
+                other.instance,
+                other.host or "?",
+                other.pid or "?",
+                self.settings.topic_prefix,
+            )
+            return False
+        return True
+
+    def _fix_status(self) -> None:
+        self._status_timer = None
+        t = self._transport
+        if t is None or not t.connected:
+            return  # (the next connect publishes it)
+        if self._foreign_status(self._status_seen):
+            self._publish_status()
+            self.counters["status_replaced"] += 1
+            self._status_log.warning(
+                "replaced",
+                "a status this balancer did not publish was retained on %s (%r): "
+                "published its own again",
+                self.topics.balancer_status,
+                self._status_seen[:120],
+            )
 
     def _on_dashboard(self, payload: bytes) -> None:
         """A dashboard came online: send it the recent history, so that its charts do not

@@ -246,7 +246,8 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         pub=("balancer",),
         sub=_EVERYONE,
         retained=True,
-        inbound={"monitor": 0},
+        # the balancer reads its own: a foreign status retained there is replaced by its own
+        inbound={"monitor": 0, "balancer": 0},
     ),
     _spec(
         "balancer_history",

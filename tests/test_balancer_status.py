@@ -1,0 +1,102 @@
+"""The balancer's own status topic: a status it did not publish (a forged offline, another
+instance's) is replaced by its own, at a bounded rate (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from lbmqtt.balancer.core import STATUS_FIX_S
+from lbmqtt.config import Settings
+from lbmqtt.health import read_retained
+from lbmqtt.protocol import BalancerStatus, Topics, decode
+from lbmqtt.status import fetch_stats
+
+from .conftest import System, wait_until
+
+
+def retained_status(system: System, settings: Settings) -> BalancerStatus | None:
+    """What a new subscriber (``lbmqtt status``, a dashboard) reads on balancer/status."""
+    topic = Topics(settings.topic_prefix).balancer_status
+    got = system.lt.run(
+        read_retained(
+            host="127.0.0.1",
+            port=settings.broker_port,
+            filters=[topic],
+            prefix=settings.topic_prefix,
+        )
+    )
+    return decode(BalancerStatus, got[topic]) if got.get(topic) else None
+
+
+def test_a_forged_offline_status_is_replaced_while_the_balancer_runs(
+    system: System, settings: Settings, raw: Any
+) -> None:
+    b = system.start_balancer()
+    topic = Topics(settings.topic_prefix).balancer_status
+    assert system.lt.run(fetch_stats(settings)).instance == b.instance
+    # When anyone retains {"online": false} on its status topic (no logins: anyone may)
+    raw().publish(topic, json.dumps({"v": 1, "online": False}), retain=True)
+    # Then the balancer publishes its own status again
+    system.until(lambda b: b.counters["status_replaced"] >= 1, 10, "the forged status replaced")
+
+    def online_again() -> bool:
+        st = retained_status(system, settings)
+        return st is not None and st.online and st.instance == b.instance
+
+    wait_until(online_again, 10, "its own status retained again")
+    # and `lbmqtt status` says it is online
+    assert system.lt.run(fetch_stats(settings, timeout_s=5)).instance == b.instance
+
+
+def test_another_instances_status_is_replaced_and_a_flood_costs_one_status_a_second(
+    system: System, settings: Settings, raw: Any
+) -> None:
+    b = system.start_balancer()
+    topic = Topics(settings.topic_prefix).balancer_status
+    watcher, stray = raw(), raw()
+    watcher.subscribe(topic)
+    wait_until(lambda: watcher.payloads(topic), 5, "its retained status")
+    # When a stranger retains statuses of other instances (younger than this one, or with
+    # no start time), many in a row
+    t0 = time.monotonic()
+    for i in range(200):
+        forged = {"v": 1, "online": True, "instance": f"forged{i}", "started_at": time.time()}
+        stray.c.publish(topic, json.dumps(forged), qos=0, retain=True)
+    stray.publish(topic, json.dumps({"v": 1, "online": True, "instance": "last"}), retain=True)
+
+    # Then the balancer's own status is retained again
+    def own_again() -> bool:
+        st = retained_status(system, settings)
+        return st is not None and st.instance == b.instance
+
+    wait_until(own_again, 10, "its own status retained again")
+    elapsed = time.monotonic() - t0
+    # and it answered the flood with at most one status a second
+    ours = [p for p in watcher.payloads(topic) if json.loads(p).get("instance") == b.instance]
+    assert 2 <= len(ours) <= 1 + elapsed / STATUS_FIX_S + 1, (len(ours), elapsed)
+
+
+def test_an_older_balancer_online_on_the_prefix_keeps_its_status_and_is_named(
+    system: System, settings: Settings, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (two balancers that each replaced the other's status would do so forever)
+    b = system.start_balancer()
+    topic = Topics(settings.topic_prefix).balancer_status
+    older = BalancerStatus(
+        online=True, instance="older0000000", started_at=b.started_at - 60, host="box", pid=42
+    ).encode()
+    stray = raw()
+    # When a balancer started before this one says it is online on the same prefix
+    stray.publish(topic, older, retain=True)
+    wait_until(lambda: system.lt.call(lambda: b._status_seen) == older, 10, "it read the status")
+    # Then this one leaves that status alone, and says why
+    assert system.lt.call(lambda: b._status_timer) is None
+    assert "another balancer (instance older0000000, host box, pid 42)" in caplog.text
+    assert retained_status(system, settings) == decode(BalancerStatus, older)
+    # while a forged offline status is still replaced
+    stray.publish(topic, json.dumps({"v": 1, "online": False}), retain=True)
+    system.until(lambda b: b.counters["status_replaced"] >= 1, 10, "the forged status replaced")
