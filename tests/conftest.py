@@ -26,6 +26,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from lbmqtt import access
+from lbmqtt.access import AccessGuard, Account
 from lbmqtt.balancer import Balancer, JournalStore
 from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker, PatchedBroker, loopback_mosquitto_conf
 from lbmqtt.client import Client
@@ -430,3 +432,44 @@ def finish(up: Up) -> None:
         up.reader.join(30)
     if up.proc.stdout is not None and (up.reader is None or not up.reader.is_alive()):
         up.proc.stdout.close()
+
+
+# ---------------------------------------------- accounts (test_security, test_login)
+
+PASSWORDS = {
+    "alice": "pw-alice",
+    "bob": "pw-bob",
+    "n1": "pw-n1",
+    "n2": "pw-n2",
+    "mon": "pw-mon",
+    "lb": "pw-lb",
+}
+ROLES: dict[str, access.Role] = {
+    "alice": "user",
+    "bob": "user",
+    "n1": "node",
+    "n2": "node",
+    "mon": "monitor",
+    "lb": "balancer",
+}
+
+
+def write_accounts(path: Path, iterations: int = 1000) -> None:
+    """The test accounts (cheap hashes: these tests are about rules, not hashing cost)."""
+    access.write_accounts(
+        path,
+        [
+            Account(name, ROLES[name], access.hash_password(pw, iterations=iterations))
+            for name, pw in PASSWORDS.items()
+        ],
+    )
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[tuple[BrokerThread, Path]]:
+    """An embedded broker with the test accounts (prefix ``p``), on its own loop."""
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    bt = BrokerThread(guard=AccessGuard("p", f))
+    yield bt, f
+    bt.stop()

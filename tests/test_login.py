@@ -10,19 +10,19 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lbmqtt import access
-from lbmqtt.access import AccessGuard, Account
+from lbmqtt.access import Account
 from lbmqtt.client import Client
 from lbmqtt.errors import LoginRefused
 from lbmqtt.mqtt import MqttTransport
 
 from .conftest import (
+    PASSWORDS,
     ROOT,
     TEST_TASKS,
     BrokerThread,
@@ -30,20 +30,10 @@ from .conftest import (
     make_settings,
     run_cli,
     start_up,
+    write_accounts,
 )
-from .test_security import PASSWORDS, write_accounts
 
 HELLO = '{"firstName": "John", "lastName": "Doe"}'
-
-
-@pytest.fixture
-def guarded(tmp_path: Path) -> Iterator[tuple[BrokerThread, Path]]:
-    """An embedded broker with the test accounts (prefix ``p``), on its own loop."""
-    f = tmp_path / "accounts"
-    write_accounts(f)
-    bt = BrokerThread(guard=AccessGuard("p", f))
-    yield bt, f
-    bt.stop()
 
 
 def transport(port: int, user: str | None, password: str | None, **kw: Any) -> MqttTransport:

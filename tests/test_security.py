@@ -32,6 +32,7 @@ from lbmqtt.protocol import Status
 
 from .cluster import free_port
 from .conftest import (
+    PASSWORDS,
     TEST_TASKS,
     BrokerThread,
     System,
@@ -42,35 +43,8 @@ from .conftest import (
     start_up,
     stop_paho,
     wait_until,
+    write_accounts,
 )
-
-PASSWORDS = {
-    "alice": "pw-alice",
-    "bob": "pw-bob",
-    "n1": "pw-n1",
-    "n2": "pw-n2",
-    "mon": "pw-mon",
-    "lb": "pw-lb",
-}
-ROLES: dict[str, access.Role] = {
-    "alice": "user",
-    "bob": "user",
-    "n1": "node",
-    "n2": "node",
-    "mon": "monitor",
-    "lb": "balancer",
-}
-
-
-def write_accounts(path: Path, iterations: int = 1000) -> None:
-    """The test accounts (cheap hashes: these tests are about rules, not hashing cost)."""
-    access.write_accounts(
-        path,
-        [
-            Account(name, ROLES[name], access.hash_password(pw, iterations=iterations))
-            for name, pw in PASSWORDS.items()
-        ],
-    )
 
 
 @dataclass
@@ -677,16 +651,6 @@ def test_removing_an_account_or_changing_its_role_ends_its_connection(
             c.close()
     finally:
         bt.stop()
-
-
-@pytest.fixture
-def guarded(tmp_path: Path) -> Iterator[tuple[BrokerThread, Path]]:
-    """An embedded broker with the test accounts (prefix ``p``), on its own loop."""
-    f = tmp_path / "accounts"
-    write_accounts(f)
-    bt = BrokerThread(guard=AccessGuard("p", f))
-    yield bt, f
-    bt.stop()
 
 
 def test_an_oversized_subscribe_or_a_qos2_publish_ends_only_that_connection(
