@@ -33,6 +33,7 @@ from .errors import (
     UnknownTask,
     WaitTimeout,
 )
+from .service import LoopFailed
 
 log = logging.getLogger("lbmqtt")
 
@@ -591,8 +592,8 @@ def _stdout_gone() -> bool:
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLOUT)
         return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
-    except (OSError, ValueError, AttributeError):  # no fd or no poll(): assume it was stdout
-        return True
+    except (OSError, ValueError, AttributeError):  # no fd or no poll(): not a closed pipe
+        return False
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
@@ -628,6 +629,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
         return Exit.USAGE
+    except LoopFailed as exc:
+        if isinstance(exc.__cause__, LoginRefused):  # (a daemon refused after its start-up)
+            print(f"lbmqtt: {exc.__cause__}", file=sys.stderr)
+            return Exit.LOGIN_REFUSED
+        print(f"lbmqtt: {exc}", file=sys.stderr)
+        return Exit.FAILED
     except (BrokerUnavailable, BalancerUnavailable) as exc:
         print(f"lbmqtt: {exc}", file=sys.stderr)
         return Exit.LOGIN_REFUSED if isinstance(exc, LoginRefused) else Exit.UNAVAILABLE

@@ -218,15 +218,25 @@ def import_source(source: str) -> Any:
             del sys.modules[modname]
             raise
         return module
-    _cwd_on_path()
-    return importlib.import_module(source)
+    return _import_here_too(source)
 
 
-def _cwd_on_path() -> None:
-    """Put the current folder first on ``sys.path`` unless it is on it already."""
-    cwd = os.getcwd()
-    if not any(isinstance(p, str) and os.path.abspath(p) == cwd for p in sys.path):
-        sys.path.insert(0, cwd)
+def _import_here_too(name: str) -> Any:
+    """Import the dotted module ``name``; if its top-level package is found nowhere on
+    ``sys.path``, look in the current folder too, as ``python -m`` would (the installed
+    ``lbmqtt`` script does not put it on the path). The folder goes last, and only then: a
+    file there never shadows an installed or standard module."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        top = name.partition(".")[0]
+        if exc.name != top or any(
+            isinstance(p, str) and os.path.abspath(p or ".") == cwd for p in sys.path
+        ):
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(name)
 
 
 def collect(module: Any) -> Registry:
@@ -280,8 +290,7 @@ def resolve_reference(ref: str) -> Callable[..., Any]:
             sys.modules[modname] = module
             spec.loader.exec_module(module)
     else:
-        _cwd_on_path()
-        module = importlib.import_module(modpart)
+        module = _import_here_too(modpart)
     obj: Any = module
     for part in qualname.split("."):
         obj = getattr(obj, part)

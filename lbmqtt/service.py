@@ -42,7 +42,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
-from .errors import LbmqttError
+from .errors import LbmqttError, LoginRefused
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,10 @@ class Loops:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            log.exception("%s: the %s loop died", self.owner, name)
+            if isinstance(exc, LoginRefused):  # a user's mistake, said in one line (cli)
+                log.debug("%s: the %s loop ended: %s", self.owner, name, exc)
+            else:
+                log.exception("%s: the %s loop died", self.owner, name)
             self._died(f"{self.owner}: the {name} loop died: {exc!r}", exc)
             raise
         if name not in self._once and not self.closing:

@@ -16,20 +16,24 @@ from typing import Any
 import pytest
 
 from lbmqtt import access
-from lbmqtt.access import Account
+from lbmqtt.access import AccessGuard, Account
+from lbmqtt.broker import EmbeddedBroker
 from lbmqtt.client import Client
 from lbmqtt.errors import LoginRefused
 from lbmqtt.mqtt import MqttTransport
 
+from .cluster import free_port
 from .conftest import (
     PASSWORDS,
     ROOT,
     TEST_TASKS,
     BrokerThread,
     finish,
+    lbmqtt_cmd,
     make_settings,
     run_cli,
     start_up,
+    wait_until,
     write_accounts,
 )
 
@@ -100,6 +104,46 @@ def test_commands_and_daemons_with_a_wrong_password_exit_6_with_one_line(
         assert len(lines) == 1, r.stderr
         assert lines[0].startswith("lbmqtt: the MQTT broker at 127.0.0.1:")
         assert "refused the login 'alice' (bad user name or password)" in lines[0]
+
+
+def test_a_daemon_started_before_its_broker_exits_6_with_one_line_when_refused(
+    tmp_path: Path,
+) -> None:
+    # Given a node with a wrong password, started while no broker listens on its port
+    port = free_port()
+    env = {
+        **os.environ,
+        "LBMQTT_BROKER_USERNAME": "alice",
+        "LBMQTT_BROKER_PASSWORD": "not-her-password",
+        "LBMQTT_JOURNAL_PATH": "none",
+    }
+    args = ["node", "--tasks", TEST_TASKS, "--broker-port", str(port), "--prefix", "p"]
+    err = tmp_path / "stderr"
+    with err.open("w") as f:
+        proc = subprocess.Popen(lbmqtt_cmd(*args), cwd=ROOT, env=env, stderr=f)
+    f = tmp_path / "accounts"
+    write_accounts(f)
+    broker: BrokerThread | None = None
+    try:
+        # (the node gives up its start-up check of the name and goes on, reconnecting)
+        wait_until(lambda: "not reachable" in err.read_text(), 30, "the node to go on")
+        # When the broker comes up and refuses its login
+        broker = BrokerThread(
+            broker=EmbeddedBroker("127.0.0.1", port, prefix="p", guard=AccessGuard("p", f))
+        )
+        # Then the node exits 6, with one line that says why and no traceback
+        assert proc.wait(30) == 6, err.read_text()
+        text = err.read_text()
+        assert "Traceback" not in text, text
+        said = [line for line in text.splitlines() if line.startswith("lbmqtt: ")]
+        assert len(said) == 1, text
+        assert "refused the login 'alice' (bad user name or password)" in said[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if broker is not None:
+            broker.stop()
 
 
 def test_a_daemon_whose_password_changes_keeps_trying_and_comes_back(

@@ -490,9 +490,11 @@ class Balancer:
         tell ``lbmqtt status`` and the dashboards that this balancer is offline for good.
         A status that is not its own (offline, another instance's, empty, garbage) is
         replaced, at most once per :data:`STATUS_FIX_S`; the broker keeps the last one
-        retained, so only the last one seen counts. The one exception is a balancer that
-        started before this one and says it is online: two of them would otherwise replace
-        each other's status forever; this one leaves the older its topic and says why.
+        retained, so only the last one seen counts. A status that says another balancer is
+        online is replaced too (anyone can forge one, with any start time), with a warning
+        that names it: were it real, two balancers would overwrite each other's assignment
+        sets, and the start-up check refuses a second one; their statuses would then
+        alternate at most once a second each, which the warning explains.
         """
         self._status_seen = payload
         if self._status_timer is not None or not self._foreign_status(payload):
@@ -508,23 +510,17 @@ class Balancer:
             other = decode(BalancerStatus, payload)
         except DecodeError:
             return True
-        if (
-            other.online
-            and other.instance != self.instance
-            and other.started_at > 0
-            and (other.started_at, other.instance) < (self.started_at, self.instance)
-        ):
+        if other.online and other.instance != self.instance:
             self._status_log.warning(
-                "older",
-                "another balancer (instance %s, host %s, pid %s), started before this one, "
-                "says it is online with topics under %s/: two balancers on one prefix "
-                "overwrite each other's assignment sets; stop one of them",
+                "other",
+                "a status on %s says another balancer (instance %s, host %s, pid %s) is "
+                "online: replaced by this one's. If that balancer is real, two balancers on "
+                "one prefix overwrite each other's assignment sets: stop one of them",
+                self.topics.balancer_status,
                 other.instance,
                 other.host or "?",
                 other.pid or "?",
-                self.settings.topic_prefix,
             )
-            return False
         return True
 
     def _fix_status(self) -> None:
