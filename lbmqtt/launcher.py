@@ -308,7 +308,9 @@ def up(
                     del common[i : i + 2]
                 host = "127.0.0.1"
                 common += ["--broker-host", host]
-            broker_url = f"mqtt://{host}:{port} (embedded amqtt, listening on {settings.bind_host})"
+            # what the broker bound, each listener with its scheme (not what was asked)
+            bound = c.info.get("listeners") or [f"mqtt://{host}:{port}"]
+            broker_url = f"{', '.join(bound)} (embedded amqtt)"
         children.append(_spawn("balancer", ["balancer", *common], env=envs.get("balancer")))
         if dashboard:
             children.append(_spawn("dashboard", ["dashboard", *common], env=envs.get("dashboard")))

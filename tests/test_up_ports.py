@@ -1,10 +1,14 @@
-"""``lbmqtt up``: the ports it picked (given as 0) are picked once and kept by restarted parts."""
+"""``lbmqtt up``'s ports: its summary lists what the broker bound; ports picked with 0 are
+picked once and kept by restarted parts."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
+import ssl
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -52,6 +56,50 @@ def test_a_restarted_dashboard_and_balancer_keep_the_ports_picked_with_0() -> No
         # the URLs `up` printed answer again: the same ports
         assert b"Bokeh" in _get(dashboard)
         assert b"lbmqtt_" in _get(metrics)
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0
+    finally:
+        finish(up)
+
+
+def test_the_summary_lists_every_listener_the_broker_bound(tmp_path: Path) -> None:
+    cert, key = tmp_path / "broker.crt", tmp_path / "broker.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.2"),
+            *("-addext", "subjectAltName=IP:127.0.0.2"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    # TLS on BROKER_BIND (a loopback address other than plain MQTT's 127.0.0.1)
+    tls = {
+        "LBMQTT_BROKER_TLS_CERT": str(cert),
+        "LBMQTT_BROKER_TLS_KEY": str(key),
+        "LBMQTT_BROKER_TLS_PORT": "0",
+        "LBMQTT_BROKER_BIND": "127.0.0.2",
+    }
+    up = start_up("--no-dashboard", "--no-node", env_extra=tls)
+    try:
+        m = re.search(r"broker\s+(.+) \(embedded amqtt\)", up.text())
+        assert m, up.text()
+        found = [re.fullmatch(r"(mqtts?)://([\d.]+):(\d+)", u) for u in m.group(1).split(", ")]
+        assert all(found), m.group(1)
+        listeners = {f.group(1): (f.group(2), int(f.group(3))) for f in found if f}
+        assert list(listeners) == ["mqtt", "mqtts"], m.group(1)
+        assert listeners["mqtt"] == ("127.0.0.1", up.port)
+        assert listeners["mqtts"][0] == "127.0.0.2"
+        # each one is there: plain MQTT answers a TCP connect, TLS a verified handshake
+        with socket.create_connection(listeners["mqtt"], timeout=10):
+            pass
+        context = ssl.create_default_context(cafile=str(cert))
+        with (
+            socket.create_connection(listeners["mqtts"], timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.2") as tls_sock,
+        ):
+            assert tls_sock.version()
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(60) == 0
     finally:
