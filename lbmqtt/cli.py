@@ -396,7 +396,10 @@ def cmd_balancer(ns: argparse.Namespace, s: Settings) -> int:
             + (f", metrics on {b.metrics_url}" if b.metrics_url else ""),
             flush=True,
         )
-        _write_ready(ns.ready_fd, {"instance": b.instance, "metrics": b.metrics_url})
+        port = b.metrics.port if b.metrics is not None else None
+        _write_ready(
+            ns.ready_fd, {"instance": b.instance, "metrics": b.metrics_url, "metrics_port": port}
+        )
 
     tune_gc()
     asyncio.run(Balancer(s).run(on_ready=ready))

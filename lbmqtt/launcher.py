@@ -4,10 +4,11 @@ Starts the embedded broker (unless ``BROKER_EMBEDDED`` is false), the balancer, 
 dashboard and a local node, each as ``python -m lbmqtt <command>`` in its own process and
 session, and waits for each to say it is ready (one JSON line on an inherited pipe).
 Ctrl-C or SIGTERM stops them in reverse order (SIGTERM, then SIGKILL after a grace
-period). If one of them dies it is started again (the broker on the same port; a restarted
-balancer resumes every task from its journal); one that dies 5 times within a minute stops
-them all. Each child also asks the kernel
-to signal it if this supervisor dies, so none is left behind even after a SIGKILL.
+period). If one of them dies it is started again, on the ports it got the first time (even
+those given as 0: the broker's, the dashboard's and the balancer's metrics port, so the
+printed URLs stay true); a restarted balancer resumes every task from its journal. One
+that dies 5 times within a minute stops them all. Each child also asks the kernel to
+signal it if this supervisor dies, so none is left behind even after a SIGKILL.
 """
 
 from __future__ import annotations
@@ -116,6 +117,20 @@ _spawn = spawn  # the name compat and older code use
 def _flag(args: list[str], name: str) -> str | None:
     """The value of ``name`` in ``args``, or None."""
     return args[args.index(name) + 1] if name in args[:-1] else None
+
+
+def _with_flag(args: list[str], name: str, value: str) -> list[str]:
+    """``args`` with ``name VALUE`` (replacing any value it had)."""
+    out = list(args)
+    if name in out[:-1]:
+        i = out.index(name)
+        del out[i : i + 2]
+    return [*out, name, value]
+
+
+def _info(children: list[Child], name: str, key: str) -> Any:
+    """``key`` of the ready line of child ``name``, or None."""
+    return next((c.info.get(key) for c in children if c.name == name), None)
 
 
 def _respawn(
@@ -282,10 +297,8 @@ def up(
             c = _spawn("broker", ["broker", *common], env=envs.get("broker"))
             children.append(c)
             port = int(c.info["port"])
-            if "--broker-port" in common:  # e.g. 0 ("pick one"): the children need the real one
-                i = common.index("--broker-port")
-                del common[i : i + 2]
-            common += ["--broker-port", str(port)]
+            # e.g. 0 ("pick one"): the children need the real one
+            common = _with_flag(common, "--broker-port", str(port))
             host = settings.broker_host
             if host == "auto" or settings.tls_listener:
                 # the broker is ours: the local parts need no discovery (and, with TLS,
@@ -295,7 +308,9 @@ def up(
                     del common[i : i + 2]
                 host = "127.0.0.1"
                 common += ["--broker-host", host]
-            broker_url = f"mqtt://{host}:{port} (embedded amqtt, listening on {settings.bind_host})"
+            # what the broker bound, each listener with its scheme (not what was asked)
+            bound = c.info.get("listeners") or [f"mqtt://{host}:{port}"]
+            broker_url = f"{', '.join(bound)} (embedded amqtt)"
         children.append(_spawn("balancer", ["balancer", *common], env=envs.get("balancer")))
         if dashboard:
             children.append(_spawn("dashboard", ["dashboard", *common], env=envs.get("dashboard")))
@@ -327,14 +342,17 @@ def up(
             "",
         ]
         print("\n".join(lines), flush=True)
-        # how to start each part again: the broker on the port it got the first time
+        # how to start each part again: on the ports it got the first time (a port given as
+        # 0 is picked once per `up`: the printed URLs stay true across restarts)
         specs = {c.name: c.args for c in children}
-        if "broker" in specs:
-            b_args = list(specs["broker"])
-            if "--broker-port" in b_args:
-                i = b_args.index("--broker-port")
-                del b_args[i : i + 2]
-            specs["broker"] = [*b_args, "--broker-port", common[common.index("--broker-port") + 1]]
+        kept = {
+            "broker": ("--broker-port", _flag(common, "--broker-port")),
+            "dashboard": ("--monitor-port", _info(children, "dashboard", "port")),
+            "balancer": ("--metrics-port", _info(children, "balancer", "metrics_port")),
+        }
+        for name, (flag, value) in kept.items():
+            if name in specs and value is not None:
+                specs[name] = _with_flag(specs[name], flag, str(value))
         restarts = Restarts()
         while not stopping:
             for i, c in enumerate(children):

@@ -68,6 +68,25 @@ def bound_port(broker: Broker, listener: str = "default") -> int:
     return port
 
 
+SCHEMES = {"default": "mqtt", "tls": "mqtts"}
+"""The URL scheme of each of the embedded broker's listeners (by amqtt listener name)."""
+
+
+def bound_urls(broker: Broker) -> list[str]:
+    """``mqtt://HOST:PORT`` / ``mqtts://HOST:PORT`` of every socket the broker's listeners
+    are bound to, as the kernel reports them (plain first)."""
+    urls: list[str] = []
+    for name, scheme in SCHEMES.items():
+        server = broker._servers.get(name)
+        if server is None:
+            continue
+        for sock in server.instance.sockets:
+            host, port = sock.getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            urls.append(f"{scheme}://{host}:{port}")
+    return list(dict.fromkeys(urls))
+
+
 def loopback_mosquitto_conf(shipped: str, port: int) -> str:
     """The shipped ``broker/mosquitto.conf`` turned into an anonymous broker on one
     loopback port without persistence: what the tests and benchmarks run (the tests of

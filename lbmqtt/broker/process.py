@@ -15,7 +15,7 @@ import signal
 from ..config import Settings
 from ..ratelog import ForeignLogFilter
 from .embedded import embedded_broker
-from .listeners import AMQTT_VERSION
+from .listeners import AMQTT_VERSION, bound_urls
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ async def serve(
     """Run the embedded broker until SIGINT/SIGTERM (or ``stop`` is set).
 
     Prints ``lbmqtt broker: listening on HOST:PORT`` and, with ``ready_fd``, writes one
-    JSON line ``{"host": ..., "port": ...}`` to that file descriptor once listening.
+    JSON line ``{"host": ..., "port": ..., "tls_port": ..., "listeners": [URL, ...]}`` to
+    that file descriptor once listening (``listeners``: what each listener is bound to,
+    ``mqtt://HOST:PORT`` and ``mqtts://HOST:PORT``).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,9 +96,13 @@ async def serve(
                 )
     if ready_fd is not None:
         with os.fdopen(ready_fd, "w") as f:
-            f.write(
-                json.dumps({"host": host, "port": broker.port, "tls_port": broker.tls_port}) + "\n"
-            )
+            info = {
+                "host": host,
+                "port": broker.port,
+                "tls_port": broker.tls_port,
+                "listeners": bound_urls(broker.broker) if broker.broker is not None else [],
+            }
+            f.write(json.dumps(info) + "\n")
     try:
         await stop.wait()
     finally:
