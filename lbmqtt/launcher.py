@@ -36,12 +36,24 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
+LOGIN_REFUSED = 6
+"""A part's exit status when the broker refused its login (``lbmqtt.cli.Exit``): it is not
+started again (it would be refused again), and ``up`` stops with that status."""
 RESTART_RETRY_S = 1.0
 """How often a start that failed is tried again (see :func:`_respawn`)."""
 
 
 class LaunchError(Exception):
-    """A component failed to start; the message says which and why."""
+    """A component failed to start; the message says which and why.
+
+    Args:
+        message: what failed.
+        status: the exit status of a component that exited before it was ready.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -103,7 +115,8 @@ def spawn(
                     rc = proc.wait()
                     raise LaunchError(
                         f"{name} exited with status {rc} before it was ready "
-                        f"(see its messages above)"
+                        f"(see its messages above)",
+                        rc,
                     )
                 buf += chunk
     finally:
@@ -147,9 +160,9 @@ def _respawn(
     while True:
         try:
             return spawn(name, args, env=env)
-        except LaunchError:
-            if stopping() or time.monotonic() > deadline:
-                raise
+        except LaunchError as exc:
+            if exc.status == LOGIN_REFUSED or stopping() or time.monotonic() > deadline:
+                raise  # (a refused login is refused again: no retry)
             time.sleep(retry.next())  # a supervisor's back-off
 
 
@@ -381,7 +394,7 @@ def up(
     except LaunchError as exc:
         print(f"lbmqtt up: {exc}", file=sys.stderr, flush=True)
         stop_children(children, node_grace_s=node_grace)
-        return 1
+        return LOGIN_REFUSED if exc.status == LOGIN_REFUSED else 1
     except BaseException:
         stop_children(children, node_grace_s=node_grace)
         raise

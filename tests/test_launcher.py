@@ -30,3 +30,10 @@ def test_children_are_counted_apart() -> None:
         assert restarts.died("node", 0.0) is not None
     assert restarts.died("node", 0.0) is None
     assert restarts.died("broker", 0.0) == 1
+
+
+def test_the_launcher_knows_the_refused_login_status_of_the_cli() -> None:
+    from lbmqtt.cli import Exit
+    from lbmqtt.launcher import LOGIN_REFUSED
+
+    assert LOGIN_REFUSED == Exit.LOGIN_REFUSED

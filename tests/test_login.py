@@ -146,6 +146,37 @@ def test_a_daemon_started_before_its_broker_exits_6_with_one_line_when_refused(
             broker.stop()
 
 
+def test_up_with_a_refused_login_stops_at_once_with_status_6(
+    guarded: tuple[BrokerThread, Path],
+) -> None:
+    # Given an external broker with accounts, and a wrong password for `up`'s parts
+    broker, _ = guarded
+    env = {
+        "LBMQTT_BROKER_EMBEDDED": "false",
+        "LBMQTT_BROKER_USERNAME": "lb",
+        "LBMQTT_BROKER_PASSWORD": "not-its-password",
+        "LBMQTT_JOURNAL_PATH": "none",
+    }
+    started = time.monotonic()
+    # When `up` starts them, Then it stops at once with the parts' status (no restarts)
+    r = run_cli(
+        "up",
+        "--broker-port",
+        str(broker.port),
+        "--prefix",
+        "p",
+        "--monitor-port",
+        "0",
+        "--metrics-port",
+        "0",
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 6, r.stdout + r.stderr
+    assert time.monotonic() - started < 30
+    assert "refused the login 'lb' (bad user name or password)" in r.stderr
+
+
 def test_a_daemon_whose_password_changes_keeps_trying_and_comes_back(
     guarded: tuple[BrokerThread, Path],
     monkeypatch: pytest.MonkeyPatch,
