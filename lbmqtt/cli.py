@@ -48,6 +48,7 @@ class Exit(IntEnum):
     REFUSED = 5  # the balancer refused the submit (quota, invalid task)
     LOGIN_REFUSED = 6  # the broker refused the login (CONNACK 4/5): not retried
     UNKNOWN_TASK = 7  # no such task for this user (never submitted, or expired)
+    BALANCER_ONLINE = 8  # journal reset: a balancer is online on that broker and prefix
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
     BROKEN_PIPE = 141  # stdout's reader left (`| head`): 128 + SIGPIPE, as other tools
 
@@ -62,6 +63,7 @@ examples:
   lbmqtt node --tasks nodes/demo_tasks.py     # on another machine (set BROKER_HOST)
   lbmqtt broker --parameters parameters.json
   lbmqtt user add alice --role user --file accounts   # logins for a shared LAN
+  lbmqtt journal reset                        # start clean (balancer stopped)
 """
 
 
@@ -292,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--acl", metavar="FILE", help="with mosquitto: where to write the ACL (default FILE.acl)"
     )
+    p = cmd(
+        "journal",
+        "remove the balancer's task journal, to start clean (the balancer must be stopped)",
+        "example:\n  lbmqtt journal reset --broker-port 1883 --prefix lbmqtt/v1\n\n"
+        "removes the journal a balancer with the same settings would open (JOURNAL_PATH;\n"
+        "auto: one file per broker and prefix); crash recovery stays on for what follows.\n"
+        "exit status: 0 removed, or nothing to remove; 8 a balancer is online on that\n"
+        "broker and prefix (nothing removed)",
+    )
+    p.add_argument("action", choices=["reset"])
     return ap
 
 
@@ -585,6 +597,12 @@ def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
     return run(ns, s)
 
 
+def cmd_journal(ns: argparse.Namespace, s: Settings) -> int:
+    from .cli_journal import cmd_journal as run
+
+    return run(ns, s)
+
+
 def _stdout_gone() -> bool:
     """True if nobody reads our stdout any more (a pipe or socket whose reader closed)."""
     try:
@@ -606,6 +624,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "cancel": cmd_cancel,
     "status": cmd_status,
     "user": cmd_user,
+    "journal": cmd_journal,
 }
 
 
