@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         "exit status: 0 removed, or nothing to remove; 8 a balancer is online on that\n"
         "broker and prefix (nothing removed)",
     )
-    p.add_argument("action", choices=["reset"])
+    p.add_argument(
+        "action", choices=["reset"], help="reset: remove the journal (and its -wal, -shm)"
+    )
     return ap
 
 
