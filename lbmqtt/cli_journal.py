@@ -29,11 +29,11 @@ def cmd_journal(ns: argparse.Namespace, s: Settings) -> int:
         return Exit.OK
     where = f"{s.broker_host}:{s.broker_port} with topics under {s.topic_prefix}/"
     try:
-        other = None if _refused(s) else asyncio.run(_online_balancer(s))
+        other = asyncio.run(_online_balancer(s))
     except LoginRefused:
         raise  # (its own exit status: the login must be fixed first)
     except BrokerUnavailable:
-        other = None  # (no broker there: no balancer can be online on it)
+        other = None  # (no broker there, or none found: no balancer can be online on it)
     if other is not None:
         print(
             f"lbmqtt: a balancer is online on {where} (host {other.host or '?'}, pid "
@@ -62,15 +62,21 @@ def _refused(s: Settings) -> bool:
         return False  # (unreachable, slow...: the probe decides)
 
 
-async def _online_balancer(s: Settings) -> BalancerStatus | None:
-    """The retained status of a balancer online on this broker and prefix, else None.
+async def _online_balancer(configured: Settings) -> BalancerStatus | None:
+    """The retained status of a balancer online on this broker and prefix, else None: the
+    check a balancer makes before it starts (BROKER_HOST ``auto`` found as it finds it).
 
     Raises:
-        BrokerUnavailable: the broker is not reachable (LoginRefused: it refused us).
+        BrokerUnavailable: the broker is not reachable or not found (LoginRefused: it
+            refused us).
     """
+    from .discovery import resolve
     from .health import read_retained
     from .mqtt import tls_context
 
+    s = await resolve(configured)
+    if await asyncio.to_thread(_refused, s):
+        return None
     topic = Topics(s.topic_prefix).balancer_status
     retained = await read_retained(
         host=s.broker_host,
