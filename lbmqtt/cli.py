@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     p.add_argument("--no-node", action="store_true", help="do not start a local node")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start clean: remove the balancer's journal first (as `lbmqtt journal reset`); "
+        "crash recovery stays on",
+    )
     p.add_argument("--monitor-port", type=int, metavar="PORT", help="MONITOR_PORT")
     p.add_argument(
         "--metrics-port",
@@ -385,7 +391,14 @@ def cmd_up(ns: argparse.Namespace, s: Settings) -> int:
         os.environ["LBMQTT_MONITOR_PORT"] = str(ns.monitor_port)
     if ns.metrics_port is not None:  # (the balancer's)
         os.environ["LBMQTT_METRICS_PORT"] = str(ns.metrics_port)
-    return up(s, common, tasks=ns.tasks, dashboard=not ns.no_dashboard, node=not ns.no_node)
+    return up(
+        s,
+        common,
+        tasks=ns.tasks,
+        dashboard=not ns.no_dashboard,
+        node=not ns.no_node,
+        fresh=ns.fresh,
+    )
 
 
 def cmd_broker(ns: argparse.Namespace, s: Settings) -> int:

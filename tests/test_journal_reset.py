@@ -16,8 +16,8 @@ import pytest
 from lbmqtt.balancer.journal import default_path
 from lbmqtt.cli import Exit
 
-from .cluster import Cluster
-from .conftest import run_cli, wait_until
+from .cluster import Cluster, free_port
+from .conftest import finish, run_cli, start_up, wait_until
 
 
 @pytest.fixture
@@ -107,3 +107,31 @@ def test_journal_reset_without_a_journal_or_of_a_foreign_file_removes_nothing(
     assert other.read_text() == "not a journal\n"
     r = run_cli("journal", "reset", env={**env, "LBMQTT_JOURNAL_PATH": str(tmp_path / "j")})
     assert r.returncode == Exit.OK and "nothing to remove" in r.stdout, r.stderr
+
+
+def test_up_fresh_starts_with_an_empty_journal() -> None:
+    port = free_port()
+    env = {"LBMQTT_BROKER_PORT": str(port)}
+    journal = default_path("127.0.0.1", port, "lbmqtt/v1")
+    # Given `lbmqtt up` stopped with a queued task in its journal (no node ran it)
+    first = start_up("--no-node", "--no-dashboard", port=port)
+    try:
+        r = run_cli("submit", "HELLO", "{}", "--id", "before", env=env)
+        assert r.returncode == Exit.OK, r.stderr
+        first.proc.send_signal(signal.SIGINT)
+        assert first.proc.wait(30) == 0, first.text()
+    finally:
+        finish(first)
+    assert journal.is_file()
+    # When it starts again with --fresh
+    second = start_up("--no-node", "--no-dashboard", "--fresh", port=port)
+    try:
+        # Then it says what it removed, and its balancer does not know the old task
+        assert f"removed the journal of 127.0.0.1:{port}" in second.text(), second.text()
+        assert "(1 task)" in second.text()
+        r = run_cli("get", "before", env=env)
+        assert r.returncode == Exit.UNKNOWN_TASK, (r.stdout, r.stderr)
+        # And it journals again: recovery is on
+        assert journal.is_file()
+    finally:
+        finish(second)
