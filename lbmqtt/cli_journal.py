@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
+import logging
 import sys
 
 from .cli import Exit
@@ -50,18 +50,6 @@ def cmd_journal(ns: argparse.Namespace, s: Settings) -> int:
     return Exit.OK
 
 
-def _refused(s: Settings) -> bool:
-    """True if nothing listens on the broker's address (the usual case after stopping
-    ``lbmqtt up``, which runs its own broker): no need to wait for an MQTT probe."""
-    try:
-        with socket.create_connection((s.broker_host, s.broker_port), timeout=1.0):
-            return False
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False  # (unreachable, slow...: the probe decides)
-
-
 async def _online_balancer(configured: Settings) -> BalancerStatus | None:
     """The retained status of a balancer online on this broker and prefix, else None: the
     check a balancer makes before it starts (BROKER_HOST ``auto`` found as it finds it).
@@ -75,8 +63,8 @@ async def _online_balancer(configured: Settings) -> BalancerStatus | None:
     from .mqtt import tls_context
 
     s = await resolve(configured)
-    if await asyncio.to_thread(_refused, s):
-        return None
+    # (a stopped `lbmqtt up` took its broker along: its "retrying" lines would only alarm)
+    logging.getLogger("lbmqtt.mqtt").setLevel(logging.ERROR)
     topic = Topics(s.topic_prefix).balancer_status
     retained = await read_retained(
         host=s.broker_host,
