@@ -49,6 +49,7 @@ class Exit(IntEnum):
     REFUSED = 5  # the balancer refused the submit (quota, invalid task)
     LOGIN_REFUSED = 6  # the broker refused the login (CONNACK 4/5): not retried
     UNKNOWN_TASK = 7  # no such task for this user (never submitted, or expired)
+    BALANCER_ONLINE = 8  # journal reset: a balancer is online on that broker and prefix
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
     BROKEN_PIPE = 141  # stdout's reader left (`| head`): 128 + SIGPIPE, as other tools
 
@@ -63,6 +64,7 @@ examples:
   lbmqtt node --tasks nodes/demo_tasks.py     # on another machine (set BROKER_HOST)
   lbmqtt broker --parameters parameters.json
   lbmqtt user add alice --role user --file accounts   # logins for a shared LAN
+  lbmqtt journal reset                        # start clean (balancer stopped)
 """
 
 
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
     p.add_argument("--no-node", action="store_true", help="do not start a local node")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start clean: remove the balancer's journal first (as `lbmqtt journal reset`); "
+        "crash recovery stays on",
+    )
     p.add_argument("--monitor-port", type=int, metavar="PORT", help="MONITOR_PORT")
     p.add_argument(
         "--metrics-port",
@@ -255,43 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the balancer's stats",
     )
 
+    from .cli_user import USER_EPILOG, USER_HELP, add_user_arguments
+
+    add_user_arguments(cmd("user", USER_HELP, USER_EPILOG))
     p = cmd(
-        "user",
-        "manage the accounts file (AUTH_FILE): logins, passwords and roles",
-        "examples:\n  lbmqtt user add alice --role user --file accounts\n"
-        "  lbmqtt user add gpu-box --role node --generate --file accounts  # prints it\n"
-        '  echo "$PW" | lbmqtt user add bob --role user --password-stdin\n'
-        "  lbmqtt user list\n  lbmqtt user remove bob\n"
-        "  lbmqtt user mosquitto      # writes ACCOUNTS.acl for Mosquitto's acl_file\n\n"
-        "roles: user (its own tasks), node (its own assignments and reports),\n"
-        "monitor (reads stats: the dashboard, lbmqtt status), balancer (everything)",
-    )
-    p.add_argument("action", choices=["add", "remove", "list", "mosquitto"])
-    p.add_argument("name", nargs="?", help="account name (= user or node name)")
-    p.add_argument(
-        "--role",
-        choices=["user", "node", "monitor", "balancer"],
-        help="with add: what the account may do",
-    )
-    p.add_argument("--file", metavar="FILE", help="accounts file (default AUTH_FILE)")
-    p.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="with add: read the password from stdin (else asked on a terminal, "
-        "or generated and printed once)",
+        "journal",
+        "remove the balancer's task journal, to start clean (the balancer must be stopped)",
+        "example:\n  lbmqtt journal reset --broker-port 1883 --prefix lbmqtt/v1\n\n"
+        "removes the journal a balancer with the same settings would open (JOURNAL_PATH;\n"
+        "auto: one file per broker and prefix); crash recovery stays on for what follows.\n"
+        "exit status: 0 removed, or nothing to remove; 8 a balancer is online on that\n"
+        "broker and prefix (nothing removed)",
     )
     p.add_argument(
-        "--generate",
-        action="store_true",
-        help="with add: generate a random password and print it once",
-    )
-    p.add_argument(
-        "--replace",
-        action="store_true",
-        help="with add: replace an existing account (new password or role)",
-    )
-    p.add_argument(
-        "--acl", metavar="FILE", help="with mosquitto: where to write the ACL (default FILE.acl)"
+        "action", choices=["reset"], help="reset: remove the journal (and its -wal, -shm)"
     )
     return ap
 
@@ -372,7 +357,14 @@ def cmd_up(ns: argparse.Namespace, s: Settings) -> int:
         os.environ["LBMQTT_MONITOR_PORT"] = str(ns.monitor_port)
     if ns.metrics_port is not None:  # (the balancer's)
         os.environ["LBMQTT_METRICS_PORT"] = str(ns.metrics_port)
-    return up(s, common, tasks=ns.tasks, dashboard=not ns.no_dashboard, node=not ns.no_node)
+    return up(
+        s,
+        common,
+        tasks=ns.tasks,
+        dashboard=not ns.no_dashboard,
+        node=not ns.no_node,
+        fresh=ns.fresh,
+    )
 
 
 def cmd_broker(ns: argparse.Namespace, s: Settings) -> int:
@@ -589,6 +581,12 @@ def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
     return run(ns, s)
 
 
+def cmd_journal(ns: argparse.Namespace, s: Settings) -> int:
+    from .cli_journal import cmd_journal as run
+
+    return run(ns, s)
+
+
 def _stdout_gone() -> bool:
     """True if nobody reads our stdout any more (a pipe or socket whose reader closed)."""
     try:
@@ -610,6 +608,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "cancel": cmd_cancel,
     "status": cmd_status,
     "user": cmd_user,
+    "journal": cmd_journal,
 }
 
 

@@ -11,6 +11,48 @@ from .cli import Exit
 from .config import Settings
 from .errors import ConfigError
 
+USER_HELP = "manage the accounts file (AUTH_FILE): logins, passwords and roles"
+USER_EPILOG = (
+    "examples:\n  lbmqtt user add alice --role user --file accounts\n"
+    "  lbmqtt user add gpu-box --role node --generate --file accounts  # prints it\n"
+    '  echo "$PW" | lbmqtt user add bob --role user --password-stdin\n'
+    "  lbmqtt user list\n  lbmqtt user remove bob\n"
+    "  lbmqtt user mosquitto      # writes ACCOUNTS.acl for Mosquitto's acl_file\n\n"
+    "roles: user (its own tasks), node (its own assignments and reports),\n"
+    "monitor (reads stats: the dashboard, lbmqtt status), balancer (everything)"
+)
+
+
+def add_user_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``lbmqtt user``."""
+    p.add_argument("action", choices=["add", "remove", "list", "mosquitto"])
+    p.add_argument("name", nargs="?", help="account name (= user or node name)")
+    p.add_argument(
+        "--role",
+        choices=["user", "node", "monitor", "balancer"],
+        help="with add: what the account may do",
+    )
+    p.add_argument("--file", metavar="FILE", help="accounts file (default AUTH_FILE)")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="with add: read the password from stdin (else asked on a terminal, "
+        "or generated and printed once)",
+    )
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="with add: generate a random password and print it once",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="with add: replace an existing account (new password or role)",
+    )
+    p.add_argument(
+        "--acl", metavar="FILE", help="with mosquitto: where to write the ACL (default FILE.acl)"
+    )
+
 
 def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
     """Add, remove or list accounts, or write the Mosquitto ACL (see ``lbmqtt user --help``)."""

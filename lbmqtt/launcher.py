@@ -235,6 +235,28 @@ def service_logins(settings: Settings) -> dict[str, dict[str, str]]:
     return envs
 
 
+def reset_journal(common: list[str], env: dict[str, str] | None) -> None:
+    """``lbmqtt journal reset`` with the arguments and environment of the balancer about to
+    start, so that it removes the very journal that balancer would open; prints what it
+    says.
+
+    Raises:
+        LaunchError: it refused (a balancer is online on that broker and prefix) or failed.
+    """
+    r = subprocess.run(
+        [sys.executable, "-m", "lbmqtt", "journal", "reset", *common],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+    said = r.stdout.strip().removeprefix("lbmqtt: ")
+    if r.returncode != 0:
+        raise LaunchError(f"--fresh: {said or f'journal reset exited with {r.returncode}'}")
+    print(said, flush=True)
+
+
 def try_lines(settings: Settings, host: str, port: int, parameters: str | None) -> list[str]:
     """The ``Try:`` lines of the summary: commands that work when copied. They carry the
     flags a client needs to find this broker (those not at their defaults) and, with
@@ -283,6 +305,7 @@ def up(
     tasks: list[str],
     dashboard: bool = True,
     node: bool = True,
+    fresh: bool = False,
 ) -> int:
     """Run the whole system until Ctrl-C / SIGTERM. Returns the exit status.
 
@@ -291,6 +314,7 @@ def up(
         common: command-line arguments every child gets (``--parameters`` and overrides).
         tasks: task sources for the local node (empty: ``NODE_TASKS``).
         dashboard, node: start those components.
+        fresh: remove the balancer's journal before it starts (``lbmqtt journal reset``).
     """
     children: list[Child] = []
     node_grace = max(STOP_GRACE_S, settings.node_drain_s + 5.0)
@@ -324,6 +348,8 @@ def up(
             # what the broker bound, each listener with its scheme (not what was asked)
             bound = c.info.get("listeners") or [f"mqtt://{host}:{port}"]
             broker_url = f"{', '.join(bound)} (embedded amqtt)"
+        if fresh:
+            reset_journal(common, envs.get("balancer"))
         children.append(_spawn("balancer", ["balancer", *common], env=envs.get("balancer")))
         if dashboard:
             children.append(_spawn("dashboard", ["dashboard", *common], env=envs.get("dashboard")))

@@ -159,23 +159,61 @@ class SqliteJournal:
         self._db.close()
 
 
-def open_journal(settings: Settings) -> SqliteJournal | None:
-    """The journal JOURNAL_PATH names (``auto``: :func:`.journal.default_path` of the
-    broker and prefix), or None if it is ``none``.
-
-    Raises:
-        ConfigError: the file cannot be opened, or holds another schema.
-    """
+def journal_file(settings: Settings) -> Path | None:
+    """The file of the journal JOURNAL_PATH names (``auto``: :func:`.journal.default_path`
+    of the broker and prefix), or None if it is ``none``: the file a balancer with these
+    settings opens."""
     where = settings.journal_path.strip()
     if where.lower() in ("none", ""):
         return None
     s = settings
-    path = (
-        default_path(s.broker_host, s.broker_port, s.topic_prefix)
-        if where.lower() == "auto"
-        else Path(where).expanduser()
-    )
+    if where.lower() == "auto":
+        return default_path(s.broker_host, s.broker_port, s.topic_prefix)
+    return Path(where).expanduser()
+
+
+def open_journal(settings: Settings) -> SqliteJournal | None:
+    """The journal JOURNAL_PATH names (see :func:`journal_file`), or None if it is ``none``.
+
+    Raises:
+        ConfigError: the file cannot be opened, or holds another schema.
+    """
+    path = journal_file(settings)
+    if path is None:
+        return None
     try:
-        return SqliteJournal(path, sync=s.journal_sync)
+        return SqliteJournal(path, sync=settings.journal_sync)
     except (OSError, RuntimeError) as exc:
         raise ConfigError(f"cannot open the journal {path}: {exc} (JOURNAL_PATH)") from exc
+
+
+def remove_journal(path: Path) -> tuple[list[Path], int | None]:
+    """Delete the journal file at ``path`` and its ``-wal`` and ``-shm`` files (a balancer
+    must not be using it). Returns the files removed and the number of tasks the journal
+    held (None if it could not be read).
+
+    Raises:
+        ConfigError: ``path`` is not an SQLite file (then nothing is removed).
+        OSError: a file exists but cannot be removed.
+    """
+    tasks: int | None = None
+    if path.exists():
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if head and head != b"SQLite format 3\x00":
+            raise ConfigError(f"{path} is not an SQLite journal: not removed (JOURNAL_PATH)")
+        with contextlib.suppress(sqlite3.Error):
+            db = sqlite3.connect(path)
+            try:
+                (n,) = db.execute("SELECT count(*) FROM tasks").fetchone()
+                tasks = int(n)
+            finally:
+                db.close()
+    removed = []
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(p)
+    return removed, tasks
