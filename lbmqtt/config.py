@@ -97,7 +97,8 @@ class Settings(BaseModel):
     broker_embedded: bool = Field(True, alias="BROKER_EMBEDDED")
     """``lbmqtt up`` starts the embedded amqtt broker; false: use an external broker."""
     broker_bind: str | None = Field(None, alias="BROKER_BIND")
-    """Address the embedded broker listens on (default: BROKER_HOST), e.g. ``0.0.0.0``."""
+    """Address the embedded broker listens on (default: BROKER_HOST), e.g. ``0.0.0.0``;
+    with a TLS listener, the address of that listener (default: ``0.0.0.0``)."""
     broker_username: str | None = Field(None, alias="BROKER_USERNAME")
     broker_password: str | None = Field(None, alias="BROKER_PASSWORD")
     """The login's password (better in the environment: ``LBMQTT_BROKER_PASSWORD``)."""
@@ -108,8 +109,9 @@ class Settings(BaseModel):
     broker_ca_file: str | None = Field(None, alias="BROKER_CA_FILE")
     """CA certificate (PEM) that signed the broker's certificate (default: the system's)."""
     broker_tls_port: int = Field(8883, alias="BROKER_TLS_PORT", ge=0, le=65535)
-    """The embedded broker's TLS listener, on when BROKER_TLS_CERT and _KEY are set; plain
-    MQTT then stays on 127.0.0.1 (for the parts ``lbmqtt up`` starts)."""
+    """The embedded broker's TLS listener, on when BROKER_TLS_CERT and _KEY are set: it
+    listens on 0.0.0.0 (or BROKER_BIND); plain MQTT then stays on 127.0.0.1 (for the parts
+    ``lbmqtt up`` starts)."""
     broker_tls_cert: str | None = Field(None, alias="BROKER_TLS_CERT")
     broker_tls_key: str | None = Field(None, alias="BROKER_TLS_KEY")
     auth_file: str | None = Field(None, alias="AUTH_FILE")
@@ -245,6 +247,12 @@ class Settings(BaseModel):
         if self.broker_bind:
             return self.broker_bind
         return "0.0.0.0" if self.broker_host == "auto" else self.broker_host  # noqa: S104
+
+    @property
+    def tls_bind_host(self) -> str:
+        """Address the embedded broker's TLS listener listens on: BROKER_BIND when set, else
+        every address (a certificate is for clients on other machines)."""
+        return self.broker_bind or "0.0.0.0"  # noqa: S104
 
     def with_overrides(self, **values: Any) -> Settings:
         """Return a copy with some settings replaced (keys are field names), validated."""

@@ -561,6 +561,7 @@ def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
         BROKER_TLS_CERT=str(cert),
         BROKER_TLS_KEY=str(key),
         BROKER_TLS_PORT=0,
+        BROKER_BIND="127.0.0.1",  # (TLS defaults to every address)
     )
     bt = BrokerThread(broker=embedded_broker(base))
     broker = bt.broker

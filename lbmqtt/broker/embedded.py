@@ -229,18 +229,23 @@ def embedded_broker(settings: Settings) -> EmbeddedBroker:
             if not os.path.isfile(path):
                 raise ConfigError(f"BROKER_TLS_CERT / BROKER_TLS_KEY: no such file {path}")
         tls = TlsListener(
-            host, settings.broker_tls_port, settings.broker_tls_cert, settings.broker_tls_key
+            settings.tls_bind_host,
+            settings.broker_tls_port,
+            settings.broker_tls_cert,
+            settings.broker_tls_key,
         )
         host = "127.0.0.1"  # plain MQTT only for the parts on this machine
     if guard is None and not (is_loopback(host) and (tls is None or is_loopback(tls.host))):
         where = tls.host if tls is not None else host
+        hint = ' (with TLS, which listens on 0.0.0.0 by default: "BROKER_BIND": "127.0.0.1")'
+        hint = hint if tls is not None else ""
         raise ConfigError(
             f"refusing to listen on {where} without accounts: anyone on the network could "
             f"then read, submit and cancel every task. Create accounts and point AUTH_FILE "
             f"at them, e.g.\n  lbmqtt user add alice --role user --file accounts\n  lbmqtt "
             f'user add gpu-box --role node --file accounts\nthen set "AUTH_FILE": '
             f'"accounts" in parameters.json (or LBMQTT_AUTH_FILE=accounts); or listen on '
-            f'127.0.0.1 only (see README, "Running on a shared LAN")'
+            f'127.0.0.1 only{hint} (see README, "Running on a shared LAN")'
         )
     return EmbeddedBroker(
         host,
