@@ -15,8 +15,8 @@ import sys
 
 from .cli import Exit
 from .config import Settings
-from .errors import BrokerUnavailable, DecodeError, LoginRefused
-from .protocol import BalancerStatus, Topics, decode
+from .errors import BrokerUnavailable, LoginRefused
+from .protocol import BalancerStatus, Topics
 
 
 def cmd_journal(ns: argparse.Namespace, s: Settings) -> int:
@@ -59,27 +59,9 @@ async def _online_balancer(configured: Settings) -> BalancerStatus | None:
             refused us).
     """
     from .discovery import resolve
-    from .health import read_retained
-    from .mqtt import tls_context
+    from .health import read_online
 
     s = await resolve(configured)
     # (a stopped `lbmqtt up` took its broker along: its "retrying" lines would only alarm)
     logging.getLogger("lbmqtt.mqtt").setLevel(logging.ERROR)
-    topic = Topics(s.topic_prefix).balancer_status
-    retained = await read_retained(
-        host=s.broker_host,
-        port=s.broker_port,
-        filters=[topic],
-        prefix=s.topic_prefix,
-        username=s.broker_username,
-        password=s.password,
-        tls=tls_context(s),
-        timeout_s=min(3.0, s.connect_timeout_s),
-    )
-    if topic not in retained:
-        return None
-    try:
-        status = decode(BalancerStatus, retained[topic])
-    except DecodeError:
-        return None
-    return status if status.online else None
+    return await read_online(s, Topics(s.topic_prefix).balancer_status, BalancerStatus)

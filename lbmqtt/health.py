@@ -38,16 +38,7 @@ async def online_status(settings: Settings, topic: str, model: type[S], *, what:
         LoginRefused: the broker refused the login (the daemon cannot start with it).
     """
     try:
-        retained = await read_retained(
-            host=settings.broker_host,
-            port=settings.broker_port,
-            filters=[topic],
-            prefix=settings.topic_prefix,
-            username=settings.broker_username,
-            password=settings.password,
-            tls=tls_context(settings),
-            timeout_s=min(3.0, settings.connect_timeout_s),
-        )
+        return await read_online(settings, topic, model)
     except LoginRefused:
         raise  # (final: the daemon's own connection would be refused too)
     except BrokerUnavailable:
@@ -55,6 +46,25 @@ async def online_status(settings: Settings, topic: str, model: type[S], *, what:
             "the broker is not reachable yet: starting anyway (without checking that %s)", what
         )
         return None
+
+
+async def read_online(settings: Settings, topic: str, model: type[S]) -> S | None:
+    """The retained status on ``topic`` if it says online, else None (a missing, garbled or
+    offline one: None).
+
+    Raises:
+        BrokerUnavailable: the broker is not reachable (LoginRefused: it refused us).
+    """
+    retained = await read_retained(
+        host=settings.broker_host,
+        port=settings.broker_port,
+        filters=[topic],
+        prefix=settings.topic_prefix,
+        username=settings.broker_username,
+        password=settings.password,
+        tls=tls_context(settings),
+        timeout_s=min(3.0, settings.connect_timeout_s),
+    )
     if topic not in retained:
         return None
     try:
