@@ -61,6 +61,23 @@ def wait_until(
         time.sleep(interval)
 
 
+def self_signed_cert(folder: Path, ip: str, name: str = "broker") -> tuple[Path, Path]:
+    """A one-day self-signed certificate and its key for ``ip`` (CN and subjectAltName), as
+    the README's openssl line makes one: ``(cert, key)`` in ``folder``."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={ip}"),
+            *("-addext", f"subjectAltName=IP:{ip}"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
 def varint(n: int) -> bytes:
     """MQTT's remaining-length encoding (1 to 4 bytes, 7 bits each, low first)."""
     out = bytearray()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import Cluster, Lan, NetNs, free_port
+from .cluster import Cluster, Lan, NetNs, free_port, self_signed_cert
 
 pytestmark = pytest.mark.slow
 
@@ -50,30 +50,7 @@ def test_tasks_run_across_hosts_that_find_the_broker_by_mdns(lan: Lan, tmp_path:
     hub, big, small, desk = (lan.add_host(n) for n in ("hub", "big", "small", "desk"))
     # A broker on the LAN has accounts (Cluster adds them) and, since the nodes and the
     # client find it by mDNS and log in, TLS: its certificate proves it is the hub
-    cert, key = tmp_path / "hub.crt", tmp_path / "hub.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            f"/CN={hub.ip}",
-            "-addext",
-            f"subjectAltName=IP:{hub.ip}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = self_signed_cert(tmp_path, hub.ip, "hub")
     tls_port = free_port()
     cluster = Cluster(
         tmp_path,

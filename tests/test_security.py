@@ -30,7 +30,7 @@ from lbmqtt.client import Client
 from lbmqtt.errors import BrokerUnavailable, UnknownTask
 from lbmqtt.protocol import Status
 
-from .cluster import free_port
+from .cluster import free_port, self_signed_cert
 from .conftest import (
     PASSWORDS,
     TEST_TASKS,
@@ -527,30 +527,7 @@ def test_up_with_accounts_logs_its_parts_in_and_admits_only_accounts(tmp_path: P
 
 
 def test_tls_listener_serves_clients_that_verify_it(tmp_path: Path) -> None:
-    cert, key = tmp_path / "broker.crt", tmp_path / "broker.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = self_signed_cert(tmp_path, "127.0.0.1")
     f = tmp_path / "accounts"
     write_accounts(f)
     prefix = f"tls/{uuid.uuid4().hex[:8]}"

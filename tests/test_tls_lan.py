@@ -19,7 +19,7 @@ from lbmqtt.broker import embedded_broker
 from lbmqtt.config import load_settings
 from lbmqtt.errors import ConfigError
 
-from .cluster import Cluster, Lan, NetNs, free_port
+from .cluster import Cluster, Lan, NetNs, free_port, self_signed_cert
 
 pytestmark = pytest.mark.slow
 
@@ -69,17 +69,7 @@ def test_the_three_tls_keys_serve_tls_to_the_lan_and_keep_plain_mqtt_local(
     lan: Lan, tmp_path: Path
 ) -> None:
     hub, desk = lan.add_host("hub"), lan.add_host("desk")
-    cert, key = tmp_path / "hub.crt", tmp_path / "hub.key"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={hub.ip}"),
-            *("-addext", f"subjectAltName=IP:{hub.ip}"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = self_signed_cert(tmp_path, hub.ip, "hub")
     tls_port = free_port()
     # the hub's parameters as the README gives them: accounts (a broker beyond loopback
     # needs them) and the three TLS keys; BROKER_HOST stays 127.0.0.1, no BROKER_BIND

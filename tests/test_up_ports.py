@@ -8,10 +8,10 @@ import re
 import signal
 import socket
 import ssl
-import subprocess
 import urllib.request
 from pathlib import Path
 
+from .cluster import self_signed_cert
 from .conftest import Up, descendants, finish, process_alive, start_up, wait_until
 
 
@@ -63,17 +63,7 @@ def test_a_restarted_dashboard_and_balancer_keep_the_ports_picked_with_0() -> No
 
 
 def test_the_summary_lists_every_listener_the_broker_bound(tmp_path: Path) -> None:
-    cert, key = tmp_path / "broker.crt", tmp_path / "broker.key"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.2"),
-            *("-addext", "subjectAltName=IP:127.0.0.2"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = self_signed_cert(tmp_path, "127.0.0.2")
     # TLS on BROKER_BIND (a loopback address other than plain MQTT's 127.0.0.1)
     tls = {
         "LBMQTT_BROKER_TLS_CERT": str(cert),
