@@ -361,8 +361,43 @@ def _client_patterns() -> tuple[tuple[str, str], ...]:
     return tuple(sorted((p, mode) for p, (mode,) in modes.items()))
 
 
-def mosquitto_conf_snippet(accounts_file: str, acl_file: str) -> str:
-    return f"allow_anonymous false\npassword_file {accounts_file}\nacl_file {acl_file}\n"
+def mosquitto_conf_snippet(accounts_file: str, acl_file: str, plugin: str | None = None) -> str:
+    out = f"allow_anonymous false\npassword_file {accounts_file}\nacl_file {acl_file}\n"
+    if plugin:
+        out += f"plugin {plugin}\nplugin_opt_acl_file {acl_file}\n"
+    return out
+
+
+MOSQUITTO_PLUGIN_SOURCE = Path(__file__).parent / "broker" / "mosquitto_plugin.c"
+"""lbmqtt's Mosquitto plugin (C, plugin API v5): forbidden subscriptions refused in the
+SUBACK, client ids bound to the login that holds them, as the embedded broker does."""
+
+
+def build_mosquitto_plugin(out: str, cc: str | None = None) -> str:
+    """Compile :data:`MOSQUITTO_PLUGIN_SOURCE` into the shared object ``out``; returns its
+    absolute path. Needs a C compiler and Mosquitto's plugin headers (Debian:
+    ``apt install gcc mosquitto-dev``); raises :class:`ConfigError` saying so."""
+    import shutil
+    import subprocess
+
+    compiler = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise ConfigError(
+            "building the Mosquitto plugin needs a C compiler: apt install gcc mosquitto-dev"
+        )
+    out = os.path.abspath(out)
+    tmp = f"{out}.tmp"
+    cmd = [compiler, "-shared", "-fPIC", "-O2", "-o", tmp, str(MOSQUITTO_PLUGIN_SOURCE)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    except OSError as e:
+        raise ConfigError(f"{compiler}: {e}") from None
+    if r.returncode != 0:
+        first = (r.stderr.strip().splitlines() or ["(no output)"])[0]
+        hint = " (apt install mosquitto-dev)" if "mosquitto" in r.stderr else ""
+        raise ConfigError(f"building the Mosquitto plugin failed{hint}: {first}")
+    os.replace(tmp, out)
+    return out
 
 
 # ------------------------------------------------------------------------------ the guard

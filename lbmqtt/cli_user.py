@@ -17,7 +17,8 @@ USER_EPILOG = (
     "  lbmqtt user add gpu-box --role node --generate --file accounts  # prints it\n"
     '  echo "$PW" | lbmqtt user add bob --role user --password-stdin\n'
     "  lbmqtt user list\n  lbmqtt user remove bob\n"
-    "  lbmqtt user mosquitto      # writes ACCOUNTS.acl for Mosquitto's acl_file\n\n"
+    "  lbmqtt user mosquitto      # writes ACCOUNTS.acl for Mosquitto's acl_file\n"
+    "  lbmqtt user mosquitto --plugin  # and builds lbmqtt's Mosquitto plugin\n\n"
     "roles: user (its own tasks), node (its own assignments and reports),\n"
     "monitor (reads stats: the dashboard, lbmqtt status), balancer (everything)"
 )
@@ -52,6 +53,15 @@ def add_user_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--acl", metavar="FILE", help="with mosquitto: where to write the ACL (default FILE.acl)"
     )
+    p.add_argument(
+        "--plugin",
+        nargs="?",
+        const="",
+        metavar="SO",
+        help="with mosquitto: also build lbmqtt's Mosquitto plugin (forbidden subscriptions "
+        "refused in the SUBACK, client ids bound to logins) into SO (default: "
+        "lbmqtt_mosquitto.so next to the ACL); needs gcc and mosquitto-dev",
+    )
 
 
 def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
@@ -71,10 +81,18 @@ def cmd_user(ns: argparse.Namespace, s: Settings) -> int:
             print(f"{a.name}\t{a.role}")
         return Exit.OK
     if ns.action == "mosquitto":
+        plugin = None
+        if ns.plugin is not None:
+            where = ns.plugin or os.path.join(os.path.dirname(acl_path), "lbmqtt_mosquitto.so")
+            plugin = access.build_mosquitto_plugin(where)
         _write_acl(acl_path, accounts, s.topic_prefix)
         print(
-            f"wrote {acl_path}; in mosquitto.conf:\n"
-            + access.mosquitto_conf_snippet(os.path.abspath(path), os.path.abspath(acl_path)),
+            f"wrote {acl_path}"
+            + (f" and {plugin}" if plugin else "")
+            + "; in mosquitto.conf:\n"
+            + access.mosquitto_conf_snippet(
+                os.path.abspath(path), os.path.abspath(acl_path), plugin
+            ),
             end="",
         )
         return Exit.OK

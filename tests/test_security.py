@@ -10,6 +10,7 @@ same connection; once that arrives, anything before it would have arrived too.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import threading
@@ -151,21 +152,36 @@ def logged_in(port: int, name: str, **kw: Any) -> Login:
     return c
 
 
-def start_mosquitto(workdir: Path, accounts: Path, prefix: str) -> tuple[int, Any]:
-    """Mosquitto with the generated password and ACL files, as broker/mosquitto.conf has
-    them (on a loopback port)."""
+def mosquitto_lines(accounts: Path, prefix: str) -> str:
+    """What ``lbmqtt user mosquitto --plugin`` prints for mosquitto.conf, verbatim: it
+    writes the ACL next to the accounts file and builds lbmqtt's plugin there."""
+    if not os.path.exists("/usr/include/mosquitto_broker.h"):
+        pytest.skip("needs the Debian packages gcc and mosquitto-dev (.ci/run installs them)")
+    r = run_cli(
+        "user", "mosquitto", "--file", str(accounts), "--plugin",
+        env={"LBMQTT_TOPIC_PREFIX": prefix},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("in mosquitto.conf:\n", 1)[1]
+    assert f"plugin {accounts.parent / 'lbmqtt_mosquitto.so'}" in lines
+    return lines
+
+
+def start_mosquitto(
+    workdir: Path, accounts: Path, prefix: str
+) -> tuple[int, Any, subprocess.Popen[str]]:
+    """Mosquitto with the generated password and ACL files and lbmqtt's plugin, as
+    broker/mosquitto.conf has them (on a loopback port)."""
     import shutil
 
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not os.path.exists(exe):
         pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
-    acl = workdir / "accounts.acl"
-    acl.write_text(access.mosquitto_acl(access.read_accounts(accounts).values(), prefix))
+    lines = mosquitto_lines(accounts, prefix)
     port = free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous false\n"
-        f"password_file {accounts}\nacl_file {acl}\npersistence false\n"
+        f"listener {port} 127.0.0.1\n{lines}persistence false\n"
         "max_queued_messages 100000\nset_tcp_nodelay true\n"
         # started as root, Mosquitto would read the files as the user
         # mosquitto, who cannot enter pytest's private temporary directory
@@ -191,7 +207,7 @@ def start_mosquitto(workdir: Path, accounts: Path, prefix: str) -> tuple[int, An
         if proc.stderr is not None:
             proc.stderr.close()
 
-    return port, stop
+    return port, stop, proc
 
 
 @pytest.fixture(scope="module", params=["embedded", "mosquitto"])
@@ -206,7 +222,7 @@ def secure(
         bt = BrokerThread(guard=AccessGuard(prefix, accounts))
         port, stop = bt.port, bt.stop
     else:
-        port, stop = start_mosquitto(workdir, accounts, prefix)
+        port, stop, _ = start_mosquitto(workdir, accounts, prefix)
     sec = Secure(request.param, port, prefix, System(make_settings(port, prefix)), stop)
     sec.system.start_balancer(sec.settings("lb"))
     sec.system.start_node("n1", sec.settings("n1"))
@@ -278,20 +294,52 @@ def test_a_will_outside_the_logins_rights_is_never_published(
 
 
 def test_a_client_id_cannot_be_taken_from_another_login(secure: Secure, watcher: Login) -> None:
+    # (Mosquitto alone hands a connection over to whoever presents its client id: lbmqtt's
+    # plugin refuses another login's, as the embedded broker does)
     b = secure.system.balancer
     assert b is not None and b._transport is not None
     victim = b._transport.client_id
-    if secure.kind == "mosquitto":
-        # Mosquitto hands a connection over to whoever presents its client id, whatever
-        # the login: lbmqtt's ids are random and appear in no message, so nobody learns
-        # them (the retained states of the balancer and the node are all in here)
-        probe(watcher, secure)
-        assert watcher.messages
-        assert not any(victim.encode() in p for _, p in watcher.messages)
-        return
+    connects = b._transport.connects
     assert not secure.login("alice", client_id=victim).connect()
+    assert not secure.login("alice", "wrong", client_id=victim).connect()
     assert b._transport.connected
+    assert b._transport.connects == connects  # never thrown out
     assert secure.system.stats().nodes  # the balancer still talks to its node
+    # the same login may take its own id over (a reconnect after a half-open connection)
+    mine = secure.login("alice")
+    assert mine.connect()
+    again = secure.login("alice", client_id=mine.client_id)
+    assert again.connect()
+    if secure.kind == "mosquitto":
+        assert mine.closed.wait(10), "the older connection of the same id was kept"
+    # (amqtt keeps it open: test_a_clean_reconnect_closes_the_older_connection_of_its_id)
+    # once both are gone, the id is free again (clean sessions)
+    again.close()
+    mine.close()
+    wait_until(
+        lambda: secure.login("bob", client_id=mine.client_id).connect(),
+        10,
+        "a released client id to be free",
+    )
+
+
+@pytest.mark.xfail(
+    reason="amqtt 0.12.1: a clean-session CONNECT with the id of a connected client deletes "
+    "its session but leaves its connection open (NOTES.md); not patched yet",
+    strict=True,
+)
+def test_a_clean_reconnect_closes_the_older_connection_of_its_id() -> None:
+    bt = BrokerThread()
+    first = Login(bt.port, None, None)
+    again = Login(bt.port, None, None, client_id=first.client_id)
+    try:
+        assert first.connect()
+        assert again.connect()
+        assert first.closed.wait(5), "the older connection of the same id was kept (MQTT-3.1.4-2)"
+    finally:
+        first.close()
+        again.close()
+        bt.stop()
 
 
 # ----------------------------------------------------------------------------- users
@@ -320,8 +368,8 @@ def test_a_user_reads_and_cancels_only_their_own_tasks(
             "nodes/n1/assign",
             "balancer/history",
         ):
-            spy.subscribe(secure.t(f))  # granted or not, nothing of bob's may arrive
-        spy.subscribe("#")
+            assert not spy.subscribe(secure.t(f)), f  # refused in the SUBACK
+        assert not spy.subscribe("#")
         assert spy.subscribe(secure.t("users/alice/#"))
         # forged: a submit and a cancel in bob's name, published by alice
         forged = f"forged-{uuid.uuid4().hex[:6]}"
@@ -370,7 +418,7 @@ def test_a_node_reads_only_its_own_assignments_and_cannot_act_as_a_user(
         n2 = secure.login("n2")
         assert n2.connect()
         for f in ("nodes/n1/assign", "nodes/+/assign", "nodes/#", "users/bob/#"):
-            n2.subscribe(secure.t(f))
+            assert not n2.subscribe(secure.t(f)), f
         assert n2.subscribe(secure.t("nodes/n2/assign"))
         forged = f"forged-{uuid.uuid4().hex[:6]}"
         forged_msgs = {
@@ -407,7 +455,7 @@ def test_a_monitor_reads_stats_and_publishes_nothing_but_its_presence(
     assert mon.connect()
     assert mon.subscribe(secure.t("balancer/stats"))
     wait_until(lambda: mon.got(secure.t("balancer/stats")), 10, "the balancer's stats")
-    assert not mon.subscribe(secure.t("users/alice/#")) or secure.kind == "mosquitto"
+    assert not mon.subscribe(secure.t("users/alice/#"))
     forbidden = [
         "users/alice/submit",
         "users/alice/cancel",
@@ -431,6 +479,38 @@ def test_a_monitor_reads_stats_and_publishes_nothing_but_its_presence(
         ), t
 
 
+def test_mosquitto_and_its_plugin_follow_the_accounts_after_a_sighup(tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts"
+    write_accounts(accounts)
+    prefix = f"sec/{uuid.uuid4().hex[:8]}"
+    port, stop, proc = start_mosquitto(tmp_path, accounts, prefix)
+    made: list[Login] = []
+    try:
+        r = subprocess.run(
+            lbmqtt_cmd("user", "add", "carol", "--role", "user", "--file", str(accounts),
+                       "--password-stdin"),
+            input="pw-carol\n", capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, "LBMQTT_TOPIC_PREFIX": prefix},
+        )  # fmt: skip
+        assert r.returncode == 0 and "updated" in r.stdout, r.stdout + r.stderr
+        proc.send_signal(signal.SIGHUP)
+
+        def carol_in() -> bool:
+            c = Login(port, "carol", "pw-carol")
+            made.append(c)
+            return c.connect()
+
+        wait_until(carol_in, 10, "Mosquitto to read the new account")
+        carol = made[-1]
+        # the plugin read the new rules too: carol's own topics granted, bob's refused
+        assert carol.subscribe(f"{prefix}/users/carol/#")
+        assert not carol.subscribe(f"{prefix}/users/bob/#")
+    finally:
+        for c in made:
+            c.close()
+        stop()
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -443,7 +523,12 @@ def test_user_command_manages_the_accounts_file_and_the_mosquitto_acl(tmp_path: 
     assert run_cli("user", "add", "alice", "--role", "user", "--file", str(f)).returncode == 2
     assert run_cli("user", "add", "x/y", "--role", "user", "--file", str(f)).returncode == 2
     r = run_cli("user", "mosquitto", "--file", str(f))
-    assert r.returncode == 0 and "acl_file" in r.stdout
+    assert r.returncode == 0 and "acl_file" in r.stdout and "plugin" not in r.stdout
+    # the plugin cannot be built: one clear line, exit 2, nothing written
+    r = run_cli("user", "mosquitto", "--file", str(f), "--plugin", env={"CC": "/no/such/cc"})
+    assert r.returncode == 2 and "/no/such/cc" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "lbmqtt_mosquitto.so").exists()
     r = subprocess.run(
         lbmqtt_cmd("user", "add", "gpu1", "--role", "node", "--file", str(f), "--password-stdin"),
         input="s3cret\n",

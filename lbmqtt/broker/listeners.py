@@ -99,7 +99,7 @@ def loopback_mosquitto_conf(shipped: str, port: int) -> str:
         "\n".join(
             swap.get(line, line)
             for line in shipped.splitlines()
-            if not line.startswith(("password_file", "acl_file", "persistence"))
+            if not line.startswith(("password_file", "acl_file", "persistence", "plugin"))
         )
         + "\n"
     )
