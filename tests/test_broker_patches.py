@@ -10,6 +10,7 @@ import gc
 import os
 import socket
 import struct
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -118,6 +119,40 @@ def test_retained_messages_go_only_to_matching_subscriptions(case: str, cleanup:
         assert leaked == []
     else:
         assert leaked == [b"alice's secret result"]
+
+
+def test_a_clean_reconnect_closes_the_older_connection_and_drops_its_will(
+    case: str, cleanup: list[Any]
+) -> None:
+    broker = broker_for(case, "clean_takeover")
+    cleanup.append(broker)
+    watcher = RawClient(broker.port).connect()
+    cleanup.append(watcher)
+    watcher.subscribe("wills/#")
+    # Given a client (a node whose connection went half-open) with a retained will
+    first = RawClient(broker.port, client_id="n1", keepalive=2)
+    first.c.will_set("wills/n1", b"offline", qos=1, retain=True)
+    first.connect()
+    cleanup.append(first)
+    closed = threading.Event()
+    first.c.on_disconnect = lambda *a: closed.set()
+    first.c.reconnect_delay_set(60, 60)  # (paho would come back with the same id)
+    # When it connects again with the same id and a clean session
+    again = RawClient(broker.port, client_id="n1").connect()
+    cleanup.append(again)
+    again.subscribe("back/#")
+    again.publish("back/1", b"here")
+    wait_until(lambda: again.payloads("back/1"), 5, "the new connection served")
+    if case == "patched":
+        # Then the older connection is closed (MQTT-3.1.4-2), and its will never speaks
+        assert closed.wait(5), "the older connection of the id was kept"
+        watcher.publish("wills/marker", b"m")
+        wait_until(lambda: watcher.payloads("wills/marker"), 5, "the watcher's marker")
+        assert watcher.payloads("wills/n1") == []
+    else:
+        # amqtt 0.12.1 alone keeps both connections of the id open
+        assert not closed.wait(1)
+        assert broker.patched._sessions["n1"][0].transitions.is_connected()
 
 
 def test_dollar_publish_does_not_turn_the_connection_into_a_zombie(

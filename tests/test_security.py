@@ -310,9 +310,7 @@ def test_a_client_id_cannot_be_taken_from_another_login(secure: Secure, watcher:
     assert mine.connect()
     again = secure.login("alice", client_id=mine.client_id)
     assert again.connect()
-    if secure.kind == "mosquitto":
-        assert mine.closed.wait(10), "the older connection of the same id was kept"
-    # (amqtt keeps it open: test_a_clean_reconnect_closes_the_older_connection_of_its_id)
+    assert mine.closed.wait(10), "the older connection of the same id was kept"
     # once both are gone, the id is free again (clean sessions)
     again.close()
     mine.close()
@@ -321,25 +319,6 @@ def test_a_client_id_cannot_be_taken_from_another_login(secure: Secure, watcher:
         10,
         "a released client id to be free",
     )
-
-
-@pytest.mark.xfail(
-    reason="amqtt 0.12.1: a clean-session CONNECT with the id of a connected client deletes "
-    "its session but leaves its connection open (NOTES.md); not patched yet",
-    strict=True,
-)
-def test_a_clean_reconnect_closes_the_older_connection_of_its_id() -> None:
-    bt = BrokerThread()
-    first = Login(bt.port, None, None)
-    again = Login(bt.port, None, None, client_id=first.client_id)
-    try:
-        assert first.connect()
-        assert again.connect()
-        assert first.closed.wait(5), "the older connection of the same id was kept (MQTT-3.1.4-2)"
-    finally:
-        first.close()
-        again.close()
-        bt.stop()
 
 
 # ----------------------------------------------------------------------------- users

@@ -38,6 +38,14 @@ Patches (NOTES.md, "Bugs to work around"):
     ``close`` is never called and the socket stays open until the garbage collector finds
     it: a broker serving short-lived clients leaks a file descriptor per such client. We
     always close it (:class:`~lbmqtt.broker.streams.ClosingStreamWriter`).
+``clean_takeover``
+    A clean-session CONNECT with the client id of a connected client deletes that client's
+    session but leaves its connection open (MQTT-3.1.4-2 says the server must close it):
+    two connections share one id, the older one deaf, and its will can still fire later
+    (by keep-alive) over the newer one's retained state, e.g. mark a node that
+    reconnected after a half-open connection offline. amqtt's own take-over code runs only
+    for persistent sessions. We close the older connection and drop its will (the client
+    is back), as Mosquitto does. No upstream issue found.
 ``connect_close`` (part of every broker, not optional)
     amqtt closes the socket for only some failed CONNECTs: a first packet other than
     CONNECT left the connection open and never read again, and a client that left before
@@ -73,7 +81,14 @@ from .streams import ClosingStreamWriter, LimitedReader
 log = logging.getLogger(__name__)
 
 ALL_PATCHES: frozenset[str] = frozenset(
-    {"keepalive", "retained_leak", "dollar_publish", "socket_leak", "offline_queue"}
+    {
+        "keepalive",
+        "retained_leak",
+        "dollar_publish",
+        "socket_leak",
+        "offline_queue",
+        "clean_takeover",
+    }
 )
 MAX_OFFLINE_MESSAGES = 10_000
 """QoS 1 messages the broker keeps for one disconnected persistent session, at most..."""
@@ -143,6 +158,19 @@ class PatchedBroker(GuardedBroker):
             session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE * 10) / 10
             handler.handle_read_timeout = lambda: self._drop_silent_client(handler)
         return handler, session
+
+    async def _delete_session(self, client_id: str) -> None:
+        held = self._sessions.get(client_id)
+        await super()._delete_session(client_id)
+        if "clean_takeover" not in self.patches or held is None:
+            return
+        old, handler = held
+        if handler is not None and old.transitions.is_connected():
+            # (clean_takeover) the client connected again: its older connection goes, and
+            # its will with it, before the new one is served
+            log.info("client %s connected again: closing its older connection", client_id)
+            old.will_flag = False
+            await handler.stop()
 
     def _refuse_connection(self, who: str, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
