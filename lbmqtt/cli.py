@@ -78,6 +78,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--broker-host", metavar="HOST", help="BROKER_HOST")
     g.add_argument("--broker-port", metavar="PORT", type=int, help="BROKER_PORT")
     g.add_argument("--prefix", metavar="PREFIX", help="TOPIC_PREFIX")
+    g.add_argument("--tls", action="store_true", default=None, help="BROKER_TLS: connect with TLS")
+    g.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="BROKER_CA_FILE: the CA that signed the broker's certificate (implies --tls)",
+    )
     g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="LOG_LEVEL")
 
 
@@ -286,6 +292,8 @@ def _settings(ns: argparse.Namespace) -> Settings:
         "BROKER_HOST": ns.broker_host,
         "BROKER_PORT": ns.broker_port,
         "TOPIC_PREFIX": ns.prefix,
+        "BROKER_TLS": True if ns.tls or ns.tls_ca else None,
+        "BROKER_CA_FILE": os.path.abspath(ns.tls_ca) if ns.tls_ca else None,
         "LOG_LEVEL": ns.log_level,
         "MONITOR_PORT": getattr(ns, "monitor_port", None),
         "METRICS_PORT": getattr(ns, "metrics_port", None),
@@ -338,10 +346,13 @@ def _common_args(ns: argparse.Namespace) -> list[str]:
         ("--broker-host", ns.broker_host),
         ("--broker-port", ns.broker_port),
         ("--prefix", ns.prefix),
+        ("--tls-ca", os.path.abspath(ns.tls_ca) if ns.tls_ca else None),
         ("--log-level", ns.log_level),
     ):
         if value is not None:
             out += [flag, str(value)]
+    if ns.tls and not ns.tls_ca:
+        out.append("--tls")
     return out
 
 

@@ -270,6 +270,9 @@ def try_lines(settings: Settings, host: str, port: int, parameters: str | None) 
         flags += f" --broker-port {port}"
     if settings.topic_prefix != default["topic_prefix"]:
         flags += f" --prefix {settings.topic_prefix}"
+    if settings.broker_tls and not settings.broker_embedded:  # (an external broker's TLS)
+        ca = settings.broker_ca_file
+        flags += f" --tls-ca {shlex.quote(os.path.abspath(ca))}" if ca else " --tls"
     lines = ["Try:"]
     if settings.auth_file:
         from .access import read_accounts
@@ -327,7 +330,8 @@ def up(
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         common = list(common)
-        broker_url = f"mqtt://{settings.broker_host}:{settings.broker_port}"
+        scheme = "mqtts" if settings.broker_tls and not settings.broker_embedded else "mqtt"
+        broker_url = f"{scheme}://{settings.broker_host}:{settings.broker_port}"
         host, port = settings.broker_host, settings.broker_port  # (clients connect there)
         envs = service_logins(settings) if settings.broker_embedded else {}
         if settings.broker_embedded:

@@ -22,7 +22,7 @@ from lbmqtt.client import Client
 from lbmqtt.errors import LoginRefused
 from lbmqtt.mqtt import MqttTransport
 
-from .cluster import free_port
+from .cluster import free_port, listening, self_signed_cert
 from .conftest import (
     PASSWORDS,
     ROOT,
@@ -236,18 +236,75 @@ def test_the_try_lines_of_up_with_accounts_work_as_printed(tmp_path: Path) -> No
         # the one thing the lines say to fill in: alice's password in place of PASSWORD
         assert commands[0].endswith("# alice's password in place of PASSWORD"), text
         commands[0] = commands[0].replace("'PASSWORD'", f"'{PASSWORDS['alice']}'")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        r = subprocess.run(
-            ["bash", "-ec", "\n".join(commands)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-            cwd=ROOT,
-            check=False,
-        )
+        r = run_printed(commands)
         assert r.returncode == 0, (commands, r.stdout, r.stderr)
         assert "Hello John Doe !" in r.stdout and "online" in r.stdout, r.stdout
     finally:
         finish(up)
+
+
+def run_printed(commands: list[str]) -> subprocess.CompletedProcess[str]:
+    """Printed commands, run as copied into a new shell (no LBMQTT_* variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        ["bash", "-ec", "\n".join(commands)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_the_try_lines_of_up_with_an_external_tls_broker_work_as_printed(tmp_path: Path) -> None:
+    import shutil
+
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(exe):
+        pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
+    # Given Mosquitto serving TLS only, with a certificate of a private CA (self-signed)
+    cert, key = self_signed_cert(tmp_path, "127.0.0.1")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n"
+        "allow_anonymous true\npersistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    mosq = subprocess.Popen(
+        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    up = None
+    try:
+        wait_until(lambda: listening("127.0.0.1", port), 10, "mosquitto to listen")
+        # When `lbmqtt up` runs against it with the TLS settings in its environment
+        up = start_up(
+            "--no-dashboard",
+            port=port,
+            env_extra={
+                "LBMQTT_BROKER_EMBEDDED": "false",
+                "LBMQTT_BROKER_TLS": "true",
+                "LBMQTT_BROKER_CA_FILE": str(cert),
+            },
+        )
+        text = up.text()
+        assert f"mqtts://127.0.0.1:{port}" in text, text
+        start = next(i for i, line in enumerate(up.lines) if line.startswith("Try"))
+        end = up.lines.index("Ctrl-C stops everything.")
+        commands = [line.strip() for line in up.lines[start + 1 : end]]
+        assert all(f"--tls-ca {cert}" in c for c in commands), text
+        # Then its Try: lines work when copied into a shell that has none of them
+        r = run_printed(commands)
+        assert r.returncode == 0, (commands, r.stdout, r.stderr)
+        assert "Hello John Doe !" in r.stdout and "online" in r.stdout, r.stdout
+        # (and without the CA the same line fails: the flag is what makes it work)
+        bare = commands[0].replace(f" --tls-ca {cert}", "") + " --timeout 5"
+        assert run_printed([bare]).returncode != 0
+    finally:
+        if up is not None:
+            finish(up)
+        mosq.terminate()
+        mosq.wait(10)
+        assert mosq.stderr is not None
+        mosq.stderr.close()
