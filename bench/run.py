@@ -29,6 +29,10 @@ Scenarios (this file grows with the performance issue):
                 with everything queued, and while dispatching to the nodes for
                 ``--seconds`` (tasks/s); the journal is on, as in production.
 
+``seed``        lbmqtt against pyLoadBalancer 0.2.0 in the same run (installed in a venv
+                of its own when missing): throughput, latency and sleep, alternating
+                over ``--rounds``, medians and same-round ratios (``bench/seed.py``).
+
 ``--journal on|off|full`` sets the journal of the other scenarios (default on, as in
 production; the file is a temporary one).
 
@@ -759,7 +763,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "scenario", choices=["throughput", "latency", "sleep", "journal", "idle", "lan", "scale"]
+        "scenario",
+        choices=["throughput", "latency", "sleep", "journal", "idle", "lan", "scale", "seed"],
     )
     ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     ap.add_argument("--workers", type=int, default=4)
@@ -793,7 +798,21 @@ def main() -> None:
         default=1800.0,
         help="scale: give up submitting after this many seconds",
     )
+    ap.add_argument(
+        "--latency-tasks", type=int, default=50, help="seed: lone tasks per latency round"
+    )
+    ap.add_argument("--sleep-tasks", type=int, default=200, help="seed: tasks per sleep round")
+    ap.add_argument(
+        "--seed-venv", default=None, help="seed: pyLoadBalancer's venv (default: in ~/.cache)"
+    )
     args = ap.parse_args()
+    if args.scenario == "seed":
+        from seed import seed
+
+        args.tasks = args.tasks or 2000
+        print(json.dumps({"scenario": "seed", "broker": args.broker, "workers": args.workers,
+                          **_rounded(seed(args)), "machine": MACHINE}))  # fmt: skip
+        return
     if args.scenario == "scale":
         args.seconds = 10.0 if args.seconds is None else args.seconds
         print(json.dumps(scale(args)))
@@ -905,6 +924,10 @@ def main() -> None:
     if "tasks_per_s" in result:
         figures["tasks_per_broker_msg_rate"] = result["tasks_per_s"] / base["broker_msgs_per_s"]
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+def _rounded(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
 
 
 if __name__ == "__main__":

@@ -87,3 +87,14 @@ def test_bench_run_scale_runs() -> None:
     assert out["queued"] == 3000 and out["accept_tasks_per_s"] > 0
     # (at this size the nodes may drain the queue before the timed window opens)
     assert out["rss_mb_queued"] > 0 and out["done_total"] > 0
+
+
+def test_bench_run_seed_runs() -> None:
+    # (installs pyLoadBalancer 0.2.0 from the package index in a venv of its own, once)
+    out = _bench(
+        "bench/run.py", "seed", "--rounds", "2", "--tasks", "100", "--latency-tasks", "3",
+        "--sleep-tasks", "8", "--workers", "2", timeout=600,
+    )  # fmt: skip
+    assert out["seed_throughput_tasks_per_s"] > 0 and out["lbmqtt_throughput_tasks_per_s"] > 0
+    assert len(out["latency_ratio_per_round"]) == 2 and out["seed_latency_p50_ms"] > 0
+    assert out["seed_sleep_efficiency"] > 0 and out["lbmqtt_sleep_efficiency"] > 0
