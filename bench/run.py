@@ -29,9 +29,10 @@ Scenarios (this file grows with the performance issue):
                 with everything queued, and while dispatching to the nodes for
                 ``--seconds`` (tasks/s); the journal is on, as in production.
 
-``seed``        lbmqtt against pyLoadBalancer 0.2.0 in the same run (installed in a venv
-                of its own when missing): throughput, latency and sleep, alternating
-                over ``--rounds``, medians and same-round ratios (``bench/seed.py``).
+``seed``        lbmqtt against pyLoadBalancer 0.2.0 and Celery 5 (Redis) in the same run
+                (each installed in a venv of its own when missing): throughput, latency
+                and sleep, the order turning over ``--rounds``, medians and same-round
+                ratios (``bench/seed.py``).
 
 ``--journal on|off|full`` sets the journal of the other scenarios (default on, as in
 production; the file is a temporary one).
@@ -804,6 +805,12 @@ def main() -> None:
     ap.add_argument("--sleep-tasks", type=int, default=200, help="seed: tasks per sleep round")
     ap.add_argument(
         "--seed-venv", default=None, help="seed: pyLoadBalancer's venv (default: in ~/.cache)"
+    )
+    ap.add_argument(
+        "--no-celery",
+        dest="celery",
+        action="store_false",
+        help="seed: leave Celery out (it runs when redis-server is installed)",
     )
     args = ap.parse_args()
     if args.scenario == "seed":

@@ -1,15 +1,18 @@
-"""``python bench/run.py seed``: lbmqtt against the system it descends from, in one run.
+"""``python bench/run.py seed``: lbmqtt against the system it descends from, and against
+Celery, in one run.
 
 pyLoadBalancer 0.2.0 is installed, when missing, in a venv of its own
 (``$XDG_CACHE_HOME/lbmqtt/seed-pyLoadBalancer-0.2.0``, else ``~/.cache/...``; its setup
-needs pyzmq, colorama and psutil first, and ``--no-build-isolation``). Then, for each of
-``--rounds`` rounds, each system runs the three workloads on ``--workers`` workers, with a
-fresh start of every process for each workload: no-op ``throughput`` (``--tasks``, one
-client), ``latency`` (``--latency-tasks`` tasks one at a time) and ``sleep``
-(``--sleep-tasks`` tasks of ``--sleep-ms``). The order alternates (seed then lbmqtt, lbmqtt
-then seed, ...), so that a machine growing busier or quieter during the run favours
-neither. The last line printed is one JSON object: the medians of each system and the
-ratios lbmqtt / seed (for latency, seed / lbmqtt: how many times faster), with every
+needs pyzmq, colorama and psutil first, and ``--no-build-isolation``); so is Celery 5 with
+Redis support (``.../celery-5``), which runs when ``redis-server`` is installed (Debian:
+``apt install redis-server``; ``--no-celery`` leaves it out). Then, for each of ``--rounds``
+rounds, each system runs the three workloads on ``--workers`` workers, with a fresh start
+of every process for each workload: no-op ``throughput`` (``--tasks``, one client),
+``latency`` (``--latency-tasks`` tasks one at a time) and ``sleep`` (``--sleep-tasks``
+tasks of ``--sleep-ms``). The order of the systems turns each round, so that a machine
+growing busier or quieter during the run favours none. The last line printed is one JSON
+object: the medians of each system and the ratios of lbmqtt to each (for latency, theirs
+over lbmqtt's: how many times faster), medians of the ratios of each round, with every
 round's figures beside them.
 
 lbmqtt runs as in production: broker, balancer (journal on) and one node in their own
@@ -17,7 +20,8 @@ processes (``bench/run.py``'s set-up; ``--broker mosquitto`` for Mosquitto), the
 The seed runs its load balancer and one worker hub (``bench/seed_driver.py``, in the seed's
 venv); its client polls ``getTask`` as its README shows (every 10 ms for a batch, 1 ms for a
 lone task). Its health check and web monitor are not started: they take no part in a
-task's path.
+task's path. Celery runs one prefork worker on a Redis of its own (broker and result
+backend; ``bench/celery_driver.py``, in Celery's venv).
 """
 
 from __future__ import annotations
@@ -27,25 +31,24 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 SEED = "pyLoadBalancer==0.2.0"
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "seed_driver.py"
+CELERY_DRIVER = HERE / "celery_driver.py"
 WORKLOADS = ("throughput", "latency", "sleep")
-
-
-def seed_venv() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "lbmqtt" / "seed-pyLoadBalancer-0.2.0"
 
 
 def ensure_seed(venv: Path) -> Path:
@@ -70,30 +73,85 @@ def ensure_seed(venv: Path) -> Path:
     return py
 
 
-def run_seed(py: Path, workload: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One workload on a freshly started seed (its own process group, ended at once)."""
+def ensure_celery(venv: Path) -> Path:
+    """Celery's venv python, installing Celery 5 with Redis support there first if missing."""
+    py = venv / "bin" / "python"
+    check = [str(py), "-c", "import celery, redis"]
+    if py.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
+        return py
+    print(f"installing Celery in {venv} (once) ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+         "celery[redis]>=5.3,<6"],
+        check=True,
+    )  # fmt: skip
+    subprocess.run(check, check=True)
+    return py
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A Redis of its own on a free loopback port, without persistence; yields its URL."""
+    exe = shutil.which("redis-server")
+    assert exe is not None
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as sk:
+                if sk.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def run_driver(
+    py: Path,
+    driver: Path,
+    workload: str,
+    args: argparse.Namespace,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One workload on a freshly started baseline (its driver leads a process group of its
+    own, ended at once)."""
     n = {"throughput": args.tasks, "latency": args.latency_tasks, "sleep": args.sleep_tasks}
     fd, out = tempfile.mkstemp(prefix="seed-out-", suffix=".json")
     os.close(fd)
-    cmd = [str(py), str(DRIVER), out, workload, str(n[workload]), str(args.workers)]
+    cmd = [str(py), str(driver), out, workload, str(n[workload]), str(args.workers)]
     proc = subprocess.Popen(
         [*cmd, str(args.sleep_ms)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         _, err = proc.communicate(timeout=900)
     finally:
-        # the driver, its load balancer, worker hub, hub's manager and workers: all ours,
-        # all in the session it leads
+        # the driver and what it started (the seed's load balancer, worker hub, its manager
+        # and workers; Celery's worker and its pool): all ours, all in the session it leads
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
     figures: dict[str, Any] = json.loads(Path(out).read_text() or "{}")
     os.unlink(out)
     if proc.returncode != 0 or not figures:
-        raise SystemExit(f"seed {workload} failed ({proc.returncode}): {err.decode()[-2000:]}")
+        raise SystemExit(
+            f"{driver.name} {workload} failed ({proc.returncode}): {err.decode()[-2000:]}"
+        )
     return figures
 
 
@@ -131,23 +189,41 @@ def run_lbmqtt(workload: str, args: argparse.Namespace) -> dict[str, Any]:
         workdir.rmdir()
 
 
-SYSTEMS = ("seed", "lbmqtt")
 KEYS = {"throughput": "tasks_per_s", "latency": "p50_ms", "sleep": "efficiency"}
 
 
 def seed(args: argparse.Namespace) -> dict[str, Any]:
-    py = ensure_seed(Path(args.seed_venv) if args.seed_venv else seed_venv())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lbmqtt"
+    seed_py = ensure_seed(
+        Path(args.seed_venv) if args.seed_venv else cache / "seed-pyLoadBalancer-0.2.0"
+    )
+    systems = ["seed", "lbmqtt"]
+    celery_py = None
+    if args.celery and shutil.which("redis-server"):
+        celery_py = ensure_celery(cache / "celery-5")
+        systems.append("celery")
+    elif args.celery:
+        print("redis-server not found (apt install redis-server): Celery left out",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def run_one(system: str, workload: str) -> dict[str, Any]:
+        if system == "seed":
+            return run_driver(seed_py, DRIVER, workload, args)
+        if system == "lbmqtt":
+            return run_lbmqtt(workload, args)
+        assert celery_py is not None
+        with redis_server() as url:
+            return run_driver(celery_py, CELERY_DRIVER, workload, args, {"BENCH_REDIS_URL": url})
+
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {
-        w: {"seed": [], "lbmqtt": []} for w in WORKLOADS
+        w: {s: [] for s in systems} for w in WORKLOADS
     }
     for r in range(args.rounds):
-        order = ("seed", "lbmqtt") if r % 2 == 0 else ("lbmqtt", "seed")
+        order = systems[r % len(systems) :] + systems[: r % len(systems)]
         for workload in WORKLOADS:
             for system in order:
                 t0 = time.monotonic()
-                figures = (
-                    run_seed(py, workload, args) if system == "seed" else run_lbmqtt(workload, args)
-                )
+                figures = run_one(system, workload)
                 rounds[workload][system].append(figures)
                 print(
                     f"round {r + 1}/{args.rounds} {workload:10} {system:6} "
@@ -158,25 +234,30 @@ def seed(args: argparse.Namespace) -> dict[str, Any]:
                 )
     out: dict[str, Any] = {}
     for workload, key in KEYS.items():
-        med = {s: statistics.median(f[key] for f in rounds[workload][s]) for s in SYSTEMS}
-        out[f"seed_{workload}_{key}"] = med["seed"]
-        out[f"lbmqtt_{workload}_{key}"] = med["lbmqtt"]
-        # same-round ratios, then their median: each pair ran back to back
-        pairs = zip(rounds[workload]["seed"], rounds[workload]["lbmqtt"], strict=True)
+        for system in systems:
+            out[f"{system}_{workload}_{key}"] = statistics.median(
+                f[key] for f in rounds[workload][system]
+            )
         if workload == "latency":
-            ratios = [s[key] / m[key] for s, m in pairs]
-            out["latency_p50_seed_over_lbmqtt"] = statistics.median(ratios)
-            out["seed_latency_p99_ms"] = statistics.median(
-                f["p99_ms"] for f in rounds[workload]["seed"]
-            )
-            out["lbmqtt_latency_p99_ms"] = statistics.median(
-                f["p99_ms"] for f in rounds[workload]["lbmqtt"]
-            )
-        else:
-            ratios = [m[key] / s[key] for s, m in pairs]
-            out[f"{workload}_lbmqtt_over_seed"] = statistics.median(ratios)
-        out[f"{workload}_ratio_per_round"] = [round(x, 3) for x in ratios]
+            for system in systems:
+                out[f"{system}_latency_p99_ms"] = statistics.median(
+                    f["p99_ms"] for f in rounds[workload][system]
+                )
+        for base in systems:
+            if base == "lbmqtt":
+                continue
+            # same-round ratios, then their median: each pair ran in the same round
+            pairs = zip(rounds[workload][base], rounds[workload]["lbmqtt"], strict=True)
+            if workload == "latency":
+                ratios = [b[key] / m[key] for b, m in pairs]
+                name = f"latency_p50_{base}_over_lbmqtt"
+            else:
+                ratios = [m[key] / b[key] for b, m in pairs]
+                name = f"{workload}_lbmqtt_over_{base}"
+            out[name] = statistics.median(ratios)
+            out[f"{name}_per_round"] = [round(x, 3) for x in ratios]
     out.update(
+        systems=systems,
         rounds=args.rounds,
         tasks=args.tasks,
         latency_tasks=args.latency_tasks,

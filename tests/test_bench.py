@@ -93,7 +93,7 @@ def test_bench_run_seed_runs() -> None:
     # (installs pyLoadBalancer 0.2.0 from the package index in a venv of its own, once)
     out = _bench(
         "bench/run.py", "seed", "--rounds", "2", "--tasks", "100", "--latency-tasks", "3",
-        "--sleep-tasks", "8", "--workers", "2", timeout=600,
+        "--sleep-tasks", "8", "--workers", "2", "--no-celery", timeout=600,
     )  # fmt: skip
     assert out["seed_throughput_tasks_per_s"] > 0 and out["lbmqtt_throughput_tasks_per_s"] > 0
     assert len(out["latency_ratio_per_round"]) == 2 and out["seed_latency_p50_ms"] > 0
