@@ -25,7 +25,15 @@ import pytest
 
 from lbmqtt.config import WARNED_ENV
 
-from .conftest import BrokerThread, descendants, free_port, process_alive, wait_until
+from .conftest import (
+    BrokerThread,
+    System,
+    descendants,
+    free_port,
+    make_settings,
+    process_alive,
+    wait_until,
+)
 
 OLD_PARAMETERS: dict[str, Any] = {
     # pyLoadBalancer 0.2.0's parameters.json, with its keys and their meanings
@@ -406,3 +414,35 @@ def test_old_priorities_are_read_as_the_old_balancer_read_them() -> None:
     spaced = user_of("a user with spaces")
     assert spaced.startswith("u-") and spaced == user_of("a user with spaces")
     assert owner_of(f"0123@{spaced}") == spaced and owner_of("nope") == "default"
+
+
+# --------------------------------------------------------------------------- native expiry
+
+
+def test_a_task_still_queued_QUEUED_TTL_S_after_its_submit_expires_and_says_why(
+    broker_port: int, prefix: str
+) -> None:
+    from lbmqtt import Client
+    from lbmqtt.protocol import Status
+
+    # Given queued tasks that live 1 s, and a node whose bands stop at 1000
+    settings = make_settings(broker_port, prefix, QUEUED_TTL_S=1.0, JOURNAL_PATH="none")
+    system = System(settings)
+    try:
+        system.start_balancer()
+        system.start_node("n1")
+        with Client(settings, user="alice") as c:
+            # When one task can run (for longer than 1 s) and one cannot (priority 5000)
+            stuck = c.submit("HELLO", {"firstName": "A", "lastName": "B"}, priority=5000)
+            slow = c.submit("SLEEP", {"seconds": 1.5})
+            # Then the one that never left the queue expires, saying why
+            state = c.wait_state(stuck, timeout=20)
+            assert state.status == Status.EXPIRED
+            assert state.error is not None and "QUEUED_TTL_S (1 s)" in state.error.message
+            # and the one that was running when its second passed is not touched
+            assert c.wait_state(slow, timeout=20).status == Status.DONE
+        b = system.balancer
+        assert b is not None
+        assert system.lt.call(lambda: (b.counters["expired"], b.stats().queued)) == (1, 0)
+    finally:
+        system.close()
