@@ -92,6 +92,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_USER = "default"
 """The user of tasks sent without ``userid``."""
+OLD_SOCKET_TIMEOUT_MS = 500
+"""pyLoadBalancer 0.2.0's SOCKET_TIMEOUT when a parameters file did not set it."""
 READY_TIMEOUT_S = 60.0
 """How long ``startAll`` waits for the balancer to answer before it returns anyway."""
 PATH = str | os.PathLike[str] | None
@@ -105,6 +107,15 @@ def _settings(parametersfile: PATH) -> Settings:
 
 def _params(pfile: PATH) -> list[str]:
     return ["--parameters", os.fspath(pfile)] if pfile is not None else []
+
+
+def _pfile_arg(what: str) -> str | None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"{what} of pyLoadBalancer (on lbmqtt).")
+    parser.add_argument("-p", "--pfile", default=None, help="parameter file, in JSON format")
+    pfile: str | None = parser.parse_args().pfile
+    return pfile
 
 
 def _cprint(text: str) -> None:
@@ -134,6 +145,11 @@ class LoadBalancer:
         rc = main(["up", "--no-node", "--no-dashboard", *_params(self.parametersfile)])
         if rc:
             sys.exit(rc)
+
+    @staticmethod
+    def main() -> None:
+        """The old ``pyLoadBalancer_LB [-p PFILE]`` command."""
+        LoadBalancer(parametersfile=_pfile_arg("Load Balancer")).startLB()
 
 
 class HealthCheck:
@@ -206,6 +222,11 @@ class HealthCheck:
                 time.sleep(min(0.1, checkTimer))  # (a daemon's pace, not a test's wait)
         _cprint("EXITED Health Check")
 
+    @staticmethod
+    def main() -> None:
+        """The old ``pyLoadBalancer_HC [-p PFILE]`` command."""
+        HealthCheck(parametersfile=_pfile_arg("Health Check")).startHC()
+
 
 def startMonitorServer(parametersfile: PATH = None) -> None:
     """Run the monitor (the Bokeh dashboard on ``MONITOR_IP:MONITOR_PORT``) until Ctrl-C."""
@@ -220,6 +241,11 @@ class MonitoringApp:
     """``pyLoadBalancer.Monitor.MonitoringApp``: ``startMonitorServer(parametersfile)``."""
 
     startMonitorServer = staticmethod(startMonitorServer)
+
+    @staticmethod
+    def main() -> None:
+        """The old ``pyLoadBalancer_Monitor [-p PFILE]`` command."""
+        startMonitorServer(parametersfile=_pfile_arg("Monitor Server"))
 
 
 class Monitor:
@@ -385,7 +411,15 @@ class Client:
     """
 
     def __init__(self, parametersfile: PATH = None):
-        self.settings = _settings(parametersfile)
+        from .config import old_timeout_s
+
+        s = _settings(parametersfile)
+        # pyLoadBalancer read its own parameters.json under every file: SOCKET_TIMEOUT was
+        # 500 ms when a file did not say, so a call gave up after about 3.5 s
+        unset = {"client_ack_timeout_s", "connect_timeout_s"} - s.model_fields_set
+        if unset:
+            s = s.with_overrides(**dict.fromkeys(unset, old_timeout_s(OLD_SOCKET_TIMEOUT_MS)))
+        self.settings = s
         self._clients: dict[str, _Client] = {}
         self._cancelled_done: set[str] = set()
         self._warned_userid = False

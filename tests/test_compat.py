@@ -118,9 +118,10 @@ OLD_SYSTEM = textwrap.dedent("""
 
 
     if __name__ == '__main__':
-        processes = startAll(pfile)
-        hub = startWorkerHub(pfile, {'HELLO': hellotask, 'BLOCK': blocktask})
+        processes, functions = startAll(pfile, True)
+        hub, hubfunction = startWorkerHub(pfile, {'HELLO': hellotask, 'BLOCK': blocktask}, True)
         show('startAll', [len(processes)] + [p.is_alive() for p in processes])
+        show('start functions', [f.__name__ for f in functions + [hubfunction]])
         CL = Client(pfile)
 
         # done: a float priority and a string one, as the old balancer read them (float(p))
@@ -210,6 +211,12 @@ def test_an_old_program_gets_every_answer_the_old_balancer_gave(tmp_path: Path) 
     # Then it got the old answers in every state
     assert r.returncode == 0, r.stderr[-3000:]
     assert got["startAll"] == [3, True, True, True], r.stdout
+    assert got["start functions"] == [
+        "startLBProcess",
+        "startHCProcess",
+        "startMonitorProcess",
+        "startWorkerHubProcess",
+    ]
     assert got["done"] == {"progress": 100, "result": "Hello A"}
     assert got["done string priority"] == {"progress": 100, "result": "Hello B"}
     assert got["cancel done"] == {"deleted": True, "from": "done"}
@@ -446,3 +453,39 @@ def test_a_task_still_queued_QUEUED_TTL_S_after_its_submit_expires_and_says_why(
         assert system.lt.call(lambda: (b.counters["expired"], b.stats().queued)) == (1, 0)
     finally:
         system.close()
+
+
+@pytest.mark.slow
+def test_the_old_health_check_command_says_when_the_balancer_is_down(tmp_path: Path) -> None:
+    # Given no broker on the port of an old parameters file
+    p = old_parameters(tmp_path)
+    code = "from lbmqtt.compat import HealthCheck; HealthCheck.main()"  # pyLoadBalancer_HC
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "-p", str(p)],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        # Then it says so, as before, and goes on
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while sum("LB DOWN ??" in s for s in seen) < 2 and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                seen.append(line)
+        assert sum(s.startswith(" HC - CAN'T GET WORKER LIST : LB DOWN ??") for s in seen) == 2
+        assert proc.poll() is None
+        # and Ctrl-C stops it
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert "EXITED Health Check" in out and proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
