@@ -30,8 +30,9 @@ its process semantics:
   - ``sendTask(name, taskdict, priority=0, userid=None)``: ``{'taskid': ...}``;
     ``{'error': 'User has too many pending task (N)'}`` over ``LB_QUEING_MAXPERUSER``;
     ``{'LB': 'ERROR'}`` when the balancer does not answer within 3 x ``SOCKET_TIMEOUT`` + 2 s
-    (as long as the old client's three tries, 1 s apart, took; 3.5 s by default). A priority is any number (or a numeric string;
-    anything else is 0, as before); a fraction takes the band of its integer part.
+    (as long as the old client's three tries, 1 s apart, took; 3.5 s by default). A
+    priority is any number (or a numeric string; anything else is 0, as before); a
+    fraction takes the band of its integer part.
     Without ``userid`` the task goes to user ``default``, with one warning (0.2.0 refused
     it when ``LB_QUEING_MAXPERUSER`` > 0).
   - ``getTask(taskid)`` / ``getTask([taskids])`` (then ``{taskid: answer}``):

@@ -34,8 +34,9 @@ def test_the_repository_parameters_file_is_valid() -> None:
 
 
 def test_pyloadbalancer_keys_are_read_and_obsolete_ones_ignored(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("LBMQTT_OLD_KEYS_WARNED", "")  # (the warning's marker; restored after)
     old = {
         "SOCKET_TIMEOUT": 500,
         "LB_IP": "127.0.0.1",

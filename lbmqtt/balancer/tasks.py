@@ -202,6 +202,15 @@ class TaskTable:
         """Tasks queued since QUEUED_TTL_S expire (as pyLoadBalancer's did after 48 h): out
         of their queue, status ``expired``, kept as finished ones are."""
         ttl = self.settings.queued_ttl_s
+        heap = self.queued_expiry
+        if len(heap) > 2 * sum(self.tally.queued_by.values()) + 1024:
+            # most tasks leave their queue long before their TTL: drop their entries (at
+            # most once per doubling), or the heap would hold every task of the last TTL
+            tasks = self.tasks
+            heap[:] = [
+                e for e in heap if (r := tasks.get(e[1])) is not None and r.status == Status.QUEUED
+            ]
+            heapq.heapify(heap)
         while self.queued_expiry and self.queued_expiry[0][0] <= now:
             _, tid = heapq.heappop(self.queued_expiry)
             rec = self.tasks.get(tid)
@@ -219,7 +228,7 @@ class TaskTable:
         """Expire queued tasks past QUEUED_TTL_S; forget finished tasks past their
         retention and return those."""
         if self.queued_expiry:
-            self.expire_queued(now)
+            self.expire_queued(now)  # (also keeps its heap to the tasks still queued)
         gone = []
         while self.expiry and self.expiry[0][0] <= now:
             _, tid = heapq.heappop(self.expiry)
