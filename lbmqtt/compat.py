@@ -58,6 +58,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -276,6 +277,11 @@ def _balancer_online(settings: Settings) -> bool:
     from .protocol import BalancerStatus, Topics
 
     topic = Topics(settings.topic_prefix).balancer_status
+    if settings.broker_host != "auto":
+        try:  # (no MQTT client, and no "cannot reach the broker" line, before it listens)
+            socket.create_connection((settings.broker_host, settings.broker_port), 1.0).close()
+        except OSError:
+            return False
     try:
         return asyncio.run(read_online(settings, topic, BalancerStatus)) is not None
     except BrokerUnavailable:
