@@ -33,13 +33,10 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "LBMQTT_"
 DEFAULT_FILE = "parameters.json"
 
-#: pyLoadBalancer keys that have no meaning over a broker; accepted with a warning so an old
-#: parameters file keeps loading.
-
+#: pyLoadBalancer keys that have no meaning over a broker (its ZeroMQ ports and the worker
+#: hub's address): accepted, and listed in one warning, so an old parameters file keeps loading.
 OBSOLETE_KEYS = frozenset(
     {
-        "SOCKET_TIMEOUT",
-        "LB_IP",
         "LB_WKPULLPORT",
         "LB_HCREPPORT",
         "LB_CLIENTPULLPORT",
@@ -48,6 +45,55 @@ OBSOLETE_KEYS = frozenset(
         "WKHUB_HCPORT",
     }
 )
+
+#: pyLoadBalancer keys that keep a meaning: ``LB_IP`` is where the balancer ran, so where the
+#: broker runs now (``BROKER_HOST``); ``SOCKET_TIMEOUT`` (ms) bounded each of a client's
+#: three tries, so it bounds how long a client waits (``CLIENT_ACK_TIMEOUT_S`` and
+#: ``CONNECT_TIMEOUT_S``: three tries and the one-second pauses between them).
+TRANSLATED_KEYS = frozenset({"LB_IP", "SOCKET_TIMEOUT"})
+
+WARNED_ENV = "LBMQTT_OLD_KEYS_WARNED"
+"""Files whose obsolete keys were already listed (``os.pathsep``-separated): set by the
+process that warns, inherited by the processes it starts, so a system warns once."""
+
+
+def old_timeout_s(socket_timeout_ms: float) -> float:
+    """How long pyLoadBalancer's client took to give up with ``SOCKET_TIMEOUT`` (ms): three
+    tries of ``SOCKET_TIMEOUT`` each, one second apart."""
+    return 3 * socket_timeout_ms / 1000.0 + 2.0
+
+
+def _translate_old_keys(data: dict[str, Any], source: str, file_key: str) -> None:
+    """Give pyLoadBalancer's keys their meaning in place (unless the new key is set too),
+    and warn once per system about the keys that have none."""
+    if "LB_IP" in data:
+        lb_ip = data.pop("LB_IP")
+        if not isinstance(lb_ip, str) or not lb_ip:
+            raise ConfigError(f"{source}: LB_IP: must be a host name or address (got {lb_ip!r})")
+        data.setdefault("BROKER_HOST", lb_ip)
+    if "SOCKET_TIMEOUT" in data:
+        ms = data.pop("SOCKET_TIMEOUT")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 < ms < 3.6e6:
+            raise ConfigError(
+                f"{source}: SOCKET_TIMEOUT: milliseconds, a number above 0 (got {ms!r})"
+            )
+        data.setdefault("CLIENT_ACK_TIMEOUT_S", old_timeout_s(ms))
+        data.setdefault("CONNECT_TIMEOUT_S", old_timeout_s(ms))
+    ignored = sorted(OBSOLETE_KEYS & data.keys())
+    for key in ignored:
+        del data[key]
+    if not ignored:
+        return
+    warned = os.environ.get(WARNED_ENV, "")
+    if file_key in warned.split(os.pathsep):
+        return
+    os.environ[WARNED_ENV] = f"{warned}{os.pathsep}{file_key}" if warned else file_key
+    log.warning(
+        "%s: ignoring pyLoadBalancer keys %s: lbmqtt talks through the MQTT broker "
+        "(LB_IP is its host, BROKER_PORT its port)",
+        source,
+        ", ".join(ignored),
+    )
 
 
 class WorkerGroup(BaseModel):
@@ -147,6 +193,9 @@ class Settings(BaseModel):
     """A finished task is kept at most this long."""
     result_collected_ttl_s: float = Field(60.0, alias="RESULT_COLLECTED_TTL_S", ge=0)
     """A finished task is kept this long after its result was collected."""
+    queued_ttl_s: float = Field(48 * 3600.0, alias="QUEUED_TTL_S", ge=0)
+    """A task still queued this long after its submission expires (status ``expired``),
+    as in pyLoadBalancer; 0: queued tasks never expire."""
     stats_interval_s: float = Field(0.5, alias="STATS_INTERVAL_S", gt=0)
     max_payload_bytes: int = Field(1_048_576, alias="MAX_PAYLOAD_BYTES", ge=1024)
     """Larger inbound messages are refused (code ``too_large``)."""
@@ -422,14 +471,7 @@ def load_settings(
         data = _read_file(p)
         # keys starting with "_" are comments (JSON has none): "_about": "..."
         data = {k: v for k, v in data.items() if not k.startswith("_")}
-        for key in sorted(OBSOLETE_KEYS & data.keys()):
-            log.warning(
-                "%s: ignoring pyLoadBalancer key %s (lbmqtt talks through the MQTT "
-                "broker: see BROKER_HOST / BROKER_PORT)",
-                source,
-                key,
-            )
-            del data[key]
+        _translate_old_keys(data, source, str(p.resolve()))
         if "NODE_TASKS" in data and isinstance(data["NODE_TASKS"], list):
             data["NODE_TASKS"] = _resolve_task_paths(data["NODE_TASKS"], base)
         for key in PATH_KEYS:  # relative to the file, like NODE_TASKS

@@ -34,8 +34,9 @@ def test_the_repository_parameters_file_is_valid() -> None:
 
 
 def test_pyloadbalancer_keys_are_read_and_obsolete_ones_ignored(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("LBMQTT_OLD_KEYS_WARNED", "")  # (the warning's marker; restored after)
     old = {
         "SOCKET_TIMEOUT": 500,
         "LB_IP": "127.0.0.1",
@@ -55,7 +56,8 @@ def test_pyloadbalancer_keys_are_read_and_obsolete_ones_ignored(
         (4, 0, 9, 10),
         (4, 100, 1000, 0),
     ]
-    assert "ignoring pyLoadBalancer key LB_IP" in caplog.text
+    assert s.broker_host == "127.0.0.1" and s.client_ack_timeout_s == 3.5  # (LB_IP, SOCKET_TIMEOUT)
+    assert "ignoring pyLoadBalancer keys LB_WKPULLPORT:" in caplog.text
 
 
 def test_unknown_key_names_the_file_and_suggests_the_right_one(tmp_path: Path) -> None:

@@ -80,6 +80,9 @@ class TaskTable:
         self.round_wanted = False
         """The next tick runs a placement round."""
         self.expiry: list[tuple[float, str]] = []
+        """(when, id) of finished tasks, to forget them."""
+        self.queued_expiry: list[tuple[float, str]] = []
+        """(when, id) of queued tasks, to expire them (QUEUED_TTL_S after their submit)."""
         self.why_cache: dict[QueueKey, str | None] = {}
         self.metrics: Metrics | None = None
 
@@ -106,6 +109,10 @@ class TaskTable:
         )
         self.tally.queued_by[rec.queue_key] += 1
         self.round_wanted = True
+        if self.settings.queued_ttl_s:
+            heapq.heappush(
+                self.queued_expiry, (rec.submitted_at + self.settings.queued_ttl_s, rec.id)
+            )
 
     def left_queue(self, rec: TaskRecord) -> None:
         """It left its queue (placed or cancelled): the queued counts follow."""
@@ -162,6 +169,8 @@ class TaskTable:
         elif status == Status.FAILED:
             tally.counters["failed"] += 1
             tally.failed_by_name[rec.name] += 1
+        elif status == Status.EXPIRED:
+            tally.counters["expired"] += 1
         else:
             tally.counters["cancelled"] += 1
             tally.cancelled_by_name[rec.name] += 1
@@ -189,8 +198,37 @@ class TaskTable:
             self.outbox.write(rec)
             heapq.heappush(self.expiry, (self.expires_at(rec), rec.id))
 
+    def expire_queued(self, now: float) -> None:
+        """Tasks queued since QUEUED_TTL_S expire (as pyLoadBalancer's did after 48 h): out
+        of their queue, status ``expired``, kept as finished ones are."""
+        ttl = self.settings.queued_ttl_s
+        heap = self.queued_expiry
+        if len(heap) > 2 * sum(self.tally.queued_by.values()) + 1024:
+            # most tasks leave their queue long before their TTL: drop their entries (at
+            # most once per doubling), or the heap would hold every task of the last TTL
+            tasks = self.tasks
+            heap[:] = [
+                e for e in heap if (r := tasks.get(e[1])) is not None and r.status == Status.QUEUED
+            ]
+            heapq.heapify(heap)
+        while self.queued_expiry and self.queued_expiry[0][0] <= now:
+            _, tid = heapq.heappop(self.queued_expiry)
+            rec = self.tasks.get(tid)
+            if rec is None or rec.status != Status.QUEUED or rec.submitted_at + ttl > now:
+                continue
+            self.scheduler.remove(rec.id)
+            self.left_queue(rec)
+            rec.error = ErrorInfo(
+                type="Expired",
+                message=f"queued for more than QUEUED_TTL_S ({ttl:g} s) without being run",
+            )
+            self.finalize(rec, Status.EXPIRED, now)
+
     def expire(self, now: float) -> list[TaskRecord]:
-        """Forget finished tasks past their retention; returns them."""
+        """Expire queued tasks past QUEUED_TTL_S; forget finished tasks past their
+        retention and return those."""
+        if self.queued_expiry:
+            self.expire_queued(now)  # (also keeps its heap to the tasks still queued)
         gone = []
         while self.expiry and self.expiry[0][0] <= now:
             _, tid = heapq.heappop(self.expiry)
