@@ -87,3 +87,14 @@ def test_bench_run_scale_runs() -> None:
     assert out["queued"] == 3000 and out["accept_tasks_per_s"] > 0
     # (at this size the nodes may drain the queue before the timed window opens)
     assert out["rss_mb_queued"] > 0 and out["done_total"] > 0
+
+
+def test_bench_scheduling_scenarios_print_every_policy_against_the_bound() -> None:
+    out = _bench("bench/scheduling.py", "--scenario", "slow-node-long-last", "--seeds", "2")
+    for policy in ("lbmqtt", "round_robin", "least_loaded", "greedy", "clairvoyant"):
+        # nothing beats the lower bound
+        assert out[f"slow-node-long-last.{policy}.median"] >= 1.0
+        assert (
+            out[f"slow-node-long-last.{policy}.worst"]
+            >= out[f"slow-node-long-last.{policy}.median"]
+        )
