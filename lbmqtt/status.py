@@ -160,6 +160,14 @@ def format_stats(stats: BalancerStats) -> str:
         ),
         *(
             [
+                f"copies started {stats.copies_started_total}   won {stats.copies_won_total}"
+                f"   wasted {stats.copies_wasted_total}   taken back {stats.taken_back_total}"
+            ]
+            if stats.copies_started_total or stats.taken_back_total
+            else []
+        ),
+        *(
+            [
                 (
                     "broker refused: "
                     + ", ".join(f"{k} {n}" for k, n in sorted(stats.broker_refused.items()) if n)

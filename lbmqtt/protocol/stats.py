@@ -128,6 +128,16 @@ class BalancerStats(_Lenient):
     refused_by_code: dict[str, int] = {}
     """Refusals since the balancer started, by :class:`~lbmqtt.errors.ErrorCode`."""
     bad_messages_total: int = 0
+    copies_started_total: int = 0
+    """Speculative copies started (a second attempt of a straggler on a faster slot)."""
+    copies_won_total: int = 0
+    """Copies whose result came first (the original was withdrawn)."""
+    copies_wasted_total: int = 0
+    """Copies withdrawn without giving the result (the original ended first, the copy
+    failed or was lost, the task was cancelled)."""
+    taken_back_total: int = 0
+    """Tasks a node held and had not started, taken back for a slot elsewhere (a faster
+    idle one, or a draining node's)."""
     broker_refused: dict[str, int] = {}
     """The embedded broker's refusals (:attr:`BrokerStatus.refused`), as last heard."""
     slots: int = 0

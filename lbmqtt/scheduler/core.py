@@ -207,6 +207,14 @@ class Scheduler:
         self._free(c)
         return True
 
+    def promote_copy(self, task_id: str) -> bool:
+        """The original attempt of ``task_id`` is gone (its worker was lost): its copy
+        becomes the placement. Returns False if it has no copy."""
+        if task_id not in self._copies or task_id not in self._running:
+            return False
+        self._promote(task_id)
+        return True
+
     def _promote(self, task_id: str) -> None:
         """The original attempt of ``task_id`` is gone: its copy becomes the placement."""
         r = self._running[task_id]

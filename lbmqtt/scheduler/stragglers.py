@@ -9,7 +9,8 @@ could take (queued work always goes first), and both compare expected finishing 
   at least ``take_back_min_gain_s`` sooner, it is asked back (no more of them than there
   are idle slots, counting those asked before and not yet given back); once its node
   gives it up it is queued again at the head, and the next :meth:`Scheduler.schedule`
-  places it on that idle slot.
+  places it on that idle slot. Not for a task that opted out (``speculate=False``): its
+  node might have started it as it is asked back.
 * **Speculative copies.** A running task's time left where it is: from its progress
   ``p``, ``t x (1 - p) / p`` (its rate up to its last report, ``t`` after its start, as
   LATE) less the time since that report; without progress, the expected runtime there
@@ -181,7 +182,11 @@ def take_back(s: Scheduler, now: float) -> list[str]:
     waiting = [
         (tid, r)
         for tid, r in s._running.items()
-        if r.windowed and r.started_at is None and not r.revoking and r.task is not None
+        if r.windowed
+        and r.started_at is None
+        and not r.revoking
+        and r.task is not None
+        and r.task.speculate
     ]
     if not waiting:
         return []

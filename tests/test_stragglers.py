@@ -1,0 +1,186 @@
+"""Stragglers through real MQTT: speculative copies, the first result wins, and the faults
+with a pair in flight (either node killed, the balancer killed), cancel, and the opt-out.
+
+Every component is its own process (tests/cluster.py): a balancer, node ``slow`` (one
+slot, NODE_SPEED 1) and node ``fast`` (one slot, NODE_SPEED 16). ``BLOCK`` with
+``per_attempt`` waits on a gate file of its own attempt (``gate.1``, ``gate.2``), so the
+test decides which attempt of a task ends first; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from lbmqtt import Client
+from lbmqtt.protocol import BalancerStats, Status, Topics, decode
+
+from .cluster import Cluster, wait_until
+from .conftest import process_alive, stop_paho
+
+pytestmark = pytest.mark.slow
+
+
+class StatsWatch:
+    """The balancer's retained stats as they come (a paho subscriber of its own)."""
+
+    def __init__(self, cluster: Cluster):
+        self.got: list[bytes] = []
+        self.c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            protocol=MQTTProtocolVersion.MQTTv311,
+        )
+        self.c.on_message = lambda _c, _u, m: self.got.append(m.payload)
+        self.c.connect(cluster.host, cluster.port)
+        self.c.loop_start()
+        wait_until(self.c.is_connected, 10, "a paho client to connect")
+        self.c.subscribe(Topics(cluster.prefix).balancer_stats, 0)
+
+    def __call__(self) -> BalancerStats:
+        wait_until(lambda: self.got, 10, "balancer stats")
+        return decode(BalancerStats, self.got[-1])
+
+    def close(self) -> None:
+        stop_paho(self.c)
+
+
+@dataclass
+class Pair:
+    """Task ``tid`` runs on ``slow`` (attempt 1) and its copy on ``fast`` (attempt 2)."""
+
+    cluster: Cluster
+    client: Client
+    tid: str
+    gate: Path
+    started: Path
+    stats: StatsWatch = field(repr=False)
+
+    def pid(self, attempt: int) -> int:
+        return int(Path(f"{self.started}.{attempt}").read_text())
+
+    def open(self, attempt: int) -> None:
+        Path(f"{self.gate}.{attempt}").touch()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    cluster = Cluster(tmp_path)
+    stats: StatsWatch | None = None
+    try:
+        cluster.start_broker()
+        cluster.start_balancer()
+        cluster.start_node("slow", workers=1, speed=1)
+        cluster.start_node("fast", workers=1, speed=16)
+        stats = StatsWatch(cluster)
+        with Client(cluster.settings(login=("alice", "user")), user="alice") as client:
+            wait_until(lambda: len(stats().nodes) == 2, 20, "both nodes online")
+            # Given fast busy with a first task, the task under test starts on slow
+            hold = tmp_path / "hold"
+            first = client.submit("BLOCK", {"gate": str(hold)})
+            wait_until(lambda: client.get(first).status == Status.RUNNING, 20, "first runs")
+            assert client.get(first).node == "fast"
+            gate, started = tmp_path / "gate", tmp_path / "started"
+            tid = client.submit(
+                "BLOCK", {"gate": str(gate), "started": str(started), "per_attempt": True}
+            )
+            wait_until(lambda: Path(f"{started}.1").exists(), 20, "attempt 1 to start")
+            assert client.get(tid).node == "slow"
+            # When fast frees, a copy of the straggler starts there
+            hold.touch()
+            client.wait(first, timeout=20)
+            wait_until(lambda: Path(f"{started}.2").exists(), 20, "the copy to start on fast")
+            wait_until(lambda: stats().copies_started_total == 1, 10, "copy counted")
+            yield Pair(cluster, client, tid, gate, started, stats)
+    finally:
+        if stats is not None:
+            stats.close()
+        cluster.close()
+
+
+def test_a_straggler_gets_a_copy_on_an_idle_fast_node_and_the_first_result_wins(
+    pair: Pair,
+) -> None:
+    # When the copy ends first
+    pair.open(2)
+    result = pair.client.wait(pair.tid, timeout=20)
+    # Then its result is the task's, once; the original is killed on slow
+    state = pair.client.get(pair.tid)
+    assert (state.status, state.node, state.attempt, result["attempt"]) == (
+        Status.DONE,
+        "fast",
+        2,
+        2,
+    )
+    wait_until(lambda: not process_alive(pair.pid(1)), 20, "the original's worker killed")
+    wait_until(lambda: pair.stats().done_total == 2, 10, "stats of both tasks")
+    s = pair.stats()
+    assert (s.copies_started_total, s.copies_won_total, s.copies_wasted_total) == (1, 1, 0)
+    assert s.failed_total == 0
+    # and slow's slot is free again: a new task runs there as soon as fast is busy
+    other = pair.client.submit("ECHO", {})
+    assert pair.client.wait(other, timeout=20)["attempt"] == 1
+
+
+def test_when_the_original_ends_first_the_copy_is_killed(pair: Pair) -> None:
+    pair.open(1)
+    result = pair.client.wait(pair.tid, timeout=20)
+    state = pair.client.get(pair.tid)
+    assert (state.node, state.attempt, result["attempt"]) == ("slow", 1, 1)
+    wait_until(lambda: not process_alive(pair.pid(2)), 20, "the copy's worker killed")
+    wait_until(lambda: pair.stats().done_total == 2, 10, "stats of both tasks")
+    s = pair.stats()
+    assert (s.copies_started_total, s.copies_won_total, s.copies_wasted_total) == (1, 0, 1)
+
+
+def test_the_original_s_node_killed_the_copy_carries_on_nothing_retried(pair: Pair) -> None:
+    pair.cluster.kill("slow", signal.SIGKILL)
+    wait_until(lambda: pair.client.get(pair.tid).node == "fast", 20, "the copy to take over")
+    assert pair.client.get(pair.tid).status == Status.RUNNING
+    pair.open(2)
+    result = pair.client.wait(pair.tid, timeout=20)
+    assert result["attempt"] == 2 and pair.client.get(pair.tid).attempt == 2  # no retry
+
+
+def test_the_copy_s_node_killed_the_original_carries_on(pair: Pair) -> None:
+    pair.cluster.kill("fast", signal.SIGKILL)
+    wait_until(
+        lambda: not any(n.online for n in pair.stats().nodes if n.name == "fast"),
+        20,
+        "fast to be seen offline",
+    )
+    wait_until(lambda: pair.stats().copies_wasted_total == 1, 10, "the copy counted wasted")
+    pair.open(1)
+    result = pair.client.wait(pair.tid, timeout=20)
+    assert result["attempt"] == 1 and pair.client.get(pair.tid).node == "slow"
+
+
+def test_the_balancer_killed_while_a_pair_runs_loses_nothing_one_result(pair: Pair) -> None:
+    pair.cluster.kill("balancer", signal.SIGKILL)
+    pair.cluster.start_balancer()
+    # the journal has the original on slow; the copy on fast is not the new balancer's
+    wait_until(lambda: not process_alive(pair.pid(2)), 30, "the copy withdrawn from fast")
+    pair.open(1)
+    result = pair.client.wait(pair.tid, timeout=30)
+    state = pair.client.get(pair.tid)
+    assert (state.status, state.node, state.attempt, result["attempt"]) == (
+        Status.DONE,
+        "slow",
+        1,
+        1,
+    )
+
+
+def test_cancel_with_a_copy_in_flight_kills_both(pair: Pair) -> None:
+    pair.client.cancel(pair.tid)
+    assert pair.client.get(pair.tid).status == Status.CANCELLED
+    wait_until(
+        lambda: not process_alive(pair.pid(1)) and not process_alive(pair.pid(2)),
+        20,
+        "both workers killed",
+    )
