@@ -98,3 +98,21 @@ def test_bench_scheduling_scenarios_print_every_policy_against_the_bound() -> No
             out[f"slow-node-long-last.{policy}.worst"]
             >= out[f"slow-node-long-last.{policy}.median"]
         )
+
+
+def test_bench_run_unequal_runs_with_and_without_copies() -> None:
+    out = _bench(
+        "bench/run.py",
+        "unequal",
+        "--nodes",
+        "2",
+        "--tasks",
+        "20",
+        "--long",
+        "1",
+        "--rounds",
+        "1",
+        timeout=240,
+    )
+    # (the figures are read by people; a makespan below the bound would be a broken bench)
+    assert out["over_bound_speculate_on"] >= 1.0 and out["over_bound_speculate_off"] >= 1.0

@@ -401,3 +401,29 @@ def test_slots_held_are_always_the_placed_tasks_and_their_copies(ops: list[tuple
         for n in speeds:
             assert s.busy(n, 0) == held[(n, 0)]
         assert s.copies <= max(1, 0.25 * 6)
+
+
+# ------------------------------------------------------------------------ the tail rule
+
+
+def test_in_the_tail_a_new_name_waits_for_a_fast_node_busy_with_short_and_held_tasks() -> None:
+    # Given fast runs short tasks with more held in its window, and slow (8x) is idle
+    s = Scheduler(window_long_s=0.5)
+    s.set_node(node("fast", slots=1))
+    s.set_node(node("slow", slots=1))
+    for _ in range(4):
+        s.observe("s", "fast", 0.1)
+        s.observe("s", "slow", 0.8)
+    s.set_window("fast", 3)
+    shorts = [task("s") for _ in range(3)]
+    for t in shorts:
+        s.enqueue(t)
+    s.set_node(node("slow", slots=1, tasks=()))
+    s.schedule(now=0.0)  # one runs on fast, two held there
+    s.set_node(node("slow", slots=1))
+    s.started(shorts[0].id, 0.0)
+    # When a task of a name never seen comes last, at 0.15 s (the running short overdue)
+    s.enqueue(new := task("zzz"))
+    # Then it waits for fast (free in ~0.35 s) rather than run 8x slower on slow
+    assert s.schedule(now=0.15) == []
+    assert s.is_queued(new.id) and s.holding

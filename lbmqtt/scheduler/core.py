@@ -436,17 +436,7 @@ class Scheduler:
         # slot that frees soon still beats a much slower one, whatever the work)
         here = self.expected_runtime(task.name, self._nodes[node], task.cost)
         best: tuple[float, tuple[str, int]] | None = None
-        ends: dict[tuple[str, int], float] = {}
-        for r in self._running.values():
-            if r.progress and r.started_at is not None and r.task is not None:
-                end = now + stragglers.time_left(self, r, now)  # its rate says
-            elif r.expected_end is None or r.expected_end < now:
-                continue  # overdue: its estimate was wrong, do not wait on it
-            else:
-                end = r.expected_end
-            key = (r.node, r.group)
-            if key not in claimed and (key not in ends or end < ends[key]):
-                ends[key] = end
+        ends = self._slot_frees(now, claimed)
         for (n, gi), end in ends.items():
             caps = self._nodes.get(n)
             if caps is None or n == node:
@@ -463,6 +453,35 @@ class Scheduler:
             claimed.add(best[1])
             return True
         return False
+
+    def _slot_frees(
+        self, now: float, claimed: set[tuple[str, int]]
+    ) -> dict[tuple[str, int], float]:
+        """When the next slot of each busy group (not ``claimed``) is expected to be free
+        for one more task: its started tasks' time left (:func:`.stragglers.time_left`),
+        an unstarted one's expected end, then the tasks held in its window run first. A
+        task placed but not started and overdue is not waited on (its estimate was wrong)."""
+        lefts: dict[tuple[str, int], list[float]] = {}
+        behind: dict[tuple[str, int], list[float]] = {}
+        for r in self._running.values():
+            key = (r.node, r.group)
+            if key in claimed:
+                continue
+            if r.started_at is not None and r.task is not None:
+                lefts.setdefault(key, []).append(stragglers.time_left(self, r, now))
+            elif r.windowed and r.task is not None and (caps := self._nodes.get(r.node)):
+                behind.setdefault(key, []).append(
+                    self.expected_runtime(r.task.name, caps, r.task.cost)
+                )
+            elif r.expected_end is not None and r.expected_end >= now:
+                lefts.setdefault(key, []).append(r.expected_end - now)
+        ends: dict[tuple[str, int], float] = {}
+        for key, slots in lefts.items():
+            heapq.heapify(slots)
+            for runtime in behind.get(key, ()):  # the window drains onto the slots
+                heapq.heapreplace(slots, slots[0] + runtime)
+            ends[key] = now + slots[0]
+        return ends
 
     def fits(self, caps: NodeCaps, name: str, shape: Shape) -> bool:
         """Whether ``caps`` could run a task of ``name`` and ``shape`` now (slots aside)."""

@@ -128,7 +128,7 @@ class Runtimes:
     TYPICAL_ALPHA = 0.2
     UNKNOWN_WORK = 1.0
     """Work assumed for a task name never seen while no name has been (1 s at speed 1);
-    then the typical work of names (a moving average of their first works)."""
+    then the typical work of names (:attr:`typical`)."""
 
     def __init__(self) -> None:
         self.by_node: dict[tuple[str, str], tuple[float, float]] = {}
@@ -138,7 +138,15 @@ class Runtimes:
         """Learned from names also seen elsewhere."""
         self.guess: dict[str, float] = {}
         """Learned from first-seen names against the typical work (until ``speed`` is)."""
-        self.typical: float | None = None
+        self._log_work = 0.0
+        """Sum of log(work) over the names in ``work`` (their geometric mean: typical)."""
+        self._n_work = 0
+
+    @property
+    def typical(self) -> float | None:
+        """The typical work of a task name: the geometric mean of the names' works (in the
+        current scale of the speeds, which drifts as they are learned), or None."""
+        return math.exp(self._log_work / self._n_work) if self._n_work else None
 
     def speed_of(self, node: str, hint: float) -> float:
         """The node's learned relative speed (its declared ``hint`` before any sample)."""
@@ -166,14 +174,18 @@ class Runtimes:
                 self.guess[node] = _toward(v, self.typical / per, self.TYPICAL_ALPHA)
         v = self.speed_of(node, speed)
         w = per * v
-        if ref is None and w > 0:  # a name's first work feeds the typical one (in log space)
-            t = self.typical
-            self.typical = w if t is None else _toward(t, w, self.ALPHA)
         key = (name, node)
         old = self.by_node.get(key)
         per_avg = per if old is None else old[0] + self.ALPHA * (per - old[0])
         self.by_node[key] = (per_avg, v)
-        self.work[name] = w if ref is None else ref + self.ALPHA * (w - ref)
+        new = w if ref is None else ref + self.ALPHA * (w - ref)
+        if new > 0:
+            if ref is not None and ref > 0:
+                self._log_work -= math.log(ref)
+            else:
+                self._n_work += 1
+            self._log_work += math.log(new)
+            self.work[name] = new
 
     def known(self, name: str) -> bool:
         return name in self.work
