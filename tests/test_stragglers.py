@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from lbmqtt import Client
 from lbmqtt.protocol import BalancerStats, Status, Topics, decode
+from lbmqtt.status import format_stats
 
 from .cluster import Cluster, wait_until
 from .conftest import process_alive, stop_paho
@@ -122,6 +123,10 @@ def test_a_straggler_gets_a_copy_on_an_idle_fast_node_and_the_first_result_wins(
     s = pair.stats()
     assert (s.copies_started_total, s.copies_won_total, s.copies_wasted_total) == (1, 1, 0)
     assert s.failed_total == 0
+    assert "copies started 1   won 1   wasted 0" in format_stats(s)  # lbmqtt status
+    # the task stream: the copy's bar (hatched on the dashboard), the original withdrawn
+    bars = {(b.node, b.status, b.speculative) for b in s.stream if b.id == pair.tid}
+    assert bars == {("fast", "done", True), ("slow", "withdrawn", False)}
     # and slow's slot is free again: a new task runs there as soon as fast is busy
     other = pair.client.submit("ECHO", {})
     assert pair.client.wait(other, timeout=20)["attempt"] == 1

@@ -306,8 +306,9 @@ class Fleet:
         """A speculative copy the node should hold: confirmed, sent again, or dropped (a
         copy the node never took is not worth a retry: the original runs on)."""
         key = (rec.id, c.attempt)
-        if key in running:
+        if key in running and not c.started:
             c.started = True
+            c.started_at = time.time()
         if key in held:
             c.missing_since = None
             return
@@ -344,8 +345,9 @@ class Fleet:
                 if c.node == info.name:  # its copy was here: the original runs on
                     rec.copy = None
                     self.tally.counters["copies_wasted"] += 1
+                    self.tally.attempt_ended(rec, c.node, c.started_at, "lost", copy=True)
                 else:  # the original was here: its copy carries on, nothing is lost
-                    self.table.promote_copy(rec)
+                    self.table.promote_copy(rec, "lost")
                     self.tally.counters["copies_promoted"] += 1
                     log.info("task %s carries on as its copy on node %s", tid, rec.node)
                 continue
@@ -381,8 +383,9 @@ class Fleet:
             rec = self.current(info, s.id, s.attempt)
             if rec is None:
                 c = self.copy_here(info, s.id, s.attempt)
-                if c is not None:
+                if c is not None and not c.started:
                     c.started = True
+                    c.started_at = now
                 continue
             if rec.status == Status.ASSIGNED:
                 self.table.set_status(rec, Status.RUNNING)
@@ -411,7 +414,7 @@ class Fleet:
                     # itself fails, the original says so)
                     self.table.drop_copy(rec)
                     continue
-                self.table.promote_copy(rec)  # the first result: the copy's
+                self.table.promote_copy(rec, "withdrawn")  # the first result: the copy's
                 self.tally.counters["copies_won"] += 1
             if rec is None:
                 # stale or already recorded: the node drops it once it sees a set without it
@@ -449,7 +452,7 @@ class Fleet:
         if r.status == "lost" and rec.copy is not None:
             # the original's worker was lost: its copy carries on, no retry
             self.scheduler.promote_copy(rec.id)
-            self.table.promote_copy(rec)
+            self.table.promote_copy(rec, "lost")
             self.tally.counters["copies_promoted"] += 1
             return
         rt = r.runtime_s

@@ -66,6 +66,8 @@ class TaskRecord:
     balancer keeps the original attempt, and the copy's node drops it)."""
     top_attempt: int = 0
     """The highest attempt number given, copies included (two runs never share one)."""
+    by_copy: bool = False
+    """Its current attempt began as a speculative copy."""
 
     @property
     def queue_key(self) -> QueueKey:
@@ -97,6 +99,8 @@ class CopyAttempt:
     assigned_at: float = 0.0
     """When its node's set carrying it was first published (0: not yet)."""
     started: bool = False
+    started_at: float | None = None
+    """When its node reported it started (wall clock)."""
     missing_since: float | None = None
 
 

@@ -29,6 +29,8 @@ TIMES_KEPT = 1000  # per task name, for the mean and percentiles of wait and run
 HISTORY_KEPT = 720  # stats samples a new dashboard is sent: 6 minutes at 2 Hz
 RECENT_KEPT = 50  # finished tasks in the stats' task table
 RUNNING_ROWS = 100  # running tasks in the stats' task table
+STREAM_ENDED = 200  # attempts that ended, in the stats' task stream
+STREAM_RUNNING = 100  # attempts running, in the stats' task stream
 REFUSALS_WARN_S = 60.0  # refusals within this long are a warning
 RECENTLY_LOST_S = 300.0
 
@@ -57,6 +59,31 @@ class Tally:
         default_factory=lambda: deque(maxlen=HISTORY_KEPT)
     )
     last_stats: protocol.BalancerStats | None = None
+    ended: deque[protocol.StreamBar] = field(default_factory=lambda: deque(maxlen=STREAM_ENDED))
+    """The attempts that ended last (the dashboard's task stream)."""
+
+    def attempt_ended(
+        self,
+        rec: TaskRecord,
+        node: str | None,
+        start: float | None,
+        status: str,
+        *,
+        copy: bool = False,
+    ) -> None:
+        """An attempt of ``rec`` on ``node``, started at ``start``, ended now."""
+        if node is not None and start is not None:
+            self.ended.append(
+                protocol.StreamBar(
+                    id=rec.id,
+                    name=rec.name,
+                    node=node,
+                    start=start,
+                    end=max(start, time.time()),
+                    status=status,
+                    speculative=copy,
+                )
+            )
 
     def refused(self, who: str, why: str, code: str = ErrorCode.INVALID) -> None:
         """Count a refused submission (or message) and remember it for the warning."""
@@ -235,8 +262,46 @@ def snapshot(
         ),
         queued_by_band=dict(by_band),
         tasks=_task_rows(tasks, nodes, tally.recent, now),
+        stream=[*tally.ended, *_running_bars(tasks, nodes)],
         warnings=warnings,
     )
+
+
+def _running_bars(
+    tasks: dict[str, TaskRecord], nodes: dict[str, NodeInfo]
+) -> list[protocol.StreamBar]:
+    """The attempts running now (up to STREAM_RUNNING): originals and copies."""
+    bars: list[protocol.StreamBar] = []
+    for info in nodes.values():
+        for tid in info.assigned:
+            if len(bars) >= STREAM_RUNNING:
+                return bars
+            rec = tasks.get(tid)
+            if rec is None:
+                continue
+            c = rec.copy
+            if c is not None and c.node == info.name:
+                if c.started_at is not None:
+                    bars.append(
+                        protocol.StreamBar(
+                            id=rec.id,
+                            name=rec.name,
+                            node=info.name,
+                            start=c.started_at,
+                            speculative=True,
+                        )
+                    )
+            elif rec.started_at is not None and rec.status == protocol.Status.RUNNING:
+                bars.append(
+                    protocol.StreamBar(
+                        id=rec.id,
+                        name=rec.name,
+                        node=info.name,
+                        start=rec.started_at,
+                        speculative=rec.by_copy,
+                    )
+                )
+    return bars
 
 
 def _task_rows(

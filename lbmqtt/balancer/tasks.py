@@ -176,6 +176,9 @@ class TaskTable:
         if c is None:
             return
         rec.copy = None
+        self.tally.attempt_ended(
+            rec, c.node, c.started_at, "withdrawn" if rec.status.final else "lost", copy=True
+        )
         if release:
             self.scheduler.release_copy(rec.id)
         info = self.nodes.get(c.node)
@@ -185,11 +188,15 @@ class TaskTable:
         self.tally.counters["copies_wasted"] += 1
         self.round_wanted = True
 
-    def promote_copy(self, rec: TaskRecord) -> None:
-        """The copy of ``rec`` carries on as the task's attempt: its result wins, or the
-        original's node or worker was lost. The original is withdrawn from its node."""
+    def promote_copy(self, rec: TaskRecord, original: str) -> None:
+        """The copy of ``rec`` carries on as the task's attempt: its result wins (the
+        ``original`` attempt ended ``withdrawn``), or the original's node or worker was
+        ``lost``. The original is withdrawn from its node."""
         c = rec.copy
         assert c is not None
+        self.tally.attempt_ended(rec, rec.node, rec.started_at, original, copy=rec.by_copy)
+        rec.started_at = c.started_at or rec.started_at
+        rec.by_copy = True
         old = self.nodes.get(rec.node) if rec.node is not None else None
         if old is not None and rec.id in old.assigned and rec.node != c.node:
             del old.assigned[rec.id]
@@ -240,6 +247,7 @@ class TaskTable:
 
     def retry_or_fail(self, rec: TaskRecord, error: ErrorInfo, now: float) -> None:
         """Its attempt was lost: queued again, or failed after TASK_MAX_ATTEMPTS."""
+        self.tally.attempt_ended(rec, rec.node, rec.started_at, "lost", copy=rec.by_copy)
         max_attempts = self.settings.task_max_attempts
         if rec.attempt - rec.waived < max_attempts:
             log.info(
@@ -279,6 +287,7 @@ class TaskTable:
             tally.counters["cancelled"] += 1
             tally.cancelled_by_name[rec.name] += 1
         tally.recent.append(rec.id)
+        tally.attempt_ended(rec, rec.node, rec.started_at, status.value, copy=rec.by_copy)
         if rec.started_at is not None and status in (Status.DONE, Status.FAILED):
             wait, run = max(0.0, rec.started_at - rec.submitted_at), max(0.0, now - rec.started_at)
             tally.finished(rec.name, wait, run)
@@ -329,6 +338,7 @@ class TaskTable:
             self.left_queue(rec)
             self.set_status(rec, Status.ASSIGNED)
             rec.attempt = rec.top_attempt = max(rec.attempt, rec.top_attempt) + 1
+            rec.by_copy = False
             rec.node = p.node
             rec.group = p.group
             rec.progress = 0

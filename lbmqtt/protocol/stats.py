@@ -111,6 +111,23 @@ class TaskRow(_Lenient):
     """Start to finish (so far, while it runs)."""
 
 
+class StreamBar(_Lenient):
+    """One attempt of a task on a node, for the dashboard's task stream."""
+
+    id: str
+    name: str
+    node: str
+    start: float
+    """When it started (wall clock)."""
+    end: float | None = None
+    """When it ended (None: it runs)."""
+    status: str = "running"
+    """``running``, ``done``, ``failed``, ``cancelled``, ``lost`` (its worker or node), or
+    ``withdrawn`` (the other attempt of a speculated task gave the result)."""
+    speculative: bool = False
+    """A speculative copy (or the copy that carries on for a lost original)."""
+
+
 class BalancerStats(_Lenient):
     """Retained snapshot on ``balancer/stats`` (about twice a second)."""
 
@@ -152,6 +169,8 @@ class BalancerStats(_Lenient):
     queued_by_band: dict[str, int] = {}
     tasks: list[TaskRow] = []
     """Running tasks (up to 100), then the most recently finished (up to 50)."""
+    stream: list[StreamBar] = []
+    """Attempts that ended most recently (up to 200), then those running (up to 100)."""
     warnings: list[str] = []
 
 
