@@ -9,6 +9,7 @@ test decides which attempt of a task ends first; no timing is asserted.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from lbmqtt.protocol import BalancerStats, Status, Topics, decode
 from lbmqtt.status import format_stats
 
 from .cluster import Cluster, wait_until
-from .conftest import process_alive, stop_paho
+from .conftest import DEMO_TASKS, System, make_settings, process_alive, stop_paho
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +71,9 @@ class Pair:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
+def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
+    """(``timeout_s`` through indirect parametrisation: the task's per-attempt limit)"""
+    timeout_s = getattr(request, "param", None)
     cluster = Cluster(tmp_path)
     stats: StatsWatch | None = None
     try:
@@ -88,7 +91,9 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
             assert client.get(first).node == "fast"
             gate, started = tmp_path / "gate", tmp_path / "started"
             tid = client.submit(
-                "BLOCK", {"gate": str(gate), "started": str(started), "per_attempt": True}
+                "BLOCK",
+                {"gate": str(gate), "started": str(started), "per_attempt": True},
+                timeout_s=timeout_s,
             )
             wait_until(lambda: Path(f"{started}.1").exists(), 20, "attempt 1 to start")
             assert client.get(tid).node == "slow"
@@ -189,3 +194,72 @@ def test_cancel_with_a_copy_in_flight_kills_both(pair: Pair) -> None:
         20,
         "both workers killed",
     )
+
+
+def test_the_original_s_worker_killed_the_copy_carries_on_nothing_retried(pair: Pair) -> None:
+    os.kill(pair.pid(1), signal.SIGKILL)
+    wait_until(lambda: pair.client.get(pair.tid).node == "fast", 20, "the copy to take over")
+    pair.open(2)
+    result = pair.client.wait(pair.tid, timeout=20)
+    assert result["attempt"] == 2 and pair.client.get(pair.tid).attempt == 2
+    wait_until(lambda: pair.stats().done_total == 2, 10, "stats of both tasks")
+    assert pair.stats().failed_total == 0
+
+
+@pytest.mark.parametrize("pair", [4.0], indirect=True)
+def test_a_timeout_of_the_original_is_the_task_s_result_and_the_copy_is_killed(
+    pair: Pair,
+) -> None:
+    # (neither gate opens: the original, started first, reaches its 4 s limit first)
+    state = pair.client.wait_state(pair.tid, timeout=30)
+    assert state.status == Status.FAILED and state.node == "slow" and state.attempt == 1
+    assert state.error is not None and "timeout" in (state.error.type + state.error.message).lower()
+    wait_until(lambda: not process_alive(pair.pid(2)), 20, "the copy's worker killed")
+    wait_until(lambda: pair.stats().failed_total == 1, 10, "the failure counted")
+    s = pair.stats()
+    assert (s.copies_won_total, s.copies_wasted_total) == (0, 1)
+
+
+def test_a_task_held_unstarted_on_a_node_is_taken_back_for_an_idle_faster_one(
+    system: System, client: Client
+) -> None:
+    b = system.start_balancer()
+    st = system.settings
+    one_slot = [{"nWorkers": 1, "minP": 0, "maxP": 1000, "processP": 0}]
+    a = system.start_node(
+        "a",
+        tasks=[DEMO_TASKS],
+        settings=make_settings(st.broker_port, st.topic_prefix, WKHUB_WORKERS=one_slot),
+    )
+    # Given node a knows SLEEP 0.4 s as short (its window opens: one task held per slot)
+    for _ in range(3):
+        client.wait(client.submit("SLEEP", {"seconds": 0.4, "steps": 1}), timeout=20)
+    system.until(lambda b: b.nodes["a"].window >= 1, 10, "a's window to open")
+    # and a stops starting tasks (its worker hand-over held back): one is assigned to its
+    # idle slot, the next held in its window
+    real_dispatch = a.supervisor.dispatch
+    system.lt.call(lambda: setattr(a.supervisor, "dispatch", lambda: None))
+    first = client.submit("SLEEP", {"seconds": 0.4, "steps": 1})
+    held = client.submit("SLEEP", {"seconds": 0.4, "steps": 1})
+    system.until(
+        lambda b: b.tasks[held].status == Status.ASSIGNED and b.tasks[held].prefetched,
+        10,
+        "the second task held in a's window",
+    )
+    # When a faster node comes online with an idle slot
+    system.start_node(
+        "b",
+        tasks=[DEMO_TASKS],
+        settings=make_settings(
+            st.broker_port, st.topic_prefix, NODE_SPEED=4, WKHUB_WORKERS=one_slot
+        ),
+    )
+    # Then the held task is taken back from a and runs on b
+    state = client.wait_state(held, timeout=20)
+    assert (state.status, state.node) == (Status.DONE, "b")
+    assert system.lt.call(lambda: b.counters["taken_back"]) == 1
+    # and the one on a's idle slot stays there (it runs once a starts tasks again)
+    assert system.record(first).node == "a"
+    system.lt.call(lambda: setattr(a.supervisor, "dispatch", real_dispatch))
+    system.lt.call(real_dispatch)
+    assert client.wait_state(first, timeout=20).node == "a"
