@@ -263,3 +263,44 @@ def test_a_task_held_unstarted_on_a_node_is_taken_back_for_an_idle_faster_one(
     system.lt.call(lambda: setattr(a.supervisor, "dispatch", real_dispatch))
     system.lt.call(real_dispatch)
     assert client.wait_state(first, timeout=20).node == "a"
+
+
+def test_a_slow_machine_is_learned_and_a_never_seen_name_goes_to_the_fast_one(
+    tmp_path: Path,
+) -> None:
+    # Given two nodes of one slot declaring the same speed; m0 is in truth 4x slower (and
+    # first by name: between equal idle nodes, the scheduler would pick it)
+    cluster = Cluster(tmp_path, overrides={"NODE_TASKS": [DEMO_TASKS]})
+    stats: StatsWatch | None = None
+    try:
+        cluster.start_broker()
+        cluster.start_balancer()
+        for name, factor in (("m0", 4), ("m1", 1)):
+            env = cluster.env(login=(name, "node"))
+            env["DEMO_SLOWDOWN"] = str(factor)
+            cluster.start_node(name, workers=1, env=env)
+        stats = StatsWatch(cluster)
+        with Client(cluster.settings(login=("alice", "user")), user="alice") as client:
+            wait_until(lambda: len(stats().nodes) == 2, 20, "both nodes online")
+            # When both have run tasks of one name
+            ids = [client.submit("WORK", {"seconds": 0.1, "steps": 1}) for _ in range(10)]
+            states = [client.wait_state(tid, timeout=30) for tid in ids]
+            assert {st.node for st in states} == {"m0", "m1"}
+            # Then m0 is known to be slower (relative to m1: 1.0)
+            wait_until(
+                lambda: (
+                    {n.name for n in stats().nodes if n.speed_learned is not None} == {"m0", "m1"}
+                ),
+                10,
+                "both speeds learned",
+            )
+            learned = {n.name: n.speed_learned for n in stats().nodes}
+            assert learned["m1"] == 1.0 and learned["m0"] is not None and learned["m0"] < 0.6
+            assert "LEARNT" in format_stats(stats())
+            # and a task of a name never run before, both nodes idle, goes to m1
+            new = client.submit("WORK_LONG", {"seconds": 0.1, "steps": 1})
+            assert client.wait_state(new, timeout=30).node == "m1"
+    finally:
+        if stats is not None:
+            stats.close()
+        cluster.close()

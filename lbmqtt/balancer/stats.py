@@ -118,6 +118,7 @@ def snapshot(
     now = time.time()
     summaries: list[protocol.NodeSummary] = []
     slots = busy = 0
+    learned = scheduler.learned_speeds()
     for info in sorted(nodes.values(), key=lambda i: i.name):
         st = info.status
         n_slots = sum(g.workers for g in st.groups) if st else 0
@@ -133,6 +134,7 @@ def snapshot(
                 slots=n_slots,
                 busy=n_busy,
                 speed=st.speed if st else 1.0,
+                speed_learned=learned.get(info.name),
                 tasks=st.tasks if st else [],
                 groups=st.groups if st else [],
                 last_seen=now - (now_mono - info.last_seen) if info.last_seen else 0.0,

@@ -31,6 +31,7 @@ NODE_COLUMNS: Final = (
     "slots",
     "load",
     "speed",
+    "speed_learned",
     "last_seen",
     "tasks",
 )
@@ -133,6 +134,9 @@ def node_columns(stats: BalancerStats | None) -> dict[str, Any]:
         "free": [max(0, n.slots - n.busy) if n.online else 0 for n in nodes],
         "offline": [0 if n.online else max(1, n.slots) for n in nodes],
         "speed": [n.speed for n in nodes],
+        "speed_learned": [
+            f"{n.speed_learned:.2f}" if n.speed_learned is not None else "-" for n in nodes
+        ],
         "load": [f"{n.load[0]:.2f}" if n.load else "-" for n in nodes],
         "last_seen": [_age(max(0.0, now - n.last_seen)) if n.last_seen else "never" for n in nodes],
         "tasks": [", ".join(n.tasks) for n in nodes],

@@ -262,6 +262,7 @@ class DashboardPage:
                 ("slots", "slots"),
                 ("load", "load (1 min)"),
                 ("speed", "speed"),
+                ("speed_learned", "learned (fastest 1)"),
                 ("host", "host"),
                 ("tasks", "tasks"),
             ],

@@ -55,6 +55,10 @@ class NodeSummary(_Lenient):
     slots: int = 0
     busy: int = 0
     speed: float = 1.0
+    """As it declares it (NODE_SPEED)."""
+    speed_learned: float | None = None
+    """As learned from the tasks it ran, relative to the fastest node online (1.0); None
+    before its first task ended."""
     tasks: list[str] = []
     groups: list[GroupInfo] = []
     last_seen: float = 0.0

@@ -300,6 +300,14 @@ class Scheduler:
         caps = self._nodes.get(node)
         self.runtimes.observe(name, node, caps.speed if caps else 1.0, runtime_s, cost)
 
+    def learned_speeds(self) -> dict[str, float]:
+        """The online nodes whose speed was learned from tasks, relative to the fastest of
+        them (1.0)."""
+        rt = self.runtimes
+        learned = {n: self.speed(n) for n in self._nodes if n in rt.speed or n in rt.guess}
+        top = max(learned.values(), default=0.0)
+        return {n: v / top for n, v in learned.items()} if top > 0 else {}
+
     def speed(self, node: str) -> float:
         """The node's learned relative speed (its declared one before any task ended)."""
         caps = self._nodes.get(node)
