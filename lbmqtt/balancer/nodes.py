@@ -319,7 +319,7 @@ class Fleet:
             self.outbox.dirty_nodes.add(info.name)
         elif now - c.missing_since > grace:
             log.warning("node %s never took the copy of task %s: dropped", info.name, rec.id)
-            self.table.drop_copy(rec)
+            self.table.drop_copy(rec, ended="lost")
 
     def node_lost(self, info: NodeInfo, reason: str) -> None:
         """The node is gone (offline, silent, restarted): its tasks go back or fail."""
@@ -412,7 +412,7 @@ class Fleet:
                 if r.status != "done":
                     # a copy that failed or was lost: the original runs on (if the task
                     # itself fails, the original says so)
-                    self.table.drop_copy(rec)
+                    self.table.drop_copy(rec, ended="lost" if r.status == "lost" else "failed")
                     continue
                 self.table.promote_copy(rec, "withdrawn")  # the first result: the copy's
                 self.tally.counters["copies_won"] += 1

@@ -168,17 +168,16 @@ class TaskTable:
             c.node,
         )
 
-    def drop_copy(self, rec: TaskRecord, *, release: bool = True) -> None:
-        """The copy of ``rec`` ends without giving the result (the original finished, the
-        copy failed or was lost, the task was cancelled): off its node's set (its node
-        kills it), its slot freed (``release``: in the scheduler too)."""
+    def drop_copy(self, rec: TaskRecord, *, release: bool = True, ended: str = "withdrawn") -> None:
+        """The copy of ``rec`` ends without giving the result: ``withdrawn`` (the original
+        finished, the task was cancelled or goes back to the queue), or it ``failed`` or
+        was ``lost``. Off its node's set (its node kills it), its slot freed (``release``:
+        in the scheduler too)."""
         c = rec.copy
         if c is None:
             return
         rec.copy = None
-        self.tally.attempt_ended(
-            rec, c.node, c.started_at, "withdrawn" if rec.status.final else "lost", copy=True
-        )
+        self.tally.attempt_ended(rec, c.node, c.started_at, ended, copy=True)
         if release:
             self.scheduler.release_copy(rec.id)
         info = self.nodes.get(c.node)
