@@ -147,6 +147,8 @@ class Fleet:
                 assigned_at=now,
                 requires=requires_of(a.requires),
                 tags=frozenset(a.tags) if a.tags else NO_TAGS,
+                cost=a.cost,
+                speculate=a.speculate,
                 prefetched=True,
             )
             rec.assignment_json = assignment_json(rec)

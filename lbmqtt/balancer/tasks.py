@@ -48,6 +48,8 @@ def assignment_json(
         timeout_s=rec.timeout_s,
         requires=rec.requires,
         tags=rec.tags,
+        cost=rec.cost,
+        speculate=rec.speculate,
         args_json=rec.args_json,
     )
 

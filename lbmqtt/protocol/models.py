@@ -284,6 +284,10 @@ class Assignment(_Lenient):
     timeout_s: float | None = None
     requires: dict[str, float] = {}
     tags: list[str] = []
+    cost: float | None = None
+    """(kept in the set, as ``speculate``, so that a successor balancer adopting the task
+    knows them; the node does not use them)"""
+    speculate: bool = True
 
 
 class AssignmentSet(_Lenient):
