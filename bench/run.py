@@ -33,6 +33,16 @@ Scenarios (this file grows with the performance issue):
                 (each installed in a venv of its own when missing): throughput, latency
                 and sleep, the order turning over ``--rounds``, medians and same-round
                 ratios (``bench/seed.py``).
+``unequal``     machines of unequal speed on loopback: ``--nodes`` nodes (default 4) of 2
+                slots, the last ``--slowdown`` times (default 8) slower, speeds not
+                declared; each node runs the demo task ``WORK``, whose duration is its
+                ``seconds`` times the node's factor (``DEMO_SLOWDOWN``). A batch of
+                ``--tasks`` short tasks (default 200, 0.1 s) then ``--long`` tasks
+                (default 4, 2.6 s) of a name the cluster has never seen (``WORK_LONG``),
+                with speculative copies on and off (``SPECULATE``), alternating over
+                ``--rounds`` rounds, each with a fresh balancer and fresh nodes (learning
+                from zero): makespan over the lower bound (total work over total capacity,
+                or the longest task on a fast machine), medians and the same-run ratio.
 
 ``--journal on|off|full`` sets the journal of the other scenarios (default on, as in
 production; the file is a temporary one).
@@ -759,13 +769,132 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def unequal(args: argparse.Namespace) -> dict[str, Any]:
+    """See the module docstring (``unequal``)."""
+    n_nodes, slow, slots = args.nodes, args.slowdown, 2
+    factors = [1.0] * (n_nodes - 1) + [slow]
+    short_s, long_s = 0.1, 2.6
+    work = [short_s] * args.tasks + [long_s] * args.long
+    capacity = sum(slots / f for f in factors)
+    bound = max(sum(work) / capacity, long_s)
+    prefix = f"bench/{uuid.uuid4().hex[:8]}"
+    base_env = {
+        **os.environ,
+        "LBMQTT_LOG_LEVEL": "WARNING",
+        "LBMQTT_LB_QUEING_MAXPERUSER": "0",
+        "LBMQTT_METRICS_PORT": "0",
+        "LBMQTT_JOURNAL_PATH": "none",
+    }
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    with bench_broker(args.broker) as (port, _broker_pid, _children):
+        common = ["--broker-port", str(port), "--prefix", prefix]
+        s = load_settings(
+            None,
+            env={},
+            overrides={
+                "BROKER_PORT": port,
+                "TOPIC_PREFIX": prefix,
+                "CLIENT_ACK_TIMEOUT_S": 120,
+                "LB_QUEING_MAXPERUSER": 0,
+            },
+        )
+        for _ in range(args.rounds):
+            for mode in ("on", "off"):
+                env = {**base_env, "LBMQTT_SPECULATE": "true" if mode == "on" else "false"}
+                procs = [_spawn("balancer", ["balancer", *common], env=env)]
+                try:
+                    for i, f in enumerate(factors):
+                        node_env = {**base_env, "DEMO_SLOWDOWN": str(f)}
+                        node_args = ["--tasks", DEMO, "--name", f"m{i}", "--workers", str(slots)]
+                        procs.append(_spawn(f"m{i}", ["node", *common, *node_args], env=node_env))
+                    runs[mode].append(asyncio.run(_unequal_batch(s, args, short_s, long_s)))
+                finally:
+                    stop_children(procs)
+    out: dict[str, Any] = {
+        "nodes": n_nodes,
+        "slowdown": slow,
+        "slots_per_node": slots,
+        "short_tasks": args.tasks,
+        "long_tasks": args.long,
+        "rounds": args.rounds,
+        "bound_s": bound,
+    }
+    for mode, rs in runs.items():
+        makespan = statistics.median(r["makespan_s"] for r in rs)
+        out[f"makespan_s_speculate_{mode}"] = makespan
+        out[f"over_bound_speculate_{mode}"] = makespan / bound
+        out[f"worst_over_bound_speculate_{mode}"] = max(r["makespan_s"] for r in rs) / bound
+        out[f"long_on_slow_node_speculate_{mode}"] = statistics.median(
+            r["long_on_slow"] for r in rs
+        )
+        out[f"copies_won_speculate_{mode}"] = statistics.median(r["copies_won"] for r in rs)
+    out["on_vs_off"] = out["makespan_s_speculate_on"] / out["makespan_s_speculate_off"]
+    return out
+
+
+def _wait_nodes_online(port: int, prefix: str, n: int, timeout: float = 60.0) -> None:
+    import paho.mqtt.client as mqtt
+
+    from lbmqtt.protocol import BalancerStats, Topics, decode
+
+    online = [0]
+
+    def on_message(_c: Any, _u: Any, m: Any) -> None:
+        online[0] = sum(1 for x in decode(BalancerStats, m.payload).nodes if x.online)
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.on_message = on_message
+    c.on_connect = lambda c, *a: c.subscribe(Topics(prefix).balancer_stats, 0)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        while online[0] < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{online[0]} of {n} nodes online after {timeout:g} s")
+            time.sleep(0.05)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+async def _unequal_batch(
+    s: Any, args: argparse.Namespace, short_s: float, long_s: float
+) -> dict[str, Any]:
+    # every node online, as the balancer sees it, before the clock starts
+    await asyncio.to_thread(_wait_nodes_online, s.broker_port, s.topic_prefix, args.nodes)
+    async with AsyncClient(s, user="bench") as c:
+        t0 = time.time()
+        specs = [{"name": "WORK", "args": {"seconds": short_s, "steps": 1}}] * args.tasks
+        specs += [{"name": "WORK_LONG", "args": {"seconds": long_s, "steps": 20}}] * args.long
+        ids = await c.submit_many(specs)
+        states = [await c.wait_state(tid, timeout=600) for tid in ids]
+    ends = [st.finished_at or t0 for st in states]
+    slow = f"m{args.nodes - 1}"
+    return {
+        "makespan_s": max(ends) - t0,
+        "long_on_slow": sum(1 for st in states[args.tasks :] if st.node == slow),
+        "copies_won": sum(1 for st in states if st.attempt > 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
         "scenario",
-        choices=["throughput", "latency", "sleep", "journal", "idle", "lan", "scale", "seed"],
+        choices=[
+            "throughput",
+            "latency",
+            "sleep",
+            "journal",
+            "idle",
+            "lan",
+            "scale",
+            "seed",
+            "unequal",
+        ],
     )
     ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded")
     ap.add_argument("--workers", type=int, default=4)
@@ -791,7 +920,11 @@ def main() -> None:
         default=None,
         help="idle: how long at rest (30); scale: how long dispatching (10)",
     )
-    ap.add_argument("--nodes", type=int, default=200, help="scale: simulated nodes")
+    ap.add_argument(
+        "--nodes", type=int, default=None, help="scale: simulated nodes (200); unequal: 4"
+    )
+    ap.add_argument("--slowdown", type=float, default=8.0, help="unequal: the slow node's factor")
+    ap.add_argument("--long", type=int, default=4, help="unequal: long tasks at the end")
     ap.add_argument("--users", type=int, default=10, help="scale: users submitting")
     ap.add_argument(
         "--timeout",
@@ -820,6 +953,13 @@ def main() -> None:
         print(json.dumps({"scenario": "seed", "broker": args.broker, "workers": args.workers,
                           **_rounded(seed(args)), "machine": MACHINE}))  # fmt: skip
         return
+    if args.scenario == "unequal":
+        args.nodes = args.nodes or 4
+        args.tasks = 200 if args.tasks is None else args.tasks
+        out = {"scenario": "unequal", **unequal(args), "machine": MACHINE}
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+        return
+    args.nodes = args.nodes or 200
     if args.scenario == "scale":
         args.seconds = 10.0 if args.seconds is None else args.seconds
         print(json.dumps(scale(args)))

@@ -7,6 +7,13 @@
              first", and the lower bound (total work / total speed).
 
 Each prints one JSON line with its figures; ``all`` runs both.
+
+``--scenario NAME`` (or ``all``; repeatable) runs named scenarios of unequal machines
+(``bench/scenarios.py``: the mixed batch above, heavy-tailed sizes, short-then-long, a slow
+node with long tasks last, a node slowing down midway, unseen task names) with lbmqtt's real
+scheduler learning from zero, against round-robin, least-loaded, speed-aware greedy and a
+clairvoyant list scheduler: makespan over the lower bound, median and worst over ``--seeds``
+seeds, as a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -232,11 +239,61 @@ def bench_makespan(tasks: int, seeds: int) -> dict[str, Any]:
     return out
 
 
+def bench_scenarios(names: list[str], seeds: int) -> dict[str, Any]:
+    """Makespan / lower bound of every policy in each scenario: median and worst."""
+    from scenarios import SCENARIOS, baseline, clairvoyant, lower_bound, simulate_lbmqtt
+
+    policies = (
+        "lbmqtt",
+        "lbmqtt_no_copies",
+        "round_robin",
+        "least_loaded",
+        "greedy",
+        "clairvoyant",
+    )
+    out: dict[str, Any] = {"seeds": seeds}
+    rows = []
+    for name in names:
+        ratios: dict[str, list[float]] = {p: [] for p in policies}
+        copies: list[int] = []
+        for seed in range(seeds):
+            case = SCENARIOS[name](random.Random(seed))
+            bound = lower_bound(case)
+            st = simulate_lbmqtt(case)
+            copies.append(st.copies)
+            ratios["lbmqtt"].append(st.makespan / bound)
+            ratios["lbmqtt_no_copies"].append(
+                simulate_lbmqtt(case, speculate=False, take_back=False).makespan / bound
+            )
+            for p in ("round_robin", "least_loaded", "greedy"):
+                ratios[p].append(baseline(case, p) / bound)
+            ratios["clairvoyant"].append(clairvoyant(case) / bound)
+        row = {p: (statistics.median(v), max(v)) for p, v in ratios.items()}
+        rows.append((name, row, statistics.median(copies)))
+        for p, (med, worst) in row.items():
+            out[f"{name}.{p}.median"] = round(med, 3)
+            out[f"{name}.{p}.worst"] = round(worst, 3)
+        out[f"{name}.copies.median"] = statistics.median(copies)
+    head = f"{'scenario (makespan / bound)':28}" + "".join(f"{p:>18}" for p in policies)
+    print(head)
+    print(f"{'':28}" + "".join(f"{'median  worst':>18}" for _ in policies))
+    for name, row, _ in rows:
+        print(f"{name:28}" + "".join(f"{row[p][0]:>11.2f}{row[p][1]:>7.2f}" for p in policies))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("scenario", choices=["select", "makespan", "all"])
+    ap.add_argument("scenario", nargs="?", choices=["select", "makespan", "all"])
+    ap.add_argument(
+        "--scenario",
+        dest="named",
+        action="append",
+        metavar="NAME",
+        help="a named scenario of unequal machines (bench/scenarios.py), or all",
+    )
     ap.add_argument("--sizes", default="1000,100000,1000000")
     ap.add_argument("--users", type=int, default=10)
     ap.add_argument("--names", type=int, default=5)
@@ -245,6 +302,16 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=20)
     a = ap.parse_args()
+    if a.named:
+        from scenarios import SCENARIOS
+
+        names = list(SCENARIOS) if "all" in a.named else a.named
+        unknown = [n for n in names if n not in SCENARIOS]
+        if unknown:
+            ap.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}, all")
+        print(json.dumps({"scenario": "scenarios", **bench_scenarios(names, a.seeds)}))
+    elif a.scenario is None:
+        ap.error("give select, makespan, all, or --scenario NAME")
     if a.scenario in ("select", "all"):
         res = bench_select([int(x) for x in a.sizes.split(",")], a.users, a.names, a.picks)
         res.update(bench_memory(a.memory_tasks))

@@ -215,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TAG",
         help="a tag its node must carry (repeatable)",
     )
+    p.add_argument(
+        "--cost", type=float, metavar="WORK", help="its relative work (a size hint), e.g. 20"
+    )
+    p.add_argument(
+        "--speculate",
+        choices=["true", "false"],
+        default="true",
+        help="false: never run a speculative copy of it (work with side effects)",
+    )
     p.add_argument("--wait", action="store_true", help="wait and print the result")
     p.add_argument("--timeout", type=float, metavar="S", help="with --wait: give up after S s")
     p.add_argument("--user", help="CLIENT_USER (default: login name)")
@@ -468,6 +477,8 @@ def cmd_submit(ns: argparse.Namespace, s: Settings) -> int:
             timeout_s=ns.timeout_s,
             requires=requires or None,
             tags=ns.tag or None,
+            cost=ns.cost,
+            speculate=ns.speculate == "true",
         )
         if not ns.wait:
             print(tid)

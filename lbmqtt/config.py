@@ -211,6 +211,9 @@ class Settings(BaseModel):
     window of a node is sized from its recent runtimes and the dispatch round trip."""
     pipeline_long_s: float = Field(0.5, alias="PIPELINE_LONG_S", gt=0)
     """A node whose recent tasks run this long gets no window (nothing to gain)."""
+    speculate: bool = Field(True, alias="SPECULATE")
+    """Start speculative copies of stragglers on idle faster slots (tasks opt out with
+    ``speculate=false``); false: never."""
     node_timeout_s: float = Field(5.0, alias="NODE_TIMEOUT_S", gt=0)
     """A node silent for this long is considered dead (its will covers dropped links)."""
     journal_path: str = Field("auto", alias="JOURNAL_PATH")

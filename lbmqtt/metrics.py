@@ -61,6 +61,14 @@ class _StatsCollector(Collector):
             ("cancelled", s.cancelled_total, "Tasks cancelled"),
             ("refused", s.refused_total, "Submissions refused (cap, duplicate id, bad)"),
             ("bad_messages", s.bad_messages_total, "Malformed inbound messages"),
+            ("copies_started", s.copies_started_total, "Speculative copies started"),
+            ("copies_won", s.copies_won_total, "Speculative copies whose result came first"),
+            (
+                "copies_wasted",
+                s.copies_wasted_total,
+                "Speculative copies withdrawn without giving the result",
+            ),
+            ("taken_back", s.taken_back_total, "Tasks taken back from a node before they started"),
         ):
             yield CounterMetricFamily(f"lbmqtt_{name}", doc, value=value)
         by_code = CounterMetricFamily(

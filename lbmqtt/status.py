@@ -160,6 +160,14 @@ def format_stats(stats: BalancerStats) -> str:
         ),
         *(
             [
+                f"copies started {stats.copies_started_total}   won {stats.copies_won_total}"
+                f"   wasted {stats.copies_wasted_total}   taken back {stats.taken_back_total}"
+            ]
+            if stats.copies_started_total or stats.taken_back_total
+            else []
+        ),
+        *(
+            [
                 (
                     "broker refused: "
                     + ", ".join(f"{k} {n}" for k, n in sorted(stats.broker_refused.items()) if n)
@@ -169,14 +177,16 @@ def format_stats(stats: BalancerStats) -> str:
             else []
         ),
         "",
-        f"{'NODE':<20} {'STATE':<8} {'BUSY':>9} {'SPEED':>6} {'LOAD':>6} {'SEEN':>6}  TASKS",
+        f"{'NODE':<20} {'STATE':<8} {'BUSY':>9} {'SPEED':>6} {'LEARNT':>6} {'LOAD':>6} "
+        f"{'SEEN':>6}  TASKS",
     ]
     for n in stats.nodes:
         load = f"{n.load[0]:.2f}" if n.load else "-"
         state = "online" if n.online else "offline"
         seen = _seconds(max(0.0, stats.time - n.last_seen)) if n.last_seen else "never"
+        learnt = f"{n.speed_learned:.2f}" if n.speed_learned is not None else "-"
         lines.append(
-            f"{n.name:<20} {state:<8} {n.busy:>4}/{n.slots:<4} {n.speed:>6g} "
+            f"{n.name:<20} {state:<8} {n.busy:>4}/{n.slots:<4} {n.speed:>6g} {learnt:>6} "
             f"{load:>6} {seen:>6}  {', '.join(n.tasks)}"
         )
     if not stats.nodes:

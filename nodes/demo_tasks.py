@@ -35,6 +35,24 @@ def sleep(args: dict[str, Any] | None, ctx: Any) -> dict[str, Any]:
     return {"slept_s": seconds, "pid": os.getpid()}
 
 
+@tasks.task("WORK")
+@tasks.task("WORK_LONG")
+def work(args: dict[str, Any] | None, ctx: Any) -> dict[str, Any]:
+    """``seconds`` (default 1) of work on a machine of speed 1, in ``steps`` steps (default
+    10) reporting progress: it sleeps that long times ``DEMO_SLOWDOWN`` (an environment
+    variable of the node, default 1), so that nodes on one host can play machines of
+    different speeds (``bench/run.py unequal``). Two names: a batch can hold a name the
+    cluster has never seen."""
+    args = args or {}
+    factor = float(os.environ.get("DEMO_SLOWDOWN", "1"))
+    seconds = float(args.get("seconds", 1)) * factor
+    steps = max(1, int(args.get("steps", 10)))
+    for i in range(steps):
+        time.sleep(seconds / steps)
+        ctx.progress(100 * (i + 1) / steps)
+    return {"worked_s": seconds, "pid": os.getpid()}
+
+
 @tasks.task("ADD")
 def add(args: list[float]) -> float:
     """Sum a list of numbers."""

@@ -24,14 +24,17 @@ def _wait_gate(gate: str | None, limit_s: float) -> bool:
 
 @tasks.task("BLOCK")
 def block(args: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    """Mark ``started`` (a file), report ``progress`` if given, wait for ``gate``."""
+    """Mark ``started`` (a file), report ``progress`` if given, wait for ``gate``. With
+    ``per_attempt``, both files are the attempt's own (``started.2``, ``gate.2``)."""
+    suffix = f".{ctx.attempt}" if args.get("per_attempt") else ""
     if args.get("started"):  # written then renamed: a reader never sees it half-written
-        tmp = Path(args["started"] + ".tmp")
+        tmp = Path(args["started"] + suffix + ".tmp")
         tmp.write_text(str(os.getpid()))
-        tmp.rename(args["started"])
+        tmp.rename(args["started"] + suffix)
     if "progress" in args:
         ctx.progress(args["progress"])
-    opened = _wait_gate(args.get("gate"), float(args.get("limit_s", 60)))
+    gate = args.get("gate")
+    opened = _wait_gate(gate + suffix if gate else None, float(args.get("limit_s", 60)))
     return {
         "pid": os.getpid(),
         "opened": opened,

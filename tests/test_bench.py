@@ -96,5 +96,36 @@ def test_bench_run_seed_runs() -> None:
         "--sleep-tasks", "8", "--workers", "2", "--no-celery", timeout=600,
     )  # fmt: skip
     assert out["seed_throughput_tasks_per_s"] > 0 and out["lbmqtt_throughput_tasks_per_s"] > 0
-    assert len(out["latency_ratio_per_round"]) == 2 and out["seed_latency_p50_ms"] > 0
+    assert (
+        len(out["latency_p50_seed_over_lbmqtt_per_round"]) == 2 and out["seed_latency_p50_ms"] > 0
+    )
     assert out["seed_sleep_efficiency"] > 0 and out["lbmqtt_sleep_efficiency"] > 0
+
+
+def test_bench_scheduling_scenarios_print_every_policy_against_the_bound() -> None:
+    out = _bench("bench/scheduling.py", "--scenario", "slow-node-long-last", "--seeds", "2")
+    for policy in ("lbmqtt", "round_robin", "least_loaded", "greedy", "clairvoyant"):
+        # nothing beats the lower bound
+        assert out[f"slow-node-long-last.{policy}.median"] >= 1.0
+        assert (
+            out[f"slow-node-long-last.{policy}.worst"]
+            >= out[f"slow-node-long-last.{policy}.median"]
+        )
+
+
+def test_bench_run_unequal_runs_with_and_without_copies() -> None:
+    out = _bench(
+        "bench/run.py",
+        "unequal",
+        "--nodes",
+        "2",
+        "--tasks",
+        "20",
+        "--long",
+        "1",
+        "--rounds",
+        "1",
+        timeout=240,
+    )
+    # (the figures are read by people; a makespan below the bound would be a broken bench)
+    assert out["over_bound_speculate_on"] >= 1.0 and out["over_bound_speculate_off"] >= 1.0

@@ -29,7 +29,7 @@ const B = window.Bokeh;
 if (!B || !B.documents || !B.documents.length) return null;
 const doc = B.documents[0];
 const rows = {};
-for (const name of ["samples", "queue", "users", "nodes", "tasks", "times"]) {
+for (const name of ["samples", "queue", "users", "nodes", "tasks", "times", "stream"]) {
   const src = doc.get_model_by_name(name);
   if (!src) return null;
   const data = src.data instanceof Map ? Object.fromEntries(src.data) : src.data;
@@ -59,6 +59,9 @@ return {
   task_states: Array.from(t.status),
   progress: Array.from(t.progress),
   drawn_rows: drawn,
+  stream_lanes: Array.from(rows.stream.lane),
+  stream_status: Array.from(rows.stream.status),
+  stream_chart: !!doc.get_model_by_name("stream_chart"),
 };
 """
 
@@ -176,6 +179,15 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             "the finished tasks on the page",
         )
         assert done["samples"] > seen["samples"] >= first["samples"]
+        # the task stream: a bar per attempt, in rows of the node's slots (3 here), the six
+        # SLEEP tasks done, drawn in the chart
+        stream = wait_until(
+            lambda: (p := page()) and p["stream_status"].count("done") >= 6 and p,
+            30,
+            "the finished tasks in the task stream",
+        )
+        assert stream["stream_chart"]
+        assert 1 <= len(set(stream["stream_lanes"])) <= 3, stream["stream_lanes"]
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

@@ -39,6 +39,7 @@ from lbmqtt.protocol import (
     DashboardStatus,
     HistorySample,
     NodeSummary,
+    StreamBar,
     TaskRow,
     Topics,
     UserSummary,
@@ -310,6 +311,54 @@ def test_make_document_streams_new_samples() -> None:
     state.close()
     asyncio.run(page.update())
     assert len(doc.session_callbacks) == 0
+
+
+def test_the_task_stream_has_a_row_per_node_slot_and_marks_copies() -> None:
+    state = DashboardState()
+    page = make_document(Document(), state)
+    t = 1_700_000_000.0
+    bars = [
+        StreamBar(id="a", name="SHORT", node="fast", start=t, end=t + 1, status="done"),
+        StreamBar(id="b", name="SHORT", node="fast", start=t, end=t + 2, status="done"),
+        StreamBar(id="c", name="SHORT", node="fast", start=t + 1, end=t + 3, status="done"),
+        StreamBar(id="L", name="LONG", node="slow", start=t, end=t + 4, status="withdrawn"),
+        StreamBar(
+            id="L",
+            name="LONG",
+            node="fast",
+            start=t + 3,
+            end=t + 4,
+            status="done",
+            speculative=True,
+        ),
+        StreamBar(id="r", name="SHORT", node="slow", start=t + 4.5),
+    ]
+    state.add_stats(_stats(10, t0=t, stream=bars))  # at t + 5
+    state.add_stats(_stats(11, t0=t, stream=bars[:5]))  # the same ended ones again
+    asyncio.run(page.update())
+    d = page.stream.data
+    lanes = dict(zip(zip(d["id"], d["node"], strict=True), d["lane"], strict=True))
+    # two slots' worth of rows on fast (c and the copy reuse the first), one on slow
+    assert lanes == {
+        ("a", "fast"): "fast #1",
+        ("b", "fast"): "fast #2",
+        ("L", "slow"): "slow #1",
+        ("c", "fast"): "fast #1",
+        ("L", "fast"): "fast #1",
+    }
+    assert list(page.lane_range.factors) == ["slow #1", "fast #2", "fast #1"]
+    keys = list(zip(d["id"], d["node"], strict=True))
+    i_copy, i_orig = keys.index(("L", "fast")), keys.index(("L", "slow"))
+    assert (d["hatch"][i_copy], d["copy"][i_copy]) == ("/", "copy")
+    assert d["hatch"][i_orig] == " " and d["alpha"][i_orig] < d["alpha"][i_copy]
+    assert d["color"][d["id"].index("a")] != d["color"][i_orig]  # by task name
+    assert len(d["id"]) == 5  # no duplicates; the running one went with the first snapshot
+    state.add_stats(_stats(12, t0=t, stream=bars))
+    asyncio.run(page.update())
+    d = page.stream.data
+    running = d["id"].index("r")
+    assert d["right"][running] == pytest.approx(1000 * (t + 6))  # up to the snapshot's time
+    assert d["lane"][running] == "slow #1"
 
 
 # ------------------------------------------------------------------------------- serve()

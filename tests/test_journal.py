@@ -22,7 +22,8 @@ from lbmqtt.balancer import (
     SqliteJournal,
     default_path,
 )
-from lbmqtt.balancer.journal import entry_of, recover
+from lbmqtt.balancer.journal import entry_of, record_of, recover
+from lbmqtt.balancer.records import TaskRecord
 from lbmqtt.config import load_settings
 from lbmqtt.protocol import Status, TaskSpec, Topics
 
@@ -45,6 +46,8 @@ def _row(tid: str, seq: int, status: str = "queued") -> JournalEntry:
         None,
         None,
         None,
+        None,
+        1,
         status,
         0,
         None,
@@ -129,6 +132,61 @@ def test_journal_of_another_schema_is_refused(tmp_path: Path) -> None:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
     with pytest.raises(RuntimeError, match="schema 99"):
         SqliteJournal(path)
+
+
+SCHEMA_2 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL, user TEXT NOT NULL, name TEXT NOT NULL, args BLOB NOT NULL,
+    priority INTEGER NOT NULL, submitted_at REAL NOT NULL,
+    notify TEXT NOT NULL, timeout_s REAL, ref TEXT, requires TEXT, tags TEXT,
+    status TEXT NOT NULL, attempt INTEGER NOT NULL, node TEXT, grp INTEGER,
+    started_at REAL, finished_at REAL, result BLOB, error BLOB, collected_at REAL,
+    waived INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO meta VALUES ('schema', '2');
+INSERT INTO tasks (seq, id, user, name, args, priority, submitted_at, notify, status,
+                   attempt) VALUES (1, 'old', 'u', 'ECHO', '[1]', 0, 1.0, 'events', 'queued', 0);
+"""
+
+
+def test_a_journal_of_schema_2_is_brought_to_3_and_its_tasks_may_be_copied(
+    tmp_path: Path,
+) -> None:
+    # Given a journal written before cost and speculate existed
+    path = tmp_path / "j.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_2)
+    # When this lbmqtt opens it, Then its task is there, without a cost, copies allowed
+    j = SqliteJournal(path)
+    [e] = list(j.load())
+    assert (e.id, e.cost, e.speculate) == ("old", None, 1)
+    j.commit([_row("new", 2)])
+    j.close()
+    j = SqliteJournal(path)
+    assert [r.id for r in j.load()] == ["old", "new"]
+    j.close()
+
+
+def test_cost_and_the_speculate_opt_out_survive_the_journal() -> None:
+    spec = TaskSpec(name="ECHO", args=[1], cost=20.0, speculate=False)
+    j = SqliteJournal(":memory:")
+    rec = TaskRecord(
+        id="t",
+        user="u",
+        name="ECHO",
+        args_json=b"[1]",
+        priority=0,
+        seq=1,
+        submitted_at=1.0,
+        cost=spec.cost,
+        speculate=spec.speculate is not False,
+    )
+    j.commit([entry_of(rec)])
+    [back] = [record_of(e) for e in j.load()]
+    assert (back.cost, back.speculate) == (20.0, False)
+    j.close()
 
 
 def test_default_journal_path_is_per_broker_and_prefix(

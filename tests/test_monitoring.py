@@ -275,6 +275,8 @@ def test_metrics_endpoint_parses_and_counts(system: System, tmp_path: Path) -> N
     assert m['lbmqtt_task_finished_total|{"name": "ECHO", "outcome": "done"}'] == 6
     assert m['lbmqtt_task_finished_total|{"name": "BLOCK", "outcome": "cancelled"}'] == 1
     assert m["lbmqtt_refused_total|{}"] == 1
+    # (copies: counted, none here: one node; tests/test_stragglers.py makes some)
+    assert m["lbmqtt_copies_started_total|{}"] == 0 == m["lbmqtt_copies_won_total|{}"]
     assert m['lbmqtt_refused_by_code_total|{"code": "duplicate_id"}'] == 1
     stats = system.stats()
     assert any("refused" in w and "already used" in w for w in stats.warnings), stats.warnings

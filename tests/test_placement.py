@@ -233,3 +233,34 @@ def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) 
         if core.stdout is not None:
             core.stdout.close()
     wait_until(lambda: not any(process_alive(p) for p in family), 20, "startAll's children")
+
+
+def test_cost_and_the_speculate_opt_out_reach_the_scheduler_from_python_and_the_cli(
+    running: System, client: Client
+) -> None:
+    s = running.settings
+    # (a name no node offers: the tasks stay queued, as the scheduler holds them)
+    py = client.submit("NOBODY", {}, cost=5.0, speculate=False)
+    plain = client.submit("NOBODY", {})
+    r = run_cli(
+        "submit",
+        "NOBODY",
+        "{}",
+        "--cost",
+        "3",
+        "--speculate",
+        "false",
+        "--broker-port",
+        str(s.broker_port),
+        "--prefix",
+        s.topic_prefix,
+    )
+    cli = r.stdout.strip()
+    b = running.balancer
+    assert b is not None
+    queued = running.lt.call(lambda: {t.id: t for t in b.scheduler.queued_tasks()})
+    assert (queued[py].cost, queued[py].speculate) == (5.0, False)
+    assert (queued[plain].cost, queued[plain].speculate) == (None, True)
+    assert (queued[cli].cost, queued[cli].speculate) == (3.0, False)
+    r = run_cli("submit", "NOBODY", "--cost", "-1", "--broker-port", str(s.broker_port))
+    assert r.returncode != 0 and "cost" in r.stderr

@@ -207,7 +207,7 @@ def test_the_public_names_of_protocol_are_pinned() -> None:
         BalancerHistory BalancerStats BalancerStatus BrokerStatus DashboardStatus ErrorInfo
         ErrorItem Errors Events GroupInfo Heartbeat HistorySample IdList Name NameSummary
         NodeReport NodeStatus NodeSummary Priority Progress ResourceName Result ResultStatus
-        Role Route Started Status SubmitBatch TaskId TaskName TaskRef TaskRow TaskSpec
+        Role Route Started Status StreamBar SubmitBatch TaskId TaskName TaskRef TaskRow TaskSpec
         TaskState TopicSpec Topics UserSummary band_label band_order decode decode_submit
         encode_json encode_model_json is_valid_name is_valid_task_id plausible_time
         task_state_dict validate_topic_for_publish

@@ -101,13 +101,17 @@ def test_a_restarted_balancer_adopts_the_tasks_nodes_are_running(
     first = system.start_balancer()
     system.start_node("n1", tasks=[DEMO_TASKS, TEST_TASKS])
     gate, started = tmp_path / "gate", tmp_path / "started"
-    tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "value": 7})
+    tid = client.submit(
+        "BLOCK", {"gate": str(gate), "started": str(started), "value": 7}, cost=3, speculate=False
+    )
     wait_until(started.exists, 20, "the task to start")
     # When the balancer is replaced while the task runs
     system.lt.run(first.stop())
     second = system.start_balancer()
     assert second.instance != first.instance
     system.until(lambda b: tid in b.tasks, 10, "the new balancer to adopt the task")
+    # (with its size hint and its opt-out of copies, kept in the node's set)
+    assert (system.record(tid).cost, system.record(tid).speculate) == (3.0, False)
     # Then the task is not killed, and its result reaches the waiting client
     gate.touch()
     result = client.wait(tid, timeout=20)

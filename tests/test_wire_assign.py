@@ -39,9 +39,17 @@ json_values = st.recursive(
     timeout=st.none() | st.floats(0.1, 1e6),
     requires=st.dictionaries(st.sampled_from(["gpu", "memory_mb"]), st.floats(0.5, 64), max_size=2),
     tags=st.frozensets(st.sampled_from(["linux", "fast", "big"]), max_size=3),
+    cost=st.none() | st.floats(0.01, 1e6),
+    speculate=st.booleans(),
 )
 def test_an_assignment_encodes_as_its_model_with_the_stored_args_bytes(
-    args: Any, group: int, timeout: float | None, requires: dict[str, float], tags: frozenset[str]
+    args: Any,
+    group: int,
+    timeout: float | None,
+    requires: dict[str, float],
+    tags: frozenset[str],
+    cost: float | None,
+    speculate: bool,
 ) -> None:
     rec = TaskRecord(
         id="t-1",
@@ -56,6 +64,8 @@ def test_an_assignment_encodes_as_its_model_with_the_stored_args_bytes(
         group=group,
         requires=requires_of(requires),
         tags=tags or NO_TAGS,
+        cost=cost,
+        speculate=speculate,
     )
     raw = assignment_json(rec)
     model = Assignment(
@@ -69,17 +79,15 @@ def test_an_assignment_encodes_as_its_model_with_the_stored_args_bytes(
         timeout_s=timeout,
         requires=dict(requires_of(requires)),
         tags=sorted(tags),
+        cost=cost,
+        speculate=speculate,
     )
     assert Assignment.model_validate_json(raw) == model
     # field by field the model's JSON; only empty requires and tags are left out
     spliced, dumped = json.loads(raw), json.loads(model.model_dump_json())
     assert spliced == {k: v for k, v in dumped.items() if k in spliced}
-    assert {k: dumped[k] for k in set(dumped) - set(spliced)} in (
-        {},
-        {"requires": {}},
-        {"tags": []},
-        {"requires": {}, "tags": []},
-    )
+    defaults = {"requires": {}, "tags": [], "cost": None, "speculate": True}
+    assert {k: dumped[k] for k in set(dumped) - set(spliced)}.items() <= defaults.items()
 
 
 def test_an_assignment_set_round_trips_through_its_model() -> None:

@@ -580,6 +580,12 @@ class Balancer:
             # node would be blamed for not taking it)
             table.round_wanted = False
             table.place()
+        if table.straggle_wanted and not self.journal_writer.error:
+            table.straggle_wanted = False
+            table.straggle()
+            if table.round_wanted:  # (tasks taken back: placed on the idle slots now)
+                table.round_wanted = False
+                table.place()
         if not self._commit_journal():
             return  # states and sets wait until what they announce is on disk
         t = self._transport
@@ -610,6 +616,7 @@ class Balancer:
         self.check_health(time.monotonic())
         if self.scheduler.holding:
             self.table.round_wanted = True  # a task waits for a faster slot: look again
+        self.table.straggle_wanted = True
         self._kick()
 
     async def _expiry_loop(self) -> None:

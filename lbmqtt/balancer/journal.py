@@ -53,6 +53,9 @@ class JournalEntry(NamedTuple):
     ref: str | None
     requires: str | None
     tags: str | None
+    cost: float | None
+    speculate: int
+    """1: a speculative copy may run; 0: never."""
     status: str
     attempt: int
     node: str | None
@@ -213,6 +216,8 @@ def _entry(rec: TaskRecord, requires: str | None, tags: str | None) -> JournalEn
             rec.ref,
             requires,
             tags,
+            rec.cost,
+            1 if rec.speculate else 0,
             status.value,
             rec.attempt,
             rec.node if placed or final else None,
@@ -258,6 +263,8 @@ def record_of(e: JournalEntry) -> TaskRecord:
         collected_at=e.collected_at,
         requires=requires_of(e.requires_dict() or None),
         tags=frozenset(e.tags_list()) or NO_TAGS,
+        cost=e.cost,
+        speculate=bool(e.speculate),
         journaled=True,
     )
 

@@ -35,7 +35,7 @@ from ..protocol.assign import encode_probe, parse_probe
 from ..scheduler import NO_TAGS, Group, NodeCaps, Scheduler, requires_of
 from .journal import JournalWriter
 from .outbox import Outbox
-from .records import PLACED, NodeInfo, TaskRecord, node_info
+from .records import PLACED, CopyAttempt, NodeInfo, TaskRecord, node_info
 from .stats import RECENTLY_LOST_S, Tally
 from .tasks import EWMA_ALPHA, TaskTable, assignment_json
 
@@ -147,6 +147,8 @@ class Fleet:
                 assigned_at=now,
                 requires=requires_of(a.requires),
                 tags=frozenset(a.tags) if a.tags else NO_TAGS,
+                cost=a.cost,
+                speculate=a.speculate,
                 prefetched=True,
             )
             rec.assignment_json = assignment_json(rec)
@@ -218,7 +220,9 @@ class Fleet:
                 continue
             self.table.unplace(rec)
             # it never ran, and its node will not run it now: the attempt does not count
+            # (and its number may be given again)
             rec.attempt -= 1
+            rec.top_attempt = rec.attempt
             self.table.requeue(rec)
             n += 1
         if n:
@@ -256,10 +260,15 @@ class Fleet:
         grace = ASSIGN_GRACE_S + 2 * (info.status.heartbeat_s if info.status else 1.0)
         for tid in list(info.assigned):
             rec = self.table.tasks[tid]
+            c = rec.copy
+            if c is not None and c.node == info.name:
+                self._reconcile_copy(info, rec, c, running=running, held=held, grace=grace, now=now)
+                continue
             key = (tid, rec.attempt)
             if key in running and rec.status == Status.ASSIGNED:
                 self.table.set_status(rec, Status.RUNNING)  # its "started" report was lost
                 rec.started_at = rec.started_at or time.time()
+                self.scheduler.started(tid, now)
                 self.outbox.emit(rec)
             if key in held:
                 rec.missing_since = None
@@ -285,6 +294,35 @@ class Fleet:
                     time.time(),
                 )
 
+    def _reconcile_copy(
+        self,
+        info: NodeInfo,
+        rec: TaskRecord,
+        c: CopyAttempt,
+        *,
+        running: set[tuple[str, int]],
+        held: set[tuple[str, int]],
+        grace: float,
+        now: float,
+    ) -> None:
+        """A speculative copy the node should hold: confirmed, sent again, or dropped (a
+        copy the node never took is not worth a retry: the original runs on)."""
+        key = (rec.id, c.attempt)
+        if key in running and not c.started:
+            c.started = True
+            c.started_at = time.time()
+        if key in held:
+            c.missing_since = None
+            return
+        if not c.assigned_at or now - c.assigned_at < grace:
+            return
+        if c.missing_since is None:
+            c.missing_since = now
+            self.outbox.dirty_nodes.add(info.name)
+        elif now - c.missing_since > grace:
+            log.warning("node %s never took the copy of task %s: dropped", info.name, rec.id)
+            self.table.drop_copy(rec, ended="lost")
+
     def node_lost(self, info: NodeInfo, reason: str) -> None:
         """The node is gone (offline, silent, restarted): its tasks go back or fail."""
         log.warning(
@@ -302,6 +340,18 @@ class Fleet:
         for tid in list(info.assigned):
             rec = self.table.tasks.get(tid)
             if rec is None:
+                continue
+            c = rec.copy
+            if c is not None:
+                # (the scheduler has already dropped the attempt it placed here: remove_node)
+                if c.node == info.name:  # its copy was here: the original runs on
+                    rec.copy = None
+                    self.tally.counters["copies_wasted"] += 1
+                    self.tally.attempt_ended(rec, c.node, c.started_at, "lost", copy=True)
+                else:  # the original was here: its copy carries on, nothing is lost
+                    self.table.promote_copy(rec, "lost")
+                    self.tally.counters["copies_promoted"] += 1
+                    log.info("task %s carries on as its copy on node %s", tid, rec.node)
                 continue
             self.table.unplace(rec, release=False)
             if rec.status == Status.ASSIGNED and rec.prefetched:
@@ -333,9 +383,16 @@ class Fleet:
         mono = time.monotonic()
         for s in rep.started:
             rec = self.current(info, s.id, s.attempt)
-            if rec is not None and rec.status == Status.ASSIGNED:
+            if rec is None:
+                c = self.copy_here(info, s.id, s.attempt)
+                if c is not None and not c.started:
+                    c.started = True
+                    c.started_at = now
+                continue
+            if rec.status == Status.ASSIGNED:
                 self.table.set_status(rec, Status.RUNNING)
                 rec.started_at = now
+                self.scheduler.started(rec.id, mono)
                 sample = mono - rec.assigned_at
                 if not rec.prefetched and rec.assigned_at and sample < MAX_RTT_SAMPLE_S:
                     info.rtt_s = (
@@ -348,14 +405,34 @@ class Fleet:
             rec = self.current(info, p.id, p.attempt)
             if rec is not None and rec.status in PLACED and p.progress != rec.progress:
                 rec.progress = p.progress
+                self.scheduler.progress(rec.id, p.progress / 100, mono)
                 self.outbox.emit(rec, durable=False)
         for r in rep.results:
             rec = self.current(info, r.id, r.attempt)
+            if rec is None and self.copy_here(info, r.id, r.attempt) is not None:
+                rec = self.table.tasks[r.id]
+                if r.status != "done":
+                    # a copy that failed or was lost: the original runs on (if the task
+                    # itself fails, the original says so)
+                    self.table.drop_copy(rec, ended="lost" if r.status == "lost" else "failed")
+                    continue
+                self.table.promote_copy(rec, "withdrawn")  # the first result: the copy's
+                self.tally.counters["copies_won"] += 1
             if rec is None:
                 # stale or already recorded: the node drops it once it sees a set without it
                 self.outbox.dirty_nodes.add(name)
                 continue
             self.apply_result(rec, r, now)
+
+    def copy_here(self, info: NodeInfo, task_id: str, attempt: int) -> CopyAttempt | None:
+        """The speculative copy if this attempt is the copy placed on this node, else None."""
+        rec = self.table.tasks.get(task_id)
+        if rec is None or rec.status not in PLACED or task_id not in info.assigned:
+            return None
+        c = rec.copy
+        if c is None or c.node != info.name or c.attempt != attempt:
+            return None
+        return c
 
     def current(self, info: NodeInfo, task_id: str, attempt: int) -> TaskRecord | None:
         """The task record if this attempt is the one placed on this node, else None."""
@@ -374,6 +451,12 @@ class Fleet:
         """A task's result from its node: done, failed, or lost (then retried)."""
         if rec.started_at is None:
             rec.started_at = now
+        if r.status == "lost" and rec.copy is not None:
+            # the original's worker was lost: its copy carries on, no retry
+            self.scheduler.promote_copy(rec.id)
+            self.table.promote_copy(rec, "lost")
+            self.tally.counters["copies_promoted"] += 1
+            return
         rt = r.runtime_s
         if r.status != "lost" and math.isfinite(rt) and rt > 0:
             # a short task's "started" rides in the same report as its result (the node
@@ -383,7 +466,7 @@ class Fleet:
         if r.status == "done":
             rec.result = r.result
             if rec.node is not None:
-                self.scheduler.observe(rec.name, rec.node, r.runtime_s)
+                self.scheduler.observe(rec.name, rec.node, r.runtime_s, rec.cost)
                 info = self.nodes.get(rec.node)
                 rt = max(0.0, r.runtime_s)
                 if info is not None and rt < self.settings.pipeline_long_s:

@@ -120,6 +120,12 @@ class Outbox:
                 now = time.monotonic()
                 for tid in info.assigned:
                     rec = tasks[tid]
+                    c = rec.copy
+                    if c is not None and c.node == name:  # its speculative copy
+                        if not c.assigned_at:
+                            c.assigned_at = now
+                        parts.append(c.assignment_json)
+                        continue
                     if not rec.assigned_at:
                         rec.assigned_at = now
                     parts.append(rec.assignment_json)

@@ -51,12 +51,23 @@ class TaskRecord:
     missing_since: float | None = None
     requires: Requires = ()
     tags: frozenset[str] = NO_TAGS
+    cost: float | None = None
+    """Its relative work (a size hint for the scheduler's estimates)."""
+    speculate: bool = True
+    """A speculative copy may run (False: never; side effects)."""
     prefetched: bool = False
     """Placed in its node's pipelining window (no idle slot was waiting for it)."""
     waived: int = 0
     """Attempts that do not count against TASK_MAX_ATTEMPTS (lost before they started)."""
     journaled: bool = False
     """Its row is in the journal (a change then updates only the columns that change)."""
+    copy: CopyAttempt | None = None
+    """Its speculative copy in flight, on another node (never journaled: a restarted
+    balancer keeps the original attempt, and the copy's node drops it)."""
+    top_attempt: int = 0
+    """The highest attempt number given, copies included (two runs never share one)."""
+    by_copy: bool = False
+    """Its current attempt began as a speculative copy."""
 
     @property
     def queue_key(self) -> QueueKey:
@@ -71,7 +82,26 @@ class TaskRecord:
             and spec.timeout_s == self.timeout_s
             and requires_of(spec.requires) == self.requires
             and (frozenset(spec.tags) if spec.tags else NO_TAGS) == self.tags
+            and spec.cost == self.cost
+            and (spec.speculate is not False) == self.speculate
         )
+
+
+@dataclass(slots=True)
+class CopyAttempt:
+    """A speculative copy of a placed task: a second attempt on another node. The first
+    of the two to succeed gives the task's result; the other is withdrawn."""
+
+    node: str
+    group: int
+    attempt: int
+    assignment_json: bytes
+    assigned_at: float = 0.0
+    """When its node's set carrying it was first published (0: not yet)."""
+    started: bool = False
+    started_at: float | None = None
+    """When its node reported it started (wall clock)."""
+    missing_since: float | None = None
 
 
 @dataclass(slots=True)

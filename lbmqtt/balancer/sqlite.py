@@ -26,7 +26,7 @@ from .journal import CHANGING, JournalEntry, default_path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The columns, in the order of a row: the fields of a JournalEntry (the one list of them),
 # the CHANGING ones last.
@@ -41,11 +41,20 @@ CREATE TABLE IF NOT EXISTS tasks (
     id TEXT NOT NULL, user TEXT NOT NULL, name TEXT NOT NULL, args BLOB NOT NULL,
     priority INTEGER NOT NULL, submitted_at REAL NOT NULL,
     notify TEXT NOT NULL, timeout_s REAL, ref TEXT, requires TEXT, tags TEXT,
+    cost REAL, speculate INTEGER NOT NULL DEFAULT 1,
     status TEXT NOT NULL, attempt INTEGER NOT NULL, node TEXT, grp INTEGER,
     started_at REAL, finished_at REAL, result BLOB, error BLOB, collected_at REAL,
     waived INTEGER NOT NULL DEFAULT 0
 );
-INSERT OR IGNORE INTO meta VALUES ('schema', '2');
+INSERT OR IGNORE INTO meta VALUES ('schema', '3');
+"""
+
+# Schema 2 -> 3 (issue 17): a task's cost hint and its speculate opt-out; every task of
+# an older journal may be copied, as before, and has no cost.
+_MIGRATE_2 = """
+ALTER TABLE tasks ADD COLUMN cost REAL;
+ALTER TABLE tasks ADD COLUMN speculate INTEGER NOT NULL DEFAULT 1;
+UPDATE meta SET value = '3' WHERE key = 'schema';
 """
 
 # (the statements are built from the constant column names above, never from input)
@@ -83,6 +92,10 @@ class SqliteJournal:
             self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
             (version,) = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if int(version) == 2:
+                self._db.executescript("BEGIN;" + _MIGRATE_2 + "COMMIT;")
+                log.info("journal %s: schema 2 brought to 3 (cost, speculate)", self.path)
+                version = "3"
         except sqlite3.Error as exc:
             raise JournalOpenError(str(exc)) from exc
         if int(version) != SCHEMA_VERSION:

@@ -29,6 +29,8 @@ TIMES_KEPT = 1000  # per task name, for the mean and percentiles of wait and run
 HISTORY_KEPT = 720  # stats samples a new dashboard is sent: 6 minutes at 2 Hz
 RECENT_KEPT = 50  # finished tasks in the stats' task table
 RUNNING_ROWS = 100  # running tasks in the stats' task table
+STREAM_ENDED = 200  # attempts that ended, in the stats' task stream
+STREAM_RUNNING = 100  # attempts running, in the stats' task stream
 REFUSALS_WARN_S = 60.0  # refusals within this long are a warning
 RECENTLY_LOST_S = 300.0
 
@@ -57,6 +59,31 @@ class Tally:
         default_factory=lambda: deque(maxlen=HISTORY_KEPT)
     )
     last_stats: protocol.BalancerStats | None = None
+    ended: deque[protocol.StreamBar] = field(default_factory=lambda: deque(maxlen=STREAM_ENDED))
+    """The attempts that ended last (the dashboard's task stream)."""
+
+    def attempt_ended(
+        self,
+        rec: TaskRecord,
+        node: str | None,
+        start: float | None,
+        status: str,
+        *,
+        copy: bool = False,
+    ) -> None:
+        """An attempt of ``rec`` on ``node``, started at ``start``, ended now."""
+        if node is not None and start is not None:
+            self.ended.append(
+                protocol.StreamBar(
+                    id=rec.id,
+                    name=rec.name,
+                    node=node,
+                    start=start,
+                    end=max(start, time.time()),
+                    status=status,
+                    speculative=copy,
+                )
+            )
 
     def refused(self, who: str, why: str, code: str = ErrorCode.INVALID) -> None:
         """Count a refused submission (or message) and remember it for the warning."""
@@ -91,6 +118,7 @@ def snapshot(
     now = time.time()
     summaries: list[protocol.NodeSummary] = []
     slots = busy = 0
+    learned = scheduler.learned_speeds()
     for info in sorted(nodes.values(), key=lambda i: i.name):
         st = info.status
         n_slots = sum(g.workers for g in st.groups) if st else 0
@@ -106,6 +134,7 @@ def snapshot(
                 slots=n_slots,
                 busy=n_busy,
                 speed=st.speed if st else 1.0,
+                speed_learned=learned.get(info.name),
                 tasks=st.tasks if st else [],
                 groups=st.groups if st else [],
                 last_seen=now - (now_mono - info.last_seen) if info.last_seen else 0.0,
@@ -219,6 +248,10 @@ def snapshot(
         refused_by_code=dict(tally.refused_by_code),
         broker_refused=tally.broker_refused,
         bad_messages_total=c["bad_messages"],
+        copies_started_total=c["copies_started"],
+        copies_won_total=c["copies_won"],
+        copies_wasted_total=c["copies_wasted"],
+        taken_back_total=c["taken_back"],
         slots=slots,
         busy=busy,
         nodes=summaries,
@@ -231,8 +264,46 @@ def snapshot(
         ),
         queued_by_band=dict(by_band),
         tasks=_task_rows(tasks, nodes, tally.recent, now),
+        stream=[*tally.ended, *_running_bars(tasks, nodes)],
         warnings=warnings,
     )
+
+
+def _running_bars(
+    tasks: dict[str, TaskRecord], nodes: dict[str, NodeInfo]
+) -> list[protocol.StreamBar]:
+    """The attempts running now (up to STREAM_RUNNING): originals and copies."""
+    bars: list[protocol.StreamBar] = []
+    for info in nodes.values():
+        for tid in info.assigned:
+            if len(bars) >= STREAM_RUNNING:
+                return bars
+            rec = tasks.get(tid)
+            if rec is None:
+                continue
+            c = rec.copy
+            if c is not None and c.node == info.name:
+                if c.started_at is not None:
+                    bars.append(
+                        protocol.StreamBar(
+                            id=rec.id,
+                            name=rec.name,
+                            node=info.name,
+                            start=c.started_at,
+                            speculative=True,
+                        )
+                    )
+            elif rec.started_at is not None and rec.status == protocol.Status.RUNNING:
+                bars.append(
+                    protocol.StreamBar(
+                        id=rec.id,
+                        name=rec.name,
+                        node=info.name,
+                        start=rec.started_at,
+                        speculative=rec.by_copy,
+                    )
+                )
+    return bars
 
 
 def _task_rows(

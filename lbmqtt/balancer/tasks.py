@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 from ..config import Settings
 from ..protocol import ErrorInfo, Status, TaskState, task_state_dict
 from ..protocol.assign import encode_assignment
-from ..scheduler import QueuedTask, Scheduler
+from ..scheduler import Copy, QueuedTask, Scheduler
 from .outbox import Outbox
-from .records import PLACED, NodeInfo, QueueKey, TaskRecord, node_info
+from .records import PLACED, CopyAttempt, NodeInfo, QueueKey, TaskRecord, node_info
 from .stats import Tally
 
 if TYPE_CHECKING:
@@ -32,20 +32,24 @@ EWMA_ALPHA = 0.2
 DEFAULT_RTT_S = 0.005  # dispatch round trip assumed before one is measured
 
 
-def assignment_json(rec: TaskRecord) -> bytes:
-    """The task's current attempt as its node's set carries it. Built once per attempt
-    from the stored args bytes: the set of a busy node is republished often, its tasks'
-    arguments are never re-encoded."""
+def assignment_json(
+    rec: TaskRecord, *, attempt: int | None = None, group: int | None = None
+) -> bytes:
+    """The task's current attempt (or the given one: a copy) as its node's set carries
+    it. Built once per attempt from the stored args bytes: the set of a busy node is
+    republished often, its tasks' arguments are never re-encoded."""
     return encode_assignment(
         task_id=rec.id,
-        attempt=rec.attempt,
+        attempt=rec.attempt if attempt is None else attempt,
         user=rec.user,
         name=rec.name,
         priority=rec.priority,
-        group=rec.group,
+        group=rec.group if group is None else group,
         timeout_s=rec.timeout_s,
         requires=rec.requires,
         tags=rec.tags,
+        cost=rec.cost,
+        speculate=rec.speculate,
         args_json=rec.args_json,
     )
 
@@ -79,6 +83,8 @@ class TaskTable:
         """The newest submit sequence number given."""
         self.round_wanted = False
         """The next tick runs a placement round."""
+        self.straggle_wanted = False
+        """The next tick looks for stragglers (:meth:`straggle`; every health check)."""
         self.expiry: list[tuple[float, str]] = []
         """(when, id) of finished tasks, to forget them."""
         self.queued_expiry: list[tuple[float, str]] = []
@@ -105,7 +111,17 @@ class TaskTable:
         rec.node = None
         rec.group = None
         self.scheduler.enqueue(
-            QueuedTask(rec.id, rec.user, rec.name, rec.priority, rec.seq, rec.requires, rec.tags)
+            QueuedTask(
+                rec.id,
+                rec.user,
+                rec.name,
+                rec.priority,
+                rec.seq,
+                rec.requires,
+                rec.tags,
+                rec.cost,
+                rec.speculate,
+            )
         )
         self.tally.queued_by[rec.queue_key] += 1
         self.round_wanted = True
@@ -123,17 +139,123 @@ class TaskTable:
             del queued_by[key]
 
     def unplace(self, rec: TaskRecord, *, release: bool = True) -> None:
-        """Take a placed task off its node (its slot frees; its node's set changes)."""
+        """Take a placed task off its node (its slot frees; its node's set changes), and
+        its speculative copy off the copy's node (killed there: wasted)."""
         if release:
             self.scheduler.release(rec.id)
+        if rec.copy is not None:
+            self.drop_copy(rec, release=False)
         info = self.nodes.get(rec.node) if rec.node is not None else None
         if info is not None and rec.id in info.assigned:
             del info.assigned[rec.id]
             self.outbox.dirty_nodes.add(info.name)
         self.round_wanted = True
 
+    # ------------------------------------------------------------------ copies
+
+    def start_copy(self, rec: TaskRecord, c: Copy) -> None:
+        """The scheduler placed a speculative copy of ``rec`` (running): a second attempt,
+        with its own number, in the set of the copy's node."""
+        rec.top_attempt = max(rec.top_attempt, rec.attempt) + 1
+        # (the copy's number never counts against TASK_MAX_ATTEMPTS: if it wins, the task's
+        # attempt becomes it; if not, the next placement skips it)
+        rec.waived += 1
+        rec.copy = CopyAttempt(
+            node=c.node,
+            group=c.group,
+            attempt=rec.top_attempt,
+            assignment_json=assignment_json(rec, attempt=rec.top_attempt, group=c.group),
+        )
+        node_info(self.nodes, c.node).assigned[rec.id] = None
+        self.outbox.dirty_nodes.add(c.node)
+        self.tally.counters["copies_started"] += 1
+        log.info(
+            "task %s runs long on node %s: a speculative copy (attempt %d) starts on %s",
+            rec.id,
+            rec.node,
+            rec.top_attempt,
+            c.node,
+        )
+
+    def drop_copy(self, rec: TaskRecord, *, release: bool = True, ended: str = "withdrawn") -> None:
+        """The copy of ``rec`` ends without giving the result: ``withdrawn`` (the original
+        finished, the task was cancelled or goes back to the queue), or it ``failed`` or
+        was ``lost``. Off its node's set (its node kills it), its slot freed (``release``:
+        in the scheduler too)."""
+        c = rec.copy
+        if c is None:
+            return
+        rec.copy = None
+        self.tally.attempt_ended(rec, c.node, c.started_at, ended, copy=True)
+        if release:
+            self.scheduler.release_copy(rec.id)
+        info = self.nodes.get(c.node)
+        if info is not None and rec.id in info.assigned:
+            del info.assigned[rec.id]
+            self.outbox.dirty_nodes.add(c.node)
+        self.tally.counters["copies_wasted"] += 1
+        self.round_wanted = True
+
+    def promote_copy(self, rec: TaskRecord, original: str) -> None:
+        """The copy of ``rec`` carries on as the task's attempt: its result wins (the
+        ``original`` attempt ended ``withdrawn``), or the original's node or worker was
+        ``lost``. The original is withdrawn from its node."""
+        c = rec.copy
+        assert c is not None
+        self.tally.attempt_ended(rec, rec.node, rec.started_at, original, copy=rec.by_copy)
+        rec.started_at = c.started_at or rec.started_at
+        rec.by_copy = True
+        old = self.nodes.get(rec.node) if rec.node is not None else None
+        if old is not None and rec.id in old.assigned and rec.node != c.node:
+            del old.assigned[rec.id]
+            self.outbox.dirty_nodes.add(old.name)
+        rec.copy = None
+        rec.node = c.node
+        rec.group = c.group
+        rec.attempt = c.attempt
+        rec.assignment_json = c.assignment_json
+        rec.assigned_at = c.assigned_at
+        rec.missing_since = c.missing_since
+        rec.prefetched = False
+        if c.started and rec.status == Status.ASSIGNED:
+            self.set_status(rec, Status.RUNNING)
+        self.outbox.emit(rec)  # its node and attempt changed
+        self.round_wanted = True
+
+    def straggle(self) -> None:
+        """Speculative copies and take-backs the scheduler decides on slots left idle."""
+        scheduler = self.scheduler
+        now = time.monotonic()
+        for tid in scheduler.take_back(now):
+            rec = self.tasks.get(tid)
+            if (
+                rec is None
+                or rec.status != Status.ASSIGNED
+                or rec.copy is not None
+                or not rec.speculate
+            ):
+                scheduler.keep(tid)  # (started meanwhile, as far as we know)
+                continue
+            # withdrawn from its node's set before it started (if it started meanwhile, its
+            # node kills it: an attempt lost like a worker's; the number is not reused)
+            self.unplace(rec)
+            rec.top_attempt = max(rec.top_attempt, rec.attempt)
+            rec.waived += 1
+            self.tally.counters["taken_back"] += 1
+            log.info("task %s waits on node %s: taken back for an idle slot", tid, rec.node)
+            self.requeue(rec)
+        if not self.settings.speculate:
+            return
+        for c in scheduler.speculate(now):
+            rec = self.tasks.get(c.task_id)
+            if rec is None or rec.status not in PLACED or rec.copy is not None:
+                scheduler.release_copy(c.task_id)  # (cannot happen: the scheduler knows)
+                continue
+            self.start_copy(rec, c)
+
     def retry_or_fail(self, rec: TaskRecord, error: ErrorInfo, now: float) -> None:
         """Its attempt was lost: queued again, or failed after TASK_MAX_ATTEMPTS."""
+        self.tally.attempt_ended(rec, rec.node, rec.started_at, "lost", copy=rec.by_copy)
         max_attempts = self.settings.task_max_attempts
         if rec.attempt - rec.waived < max_attempts:
             log.info(
@@ -175,6 +297,7 @@ class TaskTable:
             tally.counters["cancelled"] += 1
             tally.cancelled_by_name[rec.name] += 1
         tally.recent.append(rec.id)
+        tally.attempt_ended(rec, rec.node, rec.started_at, status.value, copy=rec.by_copy)
         if rec.started_at is not None and status in (Status.DONE, Status.FAILED):
             wait, run = max(0.0, rec.started_at - rec.submitted_at), max(0.0, now - rec.started_at)
             tally.finished(rec.name, wait, run)
@@ -253,7 +376,8 @@ class TaskTable:
                 self.tally.counters["prefetched"] += 1
             self.left_queue(rec)
             self.set_status(rec, Status.ASSIGNED)
-            rec.attempt += 1
+            rec.attempt = rec.top_attempt = max(rec.attempt, rec.top_attempt) + 1
+            rec.by_copy = False
             rec.node = p.node
             rec.group = p.group
             rec.progress = 0

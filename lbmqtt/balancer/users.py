@@ -162,6 +162,8 @@ class Users:
             ref=spec.ref,
             requires=requires_of(spec.requires),
             tags=frozenset(spec.tags) if spec.tags else NO_TAGS,
+            cost=spec.cost,
+            speculate=spec.speculate is not False,
         )
         table.tasks[task_id] = rec
         self.tally.counters["submitted"] += 1

@@ -144,6 +144,8 @@ class AsyncClient:
         timeout_s: float | None = None,
         requires: Mapping[str, float] | None = None,
         tags: Iterable[str] | None = None,
+        cost: float | None = None,
+        speculate: bool = True,
     ) -> str:
         """Submit one task and wait for the balancer to accept it.
 
@@ -156,6 +158,8 @@ class AsyncClient:
             requires: counted resources its node must have free, reserved while it runs
                 (``{"gpu": 1, "memory_mb": 4000}``).
             tags: tags its node must carry (``["avx2"]``).
+            cost: its relative work (a size hint): runtime estimates scale with it.
+            speculate: False: never run a speculative copy of it (side effects).
 
         Returns:
             The task id.
@@ -175,6 +179,8 @@ class AsyncClient:
                     "timeout_s": timeout_s,
                     "requires": dict(requires) if requires else None,
                     "tags": list(tags) if tags else None,
+                    "cost": cost,
+                    "speculate": None if speculate else False,
                 }
             ]
         )
@@ -186,8 +192,8 @@ class AsyncClient:
         """Submit many tasks in batches (one message per ``batch_size`` tasks).
 
         Each item is a :class:`TaskSpec` or a mapping with its fields (``name``, ``args``,
-        ``priority``, ``id``, ``timeout_s``). Returns the ids in order once every task is
-        accepted.
+        ``priority``, ``id``, ``timeout_s``, ``cost``, ``speculate``...). Returns the ids in
+        order once every task is accepted.
 
         Raises:
             SubmitRefused: (the first) refused task; the accepted ones stay submitted.
@@ -343,6 +349,7 @@ class AsyncClient:
         requires: Mapping[str, float] | None = None,
         tags: Iterable[str] | None = None,
         progress: bool | Callable[[int, int], None] = False,
+        speculate: bool = True,
     ) -> list[Any]:
         """Run task ``name`` once per argument, in batches; results in input order.
 
@@ -356,6 +363,7 @@ class AsyncClient:
             progress: True draws a progress bar on stderr (tasks finished of all); a
                 function is called as ``progress(finished, total)`` instead, first with
                 ``(0, total)``, then once per finished task.
+            speculate: False: never run speculative copies of these tasks.
 
         Raises:
             TaskFailed, TaskCancelled: the first failed task (unless return_exceptions).
@@ -366,6 +374,7 @@ class AsyncClient:
         extra: dict[str, Any] = {
             "requires": dict(requires) if requires else None,
             "tags": list(tags) if tags else None,
+            "speculate": None if speculate else False,
         }
         specs = self._specs(
             {"name": name, "args": a, "priority": priority, **extra} for a in iterable

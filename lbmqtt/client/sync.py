@@ -89,6 +89,8 @@ class Client:
         timeout_s: float | None = None,
         requires: Mapping[str, float] | None = None,
         tags: Iterable[str] | None = None,
+        cost: float | None = None,
+        speculate: bool = True,
     ) -> str:
         """See :meth:`AsyncClient.submit`."""
         return self._call(
@@ -100,6 +102,8 @@ class Client:
                 timeout_s=timeout_s,
                 requires=requires,
                 tags=tags,
+                cost=cost,
+                speculate=speculate,
             )
         )
 
@@ -143,6 +147,7 @@ class Client:
         requires: Mapping[str, float] | None = None,
         tags: Iterable[str] | None = None,
         progress: bool | Callable[[int, int], None] = False,
+        speculate: bool = True,
     ) -> list[Any]:
         """See :meth:`AsyncClient.map` (a ``progress`` function runs in the client's
         thread)."""
@@ -157,6 +162,7 @@ class Client:
                 requires=requires,
                 tags=tags,
                 progress=progress,
+                speculate=speculate,
             )
         )
 

@@ -5,10 +5,11 @@ its warnings, built from a :class:`~lbmqtt.dashboard.state.Snapshot` (no Bokeh m
 from __future__ import annotations
 
 import html
+import zlib
 from collections.abc import Iterable
 from typing import Any, Final
 
-from ..protocol import BalancerStats, band_order
+from ..protocol import BalancerStats, StreamBar, band_order
 from .state import Sample, Snapshot
 
 SAMPLE_COLUMNS: Final = (
@@ -30,8 +31,29 @@ NODE_COLUMNS: Final = (
     "slots",
     "load",
     "speed",
+    "speed_learned",
     "last_seen",
     "tasks",
+)
+STREAM_WINDOW_S: Final = 300.0
+"""The task stream shows the attempts of the last five minutes."""
+NAME_COLORS: Final = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
 )
 MAX_BANDS: Final = 6
 """Bands drawn in the queue chart; more are added up in the last one ("more")."""
@@ -112,6 +134,9 @@ def node_columns(stats: BalancerStats | None) -> dict[str, Any]:
         "free": [max(0, n.slots - n.busy) if n.online else 0 for n in nodes],
         "offline": [0 if n.online else max(1, n.slots) for n in nodes],
         "speed": [n.speed for n in nodes],
+        "speed_learned": [
+            f"{n.speed_learned:.2f}" if n.speed_learned is not None else "-" for n in nodes
+        ],
         "load": [f"{n.load[0]:.2f}" if n.load else "-" for n in nodes],
         "last_seen": [_age(max(0.0, now - n.last_seen)) if n.last_seen else "never" for n in nodes],
         "tasks": [", ".join(n.tasks) for n in nodes],
@@ -171,6 +196,66 @@ def task_columns(stats: BalancerStats | None) -> dict[str, Any]:
         "wait_ms": [_ms(r.wait_s) for r in rows],
         "run_ms": [_ms(r.run_s) for r in rows],
     }
+
+
+def name_color(name: str) -> str:
+    """A task name's colour in the task stream (the same on every page and every day)."""
+    return NAME_COLORS[zlib.crc32(name.encode()) % len(NAME_COLORS)]
+
+
+def stream_columns(
+    bars: Iterable[StreamBar], now: float, window_s: float = STREAM_WINDOW_S
+) -> tuple[dict[str, Any], list[str]]:
+    """Columns of the task stream, and its rows (``"node #k"``, by node then k).
+
+    One row per slot of a node: each attempt takes the first row of its node free when it
+    started (as a node's slots run one task each, that is at most as many rows as it has
+    slots, give or take the clocks). A bar per attempt, coloured by task name; copies are
+    hatched; an attempt withdrawn (the other one won) or lost is faded; a running one
+    reaches ``now``.
+    """
+    shown = sorted(
+        (b for b in bars if (b.end if b.end is not None else now) >= now - window_s),
+        key=lambda b: (b.start, b.node, b.id),
+    )
+    lanes: dict[str, list[float]] = {}
+    cols: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "lane",
+            "left",
+            "right",
+            "id",
+            "name",
+            "node",
+            "status",
+            "copy",
+            "color",
+            "alpha",
+            "hatch",
+        )
+    }
+    for b in shown:
+        end = b.end if b.end is not None else max(now, b.start)
+        ends = lanes.setdefault(b.node, [])
+        k = next((i for i, e in enumerate(ends) if e <= b.start + 1e-3), len(ends))
+        if k == len(ends):
+            ends.append(end)
+        else:
+            ends[k] = end
+        cols["lane"].append(f"{b.node} #{k + 1}")
+        cols["left"].append(1000 * b.start)
+        cols["right"].append(1000 * end)
+        cols["id"].append(b.id)
+        cols["name"].append(b.name)
+        cols["node"].append(b.node)
+        cols["status"].append(b.status)
+        cols["copy"].append("copy" if b.speculative else "")
+        cols["color"].append(name_color(b.name))
+        cols["alpha"].append(0.35 if b.status in ("withdrawn", "lost") else 0.9)
+        cols["hatch"].append("/" if b.speculative else " ")
+    rows = [f"{node} #{k + 1}" for node in sorted(lanes) for k in range(len(lanes[node]))]
+    return cols, rows
 
 
 def warnings_of(snap: Snapshot) -> list[str]:

@@ -33,6 +33,7 @@ from .columns import (
     node_columns,
     queue_columns,
     sample_columns,
+    stream_columns,
     summary_html,
     task_columns,
     time_columns,
@@ -113,6 +114,8 @@ class DashboardPage:
         self.users = ColumnDataSource(user_columns(snap.stats), name="users")
         self.times = ColumnDataSource(time_columns(snap.stats), name="times")
         self.tasks = ColumnDataSource(task_columns(snap.stats), name="tasks")
+        stream_cols, lanes = stream_columns(snap.bars, snap.stats.time if snap.stats else 0.0)
+        self.stream = ColumnDataSource(stream_cols, name="stream")
         self.summary = Div(text=summary_html(snap), name="summary")
         self.warnings = Div(text=self._warnings_html(snap), name="warnings")
         self.select = Select(
@@ -216,6 +219,38 @@ class DashboardPage:
         for fig in (users, nodes):
             fig.ygrid.grid_line_color = None
 
+        # reversed: the first node's first slot on top
+        self.lane_range = FactorRange(factors=lanes[::-1])
+        stream = figure(
+            title="Task stream: a row per node slot, a bar per task attempt, coloured by task "
+            "name (hatched: speculative copy; faded: withdrawn or lost)",
+            y_range=self.lane_range,
+            x_axis_type="datetime",
+            height=320,
+            sizing_mode="stretch_width",
+            name="stream_chart",
+            tools="pan,xwheel_zoom,box_zoom,reset,save",
+            tooltips=[
+                ("task", "@name @id"),
+                ("node", "@node"),
+                ("state", "@status @copy"),
+            ],
+        )
+        stream.hbar(
+            y="lane",
+            left="left",
+            right="right",
+            height=0.8,
+            source=self.stream,
+            fill_color="color",
+            fill_alpha="alpha",
+            line_color="color",
+            hatch_pattern="hatch",
+            hatch_color="black",
+            hatch_alpha=0.6,
+        )
+        stream.ygrid.grid_line_color = None
+
         node_table = _table(
             self.nodes,
             "nodes_table",
@@ -227,6 +262,7 @@ class DashboardPage:
                 ("slots", "slots"),
                 ("load", "load (1 min)"),
                 ("speed", "speed"),
+                ("speed_learned", "learned (fastest 1)"),
                 ("host", "host"),
                 ("tasks", "tasks"),
             ],
@@ -281,6 +317,7 @@ class DashboardPage:
                 ),
                 row(workers, rate, sizing_mode=w),
                 row(users, nodes, sizing_mode=w),
+                stream,
                 Div(text="<b>Nodes</b>"),
                 node_table,
                 Div(text="<b>Task names</b>: wait (submit to start) and run times of recent tasks"),
@@ -366,6 +403,10 @@ class DashboardPage:
             self.users.data = user_columns(stats)
             self.times.data = time_columns(stats)
             self.tasks.data = task_columns(stats)
+            cols, lanes = stream_columns(snap.bars, stats.time if stats else 0.0)
+            self.stream.data = cols
+            if list(self.lane_range.factors) != lanes[::-1]:
+                self.lane_range.factors = lanes[::-1]
             if list(self.user_range.factors) != self.users.data["user"]:
                 self.user_range.factors = list(self.users.data["user"])
             if list(self.node_range.factors) != self.nodes.data["name"]:

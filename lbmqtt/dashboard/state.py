@@ -34,6 +34,7 @@ from ..protocol import (
     BalancerStatus,
     DashboardStatus,
     HistorySample,
+    StreamBar,
     Topics,
     decode,
     plausible_time,
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 ROLLOVER: Final = 720
 """Points kept per chart (and samples kept in the ring buffer): 6 minutes at 2 Hz."""
 ALL_TASKS: Final = "all tasks"
+BARS_KEPT: Final = 2000
+"""Ended task attempts kept for the task stream."""
 RATE_WINDOW_S: Final = 2.0
 """Throughput is the number of tasks finished over about this long, per second."""
 
@@ -127,6 +130,8 @@ class Snapshot:
     them when ``epoch`` is not the one given)."""
     closed: bool
     epoch: int = 0
+    bars: tuple[StreamBar, ...] = ()
+    """The task stream: attempts that ended (oldest first), then those running."""
     """Changes when the buffer is rebuilt (history arrived): pages then redraw from scratch."""
 
 
@@ -158,6 +163,8 @@ class DashboardState:
         self._received = 0
         self._bad = 0
         self._closed = False
+        self._ended: dict[tuple[str, str, float], StreamBar] = {}
+        self._running: tuple[StreamBar, ...] = ()
 
     # -- writers (event loop thread) -----------------------------------------------------
 
@@ -183,7 +190,23 @@ class DashboardState:
             self._seq += 1
             self._samples.append(_sample_of(self._seq, HistorySample.of(stats), rate))
             self._stats, self._stats_at = stats, self._clock()
+            self._add_bars(stats.stream)
             return True
+
+    def _add_bars(self, bars: list[StreamBar]) -> None:
+        """Keep the ended attempts a snapshot lists (each once), and its running ones."""
+        running = []
+        for b in bars:
+            if b.end is None:
+                running.append(b)
+                continue
+            key = (b.id, b.node, b.start)
+            if key not in self._ended:
+                self._ended[key] = b
+        while len(self._ended) > BARS_KEPT:
+            del self._ended[next(iter(self._ended))]
+        ended = {(b.id, b.node, b.start) for b in running} & self._ended.keys()
+        self._running = tuple(b for b in running if (b.id, b.node, b.start) not in ended)
 
     def add_history(self, history: BalancerHistory) -> int:
         """Put the balancer's recent history in front of the samples (those older than the
@@ -314,6 +337,7 @@ class DashboardState:
                 samples=new,
                 closed=self._closed,
                 epoch=self._epoch,
+                bars=(*self._ended.values(), *self._running),
             )
 
 

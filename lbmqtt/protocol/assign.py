@@ -44,6 +44,8 @@ def encode_assignment(
     timeout_s: float | None,
     requires: Iterable[tuple[str, float]] | Mapping[str, float] = (),
     tags: Iterable[str] = (),
+    cost: float | None = None,
+    speculate: bool = True,
     args_json: bytes,
 ) -> bytes:
     """One :class:`Assignment` as JSON, with ``args_json`` (already encoded) spliced in."""
@@ -60,6 +62,10 @@ def encode_assignment(
         fields["requires"] = dict(requires)
     if tags:
         fields["tags"] = sorted(tags)
+    if cost is not None:
+        fields["cost"] = cost
+    if not speculate:
+        fields["speculate"] = False
     head = encode_json(fields)
     return head[:-1] + b',"args":' + args_json + b"}"
 

@@ -60,6 +60,12 @@ class TaskSpec(_Model):
     ``{"gpu": 1, "memory_mb": 4000}``."""
     tags: Annotated[list[ResourceName], Field(max_length=32)] | None = None
     """Tags its node must carry: ``["avx2", "linux"]``."""
+    cost: Annotated[float, Field(gt=0, le=1e12)] | None = None
+    """Relative work (a size hint, any unit used consistently within a task name): the
+    scheduler's runtime estimates scale with it."""
+    speculate: bool | None = None
+    """``false``: never start a speculative copy of this task (work with side effects);
+    unset or ``true``: a copy may run on a faster idle slot, the first result wins."""
 
 
 class SubmitBatch(_Model):
@@ -278,6 +284,10 @@ class Assignment(_Lenient):
     timeout_s: float | None = None
     requires: dict[str, float] = {}
     tags: list[str] = []
+    cost: float | None = None
+    """(kept in the set, as ``speculate``, so that a successor balancer adopting the task
+    knows them; the node does not use them)"""
+    speculate: bool = True
 
 
 class AssignmentSet(_Lenient):

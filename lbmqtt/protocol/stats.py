@@ -55,6 +55,10 @@ class NodeSummary(_Lenient):
     slots: int = 0
     busy: int = 0
     speed: float = 1.0
+    """As it declares it (NODE_SPEED)."""
+    speed_learned: float | None = None
+    """As learned from the tasks it ran, relative to the fastest node online (1.0); None
+    before its first task ended."""
     tasks: list[str] = []
     groups: list[GroupInfo] = []
     last_seen: float = 0.0
@@ -111,6 +115,23 @@ class TaskRow(_Lenient):
     """Start to finish (so far, while it runs)."""
 
 
+class StreamBar(_Lenient):
+    """One attempt of a task on a node, for the dashboard's task stream."""
+
+    id: str
+    name: str
+    node: str
+    start: float
+    """When it started (wall clock)."""
+    end: float | None = None
+    """When it ended (None: it runs)."""
+    status: str = "running"
+    """``running``, ``done``, ``failed``, ``cancelled``, ``lost`` (its worker or node), or
+    ``withdrawn`` (the other attempt of a speculated task gave the result)."""
+    speculative: bool = False
+    """A speculative copy (or the copy that carries on for a lost original)."""
+
+
 class BalancerStats(_Lenient):
     """Retained snapshot on ``balancer/stats`` (about twice a second)."""
 
@@ -128,6 +149,16 @@ class BalancerStats(_Lenient):
     refused_by_code: dict[str, int] = {}
     """Refusals since the balancer started, by :class:`~lbmqtt.errors.ErrorCode`."""
     bad_messages_total: int = 0
+    copies_started_total: int = 0
+    """Speculative copies started (a second attempt of a straggler on a faster slot)."""
+    copies_won_total: int = 0
+    """Copies whose result came first (the original was withdrawn)."""
+    copies_wasted_total: int = 0
+    """Copies withdrawn without giving the result (the original ended first, the copy
+    failed or was lost, the task was cancelled)."""
+    taken_back_total: int = 0
+    """Tasks a node held and had not started, taken back for a slot elsewhere (a faster
+    idle one, or a draining node's)."""
     broker_refused: dict[str, int] = {}
     """The embedded broker's refusals (:attr:`BrokerStatus.refused`), as last heard."""
     slots: int = 0
@@ -142,6 +173,8 @@ class BalancerStats(_Lenient):
     queued_by_band: dict[str, int] = {}
     tasks: list[TaskRow] = []
     """Running tasks (up to 100), then the most recently finished (up to 50)."""
+    stream: list[StreamBar] = []
+    """Attempts that ended most recently (up to 200), then those running (up to 100)."""
     warnings: list[str] = []
 
 

@@ -17,8 +17,14 @@ Rules, applied one placement at a time while a free slot can run a queued task:
   first, then oldest (FIFO). A user at ``max_running_per_user`` waits.
 * **Placement.** The chosen task goes to the eligible free slot expected to finish it
   soonest: the runtime observed for that task name on that node (moving average), else the
-  name's runtime observed elsewhere scaled by the nodes' speeds, else 1 / speed; stretched
-  by the node's load beyond its cores. Ties: faster node, emptier node, name, group.
+  name's work observed elsewhere over the node's speed, else the typical work of names over
+  it; times the task's ``cost`` (a size hint) when given; stretched by the node's load
+  beyond its cores. Ties: faster node, emptier node, name, group.
+* **Speed.** A node's speed starts at its declared one (a hint) and is learned from every
+  task it runs, whatever the name: the name's work as seen on all nodes against its
+  runtime there (a name seen for the first time: the typical work, more weakly). So a
+  name never seen is expected slower on a slow machine, and a machine that slows down is
+  known for it within a few tasks (:class:`~.model.Runtimes`).
 * **Pipelining.** A node may be given a *window* (:meth:`Scheduler.set_window`): up to
   ``window`` tasks per slot beyond its free slots, which it holds and starts as slots free,
   so that a slot does not idle while the next assignment travels. Only a task known to be
@@ -31,12 +37,21 @@ Rules, applied one placement at a time while a free slot can run a queued task:
   the time: it waits for that slot (so the last long task does not land on the slowest
   machine). With a backlog, every free slot that can run a queued task gets one.
 
+* **Stragglers** (:mod:`.stragglers`, asked by the caller after :meth:`Scheduler.schedule`,
+  on slots it left idle): a task pipelined to a node and not started is taken back when an
+  idle slot elsewhere would finish it clearly sooner (:meth:`Scheduler.take_back`); a
+  running task expected to end clearly later where it is than a fresh copy would on an
+  idle slot gets a speculative copy there (:meth:`Scheduler.speculate`, LATE-style, from
+  its progress rate or its expected runtime; capped to a share of the slots; one copy per
+  task; never for ``speculate=False``). The first attempt to end wins; :meth:`release`
+  frees both.
+
 Cost: choosing a task looks at each user's best task per (task name, requirement shape)
 queue for each free slot class, found by bisection over the distinct priorities and a heap
 per priority: it does not grow with the number of queued tasks.
 
 The package: ``model`` (the plain data), ``queues`` (per-user priority queues, placed
-tasks), ``core`` (:class:`Scheduler`).
+tasks), ``core`` (:class:`Scheduler`), ``stragglers`` (take-back and copies).
 """
 
 from __future__ import annotations

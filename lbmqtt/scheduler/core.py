@@ -7,8 +7,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from . import stragglers
 from .model import (
     NO_TAGS,
+    Copy,
     Group,
     NodeCaps,
     Placement,
@@ -49,6 +51,14 @@ class Scheduler:
     """Free places by placement key, per (task name, shape, priority), while
     :meth:`schedule` runs (see :meth:`_best_slot`)."""
     _running: dict[str, Placed] = field(default_factory=dict)
+    _copies: dict[str, Placed] = field(default_factory=dict)
+    """Speculative copies in flight, by task id (at most one per task)."""
+    speculative_share: float = 0.25
+    """At most this share of all slots (at least one) runs speculative copies."""
+    speculate_min_gain_s: float = 0.5
+    """A copy must be expected to end at least this much sooner than the original."""
+    take_back_min_gain_s: float = 0.1
+    """A pipelined task is taken back only to end at least this much sooner elsewhere."""
     _running_by_user: Counter[str] = field(default_factory=Counter)
     _queued_by_user: Counter[str] = field(default_factory=Counter)
 
@@ -145,13 +155,23 @@ class Scheduler:
         self._load[node] = load
 
     def remove_node(self, name: str) -> list[str]:
-        """A node went offline. Returns the ids of the tasks placed on it (now unplaced)."""
+        """A node went offline. Returns the ids of the tasks placed on it (now unplaced).
+
+        A task with a speculative copy on another node is not lost: the copy becomes the
+        task's placement (:meth:`where` tells). Copies on the node are dropped.
+        """
         self._nodes.pop(name, None)
         self._load.pop(name, None)
         self._window.pop(name, None)
-        lost = [tid for tid, r in self._running.items() if r.node == name]
-        for tid in lost:
-            self.release(tid)
+        for tid in [tid for tid, c in self._copies.items() if c.node == name]:
+            self.release_copy(tid)
+        lost = []
+        for tid in [tid for tid, r in self._running.items() if r.node == name]:
+            if tid in self._copies:
+                self._promote(tid)
+            else:
+                lost.append(tid)
+                self.release(tid)
         return lost
 
     @property
@@ -166,10 +186,59 @@ class Scheduler:
         return self._reserved.get(node, {})
 
     def release(self, task_id: str) -> bool:
-        """A placed task finished, was cancelled or lost: free its slot and resources."""
+        """A placed task finished, was cancelled or lost: free its slot and resources (and
+        those of its speculative copy, if one runs)."""
         r = self._running.pop(task_id, None)
         if r is None:
             return False
+        self.release_copy(task_id)
+        self._free(r)
+        self._running_by_user[r.user] -= 1
+        if self._running_by_user[r.user] <= 0:
+            del self._running_by_user[r.user]
+        return True
+
+    def release_copy(self, task_id: str) -> bool:
+        """The speculative copy of ``task_id`` ended, failed or was lost: free its slot (the
+        original runs on)."""
+        c = self._copies.pop(task_id, None)
+        if c is None:
+            return False
+        self._free(c)
+        return True
+
+    def promote_copy(self, task_id: str) -> bool:
+        """The original attempt of ``task_id`` is gone (its worker was lost): its copy
+        becomes the placement. Returns False if it has no copy."""
+        if task_id not in self._copies or task_id not in self._running:
+            return False
+        self._promote(task_id)
+        return True
+
+    def _promote(self, task_id: str) -> None:
+        """The original attempt of ``task_id`` is gone: its copy becomes the placement."""
+        r = self._running[task_id]
+        c = self._copies.pop(task_id)
+        self._running[task_id] = c
+        self._free(r)
+
+    def where(self, task_id: str) -> tuple[str, int] | None:
+        """(node, group) where ``task_id`` is placed (its original attempt), or None."""
+        r = self._running.get(task_id)
+        return None if r is None else (r.node, r.group)
+
+    def copy_of(self, task_id: str) -> tuple[str, int] | None:
+        """(node, group) of the speculative copy of ``task_id``, or None."""
+        c = self._copies.get(task_id)
+        return None if c is None else (c.node, c.group)
+
+    @property
+    def copies(self) -> int:
+        """Speculative copies in flight."""
+        return len(self._copies)
+
+    def _free(self, r: Placed) -> None:
+        """Give back the slot and resources an attempt held."""
         key = (r.node, r.group)
         self._busy[key] -= 1
         if self._busy[key] <= 0:
@@ -178,13 +247,10 @@ class Scheduler:
             self._long_busy[key] -= 1
             if self._long_busy[key] <= 0:
                 del self._long_busy[key]
-        self._running_by_user[r.user] -= 1
-        if self._running_by_user[r.user] <= 0:
-            del self._running_by_user[r.user]
         if r.requires:
             # summed again from what is still placed there: no float drift, no leftovers
             reserved: dict[str, float] = {}
-            for other in self._running.values():
+            for other in (*self._running.values(), *self._copies.values()):
                 if other.node == r.node:
                     for res, amount in other.requires:
                         reserved[res] = reserved.get(res, 0.0) + amount
@@ -192,7 +258,6 @@ class Scheduler:
                 self._reserved[r.node] = reserved
             else:
                 self._reserved.pop(r.node, None)
-        return True
 
     def adopt(
         self, task_id: str, user: str, node: str, group: int, requires: Requires = ()
@@ -211,21 +276,96 @@ class Scheduler:
         requires: Requires,
         *,
         long: bool = True,
+        task: QueuedTask | None = None,
+        windowed: bool = False,
     ) -> None:
-        self._running[task_id] = Placed(node, group, user, requires, long=long)
+        self._running[task_id] = Placed(
+            node, group, user, requires, long=long, task=task, windowed=windowed
+        )
+        self._running_by_user[user] += 1
+        self._hold(node, group, requires, long)
+
+    def _hold(self, node: str, group: int, requires: Requires, long: bool) -> None:
         self._busy[(node, group)] += 1
         if long:
             self._long_busy[(node, group)] += 1
-        self._running_by_user[user] += 1
         if requires:
             reserved = self._reserved.setdefault(node, {})
             for res, amount in requires:
                 reserved[res] = reserved.get(res, 0.0) + amount
 
-    def observe(self, name: str, node: str, runtime_s: float) -> None:
-        """A task of ``name`` ran ``runtime_s`` seconds on ``node`` (feeds placement)."""
+    def observe(self, name: str, node: str, runtime_s: float, cost: float | None = None) -> None:
+        """A task of ``name`` (``cost`` units) ran ``runtime_s`` seconds on ``node``: feeds
+        the name's work and the node's speed."""
         caps = self._nodes.get(node)
-        self.runtimes.observe(name, node, caps.speed if caps else 1.0, runtime_s)
+        self.runtimes.observe(name, node, caps.speed if caps else 1.0, runtime_s, cost)
+
+    def learned_speeds(self) -> dict[str, float]:
+        """The online nodes whose speed was learned from tasks, relative to the fastest of
+        them (1.0)."""
+        rt = self.runtimes
+        learned = {n: self.speed(n) for n in self._nodes if n in rt.speed or n in rt.guess}
+        top = max(learned.values(), default=0.0)
+        return {n: v / top for n, v in learned.items()} if top > 0 else {}
+
+    def speed(self, node: str) -> float:
+        """The node's learned relative speed (its declared one before any task ended)."""
+        caps = self._nodes.get(node)
+        return self.runtimes.speed_of(node, caps.speed if caps else 1.0)
+
+    # ------------------------------------------------------- attempts in flight
+
+    def started(self, task_id: str, now: float) -> None:
+        """The node started ``task_id``'s original attempt at ``now`` (it can no longer
+        be taken back; its elapsed time counts from here)."""
+        r = self._running.get(task_id)
+        if r is not None and r.started_at is None:
+            r.started_at = now
+            r.revoking = False
+
+    def progress(self, task_id: str, fraction: float, now: float) -> None:
+        """``task_id``'s original attempt reports ``fraction`` (0..1) done at ``now``."""
+        r = self._running.get(task_id)
+        if r is not None:
+            if r.started_at is None:
+                self.started(task_id, now)
+            stragglers.note_progress(r, min(1.0, max(0.0, fraction)), now)
+
+    def take_back(self, now: float) -> list[str]:
+        """Tasks pipelined to a node and not started there that an idle slot elsewhere
+        would finish clearly sooner (see :mod:`.stragglers`). They stay placed, marked as
+        asked back, until the caller reports :meth:`given_back` (the node gave it up:
+        it is queued again, at the head) or :meth:`keep` (it had started meanwhile)."""
+        return stragglers.take_back(self, now)
+
+    def given_back(self, task_id: str) -> QueuedTask | None:
+        """A task asked back was given up by its node: unplace it and queue it again (it
+        keeps its seq, so it goes back to the head). Returns the task, or None."""
+        r = self._running.get(task_id)
+        if r is None or r.task is None:
+            return None
+        self.release(task_id)
+        self.enqueue(r.task)
+        return r.task
+
+    def keep(self, task_id: str) -> None:
+        """A task asked back had started on its node: it stays there."""
+        r = self._running.get(task_id)
+        if r is not None:
+            r.revoking = False
+
+    def speculate(self, now: float) -> list[Copy]:
+        """Speculative copies to start now (see :mod:`.stragglers`), already accounted:
+        each holds its slot until :meth:`release` (the task ended: both attempts) or
+        :meth:`release_copy` (the copy alone ended or failed)."""
+        return stragglers.speculate(self, now)
+
+    def _place_copy(self, task_id: str, node: str, group: int) -> Copy:
+        r = self._running[task_id]
+        long = not (r.task is not None and self._is_short(r.task.name, self._nodes[node]))
+        self._copies[task_id] = Placed(node, group, r.user, r.requires, long=long, task=r.task)
+        self._hold(node, group, r.requires, long)
+        return Copy(task_id, node, group)
 
     # ---------------------------------------------------------------- decide
 
@@ -272,6 +412,7 @@ class Scheduler:
                 continue
             del self._alive[task.id]
             self._forget_queued(task)
+            windowed = self._busy.get((node, gi), 0) >= free[(node, gi)].workers
             self._mark_placed(
                 task.id,
                 task.user,
@@ -279,10 +420,12 @@ class Scheduler:
                 gi,
                 task.requires,
                 long=not self._is_short(task.name, self._nodes[node]),
+                task=task,
+                windowed=windowed,
             )
             if now is not None:
                 self._running[task.id].expected_end = now + self.expected_runtime(
-                    task.name, self._nodes[node]
+                    task.name, self._nodes[node], task.cost
                 )
             if self._busy[(node, gi)] >= self.capacity(node, free[(node, gi)]):
                 del free[(node, gi)]
@@ -297,17 +440,11 @@ class Scheduler:
     ) -> bool:
         """Whether a busy slot frees soon enough to finish ``task`` clearly earlier than
         starting it on ``node`` now (and claim that slot for it)."""
-        if task.name not in self.runtimes.work:
-            return False  # no runtime seen yet: nothing to base a wait on
-        here = self.expected_runtime(task.name, self._nodes[node])
+        # (a name never seen is expected to take UNKNOWN_WORK: on unequal machines a fast
+        # slot that frees soon still beats a much slower one, whatever the work)
+        here = self.expected_runtime(task.name, self._nodes[node], task.cost)
         best: tuple[float, tuple[str, int]] | None = None
-        ends: dict[tuple[str, int], float] = {}
-        for r in self._running.values():
-            if r.expected_end is None or r.expected_end < now:
-                continue  # overdue: its estimate was wrong, do not wait on it
-            key = (r.node, r.group)
-            if key not in claimed and (key not in ends or r.expected_end < ends[key]):
-                ends[key] = r.expected_end
+        ends = self._slot_frees(now, claimed)
         for (n, gi), end in ends.items():
             caps = self._nodes.get(n)
             if caps is None or n == node:
@@ -317,13 +454,42 @@ class Scheduler:
                 continue
             if not self.fits(caps, task.name, task.shape):
                 continue
-            finish = max(end, now) - now + self.expected_runtime(task.name, caps)
+            finish = max(end, now) - now + self.expected_runtime(task.name, caps, task.cost)
             if best is None or finish < best[0]:
                 best = (finish, (n, gi))
         if best is not None and best[0] < self.HOLD_MARGIN * here:
             claimed.add(best[1])
             return True
         return False
+
+    def _slot_frees(
+        self, now: float, claimed: set[tuple[str, int]]
+    ) -> dict[tuple[str, int], float]:
+        """When the next slot of each busy group (not ``claimed``) is expected to be free
+        for one more task: its started tasks' time left (:func:`.stragglers.time_left`),
+        an unstarted one's expected end, then the tasks held in its window run first. A
+        task placed but not started and overdue is not waited on (its estimate was wrong)."""
+        lefts: dict[tuple[str, int], list[float]] = {}
+        behind: dict[tuple[str, int], list[float]] = {}
+        for r in self._running.values():
+            key = (r.node, r.group)
+            if key in claimed:
+                continue
+            if r.started_at is not None and r.task is not None:
+                lefts.setdefault(key, []).append(stragglers.time_left(self, r, now))
+            elif r.windowed and r.task is not None and (caps := self._nodes.get(r.node)):
+                behind.setdefault(key, []).append(
+                    self.expected_runtime(r.task.name, caps, r.task.cost)
+                )
+            elif r.expected_end is not None and r.expected_end >= now:
+                lefts.setdefault(key, []).append(r.expected_end - now)
+        ends: dict[tuple[str, int], float] = {}
+        for key, slots in lefts.items():
+            heapq.heapify(slots)
+            for runtime in behind.get(key, ()):  # the window drains onto the slots
+                heapq.heapreplace(slots, slots[0] + runtime)
+            ends[key] = now + slots[0]
+        return ends
 
     def fits(self, caps: NodeCaps, name: str, shape: Shape) -> bool:
         """Whether ``caps`` could run a task of ``name`` and ``shape`` now (slots aside)."""
@@ -410,17 +576,20 @@ class Scheduler:
                 bands.add(band)
         return sorted(bands)
 
-    def expected_runtime(self, name: str, caps: NodeCaps) -> float:
-        """Runtime of ``name`` expected on ``caps`` now: observed, scaled, and load-aware."""
+    def expected_runtime(self, name: str, caps: NodeCaps, cost: float | None = None) -> float:
+        """Runtime of ``name`` (``cost`` units, one if None) expected on ``caps`` now: the
+        work observed, over the node's learned speed, and load-aware."""
         cache = self._rt_cache
-        if cache is not None and (hit := cache.get((name, caps.name))) is not None:
-            return hit
-        est = self.runtimes.estimate(name, caps)
-        load = self._load.get(caps.name, 0.0)
-        if caps.cores and load > caps.cores:
-            est *= load / caps.cores
-        if cache is not None:
-            cache[(name, caps.name)] = est
+        est = None if cache is None else cache.get((name, caps.name))
+        if est is None:
+            est = self.runtimes.estimate(name, caps)
+            load = self._load.get(caps.name, 0.0)
+            if caps.cores and load > caps.cores:
+                est *= load / caps.cores
+            if cache is not None:
+                cache[(name, caps.name)] = est
+        if cost is not None and cost > 0:
+            return est * cost
         return est
 
     def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]) -> tuple[str, int]:
@@ -489,8 +658,9 @@ class Scheduler:
         )
         # in a window, the tasks ahead of it run first (on the group's slots)
         ahead = max(0, self._busy.get((node, gi), 0) + 1 - g.workers)
-        runtime = self.expected_runtime(task.name, caps)
-        return (runtime * (1 + ahead / max(1, g.workers)), -caps.speed, load, node, gi)
+        runtime = self.expected_runtime(task.name, caps, task.cost)
+        speed = self.runtimes.speed_of(node, caps.speed)
+        return (runtime * (1 + ahead / max(1, g.workers)), -speed, load, node, gi)
 
     # ---------------------------------------------------------------- explain
 

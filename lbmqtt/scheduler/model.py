@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # (what lbmqtt.scheduler re-exports; SlotKey is the scheduler's own)
 __all__ = [
     "NO_TAGS",
+    "Copy",
     "Group",
     "NodeCaps",
     "Placement",
@@ -42,6 +44,10 @@ class QueuedTask:
     """Submission order; a requeued task keeps its seq, so it returns to the head."""
     requires: Requires = ()
     tags: frozenset[str] = NO_TAGS
+    cost: float | None = None
+    """Relative work (a size hint): runtime estimates scale with it when given."""
+    speculate: bool = True
+    """Whether a speculative copy may run (False for work with side effects)."""
 
     @property
     def shape(self) -> Shape:
@@ -93,32 +99,118 @@ class Placement:
     group: int
 
 
-class Runtimes:
-    """Moving averages of observed runtimes, per (task name, node) and per task name.
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Decision: start a speculative copy of the running task ``task_id`` on ``node`` in a
+    slot of group ``group`` (the first attempt to end wins; the other is killed)."""
 
-    The per-name figure is normalised by the node's speed (seconds x speed), so a runtime
-    seen on a fast node predicts a slower one on a slow node.
+    task_id: str
+    node: str
+    group: int
+
+
+class Runtimes:
+    """What runs how fast: each node's relative speed, and each task name's work.
+
+    Work is measured in seconds at speed 1 per unit of ``cost`` (a task without a cost
+    hint is one unit). A node's speed starts at its declared ``NODE_SPEED`` and is learned
+    from every task it runs, whatever its name: the ratio of the name's work (as seen on
+    all nodes) to the runtime here is one sample, and samples move the speed by a moving
+    average in log space, so a task name never seen before is expected to run slower on a
+    slow machine, and a machine that slows down (throttling, another user's load) is
+    known for it within a few tasks. The per-(name, node) runtime keeps what is particular
+    to a pair (a node without the GPU a name wants); it is scaled by how the node's speed
+    changed since it was last seen.
     """
 
     ALPHA = 0.3
+    SPEED_ALPHA = 0.5
+    TYPICAL_ALPHA = 0.2
+    UNKNOWN_WORK = 1.0
+    """Work assumed for a task name never seen while no name has been (1 s at speed 1);
+    then the typical work of names (:attr:`typical`)."""
 
     def __init__(self) -> None:
-        self.by_node: dict[tuple[str, str], float] = {}
+        self.by_node: dict[tuple[str, str], tuple[float, float]] = {}
+        """(moving average of seconds per cost unit, the node's speed then) per (name, node)."""
         self.work: dict[str, float] = {}
+        self.speed: dict[str, float] = {}
+        """Learned from names also seen elsewhere."""
+        self.guess: dict[str, float] = {}
+        """Learned from first-seen names against the typical work (until ``speed`` is)."""
+        self._log_work = 0.0
+        """Sum of log(work) over the names in ``work`` (their geometric mean: typical)."""
+        self._n_work = 0
 
-    def observe(self, name: str, node: str, speed: float, runtime_s: float) -> None:
-        runtime_s = max(0.0, runtime_s)
+    @property
+    def typical(self) -> float | None:
+        """The typical work of a task name: the geometric mean of the names' works (in the
+        current scale of the speeds, which drifts as they are learned), or None."""
+        return math.exp(self._log_work / self._n_work) if self._n_work else None
+
+    def speed_of(self, node: str, hint: float) -> float:
+        """The node's learned relative speed (its declared ``hint`` before any sample)."""
+        v = self.speed.get(node)
+        if v is None:
+            v = self.guess.get(node, hint)
+        return max(v, 1e-6)
+
+    def observe(
+        self, name: str, node: str, speed: float, runtime_s: float, cost: float | None = None
+    ) -> None:
+        """A task of ``name`` (of ``cost`` units) ran ``runtime_s`` on ``node`` (declared
+        ``speed``)."""
+        per = max(0.0, runtime_s) / (cost if cost is not None and cost > 0 else 1.0)
+        ref = self.work.get(name)
+        if per > 0:
+            if ref is not None and ref > 0:  # the name's work as seen on the nodes
+                v = self.speed_of(node, speed)
+                self.speed[node] = _toward(v, ref / per, self.SPEED_ALPHA)
+            elif self.typical is not None:
+                # a name seen for the first time: against the typical work of names, a
+                # weaker reference, used only while the node has no better one (so that
+                # a slow machine is known even when every task has a name of its own)
+                v = self.guess.get(node, self.speed_of(node, speed))
+                self.guess[node] = _toward(v, self.typical / per, self.TYPICAL_ALPHA)
+        v = self.speed_of(node, speed)
+        w = per * v
         key = (name, node)
         old = self.by_node.get(key)
-        self.by_node[key] = runtime_s if old is None else old + self.ALPHA * (runtime_s - old)
-        w = runtime_s * max(speed, 1e-6)
-        oldw = self.work.get(name)
-        self.work[name] = w if oldw is None else oldw + self.ALPHA * (w - oldw)
+        per_avg = per if old is None else old[0] + self.ALPHA * (per - old[0])
+        self.by_node[key] = (per_avg, v)
+        new = w if ref is None else ref + self.ALPHA * (w - ref)
+        if new > 0:
+            if ref is not None and ref > 0:
+                self._log_work -= math.log(ref)
+            else:
+                self._n_work += 1
+            self._log_work += math.log(new)
+            self.work[name] = new
 
-    def estimate(self, name: str, node: NodeCaps) -> float:
-        """Expected runtime of ``name`` on ``node`` (1 / speed when nothing is known)."""
-        seen = self.by_node.get((name, node.name))
-        if seen is not None:
-            return seen
-        w = self.work.get(name)
-        return (w if w is not None else 1.0) / max(node.speed, 1e-6)
+    def known(self, name: str) -> bool:
+        return name in self.work
+
+    def estimate(self, name: str, node: NodeCaps, cost: float | None = None) -> float:
+        """Expected runtime of ``name`` (``cost`` units) on ``node``: the work seen for the
+        pair, else for the name, else the typical work of names, over the node's speed."""
+        v = self.speed_of(node.name, node.speed)
+        pair = self.by_node.get((name, node.name))
+        if pair is not None:
+            # as seen for the pair, scaled if the node's speed changed since (learned
+            # from other names)
+            est = pair[0] * pair[1] / v
+        else:
+            w = self.work.get(name)
+            if w is None:
+                w = self.UNKNOWN_WORK if self.typical is None else self.typical
+            est = w / v
+        if cost is not None and cost > 0:
+            est *= cost
+        return est
+
+
+def _toward(v: float, sample: float, alpha: float) -> float:
+    """Move ``v`` toward ``sample`` by ``alpha`` in log space (a runtime twice too long
+    weighs as one twice too short); one wild sample moves it by at most 100x ** alpha."""
+    sample = min(max(sample, v / 100), v * 100)
+    return math.exp(math.log(v) + alpha * (math.log(sample) - math.log(v)))

@@ -67,3 +67,17 @@ class Placed:
     expected_end: float | None = None
     long: bool = True
     """Not known to be short (it blocks its group's pipelining window while placed)."""
+    task: QueuedTask | None = None
+    """The task (None for one adopted after a restart: never taken back nor copied)."""
+    windowed: bool = False
+    """Placed in a pipelining window (beyond the group's idle slots)."""
+    started_at: float | None = None
+    progress: float | None = None
+    """Fraction done last reported (0..1)."""
+    progress_at: float | None = None
+    best_rate: float = 0.0
+    """The fastest average progress rate (fraction per second since the start) reported."""
+    slowed: bool = False
+    """Its latest progress came much slower than its best rate (its node slowed down)."""
+    revoking: bool = False
+    """Asked back from its node (:meth:`Scheduler.take_back`), not yet given back."""
