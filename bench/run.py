@@ -566,22 +566,28 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
         "--prefix",
         f"bench/{uuid.uuid4().hex[:8]}",
     ]
-    up = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+    log = workdir / "up.log"
+    with open(log, "wb") as err:
+        up = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         assert up.stdout is not None
+        ready = False
         while time.monotonic() < deadline:
             line = up.stdout.readline()
             if not line or "Ctrl-C stops everything" in line:
+                ready = bool(line)
                 break
+        if not ready or up.poll() is not None:
+            raise SystemExit(f"lbmqtt up did not come up:\n{log.read_text()[-3000:]}")
         time.sleep(3)  # let start-up work (imports, first stats) pass: a bench, not a test
         pids = [up.pid, *children_of(up.pid)]
         names = {}
@@ -609,7 +615,8 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             per[role] = per.get(role, 0.0) + 100 * (cpu_seconds(p) - c0[p]) / wall
         total = sum(per.values())
     finally:
-        os.killpg(up.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(up.pid, signal.SIGINT)
         try:
             up.wait(60)
         except subprocess.TimeoutExpired:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .backoff import Backoff
@@ -257,6 +258,20 @@ def reset_journal(common: list[str], env: dict[str, str] | None) -> None:
     print(said, flush=True)
 
 
+def lbmqtt_command() -> str:
+    """How another shell of this user runs this lbmqtt: ``lbmqtt`` when that is on PATH
+    and is this one, else the full path of this venv's script (a venv not activated)."""
+    import shutil
+
+    script = Path(sys.executable).parent / "lbmqtt"
+    found = shutil.which("lbmqtt")
+    if found and os.path.realpath(found) == os.path.realpath(script):
+        return "lbmqtt"
+    if script.exists():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m lbmqtt"
+
+
 def try_lines(settings: Settings, host: str, port: int, parameters: str | None) -> list[str]:
     """The ``Try:`` lines of the summary: commands that work when copied. They carry the
     flags a client needs to find this broker (those not at their defaults) and, with
@@ -273,6 +288,7 @@ def try_lines(settings: Settings, host: str, port: int, parameters: str | None) 
     if settings.broker_tls and not settings.broker_embedded:  # (an external broker's TLS)
         ca = settings.broker_ca_file
         flags += f" --tls-ca {shlex.quote(os.path.abspath(ca))}" if ca else " --tls"
+    lb = lbmqtt_command()
     lines = ["Try:"]
     if settings.auth_file:
         from .access import read_accounts
@@ -291,14 +307,20 @@ def try_lines(settings: Settings, host: str, port: int, parameters: str | None) 
         else:
             lines = [
                 f"Try (first give a user a login in {auth}; it asks for a password):",
-                f"  lbmqtt user add {login} --role user --file {shlex.quote(auth)}",
+                f"  {lb} user add {login} --role user --file {shlex.quote(auth)}",
             ]
         lines.append(
             f"  export LBMQTT_BROKER_USERNAME={login} LBMQTT_BROKER_PASSWORD='PASSWORD'"
             f"  # {login}'s password in place of PASSWORD"
         )
+    elif settings.broker_username:  # (an external broker with logins lbmqtt does not keep)
+        lines = [
+            "Try (with a user's login on this broker):",
+            "  export LBMQTT_BROKER_USERNAME='USER' LBMQTT_BROKER_PASSWORD='PASSWORD'"
+            "  # a user's login and password in place of USER and PASSWORD",
+        ]
     hello = """'{"firstName": "John", "lastName": "Doe"}'"""
-    return [*lines, f"  lbmqtt submit HELLO {hello} --wait{flags}", f"  lbmqtt status{flags}"]
+    return [*lines, f"  {lb} submit HELLO {hello} --wait{flags}", f"  {lb} status{flags}"]
 
 
 def up(

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from lbmqtt.launcher import MAX_RESTARTS, RESTART_WINDOW_S, Restarts
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from lbmqtt.config import load_settings
+from lbmqtt.launcher import MAX_RESTARTS, RESTART_WINDOW_S, Restarts, lbmqtt_command, try_lines
 
 
 def test_a_child_that_keeps_dying_at_once_is_given_up_after_max_restarts() -> None:
@@ -37,3 +44,28 @@ def test_the_launcher_knows_the_refused_login_status_of_the_cli() -> None:
     from lbmqtt.launcher import LOGIN_REFUSED
 
     assert LOGIN_REFUSED == Exit.LOGIN_REFUSED
+
+
+def test_try_lines_name_this_lbmqtt_and_the_login_an_external_broker_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a venv that is not activated: the lines give this venv's script by its full path
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    script = str(Path(sys.executable).parent / "lbmqtt")
+    assert lbmqtt_command() == shlex.quote(script)
+    s = load_settings(
+        None,
+        env={},
+        overrides={"BROKER_EMBEDDED": False, "BROKER_USERNAME": "lb", "BROKER_HOST": "hub.lan"},
+    )
+    lines = try_lines(s, "hub.lan", 1883, None)
+    assert lines[1].startswith("  export LBMQTT_BROKER_USERNAME='USER' LBMQTT_BROKER_PASSWORD="), (
+        lines
+    )
+    assert (
+        lines[2].startswith(f"  {shlex.quote(script)} submit HELLO")
+        and "--broker-host hub.lan" in lines[2]
+    )
+    # on PATH (an activated venv): plain `lbmqtt`
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    assert lbmqtt_command() == "lbmqtt"

@@ -219,6 +219,12 @@ class Node:
                 f"a node named {self.name!r} is already online (host {other.host or '?'}, "
                 f"pid {other.pid or '?'}): give this one another name with --name or "
                 f"NODE_NAME"
+                + (
+                    " (with accounts, a node's name is its login: add a node account of "
+                    "that name with `lbmqtt user add NAME --role node`)"
+                    if self.settings.broker_username
+                    else ""
+                )
             )
 
     async def drain(

@@ -230,9 +230,10 @@ class Supervisor:
                 self.counters["killed"] += 1
                 self.kill(w)
             else:  # handed over, not started: the worker skips it
-                w.queue.remove(lt)
                 lt.worker = None
-                self._send(w, Skip(lt.a.id, lt.a.attempt))
+                if lt in w.queue:  # (not when the worker is gone: a drain that ended)
+                    w.queue.remove(lt)
+                    self._send(w, Skip(lt.a.id, lt.a.attempt))
 
     # ------------------------------------------------------------ hand-off
 
