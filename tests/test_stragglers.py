@@ -231,16 +231,17 @@ def test_a_task_held_unstarted_on_a_node_is_taken_back_for_an_idle_faster_one(
         tasks=[DEMO_TASKS],
         settings=make_settings(st.broker_port, st.topic_prefix, WKHUB_WORKERS=one_slot),
     )
-    # Given node a knows SLEEP 0.4 s as short (its window opens: one task held per slot)
+    # Given node a knows SLEEP 0.3 s as short (its window opens: one task held per slot; 0.4 s
+    # was, by a margin a loaded machine can eat: the window takes tasks under 0.5 s)
     for _ in range(3):
-        client.wait(client.submit("SLEEP", {"seconds": 0.4, "steps": 1}), timeout=20)
+        client.wait(client.submit("SLEEP", {"seconds": 0.3, "steps": 1}), timeout=20)
     system.until(lambda b: b.nodes["a"].window >= 1, 10, "a's window to open")
     # and a stops starting tasks (its worker hand-over held back): one is assigned to its
     # idle slot, the next held in its window
     real_dispatch = a.supervisor.dispatch
     system.lt.call(lambda: setattr(a.supervisor, "dispatch", lambda: None))
-    first = client.submit("SLEEP", {"seconds": 0.4, "steps": 1})
-    held = client.submit("SLEEP", {"seconds": 0.4, "steps": 1})
+    first = client.submit("SLEEP", {"seconds": 0.3, "steps": 1})
+    held = client.submit("SLEEP", {"seconds": 0.3, "steps": 1})
     system.until(
         lambda b: b.tasks[held].status == Status.ASSIGNED and b.tasks[held].prefetched,
         10,
@@ -283,7 +284,7 @@ def test_a_slow_machine_is_learned_and_a_never_seen_name_goes_to_the_fast_one(
         with Client(cluster.settings(login=("alice", "user")), user="alice") as client:
             wait_until(lambda: len(stats().nodes) == 2, 20, "both nodes online")
             # When both have run tasks of one name
-            ids = [client.submit("WORK", {"seconds": 0.1, "steps": 1}) for _ in range(10)]
+            ids = [client.submit("WORK", {"seconds": 0.3, "steps": 1}) for _ in range(10)]
             states = [client.wait_state(tid, timeout=30) for tid in ids]
             assert {st.node for st in states} == {"m0", "m1"}
             # Then m0 is known to be slower (relative to m1: 1.0)
@@ -298,7 +299,7 @@ def test_a_slow_machine_is_learned_and_a_never_seen_name_goes_to_the_fast_one(
             assert learned["m1"] == 1.0 and learned["m0"] is not None and learned["m0"] < 0.6
             assert "LEARNT" in format_stats(stats())
             # and a task of a name never run before, both nodes idle, goes to m1
-            new = client.submit("WORK_LONG", {"seconds": 0.1, "steps": 1})
+            new = client.submit("WORK_LONG", {"seconds": 0.3, "steps": 1})
             assert client.wait_state(new, timeout=30).node == "m1"
     finally:
         if stats is not None:
