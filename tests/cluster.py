@@ -116,6 +116,48 @@ def listening(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+@dataclass
+class Mosquitto:
+    """A Mosquitto of the test's own (see :func:`start_mosquitto`)."""
+
+    port: int
+    proc: subprocess.Popen[str]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def start_mosquitto(folder: Path, conf: Callable[[int], str]) -> Mosquitto:
+    """Mosquitto from the configuration ``conf(port)`` (its listener on that free loopback
+    port), written in ``folder``, once it listens; skips the test without the Debian
+    package. Started as root, Mosquitto reads its files as the user ``mosquitto``, who
+    cannot enter pytest's private temporary directories: it stays root here."""
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(exe):
+        import pytest
+
+        pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
+    port = free_port()
+    path = folder / "mosquitto.conf"
+    path.write_text(conf(port) + ("user root\n" if os.geteuid() == 0 else ""))
+    proc = subprocess.Popen(
+        [exe, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            assert proc.stderr is not None
+            with proc.stderr:
+                raise AssertionError(f"mosquitto exited: {proc.stderr.read()}")
+        return listening("127.0.0.1", port)
+
+    wait_until(up, 10, "mosquitto to listen")
+    return Mosquitto(port, proc)
+
+
 def children_of(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (Linux /proc)."""
     kids: dict[int, list[int]] = {}

@@ -35,7 +35,7 @@ from lbmqtt.config import Settings, load_settings
 from lbmqtt.node import Node
 
 from .cluster import children_of as descendants  # noqa: F401  (the tests import it from here)
-from .cluster import free_port, wait_until
+from .cluster import free_port, start_mosquitto, wait_until  # noqa: F401  (free_port: imported from here)
 
 T = TypeVar("T")
 
@@ -126,32 +126,12 @@ def broker() -> Iterator[BrokerThread]:
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A real Mosquitto on a free loopback port, configured like broker/mosquitto.conf."""
-    import socket
-
-    exe = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    shipped = (ROOT / "broker" / "mosquitto.conf").read_text()
+    m = start_mosquitto(
+        tmp_path_factory.mktemp("mosquitto"), lambda port: loopback_mosquitto_conf(shipped, port)
     )
-    if exe is None:
-        pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
-    port = free_port()
-    conf = loopback_mosquitto_conf((ROOT / "broker" / "mosquitto.conf").read_text(), port)
-    path = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
-    path.write_text(conf)
-    proc = subprocess.Popen(
-        [exe, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-
-    def listening() -> bool:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, 10, "mosquitto to listen")
-    yield port
-    proc.terminate()
-    proc.wait(10)
-    if proc.stderr is not None:
-        proc.stderr.close()
+    yield m.port
+    m.stop()
 
 
 @pytest.fixture

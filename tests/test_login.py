@@ -22,7 +22,7 @@ from lbmqtt.client import Client
 from lbmqtt.errors import LoginRefused
 from lbmqtt.mqtt import MqttTransport
 
-from .cluster import free_port, listening, self_signed_cert
+from .cluster import free_port, self_signed_cert, start_mosquitto
 from .conftest import (
     PASSWORDS,
     ROOT,
@@ -259,25 +259,18 @@ def run_printed(commands: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_try_lines_of_up_with_an_external_tls_broker_work_as_printed(tmp_path: Path) -> None:
-    import shutil
-
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(exe):
-        pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
     # Given Mosquitto serving TLS only, with a certificate of a private CA (self-signed)
     cert, key = self_signed_cert(tmp_path, "127.0.0.1")
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n"
-        "allow_anonymous true\npersistence false\n" + ("user root\n" if os.geteuid() == 0 else "")
+    mosq = start_mosquitto(
+        tmp_path,
+        lambda port: (
+            f"listener {port} 127.0.0.1\ncertfile {cert}\nkeyfile {key}\n"
+            "allow_anonymous true\npersistence false\n"
+        ),
     )
-    mosq = subprocess.Popen(
-        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    port = mosq.port
     up = None
     try:
-        wait_until(lambda: listening("127.0.0.1", port), 10, "mosquitto to listen")
         # When `lbmqtt up` runs against it with the TLS settings in its environment
         up = start_up(
             "--no-dashboard",
@@ -304,7 +297,4 @@ def test_the_try_lines_of_up_with_an_external_tls_broker_work_as_printed(tmp_pat
     finally:
         if up is not None:
             finish(up)
-        mosq.terminate()
-        mosq.wait(10)
-        assert mosq.stderr is not None
-        mosq.stderr.close()
+        mosq.stop()

@@ -31,7 +31,7 @@ from lbmqtt.client import Client
 from lbmqtt.errors import BrokerUnavailable, UnknownTask
 from lbmqtt.protocol import Status
 
-from .cluster import free_port, self_signed_cert
+from .cluster import Mosquitto, self_signed_cert, start_mosquitto
 from .conftest import (
     PASSWORDS,
     TEST_TASKS,
@@ -167,47 +167,17 @@ def mosquitto_lines(accounts: Path, prefix: str) -> str:
     return lines
 
 
-def start_mosquitto(
-    workdir: Path, accounts: Path, prefix: str
-) -> tuple[int, Any, subprocess.Popen[str]]:
+def secured_mosquitto(workdir: Path, accounts: Path, prefix: str) -> Mosquitto:
     """Mosquitto with the generated password and ACL files and lbmqtt's plugin, as
     broker/mosquitto.conf has them (on a loopback port)."""
-    import shutil
-
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(exe):
-        pytest.skip("needs the Debian package mosquitto (.ci/run installs it)")
     lines = mosquitto_lines(accounts, prefix)
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\n{lines}persistence false\n"
-        "max_queued_messages 100000\nset_tcp_nodelay true\n"
-        # started as root, Mosquitto would read the files as the user
-        # mosquitto, who cannot enter pytest's private temporary directory
-        + ("user root\n" if os.geteuid() == 0 else "")
+    return start_mosquitto(
+        workdir,
+        lambda port: (
+            f"listener {port} 127.0.0.1\n{lines}persistence false\n"
+            "max_queued_messages 100000\nset_tcp_nodelay true\n"
+        ),
     )
-    proc = subprocess.Popen(
-        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    from .cluster import listening
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            assert proc.stderr is not None
-            with proc.stderr:
-                raise AssertionError(proc.stderr.read())
-        return listening("127.0.0.1", port)
-
-    wait_until(up, 10, "mosquitto to listen")
-
-    def stop() -> None:
-        proc.terminate()
-        proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-    return port, stop, proc
 
 
 @pytest.fixture(scope="module", params=["embedded", "mosquitto"])
@@ -222,7 +192,8 @@ def secure(
         bt = BrokerThread(guard=AccessGuard(prefix, accounts))
         port, stop = bt.port, bt.stop
     else:
-        port, stop, _ = start_mosquitto(workdir, accounts, prefix)
+        m = secured_mosquitto(workdir, accounts, prefix)
+        port, stop = m.port, m.stop
     sec = Secure(request.param, port, prefix, System(make_settings(port, prefix)), stop)
     sec.system.start_balancer(sec.settings("lb"))
     sec.system.start_node("n1", sec.settings("n1"))
@@ -462,7 +433,8 @@ def test_mosquitto_and_its_plugin_follow_the_accounts_after_a_sighup(tmp_path: P
     accounts = tmp_path / "accounts"
     write_accounts(accounts)
     prefix = f"sec/{uuid.uuid4().hex[:8]}"
-    port, stop, proc = start_mosquitto(tmp_path, accounts, prefix)
+    m = secured_mosquitto(tmp_path, accounts, prefix)
+    port, stop, proc = m.port, m.stop, m.proc
     made: list[Login] = []
     try:
         r = subprocess.run(
