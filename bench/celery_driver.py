@@ -1,14 +1,12 @@
 """Celery's side of ``bench/run.py seed``: run in Celery's own venv.
 
-``python celery_driver.py OUT WORKLOAD TASKS WORKERS SLEEP_MS REDIS_URL`` starts one Celery
-worker (prefork, WORKERS processes) on the Redis at REDIS_URL (broker and result backend, as
-the usual Celery set-up has it), runs WORKLOAD from one client with ``delay()`` and
-``AsyncResult.get()``, writes one JSON object of figures to OUT and stops the worker.
+``BENCH_REDIS_URL=URL python celery_driver.py OUT WORKLOAD TASKS WORKERS SLEEP_MS`` starts
+one Celery worker (prefork, WORKERS processes) on the Redis at URL (broker and result
+backend, as the usual Celery set-up has it), runs WORKLOAD from one client with ``delay()``
+and ``AsyncResult.get()``, writes one JSON object of figures to OUT and stops the worker.
 
-Workloads as in ``seed_driver.py``: ``throughput`` (TASKS no-op tasks sent, then every
-result awaited), ``latency`` (one task at a time), ``sleep`` (TASKS tasks of SLEEP_MS).
-Celery's settings are its defaults but for the result backend. Standard library and Celery
-only: this file never imports lbmqtt.
+The workloads are ``baseline_workloads.measure``'s. Celery's settings are its defaults but
+for the result backend. Standard library and Celery only: this file never imports lbmqtt.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from baseline_workloads import arguments, measure
 from celery import Celery
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -39,19 +38,14 @@ def sleeper(seconds: float) -> bool:
     return True
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+def wait_results(results: list[Any], poll_s: float, deadline: float) -> None:
+    """Every result in hand (Celery's result backend notifies: ``poll_s`` is not used)."""
+    for r in results:
+        r.get(timeout=max(0.1, deadline - time.monotonic()))
 
 
 def main() -> None:
-    out, workload, tasks, workers, sleep_ms = (
-        sys.argv[1],
-        sys.argv[2],
-        int(sys.argv[3]),
-        int(sys.argv[4]),
-        float(sys.argv[5]),
-    )
+    out, workload, tasks, workers, sleep_ms = arguments()
     here = os.path.dirname(os.path.abspath(__file__))
     worker = subprocess.Popen(
         [
@@ -66,45 +60,14 @@ def main() -> None:
     )
     figures: dict[str, Any] = {}
     try:
-        # warm-up: the worker is up once a few tasks came back
-        for r in [noop.delay(i) for i in range(workers * 2)]:
-            r.get(timeout=60)
-        if workload == "throughput":
-            t0 = time.perf_counter()
-            results = [noop.delay(i) for i in range(tasks)]
-            submitted = time.perf_counter()
-            for r in results:
-                r.get(timeout=600)
-            elapsed = time.perf_counter() - t0
-            figures = {
-                "tasks": tasks,
-                "seconds": elapsed,
-                "tasks_per_s": tasks / elapsed,
-                "submit_s": submitted - t0,
-            }
-        elif workload == "latency":
-            lat = []
-            for i in range(tasks):
-                t0 = time.perf_counter()
-                noop.delay(i).get(timeout=60)
-                lat.append(time.perf_counter() - t0)
-            figures = {"tasks": tasks, "p50_ms": 1000 * pct(lat, 0.5)}
-            figures["p99_ms"] = 1000 * pct(lat, 0.99)
-        elif workload == "sleep":
-            t0 = time.perf_counter()
-            results = [sleeper.delay(sleep_ms / 1000) for _ in range(tasks)]
-            for r in results:
-                r.get(timeout=600)
-            elapsed = time.perf_counter() - t0
-            ideal = tasks * sleep_ms / 1000 / workers
-            figures = {
-                "tasks": tasks,
-                "makespan_s": elapsed,
-                "ideal_s": ideal,
-                "efficiency": ideal / elapsed,
-            }
-        else:
-            raise SystemExit(f"celery: unknown workload {workload!r}")
+        figures = measure(
+            workload,
+            tasks,
+            workers,
+            sleep_ms,
+            lambda name, arg: (noop if name == "NOOP" else sleeper).delay(arg),
+            wait_results,
+        )
     finally:
         with open(out, "w") as f:
             json.dump(figures, f)

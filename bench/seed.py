@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,43 +51,44 @@ CELERY_DRIVER = HERE / "celery_driver.py"
 WORKLOADS = ("throughput", "latency", "sleep")
 
 
-def ensure_seed(venv: Path) -> Path:
-    """The seed venv's python, installing pyLoadBalancer 0.2.0 there first if missing."""
+def ensure_venv(venv: Path, imports: str, what: str, install: Callable[[list[str]], None]) -> Path:
+    """The python of ``venv``, which can import ``imports``; when it cannot, the venv is made
+    again and ``install(pip)`` fills it (``pip``: its ``pip install`` command)."""
     py = venv / "bin" / "python"
-    check = [str(py), "-c", "import pyLoadBalancer, zmq, psutil"]
+    check = [str(py), "-c", f"import {imports}"]
     if py.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
         return py
-    print(f"installing {SEED} in {venv} (once) ...", file=sys.stderr, flush=True)
+    print(f"installing {what} in {venv} (once) ...", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "pyzmq", "colorama", "psutil", "setuptools", "wheel"], check=True)
-    sdist = venv / "sdist"
-    subprocess.run(
-        [str(py), "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SEED,
-         "-d", str(sdist)],
-        check=True,
-    )  # fmt: skip
-    (archive,) = sdist.glob("pyLoadBalancer-*")
-    subprocess.run([*pip, "--no-build-isolation", "--no-deps", str(archive)], check=True)
+    install([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"])
     subprocess.run(check, check=True)
     return py
+
+
+def ensure_seed(venv: Path) -> Path:
+    """The seed venv's python, installing pyLoadBalancer 0.2.0 there first if missing."""
+
+    def install(pip: list[str]) -> None:
+        subprocess.run([*pip, "pyzmq", "colorama", "psutil", "setuptools", "wheel"], check=True)
+        sdist = venv / "sdist"
+        subprocess.run(
+            [pip[0], "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SEED,
+             "-d", str(sdist)],
+            check=True,
+        )  # fmt: skip
+        (archive,) = sdist.glob("pyLoadBalancer-*")
+        subprocess.run([*pip, "--no-build-isolation", "--no-deps", str(archive)], check=True)
+
+    return ensure_venv(venv, "pyLoadBalancer, zmq, psutil", SEED, install)
 
 
 def ensure_celery(venv: Path) -> Path:
     """Celery's venv python, installing Celery 5 with Redis support there first if missing."""
-    py = venv / "bin" / "python"
-    check = [str(py), "-c", "import celery, redis"]
-    if py.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
-        return py
-    print(f"installing Celery in {venv} (once) ...", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "celery[redis]>=5.3,<6"],
-        check=True,
-    )  # fmt: skip
-    subprocess.run(check, check=True)
-    return py
+
+    def install(pip: list[str]) -> None:
+        subprocess.run([*pip, "celery[redis]>=5.3,<6"], check=True)
+
+    return ensure_venv(venv, "celery, redis", "Celery", install)
 
 
 @contextlib.contextmanager
