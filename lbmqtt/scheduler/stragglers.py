@@ -31,7 +31,9 @@ scaled.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .model import Copy, Group, NodeCaps
@@ -55,6 +57,37 @@ def _idle_slots(s: Scheduler) -> list[tuple[NodeCaps, Group, int]]:
             if idle > 0 and not _queued_fits(s, caps, g):
                 out.append((caps, g, idle))
     return out
+
+
+def _best_elsewhere(
+    s: Scheduler,
+    r: Placed,
+    idle: list[tuple[NodeCaps, Group, int]],
+    free: dict[tuple[str, int], int],
+    *,
+    runtime: Callable[[NodeCaps], float],
+    below: float,
+    at_most: float,
+) -> tuple[str, int] | None:
+    """The idle slot, on another node than ``r``'s, that can run its task and would run it
+    soonest: in ``runtime(caps)`` under ``below`` and at most ``at_most`` (the margin and the
+    least gain asked of a copy or a take-back); ties by node name and group."""
+    task = r.task
+    assert task is not None
+    best: tuple[float, str, int] | None = None
+    for caps, g, _ in idle:
+        if caps.name == r.node or not free[(caps.name, g.index)]:
+            continue
+        if not g.accepts(task.priority) or not s.fits(caps, task.name, task.shape):
+            continue
+        there = runtime(caps)
+        if (
+            there < below
+            and there <= at_most
+            and (best is None or (there, caps.name, g.index) < best)
+        ):
+            best = (there, caps.name, g.index)
+    return None if best is None else (best[1], best[2])
 
 
 def _queued_fits(s: Scheduler, caps: NodeCaps, g: Group) -> bool:
@@ -153,26 +186,19 @@ def speculate(s: Scheduler, now: float) -> list[Copy]:
     out: list[Copy] = []
     free = {(caps.name, g.index): n for caps, g, n in idle}
     for left, tid, r in candidates:
-        task = r.task
-        assert task is not None
-        best: tuple[float, str, int] | None = None
-        for caps, g, _ in idle:
-            if caps.name == r.node or not free[(caps.name, g.index)]:
-                continue
-            if not g.accepts(task.priority) or not s.fits(caps, task.name, task.shape):
-                continue
-            there = _runtime_there(s, r, caps, slowed)
-            if (
-                there < COPY_MARGIN * left
-                and left - there >= s.speculate_min_gain_s
-                and (best is None or (there, caps.name, g.index) < best)
-            ):
-                best = (there, caps.name, g.index)
+        best = _best_elsewhere(
+            s,
+            r,
+            idle,
+            free,
+            runtime=functools.partial(_runtime_there, s, r, slowed=slowed),
+            below=COPY_MARGIN * left,
+            at_most=left - s.speculate_min_gain_s,
+        )
         if best is None:
             continue
-        _, node, gi = best
-        free[(node, gi)] -= 1
-        out.append(s._place_copy(tid, node, gi))
+        free[best] -= 1
+        out.append(s._place_copy(tid, *best))
         if len(out) >= room:
             break
     return out
@@ -219,22 +245,18 @@ def take_back(s: Scheduler, now: float) -> list[str]:
         workers = max(1, len(ends))
         wait = ends[min(n_ahead, len(ends) - 1)] + (n_ahead // workers) * run_here
         here = wait + run_here
-        best: tuple[float, str, int] | None = None
-        for caps, g, _ in idle:
-            if caps.name == r.node or not free[(caps.name, g.index)]:
-                continue
-            if not g.accepts(task.priority) or not s.fits(caps, task.name, task.shape):
-                continue
-            there = s.expected_runtime(task.name, caps, task.cost)
-            if (
-                there < HOLD_MARGIN * here
-                and here - there >= s.take_back_min_gain_s
-                and (best is None or (there, caps.name, g.index) < best)
-            ):
-                best = (there, caps.name, g.index)
+        best = _best_elsewhere(
+            s,
+            r,
+            idle,
+            free,
+            runtime=functools.partial(s.expected_runtime, task.name, cost=task.cost),
+            below=HOLD_MARGIN * here,
+            at_most=here - s.take_back_min_gain_s,
+        )
         if best is None:
             continue
-        free[(best[1], best[2])] -= 1
+        free[best] -= 1
         r.revoking = True
         out.append(tid)
         room -= 1
