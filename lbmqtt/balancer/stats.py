@@ -282,25 +282,20 @@ def _running_bars(
             if rec is None:
                 continue
             c = rec.copy
-            if c is not None and c.node == info.name:
-                if c.started_at is not None:
-                    bars.append(
-                        protocol.StreamBar(
-                            id=rec.id,
-                            name=rec.name,
-                            node=info.name,
-                            start=c.started_at,
-                            speculative=True,
-                        )
-                    )
-            elif rec.started_at is not None and rec.status == protocol.Status.RUNNING:
+            if c is not None and c.node == info.name:  # the copy on this node
+                start, speculative = c.started_at, True
+            elif rec.status == protocol.Status.RUNNING:
+                start, speculative = rec.started_at, rec.by_copy
+            else:
+                continue
+            if start is not None:
                 bars.append(
                     protocol.StreamBar(
                         id=rec.id,
                         name=rec.name,
                         node=info.name,
-                        start=rec.started_at,
-                        speculative=rec.by_copy,
+                        start=start,
+                        speculative=speculative,
                     )
                 )
     return bars
