@@ -964,7 +964,7 @@ def main() -> None:
         args.nodes = args.nodes or 4
         args.tasks = 200 if args.tasks is None else args.tasks
         out = {"scenario": "unequal", **unequal(args), "machine": MACHINE}
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+        print(json.dumps(_rounded(out)))
         return
     args.nodes = args.nodes or 200
     if args.scenario == "scale":
@@ -1077,7 +1077,7 @@ def main() -> None:
     }
     if "tasks_per_s" in result:
         figures["tasks_per_broker_msg_rate"] = result["tasks_per_s"] / base["broker_msgs_per_s"]
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
+    print(json.dumps(_rounded(figures)))
 
 
 def _rounded(d: dict[str, Any]) -> dict[str, Any]:
