@@ -210,14 +210,22 @@ def start_mosquitto() -> tuple[subprocess.Popen[bytes], int, Path]:
     proc = subprocess.Popen(
         [exe, "-c", str(d / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    wait_listening(proc, port, "mosquitto")
+    return proc, port, d
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
+    """Return once ``proc`` (a server of the bench's own) listens on loopback ``port``;
+    kill it and end the bench if it exits first or takes more than 10 s."""
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port, d
+                return
         time.sleep(0.05)
     proc.kill()
-    raise SystemExit("mosquitto did not start")
+    proc.wait(10)
+    raise SystemExit(f"{what} did not start")
 
 
 MACHINE = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"

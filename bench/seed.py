@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -94,25 +93,18 @@ def ensure_celery(venv: Path) -> Path:
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
     """A Redis of its own on a free loopback port, without persistence; yields its URL."""
+    import run as bench  # (bench/run.py: this file is imported by it)
+
     exe = shutil.which("redis-server")
     assert exe is not None
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = bench.free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as sk:
-                if sk.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("redis-server did not start")
-            time.sleep(0.05)
+        bench.wait_listening(proc, port, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
