@@ -133,21 +133,23 @@ def test_each_component_subscribes_to_what_it_did_before_the_table() -> None:
     # the balancer's list as it was written out by hand (the retained sets it left first),
     # and its own status (it replaces a foreign one: issue 20)
     assert t.inbound("balancer") == [
-        (t.all_assign, 1),
+        (t.all_assign, 0),
         (t.balancer_status, 0),
-        (t.all_submits, 1),
-        (t.all_cancels, 1),
-        (t.all_acks, 1),
-        (t.all_queries, 1),
-        (t.all_node_status, 1),
-        (t.all_reports, 1),
+        (t.all_submits, 0),
+        (t.all_cancels, 0),
+        (t.all_acks, 0),
+        (t.all_queries, 0),
+        (t.all_node_status, 0),
+        (t.all_reports, 0),
         (t.all_heartbeats, 0),
         (t.dashboard_status, 0),
         (t.broker_status, 0),
         (t.balancer_probe, 0),
     ]
-    assert t.inbound("node", "n1") == [(t.assign("n1"), 1)]
-    assert t.inbound("user", "alice") == [(t.events("alice"), 1), (t.errors("alice"), 1)]
+    # (QoS 0 on the task path since issue 19: every hand-over is acknowledged by lbmqtt
+    # itself, sessions are clean, and QoS 1 delivery costs amqtt a task and a PUBACK each)
+    assert t.inbound("node", "n1") == [(t.assign("n1"), 0)]
+    assert t.inbound("user", "alice") == [(t.events("alice"), 0), (t.errors("alice"), 0)]
     assert t.inbound("monitor") == [
         (t.balancer_stats, 0),
         (t.balancer_status, 0),

@@ -592,8 +592,10 @@ class Balancer:
         if t is None or not t.connected:
             return  # states and sets go out after the reconnect (sets are rebuilt whole)
         outbox = self.outbox
-        outbox.flush_sets(t.publish, self.topics, self.nodes, table.tasks, self.instance)
+        sets = (t.publish, self.topics, self.nodes, table.tasks, self.instance)
+        outbox.flush_sets(*sets, giving=True)  # new work first, results next (flush_sets)
         outbox.flush_states(t.publish, self.topics, table.tasks, table.state_dict)
+        outbox.flush_sets(*sets)
 
     def _commit_journal(self) -> bool:
         failing = self.journal_writer.error

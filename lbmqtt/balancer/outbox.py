@@ -108,9 +108,26 @@ class Outbox:
         nodes: dict[str, NodeInfo],
         tasks: dict[str, TaskRecord],
         instance: str,
+        *,
+        giving: bool = False,
     ) -> None:
-        """Publish the assignment set of every node whose set changed."""
-        for name in self.dirty_nodes:
+        """Publish the assignment set of every node whose set changed; ``giving``: only
+        the sets that hand their node a task it has not been sent yet (the others wait for
+        the next call).
+
+        The tick sends those first, the states next, the rest last: a set that only takes
+        finished tasks off (the node's results acknowledged) would otherwise go before the
+        states that carry those results to their users, and the broker handles one
+        connection's messages in order (one message more on a lone task's path).
+        """
+        dirty = self.dirty_nodes
+        if giving:
+            names = [n for n in dirty if self._gives(nodes.get(n), tasks)]
+            dirty.difference_update(names)
+        else:
+            names = list(dirty)
+            dirty.clear()
+        for name in names:
             info = nodes.get(name)
             if info is None:
                 continue
@@ -131,7 +148,19 @@ class Outbox:
                     parts.append(rec.assignment_json)
             payload = encode_assignment_set(name, instance, info.seq, parts)
             publish(topics.assign(name), payload, qos=1, retain=True)
-        self.dirty_nodes.clear()
+
+    @staticmethod
+    def _gives(info: NodeInfo | None, tasks: dict[str, TaskRecord]) -> bool:
+        """``info``'s set holds a task (or copy) not sent to it yet."""
+        if info is None:
+            return False
+        name = info.name
+        for tid in info.assigned:
+            rec = tasks[tid]
+            c = rec.copy
+            if not (c.assigned_at if c is not None and c.node == name else rec.assigned_at):
+                return True
+        return False
 
     def flush_states(
         self,

@@ -104,7 +104,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "tasks to run, one or a batch",
         pub=("user",),
         sub=("balancer", "user"),
-        inbound={"balancer": 1},
+        inbound={"balancer": 0},
     ),
     _spec(
         "cancel",
@@ -113,7 +113,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "tasks to cancel",
         pub=("user",),
         sub=("balancer", "user"),
-        inbound={"balancer": 1},
+        inbound={"balancer": 0},
     ),
     _spec(
         "ack",
@@ -122,7 +122,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "results collected: their retained states may go",
         pub=("user",),
         sub=("balancer", "user"),
-        inbound={"balancer": 1},
+        inbound={"balancer": 0},
     ),
     _spec(
         "query",
@@ -131,7 +131,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "tasks whose state to send again, on events",
         pub=("user",),
         sub=("balancer", "user"),
-        inbound={"balancer": 1},
+        inbound={"balancer": 0},
     ),
     _spec(
         "task",
@@ -158,7 +158,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "batched task states",
         pub=("balancer",),
         sub=("user",),
-        inbound={"user": 1},
+        inbound={"user": 0},
     ),
     _spec(
         "errors",
@@ -167,7 +167,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "refusals and bad input",
         pub=("balancer",),
         sub=("user",),
-        inbound={"user": 1},
+        inbound={"user": 0},
     ),
     _spec(
         "node_status",
@@ -177,7 +177,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         pub=("node",),
         sub=("balancer", "monitor", "node"),
         retained=True,
-        inbound={"balancer": 1},
+        inbound={"balancer": 0},
     ),
     _spec(
         "assign",
@@ -187,7 +187,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         pub=("balancer",),
         sub=("node", "balancer"),
         retained=True,
-        inbound={"node": 1, "balancer": 1},
+        inbound={"node": 0, "balancer": 0},
     ),
     _spec(
         "reports",
@@ -196,7 +196,7 @@ TOPICS: Final[tuple[TopicSpec, ...]] = (
         "started, progress and results",
         pub=("node",),
         sub=("balancer",),
-        inbound={"balancer": 1},
+        inbound={"balancer": 0},
     ),
     _spec(
         "heartbeat",
