@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from lbmqtt import AsyncClient, Client, QuotaExceeded, TaskCancelled, TaskFailed
 from lbmqtt.errors import InvalidTask, WaitTimeout
 from lbmqtt.protocol import Status, Topics
 
-from .conftest import DEMO_TASKS, TEST_TASKS, System, make_settings, wait_until
+from .conftest import DEMO_TASKS, TEST_TASKS, RawClient, System, make_settings, wait_until
 
 JOHN = {"firstName": "John", "lastName": "Doe"}
 
@@ -537,3 +538,37 @@ def test_short_tasks_are_pipelined_and_all_return_in_order(running: System, clie
     # the node's window grew from the runtimes it reported, and was used
     assert running.lt.call(lambda: b.nodes["n1"].window) >= 1
     assert running.lt.call(lambda: b.counters["prefetched"]) > 0
+
+
+def test_new_work_goes_out_before_states_and_a_result_before_the_set_that_clears_it(
+    running: System, client: Client, raw: Callable[..., RawClient]
+) -> None:
+    # (the broker handles one connection's messages in order: what the balancer sends first
+    # in a tick is what a lone task waits for - the node's set when it is given work, the
+    # user's events when its result is in; the set that only acknowledges that result, last)
+    t = Topics(running.settings.topic_prefix)
+    spy = raw()
+    spy.subscribe(t.assign("n1"), qos=0)
+    spy.subscribe(t.events("alice"), qos=0)
+    tid = client.submit("NOOP", None)
+    client.wait(tid, timeout=20)
+
+    def seen() -> list[str]:
+        out = []
+        with spy.lock:
+            for topic, payload, _ in spy.messages:
+                if topic == t.events("alice"):
+                    for st in json.loads(payload)["states"]:
+                        if st["id"] == tid:
+                            out.append(f"event {st['status']}")
+                elif tid.encode() in payload:
+                    out.append("set with it")
+                elif out:
+                    out.append("set without it")
+        return out
+
+    wait_until(lambda: "set without it" in seen(), 10, "the set that clears the task")
+    got = seen()
+    # (its first state: placed in the tick that took it in)
+    assert got.index("set with it") < got.index("event assigned"), got
+    assert got.index("event done") < got.index("set without it"), got
