@@ -489,23 +489,3 @@ def test_the_old_health_check_command_says_when_the_balancer_is_down(tmp_path: P
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-
-
-def test_the_balancer_keeps_no_expiry_entry_for_tasks_that_left_their_queue(
-    broker_port: int, prefix: str
-) -> None:
-    from lbmqtt import Client
-
-    settings = make_settings(broker_port, prefix, JOURNAL_PATH="none")  # QUEUED_TTL_S 48 h
-    system = System(settings)
-    try:
-        b = system.start_balancer()
-        system.start_node("n1")
-        with Client(settings, user="alice") as c:
-            # When more tasks than the heap's slack (1024) pass through the queue and run
-            c.map("NOOP", [None] * 1500)
-        # Then their 48 h expiry entries go (the next expiry check), not 48 h later
-        system.until(lambda b: len(b.table.queued_expiry) == 0, 10, "an empty expiry heap")
-        assert system.lt.call(lambda: b.counters["expired"]) == 0
-    finally:
-        system.close()

@@ -1270,3 +1270,54 @@ def test_slot_heap_places_exactly_like_a_full_scan(data: st.DataObject) -> None:
                     s.release(placed[k % len(placed)][0])
         results.append(placed)
     assert results[0] == results[1]
+
+
+# ----------------------------------------------------------------------------- expiry
+
+
+def test_take_oldest_while_takes_each_queues_old_tasks_in_seq_order_and_stops() -> None:
+    s = Scheduler()
+    # Given queues of two users, two names and two priorities, each task's age its seq
+    tasks = [
+        task("alice", "a", 0, seq=1),
+        task("alice", "a", 0, seq=5),
+        task("alice", "a", 3, seq=2),
+        task("alice", "b", 0, seq=7),
+        task("bob", "a", 0, seq=3),
+        task("bob", "a", 0, seq=4),
+        task("bob", "a", 0, seq=9),
+    ]
+    for t in tasks:
+        s.enqueue(t)
+    asked: list[int] = []
+
+    def old(t: QueuedTask) -> bool:
+        asked.append(t.seq)
+        return t.seq <= 4
+
+    # When the tasks up to seq 4 are taken as expired
+    taken = s.take_oldest_while(old)
+    # Then exactly those leave their queues, and no task past a queue's first young one
+    # was looked at
+    assert sorted(t.seq for t in taken) == [1, 2, 3, 4]
+    assert sorted(t.id for t in s.queued_tasks()) == sorted(t.id for t in tasks if t.seq > 4)
+    assert sorted(asked) == [1, 2, 3, 4, 5, 7, 9]
+    assert s.queued_for("alice") == 2 and s.queued_for("bob") == 1
+    # and a second call takes nothing (the heads left are young)
+    assert s.take_oldest_while(old) == []
+
+
+def test_take_oldest_while_skips_removed_tasks_and_finds_a_requeued_old_one() -> None:
+    s = Scheduler()
+    first, second, third = task(seq=1), task(seq=2), task(seq=3)
+    for t in (first, second, third):
+        s.enqueue(t)
+    # a cancelled head leaves a stale entry; the oldest task, placed and requeued, keeps
+    # its seq and so its place at the head
+    s.remove(second.id)
+    s.remove(first.id)
+    again = QueuedTask(first.id, first.user, first.name, first.priority, first.seq)
+    s.enqueue(again)
+    taken = s.take_oldest_while(lambda t: t.seq <= 2)
+    assert taken == [again]
+    assert [t.id for t in s.queued_tasks()] == [third.id]

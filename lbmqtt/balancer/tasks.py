@@ -87,8 +87,6 @@ class TaskTable:
         """The next tick looks for stragglers (:meth:`straggle`; every health check)."""
         self.expiry: list[tuple[float, str]] = []
         """(when, id) of finished tasks, to forget them."""
-        self.queued_expiry: list[tuple[float, str]] = []
-        """(when, id) of queued tasks, to expire them (QUEUED_TTL_S after their submit)."""
         self.why_cache: dict[QueueKey, str | None] = {}
         self.metrics: Metrics | None = None
 
@@ -125,10 +123,6 @@ class TaskTable:
         )
         self.tally.queued_by[rec.queue_key] += 1
         self.round_wanted = True
-        if self.settings.queued_ttl_s:
-            heapq.heappush(
-                self.queued_expiry, (rec.submitted_at + self.settings.queued_ttl_s, rec.id)
-            )
 
     def left_queue(self, rec: TaskRecord) -> None:
         """It left its queue (placed or cancelled): the queued counts follow."""
@@ -323,23 +317,15 @@ class TaskTable:
 
     def expire_queued(self, now: float) -> None:
         """Tasks queued since QUEUED_TTL_S expire (as pyLoadBalancer's did after 48 h): out
-        of their queue, status ``expired``, kept as finished ones are."""
+        of their queue, status ``expired``, kept as finished ones are. (Only the oldest
+        tasks of each queue are looked at: Scheduler.take_oldest_while.)"""
         ttl = self.settings.queued_ttl_s
-        heap = self.queued_expiry
-        if len(heap) > 2 * sum(self.tally.queued_by.values()) + 1024:
-            # most tasks leave their queue long before their TTL: drop their entries (at
-            # most once per doubling), or the heap would hold every task of the last TTL
-            tasks = self.tasks
-            heap[:] = [
-                e for e in heap if (r := tasks.get(e[1])) is not None and r.status == Status.QUEUED
-            ]
-            heapq.heapify(heap)
-        while self.queued_expiry and self.queued_expiry[0][0] <= now:
-            _, tid = heapq.heappop(self.queued_expiry)
-            rec = self.tasks.get(tid)
-            if rec is None or rec.status != Status.QUEUED or rec.submitted_at + ttl > now:
-                continue
-            self.scheduler.remove(rec.id)
+        if not ttl or not self.scheduler.queued:
+            return
+        tasks = self.tasks
+        cutoff = now - ttl
+        for task in self.scheduler.take_oldest_while(lambda t: tasks[t.id].submitted_at <= cutoff):
+            rec = tasks[task.id]
             self.left_queue(rec)
             rec.error = ErrorInfo(
                 type="Expired",
@@ -350,8 +336,7 @@ class TaskTable:
     def expire(self, now: float) -> list[TaskRecord]:
         """Expire queued tasks past QUEUED_TTL_S; forget finished tasks past their
         retention and return those."""
-        if self.queued_expiry:
-            self.expire_queued(now)  # (also keeps its heap to the tasks still queued)
+        self.expire_queued(now)
         gone = []
         while self.expiry and self.expiry[0][0] <= now:
             _, tid = heapq.heappop(self.expiry)

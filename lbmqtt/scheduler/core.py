@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import stragglers
@@ -93,6 +93,32 @@ class Scheduler:
         self._queued_by_user[task.user] -= 1
         if self._queued_by_user[task.user] <= 0:
             del self._queued_by_user[task.user]
+
+    def take_oldest_while(self, pred: Callable[[QueuedTask], bool]) -> list[QueuedTask]:
+        """Take out and return, from the head of every queue (one user's tasks of one
+        name, shape and priority), the queued tasks for which ``pred`` holds, stopping at
+        each queue's first task for which it does not.
+
+        A queue's head is its oldest task by seq (submission order, kept on requeue), so
+        a ``pred`` that holds for a task's age finds every task that old while looking at
+        no other: expiry needs no entry of its own per queued task (a heap of deadlines
+        cost ~100 bytes per task, with a million queued).
+        """
+        taken: list[QueuedTask] = []
+        alive = self._alive
+        for by_key in list(self._queues.values()):
+            for pq in list(by_key.values()):
+                for heap in list(pq.heaps.values()):
+                    while heap:
+                        head = heap[0]
+                        if alive.get(head.id) is not head:
+                            heapq.heappop(heap)  # stale: removed, or removed and requeued
+                        elif pred(head):
+                            self.remove(head.id)  # (its entry is now stale: popped next)
+                            taken.append(head)
+                        else:
+                            break
+        return taken
 
     def is_queued(self, task_id: str) -> bool:
         return task_id in self._alive
