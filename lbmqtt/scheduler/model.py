@@ -126,6 +126,8 @@ class Runtimes:
     ALPHA = 0.3
     SPEED_ALPHA = 0.5
     TYPICAL_ALPHA = 0.2
+    MIN_WORK_S = 1e-6
+    """The least work a name is known for (a runtime reported as 0 s counts as this)."""
     UNKNOWN_WORK = 1.0
     """Work assumed for a task name never seen while no name has been (1 s at speed 1);
     then the typical work of names (:attr:`typical`)."""
@@ -178,14 +180,15 @@ class Runtimes:
         old = self.by_node.get(key)
         per_avg = per if old is None else old[0] + self.ALPHA * (per - old[0])
         self.by_node[key] = (per_avg, v)
-        new = w if ref is None else ref + self.ALPHA * (w - ref)
-        if new > 0:
-            if ref is not None and ref > 0:
-                self._log_work -= math.log(ref)
-            else:
-                self._n_work += 1
-            self._log_work += math.log(new)
-            self.work[name] = new
+        # (a task too quick for its node's clock, reported as 0 s, still makes its name
+        # known as short: without it no such task ever took a pipelining window place)
+        new = max(w if ref is None else ref + self.ALPHA * (w - ref), self.MIN_WORK_S)
+        if ref is not None:
+            self._log_work -= math.log(ref)
+        else:
+            self._n_work += 1
+        self._log_work += math.log(new)
+        self.work[name] = new
 
     def known(self, name: str) -> bool:
         return name in self.work
