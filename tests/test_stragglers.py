@@ -96,7 +96,8 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
                 timeout_s=timeout_s,
             )
             wait_until(lambda: Path(f"{started}.1").exists(), 20, "attempt 1 to start")
-            assert client.get(tid).node == "slow"
+            # (the node can start it before this client has read the event saying where)
+            wait_until(lambda: client.get(tid).node == "slow", 10, "the client to see it on slow")
             # When fast frees, a copy of the straggler starts there
             hold.touch()
             client.wait(first, timeout=20)
