@@ -1325,3 +1325,21 @@ def test_take_oldest_while_skips_removed_tasks_and_finds_a_requeued_old_one() ->
     taken = s.take_oldest_while(lambda t: t.seq <= 2)
     assert taken == [again]
     assert [t.id for t in s.queued_tasks()] == [third.id]
+
+
+def test_a_name_reported_as_taking_0_s_teaches_no_speed_and_no_typical_work() -> None:
+    # Given a typical name of 0.5 s, and "quick" reported as 0 s on a
+    s = Scheduler()
+    s.set_node(node("a", tasks="qt"))
+    s.set_node(node("b", tasks="qt"))
+    s.observe("t", "a", 0.5)
+    s.observe("quick", "a", 0.0)
+    # When b runs "quick" in 0.2 ms
+    for _ in range(3):
+        s.observe("quick", "b", 0.0002)
+    # Then b is not taken for a slow machine (against a 0 s reference), and the typical
+    # work of a name is still that of the one measured
+    assert s.runtimes.speed_of("b", 1.0) > 0.5
+    assert s.runtimes.typical is not None and s.runtimes.typical > 0.001
+    # and "quick" is known, and short, everywhere
+    assert s.runtimes.known("quick") and s.expected_runtime("quick", node("a")) < 0.01

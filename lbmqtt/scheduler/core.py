@@ -170,7 +170,7 @@ class Scheduler:
         return not self._long_busy.get(key) and self._is_short(name, caps)
 
     def _is_short(self, name: str, caps: NodeCaps) -> bool:
-        return name in self.runtimes.work and self.expected_runtime(name, caps) < self.window_long_s
+        return self.runtimes.known(name) and self.expected_runtime(name, caps) < self.window_long_s
 
     def capacity(self, node: str, group: Group) -> int:
         """Tasks a group may hold: its slots, plus the node's window for each."""

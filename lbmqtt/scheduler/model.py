@@ -127,7 +127,7 @@ class Runtimes:
     SPEED_ALPHA = 0.5
     TYPICAL_ALPHA = 0.2
     MIN_WORK_S = 1e-6
-    """The least work a name is known for (a runtime reported as 0 s counts as this)."""
+    """The work expected of a name only ever reported as taking 0 s (:attr:`instant`)."""
     UNKNOWN_WORK = 1.0
     """Work assumed for a task name never seen while no name has been (1 s at speed 1);
     then the typical work of names (:attr:`typical`)."""
@@ -136,6 +136,8 @@ class Runtimes:
         self.by_node: dict[tuple[str, str], tuple[float, float]] = {}
         """(moving average of seconds per cost unit, the node's speed then) per (name, node)."""
         self.work: dict[str, float] = {}
+        self.instant: set[str] = set()
+        """Names only ever reported as taking 0 s (short, but nothing to learn from)."""
         self.speed: dict[str, float] = {}
         """Learned from names also seen elsewhere."""
         self.guess: dict[str, float] = {}
@@ -180,18 +182,23 @@ class Runtimes:
         old = self.by_node.get(key)
         per_avg = per if old is None else old[0] + self.ALPHA * (per - old[0])
         self.by_node[key] = (per_avg, v)
-        # (a task too quick for its node's clock, reported as 0 s, still makes its name
-        # known as short: without it no such task ever took a pipelining window place)
-        new = max(w if ref is None else ref + self.ALPHA * (w - ref), self.MIN_WORK_S)
-        if ref is not None:
-            self._log_work -= math.log(ref)
-        else:
-            self._n_work += 1
-        self._log_work += math.log(new)
-        self.work[name] = new
+        new = w if ref is None else ref + self.ALPHA * (w - ref)
+        if new > 0:
+            self.instant.discard(name)
+            if ref is not None and ref > 0:
+                self._log_work -= math.log(ref)
+            else:
+                self._n_work += 1
+            self._log_work += math.log(new)
+            self.work[name] = new
+        elif ref is None:
+            # too quick for its node's clock (0 s): known to be short, though it gives
+            # nothing to learn speeds or the typical work from (without this, no such task
+            # ever took a pipelining window place)
+            self.instant.add(name)
 
     def known(self, name: str) -> bool:
-        return name in self.work
+        return name in self.work or name in self.instant
 
     def estimate(self, name: str, node: NodeCaps, cost: float | None = None) -> float:
         """Expected runtime of ``name`` (``cost`` units) on ``node``: the work seen for the
@@ -205,7 +212,10 @@ class Runtimes:
         else:
             w = self.work.get(name)
             if w is None:
-                w = self.UNKNOWN_WORK if self.typical is None else self.typical
+                if name in self.instant:
+                    w = self.MIN_WORK_S
+                else:
+                    w = self.UNKNOWN_WORK if self.typical is None else self.typical
             est = w / v
         if cost is not None and cost > 0:
             est *= cost
