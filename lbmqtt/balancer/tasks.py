@@ -87,6 +87,8 @@ class TaskTable:
         """The next tick looks for stragglers (:meth:`straggle`; every health check)."""
         self.expiry: list[tuple[float, str]] = []
         """(when, id) of finished tasks, to forget them."""
+        self._next_queued_scan = 0.0
+        """When :meth:`expire_queued` looks at the queues again (wall clock)."""
         self.why_cache: dict[QueueKey, str | None] = {}
         self.metrics: Metrics | None = None
 
@@ -320,8 +322,12 @@ class TaskTable:
         of their queue, status ``expired``, kept as finished ones are. (Only the oldest
         tasks of each queue are looked at: Scheduler.take_oldest_while.)"""
         ttl = self.settings.queued_ttl_s
-        if not ttl or not self.scheduler.queued:
+        if not ttl or not self.scheduler.queued or now < self._next_queued_scan:
             return
+        # (a scan looks at every queue's head: at most every thousandth of the TTL, so
+        # that a million queues of one task each cost nothing most seconds; a task then
+        # expires at most that late: ~3 min after 48 h)
+        self._next_queued_scan = now + ttl / 1000
         tasks = self.tasks
         cutoff = now - ttl
         for task in self.scheduler.take_oldest_while(lambda t: tasks[t.id].submitted_at <= cutoff):
