@@ -128,16 +128,23 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             theirs = [
                 bob.submit("SLEEP", {"seconds": 1.5, "steps": 4}, priority=20) for _ in range(2)
             ]
+            # (each seen on some drawing, not all on one: bob's tasks may be gone again
+            # before a page slowed by a loaded machine shows alice's running)
+            users: set[str] = set()
+            states: set[str] = set()
+
+            def queue_users_running() -> dict[str, Any] | None:
+                p = page()
+                if not p:
+                    return None
+                users.update(p["users"])
+                states.update(p["task_states"])
+                if p["max_queued"] > 0 and {"alice", "bob"} <= users and "running" in states:
+                    return p
+                return None
+
             seen = wait_until(
-                lambda: (
-                    (p := page())
-                    and p["max_queued"] > 0
-                    and {"alice", "bob"} <= set(p["users"])
-                    and "running" in p["task_states"]
-                    and p
-                ),
-                30,
-                "the queue, both users and running tasks on the page",
+                queue_users_running, 30, "the queue, both users and running tasks on the page"
             )
             # the picture (the README shows it): some tasks done, others running with
             # progress, after at least one more update has been drawn
