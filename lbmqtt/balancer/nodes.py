@@ -35,7 +35,7 @@ from ..protocol.assign import encode_probe, parse_probe
 from ..scheduler import NO_TAGS, Group, NodeCaps, Scheduler, requires_of
 from .journal import JournalWriter
 from .outbox import Outbox
-from .records import PLACED, CopyAttempt, NodeInfo, TaskRecord, node_info
+from .records import PLACED, CopyAttempt, NodeInfo, TaskRecord, copy_on, node_info
 from .stats import RECENTLY_LOST_S, Tally
 from .tasks import EWMA_ALPHA, TaskTable, assignment_json
 
@@ -260,8 +260,8 @@ class Fleet:
         grace = ASSIGN_GRACE_S + 2 * (info.status.heartbeat_s if info.status else 1.0)
         for tid in list(info.assigned):
             rec = self.table.tasks[tid]
-            c = rec.copy
-            if c is not None and c.node == info.name:
+            c = copy_on(rec, info.name)
+            if c is not None:
                 self._reconcile_copy(info, rec, c, running=running, held=held, grace=grace, now=now)
                 continue
             key = (tid, rec.attempt)

@@ -20,7 +20,7 @@ from ..errors import DecodeError
 from ..protocol import ErrorItem, Errors, Topics, encode_model_json
 from ..protocol.assign import encode_assignment_set
 from ..ratelog import LogLimiter
-from .records import NodeInfo, TaskRecord
+from .records import CopyAttempt, NodeInfo, TaskRecord, copy_on
 
 log = logging.getLogger(__name__)
 
@@ -137,28 +137,23 @@ class Outbox:
                 now = time.monotonic()
                 for tid in info.assigned:
                     rec = tasks[tid]
-                    c = rec.copy
-                    if c is not None and c.node == name:  # its speculative copy
-                        if not c.assigned_at:
-                            c.assigned_at = now
-                        parts.append(c.assignment_json)
-                        continue
-                    if not rec.assigned_at:
-                        rec.assigned_at = now
-                    parts.append(rec.assignment_json)
+                    held: TaskRecord | CopyAttempt = copy_on(rec, name) or rec
+                    if not held.assigned_at:
+                        held.assigned_at = now
+                    parts.append(held.assignment_json)
             payload = encode_assignment_set(name, instance, info.seq, parts)
             publish(topics.assign(name), payload, qos=1, retain=True)
 
     @staticmethod
     def _gives(info: NodeInfo | None, tasks: dict[str, TaskRecord]) -> bool:
-        """``info``'s set holds a task (or copy) not sent to it yet."""
+        """``info``'s set holds a task (or copy) not sent to it yet (looked for from the
+        newest: what was placed last was sent last)."""
         if info is None:
             return False
         name = info.name
-        for tid in info.assigned:
+        for tid in reversed(info.assigned):
             rec = tasks[tid]
-            c = rec.copy
-            if not (c.assigned_at if c is not None and c.node == name else rec.assigned_at):
+            if not (copy_on(rec, name) or rec).assigned_at:
                 return True
         return False
 

@@ -104,6 +104,13 @@ class CopyAttempt:
     missing_since: float | None = None
 
 
+def copy_on(rec: TaskRecord, node: str) -> CopyAttempt | None:
+    """``rec``'s speculative copy if it is the attempt ``node`` holds (None: ``node``
+    holds the original, or ``rec`` has no copy)."""
+    c = rec.copy
+    return c if c is not None and c.node == node else None
+
+
 @dataclass(slots=True)
 class NodeInfo:
     """The balancer's view of one node."""

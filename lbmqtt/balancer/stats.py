@@ -21,7 +21,7 @@ from ..config import Settings
 from ..errors import ErrorCode
 from ..metrics import Metrics
 from ..scheduler import Scheduler
-from .records import NodeInfo, QueueKey, TaskRecord
+from .records import NodeInfo, QueueKey, TaskRecord, copy_on
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +281,8 @@ def _running_bars(
             rec = tasks.get(tid)
             if rec is None:
                 continue
-            c = rec.copy
-            if c is not None and c.node == info.name:  # the copy on this node
+            c = copy_on(rec, info.name)
+            if c is not None:  # the copy on this node
                 start, speculative = c.started_at, True
             elif rec.status == protocol.Status.RUNNING:
                 start, speculative = rec.started_at, rec.by_copy
