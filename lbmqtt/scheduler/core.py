@@ -95,29 +95,18 @@ class Scheduler:
             del self._queued_by_user[task.user]
 
     def take_oldest_while(self, pred: Callable[[QueuedTask], bool]) -> list[QueuedTask]:
-        """Take out and return, from the head of every queue (one user's tasks of one
-        name, shape and priority), the queued tasks for which ``pred`` holds, stopping at
-        each queue's first task for which it does not.
-
-        A queue's head is its oldest task by seq (submission order, kept on requeue), so
-        a ``pred`` that holds for a task's age finds every task that old while looking at
-        no other: expiry needs no entry of its own per queued task (a heap of deadlines
-        cost ~100 bytes per task, with a million queued).
-        """
-        taken: list[QueuedTask] = []
-        alive = self._alive
-        for by_key in list(self._queues.values()):
-            for pq in list(by_key.values()):
-                for heap in list(pq.heaps.values()):
-                    while heap:
-                        head = heap[0]
-                        if alive.get(head.id) is not head:
-                            heapq.heappop(heap)  # stale: removed, or removed and requeued
-                        elif pred(head):
-                            self.remove(head.id)  # (its entry is now stale: popped next)
-                            taken.append(head)
-                        else:
-                            break
+        """Take out and return, from the head of every queue, the tasks for which ``pred``
+        holds, stopping at each queue's first task for which it does not. A head is its
+        queue's oldest task by seq (kept on requeue): expiry by age needs no entry per
+        queued task (a heap of deadlines cost ~100 bytes a task)."""
+        taken = [
+            task
+            for by_key in self._queues.values()
+            for pq in by_key.values()
+            for task in pq.pop_oldest_while(pred, self._alive)
+        ]
+        for task in taken:
+            self.remove(task.id)
         return taken
 
     def is_queued(self, task_id: str) -> bool:

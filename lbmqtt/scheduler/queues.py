@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .model import QueuedTask, Requires
@@ -46,16 +47,34 @@ class PriorityQueue:
         i = bisect.bisect_right(self.prios, max_p) - 1
         if i < 0 or self.prios[i] < min_p:
             return None
-        heap = self.heaps[self.prios[i]]
-        while heap:
-            task = heap[0]
-            if alive.get(task.id) is task:
-                return task
-            heapq.heappop(heap)  # stale entry of a removed (or removed and re-queued) task
-        return None  # pragma: no cover - counts keep non-empty heaps only
+        # (never None: counts keep non-empty heaps only)
+        return _live_head(self.heaps[self.prios[i]], alive)
+
+    def pop_oldest_while(
+        self, pred: Callable[[QueuedTask], bool], alive: dict[str, QueuedTask]
+    ) -> list[QueuedTask]:
+        """Pop each priority's oldest live tasks while ``pred`` holds for them (the caller
+        then forgets them as queued: Scheduler.take_oldest_while)."""
+        popped = []
+        for heap in self.heaps.values():
+            while (task := _live_head(heap, alive)) is not None and pred(task):
+                heapq.heappop(heap)
+                popped.append(task)
+        return popped
 
     def __bool__(self) -> bool:
         return bool(self.prios)
+
+
+def _live_head(heap: list[QueuedTask], alive: dict[str, QueuedTask]) -> QueuedTask | None:
+    """The heap's oldest live task, dropping the stale entries on top (a removed task's,
+    or a removed and re-queued one's: the task queued under its id is another object)."""
+    while heap:
+        task = heap[0]
+        if alive.get(task.id) is task:
+            return task
+        heapq.heappop(heap)
+    return None
 
 
 @dataclass
