@@ -596,6 +596,7 @@ class Balancer:
         outbox.flush_sets(*sets, giving=True)  # new work first, results next (flush_sets)
         outbox.flush_states(t.publish, self.topics, table.tasks, table.state_dict)
         outbox.flush_sets(*sets)
+        t.flush()  # (before the loop reads on: a burst of submits can take it a while)
 
     def _commit_journal(self) -> bool:
         failing = self.journal_writer.error
