@@ -33,7 +33,7 @@ from .errors import (
     UnknownTask,
     WaitTimeout,
 )
-from .service import LoopFailed
+from .service import LoopFailed, freeze_heap
 
 log = logging.getLogger("lbmqtt")
 
@@ -412,6 +412,7 @@ def cmd_balancer(ns: argparse.Namespace, s: Settings) -> int:
         _write_ready(
             ns.ready_fd, {"instance": b.instance, "metrics": b.metrics_url, "metrics_port": port}
         )
+        freeze_heap()  # (with the journal recovered)
 
     tune_gc()
     asyncio.run(Balancer(s).run(on_ready=ready))
@@ -433,6 +434,7 @@ def cmd_node(ns: argparse.Namespace, s: Settings) -> int:
             flush=True,
         )
         _write_ready(ns.ready_fd, {"name": n.name, "slots": n.slots, "tasks": n.task_names})
+        freeze_heap()
 
     asyncio.run(node.run(on_ready=ready))
     return Exit.OK
