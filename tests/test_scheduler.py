@@ -1327,6 +1327,29 @@ def test_take_oldest_while_skips_removed_tasks_and_finds_a_requeued_old_one() ->
     assert [t.id for t in s.queued_tasks()] == [third.id]
 
 
+def test_a_task_queued_again_as_the_same_object_is_placed_and_expired_once() -> None:
+    # (the balancer queues its records themselves: a record placed and requeued has two
+    # heap entries while the first has not reached the top, both the live task)
+    s = Scheduler()
+    s.set_node(node("a"))  # (one slot)
+    first, other = task(seq=1), task(seq=2)
+    s.enqueue(first)
+    s.enqueue(other)
+    assert [p.task for p in s.schedule()] == [first]
+    s.release(first.id)
+    s.enqueue(first)  # requeued: the same object again
+    assert s.queued == 2
+    # When the queue's old tasks expire, the task is taken once
+    taken = s.take_oldest_while(lambda t: t.seq <= 2)
+    assert sorted(t.seq for t in taken) == [1, 2]
+    assert s.queued == 0 and s.queued_for(first.user) == 0
+    # and queued again, it is placed once, then nothing is left to place
+    s.enqueue(first)
+    assert [p.task for p in s.schedule()] == [first]
+    s.release(first.id)
+    assert s.schedule() == []
+
+
 def test_a_name_reported_as_taking_0_s_teaches_no_speed_and_no_typical_work() -> None:
     # Given a typical name of 0.5 s, and "quick" reported as 0 s on a
     s = Scheduler()

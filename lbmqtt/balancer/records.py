@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..protocol import ErrorInfo, NodeStatus, Status, TaskSpec
-from ..scheduler import NO_TAGS, Requires, requires_of
+from ..scheduler import NO_TAGS, Requires, Shape, requires_of
 
 QueueKey = tuple[str, int, Requires, frozenset[str]]
 """(name, priority, requires, tags): the tasks that wait in one queue of the scheduler."""
@@ -72,6 +72,16 @@ class TaskRecord:
     @property
     def queue_key(self) -> QueueKey:
         return (self.name, self.priority, self.requires, self.tags)
+
+    # the record is what the scheduler queues and places (scheduler.Queued: its fields
+    # above, unchanged while it is queued or placed; the shape; the order in a heap)
+
+    @property
+    def shape(self) -> Shape:
+        return (self.requires, self.tags)
+
+    def __lt__(self, other: TaskRecord) -> bool:
+        return (self.seq, self.id) < (other.seq, other.id)
 
     def same_submit(self, spec: TaskSpec, args_json: bytes) -> bool:
         """True if ``spec`` is a resend of this task's submit (idempotent)."""

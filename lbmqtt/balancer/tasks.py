@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import Settings
 from ..protocol import ErrorInfo, Status, TaskState, task_state_dict
 from ..protocol.assign import encode_assignment
-from ..scheduler import Copy, QueuedTask, Scheduler
+from ..scheduler import Copy, Scheduler
 from .outbox import Outbox
 from .records import PLACED, CopyAttempt, NodeInfo, QueueKey, TaskRecord, node_info
 from .stats import Tally
@@ -110,19 +110,7 @@ class TaskTable:
         self.set_status(rec, Status.QUEUED)
         rec.node = None
         rec.group = None
-        self.scheduler.enqueue(
-            QueuedTask(
-                rec.id,
-                rec.user,
-                rec.name,
-                rec.priority,
-                rec.seq,
-                rec.requires,
-                rec.tags,
-                rec.cost,
-                rec.speculate,
-            )
-        )
+        self.scheduler.enqueue(rec)  # (the record itself: scheduler.Queued)
         self.tally.queued_by[rec.queue_key] += 1
         self.round_wanted = True
 

@@ -14,7 +14,7 @@ from .model import (
     Group,
     NodeCaps,
     Placement,
-    QueuedTask,
+    Queued,
     Requires,
     Runtimes,
     Shape,
@@ -37,7 +37,7 @@ class Scheduler:
     runtimes: Runtimes = field(default_factory=Runtimes)
     holding: bool = False
     """The last :meth:`schedule` kept a task waiting for a faster slot: call it again soon."""
-    _alive: dict[str, QueuedTask] = field(default_factory=dict)
+    _alive: dict[str, Queued] = field(default_factory=dict)
     _queues: dict[str, dict[tuple[str, Shape], PriorityQueue]] = field(default_factory=dict)
     _nodes: dict[str, NodeCaps] = field(default_factory=dict)
     _load: dict[str, float] = field(default_factory=dict)
@@ -64,7 +64,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- queue
 
-    def enqueue(self, task: QueuedTask) -> None:
+    def enqueue(self, task: Queued) -> None:
         """Queue a task (a requeued task keeps its seq and so goes back to the head)."""
         if task.id in self._alive or task.id in self._running:
             raise ValueError(f"task {task.id!r} is already queued or running")
@@ -73,7 +73,7 @@ class Scheduler:
         by_key.setdefault((task.name, task.shape), PriorityQueue()).push(task)
         self._queued_by_user[task.user] += 1
 
-    def remove(self, task_id: str) -> QueuedTask | None:
+    def remove(self, task_id: str) -> Queued | None:
         """Take a queued task out (cancel). Returns it, or None if it was not queued."""
         task = self._alive.pop(task_id, None)
         if task is None:
@@ -81,7 +81,7 @@ class Scheduler:
         self._forget_queued(task)
         return task
 
-    def _forget_queued(self, task: QueuedTask) -> None:
+    def _forget_queued(self, task: Queued) -> None:
         by_key = self._queues[task.user]
         key = (task.name, task.shape)
         pq = by_key[key]
@@ -94,7 +94,7 @@ class Scheduler:
         if self._queued_by_user[task.user] <= 0:
             del self._queued_by_user[task.user]
 
-    def take_oldest_while(self, pred: Callable[[QueuedTask], bool]) -> list[QueuedTask]:
+    def take_oldest_while(self, pred: Callable[[Queued], bool]) -> list[Queued]:
         """Take out and return, from the head of every queue, the tasks for which ``pred``
         holds, stopping at each queue's first task for which it does not. A head is its
         queue's oldest task by seq (kept on requeue): expiry by age needs no entry per
@@ -129,7 +129,7 @@ class Scheduler:
         """Users with queued or placed tasks."""
         return set(self._queued_by_user) | set(self._running_by_user)
 
-    def queued_tasks(self) -> Iterable[QueuedTask]:
+    def queued_tasks(self) -> Iterable[Queued]:
         """Every queued task (no particular order)."""
         return self._alive.values()
 
@@ -291,7 +291,7 @@ class Scheduler:
         requires: Requires,
         *,
         long: bool = True,
-        task: QueuedTask | None = None,
+        task: Queued | None = None,
         windowed: bool = False,
     ) -> None:
         self._running[task_id] = Placed(
@@ -353,7 +353,7 @@ class Scheduler:
         it is queued again, at the head) or :meth:`keep` (it had started meanwhile)."""
         return stragglers.take_back(self, now)
 
-    def given_back(self, task_id: str) -> QueuedTask | None:
+    def given_back(self, task_id: str) -> Queued | None:
         """A task asked back was given up by its node: unplace it and queue it again (it
         keeps its seq, so it goes back to the head). Returns the task, or None."""
         r = self._running.get(task_id)
@@ -451,7 +451,7 @@ class Scheduler:
     """Wait for a busy slot only if it would finish the task in under 80 % of the time."""
 
     def _better_soon(
-        self, task: QueuedTask, node: str, now: float, claimed: set[tuple[str, int]]
+        self, task: Queued, node: str, now: float, claimed: set[tuple[str, int]]
     ) -> bool:
         """Whether a busy slot frees soon enough to finish ``task`` clearly earlier than
         starting it on ``node`` now (and claim that slot for it)."""
@@ -523,10 +523,10 @@ class Scheduler:
         self,
         free: dict[tuple[str, int], Group],
         held: set[tuple[str, str, Shape]] = frozenset(),  # type: ignore[assignment]
-    ) -> tuple[QueuedTask, tuple[str, int]] | None:
+    ) -> tuple[Queued, tuple[str, int]] | None:
         cap = self.max_running_per_user
         order = sorted(self._queues, key=lambda u: self._running_by_user.get(u, 0))
-        best: QueuedTask | None = None
+        best: Queued | None = None
         best_key: tuple[int, int] | None = None
         fit_cache: dict[tuple[str, str, Shape], bool] = {}
         bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]] = {}
@@ -553,8 +553,8 @@ class Scheduler:
         fit_cache: dict[tuple[str, str, Shape], bool],
         held: set[tuple[str, str, Shape]],
         bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]],
-    ) -> QueuedTask | None:
-        head: QueuedTask | None = None
+    ) -> Queued | None:
+        head: Queued | None = None
         for (name, shape), pq in self._queues[user].items():
             if held and (user, name, shape) in held:
                 continue
@@ -607,7 +607,7 @@ class Scheduler:
             return est * cost
         return est
 
-    def _best_slot(self, task: QueuedTask, free: dict[tuple[str, int], Group]) -> tuple[str, int]:
+    def _best_slot(self, task: Queued, free: dict[tuple[str, int], Group]) -> tuple[str, int]:
         """The free place for ``task`` with the smallest :meth:`_slot_key`.
 
         Within one :meth:`schedule` call the places are kept in a heap per (name, shape,
@@ -643,9 +643,7 @@ class Scheduler:
             return node, gi
         raise AssertionError("_user_head only returns tasks some free slot can run")
 
-    def _scan_best_slot(
-        self, task: QueuedTask, free: dict[tuple[str, int], Group]
-    ) -> tuple[str, int]:
+    def _scan_best_slot(self, task: Queued, free: dict[tuple[str, int], Group]) -> tuple[str, int]:
         keys = [
             self._slot_key(task, node, gi, g)
             for (node, gi), g in free.items()
@@ -655,7 +653,7 @@ class Scheduler:
         best = min(keys)
         return best[3], best[4]
 
-    def _slot_ok(self, task: QueuedTask, node: str, g: Group) -> bool:
+    def _slot_ok(self, task: Queued, node: str, g: Group) -> bool:
         caps = self._nodes[node]
         return (
             g.accepts(task.priority)
@@ -663,7 +661,7 @@ class Scheduler:
             and self._window_ok(task.name, caps, g)
         )
 
-    def _slot_key(self, task: QueuedTask, node: str, gi: int, g: Group) -> SlotKey:
+    def _slot_key(self, task: Queued, node: str, gi: int, g: Group) -> SlotKey:
         """Smaller is better: expected finish (runtime, and the tasks ahead of it in a
         window), then the faster node, then the less loaded, then by name."""
         caps = self._nodes[node]

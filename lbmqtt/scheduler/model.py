@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 # (what lbmqtt.scheduler re-exports; SlotKey is the scheduler's own)
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Group",
     "NodeCaps",
     "Placement",
+    "Queued",
     "QueuedTask",
     "Requires",
     "Runtimes",
@@ -32,9 +34,47 @@ def requires_of(mapping: Mapping[str, float] | None) -> Requires:
     return tuple(sorted((k, float(v)) for k, v in (mapping or {}).items() if v))
 
 
+class Queued(Protocol):
+    """What the scheduler needs to know about a queued task: any object with these
+    attributes, which must not change while the scheduler holds it (queued or placed).
+
+    The balancer queues its task records themselves (a :class:`QueuedTask` beside each
+    record cost 104 bytes a task: ~100 MB of the balancer's ~715 MB with a million tasks
+    queued); the scheduler's tests and benches use :class:`QueuedTask`. The scheduler
+    tells a queued entry from a stale one by identity (``PriorityQueue``), never by
+    equality or hash."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def seq(self) -> int:
+        """Submission order; a requeued task keeps its seq, so it returns to the head."""
+
+    @property
+    def requires(self) -> Requires: ...
+    @property
+    def tags(self) -> frozenset[str]: ...
+    @property
+    def cost(self) -> float | None: ...
+    @property
+    def speculate(self) -> bool: ...
+    @property
+    def shape(self) -> Shape:
+        """``(requires, tags)``: which nodes can run it."""
+
+    def __lt__(self, other: Any) -> bool:
+        """Heap order within one priority: FIFO by ``(seq, id)``."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedTask:
-    """What the scheduler needs to know about a queued task."""
+    """A queued task as the scheduler's tests and benches give it (:class:`Queued`)."""
 
     id: str
     user: str
@@ -94,7 +134,7 @@ class NodeCaps:
 class Placement:
     """Decision: run ``task`` on ``node`` in a slot of group ``group``."""
 
-    task: QueuedTask
+    task: Queued
     node: str
     group: int
 

@@ -7,7 +7,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .model import QueuedTask, Requires
+from .model import Queued, Requires
 
 
 class PriorityQueue:
@@ -18,11 +18,13 @@ class PriorityQueue:
     def __init__(self) -> None:
         self.prios: list[int] = []
         # a removed task's entry stays until it reaches the top, and is recognised as stale
-        # because the task object queued under its id is another one (or none)
-        self.heaps: dict[int, list[QueuedTask]] = {}
+        # because the task object queued under its id is another one (or none); a task
+        # queued again as the same object (the balancer's records) has two entries until
+        # one is taken: both live, the same task (pop_oldest_while takes it once)
+        self.heaps: dict[int, list[Queued]] = {}
         self.counts: dict[int, int] = {}
 
-    def push(self, task: QueuedTask) -> None:
+    def push(self, task: Queued) -> None:
         p = task.priority
         heap = self.heaps.get(p)
         if heap is None:
@@ -40,9 +42,7 @@ class PriorityQueue:
             del self.heaps[priority]
             self.prios.remove(priority)
 
-    def best_in_band(
-        self, min_p: int, max_p: int, alive: dict[str, QueuedTask]
-    ) -> QueuedTask | None:
+    def best_in_band(self, min_p: int, max_p: int, alive: dict[str, Queued]) -> Queued | None:
         """Highest-priority, then oldest, live task with ``min_p <= priority <= max_p``."""
         i = bisect.bisect_right(self.prios, max_p) - 1
         if i < 0 or self.prios[i] < min_p:
@@ -51,22 +51,22 @@ class PriorityQueue:
         return _live_head(self.heaps[self.prios[i]], alive)
 
     def pop_oldest_while(
-        self, pred: Callable[[QueuedTask], bool], alive: dict[str, QueuedTask]
-    ) -> list[QueuedTask]:
+        self, pred: Callable[[Queued], bool], alive: dict[str, Queued]
+    ) -> list[Queued]:
         """Pop each priority's oldest live tasks while ``pred`` holds for them (the caller
         then forgets them as queued: Scheduler.take_oldest_while)."""
-        popped = []
+        popped: dict[str, Queued] = {}  # (by id: an entry twice in a heap, taken once)
         for heap in self.heaps.values():
             while (task := _live_head(heap, alive)) is not None and pred(task):
                 heapq.heappop(heap)
-                popped.append(task)
-        return popped
+                popped[task.id] = task
+        return list(popped.values())
 
     def __bool__(self) -> bool:
         return bool(self.prios)
 
 
-def _live_head(heap: list[QueuedTask], alive: dict[str, QueuedTask]) -> QueuedTask | None:
+def _live_head(heap: list[Queued], alive: dict[str, Queued]) -> Queued | None:
     """The heap's oldest live task, dropping the stale entries on top (a removed task's,
     or a removed and re-queued one's: the task queued under its id is another object)."""
     while heap:
@@ -86,7 +86,7 @@ class Placed:
     expected_end: float | None = None
     long: bool = True
     """Not known to be short (it blocks its group's pipelining window while placed)."""
-    task: QueuedTask | None = None
+    task: Queued | None = None
     """The task (None for one adopted after a restart: never taken back nor copied)."""
     windowed: bool = False
     """Placed in a pipelining window (beyond the group's idle slots)."""
