@@ -391,6 +391,7 @@ def cmd_broker(ns: argparse.Namespace, s: Settings) -> int:
     from .broker import serve
 
     _supervised()
+    freeze_heap()  # (amqtt and the validators imported: what its collections would traverse)
     asyncio.run(serve(s, ready_fd=ns.ready_fd))
     return Exit.OK
 
