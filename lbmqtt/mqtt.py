@@ -58,10 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: payload bytes one read callback handles before it hands the event loop back
-#: (``MqttTransport._on_readable``): ~300 tasks of a submit batch, ~100 reports.
-READ_BUDGET_BYTES = 32 * 1024
-
 MessageHandler = Callable[[str, bytes, bool], None]
 """Called on the loop thread with ``(topic, payload, retained)`` for every message."""
 
@@ -167,7 +163,6 @@ class MqttTransport:
         self._sub_mids: dict[int, asyncio.Future[None]] = {}
         self._initial_sub_mid: int | None = None
         self._pub_waiters: dict[int, asyncio.Future[None]] = {}
-        self._read_bytes = 0  # payload bytes handled in this read callback
         self._tasks: list[asyncio.Task[Any]] = []
         self._connecting: asyncio.Future[Any] | None = None
         self._closing = False
@@ -569,14 +564,9 @@ class MqttTransport:
         self._writer_fd = fd
 
     def _on_readable(self) -> None:
-        # Read the packets already in the socket buffer in one go, so that a burst of
-        # messages is handled in one loop iteration (and batched by the components); but
-        # hand the loop back after READ_BUDGET_BYTES of payloads, so that what the
-        # components scheduled for them (call_soon: the balancer's tick) runs before the
-        # rest is read: the first 500 tasks of a 2,000-task submit are placed while the
-        # others are still arriving, not after all are decoded and journalled.
+        # Read every packet already in the socket buffer in one go, so that a burst of
+        # messages is handled in one loop iteration (and batched by the components).
         client = self._client
-        self._read_bytes = 0
         for _ in range(512):
             try:
                 rc = client.loop_read()
@@ -588,13 +578,6 @@ class MqttTransport:
                 return
             sock = client.socket()
             if sock is None:
-                return
-            if self._read_bytes >= READ_BUDGET_BYTES:
-                # the socket stays readable and the loop calls back next round; bytes TLS
-                # has already decrypted do not make it readable: call back for those
-                if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                    assert self._loop is not None
-                    self._loop.call_soon(self._on_readable)
                 return
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 continue
@@ -697,10 +680,8 @@ class MqttTransport:
         except UnicodeDecodeError:
             self.bad_messages += 1
             return
-        payload = bytes(msg.payload)
-        self._read_bytes += len(payload)
         try:
-            self._handler(topic, payload, bool(msg.retain))
+            self._handler(topic, bytes(msg.payload), bool(msg.retain))
         except Exception:
             self.bad_messages += 1
             log.exception("message handler failed on %s", topic)

@@ -13,7 +13,7 @@ from lbmqtt.errors import BrokerUnavailable, ConfigError
 from lbmqtt.mqtt import MqttTransport, Will
 from lbmqtt.paho_fixes import coalesce
 
-from .cluster import free_port, self_signed_cert
+from .cluster import free_port
 
 
 async def until(predicate: Any, timeout: float = 10.0) -> None:
@@ -112,68 +112,24 @@ def test_tcp_nodelay_is_set_on_the_socket() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
-def test_a_burst_waiting_in_the_socket_is_read_a_budget_at_a_time(tls: bool, tmp_path: Any) -> None:
-    """Messages already waiting in the socket are handled READ_BUDGET_BYTES at a time: what
-    the first ones scheduled (call_soon, as the balancer schedules its tick) runs before the
-    last ones are read, and none is lost or left unread, over TLS too. (Bytes TLS has
-    already decrypted when the budget is spent do not make the socket readable: the
-    transport calls itself back for them. This test does not make TLS hold such bytes: it
-    passes without that call back.)"""
-    import fcntl
-    import ssl
-    import termios
-
-    from lbmqtt.broker import TlsListener
-    from lbmqtt.mqtt import READ_BUDGET_BYTES
-
-    size, count = READ_BUDGET_BYTES * 2 // 3, 4  # the budget is spent by the 2nd message
+def test_flush_writes_what_is_published_before_the_loop_goes_on() -> None:
+    """publish() leaves the write to the end of the loop iteration (what else is published
+    meanwhile shares it); flush() writes at once, so that a balancer's tick is on the wire
+    before its loop reads the next burst of messages."""
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        listener, ctx = None, None
-        if tls:
-            cert, key = self_signed_cert(tmp_path, "127.0.0.1")
-            listener = TlsListener("127.0.0.1", free_port(), str(cert), str(key))
-            ctx = ssl.create_default_context(cafile=str(cert))
-        async with EmbeddedBroker(tls=listener) as broker:
-            log: list[str] = []
-
-            def on_message(topic: str, payload: bytes, retained: bool) -> None:
-                log.append(topic)
-                if len(log) == 1:
-                    loop.call_soon(log.append, "scheduled by the first")
-
-            port = listener.port if listener is not None else broker.port
-            sub = MqttTransport(
-                host="127.0.0.1", port=port, client_id="sub", on_message=on_message,
-                subscriptions=[("burst/#", 0)], tls=ctx,
-            )  # fmt: skip
-            pub = MqttTransport(
-                host="127.0.0.1", port=broker.port, client_id="pub", on_message=lambda *a: None
+        async with EmbeddedBroker() as broker:
+            t = MqttTransport(
+                host="127.0.0.1", port=broker.port, client_id="x", on_message=lambda *a: None
             )
-            await sub.start(wait=True)
-            await pub.start(wait=True)
-            # the subscriber stops reading until the whole burst waits in its socket
-            fd = sub._fd
-            assert fd is not None
-            loop.remove_reader(fd)
-            for i in range(count):
-                pub.publish(f"burst/{i}", bytes(size), qos=0)
-            pub.flush()
-
-            def waiting() -> int:
-                return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), "little")
-
-            await until(lambda: waiting() >= count * size)
-            loop.add_reader(fd, sub._on_readable)
-            await until(lambda: len(log) == count + 1)
-            assert log.index("scheduled by the first") < count
-            assert [x for x in log if x.startswith("burst/")] == [
-                f"burst/{i}" for i in range(count)
-            ]
-            await sub.close()
-            await pub.close()
+            await t.start(wait=True)
+            client = t._client
+            t.publish("f/1", b"one", qos=0)
+            assert client.want_write()  # queued, not written yet
+            t.flush()
+            assert not client.want_write()  # written
+            t.flush()  # nothing left: a no-op
+            await t.close()
 
     asyncio.run(scenario())
 
