@@ -2,20 +2,23 @@
 
 Gauges and counters are read at scrape time from the balancer's latest stats snapshot (an
 immutable :class:`~lbmqtt.protocol.BalancerStats`, so the scrape thread never touches the
-balancer's live state); wait and run times are histograms observed as tasks finish.
+balancer's live state); wait and run times are histograms observed as tasks finish
+(:class:`_Histograms`: a list per task name, copied whole by the scrape thread).
 
 Names follow Prometheus conventions: ``lbmqtt_`` prefix, ``_total`` counters, seconds.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .protocol import BalancerStats
@@ -44,6 +47,43 @@ BUCKETS = (
     float("inf"),
 )
 """Seconds: from no-op tasks (milliseconds) to long jobs (an hour)."""
+_LE = {b: "+Inf" if b == float("inf") else repr(b) for b in BUCKETS}
+"""Each bound as exposition text writes it (``le="0.001"``, ``le="+Inf"``)."""
+
+
+class _Histograms(Collector):
+    """A histogram of seconds per task name, as prometheus_client's ``Histogram`` with a
+    ``name`` label exposes one, observed at ~0.3 µs on the balancer's loop.
+
+    ``Histogram.labels(name).observe(v)`` cost ~5 µs with its locks, twice per finished
+    task: a twentieth of the balancer's CPU per no-op task. Here each name has one list,
+    its bucket counts then the sum; only the loop thread writes it, and the scrape thread
+    copies it whole (one C-level copy: the GIL is not let go within it), so a scrape sees
+    each name's counts and sum as of one moment."""
+
+    def __init__(self, metric: str, doc: str):
+        self.metric = metric
+        self.doc = doc
+        self.by_name: dict[str, list[float]] = {}
+
+    def observe(self, name: str, seconds: float) -> None:
+        counts = self.by_name.get(name)
+        if counts is None:
+            counts = self.by_name[name] = [0] * len(BUCKETS) + [0.0]
+        if not math.isnan(seconds):
+            counts[bisect.bisect_left(BUCKETS, seconds)] += 1  # (the first bound >= it)
+            counts[-1] += seconds
+
+    def collect(self) -> Iterator[Any]:
+        family = HistogramMetricFamily(self.metric, self.doc, labels=["name"])
+        for name, live in list(self.by_name.items()):
+            counts = list(live)
+            cumulative, total = [], 0.0
+            for bound, n in zip(BUCKETS, counts[:-1], strict=True):
+                total += n
+                cumulative.append((_LE[bound], total))
+            family.add_metric([name], cumulative, sum_value=counts[-1])
+        yield family
 
 
 class _StatsCollector(Collector):
@@ -159,28 +199,18 @@ class Metrics:
     def __init__(self, latest: Callable[[], BalancerStats | None]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_StatsCollector(latest))
-        self.wait = Histogram(
-            "lbmqtt_task_wait_seconds",
-            "Submit to start, per task name",
-            ["name"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
-        self.run = Histogram(
-            "lbmqtt_task_run_seconds",
-            "Start to finish, per task name",
-            ["name"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
+        self.wait = _Histograms("lbmqtt_task_wait_seconds", "Submit to start, per task name")
+        self.run = _Histograms("lbmqtt_task_run_seconds", "Start to finish, per task name")
+        self.registry.register(self.wait)
+        self.registry.register(self.run)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.port = 0
 
     def observe(self, name: str, wait_s: float, run_s: float) -> None:
         """Record one finished task's wait and run times."""
-        self.wait.labels(name).observe(wait_s)
-        self.run.labels(name).observe(run_s)
+        self.wait.observe(name, wait_s)
+        self.run.observe(name, run_s)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` (0: a free port) in a thread; returns the port.

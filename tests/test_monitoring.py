@@ -455,3 +455,32 @@ def test_waiting_with_a_progress_callback_does_not_query_in_a_loop(
     assert any(s.progress == 40 and s.status == Status.RUNNING for s in states)
     assert len(spy.payloads(topics.query("hal"))) <= 1
     assert len(states) <= 6  # queued/assigned, running, progress, done: not hundreds
+
+
+def test_task_time_histograms_expose_cumulative_buckets_sum_and_count() -> None:
+    from prometheus_client import generate_latest
+
+    from lbmqtt.metrics import Metrics
+
+    m = Metrics(lambda: None)
+    for wait, run in ((0.0005, 2.0), (0.001, 3.0), (0.003, 4000.0), (float("nan"), 1.0)):
+        m.observe("ECHO", wait, run)
+    m.observe("HASH", 0.2, 0.2)
+    got = {
+        (s.name, s.labels.get("name"), s.labels.get("le")): s.value
+        for f in text_string_to_metric_families(generate_latest(m.registry).decode())
+        for s in f.samples
+    }
+    wait = "lbmqtt_task_wait_seconds"
+    # a bound counts the values up to and including it ("le"); NaN is not counted
+    assert got[(f"{wait}_bucket", "ECHO", "0.001")] == 2
+    assert got[(f"{wait}_bucket", "ECHO", "0.0025")] == 2
+    assert got[(f"{wait}_bucket", "ECHO", "0.005")] == 3
+    assert got[(f"{wait}_bucket", "ECHO", "+Inf")] == 3
+    assert got[(f"{wait}_count", "ECHO", None)] == 3
+    assert got[(f"{wait}_sum", "ECHO", None)] == pytest.approx(0.0045)
+    run = "lbmqtt_task_run_seconds"
+    assert got[(f"{run}_bucket", "ECHO", "2.5")] == 2  # (1.0 and 2.0)
+    assert got[(f"{run}_bucket", "ECHO", "3600.0")] == 3
+    assert got[(f"{run}_count", "ECHO", None)] == 4
+    assert got[(f"{run}_bucket", "HASH", "0.25")] == 1
