@@ -81,7 +81,9 @@ class TaskRecord:
         return (self.requires, self.tags)
 
     def __lt__(self, other: TaskRecord) -> bool:
-        return (self.seq, self.id) < (other.seq, other.id)
+        # (no tuples: ~14 comparisons per task placed, in the heaps of its queue)
+        seq, other_seq = self.seq, other.seq
+        return seq < other_seq or (seq == other_seq and self.id < other.id)
 
     def same_submit(self, spec: TaskSpec, args_json: bytes) -> bool:
         """True if ``spec`` is a resend of this task's submit (idempotent)."""

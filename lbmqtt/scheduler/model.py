@@ -96,7 +96,8 @@ class QueuedTask:
     def __lt__(self, other: QueuedTask) -> bool:
         # heap order within one priority: FIFO by seq (the task itself is the heap entry,
         # no (seq, n, task) tuple: a million queued tasks cost ~100 bytes less each)
-        return (self.seq, self.id) < (other.seq, other.id)
+        seq, other_seq = self.seq, other.seq
+        return seq < other_seq or (seq == other_seq and self.id < other.id)
 
 
 @dataclass(frozen=True, slots=True)
