@@ -40,6 +40,7 @@ async def submit_specs(
     acks = [client._book.watch_next(spec.id or "") for spec in specs]
     for start in range(0, len(specs), batch_size):
         _publish_submit(client, t, specs[start : start + batch_size])
+    t.flush()  # on the wire now: waiting for the acks can hold the loop (a full collection)
     await _await_acks(client, specs, acks)
     out: list[BaseException | None] = []
     for spec, f in zip(specs, acks, strict=True):
