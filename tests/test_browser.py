@@ -151,16 +151,23 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             # drawing: on a loaded machine the done count's sample may come only after the
             # last task has stopped running)
             seen_running: list[bool] = []
+            last: list[dict[str, Any]] = [{}]
 
             def done_and_running() -> dict[str, Any] | None:
                 p = page()
                 if not p:
                     return None
+                last[0] = p
                 if "running" in p["task_states"] and max(p["progress"]) > 0:
                     seen_running.append(True)
                 return p if p["last_done"] >= 2 and seen_running else None
 
-            mid = wait_until(done_and_running, 30, "tasks done and others running")
+            try:
+                mid = wait_until(done_and_running, 30, "tasks done and others running")
+            except AssertionError as exc:
+                keys = ("samples", "last_done", "task_states", "progress", "users")
+                shown = {k: last[0].get(k) for k in keys}
+                raise AssertionError(f"{exc}; running seen: {bool(seen_running)}; {shown}") from exc
             wait_until(
                 lambda: (p := page()) and p["idle"] and p["samples"] > mid["samples"] and p,
                 20,
