@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import socket
 import tempfile
 import time
@@ -32,10 +33,32 @@ def sleeper(**kwargs: Any) -> bool:
     return True
 
 
+_TAKEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port for the seed to bind later, each a different one, below the
+    kernel's ephemeral range: there, an outgoing connection could take it between this
+    choice and the seed's bind (its worker hub once failed with "Address already in use"
+    and the whole ``seed`` run stopped)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, low) if low > 21000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            got = int(s.getsockname()[1])
+        if got not in _TAKEN:
+            _TAKEN.add(got)
+            return got
+    raise OSError("no free port found below the ephemeral range")
 
 
 def wait_done(client: Any, ids: list[str], poll_s: float, deadline: float) -> None:
