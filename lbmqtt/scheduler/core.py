@@ -19,8 +19,9 @@ from .model import (
     Runtimes,
     Shape,
     SlotKey,
+    why_waiting,
 )
-from .queues import Placed, PriorityQueue
+from .queues import Backlog, Placed
 
 
 @dataclass
@@ -37,8 +38,7 @@ class Scheduler:
     runtimes: Runtimes = field(default_factory=Runtimes)
     holding: bool = False
     """The last :meth:`schedule` kept a task waiting for a faster slot: call it again soon."""
-    _alive: dict[str, Queued] = field(default_factory=dict)
-    _queues: dict[str, dict[tuple[str, Shape], PriorityQueue]] = field(default_factory=dict)
+    _backlog: Backlog = field(default_factory=Backlog)
     _nodes: dict[str, NodeCaps] = field(default_factory=dict)
     _load: dict[str, float] = field(default_factory=dict)
     _busy: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -60,66 +60,35 @@ class Scheduler:
     take_back_min_gain_s: float = 0.1
     """A pipelined task is taken back only to end at least this much sooner elsewhere."""
     _running_by_user: Counter[str] = field(default_factory=Counter)
-    _queued_by_user: Counter[str] = field(default_factory=Counter)
 
     # ---------------------------------------------------------------- queue
 
     def enqueue(self, task: Queued) -> None:
         """Queue a task (a requeued task keeps its seq and so goes back to the head)."""
-        if task.id in self._alive or task.id in self._running:
+        if task.id in self._backlog.alive or task.id in self._running:
             raise ValueError(f"task {task.id!r} is already queued or running")
-        self._alive[task.id] = task
-        by_key = self._queues.setdefault(task.user, {})
-        by_key.setdefault((task.name, task.shape), PriorityQueue()).push(task)
-        self._queued_by_user[task.user] += 1
+        self._backlog.push(task)
 
     def remove(self, task_id: str) -> Queued | None:
         """Take a queued task out (cancel). Returns it, or None if it was not queued."""
-        task = self._alive.pop(task_id, None)
-        if task is None:
-            return None
-        self._forget_queued(task)
-        return task
-
-    def _forget_queued(self, task: Queued) -> None:
-        by_key = self._queues[task.user]
-        key = (task.name, task.shape)
-        pq = by_key[key]
-        pq.discard(task.priority)
-        if not pq:
-            del by_key[key]
-            if not by_key:
-                del self._queues[task.user]
-        self._queued_by_user[task.user] -= 1
-        if self._queued_by_user[task.user] <= 0:
-            del self._queued_by_user[task.user]
+        return self._backlog.pop(task_id)
 
     def take_oldest_while(self, pred: Callable[[Queued], bool]) -> list[Queued]:
-        """Take out and return, from the head of every queue, the tasks for which ``pred``
-        holds, stopping at each queue's first task for which it does not. A head is its
-        queue's oldest task by seq (kept on requeue): expiry by age needs no entry per
-        queued task (a heap of deadlines cost ~100 bytes a task)."""
-        taken = [
-            task
-            for by_key in self._queues.values()
-            for pq in by_key.values()
-            for task in pq.pop_oldest_while(pred, self._alive)
-        ]
-        for task in taken:
-            self.remove(task.id)
-        return taken
+        """Take out and return the queues' oldest tasks while ``pred`` holds for them
+        (:meth:`.queues.Backlog.take_oldest_while`: expiry)."""
+        return self._backlog.take_oldest_while(pred)
 
     def is_queued(self, task_id: str) -> bool:
-        return task_id in self._alive
+        return task_id in self._backlog.alive
 
     @property
     def queued(self) -> int:
         """Number of queued tasks."""
-        return len(self._alive)
+        return len(self._backlog)
 
     def queued_for(self, user: str) -> int:
         """Number of queued tasks of ``user``."""
-        return self._queued_by_user.get(user, 0)
+        return self._backlog.counts.get(user, 0)
 
     def running_for(self, user: str) -> int:
         """Number of placed (assigned or running) tasks of ``user``."""
@@ -127,11 +96,11 @@ class Scheduler:
 
     def users(self) -> set[str]:
         """Users with queued or placed tasks."""
-        return set(self._queued_by_user) | set(self._running_by_user)
+        return set(self._backlog.counts) | set(self._running_by_user)
 
     def queued_tasks(self) -> Iterable[Queued]:
         """Every queued task (no particular order)."""
-        return self._alive.values()
+        return self._backlog.alive.values()
 
     # ---------------------------------------------------------------- nodes
 
@@ -395,7 +364,7 @@ class Scheduler:
                 every free slot that can run a queued task gets one.
         """
         out: list[Placement] = []
-        if not self._alive:
+        if not self._backlog:
             return out
         self._rt_cache = {}  # runtimes and loads do not change within one call
         self._slot_heaps = {}
@@ -415,18 +384,17 @@ class Scheduler:
         self.holding = False
         claimed: set[tuple[str, int]] = set()
         slots = sum(caps.slots for caps in self._nodes.values())
-        while free and self._alive:
+        while free and self._backlog:
             choice = self._next(free, held)
             if choice is None:
                 break
             task, (node, gi) = choice
-            tail = len(self._alive) <= slots  # the queue can no longer fill the cluster
+            tail = len(self._backlog) <= slots  # the queue can no longer fill the cluster
             if tail and now is not None and self._better_soon(task, node, now, claimed):
                 held.add((task.user, task.name, task.shape))
                 self.holding = True  # call again soon: estimates go stale
                 continue
-            del self._alive[task.id]
-            self._forget_queued(task)
+            self._backlog.take(task)
             windowed = self._busy.get((node, gi), 0) >= free[(node, gi)].workers
             self._mark_placed(
                 task.id,
@@ -525,7 +493,7 @@ class Scheduler:
         held: set[tuple[str, str, Shape]] = frozenset(),  # type: ignore[assignment]
     ) -> tuple[Queued, tuple[str, int]] | None:
         cap = self.max_running_per_user
-        order = sorted(self._queues, key=lambda u: self._running_by_user.get(u, 0))
+        order = sorted(self._backlog.by_user, key=lambda u: self._running_by_user.get(u, 0))
         best: Queued | None = None
         best_key: tuple[int, int] | None = None
         fit_cache: dict[tuple[str, str, Shape], bool] = {}
@@ -555,14 +523,14 @@ class Scheduler:
         bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]],
     ) -> Queued | None:
         head: Queued | None = None
-        for (name, shape), pq in self._queues[user].items():
+        for (name, shape), pq in self._backlog.by_user[user].items():
             if held and (user, name, shape) in held:
                 continue
             bands = bands_cache.get((name, shape))
             if bands is None:  # the same for every user: computed once per placement
                 bands = bands_cache[(name, shape)] = self._open_bands(name, shape, free, fit_cache)
             for lo, hi in bands:
-                t = pq.best_in_band(lo, hi, self._alive)
+                t = pq.best_in_band(lo, hi, self._backlog.alive)
                 if t is not None and (
                     head is None or (-t.priority, t.seq) < (-head.priority, head.seq)
                 ):
@@ -681,29 +649,4 @@ class Scheduler:
         self, name: str, priority: int, requires: Requires = (), tags: frozenset[str] = NO_TAGS
     ) -> str | None:
         """Why a task could not run on any online node even if all were idle, or None."""
-        if not self._nodes:
-            return "no node is online"
-        offering = [n for n in self._nodes.values() if name in n.tasks]
-        if not offering:
-            return f"no online node offers task {name!r}"
-        if tags:
-            tagged = [n for n in offering if tags <= n.tags]
-            if not tagged:
-                return f"no online node offering {name!r} has tags {', '.join(sorted(tags))}"
-            offering = tagged
-        for res, amount in requires:
-            enough = [n for n in offering if n.resources.get(res, 0.0) >= amount - 1e-9]
-            if not enough:
-                most = max(n.resources.get(res, 0.0) for n in offering)
-                return (
-                    f"no online node offering {name!r} has {res}={amount:g} "
-                    f"(the most: {res}={most:g})"
-                )
-            offering = enough
-        if not any(g.accepts(priority) and g.workers > 0 for n in offering for g in n.groups):
-            bands = sorted({f"{g.min_p}..{g.max_p}" for n in offering for g in n.groups})
-            return (
-                f"no online node offering {name!r} has a slot for priority {priority} "
-                f"(bands: {', '.join(bands)})"
-            )
-        return None
+        return why_waiting(self._nodes.values(), name, priority, requires, tags)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ __all__ = [
     "Shape",
     "queue_order",
     "requires_of",
+    "why_waiting",
 ]
 
 Requires = tuple[tuple[str, float], ...]
@@ -274,3 +275,36 @@ def _toward(v: float, sample: float, alpha: float) -> float:
     weighs as one twice too short); one wild sample moves it by at most 100x ** alpha."""
     sample = min(max(sample, v / 100), v * 100)
     return math.exp(math.log(v) + alpha * (math.log(sample) - math.log(v)))
+
+
+def why_waiting(
+    nodes: Collection[NodeCaps],
+    name: str,
+    priority: int,
+    requires: Requires = (),
+    tags: frozenset[str] = NO_TAGS,
+) -> str | None:
+    """Why a task could not run on any of ``nodes`` even if all were idle, or None."""
+    offering = [n for n in nodes if name in n.tasks]
+    if not offering:
+        return "no node is online" if not nodes else f"no online node offers task {name!r}"
+    if tags:
+        tagged = [n for n in offering if tags <= n.tags]
+        if not tagged:
+            return f"no online node offering {name!r} has tags {', '.join(sorted(tags))}"
+        offering = tagged
+    for res, amount in requires:
+        enough = [n for n in offering if n.resources.get(res, 0.0) >= amount - 1e-9]
+        if not enough:
+            most = max(n.resources.get(res, 0.0) for n in offering)
+            return (
+                f"no online node offering {name!r} has {res}={amount:g} (the most: {res}={most:g})"
+            )
+        offering = enough
+    if not any(g.accepts(priority) and g.workers > 0 for n in offering for g in n.groups):
+        bands = sorted({f"{g.min_p}..{g.max_p}" for n in offering for g in n.groups})
+        return (
+            f"no online node offering {name!r} has a slot for priority {priority} "
+            f"(bands: {', '.join(bands)})"
+        )
+    return None

@@ -1,13 +1,15 @@
-"""The scheduler's bookkeeping: per-user queues by priority, and what is placed where."""
+"""The scheduler's bookkeeping: the queued tasks (:class:`Backlog`: per user, per task name
+and shape, by priority) and what is placed where (:class:`Placed`)."""
 
 from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .model import Queued, Requires
+from .model import Queued, Requires, Shape
 
 
 class PriorityQueue:
@@ -64,6 +66,74 @@ class PriorityQueue:
 
     def __bool__(self) -> bool:
         return bool(self.prios)
+
+
+class Backlog:
+    """The queued tasks: the live one of each id (``alive``), and per user a
+    :class:`PriorityQueue` per (task name, shape), with the number queued per user."""
+
+    __slots__ = ("alive", "by_user", "counts")
+
+    def __init__(self) -> None:
+        self.alive: dict[str, Queued] = {}
+        self.by_user: dict[str, dict[tuple[str, Shape], PriorityQueue]] = {}
+        self.counts: Counter[str] = Counter()
+
+    def push(self, task: Queued) -> None:
+        """Queue a task (a requeued task keeps its seq and so goes back to the head)."""
+        self.alive[task.id] = task
+        by_key = self.by_user.setdefault(task.user, {})
+        by_key.setdefault((task.name, task.shape), PriorityQueue()).push(task)
+        self.counts[task.user] += 1
+
+    def pop(self, task_id: str) -> Queued | None:
+        """Take a queued task out; None if it is not queued."""
+        task = self.alive.pop(task_id, None)
+        if task is not None:
+            self._forget(task)
+        return task
+
+    def take(self, task: Queued) -> None:
+        """``task`` (live, as a queue's best) leaves the backlog: it is placed."""
+        del self.alive[task.id]
+        self._forget(task)
+
+    def _forget(self, task: Queued) -> None:
+        by_key = self.by_user[task.user]
+        key = (task.name, task.shape)
+        pq = by_key[key]
+        pq.discard(task.priority)
+        if not pq:
+            del by_key[key]
+            if not by_key:
+                del self.by_user[task.user]
+        self.counts[task.user] -= 1
+        if self.counts[task.user] <= 0:
+            del self.counts[task.user]
+
+    def take_oldest_while(self, pred: Callable[[Queued], bool]) -> list[Queued]:
+        """Take out and return, from the head of every queue, the tasks for which ``pred``
+        holds, stopping at each queue's first task for which it does not. A head is its
+        queue's oldest task by seq (kept on requeue): expiry by age needs no entry per
+        queued task (a heap of deadlines cost ~100 bytes a task)."""
+        taken = [
+            task
+            for by_key in self.by_user.values()
+            for pq in by_key.values()
+            for task in pq.pop_oldest_while(pred, self.alive)
+        ]
+        for task in taken:
+            self.pop(task.id)
+        return taken
+
+    def queues(self) -> Iterable[tuple[str, Shape, PriorityQueue]]:
+        """Every queue: (task name, shape, its queue), of all users."""
+        for by_key in self.by_user.values():
+            for (name, shape), pq in by_key.items():
+                yield name, shape, pq
+
+    def __len__(self) -> int:
+        return len(self.alive)
 
 
 def _live_head(heap: list[Queued], alive: dict[str, Queued]) -> Queued | None:

@@ -91,11 +91,11 @@ def _best_elsewhere(
 
 
 def _queued_fits(s: Scheduler, caps: NodeCaps, g: Group) -> bool:
-    for queues in s._queues.values():
-        for (name, shape), pq in queues.items():
-            if s.fits(caps, name, shape) and pq.best_in_band(g.min_p, g.max_p, s._alive):
-                return True
-    return False
+    alive = s._backlog.alive
+    return any(
+        s.fits(caps, name, shape) and pq.best_in_band(g.min_p, g.max_p, alive)
+        for name, shape, pq in s._backlog.queues()
+    )
 
 
 def time_left(s: Scheduler, r: Placed, now: float) -> float:
