@@ -15,13 +15,16 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import random
-import socket
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from baseline_workloads import arguments, measure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.ports import free_port  # (standard library only)
 
 
 def noop(**kwargs: Any) -> None:
@@ -31,34 +34,6 @@ def noop(**kwargs: Any) -> None:
 def sleeper(**kwargs: Any) -> bool:
     time.sleep(kwargs["task"]["seconds"])
     return True
-
-
-_TAKEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port for the seed to bind later, each a different one, below the
-    kernel's ephemeral range: there, an outgoing connection could take it between this
-    choice and the seed's bind (its worker hub once failed with "Address already in use"
-    and the whole ``seed`` run stopped)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, low) if low > 21000 else 0
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            got = int(s.getsockname()[1])
-        if got not in _TAKEN:
-            _TAKEN.add(got)
-            return got
-    raise OSError("no free port found below the ephemeral range")
 
 
 def wait_done(client: Any, ids: list[str], poll_s: float, deadline: float) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -35,35 +34,10 @@ from lbmqtt.errors import LbmqttError
 from lbmqtt.launcher import LaunchError, spawn
 from lbmqtt.protocol import Status, TaskState
 
+from .ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TASKS = str(ROOT / "tests" / "tasks_for_tests.py")
-
-
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A free loopback port for something to bind later. Taken below the kernel's ephemeral
-    range (32768-60999 by default): there, a port-0 bind or an outgoing connection of a test
-    running in parallel could take it first (it happened under ``pytest -n 4``)."""
-    low = _ephemeral_low()
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, low) if low > 21000 else 0
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(
