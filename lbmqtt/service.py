@@ -53,7 +53,8 @@ LoopFn = Callable[[], Coroutine[Any, Any, None]]
 def freeze_heap() -> None:
     """Keep what a daemon holds once it is ready out of the cyclic garbage collector's
     full collections (:func:`gc.freeze`); ``lbmqtt balancer`` and ``lbmqtt node`` call it
-    when they are ready, a program that embeds one keeps its own collector settings.
+    when they are ready, ``lbmqtt broker`` before it serves; a program that embeds one keeps
+    its own collector settings.
 
     pydantic-core's validators are traversed by every full collection, and that is what
     makes one slow: ~8-10 ms for the ~35,000 objects ``lbmqtt.client`` imports, against
