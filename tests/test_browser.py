@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lbmqtt.client import Client
+from lbmqtt import Client, TaskCancelled
 from lbmqtt.config import load_settings
 
 from .conftest import finish, start_up, wait_until
@@ -128,6 +128,10 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             theirs = [
                 bob.submit("SLEEP", {"seconds": 1.5, "steps": 4}, priority=20) for _ in range(2)
             ]
+            # and one that runs until the test has seen "running with progress" (it is
+            # cancelled then): a page slowed by a loaded machine may otherwise first draw
+            # again after the short ones have all ended
+            lasting = alice.submit("SLEEP", {"seconds": 120, "steps": 240})
             # (each seen on some drawing, not all on one: bob's tasks may be gone again
             # before a page slowed by a loaded machine shows alice's running)
             users: set[str] = set()
@@ -177,12 +181,16 @@ def test_the_dashboard_draws_and_grows_while_tasks_run(browser: Any, tmp_path: P
             assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
             if os.environ.get("LBMQTT_SCREENSHOT"):
                 shutil.copyfile(shot, os.environ["LBMQTT_SCREENSHOT"])
+            assert alice.cancel(lasting) is True
+            with pytest.raises(TaskCancelled):
+                alice.wait(lasting, 30)
             for tid in mine:
                 alice.wait(tid, 60)
             for tid in theirs:
                 bob.wait(tid, 60)
-        # ... and the task table, as drawn, shows them finished: 6 rows before (3 running,
-        # 3 done) and after, which BokehJS would not redraw without the dashboard's nudge
+        # ... and the task table, as drawn, shows the six short ones finished (rows drawn
+        # before as running now say done), which BokehJS would not redraw without the
+        # dashboard's nudge
         done = wait_until(
             lambda: (
                 (p := page())
