@@ -9,6 +9,8 @@ naive reference implementation of the rules.
 from __future__ import annotations
 
 import itertools
+import math
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -1016,6 +1018,62 @@ def test_runtimes_seen_on_one_node_are_scaled_to_the_others_by_speed() -> None:
     s.observe("a", "n4", 1.0)  # 4 units of work
     assert s.expected_runtime("a", s.nodes["n1"]) == pytest.approx(4.0)
     assert s.expected_runtime("a", s.nodes["n4"]) == pytest.approx(1.0)
+
+
+def noisy_runtimes(s: Scheduler, nodes: dict[str, float], count: int, sigma: float) -> None:
+    """``count`` runs of no-op-like tasks ("a" ~0.1 ms, "b" ~10 ms of work) on ``nodes``
+    (name -> real speed), each runtime off by a random factor (log-normal, ``sigma``)."""
+    rnd = random.Random(7)
+    names = list(nodes)
+    for i in range(count):
+        name, work = ("a", 1e-4) if i % 2 else ("b", 1e-2)
+        n = names[i % len(names)]
+        s.observe(name, n, work / nodes[n] * math.exp(rnd.gauss(0, sigma)))
+
+
+def test_a_lone_nodes_speed_and_the_works_stay_put_over_many_noisy_tasks() -> None:
+    # (the works were moving averages of the samples, which sit above their geometric mean,
+    # and the speed was learned against them: both grew without end, 1e12 within 10,000
+    # tasks, then inf and NaN, and the placement loop never ended on NaN keys)
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 4, 0, 10), tasks="ab"))
+    noisy_runtimes(s, {"n1": 1.0}, 20_000, 0.5)
+    assert s.speed("n1") == 1.0  # measured against itself only: nothing learned
+    estimate = s.expected_runtime("a", s.nodes["n1"])
+    assert 1e-5 < s.runtimes.work["a"] < 1e-3 and 1e-3 < s.runtimes.work["b"] < 1e-1
+    assert 1e-5 < estimate < 1e-3
+    s.enqueue(t := task(name="a"))
+    assert s.schedule(now=0.0) == [Placement(t, "n1", 0)]
+
+
+def test_learned_speeds_keep_their_ratios_and_their_scale_over_many_noisy_tasks() -> None:
+    s = Scheduler()
+    real = {"a1": 1.0, "b1": 0.5, "c1": 2.0}  # all declared 1.0
+    for n in real:
+        s.set_node(node(n, Group(0, 4, 0, 10), tasks="ab"))
+    noisy_runtimes(s, real, 30_000, 0.3)
+    speeds = {n: s.speed(n) for n in real}
+    assert all(math.isfinite(v) for v in speeds.values()), speeds
+    scale = math.prod(speeds.values()) ** (1 / 3)
+    assert 0.45 <= scale <= 2.2, speeds  # the declared scale (rescaled past 2x)
+    assert 1.4 < speeds["a1"] / speeds["b1"] < 2.8 and 1.4 < speeds["c1"] / speeds["a1"] < 2.8
+    for n, v in real.items():  # estimates near what the tasks take (2x: noisy samples)
+        assert 1e-4 / v / 2 < s.expected_runtime("a", s.nodes[n]) < 1e-4 / v * 2, n
+
+
+def test_absurd_runtimes_from_a_node_are_not_learned() -> None:
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10), tasks="ab"))
+    s.set_node(node("n2", Group(0, 1, 0, 10), tasks="ab"))
+    s.observe("a", "n1", 0.5)
+    s.observe("a", "n2", 0.5)
+    for bad in (math.nan, math.inf, -math.inf, 1e300, -1.0):
+        s.observe("a", "n1", bad)
+        s.observe("b", "n2", bad)
+    assert s.expected_runtime("a", s.nodes["n1"]) == pytest.approx(0.5)
+    assert s.speed("n1") == pytest.approx(1.0) and not s.runtimes.known("b")
+    s.enqueue(t := task(name="a"))
+    assert [p.task for p in s.schedule(now=0.0)] == [t]
 
 
 def test_an_overloaded_node_is_expected_to_be_slower() -> None:

@@ -23,6 +23,9 @@ from .model import (
 )
 from .queues import Backlog, Placed
 
+MAX_ESTIMATE_S = 1e30
+"""The longest runtime an estimate gives (never NaN or infinite)."""
+
 
 @dataclass
 class Scheduler:
@@ -569,6 +572,8 @@ class Scheduler:
             load = self._load.get(caps.name, 0.0)
             if caps.cores and load > caps.cores:
                 est *= load / caps.cores
+            if not est < MAX_ESTIMATE_S:  # (NaN too: the placement's heaps compare keys)
+                est = MAX_ESTIMATE_S
             if cache is not None:
                 cache[(name, caps.name)] = est
         if cost is not None and cost > 0:

@@ -157,6 +157,13 @@ class Copy:
     group: int
 
 
+MIN_SPEED = 1e-6
+"""The smallest speed an estimate divides by."""
+_LOG2 = math.log(2.0)
+MAX_RUNTIME_S = 1e7
+"""A reported runtime above this (115 days) is not learned from."""
+
+
 class Runtimes:
     """What runs how fast: each node's relative speed, and each task name's work.
 
@@ -188,6 +195,17 @@ class Runtimes:
         """Names only ever reported as taking 0 s (short, but nothing to learn from)."""
         self.speed: dict[str, float] = {}
         """Learned from names also seen elsewhere."""
+        self.ran_on: dict[str, set[str]] = {}
+        """The nodes each name has run on."""
+        self.nodes_seen: set[str] = set()
+        """The nodes any task has run on."""
+        self._hints: dict[str, float] = {}
+        """The declared speed of each node in ``speed`` when it was first learned."""
+        self._log_drift = 0.0
+        """Sum of log(speed / declared speed) over ``speed``."""
+        self._n_speeds = 0
+        self.rescaled = 0
+        """How often the learned scale was brought back (:meth:`_set_speed`)."""
         self.guess: dict[str, float] = {}
         """Learned from first-seen names against the typical work (until ``speed`` is)."""
         self._log_work = 0.0
@@ -205,23 +223,31 @@ class Runtimes:
         v = self.speed.get(node)
         if v is None:
             v = self.guess.get(node, hint)
-        return max(v, 1e-6)
+        return v if v > MIN_SPEED else MIN_SPEED
 
     def observe(
         self, name: str, node: str, speed: float, runtime_s: float, cost: float | None = None
     ) -> None:
         """A task of ``name`` (of ``cost`` units) ran ``runtime_s`` on ``node`` (declared
         ``speed``)."""
-        per = max(0.0, runtime_s) / (cost if cost is not None and cost > 0 else 1.0)
+        if not 0.0 <= runtime_s <= MAX_RUNTIME_S:
+            return  # (NaN, infinite or absurd: a node's report, nothing to learn from)
+        per = runtime_s / (cost if cost is not None and cost > 0 else 1.0)
         ref = self.work.get(name)
+        ran = self.ran_on.setdefault(name, set())
+        ran.add(node)
+        self.nodes_seen.add(node)
         if per > 0:
-            if ref is not None and ref > 0:  # the name's work as seen on the nodes
+            if ref is not None and ref > 0 and len(ran) > 1:
+                # the name's work as seen on the nodes (a name only this node has run is
+                # measured against itself: that says nothing of its speed)
                 v = self.speed_of(node, speed)
-                self.speed[node] = _toward(v, ref / per, self.SPEED_ALPHA)
-            elif self.typical is not None:
+                self._set_speed(node, speed, _toward(v, ref / per, self.SPEED_ALPHA))
+            elif self.typical is not None and len(self.nodes_seen) > 1:
                 # a name seen for the first time: against the typical work of names, a
                 # weaker reference, used only while the node has no better one (so that
-                # a slow machine is known even when every task has a name of its own)
+                # a slow machine is known even when every task has a name of its own),
+                # and only once the typical work is not this node's alone
                 v = self.guess.get(node, self.speed_of(node, speed))
                 self.guess[node] = _toward(v, self.typical / per, self.TYPICAL_ALPHA)
         v = self.speed_of(node, speed)
@@ -230,8 +256,19 @@ class Runtimes:
         old = self.by_node.get(key)
         per_avg = per if old is None else old[0] + self.ALPHA * (per - old[0])
         self.by_node[key] = (per_avg, v)
-        new = w if ref is None else ref + self.ALPHA * (w - ref)
-        if new > 0:
+        # the name's work moves in log space, as the speeds do: a moving average of the
+        # samples themselves sits above their geometric mean (by half their log variance),
+        # and the speeds are learned against it, so each node's speed and every name's work
+        # grew together without end (no-op tasks: 1e12 within 1,000 to 10,000 tasks, then
+        # inf and NaN, on which the placement loop never ended). In log space the next
+        # speed sample and the work move against each other and their scale stays put.
+        # A 0 s sample (below the node's clock) says nothing of the work's size: it only
+        # marks the name as short while nothing else is known (``instant``).
+        if w > 0:
+            new = w if ref is None or ref <= 0 else _toward(ref, w, self.ALPHA)
+        else:
+            new = 0.0 if ref is None else ref
+        if new > 0 and new != ref:
             self.instant.discard(name)
             if ref is not None and ref > 0:
                 self._log_work -= math.log(ref)
@@ -244,6 +281,41 @@ class Runtimes:
             # nothing to learn speeds or the typical work from (without this, no such task
             # ever took a pipelining window place)
             self.instant.add(name)
+
+    def _set_speed(self, node: str, hint: float, v: float) -> None:
+        """Learn ``v`` as ``node``'s speed, keeping the learned speeds in the scale of the
+        declared ones: the speeds and the works are only known relative to each other,
+        and every speed sample is measured against works learned from those speeds, so
+        their common scale drifts (a random walk; noisy short tasks move it by 2x within
+        thousands of tasks). When the learned speeds' geometric mean over their declared
+        ones has drifted by more than 2x, every speed and work is scaled back, which leaves
+        each estimate as it was (:meth:`_rescale`)."""
+        old = self.speed.get(node)
+        h = hint if hint > MIN_SPEED else 1.0
+        if old is None:
+            self._hints[node] = h
+            self._n_speeds += 1
+        else:
+            self._log_drift -= math.log(old / self._hints[node])
+        self.speed[node] = v
+        self._log_drift += math.log(v / self._hints[node])
+        drift = self._log_drift / self._n_speeds
+        if abs(drift) > _LOG2:
+            self._rescale(math.exp(-drift))
+
+    def _rescale(self, c: float) -> None:
+        """Multiply every learned speed and work by ``c`` (no estimate changes)."""
+        for n in self.speed:
+            self.speed[n] *= c
+        for n in self.guess:
+            self.guess[n] *= c
+        for name in self.work:
+            self.work[name] *= c
+        for key, (per_avg, v) in self.by_node.items():
+            self.by_node[key] = (per_avg, v * c)
+        self._log_work += self._n_work * math.log(c)
+        self._log_drift += self._n_speeds * math.log(c)
+        self.rescaled += 1
 
     def known(self, name: str) -> bool:
         return name in self.work or name in self.instant
@@ -272,9 +344,11 @@ class Runtimes:
 
 def _toward(v: float, sample: float, alpha: float) -> float:
     """Move ``v`` toward ``sample`` by ``alpha`` in log space (a runtime twice too long
-    weighs as one twice too short); one wild sample moves it by at most 100x ** alpha."""
+    weighs as one twice too short); one wild sample moves it by at most 100x ** alpha.
+    The result stays finite and positive (within 1e-12..1e12)."""
     sample = min(max(sample, v / 100), v * 100)
-    return math.exp(math.log(v) + alpha * (math.log(sample) - math.log(v)))
+    out = math.exp(math.log(v) + alpha * (math.log(sample) - math.log(v)))
+    return min(max(out, 1e-12), 1e12)
 
 
 def why_waiting(
