@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from lbmqtt.balancer import (
     SqliteJournal,
     default_path,
 )
+from lbmqtt.balancer.core import JOURNAL_PART
 from lbmqtt.balancer.journal import entry_of, record_of, recover
 from lbmqtt.balancer.records import TaskRecord
 from lbmqtt.config import load_settings
@@ -349,6 +350,73 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
         return any(s["status"] == "done" and s["attempt"] == 1 for s in states)
 
     wait_until(finished, 20, "the task to run once the journal works again")
+
+
+class WatchedJournal(MemoryJournal):
+    """A memory journal that keeps each task's last written status, by id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status: dict[str, str] = {}
+        self.sizes: list[int] = []
+
+    def commit(
+        self,
+        new: Sequence[JournalEntry],
+        changed: Sequence[JournalEntry] = (),
+        gone: Iterable[int] = (),
+    ) -> int:
+        n = super().commit(new, changed, gone)
+        for e in (*new, *changed):
+            self.status[e.id] = e.status
+        self.sizes.append(len(new) + len(changed))
+        return n
+
+
+def test_a_burst_goes_to_the_node_first_and_nothing_is_announced_before_it_is_written(
+    system: System, client: Client
+) -> None:
+    mem = WatchedJournal()
+    b = system.start_balancer(journal=mem)
+    system.start_node("n1", tasks=[TEST_TASKS])
+    t = b._transport
+    assert t is not None
+    sent: list[tuple[str, list[str]]] = []
+    unwritten: list[str] = []
+    queued_before_first_set: list[int] = []
+    publish = t.publish
+
+    def watched(topic: str, payload: bytes, **kw: Any) -> Any:
+        # (on the loop thread, in the tick: what the journal holds at this moment)
+        if "/assign" in topic and payload:
+            ids = [a["id"] for a in json.loads(payload)["tasks"]]
+            if not queued_before_first_set:
+                queued_before_first_set.append(list(mem.status.values()).count("queued"))
+            sent.append(("assign", ids))
+            unwritten.extend(i for i in ids if mem.status.get(i) not in ("assigned", "running"))
+        elif "/events" in topic:
+            states = json.loads(payload)["states"]
+            sent.append(("events", [st["id"] for st in states]))
+            unwritten.extend(st["id"] for st in states if mem.status.get(st["id"]) is None)
+        return publish(topic, payload, **kw)
+
+    system.lt.call(lambda: setattr(t, "publish", watched))
+    # When a burst of more tasks than a tick writes at once is submitted in one message
+    # (under the user's queue cap: 1,000)
+    burst = [{"name": "ECHO", "args": [i]} for i in range(950)]
+    ids = client.submit_many(burst, batch_size=950)
+    for tid in ids:
+        client.wait_state(tid, timeout=60)
+    # Then every task ran, and nothing was announced (acknowledged, or sent in a set) before
+    # the journal held it so
+    assert all(system.record(tid).status == Status.DONE for tid in ids)
+    assert unwritten == []
+    # ... the first set went to the node before the burst's queued tasks were written,
+    # and those were written in parts (JOURNAL_PART), each acknowledged in its turn
+    assert queued_before_first_set == [0]
+    assert max(mem.sizes) == JOURNAL_PART
+    acked = [i for kind, got in sent if kind == "events" for i in got]
+    assert set(ids) <= set(acked)
 
 
 # ------------------------------------------------------------- the in-memory store

@@ -165,8 +165,18 @@ class Outbox:
         state_dict: Callable[[TaskRecord], dict[str, Any]],
     ) -> None:
         """Publish one batch of states per user (and the retained states), then the
-        errors."""
-        for user, recs in self.states.items():
+        errors. The states of records not yet journaled (``durable``: a burst written in
+        parts) stay for a later call."""
+        waiting: dict[str, dict[str, TaskRecord]] = {}
+        for user, pending in self.states.items():
+            recs = pending
+            if self.durable:
+                later = {tid: r for tid, r in pending.items() if tid in self.durable}
+                if later:
+                    waiting[user] = later
+                    recs = {tid: r for tid, r in pending.items() if tid not in later}
+                    if not recs:
+                        continue
             states = [state_dict(r) for r in recs.values()]
             publish(topics.events(user), encode_model_json({"v": 1, "states": states}), qos=1)
             for st, rec in zip(states, recs.values(), strict=True):
@@ -175,7 +185,7 @@ class Outbox:
                     publish(topics.task(user, rec.id), data, qos=1, retain=True)
                     if rec.status.final:
                         publish(topics.result(user, rec.id), data, qos=1, retain=True)
-        self.states.clear()
+        self.states = waiting
         for user, errs in self.errors.items():
             publish(topics.errors(user), Errors(errors=errs).encode(), qos=1)
         self.errors.clear()
