@@ -4,8 +4,11 @@ tests/test_faults.py.)"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
+import termios
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,9 @@ from lbmqtt.balancer import (
     SqliteJournal,
     default_path,
 )
-from lbmqtt.balancer.core import JOURNAL_PART
+from lbmqtt.balancer.core import JOURNAL_LAG, JOURNAL_PART
 from lbmqtt.balancer.journal import entry_of, record_of, recover
+from lbmqtt.balancer.outbox import Outbox
 from lbmqtt.balancer.records import TaskRecord
 from lbmqtt.config import load_settings
 from lbmqtt.protocol import Status, TaskSpec, Topics
@@ -353,12 +357,15 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
 
 
 class WatchedJournal(MemoryJournal):
-    """A memory journal that keeps each task's last written status, by id."""
+    """A memory journal that keeps each task's last written status, by id, and how many
+    records its balancer left unwritten after each commit (``outbox``: set it)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.status: dict[str, str] = {}
         self.sizes: list[int] = []
+        self.left: list[int] = []
+        self.outbox: Outbox | None = None
 
     def commit(
         self,
@@ -370,6 +377,8 @@ class WatchedJournal(MemoryJournal):
         for e in (*new, *changed):
             self.status[e.id] = e.status
         self.sizes.append(len(new) + len(changed))
+        if self.outbox is not None:
+            self.left.append(len(self.outbox.durable) - n)
         return n
 
 
@@ -417,6 +426,52 @@ def test_a_burst_goes_to_the_node_first_and_nothing_is_announced_before_it_is_wr
     assert max(mem.sizes) == JOURNAL_PART
     acked = [i for kind, got in sent if kind == "events" for i in got]
     assert set(ids) <= set(acked)
+
+
+def test_submits_arriving_faster_than_a_part_is_written_leave_a_bounded_lag(
+    system: System, raw: Any
+) -> None:
+    mem = WatchedJournal()
+    b = system.start_balancer(journal=mem)
+    mem.outbox = b.outbox
+    t = b._transport
+    assert t is not None and t._fd is not None
+    fd = t._fd
+    topics = Topics(system.settings.topic_prefix)
+    rc = raw()
+    users = [f"u{i}" for i in range(4)]
+    for u in users:
+        rc.subscribe(topics.events(u))
+    # Given 4 x 900 submits waiting together in the balancer's socket (its loop held)
+    gate = threading.Event()
+    system.lt.loop.call_soon_threadsafe(gate.wait, 30)
+    try:
+        sizes = []
+        for u in users:
+            # (small: 4 of them fit in the socket's receive buffer)
+            body = json.dumps({"v": 1, "tasks": [{"name": "NOOP"}] * 900}).encode()
+            sizes.append(len(body))
+            rc.publish(topics.submit(u), body)
+
+        def waiting() -> int:
+            return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), "little")
+
+        wait_until(lambda: waiting() >= sum(sizes), 10, "the submits in the balancer's socket")
+    finally:
+        gate.set()
+    # When it reads them in one go, then: it never leaves more than JOURNAL_LAG records
+    # unwritten, writes the rest in parts, and acknowledges every task once written
+
+    def acked() -> int:
+        return sum(
+            len(json.loads(p)["states"]) for u in users for p in rc.payloads(topics.events(u))
+        )
+
+    wait_until(lambda: acked() >= 3_600, 20, "every task acknowledged")
+    assert max(mem.left) == JOURNAL_LAG  # (3,600 read at once: 1,600 written at once)
+    assert mem.sizes[0] == 3_600 - JOURNAL_LAG and JOURNAL_PART in mem.sizes
+    assert len(mem.status) == 3_600 and system.lt.call(lambda: not b.outbox.unwritten)
+    assert acked() == 3_600  # (each state once: none waited twice)
 
 
 # ------------------------------------------------------------- the in-memory store

@@ -67,6 +67,9 @@ JOURNAL_PART = 500
 """A tick writes at most this many changed records; the rest (a burst of submits) and their
 states go with the next ticks, between which the loop reads what waits, the nodes' reports
 among it. 500 new rows take ~6 ms to write (13 us a row), their states ~3 ms to send."""
+JOURNAL_LAG = 2_000
+"""The most records a tick leaves for later (~26 ms of writing): what the balancer has
+accepted but not yet acknowledged stays bounded however fast submits arrive."""
 GC_THRESHOLDS = (50_000, 20, 100)
 """For the balancer's process (:func:`tune_gc`): CPython's default (700, 10, 10)."""
 
@@ -604,7 +607,10 @@ class Balancer:
                 return  # states and sets wait until what they announce is on disk
             outbox.flush_sets(*sets, giving=True)  # (results next: flush_sets)
             t.flush()
-        if not self._commit_journal(limit=JOURNAL_PART):
+        # (at least JOURNAL_PART, and never more than JOURNAL_LAG left for later: under a
+        # flood of submits the journal keeps pace with what is read)
+        limit = max(JOURNAL_PART, len(outbox.durable) - JOURNAL_LAG)
+        if not self._commit_journal(limit=limit):
             return
         outbox.flush_states(t.publish, self.topics, table.tasks, table.state_dict)
         outbox.flush_sets(*sets)

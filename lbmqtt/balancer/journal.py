@@ -326,9 +326,11 @@ class JournalWriter:
         if j is None or not (outbox.durable or outbox.gone):
             return True
         durable = outbox.durable
-        if unqueued:
+        if unqueued:  # (among the records changed since the last such call: not a burst)
             dirty: Collection[TaskRecord] = [
-                r for r in durable.values() if r.status is not Status.QUEUED
+                r
+                for r in outbox.touched.values()
+                if r.status is not Status.QUEUED and r.id in durable
             ]
             gone: Collection[int] = ()
         elif limit is not None and len(durable) > limit:
@@ -336,6 +338,8 @@ class JournalWriter:
         else:
             dirty, gone = durable.values(), outbox.gone
         if not dirty and not gone:
+            if unqueued:
+                outbox.touched.clear()
             return True
         try:
             try:
@@ -362,6 +366,7 @@ class JournalWriter:
         if self.error:
             log.info("journal %s: writing again", j.path)
             self.error = ""
+        outbox.written(dirty)  # (before the clear: dirty may be a view of durable)
         if len(dirty) == len(durable):
             durable.clear()
         else:
@@ -369,6 +374,8 @@ class JournalWriter:
                 del durable[r.id]
         if gone:
             outbox.gone.clear()
+        if unqueued or not durable:
+            outbox.touched.clear()
         return True
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import DecodeError
@@ -47,7 +47,12 @@ class Outbox:
         self.journaling = False
         """A journal is open: durable changes are written before they are announced."""
         self.durable: dict[str, TaskRecord] = {}
-        """Records to write to the journal with the next tick."""
+        """Records to write to the journal (with the next tick; a burst over several)."""
+        self.touched: dict[str, TaskRecord] = {}
+        """Records put in ``durable`` since the last write of the placed ones (those a tick
+        writes before its sets go out are among them: not the whole of a burst)."""
+        self.unwritten: dict[str, dict[str, TaskRecord]] = {}
+        """user -> task id -> record whose state waits for its journal write."""
         self.gone: set[int] = set()
         """Seqs of expired tasks to delete from the journal."""
         self._bad_log = LogLimiter(log, BAD_LOG_INTERVAL_S)  # (bounded: names are not)
@@ -56,17 +61,34 @@ class Outbox:
         """Publish the task's state with the next tick; ``durable``: journal it first."""
         self.states.setdefault(rec.user, {})[rec.id] = rec
         if durable and self.journaling:
-            self.durable[rec.id] = rec
+            self.durable[rec.id] = self.touched[rec.id] = rec
 
     def write(self, rec: TaskRecord) -> None:
         """Journal the record with the next tick (a change no one is told about)."""
         if self.journaling:
-            self.durable[rec.id] = rec
+            self.durable[rec.id] = self.touched[rec.id] = rec
+
+    def written(self, recs: Iterable[TaskRecord]) -> None:
+        """``recs`` are in the journal now: the states that waited for it go out with the
+        next :meth:`flush_states`."""
+        unwritten = self.unwritten
+        if not unwritten:
+            return
+        for r in recs:
+            waiting = unwritten.get(r.user)
+            if waiting is not None and r.id in waiting:
+                self.states.setdefault(r.user, {})[r.id] = waiting.pop(r.id)
+                if not waiting:
+                    del unwritten[r.user]
 
     def forget(self, rec: TaskRecord) -> None:
         """The task expired: delete its journal row with the next tick."""
         if self.journaling:
             self.durable.pop(rec.id, None)
+            self.touched.pop(rec.id, None)
+            waiting = self.unwritten.get(rec.user)
+            if waiting is not None and waiting.pop(rec.id, None) is not None and not waiting:
+                del self.unwritten[rec.user]
             self.gone.add(rec.seq)
 
     def error(
@@ -165,16 +187,16 @@ class Outbox:
         state_dict: Callable[[TaskRecord], dict[str, Any]],
     ) -> None:
         """Publish one batch of states per user (and the retained states), then the
-        errors. The states of records not yet journaled (``durable``: a burst written in
-        parts) stay for a later call."""
-        waiting: dict[str, dict[str, TaskRecord]] = {}
+        errors. The state of a record not yet journaled (``durable``: a burst is written
+        over several ticks) waits in ``unwritten`` until :meth:`written`."""
+        durable = self.durable
         for user, pending in self.states.items():
             recs = pending
-            if self.durable:
-                later = {tid: r for tid, r in pending.items() if tid in self.durable}
+            if durable:
+                later = [r for r in pending.values() if r.id in durable]
                 if later:
-                    waiting[user] = later
-                    recs = {tid: r for tid, r in pending.items() if tid not in later}
+                    self.unwritten.setdefault(user, {}).update((r.id, r) for r in later)
+                    recs = {tid: r for tid, r in pending.items() if tid not in durable}
                     if not recs:
                         continue
             states = [state_dict(r) for r in recs.values()]
@@ -185,7 +207,7 @@ class Outbox:
                     publish(topics.task(user, rec.id), data, qos=1, retain=True)
                     if rec.status.final:
                         publish(topics.result(user, rec.id), data, qos=1, retain=True)
-        self.states = waiting
+        self.states.clear()
         for user, errs in self.errors.items():
             publish(topics.errors(user), Errors(errors=errs).encode(), qos=1)
         self.errors.clear()
