@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import DecodeError
 from ..protocol import ErrorItem, Errors, Topics, encode_model_json
 from ..protocol.assign import encode_assignment_set
+from ..protocol.topics import TASK_QOS
 from ..ratelog import LogLimiter
 from .records import CopyAttempt, NodeInfo, TaskRecord, copy_on
 
@@ -164,7 +165,7 @@ class Outbox:
                         held.assigned_at = now
                     parts.append(held.assignment_json)
             payload = encode_assignment_set(name, instance, info.seq, parts)
-            publish(topics.assign(name), payload, qos=1, retain=True)
+            publish(topics.assign(name), payload, qos=TASK_QOS, retain=True)
 
     @staticmethod
     def _gives(info: NodeInfo | None, tasks: dict[str, TaskRecord]) -> bool:
@@ -200,14 +201,15 @@ class Outbox:
                     if not recs:
                         continue
             states = [state_dict(r) for r in recs.values()]
-            publish(topics.events(user), encode_model_json({"v": 1, "states": states}), qos=1)
+            events = encode_model_json({"v": 1, "states": states})
+            publish(topics.events(user), events, qos=TASK_QOS)
             for st, rec in zip(states, recs.values(), strict=True):
                 if rec.notify == "retained" and rec.id in tasks:
                     data = encode_model_json(st)
-                    publish(topics.task(user, rec.id), data, qos=1, retain=True)
+                    publish(topics.task(user, rec.id), data, qos=TASK_QOS, retain=True)
                     if rec.status.final:
-                        publish(topics.result(user, rec.id), data, qos=1, retain=True)
+                        publish(topics.result(user, rec.id), data, qos=TASK_QOS, retain=True)
         self.states.clear()
         for user, errs in self.errors.items():
-            publish(topics.errors(user), Errors(errors=errs).encode(), qos=1)
+            publish(topics.errors(user), Errors(errors=errs).encode(), qos=TASK_QOS)
         self.errors.clear()

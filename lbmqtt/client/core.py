@@ -27,6 +27,7 @@ from ..protocol import (
     is_valid_name,
 )
 from ..protocol.submit import encode_id_lists, validate_specs
+from ..protocol.topics import TASK_QOS
 from ..ratelog import LogLimiter
 from .mapping import run_map
 from .resend import DEFAULT_BATCH, cancel_until_final, query, submit_specs
@@ -407,7 +408,7 @@ class AsyncClient:
     def _publish_ids(self, topic: str, ids: list[str]) -> None:
         t = self._t()
         for payload in encode_id_lists(ids):
-            t.publish(topic, payload, qos=1)
+            t.publish(topic, payload, qos=TASK_QOS)
 
     def _collect(self, state: TaskState) -> None:
         """A final state reached the caller: remember it a while, tell the balancer."""

@@ -13,6 +13,7 @@ from ..errors import BalancerUnavailable, UnknownTask
 from ..mqtt import MqttTransport
 from ..protocol import TaskSpec, TaskState
 from ..protocol.submit import encode_submit
+from ..protocol.topics import TASK_QOS
 
 if TYPE_CHECKING:
     from .core import AsyncClient
@@ -54,7 +55,7 @@ async def submit_specs(
 
 
 def _publish_submit(client: AsyncClient, t: MqttTransport, specs: list[TaskSpec]) -> None:
-    t.publish(client.topics.submit(client.user), encode_submit(specs), qos=1)
+    t.publish(client.topics.submit(client.user), encode_submit(specs), qos=TASK_QOS)
 
 
 async def _await_acks(

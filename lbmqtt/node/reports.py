@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from ..protocol import NodeReport, Progress, Result, Started
+from ..protocol.topics import TASK_QOS
 
 if TYPE_CHECKING:
     from ..mqtt import MqttTransport
@@ -125,7 +126,7 @@ class ReportBatcher:
             progress=list(self.progress.values()),
             results=list(self.results.values()),
         )
-        t.publish(self.topic, report.encode(), qos=1)
+        t.publish(self.topic, report.encode(), qos=TASK_QOS)
         self._last = asyncio.get_running_loop().time()
         for tid in self.results:
             lt = self._held.get(tid)

@@ -27,6 +27,16 @@ OWNER: Final[Role] = "balancer"
 """The role that owns the prefix: it may publish, read and retain anything under it (it
 clears what others left retained, and reads its own will)."""
 
+TASK_QOS: Final = 0
+"""The QoS of what the components publish on the task path (submits, cancels, queries and
+result acknowledgements; task states, errors and assignment sets; node reports). Every
+hand-over there is acknowledged by lbmqtt itself and sent again until it is (DESIGN.md:
+the client resends submits and asks again for what it waits on, the node resends its
+results, the balancer its sets), and it is delivered at the subscriptions' QoS 0 anyway:
+a broker PUBACK per message would only add a packet each way (amqtt: a task and a future
+per message, 2x its CPU per message at QoS 1, NOTES.md), and paho's decoding of it
+(~10 % of the balancer's time in a lone-task run). Status and will topics keep QoS 1."""
+
 OWN_PARAM: Final[Mapping[Role, str]] = MappingProxyType({"user": "user", "node": "node"})
 """The topic parameter a role's own login fills: a user is ``{user}``, a node ``{node}``
 (a role reads only its own; the others' are any name to it)."""
