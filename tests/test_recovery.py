@@ -289,9 +289,9 @@ def test_a_node_starts_the_most_urgent_task_of_its_window_first(
     started: list[str] = []
     original = node.supervisor._hand_over
 
-    def recording(w: Any, tasks: list[Any]) -> None:
+    def recording(w: Any, tasks: list[Any], **kw: Any) -> None:
         started.extend(lt.a.id for lt in tasks)
-        original(w, tasks)
+        original(w, tasks, **kw)
 
     gate = tmp_path / "gate"
 
@@ -321,3 +321,69 @@ def test_a_node_starts_the_most_urgent_task_of_its_window_first(
     # Then the urgent one goes next, and the others keep their order
     wait_until(lambda: len(started) == 5, 20, "every task to start")
     assert started == ["busy", "urgent", "low1", "low2", "low3"]
+
+
+def _block(tid: str, gate: Path, limit_s: float = 30) -> Assignment:
+    """A BLOCK task: until ``gate`` exists, at most ``limit_s``."""
+    args = {"gate": str(gate), "limit_s": limit_s}
+    return Assignment(id=tid, attempt=1, user="u", name="BLOCK", args=args, priority=0, group=0)
+
+
+def test_a_brief_task_waits_in_its_worker_behind_a_brief_one_and_starts_when_it_ends(
+    system: System, tmp_path: Path
+) -> None:
+    from lbmqtt.config import WorkerGroup
+    from lbmqtt.node.supervisor import HANDOFF_NEXT_S, HANDOFF_SHORT_S
+
+    node = system.start_node(
+        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=1, minP=0, maxP=1000)]
+    )
+    sup = node.supervisor
+    # Given BLOCK known to take ~20 ms here (brief, not short: a gate that never opens)
+    learn = _block("learn", tmp_path / "never", 0.02)
+    system.lt.call(lambda: node._apply_set([learn]))
+    wait_until(lambda: "BLOCK" in sup._runtimes, 10, "the first BLOCK to end")
+    assert HANDOFF_SHORT_S <= sup._runtimes["BLOCK"] < HANDOFF_NEXT_S
+    # When two are assigned to the node's one slot
+    g1, g2 = tmp_path / "g1", tmp_path / "g2"
+    system.lt.call(lambda: node._apply_set([learn, _block("b1", g1), _block("b2", g2)]))
+    w = sup.workers[0]
+
+    def queue() -> list[str]:
+        return system.lt.call(lambda: [lt.a.id for lt in w.queue])
+
+    # Then the second waits in the worker behind the first, not yet reported started
+    wait_until(lambda: queue() == ["b1", "b2"], 10, "b2 handed over behind b1")
+    assert system.lt.call(lambda: (sup.held["b1"].start_reported, sup.held["b2"].start_reported))
+    assert system.lt.call(lambda: not sup.held["b2"].start_reported)
+    # ... and starts (and is reported so) as the first ends, with no hand-off in between
+    g1.touch()
+    wait_until(lambda: queue() == ["b2"], 10, "b1 to end")
+    assert system.lt.call(lambda: sup.held["b2"].start_reported)
+    g2.touch()
+    wait_until(lambda: queue() == [], 10, "b2 to end")
+    assert system.lt.call(lambda: sup.held["b2"].result.status) == "done"
+
+
+def test_an_idle_worker_gets_a_brief_task_before_a_busy_one_queues_it(
+    system: System, tmp_path: Path
+) -> None:
+    from lbmqtt.config import WorkerGroup
+
+    node = system.start_node(
+        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=2, minP=0, maxP=1000)]
+    )
+    sup = node.supervisor
+    learn = _block("learn", tmp_path / "never", 0.02)  # (BLOCK: ~20 ms, brief)
+    system.lt.call(lambda: node._apply_set([learn]))
+    wait_until(lambda: "BLOCK" in sup._runtimes, 10, "the first BLOCK to end")
+    g = tmp_path / "gate"
+    system.lt.call(lambda: node._apply_set([learn, _block("b1", g), _block("b2", g)]))
+
+    def queues() -> list[list[str]]:
+        return system.lt.call(lambda: sorted([lt.a.id for lt in w.queue] for w in sup.workers))
+
+    # (each on a worker of its own, both running: neither waits behind the other)
+    wait_until(lambda: queues() == [["b1"], ["b2"]], 10, "b1 and b2 on a worker each")
+    g.touch()
+    wait_until(lambda: queues() == [[], []], 10, "both to end")
