@@ -329,21 +329,31 @@ def _block(tid: str, gate: Path, limit_s: float = 30) -> Assignment:
     return Assignment(id=tid, attempt=1, user="u", name="BLOCK", args=args, priority=0, group=0)
 
 
-def test_a_brief_task_waits_in_its_worker_behind_a_brief_one_and_starts_when_it_ends(
-    system: System, tmp_path: Path
-) -> None:
+def _node_knowing_a_brief_block(
+    system: System, tmp_path: Path, workers: int
+) -> tuple[Node, Assignment]:
+    """A node of ``workers`` slots that ran one BLOCK of ~20 ms (a gate that never opens):
+    brief there, not short. Returns it and that task's assignment (still in its set)."""
     from lbmqtt.config import WorkerGroup
     from lbmqtt.node.supervisor import HANDOFF_NEXT_S, HANDOFF_SHORT_S
 
     node = system.start_node(
-        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=1, minP=0, maxP=1000)]
+        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=workers, minP=0, maxP=1000)]
     )
-    sup = node.supervisor
-    # Given BLOCK known to take ~20 ms here (brief, not short: a gate that never opens)
     learn = _block("learn", tmp_path / "never", 0.02)
     system.lt.call(lambda: node._apply_set([learn]))
-    wait_until(lambda: "BLOCK" in sup._runtimes, 10, "the first BLOCK to end")
-    assert HANDOFF_SHORT_S <= sup._runtimes["BLOCK"] < HANDOFF_NEXT_S
+    runtimes = node.supervisor._runtimes
+    wait_until(lambda: "BLOCK" in runtimes, 10, "the first BLOCK to end")
+    assert HANDOFF_SHORT_S <= runtimes["BLOCK"] < HANDOFF_NEXT_S
+    return node, learn
+
+
+def test_a_brief_task_waits_in_its_worker_behind_a_brief_one_and_starts_when_it_ends(
+    system: System, tmp_path: Path
+) -> None:
+    # Given BLOCK known to take ~20 ms here (brief, not short), one slot
+    node, learn = _node_knowing_a_brief_block(system, tmp_path, 1)
+    sup = node.supervisor
     # When two are assigned to the node's one slot
     g1, g2 = tmp_path / "g1", tmp_path / "g2"
     system.lt.call(lambda: node._apply_set([learn, _block("b1", g1), _block("b2", g2)]))
@@ -368,15 +378,8 @@ def test_a_brief_task_waits_in_its_worker_behind_a_brief_one_and_starts_when_it_
 def test_an_idle_worker_gets_a_brief_task_before_a_busy_one_queues_it(
     system: System, tmp_path: Path
 ) -> None:
-    from lbmqtt.config import WorkerGroup
-
-    node = system.start_node(
-        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=2, minP=0, maxP=1000)]
-    )
+    node, learn = _node_knowing_a_brief_block(system, tmp_path, 2)
     sup = node.supervisor
-    learn = _block("learn", tmp_path / "never", 0.02)  # (BLOCK: ~20 ms, brief)
-    system.lt.call(lambda: node._apply_set([learn]))
-    wait_until(lambda: "BLOCK" in sup._runtimes, 10, "the first BLOCK to end")
     g = tmp_path / "gate"
     system.lt.call(lambda: node._apply_set([learn, _block("b1", g), _block("b2", g)]))
 
