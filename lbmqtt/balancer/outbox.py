@@ -72,25 +72,29 @@ class Outbox:
     def written(self, recs: Iterable[TaskRecord]) -> None:
         """``recs`` are in the journal now: the states that waited for it go out with the
         next :meth:`flush_states`."""
-        unwritten = self.unwritten
-        if not unwritten:
+        if not self.unwritten:
             return
         for r in recs:
-            waiting = unwritten.get(r.user)
-            if waiting is not None and r.id in waiting:
-                self.states.setdefault(r.user, {})[r.id] = waiting.pop(r.id)
-                if not waiting:
-                    del unwritten[r.user]
+            if self._unwait(r) is not None:
+                self.states.setdefault(r.user, {})[r.id] = r
 
     def forget(self, rec: TaskRecord) -> None:
         """The task expired: delete its journal row with the next tick."""
         if self.journaling:
             self.durable.pop(rec.id, None)
             self.touched.pop(rec.id, None)
-            waiting = self.unwritten.get(rec.user)
-            if waiting is not None and waiting.pop(rec.id, None) is not None and not waiting:
-                del self.unwritten[rec.user]
+            self._unwait(rec)
             self.gone.add(rec.seq)
+
+    def _unwait(self, rec: TaskRecord) -> TaskRecord | None:
+        """Take ``rec``'s state out of ``unwritten`` (None: it was not there)."""
+        waiting = self.unwritten.get(rec.user)
+        if waiting is None:
+            return None
+        got = waiting.pop(rec.id, None)
+        if not waiting:
+            del self.unwritten[rec.user]
+        return got
 
     def error(
         self,

@@ -268,42 +268,50 @@ class Supervisor:
             return  # what is not started goes back to the balancer
         for ahead in (False, True):
             for w in self.workers:
-                if w.state not in ("idle", "busy") or w.writer is None:
-                    continue
-                short = all(self._is_short(x.a.name) for x in w.queue)
-                if ahead:  # (second round: one task behind a brief one)
-                    if len(w.queue) != 1 or short or not self._is_brief(w.queue[0].a.name):
-                        continue
-                elif w.queue and (len(w.queue) >= HANDOFF_BATCH or not short):
-                    continue  # busy with a task not known to be short, or full
-                queue = self.pending[w.group.index]
-                if not queue:
-                    continue
-                # the highest priority first, then the oldest: an urgent task does not
-                # wait behind ordinary ones held in this node's pipelining window
-                live = [
-                    lt for lt in queue if self.held.get(lt.a.id) is lt and lt.state == "pending"
-                ]
-                queue.clear()
-                if not live:
-                    continue
-                order = sorted(range(len(live)), key=lambda i: (-live[i].a.priority, i))
-                take: list[HeldTask] = []
-                for i in order:
-                    lt = live[i]
-                    if ahead:
-                        if self._is_brief(lt.a.name):
-                            take.append(lt)
-                        break  # (one, and only a brief one)
-                    if (w.queue or take) and not self._is_short(lt.a.name):
-                        break  # only short tasks share a hand-off (and only behind short ones)
+                if self._takes_more(w, ahead):
+                    take = self._pick(self.pending[w.group.index], w, ahead)
+                    if take:
+                        self._hand_over(w, take, behind=ahead)
+
+    def _takes_more(self, w: WorkerProc, ahead: bool) -> bool:
+        """Whether ``w`` may be handed tasks now: first round, it is idle or runs short
+        ones (fewer than HANDOFF_BATCH); second round (``ahead``), it runs one brief one."""
+        if w.state not in ("idle", "busy") or w.writer is None:
+            return False
+        if ahead:
+            head = w.queue[0] if len(w.queue) == 1 else None
+            return (
+                head is not None and self._is_brief(head.a.name) and not self._is_short(head.a.name)
+            )
+        return not w.queue or (
+            len(w.queue) < HANDOFF_BATCH and all(self._is_short(x.a.name) for x in w.queue)
+        )
+
+    def _pick(self, queue: deque[HeldTask], w: WorkerProc, ahead: bool) -> list[HeldTask]:
+        """Take from ``queue`` (a group's pending tasks) what ``w`` gets: the highest
+        priority first, then the oldest (an urgent task does not wait behind ordinary ones
+        held in this node's pipelining window); behind a task, only short ones (up to
+        HANDOFF_BATCH), or (``ahead``) one brief one."""
+        if not queue:
+            return []
+        live = [lt for lt in queue if self.held.get(lt.a.id) is lt and lt.state == "pending"]
+        queue.clear()
+        order = sorted(range(len(live)), key=lambda i: (-live[i].a.priority, i))
+        take: list[HeldTask] = []
+        for i in order:
+            lt = live[i]
+            if ahead:
+                if self._is_brief(lt.a.name):
                     take.append(lt)
-                    if len(w.queue) + len(take) >= HANDOFF_BATCH:
-                        break
-                chosen = {id(lt) for lt in take}
-                queue.extend(lt for lt in live if id(lt) not in chosen)
-                if take:
-                    self._hand_over(w, take, behind=ahead)
+                break  # (one, and only a brief one)
+            if (w.queue or take) and not self._is_short(lt.a.name):
+                break  # only short tasks share a hand-off (and only behind short ones)
+            take.append(lt)
+            if len(w.queue) + len(take) >= HANDOFF_BATCH:
+                break
+        chosen = {id(lt) for lt in take}
+        queue.extend(lt for lt in live if id(lt) not in chosen)
+        return take
 
     def _send(self, w: WorkerProc, *msgs: Message) -> bool:
         """Write messages to a worker in one write. False if it is going away."""

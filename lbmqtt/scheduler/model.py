@@ -203,9 +203,6 @@ class Runtimes:
         """The declared speed of each node in ``speed`` when it was first learned."""
         self._log_drift = 0.0
         """Sum of log(speed / declared speed) over ``speed``."""
-        self._n_speeds = 0
-        self.rescaled = 0
-        """How often the learned scale was brought back (:meth:`_set_speed`)."""
         self.guess: dict[str, float] = {}
         """Learned from first-seen names against the typical work (until ``speed`` is)."""
         self._log_work = 0.0
@@ -294,12 +291,11 @@ class Runtimes:
         h = hint if hint > MIN_SPEED else 1.0
         if old is None:
             self._hints[node] = h
-            self._n_speeds += 1
         else:
             self._log_drift -= math.log(old / self._hints[node])
         self.speed[node] = v
         self._log_drift += math.log(v / self._hints[node])
-        drift = self._log_drift / self._n_speeds
+        drift = self._log_drift / len(self._hints)
         if abs(drift) > _LOG2:
             self._rescale(math.exp(-drift))
 
@@ -314,8 +310,7 @@ class Runtimes:
         for key, (per_avg, v) in self.by_node.items():
             self.by_node[key] = (per_avg, v * c)
         self._log_work += self._n_work * math.log(c)
-        self._log_drift += self._n_speeds * math.log(c)
-        self.rescaled += 1
+        self._log_drift += len(self._hints) * math.log(c)
 
     def known(self, name: str) -> bool:
         return name in self.work or name in self.instant
