@@ -283,7 +283,6 @@ class Balancer:
             {
                 "balancer-health": self._health_loop,
                 "balancer-stats": self._stats_loop,
-                "balancer-expiry": self._expiry_loop,
                 "balancer-ready": self._ready_watch,
                 "balancer-transport": self._transport.watch,
             },
@@ -628,24 +627,24 @@ class Balancer:
     # ------------------------------------------------------------------ housekeeping
 
     async def _health_loop(self) -> None:
+        expired_at = time.monotonic()
         while True:
             await asyncio.sleep(HEALTH_CHECK_S)
             self._health_step()
+            if time.monotonic() - expired_at >= EXPIRY_CHECK_S:  # (one timer: fewer wakes)
+                expired_at = time.monotonic()
+                self.expire(time.time())
 
     def _health_step(self) -> None:
         t = self._transport
-        if t is not None and t.connected:
+        now = time.monotonic()
+        if t is not None and t.connected and self.fleet.wants_probe(now):
             t.publish(self.topics.balancer_probe, self.fleet.probe(), qos=0)
-        self.check_health(time.monotonic())
+        self.check_health(now)
         if self.scheduler.holding:
             self.table.round_wanted = True  # a task waits for a faster slot: look again
         self.table.straggle_wanted = True
         self._kick()
-
-    async def _expiry_loop(self) -> None:
-        while True:
-            await asyncio.sleep(EXPIRY_CHECK_S)
-            self.expire(time.time())
 
     async def _stats_loop(self) -> None:
         while True:

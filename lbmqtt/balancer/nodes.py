@@ -503,6 +503,22 @@ class Fleet:
             del self.probes[min(self.probes)]
         return encode_probe(self.instance, self.probe_seq)
 
+    def deadline(self, info: NodeInfo) -> float:
+        """How long a node may stay silent before it is lost."""
+        hb_s = info.status.heartbeat_s if info.status else 1.0
+        return max(self.settings.node_timeout_s, 3 * hb_s)
+
+    def wants_probe(self, now: float) -> bool:
+        """Whether to send a probe now: only while a node's heartbeats are late (silent for
+        over half its deadline), for only then must its silence be told from a backlog of
+        ours. Probes go every HEALTH_CHECK_S from then on, so by the deadline the newest
+        one back is recent. With every node heard in time none is sent: a balancer at rest
+        and its broker wake less (each probe crosses the broker twice)."""
+        return any(
+            (info.online or info.assigned) and now - info.last_seen > self.deadline(info) / 2
+            for info in self.nodes.values()
+        )
+
     def on_probe(self, payload: bytes) -> None:
         """One of our probes came back: heartbeats sent before it are all read."""
         probe = parse_probe(payload)
@@ -538,15 +554,6 @@ class Fleet:
         # no probe comes back at all (a broker's ACL that refuses balancer/probe), silence
         # is judged PROBE_PATIENCE_S late rather than never
         horizon = max(min(now, self.heard_until), now - PROBE_PATIENCE_S)
-        if now - self.heard_until > PROBE_PATIENCE_S and not self.probe_warned:
-            self.probe_warned = True
-            log.warning(
-                "no probe of ours came back on %s for %g s: node silence is judged "
-                "%g s late (may this balancer subscribe to it?)",
-                self.topics.balancer_probe,
-                PROBE_PATIENCE_S,
-                PROBE_PATIENCE_S,
-            )
         for info in list(self.nodes.values()):
             if (
                 not info.online
@@ -556,10 +563,18 @@ class Fleet:
             ):
                 del self.nodes[info.name]  # long gone: out of the stats and warnings
                 continue
-            hb_s = info.status.heartbeat_s if info.status else 1.0
-            deadline = max(self.settings.node_timeout_s, 3 * hb_s)
+            deadline = self.deadline(info)
             if horizon - info.last_seen <= deadline:
                 continue
+            if horizon > self.heard_until and not self.probe_warned:
+                self.probe_warned = True
+                log.warning(
+                    "no probe of ours came back on %s for %g s: node silence is judged "
+                    "%g s late (may this balancer subscribe to it?)",
+                    self.topics.balancer_probe,
+                    PROBE_PATIENCE_S,
+                    PROBE_PATIENCE_S,
+                )
             if info.online:
                 self.node_lost(info, f"went silent (no heartbeat for {deadline:g} s)")
             elif info.assigned:  # adopted from an earlier balancer, never came back
