@@ -30,6 +30,9 @@ HISTORY_KEPT = 720  # stats samples a new dashboard is sent: 6 minutes at 2 Hz
 RECENT_KEPT = 50  # finished tasks in the stats' task table
 RUNNING_ROWS = 100  # running tasks in the stats' task table
 STREAM_ENDED = 200  # attempts that ended, in the stats' task stream
+
+EndedAttempt = tuple[str, str, str, float, float, str, bool]
+"""An ended attempt not shown yet: id, name, node, start, end, status, speculative."""
 STREAM_RUNNING = 100  # attempts running, in the stats' task stream
 REFUSALS_WARN_S = 60.0  # refusals within this long are a warning
 RECENTLY_LOST_S = 300.0
@@ -59,8 +62,12 @@ class Tally:
         default_factory=lambda: deque(maxlen=HISTORY_KEPT)
     )
     last_stats: protocol.BalancerStats | None = None
-    ended: deque[protocol.StreamBar] = field(default_factory=lambda: deque(maxlen=STREAM_ENDED))
-    """The attempts that ended last (the dashboard's task stream)."""
+    ended: deque[protocol.StreamBar | EndedAttempt] = field(
+        default_factory=lambda: deque(maxlen=STREAM_ENDED)
+    )
+    """The attempts that ended last (the dashboard's task stream): the fields of each
+    :class:`~lbmqtt.protocol.StreamBar`, the model built once it is first shown
+    (:meth:`ended_bars`). Thousands of tasks may end in a second; a snapshot shows 200."""
 
     def attempt_ended(
         self,
@@ -73,17 +80,23 @@ class Tally:
     ) -> None:
         """An attempt of ``rec`` on ``node``, started at ``start``, ended now."""
         if node is not None and start is not None:
-            self.ended.append(
-                protocol.StreamBar(
-                    id=rec.id,
-                    name=rec.name,
-                    node=node,
-                    start=start,
-                    end=max(start, time.time()),
-                    status=status,
-                    speculative=copy,
-                )
-            )
+            end = max(start, time.time())
+            self.ended.append((rec.id, rec.name, node, start, end, status, copy))
+
+    def ended_bars(self) -> list[protocol.StreamBar]:
+        """The attempts that ended last, as the stats' stream bars."""
+        ended = self.ended
+        bars: list[protocol.StreamBar] = []
+        for i, e in enumerate(list(ended)):
+            if isinstance(e, tuple):
+                bar = ended[i] = protocol.StreamBar(
+                    id=e[0], name=e[1], node=e[2], start=e[3], end=e[4], status=e[5],
+                    speculative=e[6],
+                )  # fmt: skip
+            else:
+                bar = e
+            bars.append(bar)
+        return bars
 
     def refused(self, who: str, why: str, code: str = ErrorCode.INVALID) -> None:
         """Count a refused submission (or message) and remember it for the warning."""
@@ -264,7 +277,7 @@ def snapshot(
         ),
         queued_by_band=dict(by_band),
         tasks=_task_rows(tasks, nodes, tally.recent, now),
-        stream=[*tally.ended, *_running_bars(tasks, nodes)],
+        stream=[*tally.ended_bars(), *_running_bars(tasks, nodes)],
         warnings=warnings,
     )
 
