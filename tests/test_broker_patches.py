@@ -227,6 +227,106 @@ def test_disconnected_clients_do_not_leak_sockets(case: str, cleanup: list[Any])
         gc.enable()
 
 
+def _drain_raw(s: socket.socket) -> None:
+    s.setblocking(False)
+    with __import__("contextlib").suppress(BlockingIOError):
+        while s.recv(1 << 16):
+            pass
+
+
+def test_qos0_messages_reach_their_subscribers_in_publish_order(
+    case: str, cleanup: list[Any]
+) -> None:
+    broker = broker_for(case, "direct_qos0")
+    cleanup.append(broker)
+    # Given a QoS 0 subscriber to everything, and a QoS 1 subscriber to one topic (the
+    # messages it gets take amqtt's queue, the others may be written at once)
+    a = RawClient(broker.port).connect()
+    cleanup.append(a)
+    a.subscribe("t/#", qos=0)
+    b = RawClient(broker.port).connect()
+    cleanup.append(b)
+    b.subscribe("t/queued", qos=1)
+    pub = RawClient(broker.port).connect()
+    cleanup.append(pub)
+    # When one client publishes a burst on both topics, back to back
+    n = 600
+    infos = [
+        pub.c.publish("t/queued" if i % 3 == 0 else "t/direct", str(i).encode(), qos=0)
+        for i in range(n)
+    ]
+    infos[-1].wait_for_publish(10)
+    wait_until(lambda: len(a.messages) >= n, 20, "every message at the QoS 0 subscriber")
+    wait_until(lambda: len(b.messages) >= n // 3, 20, "every message at the QoS 1 subscriber")
+    # Then each subscriber has them in the order they were published, each once
+    assert [int(p) for _, p, _ in a.messages] == list(range(n))
+    assert [int(p) for _, p, _ in b.messages] == list(range(0, n, 3))
+    if case == "patched":
+        assert broker.patched.direct_deliveries > 0
+    else:
+        assert broker.patched.direct_deliveries == 0
+
+
+def test_a_message_behind_a_queued_one_waits_its_turn(cleanup: list[Any]) -> None:
+    broker = BrokerThread()
+    cleanup.append(broker)
+    a = RawClient(broker.port).connect()
+    cleanup.append(a)
+    a.subscribe("t/#", qos=0)
+    b = RawClient(broker.port).connect()
+    cleanup.append(b)
+    b.subscribe("t/queued", qos=1)
+
+    async def back_to_back() -> None:
+        amqtt = broker.patched
+        # (the first goes to amqtt's queue, a QoS 1 subscriber holding it; the second,
+        # for QoS 0 subscribers only, comes before the queue has been served)
+        await amqtt._broadcast_message(None, "t/queued", b"1")
+        await amqtt._broadcast_message(None, "t/direct", b"2")
+
+    broker.lt.run(back_to_back())
+    wait_until(lambda: len(a.messages) >= 2, 10, "both messages")
+    assert [p for _, p, _ in a.messages] == [b"1", b"2"]
+    # and once the queue is empty, the next one goes straight
+    before = broker.patched.direct_deliveries
+    wait_until(lambda: not broker.patched._queued, 10, "the queue served")
+    broker.lt.run(broker.patched._broadcast_message(None, "t/direct", b"3"))
+    assert broker.patched.direct_deliveries == before + 1
+    wait_until(lambda: len(a.messages) >= 3, 10, "the third")
+
+
+def test_a_subscriber_that_stops_reading_holds_back_no_one(cleanup: list[Any]) -> None:
+    broker = BrokerThread()
+    cleanup.append(broker)
+    # Given a subscriber that never reads its socket again, and one that does
+    stuck = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    cleanup.append(stuck)
+    body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str("stuck")
+    stuck.sendall(bytes([0x10]) + varint(len(body)) + body)
+    assert stuck.recv(4)[:1] == b"\x20"
+    sub = struct.pack("!H", 1) + _str("big/#") + b"\x00"
+    stuck.sendall(bytes([0x82]) + varint(len(sub)) + sub)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader = RawClient(broker.port).connect()
+    cleanup.append(reader)
+    reader.subscribe("big/#", qos=0)
+    pub = RawClient(broker.port).connect()
+    cleanup.append(pub)
+    # When far more is published than the stuck one's socket can hold
+    payload = b"x" * 65536
+    n = 200  # 13 MB
+    infos = [pub.c.publish("big/m", payload, qos=0) for _ in range(n)]
+    infos[-1].wait_for_publish(20)
+    # Then the other subscriber gets every message, and the broker still answers
+    wait_until(lambda: len(reader.messages) >= n, 30, "every message at the reading subscriber")
+    assert len(reader.messages) == n
+    reader.publish("big/after", b"done", qos=0)
+    wait_until(lambda: reader.payloads("big/after") == [b"done"], 10, "a message after")
+    # (the first messages went straight; once the stuck socket backed up, amqtt's queue)
+    assert 0 < broker.patched.direct_deliveries < n
+    _drain_raw(stuck)
+
+
 def test_broker_package_exports_its_public_names() -> None:
     import lbmqtt.broker as broker
 

@@ -46,6 +46,17 @@ Patches (NOTES.md, "Bugs to work around"):
     reconnected after a half-open connection offline. amqtt's own take-over code runs only
     for persistent sessions. We close the older connection and drop its will (the client
     is back), as Mosquitto does. No upstream issue found.
+``direct_qos0``
+    (Speed, not a bug.) amqtt hands every message to a broadcast queue, then one task
+    per subscriber that builds and writes the packet: ~0.45 ms of broker CPU per message
+    crossing on these machines. A message whose subscribers all hold QoS 0 subscriptions
+    is written to their sockets at once, one packet built for all, when it can go in
+    order: nothing waits in the queue or in a subscriber's task before it, no
+    subscriber's socket is backed up, and no amqtt plugin has receive rules to ask
+    (lbmqtt's guard has none). Else amqtt's
+    path, as before. Same-run A/B: the broker's CPU fell from ~57 % to ~49 % in
+    ``bench/run.py latency`` and from ~20 % to ~15.5 % in ``throughput``; at rest with 200
+    nodes from ~6.8 % to ~5.1 % (``bench/nodes.py``).
 ``connect_close`` (part of every broker, not optional)
     amqtt closes the socket for only some failed CONNECTs: a first packet other than
     CONNECT left the connection open and never read again, and a client that left before
@@ -88,8 +99,26 @@ ALL_PATCHES: frozenset[str] = frozenset(
         "socket_leak",
         "offline_queue",
         "clean_takeover",
+        "direct_qos0",
     }
 )
+DIRECT_MAX_BUFFER = 64 * 1024
+"""direct_qos0 writes to a subscriber only while its socket buffer holds less than this."""
+
+
+def publish_packet(topic: str, data: bytes | bytearray) -> bytes:
+    """An MQTT 3.1.1 PUBLISH at QoS 0, not retained (section 3.3)."""
+    name = topic.encode()
+    rest = len(name) + 2 + len(data)
+    head = bytearray([0x30])
+    while True:
+        byte, rest = rest % 128, rest // 128
+        head.append(byte | 0x80 if rest else byte)
+        if not rest:
+            break
+    return bytes(head) + len(name).to_bytes(2, "big") + name + bytes(data)
+
+
 MAX_OFFLINE_MESSAGES = 10_000
 """QoS 1 messages the broker keeps for one disconnected persistent session, at most..."""
 MAX_OFFLINE_BYTES = 64 * 2**20
@@ -125,6 +154,9 @@ class PatchedBroker(GuardedBroker):
         self.too_large = 0
         self.offline_dropped = 0
         self.connect_timeouts = 0
+        self.direct_deliveries = 0
+        self._queued = 0
+        """Messages put in amqtt's broadcast queue and not yet handed to their tasks."""
         self.transports: set[asyncio.WriteTransport] = set()
         """Every client connection being served (see abort_all)."""
 
@@ -262,6 +294,69 @@ class PatchedBroker(GuardedBroker):
                 return
             target_session.lbmqtt_kept_bytes = kept + size
         await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    # -- direct_qos0 -----------------------------------------------------------------------
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        if (
+            "direct_qos0" in self.patches
+            and force_qos is None
+            and topic
+            and data is not None
+            and not self._queued
+            and self._broadcast_queue.empty()
+            and self._deliver_now(topic, data)
+        ):
+            self.direct_deliveries += 1
+            return
+        self._queued += 1
+        await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def _run_broadcast(self, running_tasks: Any) -> None:
+        try:
+            await super()._run_broadcast(running_tasks)
+        finally:
+            self._queued = max(0, self._queued - 1)
+
+    def _deliver_now(self, topic: str, data: bytes | bytearray) -> bool:
+        """Write a message to every subscriber now, if it can go without amqtt's
+        broadcast queue and a task per subscriber: only QoS 0 subscribers, nothing
+        queued before it (order), no receive rules to ask (async plugins) and every
+        subscriber's socket free to take it. False (nothing written): the queue, then."""
+        if self.guard is None and getattr(self.plugins_manager, "_topic_plugins", True):
+            return False  # (receive rules of amqtt plugins: async; lbmqtt's guard: none)
+        if any(not t.done() for t in self._tasks_queue):
+            return False
+        writers = []
+        for k_filter, subscriptions in self._subscriptions.items():
+            if not self._matches(topic, k_filter):
+                continue
+            for target, sub_qos in subscriptions:
+                if sub_qos:
+                    return False
+                if target.transitions.state != "connected":
+                    continue
+                handler = self._get_handler(target)
+                writer = getattr(handler, "writer", None)
+                if handler is None or writer is None:
+                    continue
+                if handler._write_lock.locked():
+                    return False
+                transport = writer._writer.transport
+                if transport.is_closing() or transport.get_write_buffer_size() > DIRECT_MAX_BUFFER:
+                    return False
+                writers.append(writer)
+        if writers:
+            packet = publish_packet(topic, data)
+            for w in writers:
+                w.write(packet)
+        return True
 
     # -- dollar_publish -------------------------------------------------------------------
 
