@@ -295,6 +295,37 @@ def test_a_message_behind_a_queued_one_waits_its_turn(cleanup: list[Any]) -> Non
     wait_until(lambda: len(a.messages) >= 3, 10, "the third")
 
 
+def test_a_new_or_dropped_subscription_counts_for_the_next_message(cleanup: list[Any]) -> None:
+    broker = BrokerThread()
+    cleanup.append(broker)
+    a = RawClient(broker.port).connect()
+    cleanup.append(a)
+    a.subscribe("t/#", qos=0)
+    pub = RawClient(broker.port).connect()
+    cleanup.append(pub)
+
+    def sent(payload: bytes) -> None:
+        n = len(a.messages)
+        pub.publish("t/x", payload, qos=0)
+        wait_until(lambda: len(a.messages) > n, 10, f"{payload!r} at a")
+
+    sent(b"1")  # (t/x's matching filters are now known: t/#)
+    # When b subscribes to t/x (a new filter), the next message reaches it
+    b = RawClient(broker.port).connect()
+    cleanup.append(b)
+    b.subscribe("t/+", qos=0)
+    sent(b"2")
+    wait_until(lambda: b.payloads("t/x") == [b"2"], 10, "the message after b subscribed")
+    # And once b has unsubscribed (the filter gone), the next one does not
+    b.c.unsubscribe("t/+")
+    wait_until(lambda: "t/+" not in broker.patched._subscriptions, 10, "the filter dropped")
+    sent(b"3")
+    sent(b"4")
+    assert b.payloads("t/x") == [b"2"]
+    assert [p for _, p, _ in a.messages] == [b"1", b"2", b"3", b"4"]
+    assert broker.patched.direct_deliveries >= 4
+
+
 def test_a_subscriber_that_stops_reading_holds_back_no_one(cleanup: list[Any]) -> None:
     broker = BrokerThread()
     cleanup.append(broker)
