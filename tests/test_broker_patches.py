@@ -6,6 +6,7 @@ after an amqtt upgrade, the bug is fixed upstream and the patch can go.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import socket
@@ -293,6 +294,38 @@ def test_a_message_behind_a_queued_one_waits_its_turn(cleanup: list[Any]) -> Non
     broker.lt.run(broker.patched._broadcast_message(None, "t/direct", b"3"))
     assert broker.patched.direct_deliveries == before + 1
     wait_until(lambda: len(a.messages) >= 3, 10, "the third")
+
+
+def test_a_live_message_does_not_overtake_a_retained_one_being_replayed(
+    cleanup: list[Any],
+) -> None:
+    broker = BrokerThread()
+    cleanup.append(broker)
+    pub = RawClient(broker.port).connect()
+    cleanup.append(pub)
+    pub.publish("r/x", b"old", qos=0, retain=True)
+    s = RawClient(broker.port, client_id="s1").connect()
+    cleanup.append(s)
+    s.subscribe("r/#", qos=0)
+    wait_until(lambda: s.payloads("r/x") == [b"old"], 10, "the retained message")
+
+    async def race() -> None:
+        amqtt = broker.patched
+        session = amqtt._sessions["s1"][0]
+        # a replay of the retained messages to s1 (as after a SUBSCRIBE or a reconnect):
+        # once its publish tasks are made, but before they have run...
+        replay = asyncio.ensure_future(
+            amqtt._publish_retained_messages_for_subscription(("r/#", 0), session)
+        )
+        await asyncio.sleep(0)
+        # ...a live message on the same topic comes
+        await amqtt._broadcast_message(None, "r/x", b"new")
+        await replay
+
+    broker.lt.run(race())
+    wait_until(lambda: len(s.payloads("r/x")) >= 3, 10, "the replay and the live message")
+    # Then the subscriber has the older (retained) one first and the newer one last
+    assert s.messages[-2:] == [("r/x", b"old", True), ("r/x", b"new", False)]
 
 
 def test_a_new_or_dropped_subscription_counts_for_the_next_message(cleanup: list[Any]) -> None:

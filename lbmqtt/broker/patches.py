@@ -85,6 +85,7 @@ from typing import Any, cast
 
 from amqtt.adapters import StreamWriterAdapter
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import MQTTEvents
 from amqtt.session import Session
 
 from ..access import AccessGuard
@@ -109,7 +110,9 @@ DIRECT_MAX_BUFFER = 64 * 1024
 
 
 MATCH_CACHE = 4096
-"""Topics whose matching filters direct_qos0 remembers (then it starts again)."""
+"""Topics whose matching filters direct_qos0 remembers (then it starts again)..."""
+MATCH_CACHE_TOPIC = 256
+"""...if they are no longer than this."""
 
 
 class _Filters(dict[str, Any]):
@@ -202,6 +205,8 @@ class PatchedBroker(GuardedBroker):
         self._subscriptions = _Filters(self._subscriptions)
         self._matched: dict[str, list[str]] = {}
         self._matched_version = -1
+        self._replaying = 0
+        """Retained messages being replayed to a subscriber (their tasks made, maybe not run)."""
         self.direct_deliveries = 0
         self._queued = 0
         """Messages put in amqtt's broadcast queue and not yet handed to their tasks."""
@@ -317,7 +322,18 @@ class PatchedBroker(GuardedBroker):
             holders = self._subscriptions.get(topic_filter, ())
             if not any(s.client_id == session.client_id for s, _ in holders):
                 return
-        await super()._publish_retained_messages_for_subscription(subscription, session)
+        self._replaying += 1  # (direct_qos0 waits: a live message must not overtake it)
+        try:
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+        finally:
+            self._replaying -= 1
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        self._replaying += 1
+        try:
+            await super()._publish_session_retained_messages(session)
+        finally:
+            self._replaying -= 1
 
     # -- offline_queue --------------------------------------------------------------------
 
@@ -377,9 +393,12 @@ class PatchedBroker(GuardedBroker):
         broadcast queue and a task per subscriber: only QoS 0 subscribers, nothing
         queued before it (order), no receive rules to ask (async plugins) and every
         subscriber's socket free to take it. False (nothing written): the queue, then."""
-        if self.guard is None and getattr(self.plugins_manager, "_topic_plugins", True):
+        plugins = self.plugins_manager
+        if self.guard is None and getattr(plugins, "_topic_plugins", True):
             return False  # (receive rules of amqtt plugins: async; lbmqtt's guard: none)
-        if any(not t.done() for t in self._tasks_queue):
+        if MQTTEvents.PACKET_SENT in getattr(plugins, "_event_plugin_callbacks", (0,)):
+            return False  # (a plugin that sees each packet sent: amqtt's path tells it)
+        if self._replaying or any(not t.done() for t in self._tasks_queue):
             return False
         writers = []
         subs = self._subscriptions
@@ -395,8 +414,12 @@ class PatchedBroker(GuardedBroker):
                     continue
                 if handler._write_lock.locked():
                     return False
-                transport = writer._writer.transport
-                if transport.is_closing() or transport.get_write_buffer_size() > DIRECT_MAX_BUFFER:
+                transport = getattr(getattr(writer, "_writer", None), "transport", None)
+                if (
+                    transport is None  # (not a stream: a websocket, say)
+                    or transport.is_closing()
+                    or transport.get_write_buffer_size() > DIRECT_MAX_BUFFER
+                ):
                     return False
                 writers.append(writer)
         if writers:
@@ -414,9 +437,11 @@ class PatchedBroker(GuardedBroker):
             self._matched_version = subs.version
         found = self._matched.get(topic)
         if found is None:
-            if len(self._matched) >= MATCH_CACHE:
-                self._matched.clear()
-            found = self._matched[topic] = [f for f in subs if self._matches(topic, f)]
+            found = [f for f in subs if self._matches(topic, f)]
+            if len(topic) <= MATCH_CACHE_TOPIC:  # (bounded: topics may be long without a guard)
+                if len(self._matched) >= MATCH_CACHE:
+                    self._matched.clear()
+                self._matched[topic] = found
         return found
 
     # -- dollar_publish -------------------------------------------------------------------
