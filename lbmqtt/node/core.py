@@ -287,6 +287,12 @@ class Node:
         self._stopping = True
         self.loops.closing = True  # (a worker loop returns once its worker is killed)
         self.supervisor.stopping = True  # a worker that dies from here on stays dead
+        heartbeat = self.loops.tasks.get("node-heartbeat")
+        if heartbeat is not None:
+            # (a heartbeat sent after the offline status, while it waits for its PUBACK,
+            # would tell the balancer that the node is back: its tasks would be taken
+            # back twice, one attempt counted for nothing)
+            heartbeat.cancel()
         t = self._transport
         if t is not None and t.connected:
             self.reports.flush()
