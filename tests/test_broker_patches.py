@@ -228,6 +228,21 @@ def test_disconnected_clients_do_not_leak_sockets(case: str, cleanup: list[Any])
         gc.enable()
 
 
+def _client(
+    broker: BrokerThread,
+    cleanup: list[Any],
+    topic: str | None = None,
+    qos: int = 0,
+    client_id: str | None = None,
+) -> RawClient:
+    """A client of ``broker`` (closed after the test), subscribed to ``topic`` if given."""
+    c = RawClient(broker.port, client_id=client_id).connect()
+    cleanup.append(c)
+    if topic is not None:
+        c.subscribe(topic, qos=qos)
+    return c
+
+
 def _drain_raw(s: socket.socket) -> None:
     s.setblocking(False)
     with __import__("contextlib").suppress(BlockingIOError):
@@ -242,14 +257,9 @@ def test_qos0_messages_reach_their_subscribers_in_publish_order(
     cleanup.append(broker)
     # Given a QoS 0 subscriber to everything, and a QoS 1 subscriber to one topic (the
     # messages it gets take amqtt's queue, the others may be written at once)
-    a = RawClient(broker.port).connect()
-    cleanup.append(a)
-    a.subscribe("t/#", qos=0)
-    b = RawClient(broker.port).connect()
-    cleanup.append(b)
-    b.subscribe("t/queued", qos=1)
-    pub = RawClient(broker.port).connect()
-    cleanup.append(pub)
+    a = _client(broker, cleanup, "t/#", 0)
+    b = _client(broker, cleanup, "t/queued", 1)
+    pub = _client(broker, cleanup)
     # When one client publishes a burst on both topics, back to back
     n = 600
     infos = [
@@ -271,12 +281,8 @@ def test_qos0_messages_reach_their_subscribers_in_publish_order(
 def test_a_message_behind_a_queued_one_waits_its_turn(cleanup: list[Any]) -> None:
     broker = BrokerThread()
     cleanup.append(broker)
-    a = RawClient(broker.port).connect()
-    cleanup.append(a)
-    a.subscribe("t/#", qos=0)
-    b = RawClient(broker.port).connect()
-    cleanup.append(b)
-    b.subscribe("t/queued", qos=1)
+    a = _client(broker, cleanup, "t/#", 0)
+    _client(broker, cleanup, "t/queued", 1)  # (it holds the first in amqtt's queue)
 
     async def back_to_back() -> None:
         amqtt = broker.patched
@@ -301,12 +307,9 @@ def test_a_live_message_does_not_overtake_a_retained_one_being_replayed(
 ) -> None:
     broker = BrokerThread()
     cleanup.append(broker)
-    pub = RawClient(broker.port).connect()
-    cleanup.append(pub)
+    pub = _client(broker, cleanup)
     pub.publish("r/x", b"old", qos=0, retain=True)
-    s = RawClient(broker.port, client_id="s1").connect()
-    cleanup.append(s)
-    s.subscribe("r/#", qos=0)
+    s = _client(broker, cleanup, "r/#", 0, client_id="s1")
     wait_until(lambda: s.payloads("r/x") == [b"old"], 10, "the retained message")
 
     async def race() -> None:
@@ -331,11 +334,8 @@ def test_a_live_message_does_not_overtake_a_retained_one_being_replayed(
 def test_a_new_or_dropped_subscription_counts_for_the_next_message(cleanup: list[Any]) -> None:
     broker = BrokerThread()
     cleanup.append(broker)
-    a = RawClient(broker.port).connect()
-    cleanup.append(a)
-    a.subscribe("t/#", qos=0)
-    pub = RawClient(broker.port).connect()
-    cleanup.append(pub)
+    a = _client(broker, cleanup, "t/#", 0)
+    pub = _client(broker, cleanup)
 
     def sent(payload: bytes) -> None:
         n = len(a.messages)
@@ -344,9 +344,7 @@ def test_a_new_or_dropped_subscription_counts_for_the_next_message(cleanup: list
 
     sent(b"1")  # (t/x's matching filters are now known: t/#)
     # When b subscribes to t/x (a new filter), the next message reaches it
-    b = RawClient(broker.port).connect()
-    cleanup.append(b)
-    b.subscribe("t/+", qos=0)
+    b = _client(broker, cleanup, "t/+", 0)
     sent(b"2")
     wait_until(lambda: b.payloads("t/x") == [b"2"], 10, "the message after b subscribed")
     # And once b has unsubscribed (the filter gone), the next one does not
@@ -371,11 +369,8 @@ def test_a_subscriber_that_stops_reading_holds_back_no_one(cleanup: list[Any]) -
     sub = struct.pack("!H", 1) + _str("big/#") + b"\x00"
     stuck.sendall(bytes([0x82]) + varint(len(sub)) + sub)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    reader = RawClient(broker.port).connect()
-    cleanup.append(reader)
-    reader.subscribe("big/#", qos=0)
-    pub = RawClient(broker.port).connect()
-    cleanup.append(pub)
+    reader = _client(broker, cleanup, "big/#", 0)
+    pub = _client(broker, cleanup)
     # When far more is published than the stuck one's socket can hold
     payload = b"x" * 65536
     n = 200  # 13 MB
