@@ -396,7 +396,8 @@ class PatchedBroker(GuardedBroker):
         plugins = self.plugins_manager
         if self.guard is None and getattr(plugins, "_topic_plugins", True):
             return False  # (receive rules of amqtt plugins: async; lbmqtt's guard: none)
-        if MQTTEvents.PACKET_SENT in getattr(plugins, "_event_plugin_callbacks", (0,)):
+        callbacks = getattr(plugins, "_event_plugin_callbacks", None)
+        if callbacks is None or MQTTEvents.PACKET_SENT in callbacks:
             return False  # (a plugin that sees each packet sent: amqtt's path tells it)
         if self._replaying or any(not t.done() for t in self._tasks_queue):
             return False
