@@ -592,9 +592,10 @@ class Stream:
         assert not self._thread.is_alive(), "the stream did not finish submitting"
 
     def collect(self, timeout: float = 120.0) -> dict[str, TaskState | None]:
-        """Every task's final state (None: lost - unknown to the balancer or never final)."""
-        self.join(timeout)
+        """Every task's final state (None: lost - unknown to the balancer or never final),
+        all within ``timeout``."""
         deadline = time.monotonic() + timeout
+        self.join(timeout)
         out: dict[str, TaskState | None] = {}
         for tid in self.expected:
             remaining = max(0.1, deadline - time.monotonic())

@@ -240,6 +240,73 @@ def test_wait_on_a_task_that_expired_raises_unknown_task(running: System) -> Non
     asyncio.run(scenario())
 
 
+def test_after_a_reconnect_the_client_asks_about_its_unfinished_tasks_until_answered(
+    broker: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a broker restart the balancer reconnects too, and may not be back (or not
+    # subscribed) when the client's first query arrives; the final states it sent while the
+    # client was away are lost, whether or not somebody waited for them then. The client
+    # must ask again about every task it has not seen finish, not leave each to a later
+    # wait's REQUERY_S (10 s, one wait after another: a stream of 100 tasks took a minute
+    # more). The balancer here is scripted on the real broker: it acknowledges the submits
+    # and leaves the first query after the reconnect unanswered.
+    import lbmqtt.client.core as client_core
+    from lbmqtt import AsyncClient
+    from lbmqtt.mqtt import MqttTransport
+    from lbmqtt.protocol import Events, TaskState
+
+    monkeypatch.setattr(client_core, "REQUERY_S", 600.0)  # only the reconnect may ask
+    settings = make_settings(broker.port, prefix, CLIENT_ACK_TIMEOUT_S=20)
+    topics = Topics(prefix)
+    queries: list[list[str]] = []
+
+    async def scenario() -> None:
+        def states(ids: list[str], status: Status) -> bytes:
+            sts = [TaskState(id=i, user="alice", name="ECHO", status=status) for i in ids]
+            return Events(states=sts).model_dump_json().encode()
+
+        def on_message(topic: str, payload: bytes, retained: bool) -> None:
+            data = json.loads(payload)
+            if topic == topics.submit("alice"):
+                ids = [t["id"] for t in data.get("tasks", [data])]
+                fake.publish(topics.events("alice"), states(ids, Status.QUEUED), qos=1)
+            elif topic == topics.query("alice"):
+                queries.append(sorted(data["ids"]))
+                if len(queries) >= 2:
+                    fake.publish(topics.events("alice"), states(data["ids"], Status.DONE), qos=1)
+
+        fake = MqttTransport(
+            host="127.0.0.1",
+            port=broker.port,
+            client_id=f"scripted-balancer-{prefix.replace('/', '-')}",
+            on_message=on_message,
+            subscriptions=[(topics.submit("alice"), 1), (topics.query("alice"), 1)],
+        )
+        await fake.start(wait=True)
+        try:
+            async with AsyncClient(settings, user="alice") as c:
+                waited = await c.submit("ECHO", 1, task_id="waited-for")
+                later = await c.submit("ECHO", 2, task_id="waited-for-later")
+                waiter = asyncio.ensure_future(c.wait_state(waited, timeout=30))
+                await asyncio.sleep(0)  # (the waiter is registered)
+                assert not queries
+                c._t().drop_connection()
+                # the first query after the reconnect goes unanswered; a second one comes
+                deadline = time.monotonic() + 15
+                while len(queries) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                assert len(queries) >= 2, f"asked only {queries} after the reconnect"
+                assert queries[:2] == [sorted([waited, later])] * 2
+                got = await asyncio.wait_for(waiter, 10)
+                assert got.status is Status.DONE
+                got = await asyncio.wait_for(c.wait_state(later, timeout=30), 10)
+                assert got.status is Status.DONE
+        finally:
+            await fake.close()
+
+    asyncio.run(scenario())
+
+
 def _block_on_n1(
     system: System, client: Client, tmp_path: Path, value: int
 ) -> tuple[Balancer, Node, Path, str]:

@@ -30,7 +30,7 @@ from ..protocol.submit import encode_id_lists, validate_specs
 from ..protocol.topics import TASK_QOS
 from ..ratelog import LogLimiter
 from .mapping import run_map
-from .resend import DEFAULT_BATCH, cancel_until_final, query, submit_specs
+from .resend import DEFAULT_BATCH, cancel_until_final, query, requery_unfinished, submit_specs
 from .tracking import TaskBook, Tracked
 from .waiting import map_progress, outcome
 
@@ -86,6 +86,7 @@ class AsyncClient:
         self._log_limited = LogLimiter(log, LOG_EVERY_S).warning
         self._to_ack: set[str] = set()
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._requery: asyncio.Task[None] | None = None
         self._transport: MqttTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -118,6 +119,9 @@ class AsyncClient:
         if self._transport is None:
             return
         self._flush_acks()
+        if self._requery is not None:
+            self._requery.cancel()
+            self._requery = None
         await self._transport.close()
         self._transport = None
 
@@ -426,10 +430,13 @@ class AsyncClient:
         self._publish_ids(self.topics.ack(self.user), ids)
 
     def _on_connect(self) -> None:
-        # Events may have been missed while disconnected: ask again about what we await.
-        waiting = self._book.awaited()
-        if waiting and self._transport is not None:
-            self._publish_ids(self.topics.query(self.user), waiting)
+        # Events may have been missed while disconnected: ask again about what we await
+        # (until answered: see requery_unfinished).
+        if self._requery is not None:
+            self._requery.cancel()
+            self._requery = None
+        if self._book.unfinished() and self._transport is not None and self._loop is not None:
+            self._requery = self._loop.create_task(requery_unfinished(self))
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.topics.events(self.user):

@@ -70,10 +70,14 @@ class TaskBook:
         self.finished.pop(state.id, None)
         _remember(self.collected, state)
 
-    def awaited(self) -> list[str]:
-        """The tasks somebody waits to see finish."""
+    def unfinished(self) -> list[str]:
+        """The tasks somebody waits to see finish, and those submitted here whose final
+        state has not come yet (whether or not anybody waits for it now)."""
         return [
-            tid for tid, tr in self.tracked.items() if tr.final is not None and not tr.final.done()
+            tid
+            for tid, tr in self.tracked.items()
+            if (tr.final is not None and not tr.final.done())
+            or (tr.state is not None and not tr.state.status.final)
         ]
 
     def on_states(self, states: Iterable[TaskState]) -> None:
