@@ -307,6 +307,62 @@ def test_after_a_reconnect_the_client_asks_about_its_unfinished_tasks_until_answ
     asyncio.run(scenario())
 
 
+def test_after_a_reconnect_a_task_the_balancer_no_longer_knows_is_forgotten(
+    broker: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A balancer without a journal lost the task while the client was away: the answer
+    # to the client's query is unknown_task. The client stops following it (a later get
+    # says so) and leaves no watch behind whose error nobody would see.
+    import lbmqtt.client.core as client_core
+    from lbmqtt import AsyncClient
+    from lbmqtt.mqtt import MqttTransport
+    from lbmqtt.protocol import ErrorItem, Errors, Events, TaskState
+
+    monkeypatch.setattr(client_core, "REQUERY_S", 600.0)
+    settings = make_settings(broker.port, prefix, CLIENT_ACK_TIMEOUT_S=20)
+    topics = Topics(prefix)
+    queries: list[list[str]] = []
+
+    async def scenario() -> None:
+        def on_message(topic: str, payload: bytes, retained: bool) -> None:
+            data = json.loads(payload)
+            if topic == topics.submit("alice"):
+                sts = [
+                    TaskState(id=t["id"], user="alice", name="ECHO", status=Status.QUEUED)
+                    for t in data.get("tasks", [data])
+                ]
+                fake.publish(topics.events("alice"), Events(states=sts).encode(), qos=1)
+            elif topic == topics.query("alice"):
+                queries.append(data["ids"])
+                errs = [ErrorItem(code="unknown_task", message="no", id=i) for i in data["ids"]]
+                fake.publish(topics.errors("alice"), Errors(errors=errs).encode(), qos=1)
+
+        fake = MqttTransport(
+            host="127.0.0.1",
+            port=broker.port,
+            client_id=f"scripted-balancer-{prefix.replace('/', '-')}",
+            on_message=on_message,
+            subscriptions=[(topics.submit("alice"), 1), (topics.query("alice"), 1)],
+        )
+        await fake.start(wait=True)
+        try:
+            async with AsyncClient(settings, user="alice") as c:
+                tid = await c.submit("ECHO", 1, task_id="lost-by-the-balancer")
+                assert c._book.tracked[tid].state is not None
+                c._t().drop_connection()
+                deadline = time.monotonic() + 15
+                while tid in c._book.tracked and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                assert queries and queries[0] == [tid]
+                assert tid not in c._book.tracked, "still followed after unknown_task"
+                with pytest.raises(UnknownTask):
+                    await c.get(tid)
+        finally:
+            await fake.close()
+
+    asyncio.run(scenario())
+
+
 def _block_on_n1(
     system: System, client: Client, tmp_path: Path, value: int
 ) -> tuple[Balancer, Node, Path, str]:

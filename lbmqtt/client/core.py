@@ -45,6 +45,11 @@ LOG_EVERY_S = 10.0
 may publish on a user's topics without logins)."""
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("asking about unfinished tasks after a reconnect failed: %r", exc)
+
+
 def default_user() -> str:
     """The login name, reduced to a valid lbmqtt user name."""
     try:
@@ -289,34 +294,38 @@ class AsyncClient:
         # ask the balancer again only every REQUERY_S without news (was an event lost?),
         # never in answer to an answer: a query per state event would loop
         query_at = time.monotonic() + REQUERY_S
-        while not final.done():
-            if nxt is not None and nxt.done():
-                if nxt.exception() is not None:
-                    raise nxt.exception()  # type: ignore[misc]  # e.g. UnknownTask: expired
-                nxt = None
-            if on_state is not None:
-                if seen is not None and seen.done() and seen.exception() is None:
-                    on_state(seen.result())
-                if seen is None or seen.done():
-                    seen = self._book.watch_next(task_id)
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                st = tr.state.status.value if tr.state else "unknown"
-                why = f": {tr.state.waiting}" if tr.state and tr.state.waiting else ""
-                raise WaitTimeout(
-                    f"task {task_id} did not finish within {timeout:g} s (status: {st}{why})"
+        try:
+            while not final.done():
+                if nxt is not None and nxt.done():
+                    if nxt.exception() is not None:
+                        raise nxt.exception()  # type: ignore[misc]  # e.g. UnknownTask: expired
+                    nxt = None
+                if on_state is not None:
+                    if seen is not None and seen.done() and seen.exception() is None:
+                        on_state(seen.result())
+                    if seen is None or seen.done():
+                        seen = self._book.watch_next(task_id)
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    st = tr.state.status.value if tr.state else "unknown"
+                    why = f": {tr.state.waiting}" if tr.state and tr.state.waiting else ""
+                    raise WaitTimeout(
+                        f"task {task_id} did not finish within {timeout:g} s (status: {st}{why})"
+                    )
+                if now >= query_at:
+                    query_at = now + REQUERY_S
+                    if self._t().connected:
+                        nxt = self._book.watch_next(task_id)
+                        self._publish_ids(self.topics.query(self.user), [task_id])
+                wait_for = query_at - now if deadline is None else min(query_at, deadline) - now
+                await asyncio.wait(
+                    [f for f in (final, nxt, seen) if f is not None and not f.done()] or [final],
+                    timeout=max(0.0, wait_for),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            if now >= query_at:
-                query_at = now + REQUERY_S
-                if self._t().connected:
-                    nxt = self._book.watch_next(task_id)
-                    self._publish_ids(self.topics.query(self.user), [task_id])
-            wait_for = query_at - now if deadline is None else min(query_at, deadline) - now
-            await asyncio.wait(
-                [f for f in (final, nxt, seen) if f is not None and not f.done()] or [final],
-                timeout=max(0.0, wait_for),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+        finally:  # (the watches it no longer waits on)
+            self._book.drop_watch(task_id, nxt)
+            self._book.drop_watch(task_id, seen)
         state = final.result()
         if on_state is not None:
             on_state(state)
@@ -437,6 +446,7 @@ class AsyncClient:
             self._requery = None
         if self._book.unfinished() and self._transport is not None and self._loop is not None:
             self._requery = self._loop.create_task(requery_unfinished(self))
+            self._requery.add_done_callback(_log_failure)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.topics.events(self.user):

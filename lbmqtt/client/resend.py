@@ -151,13 +151,9 @@ async def requery_unfinished(client: AsyncClient) -> None:
             open_ = {tid: f for tid, f in open_.items() if not f.done()}
     finally:
         for tid, f in asked.items():
-            if not f.done():
-                f.cancel()
-                tr = book.tracked.get(tid)
-                if tr is not None:
-                    tr.next = [x for x in tr.next if x is not f]
-            elif not f.cancelled():
-                f.exception()  # (an error is the waiter's to raise: wait_state asks again)
+            book.drop_watch(tid, f)
+            if f.done() and not f.cancelled() and isinstance(f.exception(), UnknownTask):
+                book.forget(tid)  # (unless somebody waits: their own query will raise it)
 
 
 async def cancel_until_final(
@@ -166,25 +162,31 @@ async def cancel_until_final(
     """Send a cancel of ``task_id`` until its final state arrives."""
     deadline = time.monotonic() + client.ack_timeout_s
     resend = _resends()
-    while not final.done():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise BalancerUnavailable(
-                f"cancel of {task_id} not acknowledged within {client.ack_timeout_s:g} s"
-            )
-        nxt = client._book.watch_next(task_id)
-        client._publish_ids(client.topics.cancel(client.user), [task_id])
-        # the answer is the task's final state; any other state (progress) means the
-        # cancel is still on its way, so wait for the final one until the resend
-        resend_at = time.monotonic() + min(resend.next(), remaining)
-        while not final.done() and time.monotonic() < resend_at:
-            await asyncio.wait(
-                [final, nxt],
-                timeout=resend_at - time.monotonic(),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if nxt.done():
-                if nxt.exception() is not None:
-                    client._book.forget(task_id)
-                    raise nxt.exception()  # type: ignore[misc]
-                nxt = client._book.watch_next(task_id)
+    book = client._book
+    nxt: asyncio.Future[TaskState] | None = None
+    try:
+        while not final.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BalancerUnavailable(
+                    f"cancel of {task_id} not acknowledged within {client.ack_timeout_s:g} s"
+                )
+            book.drop_watch(task_id, nxt)
+            nxt = book.watch_next(task_id)
+            client._publish_ids(client.topics.cancel(client.user), [task_id])
+            # the answer is the task's final state; any other state (progress) means the
+            # cancel is still on its way, so wait for the final one until the resend
+            resend_at = time.monotonic() + min(resend.next(), remaining)
+            while not final.done() and time.monotonic() < resend_at:
+                await asyncio.wait(
+                    [final, nxt],
+                    timeout=resend_at - time.monotonic(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if nxt.done():
+                    if nxt.exception() is not None:
+                        book.forget(task_id)
+                        raise nxt.exception()  # type: ignore[misc]
+                    nxt = book.watch_next(task_id)
+    finally:
+        book.drop_watch(task_id, nxt)

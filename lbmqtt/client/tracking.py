@@ -71,14 +71,29 @@ class TaskBook:
         _remember(self.collected, state)
 
     def unfinished(self) -> list[str]:
-        """The tasks somebody waits to see finish, and those submitted here whose final
-        state has not come yet (whether or not anybody waits for it now)."""
+        """The tasks the balancer has told us about whose final state has not come yet
+        (whether or not anybody waits for it now). Not those it has not acknowledged yet:
+        their submit (or query) is resent until it answers, and a query that overtook a
+        resent submit would be answered ``unknown_task``."""
         return [
             tid
             for tid, tr in self.tracked.items()
-            if (tr.final is not None and not tr.final.done())
-            or (tr.state is not None and not tr.state.status.final)
+            if tr.state is not None and not tr.state.status.final
         ]
+
+    def drop_watch(self, task_id: str, fut: asyncio.Future[TaskState] | None) -> None:
+        """A :meth:`watch_next` future its caller no longer waits for: cancelled and
+        unlisted if pending (an error for it later would be raised in nobody), its error
+        marked seen if it has one."""
+        if fut is None:
+            return
+        if not fut.done():
+            fut.cancel()
+            tr = self.tracked.get(task_id)
+            if tr is not None:
+                tr.next = [f for f in tr.next if f is not fut]
+        elif not fut.cancelled():
+            fut.exception()
 
     def on_states(self, states: Iterable[TaskState]) -> None:
         """States from the balancer's events: resolve who waits for them."""
