@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +242,29 @@ def test_wait_on_a_task_that_expired_raises_unknown_task(running: System) -> Non
     asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def _scripted_balancer(
+    port: int, prefix: str, on_message: Callable[[str, bytes, bool], None]
+) -> AsyncIterator[Any]:
+    """A stand-in for the balancer: a plain MQTT client on the real broker that reads
+    alice's submits and queries, and answers them as ``on_message`` scripts it."""
+    from lbmqtt.mqtt import MqttTransport
+
+    topics = Topics(prefix)
+    fake = MqttTransport(
+        host="127.0.0.1",
+        port=port,
+        client_id=f"scripted-balancer-{prefix.replace('/', '-')}",
+        on_message=on_message,
+        subscriptions=[(topics.submit("alice"), 1), (topics.query("alice"), 1)],
+    )
+    await fake.start(wait=True)
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
 def test_after_a_reconnect_the_client_asks_about_its_unfinished_tasks_until_answered(
     broker: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,7 +277,6 @@ def test_after_a_reconnect_the_client_asks_about_its_unfinished_tasks_until_answ
     # and leaves the first query after the reconnect unanswered.
     import lbmqtt.client.core as client_core
     from lbmqtt import AsyncClient
-    from lbmqtt.mqtt import MqttTransport
     from lbmqtt.protocol import Events, TaskState
 
     monkeypatch.setattr(client_core, "REQUERY_S", 600.0)  # only the reconnect may ask
@@ -275,34 +299,26 @@ def test_after_a_reconnect_the_client_asks_about_its_unfinished_tasks_until_answ
                 if len(queries) >= 2:
                     fake.publish(topics.events("alice"), states(data["ids"], Status.DONE), qos=1)
 
-        fake = MqttTransport(
-            host="127.0.0.1",
-            port=broker.port,
-            client_id=f"scripted-balancer-{prefix.replace('/', '-')}",
-            on_message=on_message,
-            subscriptions=[(topics.submit("alice"), 1), (topics.query("alice"), 1)],
-        )
-        await fake.start(wait=True)
-        try:
-            async with AsyncClient(settings, user="alice") as c:
-                waited = await c.submit("ECHO", 1, task_id="waited-for")
-                later = await c.submit("ECHO", 2, task_id="waited-for-later")
-                waiter = asyncio.ensure_future(c.wait_state(waited, timeout=30))
-                await asyncio.sleep(0)  # (the waiter is registered)
-                assert not queries
-                c._t().drop_connection()
-                # the first query after the reconnect goes unanswered; a second one comes
-                deadline = time.monotonic() + 15
-                while len(queries) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
-                assert len(queries) >= 2, f"asked only {queries} after the reconnect"
-                assert queries[:2] == [sorted([waited, later])] * 2
-                got = await asyncio.wait_for(waiter, 10)
-                assert got.status is Status.DONE
-                got = await asyncio.wait_for(c.wait_state(later, timeout=30), 10)
-                assert got.status is Status.DONE
-        finally:
-            await fake.close()
+        async with (
+            _scripted_balancer(broker.port, prefix, on_message) as fake,
+            AsyncClient(settings, user="alice") as c,
+        ):
+            waited = await c.submit("ECHO", 1, task_id="waited-for")
+            later = await c.submit("ECHO", 2, task_id="waited-for-later")
+            waiter = asyncio.ensure_future(c.wait_state(waited, timeout=30))
+            await asyncio.sleep(0)  # (the waiter is registered)
+            assert not queries
+            c._t().drop_connection()
+            # the first query after the reconnect goes unanswered; a second one comes
+            deadline = time.monotonic() + 15
+            while len(queries) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            assert len(queries) >= 2, f"asked only {queries} after the reconnect"
+            assert queries[:2] == [sorted([waited, later])] * 2
+            got = await asyncio.wait_for(waiter, 10)
+            assert got.status is Status.DONE
+            got = await asyncio.wait_for(c.wait_state(later, timeout=30), 10)
+            assert got.status is Status.DONE
 
     asyncio.run(scenario())
 
@@ -315,7 +331,6 @@ def test_after_a_reconnect_a_task_the_balancer_no_longer_knows_is_forgotten(
     # says so) and leaves no watch behind whose error nobody would see.
     import lbmqtt.client.core as client_core
     from lbmqtt import AsyncClient
-    from lbmqtt.mqtt import MqttTransport
     from lbmqtt.protocol import ErrorItem, Errors, Events, TaskState
 
     monkeypatch.setattr(client_core, "REQUERY_S", 600.0)
@@ -337,28 +352,20 @@ def test_after_a_reconnect_a_task_the_balancer_no_longer_knows_is_forgotten(
                 errs = [ErrorItem(code="unknown_task", message="no", id=i) for i in data["ids"]]
                 fake.publish(topics.errors("alice"), Errors(errors=errs).encode(), qos=1)
 
-        fake = MqttTransport(
-            host="127.0.0.1",
-            port=broker.port,
-            client_id=f"scripted-balancer-{prefix.replace('/', '-')}",
-            on_message=on_message,
-            subscriptions=[(topics.submit("alice"), 1), (topics.query("alice"), 1)],
-        )
-        await fake.start(wait=True)
-        try:
-            async with AsyncClient(settings, user="alice") as c:
-                tid = await c.submit("ECHO", 1, task_id="lost-by-the-balancer")
-                assert c._book.tracked[tid].state is not None
-                c._t().drop_connection()
-                deadline = time.monotonic() + 15
-                while tid in c._book.tracked and time.monotonic() < deadline:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
-                assert queries and queries[0] == [tid]
-                assert tid not in c._book.tracked, "still followed after unknown_task"
-                with pytest.raises(UnknownTask):
-                    await c.get(tid)
-        finally:
-            await fake.close()
+        async with (
+            _scripted_balancer(broker.port, prefix, on_message) as fake,
+            AsyncClient(settings, user="alice") as c,
+        ):
+            tid = await c.submit("ECHO", 1, task_id="lost-by-the-balancer")
+            assert c._book.tracked[tid].state is not None
+            c._t().drop_connection()
+            deadline = time.monotonic() + 15
+            while tid in c._book.tracked and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            assert queries and queries[0] == [tid]
+            assert tid not in c._book.tracked, "still followed after unknown_task"
+            with pytest.raises(UnknownTask):
+                await c.get(tid)
 
     asyncio.run(scenario())
 
