@@ -196,9 +196,12 @@ def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) 
         assert core.stdout is not None
         # the children print their own lines on the same stdout
         lines: list[str] = []
-        while "core up\n" not in lines and len(lines) < 40:  # (and the test's timeout)
-            lines.append(core.stdout.readline())
-        assert "core up\n" in lines, lines
+        while "core up\n" not in lines and len(lines) < 200:  # (and the test's timeout)
+            line = core.stdout.readline()
+            lines.append(line)
+            if not line:
+                break  # (the end of its output: it is gone)
+        assert "core up\n" in lines, "core.py printed:\n" + "".join(lines)
         family = descendants(core.pid)
         worker = subprocess.Popen(
             [sys.executable, "worker.py"],
