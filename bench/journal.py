@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lbmqtt.balancer import Balancer, SqliteJournal, TaskRecord  # noqa: E402
+from lbmqtt.balancer import Balancer, LogJournal, SqliteJournal, TaskRecord  # noqa: E402
 from lbmqtt.balancer.journal import entry_of, recover  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
 
@@ -83,6 +83,18 @@ def main() -> None:
             1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2
         )
         j.close()
+        # the same with the log store (JOURNAL_FORMAT log), same run
+        lj = LogJournal(Path(d) / "small.log")
+        for start in range(0, 100_000, 10_000):
+            lj.commit([entry_of(r) for r in records(10_000, start)])
+        t0 = time.perf_counter()
+        for _ in range(4):
+            for k in range(0, len(recs), 4):
+                lj.commit([entry_of(r) for r in recs[k : k + 4]])
+        out["log_small_commits_us_per_write"] = round(
+            1e6 * (time.perf_counter() - t0) / (4 * len(recs)), 2
+        )
+        lj.close()
         # baseline, same run: the same writes into a table keyed by the (random) task id,
         # as the journal first was
         db = sqlite3.connect(Path(d) / "by-id.sqlite3", isolation_level=None)
@@ -128,6 +140,20 @@ def main() -> None:
         out["restart_us_per_task"] = round(1e6 * (time.perf_counter() - t0) / n, 2)
         assert n == ns.tasks and b.scheduler.queued == ns.tasks
         j.close()
+        # the same with the log store, same run
+        lpath = Path(d) / "restart.log"
+        lj = LogJournal(lpath)
+        for start in range(0, ns.tasks, 10_000):
+            lj.commit([entry_of(r) for r in records(min(10_000, ns.tasks - start), start)])
+        lj.close()
+        out["log_journal_mb"] = round(lpath.stat().st_size / 2**20, 1)
+        b = Balancer(load_settings(None, env={}, overrides={"JOURNAL_PATH": "none"}))
+        t0 = time.perf_counter()
+        lj = LogJournal(lpath)
+        n = recover(lj.load(), b.table)
+        out["log_restart_s"] = round(time.perf_counter() - t0, 2)
+        assert n == ns.tasks and b.scheduler.queued == ns.tasks
+        lj.close()
     out["machine"] = (
         f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
     )

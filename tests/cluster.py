@@ -275,6 +275,12 @@ class Cluster:
         self.procs: dict[str, Proc] = {}
         self.restarts = Counter[str]()
 
+    def journal_format(self) -> str:
+        """``sqlite`` or ``log``: the format of the balancer's journal file, by its first
+        bytes."""
+        head = Path(self.values["JOURNAL_PATH"]).read_bytes()[:16]
+        return "sqlite" if head.startswith(b"SQLite format 3") else "log"
+
     # ----------------------------------------------------------------- settings
 
     def login(self, name: str, role: Role) -> dict[str, Any]:

@@ -14,7 +14,7 @@ def test_the_balancer_package_exports_exactly_its_public_names() -> None:
     assert set(lbmqtt.balancer.__all__) == set(
         """
         CHANGING GC_THRESHOLDS PROBE_PATIENCE_S Balancer JournalEntry JournalStore
-        MemoryJournal NodeInfo SqliteJournal TaskRecord default_path tune_gc
+        LogJournal MemoryJournal NodeInfo SqliteJournal TaskRecord default_path tune_gc
         """.split()
     )
     for name in lbmqtt.balancer.__all__:

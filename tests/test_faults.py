@@ -88,17 +88,26 @@ def _finish(cluster: Cluster, stream: Stream, *, min_retried: int = 0) -> None:
         stream.close()
 
 
-def test_balancer_killed_and_restarted_loses_nothing(cluster: Cluster) -> None:
-    cluster.start(n1=2)
-    stream = Stream(cluster, count=120, interval_s=0.01, task_ms=50)
+@pytest.mark.parametrize("journal", ["sqlite", "log"])
+def test_balancer_killed_and_restarted_loses_nothing(tmp_path: Path, journal: str) -> None:
+    cluster = Cluster(
+        tmp_path,
+        overrides={"JOURNAL_FORMAT": journal, "JOURNAL_PATH": str(tmp_path / f"j.{journal}")},
+    )
+    try:
+        cluster.start(n1=2)
+        stream = Stream(cluster, count=120, interval_s=0.01, task_ms=50)
 
-    def fault() -> None:
-        cluster.kill("balancer", signal.SIGKILL)
-        time.sleep(0.5)  # submits and results pile up while it is away
-        cluster.start_balancer()
+        def fault() -> None:
+            cluster.kill("balancer", signal.SIGKILL)
+            time.sleep(0.5)  # submits and results pile up while it is away
+            cluster.start_balancer()
 
-    _run_through(cluster, stream, fault, after=60)
-    _finish(cluster, stream)
+        _run_through(cluster, stream, fault, after=60)
+        _finish(cluster, stream)
+        assert cluster.journal_format() == journal
+    finally:
+        cluster.close()
 
 
 def test_without_the_journal_a_killed_balancer_loses_its_queue(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from lbmqtt.balancer import (
     Balancer,
     JournalEntry,
     JournalStore,
+    LogJournal,
     MemoryJournal,
     SqliteJournal,
     default_path,
@@ -477,11 +478,15 @@ def test_submits_arriving_faster_than_a_part_is_written_leave_a_bounded_lag(
 # ------------------------------------------------------------- the in-memory store
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "log", "memory"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JournalStore]:
-    s: JournalStore = (
-        SqliteJournal(tmp_path / "j.sqlite3") if request.param == "sqlite" else MemoryJournal()
-    )
+    s: JournalStore
+    if request.param == "sqlite":
+        s = SqliteJournal(tmp_path / "j.sqlite3")
+    elif request.param == "log":
+        s = LogJournal(tmp_path / "j.log")
+    else:
+        s = MemoryJournal()
     yield s
     s.close()
 
@@ -549,3 +554,82 @@ def test_a_restarted_balancer_resumes_its_tasks_from_a_shared_memory_journal(
     assert system.lt.call(lambda: second.counters["recovered"]) >= 2
     system.start_node("n2")
     assert client.wait(queued, timeout=20) == "Hello John Doe !"
+
+
+# ------------------------------------------------------------- the log store
+
+
+def _churn(stores: list[JournalStore], n: int, start: int = 0) -> None:
+    """The same commits to each store: ``n`` tasks submitted, placed, done, and the first
+    half of them deleted (a busy balancer's journal: far more changes than live rows)."""
+    for lo in range(start, start + n, 50):
+        seqs = range(lo, min(lo + 50, start + n))
+        for s in stores:
+            s.commit([_row(f"t{q}", q) for q in seqs])
+            s.commit(
+                [],
+                [_change("assigned", 1, "n1", 0, None, None, None, None, None, 0, q) for q in seqs],
+            )
+            s.commit(
+                [],
+                [_change("done", 1, "n1", 0, 2.0, 3.0, b"[1]", None, None, 0, q) for q in seqs],
+                gone=[q - n // 2 for q in seqs if q - n // 2 >= start],
+            )
+
+
+def test_a_log_journal_compacts_while_it_is_written_and_keeps_the_same_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lbmqtt.balancer.logstore as logstore
+
+    monkeypatch.setattr(logstore, "COMPACT_MIN_RECORDS", 1_000)
+    path = tmp_path / "j.log"
+    log_j, mem = LogJournal(path), MemoryJournal()
+    whole = LogJournal(tmp_path / "never-compacted.log")
+    monkeypatch.setattr(whole, "_wants_compaction", lambda: False)
+    stores: list[JournalStore] = [log_j, mem, whole]
+    _churn(stores, 2_000)  # (a compaction starts in the middle; commits go on meanwhile)
+    if log_j._compactor is not None:  # (still running: else it is in place already)
+        log_j._compactor.join(20)
+    _churn(stores, 100, start=10_000)  # (a commit after it puts the compacted file in place)
+    assert log_j.compactions >= 1
+    # the file holds the live entries and the changes since, not the whole history
+    assert path.stat().st_size < 0.8 * (tmp_path / "never-compacted.log").stat().st_size
+    for s in stores:
+        s.close()
+    again = LogJournal(path)
+    assert list(again.load()) == mem.load()
+    again.close()
+    assert not (tmp_path / "j.log.compacting").exists()
+
+
+def test_a_log_journal_cut_short_by_a_power_cut_keeps_the_whole_commits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "j.log"
+    j = LogJournal(path)
+    j.commit([_row("a", 1), _row("b", 2)])
+    j.commit([], [_change("done", 1, "n1", 0, 2.0, 3.0, b"[1]", None, None, 0, 1)])
+    j.close()
+    whole = path.read_bytes()
+    j = LogJournal(path)
+    j.commit([_row("c", 3)])
+    j.close()
+    # the last write only in part on disk, then garbage
+    path.write_bytes(path.read_bytes()[:-3] + b"\x00junk")
+    j = LogJournal(path)
+    with caplog.at_level("WARNING"):
+        got = [(e.id, e.status) for e in j.load()]
+    assert got == [("a", "done"), ("b", "queued")]
+    assert "cut off" in caplog.text
+    assert path.read_bytes() == whole  # (cut: the next commits follow the whole ones)
+    j.commit([_row("d", 4)])
+    j.close()
+    assert [e.id for e in LogJournal(path).load()] == ["a", "b", "d"]
+
+
+def test_a_log_journal_refuses_a_file_that_is_not_one(tmp_path: Path) -> None:
+    path = tmp_path / "j.log"
+    path.write_bytes(b"something else")
+    with pytest.raises(ValueError, match="not an lbmqtt log journal"):
+        LogJournal(path)

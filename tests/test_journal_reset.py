@@ -103,7 +103,7 @@ def test_journal_reset_without_a_journal_or_of_a_foreign_file_removes_nothing(
     other = tmp_path / "notes.txt"
     other.write_text("not a journal\n")
     r = run_cli("journal", "reset", env={**env, "LBMQTT_JOURNAL_PATH": str(other)})
-    assert r.returncode == Exit.USAGE and "not an SQLite journal" in r.stderr
+    assert r.returncode == Exit.USAGE and "not an lbmqtt journal" in r.stderr
     assert other.read_text() == "not a journal\n"
     r = run_cli("journal", "reset", env={**env, "LBMQTT_JOURNAL_PATH": str(tmp_path / "j")})
     assert r.returncode == Exit.OK and "nothing to remove" in r.stdout, r.stderr

@@ -11,12 +11,14 @@ One module per concern:
 - :mod:`.users`: submit, cancel, ack, query, the rate limit;
 - :mod:`.nodes`: node status, heartbeats, reports, adoption, liveness and probes;
 - :mod:`.journal`: the journal interface (:class:`JournalStore`), the mapping between
-  records and entries, recovery, :class:`MemoryJournal`; :mod:`.sqlite`: the store on disk;
+  records and entries, recovery, :class:`MemoryJournal`; :mod:`.sqlite`: the store on disk
+  (and the choice of store); :mod:`.logstore`: the append-only store (``JOURNAL_FORMAT: log``);
 - :mod:`.core`: :class:`Balancer`: lifecycle, transport, routing, the tick, the loops.
 """
 
 from .core import GC_THRESHOLDS, Balancer, tune_gc
 from .journal import CHANGING, JournalEntry, JournalStore, MemoryJournal, default_path
+from .logstore import LogJournal
 from .nodes import PROBE_PATIENCE_S
 from .records import NodeInfo, TaskRecord
 from .sqlite import SqliteJournal
@@ -28,6 +30,7 @@ __all__ = [
     "Balancer",
     "JournalEntry",
     "JournalStore",
+    "LogJournal",
     "MemoryJournal",
     "NodeInfo",
     "SqliteJournal",

@@ -312,7 +312,7 @@ class Balancer:
                 sum(self.tally.running_by_name.values()),
             )
         else:
-            log.info("journal %s", store.path)
+            log.info("journal %s (%s)", store.path, type(store).__name__)
 
     async def _check_alone(self) -> None:
         s = self.settings

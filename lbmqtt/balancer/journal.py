@@ -166,15 +166,16 @@ class MemoryJournal:
         self.closed = True
 
 
-def default_path(host: str, port: int, prefix: str) -> Path:
+def default_path(host: str, port: int, prefix: str, suffix: str = ".sqlite3") -> Path:
     """Where the journal of a balancer for this broker and prefix lives by default:
-    ``$XDG_STATE_HOME/lbmqtt/`` (``~/.local/state/lbmqtt/``), one file per broker and prefix.
+    ``$XDG_STATE_HOME/lbmqtt/`` (``~/.local/state/lbmqtt/``), one file per broker and prefix
+    (``suffix``: ``.sqlite3``, or ``.log`` for a log journal).
     """
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
     )
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{host}_{port}_{prefix}")
-    return Path(base) / "lbmqtt" / f"journal-{stem}.sqlite3"
+    return Path(base) / "lbmqtt" / f"journal-{stem}{suffix}"
 
 
 # ---------------------------------------------------------------------- the mapping

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from ..config import Settings
 from ..errors import ConfigError
-from .journal import CHANGING, JournalEntry, default_path
+from .journal import CHANGING, JournalEntry, JournalStore, default_path
+from .logstore import MAGIC as LOG_MAGIC
+from .logstore import LogJournal, count_log_entries
 
 log = logging.getLogger(__name__)
 
@@ -172,21 +174,44 @@ class SqliteJournal:
         self._db.close()
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def journal_file(settings: Settings) -> Path | None:
-    """The file of the journal JOURNAL_PATH names (``auto``: :func:`.journal.default_path`
-    of the broker and prefix), or None if it is ``none``: the file a balancer with these
-    settings opens."""
+    """The file of the journal JOURNAL_PATH names, or None if it is ``none``: the file a
+    balancer with these settings opens. ``auto``: :func:`.journal.default_path` of the
+    broker and prefix, ``.sqlite3`` or ``.log`` after JOURNAL_FORMAT, unless only a journal
+    of the other format is there (it is kept: ``lbmqtt journal reset`` starts anew)."""
     where = settings.journal_path.strip()
     if where.lower() in ("none", ""):
         return None
     s = settings
     if where.lower() == "auto":
-        return default_path(s.broker_host, s.broker_port, s.topic_prefix)
+        suffixes = [".log", ".sqlite3"] if s.journal_format == "log" else [".sqlite3", ".log"]
+        paths = [default_path(s.broker_host, s.broker_port, s.topic_prefix, x) for x in suffixes]
+        return next((p for p in paths if p.exists()), paths[0])
     return Path(where).expanduser()
 
 
-def open_journal(settings: Settings) -> SqliteJournal | None:
-    """The journal JOURNAL_PATH names (see :func:`journal_file`), or None if it is ``none``.
+def _format_of(path: Path) -> str | None:
+    """``sqlite`` or ``log`` after the file's first bytes; None if it is missing or empty."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LOG_MAGIC))
+    except FileNotFoundError:
+        return None
+    if not head:
+        return None
+    if head.startswith(SQLITE_HEADER):
+        return "sqlite"
+    if head == LOG_MAGIC:
+        return "log"
+    return "unknown"
+
+
+def open_journal(settings: Settings) -> JournalStore | None:
+    """The journal JOURNAL_PATH names (see :func:`journal_file`), or None if it is ``none``:
+    in the format the file has, or JOURNAL_FORMAT's for a new one.
 
     Raises:
         ConfigError: the file cannot be opened, or holds another schema.
@@ -194,27 +219,29 @@ def open_journal(settings: Settings) -> SqliteJournal | None:
     path = journal_file(settings)
     if path is None:
         return None
+    kind = _format_of(path) or settings.journal_format
     try:
+        if kind == "log":
+            return LogJournal(path, sync=settings.journal_sync)
         return SqliteJournal(path, sync=settings.journal_sync)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot open the journal {path}: {exc} (JOURNAL_PATH)") from exc
 
 
 def remove_journal(path: Path) -> tuple[list[Path], int | None]:
-    """Delete the journal file at ``path`` and its ``-wal`` and ``-shm`` files (a balancer
-    must not be using it). Returns the files removed and the number of tasks the journal
-    held (None if it could not be read).
+    """Delete the journal file at ``path`` (SQLite's with its ``-wal`` and ``-shm`` files, a
+    log with the file a compaction left) (a balancer must not be using it). Returns the
+    files removed and the number of tasks the journal held (None if it could not be read).
 
     Raises:
-        ConfigError: ``path`` is not an SQLite file (then nothing is removed).
+        ConfigError: ``path`` is not a journal (then nothing is removed).
         OSError: a file exists but cannot be removed.
     """
     tasks: int | None = None
-    if path.exists():
-        with open(path, "rb") as f:
-            head = f.read(16)
-        if head and head != b"SQLite format 3\x00":
-            raise ConfigError(f"{path} is not an SQLite journal: not removed (JOURNAL_PATH)")
+    kind = _format_of(path)
+    if kind == "unknown":
+        raise ConfigError(f"{path} is not an lbmqtt journal: not removed (JOURNAL_PATH)")
+    if kind == "sqlite":
         with contextlib.suppress(sqlite3.Error):
             db = sqlite3.connect(path)
             try:
@@ -222,8 +249,11 @@ def remove_journal(path: Path) -> tuple[list[Path], int | None]:
                 tasks = int(n)
             finally:
                 db.close()
+    elif kind == "log":
+        with contextlib.suppress(OSError, ValueError):
+            tasks = count_log_entries(path)
     removed = []
-    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}.compacting")):
         try:
             p.unlink()
         except FileNotFoundError:
