@@ -68,6 +68,12 @@ def main() -> int:
     ap.add_argument("--faults", help=f"comma-separated, from {','.join(ALL_FAULTS)}")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument(
+        "--journal-format",
+        choices=["sqlite", "log"],
+        default=None,
+        help="the balancer's JOURNAL_FORMAT (default: the project's)",
+    )
     ns = ap.parse_args()
 
     seed = ns.seed if ns.seed is not None else random.randrange(1 << 30)
@@ -82,7 +88,12 @@ def main() -> int:
     injected = Counter[str]()
     with ExitStack() as stack:
         ns_far = stack.enter_context(NetNs()) if "netcut" in faults else None
-        cluster = Cluster(workdir, broker=ns.broker, host=ns_far.host_ip if ns_far else "127.0.0.1")
+        cluster = Cluster(
+            workdir,
+            broker=ns.broker,
+            host=ns_far.host_ip if ns_far else "127.0.0.1",
+            overrides={"JOURNAL_FORMAT": ns.journal_format} if ns.journal_format else None,
+        )
         stack.callback(cluster.close)
         cluster.start_broker()
         cluster.start_balancer()
@@ -156,6 +167,7 @@ def main() -> int:
         acc = account(stream.expected, states, cluster.runs_log)
         for line in acc.problems[:20]:
             print("  problem:", line)
+        journal_format = cluster.journal_format()  # (by the file's header: what ran)
         if acc.lost or acc.duplicated or acc.wrong:
             ns.keep = True
             print(cluster.log_tail(20))
@@ -169,6 +181,7 @@ def main() -> int:
         "faults": dict(injected),
         "seed": seed,
         "broker": ns.broker,
+        "journal": journal_format,
         "nodes": ns.nodes,
         "workers": ns.workers,
         "rate": ns.rate,

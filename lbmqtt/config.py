@@ -217,9 +217,9 @@ class Settings(BaseModel):
     node_timeout_s: float = Field(5.0, alias="NODE_TIMEOUT_S", gt=0)
     """A node silent for this long is considered dead (its will covers dropped links)."""
     journal_path: str = Field("auto", alias="JOURNAL_PATH")
-    """The balancer's task journal (SQLite): ``auto`` = one file per broker and prefix under
-    ``$XDG_STATE_HOME/lbmqtt/`` (``~/.local/state/lbmqtt/``); ``none`` = no journal (tasks
-    do not survive a balancer restart); else a file path."""
+    """The balancer's task journal (see JOURNAL_FORMAT): ``auto`` = one file per broker and
+    prefix under ``$XDG_STATE_HOME/lbmqtt/`` (``~/.local/state/lbmqtt/``); ``none`` = no
+    journal (tasks do not survive a balancer restart); else a file path."""
     journal_sync: Literal["normal", "full"] = Field("normal", alias="JOURNAL_SYNC")
     """``normal`` survives a killed balancer; ``full`` also a power cut (an fsync per
     group commit)."""

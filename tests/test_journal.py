@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import sqlite3
 import termios
 import threading
@@ -633,3 +634,36 @@ def test_a_log_journal_refuses_a_file_that_is_not_one(tmp_path: Path) -> None:
     path.write_bytes(b"something else")
     with pytest.raises(ValueError, match="not an lbmqtt log journal"):
         LogJournal(path)
+
+
+def test_a_log_journal_write_that_fails_half_way_leaves_no_part_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk: the kernel writes what fits, then refuses. The part written must not
+    # stay, or every later commit, acknowledged, would follow a damaged frame and be cut
+    # off at the next start.
+    import errno
+
+    import lbmqtt.balancer.logstore as logstore
+
+    path = tmp_path / "j.log"
+    j = LogJournal(path)
+    j.commit([_row("a", 1)])
+    size = path.stat().st_size
+    real_write = os.write
+    calls = []
+
+    def disk_fills(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data)[: len(data) // 2])  # (what fits)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logstore.os, "write", disk_fills)
+    with pytest.raises(OSError, match="No space left"):
+        j.commit([_row("b", 2)])
+    monkeypatch.undo()
+    assert path.stat().st_size == size  # (the half frame is cut off again)
+    j.commit([_row("c", 3)])
+    j.close()
+    assert [e.id for e in LogJournal(path).load()] == ["a", "c"]

@@ -76,21 +76,37 @@ class LogJournal:
             os.unlink(self._tmp)  # (a compaction a killed balancer left unfinished)
         if not os.path.exists(self.path):
             self._create(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(len(MAGIC))
-        if head != MAGIC:
-            raise ValueError(f"{self.path} is not an lbmqtt log journal")
+        # Replayed now, not when load() is iterated: a damaged tail must be cut off, and
+        # the live seqs known, before anything is appended.
+        entries, end, records, damaged = _replay(self.path, None)
+        if damaged:
+            log.warning(
+                "journal %s: a damaged or unfinished last write at byte %d is cut off "
+                "(the commits from there on are lost: a power cut, or a full disk)",
+                self.path,
+                end,
+            )
+            os.truncate(self.path, end)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._size = end
+        """Bytes of whole frames in the file: a failed write is cut back to this."""
+        self._broken = ""
+        """Why the file can no longer be written to ("" while it can)."""
         self._live = bytearray()
         """Bit ``seq``: the entry of that seq is written and not deleted."""
-        self._records = 0
+        for seq in entries:
+            _set(self._live, seq)
+        self._loaded: dict[int, list[object]] | None = entries
+        """The entries replayed at open, until load() hands them out or a commit changes
+        them."""
+        self._records = records
         """Records in the file (entries, changes, deletions)."""
-        self._entries = 0
-        """Live entries (as far as counted: an entry written whole again counts twice)."""
-        self._loaded = False
+        self._entries = len(entries)
+        """Live entries."""
         self._compactor: threading.Thread | None = None
-        self._compacted: tuple[int, int] | None = None
-        """(offset, live) of a compaction done: the new file holds the old one to offset."""
+        self._compacted: tuple[int, int, int] | None = None
+        """(offset, live, fd) of a compaction done: the new file (open as fd) holds the old
+        one to offset."""
         self._counts_at_start = (0, 0)
         """(records, entries) when the compaction under way started."""
         self._retry_at = 0.0
@@ -101,34 +117,22 @@ class LogJournal:
         self.commit_seconds = 0.0
         self.compactions = 0
 
-    @staticmethod
-    def _create(path: str) -> None:
+    def _create(self, path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, MAGIC)
+            _write_all(fd, MAGIC)
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._fsync_dir()
 
     # ------------------------------------------------------------------------ reading
 
     def load(self) -> Iterator[JournalEntry]:
-        """Every entry, in submit order (a damaged tail is cut off first)."""
-        entries, end, damaged = _replay(self.path, None)
-        if damaged:
-            log.warning(
-                "journal %s: a damaged or unfinished last write at byte %d is cut off "
-                "(the commits from there on are lost: a power cut, or a full disk)",
-                self.path,
-                end,
-            )
-            os.truncate(self.path, end)
-        live = bytearray()
-        for seq in entries:
-            _set(live, seq)
-        self._live = live
-        self._entries = self._records = len(entries)
-        self._loaded = True
+        """Every entry, in submit order."""
+        entries, self._loaded = self._loaded, None
+        if entries is None:  # (again: from the file as it is now)
+            entries = _replay(self.path, self._size)[0]
         for seq in sorted(entries):
             yield _new(JournalEntry, entries[seq])
 
@@ -151,13 +155,15 @@ class LogJournal:
         Raises:
             LookupError: a changed entry was never written, or was deleted (then nothing
                 is written).
-            OSError: the write failed (the frame may be in part on disk: the next open
-                cuts it off).
+            OSError: the write failed (then nothing of it is in the file: a part written
+                is cut off again; if that fails too, every later commit fails).
         """
         t0 = time.perf_counter()
         gone = list(gone)
         if not new and not changed and not gone:
             return 0
+        if self._broken:
+            raise OSError(f"the journal cannot be written to since: {self._broken}")
         live = self._live
         added = {e.seq for e in new}
         gone_set = set(gone)
@@ -177,15 +183,28 @@ class LogJournal:
                 gone,
             )
         )
-        os.write(self._fd, FRAME.pack(len(body), zlib.crc32(body)) + body)
-        if self.sync:
-            os.fsync(self._fd)
+        frame = FRAME.pack(len(body), zlib.crc32(body)) + body
+        try:
+            _write_all(self._fd, frame)
+            if self.sync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError as again:
+                self._broken = f"{exc}; and cutting the part written off failed: {again}"
+            raise
+        self._size += len(frame)
+        self._loaded = None  # (what was replayed at open is not the whole truth now)
         for seq in gone:
-            _clear(live, seq)
+            if _has(live, seq):
+                _clear(live, seq)
+                self._entries -= 1
         for seq in added:
-            _set(live, seq)
+            if not _has(live, seq):
+                _set(live, seq)
+                self._entries += 1
         self._records += len(new) + len(changed) + len(gone)
-        self._entries += len(new) - len(gone)
         self.commits += 1
         self.rows_written += len(new) + len(changed)
         if self._compacted is not None:
@@ -202,11 +221,15 @@ class LogJournal:
     def close(self) -> None:
         """Close the file (a compaction under way is abandoned: the file stays whole)."""
         self._stop.set()
-        if self._compactor is not None:
-            self._compactor.join()
-            self._compactor = None
-            if self._compacted is not None:
-                self._switch()
+        compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
+        self._compactor = None
+        done = self._compacted
+        if done is not None:
+            self._compacted = None
+            with contextlib.suppress(OSError):
+                os.close(done[2])
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
         with contextlib.suppress(OSError):
@@ -219,83 +242,111 @@ class LogJournal:
         return garbage > COMPACT_MIN_RECORDS and garbage > COMPACT_RATIO * self._entries
 
     def _start_compaction(self) -> None:
-        offset = os.fstat(self._fd).st_size  # (whole frames only: one write per frame)
         self._counts_at_start = (self._records, self._entries)
         self._compactor = threading.Thread(
-            target=self._compact, args=(offset,), name="lbmqtt-journal-compaction", daemon=True
+            target=self._compact,
+            args=(self._size,),
+            name="lbmqtt-journal-compaction",
+            daemon=True,
         )
         self._compactor.start()
 
     def _compact(self, offset: int) -> None:
         """(thread) Write the live entries of the file up to ``offset`` to the temporary
         file, fsynced; the next commit puts it in place."""
+        fd = -1
         try:
-            entries, _, damaged = _replay(self.path, offset)
+            entries, _, _, damaged = _replay(self.path, offset)
             if damaged:
                 raise OSError("the journal changed under the compaction")
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, MAGIC)
-                rows = [entries[seq] for seq in sorted(entries)]
-                for i in range(0, len(rows), SNAPSHOT_FRAME):
-                    if self._stop.is_set():
-                        raise OSError("the journal is closing")
-                    body = marshal.dumps((rows[i : i + SNAPSHOT_FRAME], [], []))
-                    os.write(fd, FRAME.pack(len(body), zlib.crc32(body)) + body)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._compacted = (offset, len(entries))
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            _write_all(fd, MAGIC)
+            rows = [entries[seq] for seq in sorted(entries)]
+            for i in range(0, len(rows), SNAPSHOT_FRAME):
+                if self._stop.is_set():
+                    raise OSError("the journal is closing")
+                body = marshal.dumps((rows[i : i + SNAPSHOT_FRAME], [], []))
+                _write_all(fd, FRAME.pack(len(body), zlib.crc32(body)) + body)
+            os.fsync(fd)
+            self._compacted = (offset, len(entries), fd)
         except Exception as exc:  # (never the balancer's problem: the old file is whole)
-            if not self._stop.is_set():
-                log.warning("journal %s: compaction abandoned (%s)", self.path, exc)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(self._tmp)
+            if not self._stop.is_set():
+                log.warning("journal %s: compaction abandoned (%s)", self.path, exc)
             self._retry_at = time.monotonic() + 60
-            self._compactor = None
 
     def _switch(self) -> None:
         """Append to the compacted file what was committed during the compaction, fsync
         it, and put it in the old file's place."""
         assert self._compacted is not None
-        offset, live = self._compacted
+        offset, live, fd = self._compacted
         self._compacted = None
-        if self._compactor is not None:
-            self._compactor.join()
-            self._compactor = None
+        compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
+        self._compactor = None
         try:
             with open(self.path, "rb") as old:
                 old.seek(offset)
-                tail = old.read()
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_APPEND)
-            try:
-                if tail:
-                    os.write(fd, tail)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            size_before = offset + len(tail)
+                tail = old.read(self._size - offset)
+            if len(tail) != self._size - offset:
+                raise OSError("the journal is shorter than what was written to it")
+            size = os.fstat(fd).st_size
+            _write_all(fd, tail)
+            os.fsync(fd)
             os.replace(self._tmp, self.path)
-            _fsync_dir(self.path)
         except OSError as exc:
             log.warning("journal %s: compaction abandoned (%s)", self.path, exc)
+            with contextlib.suppress(OSError):
+                os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(self._tmp)
             self._retry_at = time.monotonic() + 60
             return
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        # (the new file's fd, open for appending, follows it through the rename)
+        old_fd, self._fd = self._fd, fd
+        with contextlib.suppress(OSError):
+            os.close(old_fd)
+        self._fsync_dir()
+        before = self._size
+        self._size = size + len(tail)
         records0, entries0 = self._counts_at_start
         self._records = live + (self._records - records0)  # (+ what the tail holds)
         self._entries = live + (self._entries - entries0)
         self.compactions += 1
         log.info(
-            "journal %s: compacted %d bytes to %d (%d entries)",
-            self.path,
-            size_before,
-            os.fstat(self._fd).st_size,
-            live,
+            "journal %s: compacted %d bytes to %d (%d entries)", self.path, before, self._size, live
         )
+
+    def _fsync_dir(self) -> None:
+        """Make the file's name durable (after its creation or a rename)."""
+        try:
+            fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            (log.error if self.sync else log.warning)(
+                "journal %s: its directory could not be synced (%s): after a power cut "
+                "the file may be an older one",
+                self.path,
+                exc,
+            )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (a short write goes on; none at all: OSError)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError("no byte written (is the disk full?)")
+        view = view[n:]
 
 
 # ------------------------------------------------------------------------ the format
@@ -304,29 +355,31 @@ class LogJournal:
 _new = tuple.__new__
 
 
-def _replay(path: str, end: int | None) -> tuple[dict[int, list[object]], int, bool]:
+def _replay(path: str, end: int | None) -> tuple[dict[int, list[object]], int, int, bool]:
     """The live entries of the file (up to byte ``end``), as field lists by seq; the
-    offset where the valid frames end; and whether a damaged frame ends them."""
+    offset where the valid frames end; the records (entries, changes, deletions) in them;
+    and whether a damaged frame ends them."""
     with open(path, "rb") as f:
         data = f.read() if end is None else f.read(end)
     if not data.startswith(MAGIC):
         raise ValueError(f"{path} is not an lbmqtt log journal")
     entries: dict[int, list[object]] = {}
+    records = 0
     pos, size = len(MAGIC), len(data)
     head = FRAME.size
     first = _FIRST_CHANGING
     while pos < size:
         if pos + head > size:
-            return entries, pos, True
+            return entries, pos, records, True
         length, crc = FRAME.unpack_from(data, pos)
         body = data[pos + head : pos + head + length]
         if len(body) < length or zlib.crc32(body) != crc:
-            return entries, pos, True
+            return entries, pos, records, True
         try:
             # (the balancer's own file, its CRC checked: marshal is safe on what it wrote)
             new, changed, gone = marshal.loads(body)  # noqa: S302
         except (ValueError, EOFError, TypeError):
-            return entries, pos, True
+            return entries, pos, records, True
         for seq in gone:
             entries.pop(seq, None)
         for row in new:
@@ -335,8 +388,9 @@ def _replay(path: str, end: int | None) -> tuple[dict[int, list[object]], int, b
             row = entries.get(ch[0])
             if row is not None:
                 row[first:] = ch[1:]
+        records += len(new) + len(changed) + len(gone)
         pos += head + length
-    return entries, pos, False
+    return entries, pos, records, False
 
 
 def count_log_entries(path: str | os.PathLike[str]) -> int:
@@ -346,15 +400,6 @@ def count_log_entries(path: str | os.PathLike[str]) -> int:
         OSError: it cannot be read. ValueError: it is not a log journal.
     """
     return len(_replay(str(path), None)[0])
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _set(bits: bytearray, seq: int) -> None:
