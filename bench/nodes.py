@@ -201,7 +201,7 @@ def main() -> None:
             "LBMQTT_LOG_LEVEL": "WARNING",
             "LBMQTT_LB_QUEING_MAXPERUSER": "0",
             "LBMQTT_METRICS_PORT": "0",
-            "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3"),
+            "LBMQTT_JOURNAL_PATH": str(workdir / "journal"),
         }
     )
     try:

@@ -408,7 +408,7 @@ def lan(args: argparse.Namespace) -> dict[str, Any]:
             "LBMQTT_LB_QUEING_MAXPERUSER": "0",
             "LBMQTT_METRICS_PORT": "0",
             "LBMQTT_BROKER_ADVERTISE": "false",
-            "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3"),
+            "LBMQTT_JOURNAL_PATH": str(workdir / "journal"),
         }
     )
     if args.pipeline_window is not None:
@@ -751,7 +751,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         "LBMQTT_LOG_LEVEL": "WARNING",
         "LBMQTT_LB_QUEING_MAXPERUSER": "0",
         "LBMQTT_METRICS_PORT": "0",
-        "LBMQTT_JOURNAL_PATH": str(workdir / "journal.sqlite3"),
+        "LBMQTT_JOURNAL_PATH": str(workdir / "journal"),
     }
     try:
         with bench_broker(args.broker, env) as (port, broker_pid, children):
@@ -767,7 +767,7 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             pids = {"broker": broker_pid, "balancer": children[-1].proc.pid}
             result = asyncio.run(_scale(args, port, prefix, pids))
         result["journal_mb"] = round(
-            sum(f.stat().st_size for f in workdir.glob("journal.sqlite3*")) / 1e6, 1
+            sum(f.stat().st_size for f in workdir.glob("journal*")) / 1e6, 1
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -1003,9 +1003,7 @@ def main() -> None:
 
     def journal_env(mode: str, run: int) -> dict[str, str]:
         env = dict(os.environ)
-        env["LBMQTT_JOURNAL_PATH"] = (
-            "none" if mode == "off" else str(workdir / f"journal-{run}.sqlite3")
-        )
+        env["LBMQTT_JOURNAL_PATH"] = "none" if mode == "off" else str(workdir / f"journal-{run}")
         env["LBMQTT_JOURNAL_SYNC"] = "full" if mode == "full" else "normal"
         if args.pipeline_window is not None:
             env["LBMQTT_PIPELINE_WINDOW_MAX"] = str(args.pipeline_window)

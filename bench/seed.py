@@ -167,7 +167,7 @@ def run_lbmqtt(workload: str, args: argparse.Namespace) -> dict[str, Any]:
         LBMQTT_LOG_LEVEL="WARNING",
         LBMQTT_LB_QUEING_MAXPERUSER="0",
         LBMQTT_METRICS_PORT="0",
-        LBMQTT_JOURNAL_PATH=str(workdir / "journal.sqlite3"),
+        LBMQTT_JOURNAL_PATH=str(workdir / "journal"),
     )
     try:
         with bench.bench_broker(args.broker, env=env) as (port, _, children):

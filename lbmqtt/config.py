@@ -223,7 +223,7 @@ class Settings(BaseModel):
     journal_sync: Literal["normal", "full"] = Field("normal", alias="JOURNAL_SYNC")
     """``normal`` survives a killed balancer; ``full`` also a power cut (an fsync per
     group commit)."""
-    journal_format: Literal["sqlite", "log"] = Field("sqlite", alias="JOURNAL_FORMAT")
+    journal_format: Literal["sqlite", "log"] = Field("log", alias="JOURNAL_FORMAT")
     """How a new journal is written: ``sqlite`` (a row per task, rewritten at each change)
     or ``log`` (appended, compacted now and then: less work per change). A journal that
     exists is read and written in the format it has."""

@@ -254,7 +254,7 @@ class Cluster:
             "HEARTBEAT_S": 0.3,
             "NODE_TIMEOUT_S": 2.0,
             "BROKER_KEEPALIVE_S": 2,
-            "JOURNAL_PATH": str(workdir / "journal.sqlite3"),
+            "JOURNAL_PATH": str(workdir / "journal"),
             "NODE_TASKS": [TEST_TASKS],
             "RESULT_RESEND_S": 1.0,
             "TASK_MAX_ATTEMPTS": 10,

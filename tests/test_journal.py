@@ -206,6 +206,36 @@ def test_default_journal_path_is_per_broker_and_prefix(
     assert a != default_path("127.0.0.1", 1883, "other")
 
 
+def test_a_journal_keeps_its_format_and_a_new_one_is_a_log(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from lbmqtt.balancer.sqlite import open_journal
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    settings = load_settings(None, env={}, overrides={"BROKER_PORT": 1883})
+    # a new journal is a log (JOURNAL_FORMAT's default) ...
+    j = open_journal(settings)
+    assert isinstance(j, LogJournal) and j.path.endswith(".log")
+    j.close()
+    # ... and one of an older lbmqtt, in SQLite, goes on being used (its tasks with it)
+    Path(j.path).unlink()
+    old = SqliteJournal(default_path("127.0.0.1", 1883, "lbmqtt/v1", ".sqlite3"))
+    old.commit([_row("queued-before", 1)])
+    old.close()
+    j = open_journal(settings)
+    assert isinstance(j, SqliteJournal) and [e.id for e in j.load()] == ["queued-before"]
+    j.close()
+    # an explicit path is read in the format its file has, whatever its name
+    explicit = tmp_path / "journal"
+    lj = LogJournal(explicit)
+    lj.commit([_row("in-a-log", 1)])
+    lj.close()
+    over = {"BROKER_PORT": 1883, "JOURNAL_PATH": str(explicit), "JOURNAL_FORMAT": "sqlite"}
+    j = open_journal(load_settings(None, env={}, overrides=over))
+    assert isinstance(j, LogJournal) and [e.id for e in j.load()] == ["in-a-log"]
+    j.close()
+
+
 def test_a_new_balancer_resumes_queued_placed_and_finished_tasks(
     system: System, client: Client, tmp_path: Path
 ) -> None:
@@ -297,23 +327,38 @@ def test_a_restarted_balancer_sends_again_the_results_not_collected_not_the_coll
     assert len(watcher.payloads(t.result("alice", "collected"))) == 1
 
 
-def test_expired_tasks_leave_the_journal(system: System, client: Client) -> None:
-    b = system.start_balancer()
+def _statuses_on_disk(path: str) -> dict[str, str]:
+    """Task id -> status, as the journal file at ``path`` holds them (either format; read
+    only, while the balancer has it open)."""
+    import lbmqtt.balancer.logstore as logstore
+
+    if Path(path).read_bytes()[:15] == b"SQLite format 3":
+        with sqlite3.connect(path) as db:
+            return dict(db.execute("SELECT id, status FROM tasks").fetchall())
+    rows = logstore._replay(path, None)[0].values()
+    fields = JournalEntry._fields
+    return {str(r[fields.index("id")]): str(r[fields.index("status")]) for r in rows}
+
+
+@pytest.mark.parametrize("journal", ["sqlite", "log"])
+def test_expired_tasks_leave_the_journal(system: System, client: Client, journal: str) -> None:
+    b = system.start_balancer(system.settings.model_copy(update={"journal_format": journal}))
     system.start_node("n1", tasks=[TEST_TASKS])
     tid = client.submit("ECHO", 5)
     assert client.wait(tid, timeout=20)["args"] == 5
-    assert b.journal is not None
+    assert b.journal is not None and type(b.journal).__name__.lower().startswith(journal)
     path = b.journal.path
+    assert _statuses_on_disk(path) == {tid: "done"}
     system.lt.call(lambda: b.expire(b.tasks[tid].finished_at + 1e9))  # type: ignore[operator]
     system.until(lambda b: not b.outbox.gone, 5, "the next commit")
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT count(*) FROM tasks WHERE id = ?", (tid,)).fetchone() == (0,)
+    assert _statuses_on_disk(path) == {}
 
 
+@pytest.mark.parametrize("journal", ["sqlite", "log"])
 def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
-    system: System, raw: Any
+    system: System, raw: Any, journal: str
 ) -> None:
-    b = system.start_balancer()
+    b = system.start_balancer(system.settings.model_copy(update={"journal_format": journal}))
     system.start_node("n1")
     assert b.journal is not None
     path = b.journal.path
@@ -321,8 +366,12 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
     rc = raw()
     rc.subscribe(topics.events("carol"))
     # Given a journal that fails every write
-    assert isinstance(b.journal, SqliteJournal)
-    system.lt.call(b.journal._db.close)
+    if journal == "sqlite":
+        assert isinstance(b.journal, SqliteJournal)
+        system.lt.call(b.journal._db.close)
+    else:
+        assert isinstance(b.journal, LogJournal)
+        system.lt.call(lambda: os.close(b.journal._fd))  # type: ignore[union-attr]
     rc.publish(
         topics.submit("carol"),
         json.dumps({"v": 1, "id": "j-1", "name": "HELLO", "args": JOHN, "notify": "events"}),
@@ -337,19 +386,13 @@ def test_nothing_is_acknowledged_or_placed_while_the_journal_cannot_write(
 
     # When the journal works again, the held acknowledgement goes out
     def repair() -> None:
-        b.journal = SqliteJournal(path)
+        b.journal = SqliteJournal(path) if journal == "sqlite" else LogJournal(path)
         b._kick()
 
     system.lt.call(repair)
     got = wait_until(lambda: rc.payloads(topics.events("carol")), 10, "the acknowledgement")
     assert json.loads(got[0])["states"][0]["id"] == "j-1"
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT status FROM tasks WHERE id = 'j-1'").fetchone() in (
-            ("queued",),
-            ("assigned",),
-            ("running",),
-            ("done",),
-        )
+    assert _statuses_on_disk(path)["j-1"] in ("queued", "assigned", "running", "done")
 
     def finished() -> bool:
         states = [s for p in rc.payloads(topics.events("carol")) for s in json.loads(p)["states"]]

@@ -166,10 +166,10 @@ class MemoryJournal:
         self.closed = True
 
 
-def default_path(host: str, port: int, prefix: str, suffix: str = ".sqlite3") -> Path:
+def default_path(host: str, port: int, prefix: str, suffix: str = ".log") -> Path:
     """Where the journal of a balancer for this broker and prefix lives by default:
     ``$XDG_STATE_HOME/lbmqtt/`` (``~/.local/state/lbmqtt/``), one file per broker and prefix
-    (``suffix``: ``.sqlite3``, or ``.log`` for a log journal).
+    (``suffix``: ``.log``, or ``.sqlite3`` for an SQLite journal).
     """
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state"
