@@ -96,7 +96,7 @@ class LogJournal:
         """Bit ``seq``: the entry of that seq is written and not deleted."""
         for seq in entries:
             _set(self._live, seq)
-        self._loaded: dict[int, list[object]] | None = entries
+        self._loaded: dict[int, tuple[object, ...]] | None = entries
         """The entries replayed at open, until load() hands them out or a commit changes
         them."""
         self._records = records
@@ -133,8 +133,9 @@ class LogJournal:
         entries, self._loaded = self._loaded, None
         if entries is None:  # (again: from the file as it is now)
             entries = _replay(self.path, self._size)[0]
-        for seq in sorted(entries):
-            yield _new(JournalEntry, entries[seq])
+        pop = entries.pop
+        for seq in sorted(entries):  # (each let go as it is handed out: half the peak)
+            yield _new(JournalEntry, pop(seq))
 
     def count(self) -> int:
         """The live entries (replays the file)."""
@@ -355,41 +356,44 @@ def _write_all(fd: int, data: bytes) -> None:
 _new = tuple.__new__
 
 
-def _replay(path: str, end: int | None) -> tuple[dict[int, list[object]], int, int, bool]:
-    """The live entries of the file (up to byte ``end``), as field lists by seq; the
+def _replay(path: str, end: int | None) -> tuple[dict[int, tuple[object, ...]], int, int, bool]:
+    """The live entries of the file (up to byte ``end``), as field tuples by seq; the
     offset where the valid frames end; the records (entries, changes, deletions) in them;
-    and whether a damaged frame ends them."""
-    with open(path, "rb") as f:
-        data = f.read() if end is None else f.read(end)
-    if not data.startswith(MAGIC):
-        raise ValueError(f"{path} is not an lbmqtt log journal")
-    entries: dict[int, list[object]] = {}
+    and whether a damaged frame ends them. Read a frame at a time (a journal of a million
+    queued tasks is ~120 MB)."""
+    entries: dict[int, tuple[object, ...]] = {}
     records = 0
-    pos, size = len(MAGIC), len(data)
     head = FRAME.size
     first = _FIRST_CHANGING
-    while pos < size:
-        if pos + head > size:
-            return entries, pos, records, True
-        length, crc = FRAME.unpack_from(data, pos)
-        body = data[pos + head : pos + head + length]
-        if len(body) < length or zlib.crc32(body) != crc:
-            return entries, pos, records, True
-        try:
-            # (the balancer's own file, its CRC checked: marshal is safe on what it wrote)
-            new, changed, gone = marshal.loads(body)  # noqa: S302
-        except (ValueError, EOFError, TypeError):
-            return entries, pos, records, True
-        for seq in gone:
-            entries.pop(seq, None)
-        for row in new:
-            entries[row[_SEQ]] = list(row)
-        for ch in changed:
-            row = entries.get(ch[0])
-            if row is not None:
-                row[first:] = ch[1:]
-        records += len(new) + len(changed) + len(gone)
-        pos += head + length
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise ValueError(f"{path} is not an lbmqtt log journal")
+        pos = len(MAGIC)
+        limit = end if end is not None else os.fstat(f.fileno()).st_size
+        while pos < limit:
+            header = f.read(head) if pos + head <= limit else b""
+            if len(header) < head:
+                return entries, pos, records, True
+            length, crc = FRAME.unpack(header)
+            body = f.read(length) if pos + head + length <= limit else b""
+            if len(body) < length or zlib.crc32(body) != crc:
+                return entries, pos, records, True
+            try:
+                # (the balancer's own file, its CRC checked: marshal is safe on what it wrote)
+                new, changed, gone = marshal.loads(body)  # noqa: S302
+            except (ValueError, EOFError, TypeError):
+                return entries, pos, records, True
+            del body
+            for seq in gone:
+                entries.pop(seq, None)
+            for row in new:
+                entries[row[_SEQ]] = tuple(row)
+            for ch in changed:
+                row = entries.get(ch[0])
+                if row is not None:
+                    entries[ch[0]] = row[:first] + ch[1:]
+            records += len(new) + len(changed) + len(gone)
+            pos += head + length
     return entries, pos, records, False
 
 
