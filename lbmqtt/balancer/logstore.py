@@ -1,5 +1,5 @@
 """The journal as an append-only log: a :class:`~lbmqtt.balancer.journal.JournalStore` in
-one file (``JOURNAL_FORMAT: "log"``).
+one file (``JOURNAL_FORMAT: "log"``, the default).
 
 SQLite rewrites a task's row at every change (6-8 µs per row in a busy balancer, a fifth of
 its time at 4.2 rows per task); this store appends. Each group commit is one frame, written
@@ -8,8 +8,10 @@ new entries, changes and deleted seqs as ``marshal`` data (plain tuples of str, 
 bytes and None). A write to a file survives the balancer being killed at any moment, as
 SQLite's WAL does at ``JOURNAL_SYNC: normal``; ``full`` adds an fsync per commit.
 
-Loading replays the frames in order. A frame cut short or damaged (a power cut in the middle
-of a write) ends the journal there: it and whatever follows are cut off, with a warning.
+Opening replays the frames in order, one at a time. A frame cut short or damaged (a power
+cut in the middle of a write) ends the journal there: it and whatever follows are cut off,
+with a warning, before anything is appended. A write that fails (a full disk) is cut back
+at once, so no later commit can follow a damaged frame.
 
 The file grows with every change, so it is rewritten (*compacted*) once the records that
 later ones replaced or deleted outnumber the live entries three times over (and 500,000):
