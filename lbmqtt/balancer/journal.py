@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -120,6 +120,23 @@ class JournalStore(Protocol):
     def close(self) -> None: ...
 
 
+def refuse_unwritten(
+    new: Sequence[JournalEntry],
+    changed: Sequence[JournalEntry],
+    gone: Collection[int],
+    written: Callable[[int], bool],
+) -> None:
+    """Raise LookupError if a ``changed`` entry is neither among the ``new`` ones nor
+    ``written`` before (by seq), or is deleted by ``gone``: the check of a store's
+    :meth:`JournalStore.commit` that keeps its entries where it can look them up."""
+    added = {e.seq for e in new}
+    missing = sum(
+        1 for e in changed if e.seq not in added and (e.seq in gone or not written(e.seq))
+    )
+    if missing:
+        raise LookupError(f"{missing} of {len(changed)} changed tasks have no row in the journal")
+
+
 class MemoryJournal:
     """A :class:`JournalStore` in a dict: for tests of the balancer's logic (share one
     between two balancers to test a restart)."""
@@ -141,16 +158,7 @@ class MemoryJournal:
         gone: Iterable[int] = (),
     ) -> int:
         gone = set(gone)
-        added = {e.seq for e in new}
-        missing = sum(
-            1
-            for e in changed
-            if e.seq not in added and (e.seq not in self.entries or e.seq in gone)
-        )
-        if missing:
-            raise LookupError(
-                f"{missing} of {len(changed)} changed tasks have no row in the journal"
-            )
+        refuse_unwritten(new, changed, gone, self.entries.__contains__)
         for seq in gone:
             self.entries.pop(seq, None)
         for e in new:

@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .journal import CHANGING, JournalEntry
+from .journal import CHANGING, JournalEntry, refuse_unwritten
 
 log = logging.getLogger(__name__)
 
@@ -168,17 +168,7 @@ class LogJournal:
         if self._broken:
             raise OSError(f"the journal cannot be written to since: {self._broken}")
         live = self._live
-        added = {e.seq for e in new}
-        gone_set = set(gone)
-        missing = sum(
-            1
-            for e in changed
-            if e.seq not in added and (e.seq in gone_set or not _has(live, e.seq))
-        )
-        if missing:
-            raise LookupError(
-                f"{missing} of {len(changed)} changed tasks have no row in the journal"
-            )
+        refuse_unwritten(new, changed, set(gone), lambda seq: _has(live, seq))
         body = marshal.dumps(
             (
                 list(map(tuple, new)),
@@ -203,9 +193,9 @@ class LogJournal:
             if _has(live, seq):
                 _clear(live, seq)
                 self._entries -= 1
-        for seq in added:
-            if not _has(live, seq):
-                _set(live, seq)
+        for e in new:
+            if not _has(live, e.seq):
+                _set(live, e.seq)
                 self._entries += 1
         self._records += len(new) + len(changed) + len(gone)
         self.commits += 1
