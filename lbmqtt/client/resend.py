@@ -118,18 +118,16 @@ async def query(client: AsyncClient, task_id: str) -> TaskState:
 
 
 async def requery_unfinished(client: AsyncClient) -> None:
-    """After a reconnect: ask about every task not known to have finished (waited for, or
-    submitted here: :meth:`TaskBook.unfinished`), once the subscriptions are back, and
-    again every RESEND_S about those the balancer has not answered, for up to
-    ``ack_timeout_s``.
+    """After a reconnect: ask about every task the balancer acknowledged and we have not
+    seen finish (:meth:`TaskBook.unfinished`), once the subscriptions are back, and again
+    every RESEND_S about those it has not answered, for up to ``ack_timeout_s``.
 
     Their final states may have been sent while we were away (a later wait would only ask
-    after ``REQUERY_S``); and one query is not enough:
-    the balancer may be reconnecting too (after a broker restart), and a broker may take a
-    subscription in after a publish sent behind it (amqtt does), so the answer to a query
-    sent at once can be lost. Without this, each waiter learned its result only at its next
-    ``REQUERY_S`` (10 s), one after another (a test's stream of 100 tasks took a minute
-    more).
+    after ``REQUERY_S``); and one query is not enough: the balancer may be reconnecting too
+    (after a broker restart), and a broker may take a subscription in after a publish sent
+    behind it (amqtt does), so the answer to a query sent at once can be lost. Without
+    this, each waiter learned its result only at its next ``REQUERY_S`` (10 s), one after
+    another (a test's stream of 100 tasks took a minute more).
     """
     t = client._t()
     try:
