@@ -27,6 +27,7 @@ from lbmqtt.balancer import (
     SqliteJournal,
     default_path,
 )
+from lbmqtt.balancer import core as balancer_core
 from lbmqtt.balancer.core import JOURNAL_LAG, JOURNAL_PART
 from lbmqtt.balancer.journal import entry_of, record_of, recover
 from lbmqtt.balancer.outbox import Outbox
@@ -474,8 +475,11 @@ def test_a_burst_goes_to_the_node_first_and_nothing_is_announced_before_it_is_wr
 
 
 def test_submits_arriving_faster_than_a_part_is_written_leave_a_bounded_lag(
-    system: System, raw: Any
+    system: System, raw: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (a tick handling every user message waiting, as it does when they come faster than
+    # USER_SLICE_S lets it: here, all at once)
+    monkeypatch.setattr(balancer_core, "USER_SLICE_S", 60.0)
     mem = WatchedJournal()
     b = system.start_balancer(journal=mem)
     mem.outbox = b.outbox
@@ -517,6 +521,59 @@ def test_submits_arriving_faster_than_a_part_is_written_leave_a_bounded_lag(
     assert mem.sizes[0] == 3_600 - JOURNAL_LAG and JOURNAL_PART in mem.sizes
     assert len(mem.status) == 3_600 and system.lt.call(lambda: not b.outbox.unwritten)
     assert acked() == 3_600  # (each state once: none waited twice)
+
+
+def test_a_node_message_read_behind_a_burst_of_submits_is_handled_before_the_burst_ends(
+    system: System, raw: Any
+) -> None:
+    b = system.start_balancer()
+    t = b._transport
+    assert t is not None and t._fd is not None
+    fd = t._fd
+    topics = Topics(system.settings.topic_prefix)
+    handled: list[str] = []
+    on_submit, on_status = b.users.on_submit, b.fleet.on_status
+
+    def submit(name: str, payload: bytes) -> None:
+        handled.append(f"submit {name}")
+        on_submit(name, payload)
+
+    def status(name: str, payload: bytes) -> None:
+        handled.append(f"status {name}")
+        on_status(name, payload)
+
+    system.lt.call(lambda: b._routes.update(submit=submit, node_status=status))
+    rc = raw()
+    users = [f"u{i}" for i in range(4)]
+    # Given 4 x 900 submits, then a node's status, waiting together in the balancer's
+    # socket (its loop held): the broker delivers them in that order
+    gate = threading.Event()
+    system.lt.loop.call_soon_threadsafe(gate.wait, 30)
+    try:
+        sizes = []
+        for u in users:
+            body = json.dumps({"v": 1, "tasks": [{"name": "NOOP"}] * 900}).encode()
+            sizes.append(len(body))
+            rc.publish(topics.submit(u), body)
+        node = json.dumps({"v": 1, "node": "n9", "instance": "i9", "online": True}).encode()
+        rc.publish(topics.node_status("n9"), node)
+        sizes.append(len(node))
+
+        def waiting() -> int:
+            return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), "little")
+
+        wait_until(lambda: waiting() >= sum(sizes), 10, "all five in the balancer's socket")
+    finally:
+        gate.set()
+    # When it reads them: then the node's status is handled before the last submit (a
+    # tick handles users' messages for USER_SLICE_S, the loop reads and handles what came
+    # behind them in between; before, a node's report waited for a whole burst to be
+    # accepted while its node idled), and the users' messages keep their order
+    wait_until(lambda: len(handled) == 5, 20, "all five handled")
+    assert handled.index("status n9") < 4, handled
+    assert [h for h in handled if h.startswith("submit")] == [f"submit {u}" for u in users]
+    system.until(lambda b: b.counters["submitted"] == 3_600, 20, "every task accepted")
+    assert system.lt.call(lambda: "n9" in b.nodes)
 
 
 # ------------------------------------------------------------- the in-memory store
