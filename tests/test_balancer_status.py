@@ -73,11 +73,16 @@ def test_another_instances_status_is_replaced_and_a_flood_costs_one_status_a_sec
         st = retained_status(system, settings)
         return st is not None and st.instance == b.instance
 
+    def ours() -> list[bytes]:
+        return [p for p in watcher.payloads(topic) if json.loads(p).get("instance") == b.instance]
+
     wait_until(own_again, 10, "its own status retained again")
+    # (the watcher is another connection: the broker may deliver the new status to it after
+    # a later subscriber got it retained; CI once counted only the first one)
+    wait_until(lambda: len(ours()) >= 2, 10, "the watcher to see it published again")
     elapsed = time.monotonic() - t0
     # and it answered the flood with at most one status a second
-    ours = [p for p in watcher.payloads(topic) if json.loads(p).get("instance") == b.instance]
-    assert 2 <= len(ours) <= 1 + elapsed / STATUS_FIX_S + 1, (len(ours), elapsed)
+    assert len(ours()) <= 1 + elapsed / STATUS_FIX_S + 1, (len(ours()), elapsed)
 
 
 def test_a_status_claiming_another_balancer_is_online_is_replaced_and_named(
