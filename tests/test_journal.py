@@ -474,6 +474,33 @@ def test_a_burst_goes_to_the_node_first_and_nothing_is_announced_before_it_is_wr
     assert set(ids) <= set(acked)
 
 
+def _waiting_together(
+    system: System, b: Balancer, rc: Any, messages: list[tuple[str, bytes]]
+) -> None:
+    """Publish ``messages`` (topic, payload) while the balancer's loop is held, and let it
+    go once all of them wait in its socket (read then in one go, in that order)."""
+    t = b._transport
+    assert t is not None and t._fd is not None
+    fd = t._fd
+    gate = threading.Event()
+    system.lt.loop.call_soon_threadsafe(gate.wait, 30)
+    try:
+        for topic, payload in messages:
+            rc.publish(topic, payload)
+
+        def waiting() -> int:
+            return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), "little")
+
+        total = sum(len(p) for _, p in messages)
+        wait_until(lambda: waiting() >= total, 10, "the messages in the balancer's socket")
+    finally:
+        gate.set()
+
+
+def _burst(n: int) -> bytes:
+    return json.dumps({"v": 1, "tasks": [{"name": "NOOP"}] * n}).encode()
+
+
 def test_submits_arriving_faster_than_a_part_is_written_leave_a_bounded_lag(
     system: System, raw: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -483,31 +510,14 @@ def test_submits_arriving_faster_than_a_part_is_written_leave_a_bounded_lag(
     mem = WatchedJournal()
     b = system.start_balancer(journal=mem)
     mem.outbox = b.outbox
-    t = b._transport
-    assert t is not None and t._fd is not None
-    fd = t._fd
     topics = Topics(system.settings.topic_prefix)
     rc = raw()
     users = [f"u{i}" for i in range(4)]
     for u in users:
         rc.subscribe(topics.events(u))
-    # Given 4 x 900 submits waiting together in the balancer's socket (its loop held)
-    gate = threading.Event()
-    system.lt.loop.call_soon_threadsafe(gate.wait, 30)
-    try:
-        sizes = []
-        for u in users:
-            # (small: 4 of them fit in the socket's receive buffer)
-            body = json.dumps({"v": 1, "tasks": [{"name": "NOOP"}] * 900}).encode()
-            sizes.append(len(body))
-            rc.publish(topics.submit(u), body)
-
-        def waiting() -> int:
-            return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), "little")
-
-        wait_until(lambda: waiting() >= sum(sizes), 10, "the submits in the balancer's socket")
-    finally:
-        gate.set()
+    # Given 4 x 900 submits waiting together in the balancer's socket (its loop held;
+    # small: 4 of them fit in the socket's receive buffer)
+    _waiting_together(system, b, rc, [(topics.submit(u), _burst(900)) for u in users])
     # When it reads them in one go, then: it never leaves more than JOURNAL_LAG records
     # unwritten, writes the rest in parts, and acknowledges every task once written
 
@@ -527,9 +537,6 @@ def test_a_node_message_read_behind_a_burst_of_submits_is_handled_before_the_bur
     system: System, raw: Any
 ) -> None:
     b = system.start_balancer()
-    t = b._transport
-    assert t is not None and t._fd is not None
-    fd = t._fd
     topics = Topics(system.settings.topic_prefix)
     handled: list[str] = []
     on_submit, on_status = b.users.on_submit, b.fleet.on_status
@@ -547,24 +554,13 @@ def test_a_node_message_read_behind_a_burst_of_submits_is_handled_before_the_bur
     users = [f"u{i}" for i in range(4)]
     # Given 4 x 900 submits, then a node's status, waiting together in the balancer's
     # socket (its loop held): the broker delivers them in that order
-    gate = threading.Event()
-    system.lt.loop.call_soon_threadsafe(gate.wait, 30)
-    try:
-        sizes = []
-        for u in users:
-            body = json.dumps({"v": 1, "tasks": [{"name": "NOOP"}] * 900}).encode()
-            sizes.append(len(body))
-            rc.publish(topics.submit(u), body)
-        node = json.dumps({"v": 1, "node": "n9", "instance": "i9", "online": True}).encode()
-        rc.publish(topics.node_status("n9"), node)
-        sizes.append(len(node))
-
-        def waiting() -> int:
-            return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), "little")
-
-        wait_until(lambda: waiting() >= sum(sizes), 10, "all five in the balancer's socket")
-    finally:
-        gate.set()
+    node = json.dumps({"v": 1, "node": "n9", "instance": "i9", "online": True}).encode()
+    _waiting_together(
+        system,
+        b,
+        rc,
+        [*((topics.submit(u), _burst(900)) for u in users), (topics.node_status("n9"), node)],
+    )
     # When it reads them: then the node's status is handled before the last submit (a
     # tick handles users' messages for USER_SLICE_S, the loop reads and handles what came
     # behind them in between; before, a node's report waited for a whole burst to be
