@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lbmqtt.balancer.core import STATUS_FIX_S
+from lbmqtt.balancer.ownstatus import STATUS_FIX_S
 from lbmqtt.config import Settings
 from lbmqtt.health import read_retained
 from lbmqtt.protocol import BalancerStatus, Topics, decode

@@ -46,11 +46,11 @@ from ..protocol import (
     decode,
 )
 from ..protocol.topics import SPECS
-from ..ratelog import LogLimiter
 from ..scheduler import Scheduler
 from .journal import JournalStore, JournalWriter, recover
 from .nodes import HEALTH_CHECK_S, Fleet
 from .outbox import Outbox
+from .ownstatus import StatusGuard
 from .records import NodeInfo, TaskRecord
 from .sqlite import open_journal
 from .stats import Tally, snapshot, start_metrics
@@ -60,9 +60,6 @@ from .users import Users
 log = logging.getLogger(__name__)
 
 EXPIRY_CHECK_S = 1.0
-STATUS_FIX_S = 1.0
-"""The balancer publishes its status at most once per this many seconds when it replaces a
-foreign one on its status topic (:meth:`Balancer._on_own_status`)."""
 JOURNAL_PART = 500
 """A tick writes at most this many changed records; the rest (a burst of submits) and their
 states go with the next ticks, between which the loop reads what waits, the nodes' reports
@@ -151,20 +148,22 @@ class Balancer:
         self._connects = 0
         self._history_sent_at = -1e9
         self._history_timer: asyncio.TimerHandle | None = None
-        self._status = BalancerStatus(
-            online=True,
+        self.status_guard = StatusGuard(
+            topic=self.topics.balancer_status,
             instance=self.instance,
-            version=__version__,
-            started_at=self.started_at,
-            pid=os.getpid(),
-            host=socket.gethostname(),
-        ).encode()
-        """What it retains on its status topic while it runs."""
-        self._status_sent_at = -1e9
-        self._status_seen = b""
-        """The last payload it received on its status topic."""
-        self._status_timer: asyncio.TimerHandle | None = None
-        self._status_log = LogLimiter(log, 60.0)
+            status=BalancerStatus(
+                online=True,
+                instance=self.instance,
+                version=__version__,
+                started_at=self.started_at,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+            ).encode(),
+            counters=self.tally.counters,
+            transport=lambda: self._transport,
+            closing=lambda: self.loops.closing,
+        )
+        """Its status, retained on its status topic while it runs, and put back there."""
         self.metrics: Metrics | None = None
         self.metrics_url = ""
         """Where the Prometheus endpoint listens ("" when METRICS_PORT is null)."""
@@ -350,9 +349,9 @@ class Balancer:
         """
         t = self._transport
         self.loops.closing = True
-        for timer in (self._history_timer, self._status_timer):
-            if timer is not None:
-                timer.cancel()
+        self.status_guard.cancel()
+        if self._history_timer is not None:
+            self._history_timer.cancel()
         await self.loops.stop()
         self._handle_users(None)  # (what was read is handled: its states go out below)
         if t is not None:
@@ -405,7 +404,7 @@ class Balancer:
         self.ready.set()
 
     def _on_connect(self) -> None:
-        self._publish_status()
+        self.status_guard.publish()
         # the broker may have restarted and lost the retained sets: publish them again
         self.outbox.dirty_nodes.update(n for n, info in self.nodes.items() if info.online)
         # ... and the retained task states and results MQTT clients read: those too (they
@@ -432,7 +431,7 @@ class Balancer:
             if key == "balancer_probe":
                 self.fleet.on_probe(payload)
             elif key == "balancer_status":
-                self._on_own_status(payload)
+                self.status_guard.on_message(payload)
             elif key == "dashboard_status" and payload:
                 self._on_dashboard(payload)
             elif key == "broker_status" and payload:
@@ -517,67 +516,6 @@ class Balancer:
                     f"the balancer failed to handle this message: {exc}",
                     topic=rest,
                 )
-
-    def _publish_status(self) -> None:
-        assert self._transport is not None
-        self._status_sent_at = time.monotonic()
-        self._transport.publish(self.topics.balancer_status, self._status, qos=1, retain=True)
-
-    def _on_own_status(self, payload: bytes) -> None:
-        """A message on its own status topic: its own, or one to replace with its own.
-
-        Without logins anyone may publish there, and a retained ``{"online": false}`` would
-        tell ``lbmqtt status`` and the dashboards that this balancer is offline for good.
-        A status that is not its own (offline, another instance's, empty, garbage) is
-        replaced, at most once per :data:`STATUS_FIX_S`; the broker keeps the last one
-        retained, so only the last one seen counts. A status that says another balancer is
-        online is replaced too (anyone can forge one, with any start time), with a warning
-        that names it: were it real, two balancers would overwrite each other's assignment
-        sets, and the start-up check refuses a second one; their statuses would then
-        alternate at most once a second each, which the warning explains.
-        """
-        self._status_seen = payload
-        if self._status_timer is not None or not self._foreign_status(payload):
-            return
-        delay = max(0.0, self._status_sent_at + STATUS_FIX_S - time.monotonic())
-        self._status_timer = asyncio.get_running_loop().call_later(delay, self._fix_status)
-
-    def _foreign_status(self, payload: bytes) -> bool:
-        """True if ``payload`` on its status topic is to be replaced by this one's status."""
-        if payload == self._status or self.loops.closing:
-            return False
-        try:
-            other = decode(BalancerStatus, payload)
-        except DecodeError:
-            return True
-        if other.online and other.instance != self.instance:
-            self._status_log.warning(
-                "other",
-                "a status on %s says another balancer (instance %s, host %s, pid %s) is "
-                "online: replaced by this one's. If that balancer is real, two balancers on "
-                "one prefix overwrite each other's assignment sets: stop one of them",
-                self.topics.balancer_status,
-                other.instance,
-                other.host or "?",
-                other.pid or "?",
-            )
-        return True
-
-    def _fix_status(self) -> None:
-        self._status_timer = None
-        t = self._transport
-        if t is None or not t.connected:
-            return  # (the next connect publishes it)
-        if self._foreign_status(self._status_seen):
-            self._publish_status()
-            self.counters["status_replaced"] += 1
-            self._status_log.warning(
-                "replaced",
-                "a status this balancer did not publish was retained on %s (%r): "
-                "published its own again",
-                self.topics.balancer_status,
-                self._status_seen[:120],
-            )
 
     def _on_dashboard(self, payload: bytes) -> None:
         """A dashboard came online: send it the recent history, so that its charts do not
