@@ -176,7 +176,7 @@ class LogJournal:
                 gone,
             )
         )
-        frame = FRAME.pack(len(body), zlib.crc32(body)) + body
+        frame = _frame(body)
         try:
             _write_all(self._fd, frame)
             if self.sync:
@@ -259,7 +259,7 @@ class LogJournal:
                 if self._stop.is_set():
                     raise OSError("the journal is closing")
                 body = marshal.dumps((rows[i : i + SNAPSHOT_FRAME], [], []))
-                _write_all(fd, FRAME.pack(len(body), zlib.crc32(body)) + body)
+                _write_all(fd, _frame(body))
             os.fsync(fd)
             self._compacted = (offset, len(entries), fd)
         except Exception as exc:  # (never the balancer's problem: the old file is whole)
@@ -346,6 +346,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 _new = tuple.__new__
+
+
+def _frame(body: bytes) -> bytes:
+    """``body`` as a frame: its header (length, CRC-32), then itself (read by :func:`_replay`)."""
+    return FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
 def _replay(path: str, end: int | None) -> tuple[dict[int, tuple[object, ...]], int, int, bool]:
