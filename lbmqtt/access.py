@@ -376,14 +376,15 @@ SUBACK, client ids bound to the login that holds them, as the embedded broker do
 def build_mosquitto_plugin(out: str, cc: str | None = None) -> str:
     """Compile :data:`MOSQUITTO_PLUGIN_SOURCE` into the shared object ``out``; returns its
     absolute path. Needs a C compiler and Mosquitto's plugin headers (Debian:
-    ``apt install gcc mosquitto-dev``); raises :class:`ConfigError` saying so."""
+    ``apt install gcc mosquitto-dev libmosquitto-dev``); raises :class:`ConfigError` saying so."""
     import shutil
     import subprocess
 
     compiler = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise ConfigError(
-            "building the Mosquitto plugin needs a C compiler: apt install gcc mosquitto-dev"
+            "building the Mosquitto plugin needs a C compiler: "
+            "apt install gcc mosquitto-dev libmosquitto-dev"
         )
     out = os.path.abspath(out)
     tmp = f"{out}.tmp"
@@ -394,7 +395,7 @@ def build_mosquitto_plugin(out: str, cc: str | None = None) -> str:
         raise ConfigError(f"{compiler}: {e}") from None
     if r.returncode != 0:
         first = (r.stderr.strip().splitlines() or ["(no output)"])[0]
-        hint = " (apt install mosquitto-dev)" if "mosquitto" in r.stderr else ""
+        hint = " (apt install mosquitto-dev libmosquitto-dev)" if "mosquitto" in r.stderr else ""
         raise ConfigError(f"building the Mosquitto plugin failed{hint}: {first}")
     os.replace(tmp, out)
     return out

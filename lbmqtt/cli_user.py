@@ -60,7 +60,7 @@ def add_user_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SO",
         help="with mosquitto: also build lbmqtt's Mosquitto plugin (forbidden subscriptions "
         "refused in the SUBACK, client ids bound to logins) into SO (default: "
-        "lbmqtt_mosquitto.so next to the ACL); needs gcc and mosquitto-dev",
+        "lbmqtt_mosquitto.so next to the ACL); needs gcc, mosquitto-dev and libmosquitto-dev",
     )
 
 

@@ -155,8 +155,11 @@ def logged_in(port: int, name: str, **kw: Any) -> Login:
 def mosquitto_lines(accounts: Path, prefix: str) -> str:
     """What ``lbmqtt user mosquitto --plugin`` prints for mosquitto.conf, verbatim: it
     writes the ACL next to the accounts file and builds lbmqtt's plugin there."""
-    if not os.path.exists("/usr/include/mosquitto_broker.h"):
-        pytest.skip("needs the Debian packages gcc and mosquitto-dev (.ci/run installs them)")
+    if not all(os.path.exists(f"/usr/include/{h}") for h in ("mosquitto_broker.h", "mosquitto.h")):
+        pytest.skip(
+            "needs the Debian packages gcc, mosquitto-dev and libmosquitto-dev (.ci/run "
+            "installs them)"
+        )
     r = run_cli(
         "user", "mosquitto", "--file", str(accounts), "--plugin",
         env={"LBMQTT_TOPIC_PREFIX": prefix},

@@ -18,7 +18,8 @@
  * topic it can match is within a `read` or `readwrite` rule of the login
  * (lbmqtt.access.filter_within, the embedded broker's test).
  *
- * Build: `lbmqtt user mosquitto --plugin` (cc and Debian's mosquitto-dev), or
+ * Build: `lbmqtt user mosquitto --plugin` (cc and Debian's mosquitto-dev and
+ *   libmosquitto-dev), or
  *   cc -shared -fPIC -O2 -o lbmqtt_mosquitto.so mosquitto_plugin.c
  */
 #include <stdbool.h>
