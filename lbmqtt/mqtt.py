@@ -591,7 +591,7 @@ class MqttTransport:
     def _on_writable(self) -> None:
         client = self._client
         try:
-            if len(client._out_packet) > 1:
+            if client._out_packet:
                 coalesce(client._out_packet)
             client.loop_write()
         except Exception:

@@ -10,41 +10,68 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+JOINED = 0x00
+"""The command byte :func:`coalesce` gives a joined write: neither a PUBLISH nor a
+DISCONNECT, so that paho does nothing with it once it is written."""
+
 
 def coalesce(out: Any) -> None:
     """Join the packets waiting in paho's out queue into one write.
 
     paho sends each packet with its own ``send``: on loopback, with TCP_NODELAY, one
     syscall and one segment each, which the receiver also wakes up for. Once written, a
-    packet needs nothing more from paho unless it is a QoS 0 PUBLISH (``on_publish``) or a
-    DISCONNECT (closing), so runs of the others are joined (a QoS 1 PUBLISH is tracked in
-    paho's inflight table until its PUBACK, not by its out-queue entry); a packet partly
-    written already stays as it is.
+    packet needs nothing more from paho unless it is a DISCONNECT (closing): a QoS 1
+    PUBLISH is tracked in paho's inflight table until its PUBACK, not by its out-queue
+    entry; for a QoS 0 PUBLISH paho only calls ``on_publish`` (building an MQTT 5 reason
+    code and properties for it: a tenth of the balancer's busy time with one task at a
+    time, py-spy) and marks its ``MQTTMessageInfo`` published, and lbmqtt uses neither (it
+    waits only for the PUBACK of a QoS 1 message: ``MqttTransport.publish_confirmed``).
+    So every run of packets up to a DISCONNECT is joined into one entry that paho takes
+    for none of them (``JOINED``), a single QoS 0 PUBLISH too; a packet partly written
+    already is not joined (a QoS 0 PUBLISH among them is marked ``JOINED`` all the same).
     """
     merged: list[Any] = []
     run: list[Any] = []
 
     def close_run() -> None:
-        if len(run) == 1:
+        if len(run) == 1 and not _is_qos0_publish(run[0]):
             merged.append(run[0])
         elif run:
-            data = b"".join(p["packet"] for p in run)
+            data = run[0]["packet"] if len(run) == 1 else b"".join(p["packet"] for p in run)
             merged.append(
-                {**run[0], "pos": 0, "to_process": len(data), "packet": data, "info": None}
+                {
+                    **run[0],
+                    "command": JOINED,
+                    "mid": 0,
+                    "qos": 0,
+                    "pos": 0,
+                    "to_process": len(data),
+                    "packet": data,
+                    "info": None,
+                }
             )
         run.clear()
 
+    changed = False
     for p in out:
-        cmd = p["command"] & 0xF0
-        if p["pos"] or cmd == paho.DISCONNECT or (cmd == paho.PUBLISH and p["qos"] == 0):
+        if p["pos"] or p["command"] & 0xF0 == paho.DISCONNECT:
             close_run()
-            merged.append(p)
+            if _is_qos0_publish(p):  # (partly written: the rest goes as it is)
+                merged.append({**p, "command": JOINED, "mid": 0, "qos": 0, "info": None})
+                changed = True
+            else:
+                merged.append(p)
         else:
+            changed = changed or bool(run) or _is_qos0_publish(p)
             run.append(p)
     close_run()
-    if len(merged) < len(out):
+    if changed:
         out.clear()
         out.extend(merged)
+
+
+def _is_qos0_publish(p: Any) -> bool:
+    return bool(p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0)
 
 
 class PahoClient(paho.Client):

@@ -11,7 +11,7 @@ import pytest
 from lbmqtt.broker import EmbeddedBroker
 from lbmqtt.errors import BrokerUnavailable, ConfigError
 from lbmqtt.mqtt import MqttTransport, Will
-from lbmqtt.paho_fixes import coalesce
+from lbmqtt.paho_fixes import JOINED, coalesce
 
 from .cluster import free_port
 
@@ -181,22 +181,62 @@ def test_queued_packets_are_joined_where_paho_needs_nothing_once_they_are_writte
             pkt(paho.PUBLISH, 1, b"AB", pos=1),  # partly written already: kept
             pkt(paho.PUBACK, 0, b"c"),
             pkt(paho.PUBLISH | 2, 1, b"d"),
-            pkt(paho.PUBLISH, 0, b"e"),  # QoS 0: its on_publish needs it alone
+            pkt(paho.PUBLISH, 0, b"e"),  # QoS 0: joined too (lbmqtt needs no on_publish)
             pkt(paho.PUBACK, 0, b"f"),
             pkt(paho.SUBSCRIBE, 1, b"g"),
-            pkt(paho.DISCONNECT, 0, b"h"),
+            pkt(paho.DISCONNECT, 0, b"h"),  # paho closes the socket after it: alone
+            pkt(paho.PUBLISH, 0, b"i"),
+            pkt(paho.PUBLISH, 0, b"JK", pos=1),  # partly written, but no on_publish either
         ]
     )
     coalesce(out)
     assert [(bytes(p["packet"]), p["pos"], p["to_process"]) for p in out] == [
         (b"AB", 1, 1),
-        (b"cd", 0, 2),
-        (b"e", 0, 1),
-        (b"fg", 0, 2),
+        (b"cdefg", 0, 5),
         (b"h", 0, 1),
+        (b"i", 0, 1),
+        (b"JK", 1, 1),
     ]
-    # a joined packet is never taken for a QoS 0 PUBLISH or a DISCONNECT once written
-    for p in (out[1], out[3]):
-        assert p["command"] & 0xF0 != paho.DISCONNECT and not (
-            p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0
-        )
+    assert out[2]["command"] == paho.DISCONNECT
+    # a joined packet, or a lone QoS 0 PUBLISH, is never taken for a PUBLISH or a
+    # DISCONNECT once written: paho builds no reason code for it and calls no callback
+    for p in (out[1], out[3], out[4]):
+        assert p["command"] == JOINED and p["info"] is None
+    # a lone packet of another kind is left as it is
+    single = deque([pkt(paho.SUBSCRIBE, 1, b"s")])
+    kept = single[0]
+    coalesce(single)
+    assert list(single) == [kept]
+
+
+def test_a_burst_of_every_size_arrives_whole_and_in_order() -> None:
+    """Joined into few writes by the sender (coalesce), split anyhow by the sockets: a
+    burst of QoS 0 messages from empty to several times a socket buffer arrives whole and
+    in order."""
+    sizes = [0, 1, 127, 128, 16_383, 16_384, 65_526, 65_536, 196_615, 32_759, 5, 300]
+    sizes += [i % 41 for i in range(400)]
+    sent = [(f"b/{i}", bytes([i % 251]) * n) for i, n in enumerate(sizes)]
+
+    async def scenario() -> None:
+        async with EmbeddedBroker() as broker:
+            got: list[tuple[str, bytes]] = []
+            sub = MqttTransport(
+                host="127.0.0.1",
+                port=broker.port,
+                client_id="sub",
+                on_message=lambda t, p, r: got.append((t, p)),
+                subscriptions=[("b/#", 0)],
+            )
+            pub = MqttTransport(
+                host="127.0.0.1", port=broker.port, client_id="pub", on_message=lambda *a: None
+            )
+            await sub.start(wait=True)
+            await pub.start(wait=True)
+            for topic, payload in sent:
+                pub.publish(topic, payload)
+            await until(lambda: len(got) >= len(sent), 30)
+            assert got == sent
+            await sub.close()
+            await pub.close()
+
+    asyncio.run(scenario())
