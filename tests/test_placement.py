@@ -159,11 +159,18 @@ OLD_CORE = textwrap.dedent("""
 """)
 
 
+CORE_UP_S = 90.0
+"""startAll returns within READY_TIMEOUT_S (60 s) even when the balancer never answers."""
+
+
 def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) -> None:
+    import contextlib
     import os
+    import select
     import signal
     import subprocess
     import sys
+    import time
 
     from .conftest import descendants, free_port, process_alive
 
@@ -182,13 +189,19 @@ def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) 
     for name, text in (("core.py", OLD_CORE), ("worker.py", OLD_WORKER), ("client.py", OLD_CLIENT)):
         (tmp_path / name).write_text(text)  # no __main__ guards, as in the old README
     env = {k: v for k, v in os.environ.items() if not k.startswith("LBMQTT_")}
+    env["PYTHONFAULTHANDLER"] = "1"
+    err = open(tmp_path / "core.err", "wb")  # noqa: SIM115 - closed in the finally below
+
+    def err_text(n: int) -> str:
+        return (tmp_path / "core.err").read_bytes()[-n:].decode(errors="replace")
+
     core = subprocess.Popen(
         [sys.executable, "core.py"],
         cwd=tmp_path,
         env=env,
         text=True,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=err,
         start_new_session=True,
     )
     worker = None
@@ -196,12 +209,21 @@ def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) 
         assert core.stdout is not None
         # the children print their own lines on the same stdout
         lines: list[str] = []
-        while "core up\n" not in lines and len(lines) < 200:  # (and the test's timeout)
+        deadline = time.monotonic() + CORE_UP_S
+        while "core up\n" not in lines and len(lines) < 200:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([core.stdout], [], [], left)[0]:
+                # (it once hung here, in a CI run, past the test's timeout: its stack, please)
+                os.kill(core.pid, signal.SIGABRT)  # (PYTHONFAULTHANDLER: all its threads)
+                core.wait(30)
+                break
             line = core.stdout.readline()
             lines.append(line)
             if not line:
                 break  # (the end of its output: it is gone)
-        assert "core up\n" in lines, "core.py printed:\n" + "".join(lines)
+        assert "core up\n" in lines, (
+            "core.py printed:\n" + "".join(lines) + "\nand on stderr:\n" + err_text(3000)
+        )
         family = descendants(core.pid)
         worker = subprocess.Popen(
             [sys.executable, "worker.py"],
@@ -228,13 +250,15 @@ def test_the_old_readme_hello_runs_unchanged_but_for_the_import(tmp_path: Path) 
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
             worker.wait(30)
-        if core.poll() is None:
-            # to the process group, as Ctrl-C or a service manager: startAll's children
-            # are not daemons and outlive a signal to their parent alone, as before
+        # to the process group, as Ctrl-C or a service manager: startAll's children are
+        # not daemons and outlive a signal to their parent alone, as before (and outlive
+        # its abort above)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(core.pid, signal.SIGTERM)
-            core.wait(30)
+        core.wait(30)
         if core.stdout is not None:
             core.stdout.close()
+        err.close()
     wait_until(lambda: not any(process_alive(p) for p in family), 20, "startAll's children")
 
 
