@@ -20,7 +20,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,20 +52,17 @@ async def bounce(port: int, round_trips: int) -> dict[str, float]:
         else:
             ping.publish("bench/transport/ping", PAYLOAD)
 
-    ping = MqttTransport(
-        host="127.0.0.1",
-        port=port,
-        client_id="bench-ping",
-        on_message=on_pong,
-        subscriptions=[("bench/transport/pong", 0)],
-    )
-    pong = MqttTransport(
-        host="127.0.0.1",
-        port=port,
-        client_id="bench-pong",
-        on_message=on_ping,
-        subscriptions=[("bench/transport/ping", 0)],
-    )
+    def transport(name: str, reads: str, handler: Callable[[str, bytes, bool], None]) -> Any:
+        return MqttTransport(
+            host="127.0.0.1",
+            port=port,
+            client_id=f"bench-{name}",
+            on_message=handler,
+            subscriptions=[(f"bench/transport/{reads}", 0)],
+        )
+
+    ping = transport("ping", "pong", on_pong)
+    pong = transport("pong", "ping", on_ping)
     await ping.start(wait=True)
     await pong.start(wait=True)
     try:
