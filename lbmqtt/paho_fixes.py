@@ -13,6 +13,10 @@ import paho.mqtt.client as paho
 JOINED = 0x00
 """The command byte :func:`coalesce` gives a joined write: neither a PUBLISH nor a
 DISCONNECT, so that paho does nothing with it once it is written."""
+JOIN_MAX_BYTES = 256 << 10
+"""A joined write grows to about this much at most: paho sends what is left of an entry as
+a slice of it, a copy, at every partial ``send``; a burst of megabytes joined whole would
+be copied again and again while a slow reader takes it in pieces."""
 
 
 def coalesce(out: Any) -> None:
@@ -26,9 +30,10 @@ def coalesce(out: Any) -> None:
     code and properties for it: a tenth of the balancer's busy time with one task at a
     time, py-spy) and marks its ``MQTTMessageInfo`` published, and lbmqtt uses neither (it
     waits only for the PUBACK of a QoS 1 message: ``MqttTransport.publish_confirmed``).
-    So every run of packets up to a DISCONNECT is joined into one entry that paho takes
-    for none of them (``JOINED``), a single QoS 0 PUBLISH too; a packet partly written
-    already is not joined (a QoS 0 PUBLISH among them is marked ``JOINED`` all the same).
+    So every run of packets up to a DISCONNECT (and up to ``JOIN_MAX_BYTES``) is joined
+    into one entry that paho takes for none of them (``JOINED``), a single QoS 0 PUBLISH
+    too; a packet partly written already is not joined (a QoS 0 PUBLISH among them is
+    marked ``JOINED`` all the same).
     """
     merged: list[Any] = []
     run: list[Any] = []
@@ -53,7 +58,10 @@ def coalesce(out: Any) -> None:
         run.clear()
 
     changed = False
+    size = 0
     for p in out:
+        if run and size + len(p["packet"]) > JOIN_MAX_BYTES:
+            close_run()
         if p["pos"] or p["command"] & 0xF0 == paho.DISCONNECT:
             close_run()
             if _is_qos0_publish(p):  # (partly written: the rest goes as it is)
@@ -62,8 +70,11 @@ def coalesce(out: Any) -> None:
             else:
                 merged.append(p)
         else:
+            if not run:
+                size = 0
             changed = changed or bool(run) or _is_qos0_publish(p)
             run.append(p)
+            size += len(p["packet"])
     close_run()
     if changed:
         out.clear()

@@ -11,7 +11,7 @@ import pytest
 from lbmqtt.broker import EmbeddedBroker
 from lbmqtt.errors import BrokerUnavailable, ConfigError
 from lbmqtt.mqtt import MqttTransport, Will
-from lbmqtt.paho_fixes import JOINED, coalesce
+from lbmqtt.paho_fixes import JOIN_MAX_BYTES, JOINED, coalesce
 
 from .cluster import free_port
 
@@ -207,6 +207,13 @@ def test_queued_packets_are_joined_where_paho_needs_nothing_once_they_are_writte
     kept = single[0]
     coalesce(single)
     assert list(single) == [kept]
+    # a burst is joined in writes of JOIN_MAX_BYTES at most (paho copies what is left of
+    # an entry at every partial send)
+    n = JOIN_MAX_BYTES * 2 // 5
+    burst = deque(pkt(paho.PUBLISH, 0, bytes(n)) for _ in range(5))
+    coalesce(burst)
+    assert [len(p["packet"]) for p in burst] == [2 * n, 2 * n, n]
+    assert all(p["command"] == JOINED for p in burst)
 
 
 def test_a_burst_of_every_size_arrives_whole_and_in_order() -> None:
