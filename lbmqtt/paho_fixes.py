@@ -37,41 +37,30 @@ def coalesce(out: Any) -> None:
     """
     merged: list[Any] = []
     run: list[Any] = []
+    size = 0  # (of the run)
 
     def close_run() -> None:
+        nonlocal size
         if len(run) == 1 and not _is_qos0_publish(run[0]):
             merged.append(run[0])
         elif run:
             data = run[0]["packet"] if len(run) == 1 else b"".join(p["packet"] for p in run)
-            merged.append(
-                {
-                    **run[0],
-                    "command": JOINED,
-                    "mid": 0,
-                    "qos": 0,
-                    "pos": 0,
-                    "to_process": len(data),
-                    "packet": data,
-                    "info": None,
-                }
-            )
+            merged.append(_joined(run[0], pos=0, to_process=len(data), packet=data))
         run.clear()
+        size = 0
 
     changed = False
-    size = 0
     for p in out:
         if run and size + len(p["packet"]) > JOIN_MAX_BYTES:
             close_run()
         if p["pos"] or p["command"] & 0xF0 == paho.DISCONNECT:
             close_run()
             if _is_qos0_publish(p):  # (partly written: the rest goes as it is)
-                merged.append({**p, "command": JOINED, "mid": 0, "qos": 0, "info": None})
+                merged.append(_joined(p))
                 changed = True
             else:
                 merged.append(p)
         else:
-            if not run:
-                size = 0
             changed = changed or bool(run) or _is_qos0_publish(p)
             run.append(p)
             size += len(p["packet"])
@@ -79,6 +68,11 @@ def coalesce(out: Any) -> None:
     if changed:
         out.clear()
         out.extend(merged)
+
+
+def _joined(p: Any, **changes: Any) -> dict[str, Any]:
+    """Out-queue entry ``p`` (with ``changes``) as one paho takes for no packet kind."""
+    return {**p, "command": JOINED, "mid": 0, "qos": 0, "info": None, **changes}
 
 
 def _is_qos0_publish(p: Any) -> bool:
