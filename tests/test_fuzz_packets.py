@@ -37,7 +37,6 @@ import logging
 import selectors
 import socket
 import struct
-import sys
 import time
 import uuid
 import warnings
@@ -50,7 +49,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from lbmqtt.access import AccessGuard, Account, hash_password, write_accounts
-from lbmqtt.broker import EmbeddedBroker, PatchedBroker
+from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker, PatchedBroker
 
 from .cluster import varint
 from .conftest import LoopThread, RawClient, wait_until
@@ -365,12 +364,19 @@ def quiet_amqtt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running_target(kind: str, accounts_file: str) -> Iterator[Target]:
+def running_target(
+    kind: str, accounts_file: str, patches: frozenset[str] = ALL_PATCHES
+) -> Iterator[Target]:
     """A broker of this kind on its own loop thread, with a subscriber that behaves."""
     lt = LoopThread()
     guard = AccessGuard(PREFIX, accounts_file) if kind == "accounts" else None
     eb = EmbeddedBroker(
-        "127.0.0.1", 0, guard=guard, max_packet_bytes=LIMIT, client_max_packet_bytes=LIMIT
+        "127.0.0.1",
+        0,
+        guard=guard,
+        max_packet_bytes=LIMIT,
+        client_max_packet_bytes=LIMIT,
+        patches=patches,
     )
     lt.run(eb.start())
     service = ("lb", PASSWORD) if guard is not None else None
@@ -418,6 +424,25 @@ def fresh_targets(accounts_file: str) -> Iterator[list[Target]]:
         quiet_amqtt(),
         running_target("anonymous", accounts_file) as anonymous,
         running_target("accounts", accounts_file) as accounts,
+    ):
+        yield [anonymous, accounts]
+
+
+AMQTT_READER = pytest.param(
+    "amqtt", marks=pytest.mark.xfail(strict=True, reason="amqtt's own reader loop: see the test")
+)
+"""The ``reader`` case of a test of a bug in amqtt's reader loop that lbmqtt's
+(inline_qos0, lbmqtt.broker.reader) does not have: that test fails with amqtt's."""
+
+
+@pytest.fixture
+def reader_targets(accounts_file: str, reader: str) -> Iterator[list[Target]]:
+    """:func:`fresh_targets` with lbmqtt's reader loop (``reader`` "lbmqtt") or amqtt's."""
+    patches = ALL_PATCHES if reader == "lbmqtt" else ALL_PATCHES - {"inline_qos0"}
+    with (
+        quiet_amqtt(),
+        running_target("anonymous", accounts_file, patches) as anonymous,
+        running_target("accounts", accounts_file, patches) as accounts,
     ):
         yield [anonymous, accounts]
 
@@ -840,9 +865,11 @@ def test_announced_200mb_packet_is_refused_without_buffering(target: Target, cas
 # -------------------------------------------------------------------------- bugs found
 # Bugs the fuzzing found. Three are fixed in lbmqtt.broker (a first packet other than
 # CONNECT, a client leaving before its CONNECT ends, a reset while a CONNECT is refused):
-# their tests pass. The others are amqtt's still: each of their tests passes once its bug
-# is fixed (and then fails the run: strict xfail). They run on a broker of their own,
-# which they leave with zombies no other test should meet.
+# their tests pass. Two are in amqtt's reader loop, which lbmqtt's replaces (inline_qos0,
+# lbmqtt.broker.reader): their tests run with each loop, and fail (strict xfail) with
+# amqtt's. The others are amqtt's still: each of their tests passes once its bug is fixed
+# (and then fails the run: strict xfail). They run on a broker of their own, which they
+# leave with zombies no other test should meet.
 
 
 def closed_within(socks: list[socket.socket], timeout: float) -> list[bool]:
@@ -920,24 +947,22 @@ def test_client_leaving_before_its_connect_ends_leaves_no_socket_open(
         gc.enable()
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 12),
-    strict=True,
-    reason=(
-        "amqtt stops a client's handler by cancelling its reader task (ProtocolHandler.stop) "
-        "and waits for it; the reader waits for each packet in asyncio.wait_for(..., "
-        "timeout=keep-alive), which on Python 3.11 swallows a cancellation arriving when the "
-        "read has already completed (CPython gh-86296, fixed in 3.12). With data still "
-        "arriving the reader never stops, and the connection stays open, its session "
-        "'connected', until 1.5 x keep-alive passes (lbmqtt's keepalive patch)"
-    ),
-)
+@pytest.mark.parametrize("reader", ["lbmqtt", AMQTT_READER])
 def test_protocol_violation_amid_more_data_closes_the_connection(
-    fresh_targets: list[Target],
+    reader_targets: list[Target],
 ) -> None:
     """A client (keep-alive 60 s) sends a DISCONNECT, a packet of reserved type 0 or a
     second CONNECT, followed at once by more packets: the broker must close the
-    connection, as it does when nothing follows (or with keep-alive 0)."""
+    connection, as it does when nothing follows (or with keep-alive 0).
+
+    amqtt's reader fails this: amqtt stops a client's handler by cancelling its reader
+    task (ProtocolHandler.stop) and waits for it; its reader waits for each packet in
+    asyncio.wait_for(..., timeout=keep-alive), which on Python 3.11 swallows a
+    cancellation arriving when the read has already completed (CPython gh-86296, fixed in
+    3.12). With data still arriving the reader never stops, and the connection stays
+    open, its session 'connected', until 1.5 x keep-alive passes (the keepalive patch).
+    lbmqtt's reader waits on no wait_for."""
+    fresh_targets = reader_targets
     pings = b"\xc0\x00" * 1000
     with open_sockets() as socks:
         for t in fresh_targets:
@@ -952,22 +977,22 @@ def test_protocol_violation_amid_more_data_closes_the_connection(
         assert all(closed), f"{closed.count(False)} of {len(closed)} connections still open"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BrokerProtocolHandler.start() creates its disconnect waiter only after its reader task "
-        "has run; without keep-alive the reader meets the EOF of a client already gone at once "
-        "and reports it (handle_connection_closed) while there is no waiter, so the report is "
-        "lost and Broker._client_message_loop waits on wait_disconnect() for ever: the session "
-        "stays 'connected', its will is never published, and it and its tasks leak"
-    ),
-)
+@pytest.mark.parametrize("reader", ["lbmqtt", AMQTT_READER])
 def test_client_without_keepalive_leaving_at_once_is_disconnected(
-    fresh_targets: list[Target],
+    reader_targets: list[Target],
 ) -> None:
     """Clients with keep-alive 0 and a will send their CONNECT and close the connection
     without waiting for the CONNACK (a crash, a cut cable): each session must end and each
-    will be published."""
+    will be published.
+
+    amqtt's reader fails this: BrokerProtocolHandler.start() creates its disconnect
+    waiter only after its reader task has run; without keep-alive the reader meets the
+    EOF of a client already gone at once and reports it (handle_connection_closed) while
+    there is no waiter, so the report is lost and Broker._client_message_loop waits on
+    wait_disconnect() for ever: the session stays 'connected', its will is never
+    published, and it and its tasks leak. lbmqtt's reader reads nothing before start()
+    has returned."""
+    fresh_targets = reader_targets
     will_topic = f"{PREFIX}/users/mallory/submit"  # a topic the fuzzer's login may use
     watchers = [paho_client(t, "watcher") for t in fresh_targets]
     try:
