@@ -37,6 +37,7 @@ import logging
 import selectors
 import socket
 import struct
+import sys
 import time
 import uuid
 import warnings
@@ -433,6 +434,15 @@ AMQTT_READER = pytest.param(
 )
 """The ``reader`` case of a test of a bug in amqtt's reader loop that lbmqtt's
 (inline_qos0, lbmqtt.broker.reader) does not have: that test fails with amqtt's."""
+AMQTT_READER_BEFORE_312 = pytest.param(
+    "amqtt",
+    marks=pytest.mark.xfail(
+        sys.version_info < (3, 12),
+        strict=True,
+        reason="amqtt's own reader loop, on Python 3.11: see the test",
+    ),
+)
+"""The same, for a bug of amqtt's loop that only Python before 3.12 shows."""
 
 
 @pytest.fixture
@@ -947,7 +957,7 @@ def test_client_leaving_before_its_connect_ends_leaves_no_socket_open(
         gc.enable()
 
 
-@pytest.mark.parametrize("reader", ["lbmqtt", AMQTT_READER])
+@pytest.mark.parametrize("reader", ["lbmqtt", AMQTT_READER_BEFORE_312])
 def test_protocol_violation_amid_more_data_closes_the_connection(
     reader_targets: list[Target],
 ) -> None:

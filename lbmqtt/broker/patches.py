@@ -275,19 +275,9 @@ class PatchedBroker(GuardedBroker):
             session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE * 10) / 10
             handler.handle_read_timeout = lambda: self._drop_silent_client(handler)
         if "inline_qos0" in self.patches and isinstance(reader, LimitedReader):
-            started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            start = handler.start
-
-            async def start_then_read() -> None:
-                try:
-                    await start()
-                finally:
-                    if not started.done():
-                        started.set_result(None)
-
-            handler.start = start_then_read
+            self._keep_an_early_end(handler)
             handler.lbmqtt_changes = asyncio.Queue()
-            handler._reader_loop = lambda: reader_loop(handler, self._publish_inline, started)
+            handler._reader_loop = lambda: reader_loop(handler, self._publish_inline)
         return handler, session
 
     async def _delete_session(self, client_id: str) -> None:
@@ -477,6 +467,40 @@ class PatchedBroker(GuardedBroker):
 
     # -- inline_qos0 -----------------------------------------------------------------------
 
+    @staticmethod
+    def _keep_an_early_end(handler: Any) -> None:
+        """A DISCONNECT, a second CONNECT or an EOF read before ``handler.start()`` has
+        made the future it is reported to (start() makes it last, after its reader runs)
+        is kept, and reported once start() returns. amqtt's reader, slowed by a task per
+        read, mostly read later; when it did not, the report was lost and the session
+        stayed "connected" for good, its will never sent."""
+        early: list[Any] = []
+        disconnect, connect, start = (
+            handler.handle_disconnect,
+            handler.handle_connect,
+            handler.start,
+        )
+
+        async def handle_disconnect(packet: Any) -> None:
+            if handler._disconnect_waiter is None:
+                early.append(packet)
+            await disconnect(packet)
+
+        async def handle_connect(packet: Any) -> None:
+            if handler._disconnect_waiter is None:
+                early.append(None)  # (reported as a connection lost: the will fires)
+            await connect(packet)
+
+        async def start_then_report() -> None:
+            await start()
+            waiter = handler._disconnect_waiter
+            if early and waiter is not None and not waiter.done():
+                waiter.set_result(early[0])
+
+        handler.handle_disconnect = handle_disconnect
+        handler.handle_connect = handle_connect
+        handler.start = start_then_report
+
     def _publish_inline(self, handler: Any, topic: str, data: bytes, running_tasks: Any) -> bool:
         """Deliver a QoS 0 message (not retained) that ``handler``'s reader has just read,
         as amqtt's path would but without its tasks, if nothing of that client is ahead
@@ -485,9 +509,12 @@ class PatchedBroker(GuardedBroker):
             return False
         session = handler.session
         waiters = getattr(handler, "lbmqtt_waiters", None)
+        ending = handler._disconnect_waiter
         if (
             waiters is None  # (its per-client loop not started, or ended)
             or any(w.done() for w in waiters)  # (that loop has something to handle)
+            or ending is None
+            or ending.done()  # (a DISCONNECT or a protocol violation read: nothing after)
             or any(not t.done() for t in running_tasks)  # (a packet before it in hand)
             or not session.delivered_message_queue.empty()
             or not handler._pending_subscriptions.empty()

@@ -9,10 +9,12 @@ CPU for a message.
 
 :func:`reader_loop` does what amqtt's loop does, packet for packet, but:
 
-* it reads nothing before ``handler.start()`` has returned. amqtt's loop got there by
-  the extra task of its ``wait_for``, and not always: a DISCONNECT or an EOF read before
-  then was lost (start() makes the future it is reported to only afterwards), and the
-  session stayed "connected" for good, its will never sent;
+* a DISCONNECT or an EOF it reads before ``handler.start()`` has returned is not lost
+  (:meth:`PatchedBroker._initialize_client_session
+  <lbmqtt.broker.patches.PatchedBroker._initialize_client_session>` keeps it for the
+  future start() makes only at its end; amqtt's loop, slowed by the task of its
+  ``wait_for``, mostly read later, and when it did not the session stayed "connected"
+  for good, its will never sent);
 * the keep-alive is watched by one timer per keep-alive period (:class:`Silence`), with
   amqtt's rule (the time spent waiting for the next packet's header), and no
   ``wait_for``, which on Python 3.11 swallows a cancellation that meets a finished read
@@ -20,8 +22,8 @@ CPU for a message.
   violation was never cut off;
 * a PUBLISH is read as one body and parsed in one function (:func:`parse_publish`), with
   amqtt's reading of the topic (invalid UTF-8 included) and the same packet object for
-  amqtt's handlers; one too short for what its header announces closes the connection
-  (MQTT-4.8.0-1), as amqtt's reads past its end did;
+  amqtt's handlers; one too short for what its header announces, or with a wildcard in
+  its topic, closes the connection (MQTT-4.8.0-1, as amqtt's reads past its end did);
 * SUBSCRIBE and UNSUBSCRIBE go, in the order read, to one queue, ``handler.lbmqtt_changes``
   (amqtt keeps one of each, and applies a SUBSCRIBE first when both have one ready);
 * a QoS 0 PUBLISH (not retained) is handed to ``deliver`` as soon as it is read, when
@@ -91,8 +93,9 @@ message (nothing more to do), False to leave it to amqtt's path."""
 
 
 class MalformedPublish(ValueError):
-    """A PUBLISH whose body is too short for what its header announces: a protocol
-    violation, so its connection is closed (MQTT-4.8.0-1) and its will fires."""
+    """A PUBLISH whose body is too short for what its header announces, or whose topic
+    holds a wildcard: a protocol violation, so its connection is closed (MQTT-4.8.0-1)
+    and its will fires."""
 
 
 class Silence:
@@ -161,15 +164,15 @@ already buffered are read without waiting)."""
 AHEAD_MAX = 32
 """Messages of one client waiting in its session's queue for the per-client loop before
 the reader stops reading from that client, until half have gone (the rest waits in the
-socket: a client that floods is slowed down, not buffered in the broker)."""
+socket: a client that floods is slowed down, not buffered in the broker)..."""
+AHEAD_RECHECK_S = 1.0
+"""...or this long has passed, to look again (the queue emptied some other way, or the
+per-client loop ended)."""
 
 
-async def reader_loop(handler: Any, deliver: Deliver, started: asyncio.Future[None]) -> None:
+async def reader_loop(handler: Any, deliver: Deliver) -> None:
     """amqtt's ``ProtocolHandler._reader_loop`` for ``handler``, with the changes in the
-    module docstring. It reads nothing before ``started`` is done (``handler.start()`` has
-    returned: amqtt's loop got there by making a task per read; a DISCONNECT or EOF read
-    before then would be lost, the session left "connected"). It ends as amqtt's does:
-    connection closed, handler stopped."""
+    module docstring. It ends as amqtt's does: connection closed, handler stopped."""
     session = handler.session
     if session is None:
         raise AMQTTError("Session is not initialized.")
@@ -187,16 +190,17 @@ async def reader_loop(handler: Any, deliver: Deliver, started: asyncio.Future[No
         while True:
             try:
                 handler._reader_ready.set()
-                if not started.done():
-                    await started
                 in_a_row += 1
                 if in_a_row >= YIELD_EVERY:
                     in_a_row = 0
                     await asyncio.sleep(0)
-                if ahead.qsize() >= AHEAD_MAX:
+                while (
+                    ahead.qsize() >= AHEAD_MAX
+                    and getattr(handler, "lbmqtt_waiters", None) is not None  # (its loop runs)
+                ):
                     drained: asyncio.Future[None] = loop.create_future()
-                    handler.lbmqtt_drained = drained
-                    await drained  # (PatchedBroker._client_message_loop)
+                    handler.lbmqtt_drained = drained  # (PatchedBroker._client_message_loop)
+                    await asyncio.wait((drained,), timeout=AHEAD_RECHECK_S)
                 while running_tasks and running_tasks[0].done():
                     running_tasks.popleft()
                 reader = handler.reader
@@ -226,9 +230,11 @@ async def reader_loop(handler: Any, deliver: Deliver, started: asyncio.Future[No
                         and deliver(handler, topic, data, running_tasks)
                     ):
                         continue
-                    packet: Any = PublishPacket(
-                        fixed_header, PublishVariableHeader(topic, packet_id), PublishPayload(data)
-                    )
+                    try:
+                        header = PublishVariableHeader(topic, packet_id)
+                    except MQTTError as e:  # (a wildcard in its topic: MQTT-3.3.2-2)
+                        raise MalformedPublish(str(e)) from None
+                    packet: Any = PublishPacket(fixed_header, header, PublishPayload(data))
                 else:
                     packet = await packet_class(fixed_header).from_stream(
                         reader, fixed_header=fixed_header
@@ -275,6 +281,7 @@ async def reader_loop(handler: Any, deliver: Deliver, started: asyncio.Future[No
 
 __all__ = [
     "AHEAD_MAX",
+    "AHEAD_RECHECK_S",
     "YIELD_EVERY",
     "Deliver",
     "MalformedPublish",
