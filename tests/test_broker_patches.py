@@ -77,6 +77,29 @@ def raw_publish_packet(topic: str, payload: bytes) -> bytes:
     return bytes([0x30]) + varint(len(body)) + body
 
 
+def _raw_session(port: int, client_id: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str(client_id)
+    s.sendall(bytes([0x10]) + varint(len(body)) + body)
+    assert s.recv(4)[:1] == b"\x20"
+    return s
+
+
+def _read_until(s: socket.socket, marker: bytes, seconds: float) -> bytes:
+    got = b""
+    deadline = time.monotonic() + seconds
+    while marker not in got and time.monotonic() < deadline:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = s.recv(4096)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 @pytest.mark.slow
 def test_keepalive_silent_client_is_dropped_and_its_will_fires(
     case: str, cleanup: list[Any]
@@ -416,11 +439,8 @@ def test_qos0_read_and_delivered_at_once_keeps_order_with_qos1(
     # When a client then mixes QoS 1 messages (amqtt's tasks and queue) and QoS 0 ones
     # (inline once nothing is ahead), back to back (a raw client: paho holds QoS 1
     # messages back behind its in-flight window, and sends QoS 0 ones on)
-    s = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    s = _raw_session(broker.port, "mixer")
     cleanup.append(s)
-    body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str("mixer")
-    s.sendall(bytes([0x10]) + varint(len(body)) + body)
-    assert s.recv(4)[:1] == b"\x20"
     n = 600
     packets = []
     for i in range(n):
@@ -442,46 +462,14 @@ def test_a_publish_right_behind_its_subscribe_reaches_the_new_subscription(
     broker = broker_for(case, "inline_qos0")
     cleanup.append(broker)
     for n in range(5):
-        s = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+        s = _raw_session(broker.port, f"self-{n}")
         cleanup.append(s)
-        body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str(f"self-{n}")
-        s.sendall(bytes([0x10]) + varint(len(body)) + body)
-        assert s.recv(4)[:1] == b"\x20"
         # When a client subscribes and publishes to that topic in one write
         sub = struct.pack("!H", 1) + _str("me/#") + b"\x00"
         s.sendall(bytes([0x82]) + varint(len(sub)) + sub + raw_publish_packet("me/x", b"mine"))
         # Then it gets its SUBACK, then its own message
-        got = b""
-        deadline = time.monotonic() + 10
-        while b"mine" not in got and time.monotonic() < deadline:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += chunk
+        got = _read_until(s, b"mine", 10)
         assert got[:1] == b"\x90" and got.endswith(b"mine"), got
-
-
-def _raw_session(port: int, client_id: str) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str(client_id)
-    s.sendall(bytes([0x10]) + varint(len(body)) + body)
-    assert s.recv(4)[:1] == b"\x20"
-    return s
-
-
-def _read_until(s: socket.socket, marker: bytes, seconds: float) -> bytes:
-    got = b""
-    deadline = time.monotonic() + seconds
-    while marker not in got and time.monotonic() < deadline:
-        s.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            chunk = s.recv(4096)
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        got += chunk
-    return got
 
 
 @pytest.mark.parametrize("reader", ["lbmqtt", "amqtt"])
