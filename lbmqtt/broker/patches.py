@@ -73,7 +73,7 @@ Patches (NOTES.md, "Bugs to work around"):
     module): a DISCONNECT or EOF read before ``start()`` returned was lost (a zombie
     session), a client that kept sending after a protocol violation was never cut off
     (Python 3.11's ``wait_for``), and an UNSUBSCRIBE then SUBSCRIBE read together ended
-    unsubscribed (:meth:`PatchedBroker._client_message_loop`).
+    unsubscribed (:mod:`lbmqtt.broker.inline`).
 ``connect_close`` (part of every broker, not optional)
     amqtt closes the socket for only some failed CONNECTs: a first packet other than
     CONNECT left the connection open and never read again, and a client that left before
@@ -100,13 +100,13 @@ from typing import Any, cast
 
 from amqtt.adapters import StreamWriterAdapter
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.events import BrokerEvents, MQTTEvents
-from amqtt.mqtt.packet import SUBSCRIBE
+from amqtt.events import MQTTEvents
 from amqtt.session import Session
 
 from ..access import AccessGuard
 from .auth import GuardedBroker
-from .reader import AHEAD_MAX, reader_loop
+from .inline import InlineReading
+from .reader import reader_loop
 from .streams import ClosingStreamWriter, LimitedReader
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,6 @@ ALL_PATCHES: frozenset[str] = frozenset(
 DIRECT_MAX_BUFFER = 64 * 1024
 """direct_qos0 writes to a subscriber only while its socket buffer holds less than this."""
 
-
-_INLINE_EVENTS = (
-    MQTTEvents.PACKET_RECEIVED,
-    BrokerEvents.MESSAGE_RECEIVED,
-    BrokerEvents.MESSAGE_BROADCAST,
-)
-"""Plugin events a message delivered inline would skip (inline_qos0 waits if any is seen)."""
 
 MATCH_CACHE = 4096
 """Topics whose matching filters direct_qos0 remembers (then it starts again)..."""
@@ -197,12 +190,7 @@ MAX_OFFLINE_BYTES = 64 * 2**20
 KEEPALIVE_GRACE = 1.5
 
 
-def _resolve(future: asyncio.Future[None] | None) -> None:
-    if future is not None and not future.done():
-        future.set_result(None)
-
-
-class PatchedBroker(GuardedBroker):
+class PatchedBroker(InlineReading, GuardedBroker):
     """amqtt's Broker with lbmqtt's patches (see the module docstring) and, with a
     ``guard``, its logins and access rules (:class:`~lbmqtt.broker.auth.GuardedBroker`)."""
 
@@ -464,161 +452,6 @@ class PatchedBroker(GuardedBroker):
             for w in writers:
                 w.write(packet)
         return True
-
-    # -- inline_qos0 -----------------------------------------------------------------------
-
-    @staticmethod
-    def _keep_an_early_end(handler: Any) -> None:
-        """A DISCONNECT, a second CONNECT or an EOF read before ``handler.start()`` has
-        made the future it is reported to (start() makes it last, after its reader runs)
-        is kept, and reported once start() returns. amqtt's reader, slowed by a task per
-        read, mostly read later; when it did not, the report was lost and the session
-        stayed "connected" for good, its will never sent."""
-        early: list[Any] = []
-        disconnect, connect, start = (
-            handler.handle_disconnect,
-            handler.handle_connect,
-            handler.start,
-        )
-
-        async def handle_disconnect(packet: Any) -> None:
-            if handler._disconnect_waiter is None:
-                early.append(packet)
-            await disconnect(packet)
-
-        async def handle_connect(packet: Any) -> None:
-            if handler._disconnect_waiter is None:
-                early.append(None)  # (reported as a connection lost: the will fires)
-            await connect(packet)
-
-        async def start_then_report() -> None:
-            await start()
-            waiter = handler._disconnect_waiter
-            if early and waiter is not None and not waiter.done():
-                waiter.set_result(early[0])
-
-        handler.handle_disconnect = handle_disconnect
-        handler.handle_connect = handle_connect
-        handler.start = start_then_report
-
-    def _publish_inline(self, handler: Any, topic: str, data: bytes, running_tasks: Any) -> bool:
-        """Deliver a QoS 0 message (not retained) that ``handler``'s reader has just read,
-        as amqtt's path would but without its tasks, if nothing of that client is ahead
-        of it and nothing asks to see it on the way. False (nothing done): amqtt's path."""
-        if "direct_qos0" not in self.patches or not self._inline_allowed:
-            return False
-        session = handler.session
-        waiters = getattr(handler, "lbmqtt_waiters", None)
-        ending = handler._disconnect_waiter
-        if (
-            waiters is None  # (its per-client loop not started, or ended)
-            or any(w.done() for w in waiters)  # (that loop has something to handle)
-            or ending is None
-            or ending.done()  # (a DISCONNECT or a protocol violation read: nothing after)
-            or any(not t.done() for t in running_tasks)  # (a packet before it in hand)
-            or not session.delivered_message_queue.empty()
-            or not handler._pending_subscriptions.empty()
-            or not handler._pending_unsubscriptions.empty()
-            or not handler.lbmqtt_changes.empty()
-        ):
-            return False
-        if not topic or topic[0] == "$" or "#" in topic or "+" in topic:
-            return False  # (dollar_publish, and amqtt, say what to do)
-        if self.guard is not None:
-            role = getattr(session, "lbmqtt_role", None)
-            if role is None or not self.guard.may(
-                role, "publish", topic, session.username or "", session.client_id or ""
-            ):
-                return False  # (refused: amqtt's path counts and logs it)
-        elif getattr(self.plugins_manager, "_topic_plugins", True):
-            return False  # (an amqtt plugin decides: async)
-        if self._queued or not self._broadcast_queue.empty() or not self._deliver_now(topic, data):
-            return False
-        self.direct_deliveries += 1
-        self.inline_deliveries += 1
-        return True
-
-    @property
-    def _inline_allowed(self) -> bool:
-        """No amqtt plugin sees each packet or message received (their events are
-        coroutines: amqtt's path fires them)."""
-        callbacks = getattr(self.plugins_manager, "_event_plugin_callbacks", None)
-        return callbacks is not None and not any(e in callbacks for e in _INLINE_EVENTS)
-
-    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
-        """amqtt's per-client loop, which also leaves the futures it waits on in
-        ``handler.lbmqtt_waiters``: while none is done, the loop has nothing in hand
-        (inline_qos0 may deliver). With lbmqtt's reader (``handler.lbmqtt_changes``), a
-        client's SUBSCRIBEs and UNSUBSCRIBEs come in one queue, and take effect in the
-        order sent: amqtt keeps two, and when both have one ready it serves the SUBSCRIBE
-        first, so an UNSUBSCRIBE then SUBSCRIBE of one filter, read together, ended
-        unsubscribed (amqtt's reader, slower, made that rarer)."""
-        changes: asyncio.Queue[tuple[int, Any]] | None = getattr(handler, "lbmqtt_changes", None)
-        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
-        if changes is None:
-            subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
-            unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
-        else:
-            subscribe_waiter = asyncio.ensure_future(changes.get())
-            unsubscribe_waiter = asyncio.get_running_loop().create_future()  # (never done)
-        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-        connected = True
-        try:
-            while connected:
-                try:
-                    waiters = (
-                        disconnect_waiter,
-                        subscribe_waiter,
-                        unsubscribe_waiter,
-                        wait_deliver,
-                    )
-                    handler.lbmqtt_waiters = waiters
-                    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                    if disconnect_waiter in done:
-                        await self._handle_disconnect(client_session, handler, disconnect_waiter)
-                        connected = False
-                    if subscribe_waiter in done and changes is not None:
-                        kind, change = subscribe_waiter.result()
-                        ready = asyncio.get_running_loop().create_future()
-                        ready.set_result(change)
-                        if kind == SUBSCRIBE:
-                            await self._handle_subscription(client_session, handler, ready)
-                        else:
-                            await self._handle_unsubscription(client_session, handler, ready)
-                        subscribe_waiter = asyncio.ensure_future(changes.get())
-                    elif subscribe_waiter in done:
-                        await self._handle_subscription(client_session, handler, subscribe_waiter)
-                        subscribe_waiter = asyncio.ensure_future(
-                            handler.get_next_pending_subscription()
-                        )
-                    if unsubscribe_waiter in done:
-                        await self._handle_unsubscription(
-                            client_session, handler, unsubscribe_waiter
-                        )
-                        unsubscribe_waiter = asyncio.ensure_future(
-                            handler.get_next_pending_unsubscription()
-                        )
-                    if wait_deliver in done:
-                        if not await self._handle_message_delivery(
-                            client_session, handler, wait_deliver
-                        ):
-                            break
-                        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
-                        drained = getattr(handler, "lbmqtt_drained", None)
-                        if (
-                            drained is not None
-                            and client_session.delivered_message_queue.qsize() <= AHEAD_MAX // 2
-                        ):
-                            _resolve(drained)  # (the reader may read from the client again)
-                except asyncio.CancelledError:
-                    break
-        finally:
-            handler.lbmqtt_waiters = None
-            _resolve(getattr(handler, "lbmqtt_drained", None))
-        pending = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
-        for waiter in pending:
-            waiter.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
 
     def _filters_matching(self, topic: str) -> list[str]:
         """The subscription filters ``topic`` matches, from a cache that a new or a

@@ -10,8 +10,8 @@ CPU for a message.
 :func:`reader_loop` does what amqtt's loop does, packet for packet, but:
 
 * a DISCONNECT or an EOF it reads before ``handler.start()`` has returned is not lost
-  (:meth:`PatchedBroker._initialize_client_session
-  <lbmqtt.broker.patches.PatchedBroker._initialize_client_session>` keeps it for the
+  (:meth:`InlineReading._keep_an_early_end
+  <lbmqtt.broker.inline.InlineReading._keep_an_early_end>` keeps it for the
   future start() makes only at its end; amqtt's loop, slowed by the task of its
   ``wait_for``, mostly read later, and when it did not the session stayed "connected"
   for good, its will never sent);
@@ -27,8 +27,8 @@ CPU for a message.
 * SUBSCRIBE and UNSUBSCRIBE go, in the order read, to one queue, ``handler.lbmqtt_changes``
   (amqtt keeps one of each, and applies a SUBSCRIBE first when both have one ready);
 * a QoS 0 PUBLISH (not retained) is handed to ``deliver`` as soon as it is read, when
-  nothing of the same client is still ahead of it (:meth:`PatchedBroker._publish_inline
-  <lbmqtt.broker.patches.PatchedBroker._publish_inline>` decides, and may decline: then
+  nothing of the same client is still ahead of it (:meth:`InlineReading._publish_inline
+  <lbmqtt.broker.inline.InlineReading._publish_inline>` decides, and may decline: then
   amqtt's path, as before).
 
 Every other packet, and any PUBLISH that ``deliver`` declines, goes amqtt's way.
@@ -199,7 +199,7 @@ async def reader_loop(handler: Any, deliver: Deliver) -> None:
                     and getattr(handler, "lbmqtt_waiters", None) is not None  # (its loop runs)
                 ):
                     drained: asyncio.Future[None] = loop.create_future()
-                    handler.lbmqtt_drained = drained  # (PatchedBroker._client_message_loop)
+                    handler.lbmqtt_drained = drained  # (InlineReading._client_message_loop)
                     await asyncio.wait((drained,), timeout=AHEAD_RECHECK_S)
                 while running_tasks and running_tasks[0].done():
                     running_tasks.popleft()
@@ -244,7 +244,7 @@ async def reader_loop(handler: Any, deliver: Deliver) -> None:
                     await handler.handle_connect(packet)
                     continue
                 if kind in (SUBSCRIBE, UNSUBSCRIBE):
-                    # (one queue, in the order read: PatchedBroker._client_message_loop)
+                    # (one queue, in the order read: InlineReading._client_message_loop)
                     if packet.variable_header is None or packet.payload is None:
                         raise MQTTError(f"a packet of type {kind} without its header or payload")
                     change = Subscription if kind == SUBSCRIBE else UnSubscription
