@@ -38,12 +38,9 @@ class InlineReading:
         patches: frozenset[str]
         guard: AccessGuard | None
         plugins_manager: Any
-        direct_deliveries: int
         inline_deliveries: int
-        _queued: int
-        _broadcast_queue: asyncio.Queue[Any]
 
-        def _deliver_now(self, topic: str, data: bytes | bytearray) -> bool: ...
+        def _send_direct(self, topic: str, data: bytes | bytearray) -> bool: ...
 
         async def _handle_disconnect(self, session: Session, handler: Any, w: Any) -> None: ...
 
@@ -93,7 +90,7 @@ class InlineReading:
         """Deliver a QoS 0 message (not retained) that ``handler``'s reader has just read,
         as amqtt's path would but without its tasks, if nothing of that client is ahead
         of it and nothing asks to see it on the way. False (nothing done): amqtt's path."""
-        if "direct_qos0" not in self.patches or not self._inline_allowed:
+        if not self._inline_allowed:
             return False
         session = handler.session
         waiters = getattr(handler, "lbmqtt_waiters", None)
@@ -105,9 +102,7 @@ class InlineReading:
             or ending.done()  # (a DISCONNECT or a protocol violation read: nothing after)
             or any(not t.done() for t in running_tasks)  # (a packet before it in hand)
             or not session.delivered_message_queue.empty()
-            or not handler._pending_subscriptions.empty()
-            or not handler._pending_unsubscriptions.empty()
-            or not handler.lbmqtt_changes.empty()
+            or not handler.lbmqtt_changes.empty()  # (its SUBSCRIBEs and UNSUBSCRIBEs)
         ):
             return False
         if not topic or topic[0] == "$" or "#" in topic or "+" in topic:
@@ -118,11 +113,10 @@ class InlineReading:
                 role, "publish", topic, session.username or "", session.client_id or ""
             ):
                 return False  # (refused: amqtt's path counts and logs it)
-        elif getattr(self.plugins_manager, "_topic_plugins", True):
-            return False  # (an amqtt plugin decides: async)
-        if self._queued or not self._broadcast_queue.empty() or not self._deliver_now(topic, data):
+        # (without a guard, amqtt's topic plugins decide, asynchronously: _deliver_now
+        # declines when there are any)
+        if not self._send_direct(topic, data):
             return False
-        self.direct_deliveries += 1
         self.inline_deliveries += 1
         return True
 

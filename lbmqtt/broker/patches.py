@@ -392,19 +392,23 @@ class PatchedBroker(InlineReading, GuardedBroker):
         data: bytes | bytearray | None,
         force_qos: int | None = None,
     ) -> None:
+        if force_qos is None and topic and data is not None and self._send_direct(topic, data):
+            return
+        self._queued += 1
+        await super()._broadcast_message(session, topic, data, force_qos)
+
+    def _send_direct(self, topic: str, data: bytes | bytearray) -> bool:
+        """direct_qos0 for one message, if nothing waits in amqtt's broadcast queue before
+        it (order) and :meth:`_deliver_now` can write it: True once it is written."""
         if (
             "direct_qos0" in self.patches
-            and force_qos is None
-            and topic
-            and data is not None
             and not self._queued
             and self._broadcast_queue.empty()
             and self._deliver_now(topic, data)
         ):
             self.direct_deliveries += 1
-            return
-        self._queued += 1
-        await super()._broadcast_message(session, topic, data, force_qos)
+            return True
+        return False
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         try:

@@ -72,8 +72,6 @@ log = logging.getLogger(__name__)
 
 _HANDLERS = {
     CONNACK: "handle_connack",
-    SUBSCRIBE: "handle_subscribe",
-    UNSUBSCRIBE: "handle_unsubscribe",
     SUBACK: "handle_suback",
     UNSUBACK: "handle_unsuback",
     PUBACK: "handle_puback",
@@ -85,7 +83,8 @@ _HANDLERS = {
     PUBLISH: "handle_publish",
     DISCONNECT: "handle_disconnect",
 }
-"""amqtt's handler method for each packet type it serves (CONNECT is awaited, not a task)."""
+"""amqtt's handler method for each packet type it serves, in a task (CONNECT is awaited;
+SUBSCRIBE and UNSUBSCRIBE go to ``handler.lbmqtt_changes``)."""
 
 Deliver = Callable[[Any, str, bytes, "collections.deque[asyncio.Task[None]]"], bool]
 """``deliver(handler, topic, data, running_tasks)``: True if it delivered the QoS 0
