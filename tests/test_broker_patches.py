@@ -72,9 +72,19 @@ def raw_connect(
     return s
 
 
-def raw_publish_packet(topic: str, payload: bytes) -> bytes:
-    body = _str(topic) + payload
-    return bytes([0x30]) + varint(len(body)) + body
+def raw_publish_packet(topic: str, payload: bytes, packet_id: int | None = None) -> bytes:
+    """A PUBLISH: QoS 0, or QoS 1 with ``packet_id``."""
+    if packet_id is None:
+        body = _str(topic) + payload
+        return bytes([0x30]) + varint(len(body)) + body
+    body = _str(topic) + struct.pack("!H", packet_id) + payload
+    return bytes([0x32]) + varint(len(body)) + body
+
+
+def raw_subscribe_packet(topic_filter: str, packet_id: int = 1) -> bytes:
+    """A SUBSCRIBE to one filter at QoS 0."""
+    body = struct.pack("!H", packet_id) + _str(topic_filter) + b"\x00"
+    return bytes([0x82]) + varint(len(body)) + body
 
 
 def _raw_session(port: int, client_id: str) -> socket.socket:
@@ -223,8 +233,7 @@ def client_leaving_while_messages_fly(port: int, n: int) -> None:
     body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str(f"leaver-{n}")
     s.sendall(bytes([0x10]) + varint(len(body)) + body)
     assert s.recv(4)[:1] == b"\x20"
-    sub = struct.pack("!H", 1) + _str("x/#") + b"\x00"
-    s.sendall(bytes([0x82]) + varint(len(sub)) + sub)
+    s.sendall(raw_subscribe_packet("x/#"))
     assert s.recv(5)[:1] == b"\x90"  # SUBACK
     s.sendall(raw_publish_packet("x/1", b"to myself") + b"\xe0\x00")  # + DISCONNECT
     s.close()
@@ -399,8 +408,7 @@ def test_a_subscriber_that_stops_reading_holds_back_no_one(cleanup: list[Any]) -
     body = _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _str("stuck")
     stuck.sendall(bytes([0x10]) + varint(len(body)) + body)
     assert stuck.recv(4)[:1] == b"\x20"
-    sub = struct.pack("!H", 1) + _str("big/#") + b"\x00"
-    stuck.sendall(bytes([0x82]) + varint(len(sub)) + sub)
+    stuck.sendall(raw_subscribe_packet("big/#"))
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     reader = _client(broker, cleanup, "big/#", 0)
     pub = _client(broker, cleanup)
@@ -442,13 +450,9 @@ def test_qos0_read_and_delivered_at_once_keeps_order_with_qos1(
     s = _raw_session(broker.port, "mixer")
     cleanup.append(s)
     n = 600
-    packets = []
-    for i in range(n):
-        if i % 4:
-            packets.append(raw_publish_packet("t/x", str(i).encode()))
-        else:
-            qos1 = _str("t/x") + struct.pack("!H", i + 1) + str(i).encode()
-            packets.append(bytes([0x32]) + varint(len(qos1)) + qos1)
+    packets = [
+        raw_publish_packet("t/x", str(i).encode(), None if i % 4 else i + 1) for i in range(n)
+    ]
     for k in range(0, n, 50):  # (in a few writes, so that some land with nothing ahead)
         s.sendall(b"".join(packets[k : k + 50]))
     wait_until(lambda: len(a.messages) >= n + 1, 20, "every message")
@@ -465,8 +469,7 @@ def test_a_publish_right_behind_its_subscribe_reaches_the_new_subscription(
         s = _raw_session(broker.port, f"self-{n}")
         cleanup.append(s)
         # When a client subscribes and publishes to that topic in one write
-        sub = struct.pack("!H", 1) + _str("me/#") + b"\x00"
-        s.sendall(bytes([0x82]) + varint(len(sub)) + sub + raw_publish_packet("me/x", b"mine"))
+        s.sendall(raw_subscribe_packet("me/#") + raw_publish_packet("me/x", b"mine"))
         # Then it gets its SUBACK, then its own message
         got = _read_until(s, b"mine", 10)
         assert got[:1] == b"\x90" and got.endswith(b"mine"), got
@@ -479,9 +482,8 @@ def test_subscribe_and_unsubscribe_take_effect_in_the_order_sent(
     broker = BrokerThread(ALL_PATCHES if reader == "lbmqtt" else ALL_PATCHES - {"inline_qos0"})
     cleanup.append(broker)
     pub = _client(broker, cleanup)
-    sub = struct.pack("!H", 1) + _str("o/#") + b"\x00"
+    subscribe = raw_subscribe_packet("o/#")
     unsub = struct.pack("!H", 2) + _str("o/#")
-    subscribe = bytes([0x82]) + varint(len(sub)) + sub
     unsubscribe = bytes([0xA2]) + varint(len(unsub)) + unsub
     for n in range(5):
         s = _raw_session(broker.port, f"order-{n}")
@@ -533,9 +535,7 @@ def test_a_malformed_publish_closes_the_connection_and_fires_the_will(
 ) -> None:
     broker = broker_for(case, "inline_qos0")
     cleanup.append(broker)
-    watcher = RawClient(broker.port).connect()
-    cleanup.append(watcher)
-    watcher.subscribe("wills/#")
+    watcher = _client(broker, cleanup, "wills/#", 1)
     watcher.subscribe("after/#")
     bad = raw_connect(broker.port, "bad", 60, "wills/bad", b"gone")
     cleanup.append(bad)
