@@ -573,3 +573,26 @@ def test_new_work_goes_out_before_states_and_a_result_before_the_set_that_clears
     first_event = next(i for i, x in enumerate(got) if x.startswith("event "))
     assert got.index("set with it") < first_event or got[first_event] == "event queued", got
     assert got.index("event done") < got.index("set without it"), got
+
+
+def test_the_started_notices_of_short_tasks_ride_in_the_reports_of_their_results(
+    running: System, client: Client, raw: Callable[..., RawClient], monkeypatch: Any
+) -> None:
+    # (a busy node takes longer than REPORT_GAP_S to hand a window of short tasks to its
+    # workers: their "started" notices went out alone, a report and a change of state per
+    # task more for the balancer, a fifth of its time)
+    from lbmqtt.node import reports
+
+    monkeypatch.setattr(reports, "STARTED_HOLD_S", 30.0)  # only a result takes them along
+    t = Topics(running.settings.topic_prefix)
+    short = {"seconds": 0.0005, "steps": 1}
+    client.map("SLEEP", [short] * 20, timeout=60)  # the node learns that SLEEP is short here
+    spy = raw()
+    spy.subscribe(t.reports("n1"), qos=0)
+    out = client.map("SLEEP", [short] * 120, timeout=60)
+    assert len(out) == 120
+    with spy.lock:
+        sent = [json.loads(payload) for _, payload, _ in spy.messages]
+    assert sum(len(r["started"]) for r in sent) == 120  # each announced once, ...
+    alone = [r for r in sent if r["started"] and not r["results"]]
+    assert alone == []  # ... in a report that carried results

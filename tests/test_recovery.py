@@ -483,6 +483,41 @@ def test_a_node_starts_the_most_urgent_task_of_its_window_first(
     assert started == ["busy", "urgent", "low1", "low2", "low3"]
 
 
+@pytest.mark.parametrize(("runtime_s", "first"), [(1e-5, [10, 10, 10]), (5e-4, [4, 4, 4])])
+def test_a_node_shares_short_tasks_among_its_idle_workers_by_their_runtime(
+    system: System, runtime_s: float, first: list[int]
+) -> None:
+    """A window of 30 short tasks and 3 idle workers: each gets an even share in one write,
+    at most HANDOFF_WORK_S of their runtime (2 ms: 4 tasks of 0.5 ms)."""
+    from lbmqtt.config import WorkerGroup
+
+    node = system.start_node(
+        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=3, minP=0, maxP=1000)]
+    )
+    sup = node.supervisor
+    wait_until(lambda: all(w.state == "idle" for w in sup.workers), 20, "3 idle workers")
+    handed: list[int] = []
+    original = sup._hand_over
+
+    def recording(w: Any, tasks: list[Any], **kw: Any) -> None:
+        handed.append(len(tasks))
+        original(w, tasks, **kw)
+
+    def give() -> None:
+        sup._hand_over = recording  # type: ignore[method-assign]
+        sup._ran("ECHO", runtime_s)  # (what the node has measured of ECHO)
+        node._apply_set(
+            [
+                Assignment(id=f"t{i}", attempt=1, user="u", name="ECHO", args=i, group=0)
+                for i in range(30)
+            ]
+        )
+
+    system.lt.call(give)
+    assert handed == first  # (what the set's own dispatch handed over)
+    wait_until(lambda: sum(handed) == 30, 20, "every task handed over")
+
+
 def _block(tid: str, gate: Path, limit_s: float = 30) -> Assignment:
     """A BLOCK task: until ``gate`` exists, at most ``limit_s``."""
     args = {"gate": str(gate), "limit_s": limit_s}

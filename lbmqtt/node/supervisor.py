@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,6 +44,7 @@ from .reports import ReportBatcher
 __all__ = [
     "HANDOFF_BATCH",
     "HANDOFF_SHORT_S",
+    "HANDOFF_WORK_S",
     "RESTART_BACKOFF_MAX_S",
     "HeldTask",
     "Supervisor",
@@ -56,8 +57,13 @@ HANDOFF_SHORT_S = 0.002
 """Tasks that ran shorter than this on average (per task name, on this node) are handed to a
 worker several at a time, in one write, and the worker sends their results together: for
 no-op tasks the hand-off, not the task, is the work."""
-HANDOFF_BATCH = 8
-"""Most short tasks handed to one worker at a time."""
+HANDOFF_WORK_S = 0.002
+"""A hand-off of short tasks holds about this much of their work (their average runtime
+here): 8 tasks of 0.25 ms, 64 no-op ones. Idle workers share the pending tasks evenly."""
+HANDOFF_BATCH = 64
+"""Most short tasks handed to one worker at a time. (8 before the hand-off was sized by
+runtime: a node spent a quarter of its time writing to its workers, and the workers a
+third of theirs reading, at 8 no-op tasks a write.)"""
 HANDOFF_NEXT_S = 0.25
 """A worker running a task of a name that ran shorter than this on average (here) is
 handed its next task, if that one is known to be as brief, while it runs: it starts that
@@ -261,17 +267,26 @@ class Supervisor:
         return rt is not None and rt < HANDOFF_NEXT_S
 
     def dispatch(self) -> None:
-        """Hand the pending tasks to the idle workers (short ones several at a time), then
-        a brief task to each worker that runs one (:data:`HANDOFF_NEXT_S`)."""
+        """Hand the pending tasks to the idle workers (short ones several at a time, an
+        even share each), then a brief task to each worker that runs one
+        (:data:`HANDOFF_NEXT_S`)."""
         self._dispatch_wanted = False
         if self.draining:
             return  # what is not started goes back to the balancer
-        for ahead in (False, True):
-            for w in self.workers:
-                if self._takes_more(w, ahead):
-                    take = self._pick(self.pending[w.group.index], w, ahead)
-                    if take:
-                        self._hand_over(w, take, behind=ahead)
+        takers = [w for w in self.workers if self._takes_more(w, False)]
+        if takers:
+            count = Counter(w.group.index for w in takers)
+            share = {g: -(-len(self.pending[g]) // n) for g, n in count.items()}  # (ceil)
+            for w in takers:
+                g = w.group.index
+                take = self._pick(self.pending[g], w, False, share[g])
+                if take:
+                    self._hand_over(w, take)
+        for w in self.workers:
+            if self._takes_more(w, True):
+                take = self._pick(self.pending[w.group.index], w, True)
+                if take:
+                    self._hand_over(w, take, behind=True)
 
     def _takes_more(self, w: WorkerProc, ahead: bool) -> bool:
         """Whether ``w`` may be handed tasks now: first round, it is idle or runs short
@@ -287,11 +302,21 @@ class Supervisor:
             len(w.queue) < HANDOFF_BATCH and all(self._is_short(x.a.name) for x in w.queue)
         )
 
-    def _pick(self, queue: deque[HeldTask], w: WorkerProc, ahead: bool) -> list[HeldTask]:
+    def _batch_limit(self, name: str) -> int:
+        """Most tasks of ``name`` a worker may hold at once: HANDOFF_WORK_S of their
+        average runtime here, 1..HANDOFF_BATCH (1 for a task not known to be short)."""
+        rt = self._runtimes.get(name)
+        if rt is None or rt >= HANDOFF_SHORT_S:
+            return 1
+        return max(1, min(HANDOFF_BATCH, int(HANDOFF_WORK_S / max(rt, 1e-6))))
+
+    def _pick(
+        self, queue: deque[HeldTask], w: WorkerProc, ahead: bool, share: int = 1
+    ) -> list[HeldTask]:
         """Take from ``queue`` (a group's pending tasks) what ``w`` gets: the highest
         priority first, then the oldest (an urgent task does not wait behind ordinary ones
         held in this node's pipelining window); behind a task, only short ones (up to
-        HANDOFF_BATCH), or (``ahead``) one brief one."""
+        ``share`` and :meth:`_batch_limit`), or (``ahead``) one brief one."""
         if not queue:
             return []
         live = [lt for lt in queue if self.held.get(lt.a.id) is lt and lt.state == "pending"]
@@ -304,11 +329,12 @@ class Supervisor:
                 if self._is_brief(lt.a.name):
                     take.append(lt)
                 break  # (one, and only a brief one)
-            if (w.queue or take) and not self._is_short(lt.a.name):
-                break  # only short tasks share a hand-off (and only behind short ones)
+            if w.queue or take:
+                if not self._is_short(lt.a.name):
+                    break  # only short tasks share a hand-off (and only behind short ones)
+                if len(w.queue) + len(take) >= min(share, self._batch_limit(lt.a.name)):
+                    break
             take.append(lt)
-            if len(w.queue) + len(take) >= HANDOFF_BATCH:
-                break
         chosen = {id(lt) for lt in take}
         queue.extend(lt for lt in live if id(lt) not in chosen)
         return take
@@ -350,7 +376,8 @@ class Supervisor:
         if was_idle:
             self._began(w)
         if not behind:
-            self.reports.schedule(urgent=False)
+            short = all(self._is_short(lt.a.name) for lt in tasks)
+            self.reports.schedule(urgent=False, short=short)
 
     def _began(self, w: WorkerProc) -> None:
         """The worker's first task has started (as far as the node can tell)."""
