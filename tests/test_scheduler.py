@@ -1334,6 +1334,93 @@ def test_slot_heap_places_exactly_like_a_full_scan(data: st.DataObject) -> None:
     assert results[0] == results[1]
 
 
+class _FreshBandsScheduler(Scheduler):
+    """The reference: every placement works out the open bands again (what keeping them
+    from one placement to the next, :meth:`Scheduler._bands_still_hold`, must reproduce)."""
+
+    def _bands_still_hold(self, *args: object) -> bool:
+        return False
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_kept_bands_place_exactly_like_bands_worked_out_at_every_placement(
+    data: st.DataObject,
+) -> None:
+    """Nodes with one or two groups, windows, counted resources; tasks of a short and a
+    long name, some needing a core, several users and priorities; rounds with some tasks
+    finishing in between: both schedulers make the same placements."""
+    specs = []
+    for i in range(data.draw(st.integers(1, 6))):
+        groups = [Group(0, data.draw(st.integers(1, 3)), 0, 9)]
+        if data.draw(st.booleans()):
+            groups.append(Group(1, data.draw(st.integers(1, 2)), 5, 1000))
+        specs.append(
+            (f"n{i}", tuple(groups), data.draw(st.integers(0, 4)), data.draw(st.integers(1, 4)))
+        )
+    tasks = [
+        (
+            data.draw(st.sampled_from(["alice", "bob", "carol"])),
+            data.draw(st.sampled_from(["a", "b"])),
+            data.draw(st.sampled_from([0, 5, 20])),
+            data.draw(st.sampled_from([(), (), (("cores", 1.0),)])),
+        )
+        for _ in range(data.draw(st.integers(1, 120)))
+    ]
+    finish = data.draw(st.lists(st.integers(0, 300), max_size=40))
+    cap = data.draw(st.sampled_from([0, 0, 7]))
+    results = []
+    for cls in (Scheduler, _FreshBandsScheduler):
+        s = cls(max_running_per_user=cap)
+        for name, groups, window, cores in specs:
+            s.set_node(
+                NodeCaps(name, groups, frozenset("ab"), 1.0, resources={"cores": cores}, cores=4)
+            )
+            s.set_window(name, window)
+            s.observe("a", name, 0.01)  # short: may take window places
+            s.observe("b", name, 2.0)  # long: idle slots only
+        for i, (user, name, prio, req) in enumerate(tasks):
+            s.enqueue(QueuedTask(f"t{i}", user, name, prio, i, requires=req))
+        placed: list[tuple[str, str, int]] = []
+        for rnd in range(4):
+            out = s.schedule(now=100.0 + rnd)
+            placed += [(p.task.id, p.node, p.group) for p in out]
+            for k in finish[rnd * 10 : (rnd + 1) * 10]:
+                if placed:
+                    s.release(placed[k % len(placed)][0])
+        results.append(placed)
+    assert results[0] == results[1]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["push", "pop", "requeue"]), st.integers(0, 30))))
+def test_a_queue_gives_its_tasks_oldest_first_whatever_the_order_they_came_in(
+    ops: list[tuple[str, int]],
+) -> None:
+    """Tasks queued in and out of seq order, taken, removed and queued again (with their
+    seq): each placement takes the oldest queued task (the lanes' deque and heap together
+    keep FIFO order by seq)."""
+    s = Scheduler()
+    s.set_node(node("n1", Group(0, 1, 0, 10)))
+    queued: dict[int, QueuedTask] = {}
+    taken: list[int] = []
+    for op, seq in ops:
+        if op == "push" and seq not in queued:
+            queued[seq] = QueuedTask(f"t{seq}", "alice", "a", 0, seq)
+            s.enqueue(queued[seq])
+        elif op == "requeue" and seq in queued:
+            # removed, then queued again as the same object (the balancer's records)
+            assert s.remove(f"t{seq}") is queued[seq]
+            s.enqueue(queued[seq])
+        elif op == "pop" and queued:
+            out = s.schedule()
+            assert [p.task.seq for p in out] == [min(queued)]
+            del queued[min(queued)]
+            taken.append(out[0].task.seq)
+            s.release(out[0].task.id)
+    assert sorted(t.seq for t in s.queued_tasks()) == sorted(queued)
+
+
 # ----------------------------------------------------------------------------- expiry
 
 

@@ -387,8 +387,12 @@ class Scheduler:
         self.holding = False
         claimed: set[tuple[str, int]] = set()
         slots = sum(caps.slots for caps in self._nodes.values())
+        # what the free places offer each (name, shape), kept from one placement to the
+        # next while no placement can have changed it (:meth:`_bands_still_hold`)
+        fit_cache: dict[tuple[str, str, Shape], bool] = {}
+        bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]] = {}
         while free and self._backlog:
-            choice = self._next(free, held)
+            choice = self._next(free, held, fit_cache, bands_cache)
             if choice is None:
                 break
             task, (node, gi) = choice
@@ -398,14 +402,16 @@ class Scheduler:
                 self.holding = True  # call again soon: estimates go stale
                 continue
             self._backlog.take(task)
-            windowed = self._busy.get((node, gi), 0) >= free[(node, gi)].workers
+            group = free[(node, gi)]
+            windowed = self._busy.get((node, gi), 0) >= group.workers
+            long = not self._is_short(task.name, self._nodes[node])
             self._mark_placed(
                 task.id,
                 task.user,
                 node,
                 gi,
                 task.requires,
-                long=not self._is_short(task.name, self._nodes[node]),
+                long=long,
                 task=task,
                 windowed=windowed,
             )
@@ -413,10 +419,23 @@ class Scheduler:
                 self._running[task.id].expected_end = now + self.expected_runtime(
                     task.name, self._nodes[node], task.cost
                 )
-            if self._busy[(node, gi)] >= self.capacity(node, free[(node, gi)]):
+            busy = self._busy[(node, gi)]
+            if busy >= self.capacity(node, group):
                 del free[(node, gi)]
+                bands_cache.clear()
+            elif not self._bands_still_hold(busy, group, long, task.requires):
+                bands_cache.clear()
+            if task.requires:
+                fit_cache.clear()  # (resources reserved on the node)
             out.append(Placement(task, node, gi))
         return out
+
+    def _bands_still_hold(self, busy: int, group: Group, long: bool, requires: Requires) -> bool:
+        """Whether the open bands of every (name, shape) (:meth:`_open_bands`) are the same
+        after a placement that left its place free with ``busy`` tasks: its place's
+        :meth:`_window_ok` cannot have changed (the place had an idle slot left, or it was
+        in its window already and the task is short), and no resources were reserved."""
+        return not requires and (busy < group.workers or (busy > group.workers and not long))
 
     HOLD_MARGIN = 0.8
     """Wait for a busy slot only if it would finish the task in under 80 % of the time."""
@@ -493,14 +512,14 @@ class Scheduler:
     def _next(
         self,
         free: dict[tuple[str, int], Group],
-        held: set[tuple[str, str, Shape]] = frozenset(),  # type: ignore[assignment]
+        held: set[tuple[str, str, Shape]],
+        fit_cache: dict[tuple[str, str, Shape], bool],
+        bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]],
     ) -> tuple[Queued, tuple[str, int]] | None:
         cap = self.max_running_per_user
         order = sorted(self._backlog.by_user, key=lambda u: self._running_by_user.get(u, 0))
         best: Queued | None = None
         best_key: tuple[int, int] | None = None
-        fit_cache: dict[tuple[str, str, Shape], bool] = {}
-        bands_cache: dict[tuple[str, Shape], list[tuple[int, int]]] = {}
         for user in order:
             running = self._running_by_user.get(user, 0)
             if best_key is not None and running > best_key[0]:
@@ -530,7 +549,7 @@ class Scheduler:
             if held and (user, name, shape) in held:
                 continue
             bands = bands_cache.get((name, shape))
-            if bands is None:  # the same for every user: computed once per placement
+            if bands is None:  # the same for every user (and kept while placements allow)
                 bands = bands_cache[(name, shape)] = self._open_bands(name, shape, free, fit_cache)
             for lo, hi in bands:
                 t = pq.best_in_band(lo, hi, self._backlog.alive)
@@ -612,7 +631,10 @@ class Scheduler:
             current = self._slot_key(task, node, gi, g)
             if current != key:
                 heapq.heapreplace(h, current)
-                continue
+                if h[0] is not current:
+                    continue
+                # (still on top with its key up to date: every other entry's key is at most
+                # its place's current key, so no place is better)
             return node, gi
         raise AssertionError("_user_head only returns tasks some free slot can run")
 
@@ -638,12 +660,16 @@ class Scheduler:
         """Smaller is better: expected finish (runtime, and the tasks ahead of it in a
         window), then the faster node, then the less loaded, then by name."""
         caps = self._nodes[node]
-        slots = caps.slots
-        load = (
-            sum(self._busy.get((node, x.index), 0) for x in caps.groups) / slots if slots else 1.0
-        )
+        busy = self._busy
+        here = busy.get((node, gi), 0)
+        if len(caps.groups) == 1:  # (the common case, without a sum over the groups)
+            slots, placed = g.workers, here
+        else:
+            slots = caps.slots
+            placed = sum(busy.get((node, x.index), 0) for x in caps.groups)
+        load = placed / slots if slots else 1.0
         # in a window, the tasks ahead of it run first (on the group's slots)
-        ahead = max(0, self._busy.get((node, gi), 0) + 1 - g.workers)
+        ahead = max(0, here + 1 - g.workers)
         runtime = self.expected_runtime(task.name, caps, task.cost)
         speed = self.runtimes.speed_of(node, caps.speed)
         return (runtime * (1 + ahead / max(1, g.workers)), -speed, load, node, gi)

@@ -5,43 +5,89 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .model import Queued, Requires, Shape
 
 
-class PriorityQueue:
-    """Queued tasks of one (user, name, shape): a FIFO heap per priority, sorted priorities."""
+class Lane:
+    """The queued tasks of one priority in a :class:`PriorityQueue`, oldest first.
 
-    __slots__ = ("counts", "heaps", "prios")
+    Tasks mostly arrive in queue order (by seq): those go to the end of a deque (O(1) in
+    and out). One that does not (a task queued again keeps its seq, so it goes back to the
+    head) goes to a small heap beside it. The head is the older of their two heads. (One
+    heap for all cost ~16 comparisons in Python per task taken out of a long queue: a
+    tenth of the balancer's placement time.)
+    """
+
+    __slots__ = ("early", "run")
+
+    def __init__(self) -> None:
+        self.run: deque[Queued] = deque()
+        self.early: list[Queued] = []
+
+    def push(self, task: Queued) -> None:
+        run = self.run
+        if not run or run[-1] < task:
+            run.append(task)
+        else:
+            heapq.heappush(self.early, task)
+
+    def head(self, alive: dict[str, Queued]) -> Queued | None:
+        """The oldest live task, dropping the stale entries ahead of it (see
+        :func:`_live_head`)."""
+        run = self.run
+        while run:
+            task = run[0]
+            if alive.get(task.id) is task:
+                break
+            run.popleft()
+        first = _live_head(self.early, alive) if self.early else None
+        if run and (first is None or run[0] < first):
+            return run[0]
+        return first
+
+    def pop_head(self, task: Queued) -> None:
+        """Take out ``task``, the head :meth:`head` just returned."""
+        if self.early and self.early[0] is task:
+            heapq.heappop(self.early)
+        else:
+            self.run.popleft()
+
+
+class PriorityQueue:
+    """Queued tasks of one (user, name, shape): a FIFO :class:`Lane` per priority, sorted
+    priorities."""
+
+    __slots__ = ("counts", "lanes", "prios")
 
     def __init__(self) -> None:
         self.prios: list[int] = []
-        # a removed task's entry stays until it reaches the top, and is recognised as stale
-        # because the task object queued under its id is another one (or none); a task
-        # queued again as the same object (the balancer's records) has two entries until
-        # one is taken: both live, the same task (pop_oldest_while takes it once)
-        self.heaps: dict[int, list[Queued]] = {}
+        # a removed task's entry stays until it reaches the head, and is recognised as
+        # stale because the task object queued under its id is another one (or none); a
+        # task queued again as the same object (the balancer's records) has two entries
+        # until one is taken: both live, the same task (pop_oldest_while takes it once)
+        self.lanes: dict[int, Lane] = {}
         self.counts: dict[int, int] = {}
 
     def push(self, task: Queued) -> None:
         p = task.priority
-        heap = self.heaps.get(p)
-        if heap is None:
-            heap = self.heaps[p] = []
+        lane = self.lanes.get(p)
+        if lane is None:
+            lane = self.lanes[p] = Lane()
             self.counts[p] = 0
             bisect.insort(self.prios, p)
-        heapq.heappush(heap, task)
+        lane.push(task)
         self.counts[p] += 1
 
     def discard(self, priority: int) -> None:
-        """One task of ``priority`` left (lazily: its heap entry is skipped later)."""
+        """One task of ``priority`` left (lazily: its entry is skipped later)."""
         self.counts[priority] -= 1
         if self.counts[priority] == 0:
             del self.counts[priority]
-            del self.heaps[priority]
+            del self.lanes[priority]
             self.prios.remove(priority)
 
     def best_in_band(self, min_p: int, max_p: int, alive: dict[str, Queued]) -> Queued | None:
@@ -49,18 +95,18 @@ class PriorityQueue:
         i = bisect.bisect_right(self.prios, max_p) - 1
         if i < 0 or self.prios[i] < min_p:
             return None
-        # (never None: counts keep non-empty heaps only)
-        return _live_head(self.heaps[self.prios[i]], alive)
+        # (never None: counts keep non-empty lanes only)
+        return self.lanes[self.prios[i]].head(alive)
 
     def pop_oldest_while(
         self, pred: Callable[[Queued], bool], alive: dict[str, Queued]
     ) -> list[Queued]:
         """Pop each priority's oldest live tasks while ``pred`` holds for them (the caller
         then forgets them as queued: Scheduler.take_oldest_while)."""
-        popped: dict[str, Queued] = {}  # (by id: an entry twice in a heap, taken once)
-        for heap in self.heaps.values():
-            while (task := _live_head(heap, alive)) is not None and pred(task):
-                heapq.heappop(heap)
+        popped: dict[str, Queued] = {}  # (by id: an entry twice in a lane, taken once)
+        for lane in self.lanes.values():
+            while (task := lane.head(alive)) is not None and pred(task):
+                lane.pop_head(task)
                 popped[task.id] = task
         return list(popped.values())
 
