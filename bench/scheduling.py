@@ -2,6 +2,10 @@
 
 ``select``   time to pick the next task (place one task on a freed slot) with 1k, 100k and
              1M queued tasks, and the balancer's memory (RSS) holding 1M queued tasks.
+``runs``     the balancer's steady state under a burst of no-op tasks: 60,000 queued, each
+             round releasing 60 placed tasks and placing again (nodes of 4 slots with a
+             window of 32 each): microseconds per placement, median of ``--rounds`` runs,
+             for 1 node, 1 user and 1 name, then 4 nodes, 3 users and 2 names.
 ``makespan`` a simulated cluster of unequal machines (speeds 1, 2 and 4, mixed task
              durations): makespan of lbmqtt's placement against round-robin, "least loaded
              first", and the lower bound (total work / total speed).
@@ -87,6 +91,41 @@ def bench_select(sizes: list[int], users: int, names: int, picks: int) -> dict[s
         out[f"pick_us_{n}"] = round(1e6 * statistics.median(times), 1)
         out[f"enqueue_us_per_task_{n}"] = round(1e6 * fill / n, 2)
         del s
+    return out
+
+
+def _runs_once(nodes: int, users: int, names: int, n: int) -> float:
+    s = Scheduler()
+    for k in range(nodes):
+        tasks = frozenset(f"T{i}" for i in range(names))
+        s.set_node(NodeCaps(f"n{k}", (Group(0, 4, -1000, 1000),), tasks, 1.0, cores=4))
+        s.set_window(f"n{k}", 32)
+        for i in range(names):
+            s.observe(f"T{i}", f"n{k}", 0.0001)  # known to be short: window places
+    for i in range(n):
+        s.enqueue(QueuedTask(f"t{i:08d}", f"u{i % users}", f"T{i % names}", 0, i))
+    placed: list[str] = []
+    now, count = 1000.0, 0
+    t0 = time.perf_counter()
+    for _ in range(10 * n):  # (bounded: each round places at least one task)
+        if not s.queued:
+            break
+        got = s.schedule(now)
+        count += len(got)
+        placed += [p.task.id for p in got]
+        for tid in placed[:60]:
+            s.release(tid)
+        del placed[:60]
+        now += 0.01
+    return 1e6 * (time.perf_counter() - t0) / max(1, count)
+
+
+def bench_runs(n: int, rounds: int) -> dict[str, Any]:
+    """Microseconds per placement while a burst drains (see the module docstring)."""
+    out: dict[str, Any] = {"tasks": n, "rounds": rounds}
+    for nodes, users, names in ((1, 1, 1), (4, 3, 2)):
+        times = [_runs_once(nodes, users, names, n) for _ in range(rounds)]
+        out[f"us_per_placement_{nodes}n_{users}u_{names}names"] = round(statistics.median(times), 2)
     return out
 
 
@@ -286,7 +325,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("scenario", nargs="?", choices=["select", "makespan", "all"])
+    ap.add_argument("scenario", nargs="?", choices=["select", "runs", "makespan", "all"])
     ap.add_argument(
         "--scenario",
         dest="named",
@@ -301,6 +340,8 @@ def main() -> None:
     ap.add_argument("--memory-tasks", type=int, default=1_000_000)
     ap.add_argument("--tasks", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--runs-tasks", type=int, default=60_000)
+    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     if a.named:
         from scenarios import SCENARIOS
@@ -311,11 +352,13 @@ def main() -> None:
             ap.error(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}, all")
         print(json.dumps({"scenario": "scenarios", **bench_scenarios(names, a.seeds)}))
     elif a.scenario is None:
-        ap.error("give select, makespan, all, or --scenario NAME")
+        ap.error("give select, runs, makespan, all, or --scenario NAME")
     if a.scenario in ("select", "all"):
         res = bench_select([int(x) for x in a.sizes.split(",")], a.users, a.names, a.picks)
         res.update(bench_memory(a.memory_tasks))
         print(json.dumps({"scenario": "select", **res}))
+    if a.scenario in ("runs", "all"):
+        print(json.dumps({"scenario": "runs", **bench_runs(a.runs_tasks, a.rounds)}))
     if a.scenario in ("makespan", "all"):
         print(json.dumps({"scenario": "makespan", **bench_makespan(a.tasks, a.seeds)}))
 
