@@ -33,7 +33,9 @@ NO_TAGS: frozenset[str] = frozenset()
 
 def requires_of(mapping: Mapping[str, float] | None) -> Requires:
     """Canonical form of a task's counted-resource requirements."""
-    return tuple(sorted((k, float(v)) for k, v in (mapping or {}).items() if v))
+    if not mapping:
+        return ()  # (most tasks: 0.07 us, against 1.17 for sorting nothing)
+    return tuple(sorted((k, float(v)) for k, v in mapping.items() if v))
 
 
 class Queued(Protocol):
