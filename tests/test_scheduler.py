@@ -1274,6 +1274,19 @@ def test_no_window_place_behind_a_long_task() -> None:
 # ------------------------------------------------------------------ placement: heap vs scan
 
 
+def _rounds(s: Scheduler, rounds: int, finish: list[int]) -> list[tuple[str, str, int]]:
+    """Placements of ``rounds`` calls to schedule, releasing up to 10 placed tasks (picked
+    by ``finish``) after each: (task id, node, group) in order."""
+    placed: list[tuple[str, str, int]] = []
+    for rnd in range(rounds):
+        out = s.schedule(now=100.0 + rnd)
+        placed += [(p.task.id, p.node, p.group) for p in out]
+        for k in finish[rnd * 10 : (rnd + 1) * 10]:
+            if placed:
+                s.release(placed[k % len(placed)][0])
+    return placed
+
+
 class _ScanningScheduler(Scheduler):
     """The reference: every placement scans every free place (what _best_slot's heap must
     reproduce exactly)."""
@@ -1323,14 +1336,7 @@ def test_slot_heap_places_exactly_like_a_full_scan(data: st.DataObject) -> None:
             s.observe("b", name, 2.0)  # long: idle slots only
         for i, (user, name, prio) in enumerate(tasks):
             s.enqueue(QueuedTask(f"t{i}", user, name, prio, i))
-        placed: list[tuple[str, str, int]] = []
-        for rnd in range(3):
-            out = s.schedule(now=100.0 + rnd)
-            placed += [(p.task.id, p.node, p.group) for p in out]
-            for k in finish[rnd * 10 : (rnd + 1) * 10]:
-                if placed:
-                    s.release(placed[k % len(placed)][0])
-        results.append(placed)
+        results.append(_rounds(s, 3, finish))
     assert results[0] == results[1]
 
 
@@ -1381,14 +1387,7 @@ def test_kept_bands_place_exactly_like_bands_worked_out_at_every_placement(
             s.observe("b", name, 2.0)  # long: idle slots only
         for i, (user, name, prio, req) in enumerate(tasks):
             s.enqueue(QueuedTask(f"t{i}", user, name, prio, i, requires=req))
-        placed: list[tuple[str, str, int]] = []
-        for rnd in range(4):
-            out = s.schedule(now=100.0 + rnd)
-            placed += [(p.task.id, p.node, p.group) for p in out]
-            for k in finish[rnd * 10 : (rnd + 1) * 10]:
-                if placed:
-                    s.release(placed[k % len(placed)][0])
-        results.append(placed)
+        results.append(_rounds(s, 4, finish))
     assert results[0] == results[1]
 
 
