@@ -503,7 +503,7 @@ def test_a_node_shares_short_tasks_among_its_idle_workers_by_their_runtime(
         handed.append(len(tasks))
         original(w, tasks, **kw)
 
-    def give() -> None:
+    def give() -> list[int]:
         sup._hand_over = recording  # type: ignore[method-assign]
         sup._ran("ECHO", runtime_s)  # (what the node has measured of ECHO)
         node._apply_set(
@@ -512,10 +512,93 @@ def test_a_node_shares_short_tasks_among_its_idle_workers_by_their_runtime(
                 for i in range(30)
             ]
         )
+        return list(handed)  # (what the set's own dispatch handed over, in the loop)
 
-    system.lt.call(give)
-    assert handed == first  # (what the set's own dispatch handed over)
+    assert system.lt.call(give) == first
     wait_until(lambda: sum(handed) == 30, 20, "every task handed over")
+
+
+def test_no_short_task_is_handed_over_behind_one_not_known_to_be_short(
+    system: System, tmp_path: Path
+) -> None:
+    """A task of unknown runtime goes to a worker alone: short ones could wait behind it
+    for as long as it runs (up to 63 of them since hand-offs grew)."""
+    from lbmqtt.config import WorkerGroup
+
+    node = system.start_node(
+        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=2, minP=0, maxP=1000)]
+    )
+    sup = node.supervisor
+    wait_until(lambda: all(w.state == "idle" for w in sup.workers), 20, "2 idle workers")
+
+    def give() -> list[list[str]]:
+        sup._ran("ECHO", 1e-5)
+        block = Assignment(
+            id="block", attempt=1, user="u", name="BLOCK", args={"gate": str(tmp_path / "g")}
+        )
+        echoes = [
+            Assignment(id=f"e{i}", attempt=1, user="u", name="ECHO", args=i, group=0)
+            for i in range(40)
+        ]
+        node._apply_set([block, *echoes])
+        return [[lt.a.id for lt in w.queue] for w in sup.workers]
+
+    queues = system.lt.call(give)
+    assert queues[0] == ["block"]  # alone ...
+    assert len(queues[1]) == 21 and queues[1][0] == "e0"  # ... the other its share (41 / 2)
+    (tmp_path / "g").touch()
+    wait_until(
+        lambda: all(
+            lt.state == "finished" for lt in system.lt.call(lambda: list(node._local.values()))
+        ),
+        20,
+        "every task to end",
+    )
+
+
+def test_a_task_handed_over_behind_one_that_times_out_still_runs(
+    system: System, tmp_path: Path
+) -> None:
+    """A worker holding short tasks behind one that passes its timeout is killed: the
+    tasks behind it go back and run on its successor (the next one was once left
+    "running" on the dead worker for good)."""
+    from lbmqtt.config import WorkerGroup
+
+    node = system.start_node(
+        "n1", tasks=[TEST_TASKS], groups=[WorkerGroup(nWorkers=1, minP=0, maxP=1000)]
+    )
+    sup = node.supervisor
+    wait_until(lambda: all(w.state == "idle" for w in sup.workers), 20, "an idle worker")
+    gate = tmp_path / "gate"  # (never opens)
+
+    def give() -> list[int]:
+        sup._ran("BLOCK", 1e-4)  # both known to be short: handed over together
+        sup._ran("ECHO", 1e-4)
+        slow = Assignment(
+            id="slow",
+            attempt=1,
+            user="u",
+            name="BLOCK",
+            args={"gate": str(gate), "limit_s": 30},
+            group=0,
+            timeout_s=0.5,
+        )
+        echoes = [
+            Assignment(id=f"e{i}", attempt=1, user="u", name="ECHO", args=i, group=0)
+            for i in range(4)
+        ]
+        node._apply_set([slow, *echoes])
+        return [len(w.queue) for w in sup.workers]
+
+    assert system.lt.call(give) == [5]  # (one hand-off: the slow one and 4 behind it)
+
+    def states() -> dict[str, str]:
+        return {tid: lt.state for tid, lt in node._local.items()}
+
+    wait_until(lambda: set(system.lt.call(states).values()) == {"finished"}, 20, "all ended")
+    results = system.lt.call(lambda: {t: lt.result for t, lt in node._local.items()})
+    assert results["slow"] is not None and results["slow"].status == "timeout"
+    assert all(results[f"e{i}"] is not None and results[f"e{i}"].status == "done" for i in range(4))
 
 
 def _block(tid: str, gate: Path, limit_s: float = 30) -> Assignment:

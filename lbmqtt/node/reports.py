@@ -74,6 +74,8 @@ class ReportBatcher:
         """Drop what is pending about a task the node no longer holds."""
         self.results.pop(task_id, None)
         self.progress.pop(task_id, None)
+        if self.started:  # (a short task's may wait STARTED_HOLD_S)
+            self.started = [s for s in self.started if s.id != task_id]
 
     def schedule(self, *, urgent: bool = True, short: bool = False) -> None:
         """Send a report soon: results (``urgent``) at once unless a report left less than

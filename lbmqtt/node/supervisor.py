@@ -302,39 +302,42 @@ class Supervisor:
             len(w.queue) < HANDOFF_BATCH and all(self._is_short(x.a.name) for x in w.queue)
         )
 
-    def _batch_limit(self, name: str) -> int:
-        """Most tasks of ``name`` a worker may hold at once: HANDOFF_WORK_S of their
-        average runtime here, 1..HANDOFF_BATCH (1 for a task not known to be short)."""
-        rt = self._runtimes.get(name)
-        if rt is None or rt >= HANDOFF_SHORT_S:
-            return 1
-        return max(1, min(HANDOFF_BATCH, int(HANDOFF_WORK_S / max(rt, 1e-6))))
-
     def _pick(
         self, queue: deque[HeldTask], w: WorkerProc, ahead: bool, share: int = 1
     ) -> list[HeldTask]:
         """Take from ``queue`` (a group's pending tasks) what ``w`` gets: the highest
         priority first, then the oldest (an urgent task does not wait behind ordinary ones
-        held in this node's pipelining window); behind a task, only short ones (up to
-        ``share`` and :meth:`_batch_limit`), or (``ahead``) one brief one."""
+        held in this node's pipelining window); behind a task, only short ones behind short
+        ones (the worker's tasks then hold up to HANDOFF_WORK_S of their average runtime
+        here, ``share`` and HANDOFF_BATCH tasks), or (``ahead``) one brief one."""
         if not queue:
             return []
         live = [lt for lt in queue if self.held.get(lt.a.id) is lt and lt.state == "pending"]
         queue.clear()
         order = sorted(range(len(live)), key=lambda i: (-live[i].a.priority, i))
         take: list[HeldTask] = []
+        runtimes = self._runtimes
+        work = sum(runtimes.get(x.a.name, 0.0) for x in w.queue)  # (short ones only)
+        most = min(share, HANDOFF_BATCH)
         for i in order:
             lt = live[i]
             if ahead:
                 if self._is_brief(lt.a.name):
                     take.append(lt)
                 break  # (one, and only a brief one)
+            short = self._is_short(lt.a.name)
             if w.queue or take:
-                if not self._is_short(lt.a.name):
-                    break  # only short tasks share a hand-off (and only behind short ones)
-                if len(w.queue) + len(take) >= min(share, self._batch_limit(lt.a.name)):
+                if not short:
+                    break  # only short tasks share a hand-off
+                rt = runtimes[lt.a.name]
+                if len(w.queue) + len(take) >= most or work + rt > HANDOFF_WORK_S + 1e-9:
                     break
+                work += rt
+            elif short:
+                work += runtimes[lt.a.name]
             take.append(lt)
+            if not short:
+                break  # (a task not known to be short goes alone: none waits behind it)
         chosen = {id(lt) for lt in take}
         queue.extend(lt for lt in live if id(lt) not in chosen)
         return take
@@ -420,6 +423,9 @@ class Supervisor:
         log.info(
             "task %s passed its timeout of %g s: killing its worker", lt.a.id, lt.a.timeout_s or 0
         )
+        # the tasks handed over behind it go back first: _finish would start the next one
+        # on this worker, which is about to be killed (and that one was then never ended)
+        self._take_back(w)
         self._finish(
             lt,
             Result(
