@@ -1391,21 +1391,29 @@ def test_kept_bands_place_exactly_like_bands_worked_out_at_every_placement(
     assert results[0] == results[1]
 
 
-@settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["push", "pop", "requeue"]), st.integers(0, 30))))
+@settings(max_examples=120, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["push", "pop", "requeue", "expire"]),
+            st.integers(0, 30),
+            st.sampled_from([0, 5]),
+        )
+    )
+)
 def test_a_queue_gives_its_tasks_oldest_first_whatever_the_order_they_came_in(
-    ops: list[tuple[str, int]],
+    ops: list[tuple[str, int, int]],
 ) -> None:
-    """Tasks queued in and out of seq order, taken, removed and queued again (with their
-    seq): each placement takes the oldest queued task (the lanes' deque and heap together
-    keep FIFO order by seq)."""
+    """Tasks of two priorities queued in and out of seq order, taken, expired, removed and
+    queued again (with their seq): each placement takes the most urgent, then oldest,
+    queued task, and expiry the old ones (the lanes' deque and heap together keep each
+    priority's FIFO order by seq)."""
     s = Scheduler()
     s.set_node(node("n1", Group(0, 1, 0, 10)))
     queued: dict[int, QueuedTask] = {}
-    taken: list[int] = []
-    for op, seq in ops:
+    for op, seq, prio in ops:
         if op == "push" and seq not in queued:
-            queued[seq] = QueuedTask(f"t{seq}", "alice", "a", 0, seq)
+            queued[seq] = QueuedTask(f"t{seq}", "alice", "a", prio, seq)
             s.enqueue(queued[seq])
         elif op == "requeue" and seq in queued:
             # removed, then queued again as the same object (the balancer's records)
@@ -1413,10 +1421,15 @@ def test_a_queue_gives_its_tasks_oldest_first_whatever_the_order_they_came_in(
             s.enqueue(queued[seq])
         elif op == "pop" and queued:
             out = s.schedule()
-            assert [p.task.seq for p in out] == [min(queued)]
-            del queued[min(queued)]
-            taken.append(out[0].task.seq)
-            s.release(out[0].task.id)
+            best = min(queued.values(), key=lambda t: (-t.priority, t.seq))
+            assert [p.task for p in out] == [best]
+            del queued[best.seq]
+            s.release(best.id)
+        elif op == "expire":
+            taken = s.take_oldest_while(lambda t, k=seq: t.seq <= k)
+            assert sorted(t.seq for t in taken) == sorted(q for q in queued if q <= seq)
+            for t in taken:
+                del queued[t.seq]
     assert sorted(t.seq for t in s.queued_tasks()) == sorted(queued)
 
 
