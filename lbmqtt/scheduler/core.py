@@ -22,6 +22,7 @@ from .model import (
     why_waiting,
 )
 from .queues import Backlog, Placed
+from .tail import better_soon
 
 MAX_ESTIMATE_S = 1e30
 """The longest runtime an estimate gives (never NaN or infinite)."""
@@ -397,7 +398,7 @@ class Scheduler:
                 break
             task, (node, gi) = choice
             tail = len(self._backlog) <= slots  # the queue can no longer fill the cluster
-            if tail and now is not None and self._better_soon(task, node, now, claimed):
+            if tail and now is not None and better_soon(self, task, node, now, claimed):
                 held.add((task.user, task.name, task.shape))
                 self.holding = True  # call again soon: estimates go stale
                 continue
@@ -436,65 +437,6 @@ class Scheduler:
         :meth:`_window_ok` cannot have changed (the place had an idle slot left, or it was
         in its window already and the task is short), and no resources were reserved."""
         return not requires and (busy < group.workers or (busy > group.workers and not long))
-
-    HOLD_MARGIN = 0.8
-    """Wait for a busy slot only if it would finish the task in under 80 % of the time."""
-
-    def _better_soon(
-        self, task: Queued, node: str, now: float, claimed: set[tuple[str, int]]
-    ) -> bool:
-        """Whether a busy slot frees soon enough to finish ``task`` clearly earlier than
-        starting it on ``node`` now (and claim that slot for it)."""
-        # (a name never seen is expected to take UNKNOWN_WORK: on unequal machines a fast
-        # slot that frees soon still beats a much slower one, whatever the work)
-        here = self.expected_runtime(task.name, self._nodes[node], task.cost)
-        best: tuple[float, tuple[str, int]] | None = None
-        ends = self._slot_frees(now, claimed)
-        for (n, gi), end in ends.items():
-            caps = self._nodes.get(n)
-            if caps is None or n == node:
-                continue
-            group = next((g for g in caps.groups if g.index == gi), None)
-            if group is None or not group.accepts(task.priority):
-                continue
-            if not self.fits(caps, task.name, task.shape):
-                continue
-            finish = max(end, now) - now + self.expected_runtime(task.name, caps, task.cost)
-            if best is None or finish < best[0]:
-                best = (finish, (n, gi))
-        if best is not None and best[0] < self.HOLD_MARGIN * here:
-            claimed.add(best[1])
-            return True
-        return False
-
-    def _slot_frees(
-        self, now: float, claimed: set[tuple[str, int]]
-    ) -> dict[tuple[str, int], float]:
-        """When the next slot of each busy group (not ``claimed``) is expected to be free
-        for one more task: its started tasks' time left (:func:`.stragglers.time_left`),
-        an unstarted one's expected end, then the tasks held in its window run first. A
-        task placed but not started and overdue is not waited on (its estimate was wrong)."""
-        lefts: dict[tuple[str, int], list[float]] = {}
-        behind: dict[tuple[str, int], list[float]] = {}
-        for r in self._running.values():
-            key = (r.node, r.group)
-            if key in claimed:
-                continue
-            if r.started_at is not None and r.task is not None:
-                lefts.setdefault(key, []).append(stragglers.time_left(self, r, now))
-            elif r.windowed and r.task is not None and (caps := self._nodes.get(r.node)):
-                behind.setdefault(key, []).append(
-                    self.expected_runtime(r.task.name, caps, r.task.cost)
-                )
-            elif r.expected_end is not None and r.expected_end >= now:
-                lefts.setdefault(key, []).append(r.expected_end - now)
-        ends: dict[tuple[str, int], float] = {}
-        for key, slots in lefts.items():
-            heapq.heapify(slots)
-            for runtime in behind.get(key, ()):  # the window drains onto the slots
-                heapq.heapreplace(slots, slots[0] + runtime)
-            ends[key] = now + slots[0]
-        return ends
 
     def fits(self, caps: NodeCaps, name: str, shape: Shape) -> bool:
         """Whether ``caps`` could run a task of ``name`` and ``shape`` now (slots aside)."""
