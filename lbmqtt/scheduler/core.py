@@ -405,14 +405,13 @@ class Scheduler:
             self._backlog.take(task)
             group = free[(node, gi)]
             windowed = self._busy.get((node, gi), 0) >= group.workers
-            long = not self._is_short(task.name, self._nodes[node])
             self._mark_placed(
                 task.id,
                 task.user,
                 node,
                 gi,
                 task.requires,
-                long=long,
+                long=not self._is_short(task.name, self._nodes[node]),
                 task=task,
                 windowed=windowed,
             )
@@ -424,19 +423,20 @@ class Scheduler:
             if busy >= self.capacity(node, group):
                 del free[(node, gi)]
                 bands_cache.clear()
-            elif not self._bands_still_hold(busy, group, long, task.requires):
+            elif not self._bands_still_hold(busy, group, task.requires):
                 bands_cache.clear()
             if task.requires:
                 fit_cache.clear()  # (resources reserved on the node)
             out.append(Placement(task, node, gi))
         return out
 
-    def _bands_still_hold(self, busy: int, group: Group, long: bool, requires: Requires) -> bool:
+    def _bands_still_hold(self, busy: int, group: Group, requires: Requires) -> bool:
         """Whether the open bands of every (name, shape) (:meth:`_open_bands`) are the same
         after a placement that left its place free with ``busy`` tasks: its place's
         :meth:`_window_ok` cannot have changed (the place had an idle slot left, or it was
-        in its window already and the task is short), and no resources were reserved."""
-        return not requires and (busy < group.workers or (busy > group.workers and not long))
+        in its window already: a task placed there is short, so no long one joined it),
+        and no resources were reserved."""
+        return not requires and busy != group.workers
 
     def fits(self, caps: NodeCaps, name: str, shape: Shape) -> bool:
         """Whether ``caps`` could run a task of ``name`` and ``shape`` now (slots aside)."""
