@@ -580,7 +580,7 @@ def test_the_started_notices_of_short_tasks_ride_in_the_reports_of_their_results
 ) -> None:
     # (a busy node takes longer than REPORT_GAP_S to hand a window of short tasks to its
     # workers: their "started" notices went out alone, a report and a change of state per
-    # task more for the balancer, a fifth of its time)
+    # task more for the balancer, ~5 ms of each ~33 ms cycle)
     from lbmqtt.node import reports, supervisor
 
     monkeypatch.setattr(reports, "STARTED_HOLD_S", 30.0)  # only a result takes them along

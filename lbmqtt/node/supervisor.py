@@ -329,11 +329,11 @@ class Supervisor:
             if w.queue or take:
                 if not short:
                     break  # only short tasks share a hand-off
-                rt = runtimes[lt.a.name]
-                if len(w.queue) + len(take) >= most or work + rt > HANDOFF_WORK_S + 1e-9:
+                if len(w.queue) + len(take) >= most:
                     break
-                work += rt
-            elif short:
+                if work + runtimes[lt.a.name] > HANDOFF_WORK_S + 1e-9:
+                    break
+            if short:
                 work += runtimes[lt.a.name]
             take.append(lt)
             if not short:
