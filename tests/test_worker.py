@@ -125,7 +125,7 @@ def test_tasks_handed_over_together_run_in_order_and_a_skipped_one_never_runs(
     assert (type(msg), msg.id, json.loads(msg.result_json)["args"]) == (Done, "D", "d")
 
 
-def test_results_held_to_share_a_write_leave_while_a_long_task_runs(
+def test_results_leave_while_a_long_task_behind_them_runs(
     worker: WorkerProc, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
@@ -133,8 +133,8 @@ def test_results_held_to_share_a_write_leave_while_a_long_task_runs(
         *(worker.run(f"E{i}", "ECHO", i) for i in range(3)),
         worker.run("L", "BLOCK", {"gate": str(gate), "limit_s": 60}),
     )
-    # L waits for the gate, which only opens once the three results are here: they were
-    # held (more work was queued behind them), and the worker's flush thread sent them
+    # L waits for the gate, which only opens once the three results are here: a result
+    # leaves when its task returns, not when the work handed over with it is done
     got = [worker.recv() for _ in range(3)]
     assert [(type(m), m.id) for m in got] == [(Done, "E0"), (Done, "E1"), (Done, "E2")]
     gate.touch()

@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 HANDOFF_SHORT_S = 0.002
 """Tasks that ran shorter than this on average (per task name, on this node) are handed to a
-worker several at a time, in one write, and the worker sends their results together: for
-no-op tasks the hand-off, not the task, is the work."""
+worker several at a time, in one write: for no-op tasks the hand-off, not the task, is the
+work."""
 HANDOFF_WORK_S = 0.002
 """A hand-off of short tasks holds about this much of their work (their average runtime
 here): 8 tasks of 0.25 ms, 64 no-op ones. Idle workers share the pending tasks evenly."""
