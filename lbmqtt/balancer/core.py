@@ -139,6 +139,7 @@ class Balancer:
         self.loops = service.Loops("balancer")
         self._transport: MqttTransport | None = None
         self._tick_soon = False
+        self._tick_timer: asyncio.TimerHandle | None = None
         self._inbox: deque[tuple[str, str, Callable[[str, bytes], None], bytes]] = deque()
         """Users' messages read and not handled yet (:data:`USER_SLICE_S`): (name, topic
         rest, handler, payload), in the order they came."""
@@ -549,6 +550,19 @@ class Balancer:
             self._tick_soon = True
             asyncio.get_running_loop().call_soon(self._tick)
 
+    def _tick_at(self, when: float) -> None:
+        """A tick at ``when`` (time.monotonic(), the loop's clock) at the latest."""
+        timer = self._tick_timer
+        if timer is not None and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._tick_timer = asyncio.get_running_loop().call_at(when, self._timed_tick)
+
+    def _timed_tick(self) -> None:
+        self._tick_timer = None
+        self._kick()
+
     def _tick(self) -> None:
         self._tick_soon = False
         if self._inbox:
@@ -587,6 +601,8 @@ class Balancer:
         limit = max(JOURNAL_PART, len(outbox.durable) - JOURNAL_LAG)
         if not self._commit_journal(limit=limit):
             return
+        if not outbox.release_held(time.monotonic()):
+            self._tick_at(outbox.held_due)
         outbox.flush_states(t.publish, self.topics, table.tasks, table.state_dict)
         outbox.flush_sets(*sets)
         t.flush()  # (before the loop reads on: a burst of submits can take it a while)

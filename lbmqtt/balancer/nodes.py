@@ -400,13 +400,13 @@ class Fleet:
                         if info.rtt_s is None
                         else (info.rtt_s + EWMA_ALPHA * (sample - info.rtt_s))
                     )
-                self.outbox.emit(rec)
+                self.outbox.emit(rec, hold=True)
         for p in rep.progress:
             rec = self.current(info, p.id, p.attempt)
             if rec is not None and rec.status in PLACED and p.progress != rec.progress:
                 rec.progress = p.progress
                 self.scheduler.progress(rec.id, p.progress / 100, mono)
-                self.outbox.emit(rec, durable=False)
+                self.outbox.emit(rec, durable=False, hold=True)
         for r in rep.results:
             rec = self.current(info, r.id, r.attempt)
             if rec is None and self.copy_here(info, r.id, r.attempt) is not None:

@@ -68,6 +68,9 @@ class TaskRecord:
     """The highest attempt number given, copies included (two runs never share one)."""
     by_copy: bool = False
     """Its current attempt began as a speculative copy."""
+    announced: bool = False
+    """A state of it has been published (since this balancer started): the submit is
+    acknowledged, so its assigned and running states may wait (``outbox.STATE_HOLD_S``)."""
 
     @property
     def queue_key(self) -> QueueKey:

@@ -365,7 +365,7 @@ class TaskTable:
             rec.missing_since = None
             info.assigned[rec.id] = None
             outbox.dirty_nodes.add(p.node)
-            outbox.emit(rec)
+            outbox.emit(rec, hold=True)
 
     def size_window(self, info: NodeInfo) -> None:
         """A node's pipelining window per slot: enough queued tasks to cover the dispatch

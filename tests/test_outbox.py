@@ -1,0 +1,76 @@
+"""The balancer's outbox: which task states wait (``STATE_HOLD_S``) and which go out with
+the next tick. (End to end, with a broker: ``test_e2e.py``'s hold tests.)"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+from lbmqtt.balancer import TaskRecord
+from lbmqtt.balancer.outbox import STATE_HOLD_S, Outbox
+from lbmqtt.protocol import Status, Topics
+
+TOPICS = Topics("t")
+
+
+def record(tid: str) -> TaskRecord:
+    return TaskRecord(
+        id=tid,
+        user="u",
+        name="N",
+        args_json=b"null",
+        priority=0,
+        seq=1,
+        submitted_at=1.0,
+        notify="events",
+    )
+
+
+def flush(box: Outbox, tasks: dict[str, TaskRecord]) -> list[tuple[str, str]]:
+    """(task id, status) of every state the next tick's flush would publish."""
+    sent: list[tuple[str, str]] = []
+
+    def publish(topic: str, payload: bytes, **kw: Any) -> None:
+        assert topic == TOPICS.events("u")
+        sent.extend((s["id"], s["status"]) for s in json.loads(payload)["states"])
+
+    def state_dict(r: TaskRecord) -> dict[str, Any]:
+        return {"id": r.id, "status": r.status.value}
+
+    box.flush_states(publish, TOPICS, tasks, state_dict)
+    return sent
+
+
+def test_an_acknowledgement_is_never_held_and_a_later_state_replaces_a_held_one() -> None:
+    box = Outbox(Counter())
+    a, b = record("a"), record("b")
+    tasks = {"a": a, "b": b}
+    box.emit(a)
+    assert flush(box, tasks) == [("a", "queued")]  # a is acknowledged (announced)
+    a.status = b.status = Status.ASSIGNED
+    box.emit(a, hold=True)  # on the way: waits for a's next state
+    box.emit(b, hold=True)  # b's first state is its acknowledgement: goes now
+    assert box.release_held(time.monotonic()) is False
+    assert flush(box, tasks) == [("b", "assigned")]
+    a.status = Status.DONE
+    box.emit(a)  # the result takes the held state's place
+    assert box.held == {} and box.held_due == 0.0
+    assert flush(box, tasks) == [("a", "done")]
+
+
+def test_held_states_go_out_once_due() -> None:
+    box = Outbox(Counter())
+    a = record("a")
+    box.emit(a)
+    flush(box, {"a": a})
+    a.status = Status.RUNNING
+    start = time.monotonic()
+    box.emit(a, hold=True)
+    assert start + STATE_HOLD_S <= box.held_due <= time.monotonic() + STATE_HOLD_S
+    assert box.release_held(box.held_due - 0.01) is False
+    assert flush(box, {"a": a}) == []
+    assert box.release_held(box.held_due) is True
+    assert flush(box, {"a": a}) == [("a", "running")]
+    assert box.held == {} and box.held_due == 0.0
