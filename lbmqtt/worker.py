@@ -96,17 +96,18 @@ class Channel:
             self._in += chunk
 
     def poll(self) -> list[Message]:
-        """The messages that have arrived, without waiting."""
-        if not self._poller.poll(0):  # (~1 µs; a recv that finds nothing raises, ~3 µs)
-            return []
-        try:
-            while True:
-                chunk = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
-                if not chunk:
-                    break
-                self._in += chunk
-        except (BlockingIOError, InterruptedError):
-            pass
+        """The messages that have arrived, without waiting: those already read (a
+        :meth:`recv` reads up to 64 KiB and returns one message) and what waits in the
+        socket."""
+        if self._poller.poll(0):  # (~1 µs; a recv that finds nothing raises, ~3 µs)
+            try:
+                while True:
+                    chunk = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                    if not chunk:
+                        break
+                    self._in += chunk
+            except (BlockingIOError, InterruptedError):
+                pass
         out = []
         while (msg := take(self._in)) is not None:
             out.append(msg)

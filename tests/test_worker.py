@@ -1,6 +1,6 @@
 """The node <-> worker process protocol, on a real worker process: several tasks handed over
-in one write run in order, a ``skip`` withdraws one that has not started, and results held
-back to share a write still leave while a long task runs."""
+in one write run in order, a ``skip`` withdraws one that has not started (also one read
+together with its task), and results leave while a long task behind them runs."""
 
 from __future__ import annotations
 
@@ -123,6 +123,20 @@ def test_tasks_handed_over_together_run_in_order_and_a_skipped_one_never_runs(
     worker.send(worker.run("D", "ECHO", "d"))
     msg = worker.recv()
     assert (type(msg), msg.id, json.loads(msg.result_json)["args"]) == (Done, "D", "d")
+
+
+def test_a_skip_read_together_with_its_run_withdraws_it(worker: WorkerProc, tmp_path: Path) -> None:
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    worker.send(worker.run("A", "BLOCK", {"gate": str(gate), "started": str(started)}))
+    wait_for_file(started)  # A runs, nothing waits behind it in the worker
+    # handed over behind A (HANDOFF_NEXT_S), then withdrawn before it started: both frames
+    # wait in the socket, and the worker's next read takes them together
+    worker.send(worker.run("B", "ECHO", "b"), Skip("B", 1))
+    gate.touch()
+    assert (type(m := worker.recv()), m.id) == (Done, "A")
+    worker.send(worker.run("D", "ECHO", "d"))
+    msg = worker.recv()
+    assert (type(msg), msg.id, json.loads(msg.result_json)["args"]) == (Done, "D", "d"), msg
 
 
 def test_results_leave_while_a_long_task_behind_them_runs(
