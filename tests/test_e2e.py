@@ -625,9 +625,11 @@ def test_the_assigned_and_running_states_of_a_task_give_way_to_its_result(
 
     monkeypatch.setattr(outbox, "STATE_HOLD_S", 30.0)  # only a later state takes them along
     with_test_tasks(system)
-    events = Topics(system.settings.topic_prefix).events("alice")
+    topics = Topics(system.settings.topic_prefix)
+    events = topics.events("alice")
     spy = raw()
     spy.subscribe(events)
+    spy.subscribe(topics.submit("alice"))
     gate = tmp_path / "gate"
     started = [tmp_path / f"started{i}" for i in range(2)]  # (the band 0..9 has 2 slots)
     ids = [client.submit("BLOCK", {"gate": str(gate), "started": str(p)}) for p in started]
@@ -647,6 +649,41 @@ def test_the_assigned_and_running_states_of_a_task_give_way_to_its_result(
         # the acknowledgement ("queued", or "assigned" when placed in the tick that took
         # it in) went out at once; nothing else before the result
         assert len(statuses) == 2 and statuses[0] in ("queued", "assigned"), statuses
+    # (at once: a held acknowledgement would have made the client send its submit again)
+    assert len(spy.payloads(topics.submit("alice"))) == 2
+
+
+def test_a_stopping_balancer_sends_the_states_it_holds(
+    system: System,
+    client: Client,
+    raw: Callable[..., RawClient],
+    monkeypatch: Any,
+    tmp_path: Path,
+) -> None:
+    from lbmqtt.balancer import outbox
+
+    monkeypatch.setattr(outbox, "STATE_HOLD_S", 30.0)
+    with_test_tasks(system)
+    events = Topics(system.settings.topic_prefix).events("alice")
+    spy = raw()
+    spy.subscribe(events)
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    tid = client.submit("BLOCK", {"gate": str(gate), "started": str(started), "limit_s": 30})
+    wait_until(started.exists, 20, "the task running")
+    system.until(lambda b: b.tasks[tid].status == Status.RUNNING, 10, "its start reported")
+    b, system.balancer = system.balancer, None
+    assert b is not None
+    system.lt.run(b.stop())
+
+    def running_sent() -> bool:
+        return any(
+            st["id"] == tid and st["status"] == "running"
+            for payload in spy.payloads(events)
+            for st in json.loads(payload)["states"]
+        )
+
+    wait_until(running_sent, 10, "the held running state, sent by the last tick")
+    gate.touch()
 
 
 def test_a_held_running_state_goes_out_on_its_own_when_nothing_else_comes(
@@ -664,6 +701,7 @@ def test_a_held_running_state_goes_out_on_its_own_when_nothing_else_comes(
     gate = tmp_path / "gate"
     with Client(s, user="alice") as c:
         tid = c.submit("BLOCK", {"gate": str(gate)})
-        wait_until(lambda: c.get(tid).status == Status.RUNNING, 20, "the running state")
+        # (3 s: far more than STATE_HOLD_S, far less than a heartbeat or a health check)
+        wait_until(lambda: c.get(tid).status == Status.RUNNING, 3, "the running state")
         gate.touch()
         assert c.wait(tid, timeout=20)["opened"] is True

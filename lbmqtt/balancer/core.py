@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import socket
 import sys
@@ -140,6 +141,7 @@ class Balancer:
         self._transport: MqttTransport | None = None
         self._tick_soon = False
         self._tick_timer: asyncio.TimerHandle | None = None
+        self._tick_timer_at = 0.0
         self._inbox: deque[tuple[str, str, Callable[[str, bytes], None], bytes]] = deque()
         """Users' messages read and not handled yet (:data:`USER_SLICE_S`): (name, topic
         rest, handler, payload), in the order they came."""
@@ -353,6 +355,9 @@ class Balancer:
         self.status_guard.cancel()
         if self._history_timer is not None:
             self._history_timer.cancel()
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+            self._tick_timer = None
         await self.loops.stop()
         self._handle_users(None)  # (what was read is handled: its states go out below)
         if t is not None:
@@ -551,13 +556,16 @@ class Balancer:
             asyncio.get_running_loop().call_soon(self._tick)
 
     def _tick_at(self, when: float) -> None:
-        """A tick at ``when`` (time.monotonic(), the loop's clock) at the latest."""
+        """A tick at ``when`` (time.monotonic()) at the latest."""
         timer = self._tick_timer
-        if timer is not None and timer.when() <= when:
+        if timer is not None and self._tick_timer_at <= when:
             return
         if timer is not None:
             timer.cancel()
-        self._tick_timer = asyncio.get_running_loop().call_at(when, self._timed_tick)
+        self._tick_timer_at = when
+        self._tick_timer = asyncio.get_running_loop().call_later(
+            max(0.0, when - time.monotonic()), self._timed_tick
+        )
 
     def _timed_tick(self) -> None:
         self._tick_timer = None
@@ -601,7 +609,8 @@ class Balancer:
         limit = max(JOURNAL_PART, len(outbox.durable) - JOURNAL_LAG)
         if not self._commit_journal(limit=limit):
             return
-        if not outbox.release_held(time.monotonic()):
+        # (held states wait for their task's next one; the last tick, in stop(), sends them)
+        if not outbox.release_held(math.inf if self.loops.closing else time.monotonic()):
             self._tick_at(outbox.held_due)
         outbox.flush_states(t.publish, self.topics, table.tasks, table.state_dict)
         outbox.flush_sets(*sets)

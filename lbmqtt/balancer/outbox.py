@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 BAD_LOG_INTERVAL_S = 10.0
 STATE_HOLD_S = 0.02
 """Longest an announced task's assigned or running state (or progress) waits for its next
-state, which replaces it: a short task's result carries them, one state instead of three
-in the user's events. (The node holds a short task's started notice as long: STARTED_HOLD_S.)
+state, which replaces it: a short task's result carries them, two states in the user's
+events instead of three or four. (The node holds a short task's started notice as long:
+STARTED_HOLD_S.)
 Measured with ``bench/run.py throughput``: the assigned states alone were ~12 % of the
 balancer's CPU per no-op task and ~17 % of the client's."""
 
@@ -128,9 +129,12 @@ class Outbox:
         next :meth:`flush_states`."""
         if not self.unwritten:
             return
+        held = self.held
         for r in recs:
             if self._unwait(r) is not None:
                 self.states.setdefault(r.user, {})[r.id] = r
+                if held:
+                    self._unhold(r)  # (its current state goes out now)
 
     def forget(self, rec: TaskRecord) -> None:
         """The task expired: delete its journal row with the next tick."""
