@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import os
 import re
 import shutil
@@ -305,6 +306,10 @@ class RawClient:
     def payloads(self, topic: str) -> list[bytes]:
         with self.lock:
             return [p for t, p, _ in self.messages if t == topic]
+
+    def states(self, events_topic: str) -> list[dict[str, Any]]:
+        """The task states of every message seen on a user's ``events`` topic, in order."""
+        return [st for p in self.payloads(events_topic) for st in json.loads(p)["states"]]
 
     def close(self) -> None:
         stop_paho(self.c)

@@ -639,9 +639,8 @@ def test_the_assigned_and_running_states_of_a_task_give_way_to_its_result(
 
     def seen() -> dict[str, list[str]]:
         out: dict[str, list[str]] = {t: [] for t in ids}
-        for payload in spy.payloads(events):
-            for st in json.loads(payload)["states"]:
-                out[st["id"]].append(st["status"])
+        for st in spy.states(events):
+            out[st["id"]].append(st["status"])
         return out
 
     wait_until(lambda: all(s and s[-1] == "done" for s in seen().values()), 10, "2 results")
@@ -675,14 +674,11 @@ def test_a_stopping_balancer_sends_the_states_it_holds(
     assert b is not None
     system.lt.run(b.stop())
 
-    def running_sent() -> bool:
-        return any(
-            st["id"] == tid and st["status"] == "running"
-            for payload in spy.payloads(events)
-            for st in json.loads(payload)["states"]
-        )
-
-    wait_until(running_sent, 10, "the held running state, sent by the last tick")
+    wait_until(
+        lambda: any(st["id"] == tid and st["status"] == "running" for st in spy.states(events)),
+        10,
+        "the held running state, sent by the last tick",
+    )
     gate.touch()
 
 
