@@ -30,10 +30,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lbmqtt.balancer.tasks import MIN_RUNTIME_S, WINDOW_TASKS_MAX
+from lbmqtt.config import Settings
 from lbmqtt.scheduler import Group, NodeCaps, QueuedTask, Scheduler
 
 RTT_S = 0.005
 """Dispatch round trip of the simulated LAN (an assignment travels half of it)."""
+WINDOW_MAX = Settings().pipeline_window_max
 TICK_S = 0.25
 """How often running tasks report progress and the scheduler is asked again."""
 MAX_EVENTS = 2_000_000
@@ -355,8 +358,18 @@ def simulate_lbmqtt(
                 push(now + RTT_S / 2, "arrive", (c.task_id, c.node, True))
 
     def size_window(node: _Node) -> None:
+        # (as TaskTable.size_window, the refill being the round trip alone: the simulated
+        # balancer decides in no time)
         rt = node.short_rt
-        window = 0 if rt is None else min(32, max(1, math.ceil(RTT_S / max(rt, 1e-4))))
+        window = (
+            0
+            if rt is None
+            else min(
+                WINDOW_MAX,
+                max(1, WINDOW_TASKS_MAX // node.m.slots),
+                max(1, math.ceil(RTT_S / max(rt, MIN_RUNTIME_S))),
+            )
+        )
         s.set_window(node.m.name, window)
 
     push(TICK_S, "tick", None)

@@ -541,8 +541,10 @@ def test_short_tasks_are_pipelined_and_all_return_in_order(running: System, clie
     assert b is not None
     results = client.map("ADD", [[i, 1] for i in range(300)], timeout=60)
     assert results == [i + 1 for i in range(300)]
-    # the node's window grew from the runtimes it reported, and was used
+    # the node's window grew from the runtimes it reported and the refills the balancer
+    # measured (a report with results in, the set with new tasks out), and was used
     assert running.lt.call(lambda: b.nodes["n1"].window) >= 1
+    assert running.lt.call(lambda: b.nodes["n1"].refill_s) is not None
     assert running.lt.call(lambda: b.counters["prefetched"]) > 0
 
 

@@ -381,6 +381,8 @@ class Fleet:
             info.last_seen = time.monotonic()
         now = time.time()
         mono = time.monotonic()
+        if rep.results and not info.freed_at:
+            info.freed_at = mono  # (the refill it asks for: see Outbox.flush_sets)
         for s in rep.started:
             rec = self.current(info, s.id, s.attempt)
             if rec is None:

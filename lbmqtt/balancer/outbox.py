@@ -21,7 +21,7 @@ from ..protocol import ErrorItem, Errors, Topics, encode_model_json
 from ..protocol.assign import encode_assignment_set
 from ..protocol.topics import TASK_QOS
 from ..ratelog import LogLimiter
-from .records import CopyAttempt, NodeInfo, TaskRecord, copy_on
+from .records import CopyAttempt, NodeInfo, TaskRecord, copy_on, refilled
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +220,19 @@ class Outbox:
                 continue
             info.seq += 1
             parts = []
-            if info.assigned:
-                now = time.monotonic()
-                for tid in info.assigned:
-                    rec = tasks[tid]
-                    held: TaskRecord | CopyAttempt = copy_on(rec, name) or rec
-                    if not held.assigned_at:
-                        held.assigned_at = now
-                    parts.append(held.assignment_json)
+            now = time.monotonic()
+            gives = False
+            for tid in info.assigned:
+                rec = tasks[tid]
+                held: TaskRecord | CopyAttempt = copy_on(rec, name) or rec
+                if not held.assigned_at:
+                    held.assigned_at = now
+                    gives = True
+                parts.append(held.assignment_json)
+            if info.freed_at:
+                if gives:
+                    refilled(info, now - info.freed_at)
+                info.freed_at = 0.0
             payload = encode_assignment_set(name, instance, info.seq, parts)
             publish(topics.assign(name), payload, qos=TASK_QOS, retain=True)
 

@@ -146,7 +146,24 @@ class NodeInfo:
     rtt_s: float | None = None
     """Moving average of the dispatch round trip: set published -> "started" received,
     for tasks that went to an idle slot."""
+    refill_s: float | None = None
+    """Moving average of the balancer's own part of a refill: a report with results
+    received -> the set that gives the node new tasks published."""
+    freed_at: float = 0.0
+    """When the first report with results since its last set was received (0: none)."""
     window: int = 0
+
+
+REFILL_ALPHA = 0.2
+MAX_REFILL_SAMPLE_S = 0.5  # a longer refill was a stall (a journal outage, a paused balancer)
+
+
+def refilled(info: NodeInfo, sample: float) -> None:
+    """Fold one measured refill (report with results received -> set with new tasks
+    published, in seconds) into ``info.refill_s``."""
+    if 0.0 <= sample < MAX_REFILL_SAMPLE_S:
+        r = info.refill_s
+        info.refill_s = sample if r is None else r + REFILL_ALPHA * (sample - r)
 
 
 def node_info(nodes: dict[str, NodeInfo], name: str) -> NodeInfo:

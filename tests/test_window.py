@@ -1,0 +1,109 @@
+"""A node's pipelining window: sized to cover a refill (the dispatch round trip and the
+balancer's own part of it, measured), bounded per slot and per node. (End to end, with a
+broker: ``test_e2e.py``'s pipelining test.)"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from lbmqtt.balancer import TaskRecord
+from lbmqtt.balancer.outbox import Outbox
+from lbmqtt.balancer.records import MAX_REFILL_SAMPLE_S, NodeInfo, refilled
+from lbmqtt.balancer.stats import Tally
+from lbmqtt.balancer.tasks import WINDOW_TASKS_MAX, TaskTable, assignment_json
+from lbmqtt.config import Settings
+from lbmqtt.protocol import Status, Topics
+from lbmqtt.scheduler import Scheduler
+
+
+def table(**overrides: Any) -> tuple[TaskTable, Scheduler]:
+    settings = Settings().with_overrides(**overrides) if overrides else Settings()
+    scheduler = Scheduler()
+    outbox = Outbox(Counter())
+    return TaskTable(settings, scheduler, outbox, Tally(), {}), scheduler
+
+
+def node(slots: int, *, runtime_s: float, rtt_s: float, refill_s: float | None) -> NodeInfo:
+    return NodeInfo(
+        name="n1", workers={0: slots}, runtime_s=runtime_s, rtt_s=rtt_s, refill_s=refill_s
+    )
+
+
+def test_the_window_covers_the_balancers_part_of_a_refill_not_only_the_round_trip() -> None:
+    t, scheduler = table()
+    # 1 ms tasks, a 5 ms round trip: 5 per slot
+    info = node(4, runtime_s=0.001, rtt_s=0.005, refill_s=None)
+    t.size_window(info)
+    assert info.window == 5 and scheduler.window("n1") == 5
+    # the balancer takes 20 ms more to answer a report with new tasks: 25 per slot
+    info.refill_s = 0.020
+    t.size_window(info)
+    assert info.window == 25 and scheduler.window("n1") == 25
+    assert t.round_wanted  # (the larger window is filled at once)
+
+
+def test_the_window_is_bounded_per_slot_and_over_the_nodes_slots() -> None:
+    t, _ = table()
+    # no-op tasks (runtime below the 0.1 ms floor) and a 30 ms refill would ask for 300
+    info = node(2, runtime_s=0.00002, rtt_s=0.002, refill_s=0.028)
+    t.size_window(info)
+    assert info.window == Settings().pipeline_window_max  # per slot: PIPELINE_WINDOW_MAX
+    big = node(16, runtime_s=0.00002, rtt_s=0.002, refill_s=0.028)
+    t.size_window(big)
+    assert big.window == WINDOW_TASKS_MAX // 16  # over the node: WINDOW_TASKS_MAX
+    t2, _ = table(pipeline_window_max=0)
+    t2.size_window(info)
+    assert info.window == 0  # 0: no pipelining at all
+
+
+def test_a_refill_is_measured_from_the_report_to_the_set_that_gives_new_tasks() -> None:
+    box = Outbox(Counter())
+    info = NodeInfo(name="n1", online=True)
+    rec = TaskRecord(
+        id="a",
+        user="u",
+        name="N",
+        args_json=b"null",
+        priority=0,
+        seq=1,
+        submitted_at=1.0,
+        notify="events",
+    )
+    rec.status, rec.node, rec.group = Status.ASSIGNED, "n1", 0
+    rec.assignment_json = assignment_json(rec)
+    tasks = {"a": rec}
+    sent: list[str] = []
+
+    def publish(topic: str, payload: bytes, **kw: Any) -> None:
+        sent.append(topic)
+
+    def flush() -> None:
+        box.dirty_nodes.add("n1")
+        box.flush_sets(publish, Topics("t"), {"n1": info}, tasks, "inst")
+
+    # a set that gives no new task (only takes finished ones off) measures nothing
+    info.freed_at = 1.0
+    flush()
+    assert info.refill_s is None and info.freed_at == 0.0
+    # a report with results came in; the set that gives the node a new task measures it
+    info.assigned["a"] = None  # (placed: rec.assigned_at is 0 until its set goes out)
+    info.freed_at = time.monotonic() - 0.010
+    flush()
+    assert info.refill_s is not None and 0.010 <= info.refill_s < MAX_REFILL_SAMPLE_S
+    assert info.freed_at == 0.0 and rec.assigned_at > 0.0 and len(sent) == 2
+    # the same task sent again (the set republished) is no refill
+    first = info.refill_s
+    info.freed_at = time.monotonic() - 0.200
+    flush()
+    assert info.refill_s == first
+
+
+def test_a_stalled_refill_is_not_averaged_in() -> None:
+    info = NodeInfo(name="n1")
+    refilled(info, 0.004)
+    refilled(info, MAX_REFILL_SAMPLE_S + 1.0)  # (a journal outage, a paused balancer)
+    assert info.refill_s == 0.004
+    refilled(info, 0.014)
+    assert info.refill_s is not None and abs(info.refill_s - 0.006) < 1e-9
