@@ -370,7 +370,7 @@ def simulate_lbmqtt(
                 max(1, math.ceil(RTT_S / max(rt, MIN_RUNTIME_S))),
             )
         )
-        s.set_window(node.m.name, window)
+        s.set_window(node.m.name, window, RTT_S)
 
     push(TICK_S, "tick", None)
     decide()

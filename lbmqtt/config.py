@@ -206,11 +206,11 @@ class Settings(BaseModel):
     are refused (code ``rate_limited``) and the Python client resends them later."""
     submit_burst: int = Field(0, alias="SUBMIT_BURST", ge=0)
     """Tasks a user may submit at once above SUBMIT_RATE (0: MAX_BATCH)."""
-    pipeline_window_max: int = Field(128, alias="PIPELINE_WINDOW_MAX", ge=0, le=1024)
+    pipeline_window_max: int = Field(128, alias="PIPELINE_WINDOW_MAX", ge=0, le=512)
     """Most tasks a node holds per slot beyond its running ones (0: no pipelining). The
     window of a node is sized from its recent runtimes and the time a refill takes (the
     dispatch round trip and the balancer's part, measured), and holds at most 512 tasks
-    over all the node's slots."""
+    (and 1 MiB of tasks) over all the node's slots, yet one a slot at least."""
     pipeline_long_s: float = Field(0.5, alias="PIPELINE_LONG_S", gt=0)
     """A node whose recent tasks run this long gets no window (nothing to gain)."""
     speculate: bool = Field(True, alias="SPECULATE")

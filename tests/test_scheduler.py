@@ -1202,6 +1202,27 @@ def test_a_window_lets_a_node_hold_short_tasks_beyond_its_slots(runtime: float) 
     assert s.schedule() == []
 
 
+def test_a_window_holds_beyond_one_a_slot_only_tasks_short_for_the_time_it_covers() -> None:
+    # (a window sized by no-op tasks, 16 a slot covering 25 ms, must not take 16 tasks of
+    # 0.1 s a slot: 1.6 s of work each)
+    s = Scheduler(window_long_s=0.5)
+    s.set_node(node("n1", Group(0, 2, 0, 10), tasks="ab"))
+    s.observe("a", "n1", 0.1)  # short (under 0.5 s), but 16 x 0.1 s > 2 x 25 ms
+    s.observe("b", "n1", 0.003)  # 16 x 3 ms < 2 x 25 ms
+    s.set_window("n1", 16, 0.025)
+    for _ in range(20):
+        s.enqueue(task(name="a"))
+    # the two slots, and one more each (always: as the round trip asks)
+    assert len(s.schedule()) == 2 + 2 and s.busy("n1", 0) == 4
+    for _ in range(40):
+        s.enqueue(task(name="b"))
+    placed = s.schedule()  # the rest of the window: the 3 ms tasks only
+    assert len(placed) == 2 * 15 and {p.task.name for p in placed} == {"b"}
+    assert s.busy("n1", 0) == 2 * (1 + 16)
+    s.set_window("n1", 20)  # no time given: the count alone
+    assert len(s.schedule()) == 2 * 4 and s.queued == 20 - 4 + 40 - 30 - 8
+
+
 def test_a_long_or_unknown_task_never_takes_a_window_place() -> None:
     s = Scheduler(window_long_s=0.5)
     s.set_node(node("n1", Group(0, 1, 0, 10), tasks="ab"))

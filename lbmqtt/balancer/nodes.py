@@ -181,8 +181,7 @@ class Fleet:
         info.instance = st.instance
         info.status = st
         info.workers = {g.index: g.workers for g in st.groups}
-        if info.window:
-            self.scheduler.set_window(info.name, info.window)
+        self.table.size_window(info)  # (its slots may have changed: the window is per slot)
         info.last_seen = time.monotonic()
         info.offline_since = None
         self.scheduler.set_node(

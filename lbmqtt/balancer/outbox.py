@@ -233,6 +233,10 @@ class Outbox:
                 if gives:
                     refilled(info, now - info.freed_at)
                 info.freed_at = 0.0
+            if parts:
+                size = sum(map(len, parts)) // len(parts)
+                b = info.task_bytes
+                info.task_bytes = size if not b else b + (size - b) // 5
             payload = encode_assignment_set(name, instance, info.seq, parts)
             publish(topics.assign(name), payload, qos=TASK_QOS, retain=True)
 

@@ -151,19 +151,28 @@ class NodeInfo:
     received -> the set that gives the node new tasks published."""
     freed_at: float = 0.0
     """When the first report with results since its last set was received (0: none)."""
+    task_bytes: int = 0
+    """Mean size of a task in its assignment set (bounds its window: SET_BYTES_MAX)."""
     window: int = 0
 
 
 REFILL_ALPHA = 0.2
-MAX_REFILL_SAMPLE_S = 0.5  # a longer refill was a stall (a journal outage, a paused balancer)
+MAX_REFILL_SAMPLE_S = 0.5  # a longer refill was a stall (a journal outage, a lost link)
+REFILL_JUMP = 4.0
+"""A refill over 50 ms and over REFILL_JUMP times the average is a stall too (a short
+outage of the link or the journal): not averaged in."""
 
 
 def refilled(info: NodeInfo, sample: float) -> None:
     """Fold one measured refill (report with results received -> set with new tasks
     published, in seconds) into ``info.refill_s``."""
-    if 0.0 <= sample < MAX_REFILL_SAMPLE_S:
-        r = info.refill_s
-        info.refill_s = sample if r is None else r + REFILL_ALPHA * (sample - r)
+    r = info.refill_s
+    if not 0.0 <= sample < MAX_REFILL_SAMPLE_S:
+        return
+    if r is None:
+        info.refill_s = sample
+    elif sample <= max(0.05, REFILL_JUMP * r):
+        info.refill_s = r + REFILL_ALPHA * (sample - r)
 
 
 def node_info(nodes: dict[str, NodeInfo], name: str) -> NodeInfo:

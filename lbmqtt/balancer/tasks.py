@@ -33,6 +33,9 @@ DEFAULT_RTT_S = 0.005  # dispatch round trip assumed before one is measured
 MIN_RUNTIME_S = 1e-4  # a shorter runtime sizes a window as this one (the node's own cost)
 WINDOW_TASKS_MAX = 512
 """Most tasks a node's pipelining windows hold together (see TaskTable.size_window)."""
+SET_BYTES_MAX = 1 << 20
+"""A node's windows hold no more tasks than fill its assignment set to this size, at its
+tasks' mean size (at least one a slot)."""
 
 
 def assignment_json(
@@ -380,26 +383,32 @@ class TaskTable:
         measured (``refill_s``: a report with results in, the set with new tasks out). The
         window once covered the round trip alone: the node then ran through its window
         while the balancer worked on the report before it, and the two took turns
-        (measured: 1.26x the throughput with the refill counted, README). The window also
-        holds at most WINDOW_TASKS_MAX tasks over all of the node's slots: a node runs its
-        tasks one after the other, however many slots it has, and its whole set goes out
-        at each change."""
+        (measured: 1.27x the throughput with the refill counted, README).
+
+        Bounds: PIPELINE_WINDOW_MAX per slot; WINDOW_TASKS_MAX over all the node's slots
+        (the node's one daemon hands every task over and decodes the whole set at each
+        change, however many slots it has), and the node's whole set within SET_BYTES_MAX
+        at its tasks' mean size (the set carries every held task's arguments); at least one
+        per slot. The scheduler is also told the time the window covers: beyond one per
+        slot, a task takes a window place only if the window's tasks at its own runtime run
+        in that time (Scheduler.set_window)."""
         s = self.settings
         rt = info.runtime_s
         if not s.pipeline_window_max or rt is None:
-            window = 0
+            window, covers = 0, None
         else:
             rtt = info.rtt_s if info.rtt_s is not None else DEFAULT_RTT_S
-            refill = rtt + (info.refill_s or 0.0)
+            covers = rtt + (info.refill_s or 0.0)
             slots = sum(info.workers.values()) or 1
+            most = min(WINDOW_TASKS_MAX, SET_BYTES_MAX // max(1, info.task_bytes))
             window = min(
                 s.pipeline_window_max,
-                max(1, WINDOW_TASKS_MAX // slots),
-                max(1, math.ceil(refill / max(rt, MIN_RUNTIME_S))),
+                max(1, most // slots),
+                max(1, math.ceil(covers / max(rt, MIN_RUNTIME_S))),
             )
+        self.scheduler.set_window(info.name, window, covers)
         if window != info.window:
             info.window = window
-            self.scheduler.set_window(info.name, window)
             self.round_wanted = True
 
     def restore(self, rec: TaskRecord, node: str | None, now_mono: float) -> None:

@@ -27,7 +27,8 @@ Rules, applied one placement at a time while a free slot can run a queued task:
   known for it within a few tasks (:class:`~.model.Runtimes`).
 * **Pipelining.** A node may be given a *window* (:meth:`Scheduler.set_window`): up to
   ``window`` tasks per slot beyond its free slots, which it holds and starts as slots free,
-  so that a slot does not idle while the next assignment travels. Only a task known to be
+  so that a slot does not idle while the next assignment travels and the balancer works
+  (the balancer sizes it: ``TaskTable.size_window``). Only a task known to be
   short there (expected runtime under ``window_long_s``) takes a place in a window: a long
   one waits for an idle slot, which may open elsewhere first. Every such task is still
   chosen by the rules above; an idle slot is preferred to a place in a window (expected

@@ -26,6 +26,9 @@ from .tail import better_soon
 
 MAX_ESTIMATE_S = 1e30
 """The longest runtime an estimate gives (never NaN or infinite)."""
+WINDOW_SLACK = 2.0
+"""A window place beyond the first of each slot takes only a task whose runtime, times the
+window per slot, is at most this many times the time the window covers."""
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Scheduler:
     _busy: Counter[tuple[str, int]] = field(default_factory=Counter)
     _reserved: dict[str, dict[str, float]] = field(default_factory=dict)
     _window: dict[str, int] = field(default_factory=dict)
+    _window_s: dict[str, float] = field(default_factory=dict)
     _long_busy: Counter[tuple[str, int]] = field(default_factory=Counter)
     _rt_cache: dict[tuple[str, str], float] | None = None
     """Expected runtimes by (task name, node), while :meth:`schedule` runs."""
@@ -112,24 +116,45 @@ class Scheduler:
         """Add or update an online node."""
         self._nodes[caps.name] = caps
 
-    def set_window(self, node: str, per_slot: int) -> None:
-        """Let ``node`` hold up to ``per_slot`` tasks per slot beyond its running ones."""
+    def set_window(self, node: str, per_slot: int, covers_s: float | None = None) -> None:
+        """Let ``node`` hold up to ``per_slot`` tasks per slot beyond its running ones.
+        Given ``covers_s`` (the time the window is sized to cover), a task takes a window
+        place beyond the first one per slot only if a window full of tasks like it would
+        run in at most WINDOW_SLACK times that (a window sized by no-op tasks does not take
+        128 half-second tasks a slot)."""
         if per_slot > 0:
             self._window[node] = per_slot
+            if covers_s is not None:
+                self._window_s[node] = covers_s
+            else:
+                self._window_s.pop(node, None)
         else:
             self._window.pop(node, None)
+            self._window_s.pop(node, None)
 
     def window(self, node: str) -> int:
         return self._window.get(node, 0)
 
     def _window_ok(self, name: str, caps: NodeCaps, g: Group) -> bool:
         """Whether a task of ``name`` may take a free place of group ``g`` on ``caps``: an
-        idle slot always; a place in the window only if it is known to be short there."""
+        idle slot always; a place in the window only if it is known to be short there, and
+        beyond one per slot, if a window of such tasks runs in about the time it covers
+        (:meth:`set_window`). (Whether a place takes a task changes with its fill only at
+        ``workers`` and ``2 * workers`` tasks: :meth:`_bands_still_hold`.)"""
         key = (caps.name, g.index)
-        if self._busy.get(key, 0) < g.workers:
+        busy = self._busy.get(key, 0)
+        if busy < g.workers:
             return True
         # not behind a long (or unknown) task: the place would wait for it to end
-        return not self._long_busy.get(key) and self._is_short(name, caps)
+        if self._long_busy.get(key) or not self.runtimes.known(name):
+            return False
+        runtime = self.expected_runtime(name, caps)
+        if runtime >= self.window_long_s:
+            return False
+        if busy < 2 * g.workers:
+            return True  # (the first window place of each slot: as the round trip asks)
+        covers = self._window_s.get(caps.name)
+        return covers is None or runtime * self._window.get(caps.name, 0) <= WINDOW_SLACK * covers
 
     def _is_short(self, name: str, caps: NodeCaps) -> bool:
         return self.runtimes.known(name) and self.expected_runtime(name, caps) < self.window_long_s
@@ -151,6 +176,7 @@ class Scheduler:
         self._nodes.pop(name, None)
         self._load.pop(name, None)
         self._window.pop(name, None)
+        self._window_s.pop(name, None)
         for tid in [tid for tid, c in self._copies.items() if c.node == name]:
             self.release_copy(tid)
         lost = []
@@ -434,9 +460,10 @@ class Scheduler:
         """Whether the open bands of every (name, shape) (:meth:`_open_bands`) are the same
         after a placement that left its place free with ``busy`` tasks: its place's
         :meth:`_window_ok` cannot have changed (the place had an idle slot left, or it was
-        in its window already: a task placed there is short, so no long one joined it),
-        and no resources were reserved."""
-        return not requires and busy != group.workers
+        in its window already: a task placed there is short, so no long one joined it; and
+        it did not just fill the first window place of each slot), and no resources were
+        reserved."""
+        return not requires and busy != group.workers and busy != 2 * group.workers
 
     def fits(self, caps: NodeCaps, name: str, shape: Shape) -> bool:
         """Whether ``caps`` could run a task of ``name`` and ``shape`` now (slots aside)."""
