@@ -883,6 +883,21 @@ def test_announced_200mb_packet_is_refused_without_buffering(target: Target, cas
     check_after_batch(target)
 
 
+def test_a_remaining_length_running_over_4_bytes_is_refused(target: Target) -> None:
+    """A PUBLISH whose remaining length never ends (3,000 bytes with the continuation bit):
+    refused at its fifth length byte, the connection closed. (The fuzzing found it: the
+    length grew past 4,300 digits, and formatting it for the refusal raised ValueError in
+    the broker's read, leaving a connection it no longer served.)"""
+    before = target.too_large()
+    with open_socket(target.port) as s:
+        s.sendall(connect_packet(f"fz-len-{uuid.uuid4().hex[:8]}", target.fuzz_login))
+        assert s.recv(4) == CONNECT_OK
+        closed, _ = exchange(s, b"\x30" + b"\xff" * 3000, 3.0)
+    assert closed
+    assert target.too_large() == before + 1
+    check_after_batch(target)
+
+
 # -------------------------------------------------------------------------- bugs found
 # Bugs the fuzzing found. Three are fixed in lbmqtt.broker (a first packet other than
 # CONNECT, a client leaving before its CONNECT ends, a reset while a CONNECT is refused):

@@ -26,6 +26,10 @@ CONNECT_TIMEOUT_S = 10.0
 """A new connection must have sent its CONNECT by then, or it is closed."""
 
 
+REMAINING_LENGTH_MAX_SHIFT = 128**3
+"""The multiplier of a packet's 4th remaining-length byte, the last one MQTT allows."""
+
+
 class PacketTooLarge(AMQTTError):  # type: ignore[misc]
     """A client announced a packet larger than its limit: its connection is closed."""
 
@@ -122,6 +126,15 @@ class LimitedReader(StreamReaderAdapter):  # type: ignore[misc]
             self._length += (byte & 0x7F) * self._shift
             self._shift *= 128
             if byte & 0x80:
+                if self._shift > REMAINING_LENGTH_MAX_SHIFT:
+                    # (MQTT's remaining length takes 4 bytes at most: a fifth is garbage,
+                    # and an endless run of them grew the length to thousands of digits)
+                    exc = PacketTooLarge(
+                        f"a packet of type {self._type >> 4} whose remaining length "
+                        "runs over 4 bytes"
+                    )
+                    self._refuse(exc)
+                    raise exc
                 continue
             cap = SUBSCRIBE_MAX_BYTES if self._type >> 4 in (8, 10) else self.limit
             if self._length > cap:
