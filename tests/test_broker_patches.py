@@ -439,11 +439,10 @@ def test_qos0_read_and_delivered_at_once_keeps_order_with_qos1(
     a = _client(broker, cleanup, "t/#", 0)
     pub = _client(broker, cleanup)
     # Given a lone QoS 0 message, with nothing of its client ahead of it: the patched
-    # broker delivers it as its reader reads it
+    # broker mostly delivers it as its reader reads it (on a loaded machine a task of the
+    # new connections may still run, and it takes amqtt's path: checked at the end)
     pub.publish("t/x", b"first", qos=0)
     wait_until(lambda: a.payloads("t/x") == [b"first"], 10, "the first message")
-    inline = broker.patched.inline_deliveries
-    assert inline == 0 if case == "unpatched" else inline == 1
     # When a client then mixes QoS 1 messages (amqtt's tasks and queue) and QoS 0 ones
     # (inline once nothing is ahead), back to back (a raw client: paho holds QoS 1
     # messages back behind its in-flight window, and sends QoS 0 ones on)
@@ -458,6 +457,8 @@ def test_qos0_read_and_delivered_at_once_keeps_order_with_qos1(
     wait_until(lambda: len(a.messages) >= n + 1, 20, "every message")
     # Then they arrive in the order they were published, each once
     assert [int(p) for _, p, _ in a.messages[1:]] == list(range(n))
+    # (both paths were taken: the order holds across them)
+    assert (broker.patched.inline_deliveries > 0) == (case == "patched")
 
 
 def test_a_publish_right_behind_its_subscribe_reaches_the_new_subscription(
