@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from lbmqtt import access
 from lbmqtt.access import AccessGuard, Account
-from lbmqtt.balancer import Balancer, JournalStore
+from lbmqtt.balancer import Balancer, JournalStore, TaskRecord
 from lbmqtt.broker import ALL_PATCHES, EmbeddedBroker, PatchedBroker, loopback_mosquitto_conf
 from lbmqtt.client import Client
 from lbmqtt.config import Settings, load_settings
@@ -138,6 +138,20 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 @pytest.fixture
 def prefix() -> str:
     return f"t/{uuid.uuid4().hex[:10]}"
+
+
+def task_record(tid: str, user: str = "u") -> TaskRecord:
+    """A queued task of ``user`` as the balancer records it (for unit tests of its parts)."""
+    return TaskRecord(
+        id=tid,
+        user=user,
+        name="N",
+        args_json=b"null",
+        priority=0,
+        seq=1,
+        submitted_at=1.0,
+        notify="events",
+    )
 
 
 def make_settings(port: int, prefix: str, **overrides: Any) -> Settings:

@@ -13,20 +13,9 @@ from lbmqtt.balancer import TaskRecord
 from lbmqtt.balancer.outbox import STATE_HOLD_S, Outbox
 from lbmqtt.protocol import Status, Topics
 
+from .conftest import task_record
+
 TOPICS = Topics("t")
-
-
-def record(tid: str) -> TaskRecord:
-    return TaskRecord(
-        id=tid,
-        user="u",
-        name="N",
-        args_json=b"null",
-        priority=0,
-        seq=1,
-        submitted_at=1.0,
-        notify="events",
-    )
 
 
 def flush(box: Outbox, tasks: dict[str, TaskRecord]) -> list[tuple[str, str]]:
@@ -46,7 +35,7 @@ def flush(box: Outbox, tasks: dict[str, TaskRecord]) -> list[tuple[str, str]]:
 
 def test_an_acknowledgement_is_never_held_and_a_later_state_replaces_a_held_one() -> None:
     box = Outbox(Counter())
-    a, b = record("a"), record("b")
+    a, b = task_record("a"), task_record("b")
     tasks = {"a": a, "b": b}
     box.emit(a)
     assert flush(box, tasks) == [("a", "queued")]  # a is acknowledged (announced)
@@ -63,7 +52,7 @@ def test_an_acknowledgement_is_never_held_and_a_later_state_replaces_a_held_one(
 
 def test_held_states_go_out_once_due() -> None:
     box = Outbox(Counter())
-    a = record("a")
+    a = task_record("a")
     box.emit(a)
     flush(box, {"a": a})
     a.status = Status.RUNNING
@@ -80,7 +69,7 @@ def test_held_states_go_out_once_due() -> None:
 def test_an_acknowledgement_waiting_for_its_journal_write_is_not_held_when_placed() -> None:
     box = Outbox(Counter())
     box.journaling = True
-    a = record("a")
+    a = task_record("a")
     box.emit(a)  # queued, not written yet (a burst is written over several ticks)
     assert flush(box, {"a": a}) == []  # waits in unwritten: not announced
     a.status = Status.ASSIGNED
@@ -94,7 +83,7 @@ def test_an_acknowledgement_waiting_for_its_journal_write_is_not_held_when_place
 def test_a_state_sent_once_written_is_not_sent_again_when_the_held_ones_go() -> None:
     box = Outbox(Counter())
     box.journaling = True
-    a = record("a")
+    a = task_record("a")
     a.announced = True
     box.emit(a)  # e.g. queued again after its node was lost: waits for its write
     assert flush(box, {"a": a}) == []

@@ -8,16 +8,22 @@ import time
 from collections import Counter
 from typing import Any
 
-from lbmqtt.balancer import Balancer, TaskRecord
+from lbmqtt.balancer import Balancer
 from lbmqtt.balancer.outbox import Outbox
 from lbmqtt.balancer.records import MAX_REFILL_SAMPLE_S, NodeInfo, refilled
 from lbmqtt.balancer.stats import Tally
-from lbmqtt.balancer.tasks import SET_BYTES_MAX, WINDOW_TASKS_MAX, TaskTable, assignment_json
+from lbmqtt.balancer.tasks import (
+    SET_BYTES_MAX,
+    WINDOW_CLUSTER_MAX,
+    WINDOW_TASKS_MAX,
+    TaskTable,
+    assignment_json,
+)
 from lbmqtt.config import Settings
 from lbmqtt.protocol import GroupInfo, NodeReport, NodeStatus, Result, Started, Status, Topics
-from lbmqtt.scheduler import Scheduler
+from lbmqtt.scheduler import Group, NodeCaps, Scheduler
 
-from .conftest import make_settings
+from .conftest import make_settings, task_record
 
 
 def table(**overrides: Any) -> tuple[TaskTable, Scheduler]:
@@ -79,6 +85,23 @@ def test_the_window_is_bounded_per_slot_over_the_nodes_slots_and_by_its_sets_siz
     assert info.window == 0  # 0: no pipelining at all
 
 
+def test_the_windows_of_many_nodes_share_a_bound() -> None:
+    # (200 nodes of 2 slots, fed by one balancer: 128 a slot would hold 51,200 tasks in
+    # windows, each set hundreds of tasks long; a 4-slot node alone keeps its 128)
+    t, scheduler = table()
+    for i in range(200):
+        scheduler.set_node(NodeCaps(f"s{i}", (Group(0, 2, 0, 10),), frozenset({"NOOP"})))
+    assert scheduler.slots == 400
+    info = node(2, runtime_s=0.00002, rtt_s=0.0021, refill_s=0.0279)
+    t.size_window(info)
+    assert info.window == WINDOW_CLUSTER_MAX * 2 // 400 // 2
+    for i in range(199):
+        scheduler.remove_node(f"s{i}")
+    assert scheduler.slots == 2
+    t.size_window(info)
+    assert info.window == Settings().pipeline_window_max
+
+
 def test_a_node_back_with_other_slots_gets_its_window_sized_again() -> None:
     b = Balancer(make_settings(1883, "t/w"))
     info = b.nodes["n1"] = NodeInfo(
@@ -116,16 +139,7 @@ def test_only_the_first_report_with_results_since_a_set_starts_a_refill() -> Non
 def test_a_refill_is_measured_from_the_report_to_the_set_that_gives_new_tasks() -> None:
     box = Outbox(Counter())
     info = NodeInfo(name="n1", online=True)
-    rec = TaskRecord(
-        id="a",
-        user="u",
-        name="N",
-        args_json=b"null",
-        priority=0,
-        seq=1,
-        submitted_at=1.0,
-        notify="events",
-    )
+    rec = task_record("a")
     rec.status, rec.node, rec.group = Status.ASSIGNED, "n1", 0
     rec.assignment_json = assignment_json(rec)
     tasks = {"a": rec}

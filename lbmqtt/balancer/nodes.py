@@ -181,7 +181,6 @@ class Fleet:
         info.instance = st.instance
         info.status = st
         info.workers = {g.index: g.workers for g in st.groups}
-        self.table.size_window(info)  # (its slots may have changed: the window is per slot)
         info.last_seen = time.monotonic()
         info.offline_since = None
         self.scheduler.set_node(
@@ -196,6 +195,7 @@ class Fleet:
                 cores=st.cores,
             )
         )
+        self.table.size_window(info)  # (its slots may have changed: the window is per slot)
         self.table.why_cache.clear()
         if not info.fresh:
             # (a node first seen in the retained burst at start-up gets its set a moment

@@ -50,6 +50,8 @@ class Scheduler:
     _load: dict[str, float] = field(default_factory=dict)
     _busy: Counter[tuple[str, int]] = field(default_factory=Counter)
     _reserved: dict[str, dict[str, float]] = field(default_factory=dict)
+    slots: int = 0
+    """Slots of all online nodes together."""
     _window: dict[str, int] = field(default_factory=dict)
     _window_s: dict[str, float] = field(default_factory=dict)
     _long_busy: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -114,6 +116,8 @@ class Scheduler:
 
     def set_node(self, caps: NodeCaps) -> None:
         """Add or update an online node."""
+        old = self._nodes.get(caps.name)
+        self.slots += caps.slots - (old.slots if old is not None else 0)
         self._nodes[caps.name] = caps
 
     def set_window(self, node: str, per_slot: int, covers_s: float | None = None) -> None:
@@ -173,7 +177,9 @@ class Scheduler:
         A task with a speculative copy on another node is not lost: the copy becomes the
         task's placement (:meth:`where` tells). Copies on the node are dropped.
         """
-        self._nodes.pop(name, None)
+        old = self._nodes.pop(name, None)
+        if old is not None:
+            self.slots -= old.slots
         self._load.pop(name, None)
         self._window.pop(name, None)
         self._window_s.pop(name, None)
@@ -413,7 +419,7 @@ class Scheduler:
         held: set[tuple[str, str, Shape]] = set()
         self.holding = False
         claimed: set[tuple[str, int]] = set()
-        slots = sum(caps.slots for caps in self._nodes.values())
+        slots = self.slots
         # what the free places offer each (name, shape), kept from one placement to the
         # next while no placement can have changed it (:meth:`_bands_still_hold`)
         fit_cache: dict[tuple[str, str, Shape], bool] = {}

@@ -161,7 +161,7 @@ def _runtime_there(s: Scheduler, r: Placed, caps: NodeCaps, slowed: set[str]) ->
 
 
 def speculate(s: Scheduler, now: float) -> list[Copy]:
-    slots = sum(caps.slots for caps in s._nodes.values())
+    slots = s.slots
     room = max(1, math.ceil(s.speculative_share * slots)) - len(s._copies)
     if room <= 0 or not s._running:
         return []
