@@ -21,14 +21,11 @@ from .model import (
     SlotKey,
     why_waiting,
 )
-from .queues import Backlog, Placed
+from .queues import Backlog, Placed, Windows
 from .tail import better_soon
 
 MAX_ESTIMATE_S = 1e30
 """The longest runtime an estimate gives (never NaN or infinite)."""
-WINDOW_SLACK = 2.0
-"""A window place beyond the first of each slot takes only a task whose runtime, times the
-window per slot, is at most this many times the time the window covers."""
 
 
 @dataclass
@@ -52,8 +49,7 @@ class Scheduler:
     _reserved: dict[str, dict[str, float]] = field(default_factory=dict)
     slots: int = 0
     """Slots of all online nodes together."""
-    _window: dict[str, int] = field(default_factory=dict)
-    _window_s: dict[str, float] = field(default_factory=dict)
+    _windows: Windows = field(default_factory=Windows)
     _long_busy: Counter[tuple[str, int]] = field(default_factory=Counter)
     _rt_cache: dict[tuple[str, str], float] | None = None
     """Expected runtimes by (task name, node), while :meth:`schedule` runs."""
@@ -121,30 +117,17 @@ class Scheduler:
         self._nodes[caps.name] = caps
 
     def set_window(self, node: str, per_slot: int, covers_s: float | None = None) -> None:
-        """Let ``node`` hold up to ``per_slot`` tasks per slot beyond its running ones.
-        Given ``covers_s`` (the time the window is sized to cover), a task takes a window
-        place beyond the first one per slot only if a window full of tasks like it would
-        run in at most WINDOW_SLACK times that (a window sized by no-op tasks does not take
-        128 half-second tasks a slot)."""
-        if per_slot > 0:
-            self._window[node] = per_slot
-            if covers_s is not None:
-                self._window_s[node] = covers_s
-            else:
-                self._window_s.pop(node, None)
-        else:
-            self._window.pop(node, None)
-            self._window_s.pop(node, None)
+        """Let ``node`` hold up to ``per_slot`` tasks per slot beyond its running ones; given
+        ``covers_s``, the time the window is sized to cover (:meth:`Windows.admits`)."""
+        self._windows.set(node, per_slot, covers_s)
 
     def window(self, node: str) -> int:
-        return self._window.get(node, 0)
+        return self._windows.per_slot.get(node, 0)
 
     def _window_ok(self, name: str, caps: NodeCaps, g: Group) -> bool:
         """Whether a task of ``name`` may take a free place of group ``g`` on ``caps``: an
-        idle slot always; a place in the window only if it is known to be short there, and
-        beyond one per slot, if a window of such tasks runs in about the time it covers
-        (:meth:`set_window`). (Whether a place takes a task changes with its fill only at
-        ``workers`` and ``2 * workers`` tasks: :meth:`_bands_still_hold`.)"""
+        idle slot always; a window place if short there (beyond one a slot: Windows.admits).
+        Its answer changes with the fill at ``workers`` and ``2 * workers`` only."""
         key = (caps.name, g.index)
         busy = self._busy.get(key, 0)
         if busy < g.workers:
@@ -153,19 +136,16 @@ class Scheduler:
         if self._long_busy.get(key) or not self.runtimes.known(name):
             return False
         runtime = self.expected_runtime(name, caps)
-        if runtime >= self.window_long_s:
-            return False
-        if busy < 2 * g.workers:
-            return True  # (the first window place of each slot: as the round trip asks)
-        covers = self._window_s.get(caps.name)
-        return covers is None or runtime * self._window.get(caps.name, 0) <= WINDOW_SLACK * covers
+        return runtime < self.window_long_s and (
+            busy < 2 * g.workers or self._windows.admits(caps.name, runtime)
+        )
 
     def _is_short(self, name: str, caps: NodeCaps) -> bool:
         return self.runtimes.known(name) and self.expected_runtime(name, caps) < self.window_long_s
 
     def capacity(self, node: str, group: Group) -> int:
         """Tasks a group may hold: its slots, plus the node's window for each."""
-        return group.workers * (1 + self._window.get(node, 0))
+        return group.workers * (1 + self._windows.per_slot.get(node, 0))
 
     def set_load(self, node: str, load: float) -> None:
         """The node's 1-minute load average (placement avoids overloaded nodes)."""
@@ -181,8 +161,7 @@ class Scheduler:
         if old is not None:
             self.slots -= old.slots
         self._load.pop(name, None)
-        self._window.pop(name, None)
-        self._window_s.pop(name, None)
+        self._windows.set(name, 0, None)
         for tid in [tid for tid, c in self._copies.items() if c.node == name]:
             self.release_copy(tid)
         lost = []

@@ -1,5 +1,6 @@
 """The scheduler's bookkeeping: the queued tasks (:class:`Backlog`: per user, per task name
-and shape, by priority) and what is placed where (:class:`Placed`)."""
+and shape, by priority), what is placed where (:class:`Placed`), and the nodes' pipelining
+windows (:class:`Windows`)."""
 
 from __future__ import annotations
 
@@ -216,3 +217,36 @@ class Placed:
     """Its latest progress came much slower than its best rate (its node slowed down)."""
     revoking: bool = False
     """Asked back from its node (:meth:`Scheduler.take_back`), not yet given back."""
+
+
+WINDOW_SLACK = 2.0
+"""A window place beyond the first of each slot takes only a task whose runtime, times the
+window per slot, is at most this many times the time the window covers."""
+
+
+class Windows:
+    """The nodes' pipelining windows: tasks per slot a node may hold beyond its running
+    ones, and the time each window is sized to cover (:meth:`Scheduler.set_window`)."""
+
+    __slots__ = ("covers", "per_slot")
+
+    def __init__(self) -> None:
+        self.per_slot: dict[str, int] = {}
+        self.covers: dict[str, float] = {}
+
+    def set(self, node: str, per_slot: int, covers_s: float | None) -> None:
+        if per_slot > 0:
+            self.per_slot[node] = per_slot
+            if covers_s is not None:
+                self.covers[node] = covers_s
+                return
+        else:
+            self.per_slot.pop(node, None)
+        self.covers.pop(node, None)
+
+    def admits(self, node: str, runtime: float) -> bool:
+        """Whether a task of ``runtime`` may take a window place beyond the first of each
+        slot: a window of such tasks runs in at most WINDOW_SLACK times what it covers (a
+        window sized by no-op tasks does not take 128 half-second tasks a slot)."""
+        covers = self.covers.get(node)
+        return covers is None or runtime * self.per_slot.get(node, 0) <= WINDOW_SLACK * covers
