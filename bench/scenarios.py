@@ -30,7 +30,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lbmqtt.balancer.tasks import MIN_RUNTIME_S, WINDOW_TASKS_MAX
+from lbmqtt.balancer.tasks import WINDOW_TASKS_MAX, window_per_slot
 from lbmqtt.config import Settings
 from lbmqtt.scheduler import Group, NodeCaps, QueuedTask, Scheduler
 
@@ -364,11 +364,7 @@ def simulate_lbmqtt(
         window = (
             0
             if rt is None
-            else min(
-                WINDOW_MAX,
-                max(1, WINDOW_TASKS_MAX // node.m.slots),
-                max(1, math.ceil(RTT_S / max(rt, MIN_RUNTIME_S))),
-            )
+            else window_per_slot(RTT_S, rt, node.m.slots, WINDOW_TASKS_MAX, WINDOW_MAX)
         )
         s.set_window(node.m.name, window, RTT_S)
 

@@ -408,6 +408,7 @@ class Fleet:
                 rec.progress = p.progress
                 self.scheduler.progress(rec.id, p.progress / 100, mono)
                 self.outbox.emit(rec, durable=False, hold=True)
+        timed: set[str] = set()  # (nodes whose short-task runtime moved: sized once, below)
         for r in rep.results:
             rec = self.current(info, r.id, r.attempt)
             if rec is None and self.copy_here(info, r.id, r.attempt) is not None:
@@ -423,7 +424,11 @@ class Fleet:
                 # stale or already recorded: the node drops it once it sees a set without it
                 self.outbox.dirty_nodes.add(name)
                 continue
-            self.apply_result(rec, r, now)
+            if (moved := self.apply_result(rec, r, now)) is not None:
+                timed.add(moved)
+        for n in timed:
+            if (timed_info := self.nodes.get(n)) is not None:
+                self.table.size_window(timed_info)  # (once a report, not once a result)
 
     def copy_here(self, info: NodeInfo, task_id: str, attempt: int) -> CopyAttempt | None:
         """The speculative copy if this attempt is the copy placed on this node, else None."""
@@ -448,8 +453,9 @@ class Fleet:
             return None
         return rec
 
-    def apply_result(self, rec: TaskRecord, r: Result, now: float) -> None:
-        """A task's result from its node: done, failed, or lost (then retried)."""
+    def apply_result(self, rec: TaskRecord, r: Result, now: float) -> str | None:
+        """A task's result from its node: done, failed, or lost (then retried). Returns the
+        node whose short-task runtime it moved (its window is then sized again), if any."""
         if rec.started_at is None:
             rec.started_at = now
         if r.status == "lost" and rec.copy is not None:
@@ -457,7 +463,8 @@ class Fleet:
             self.scheduler.promote_copy(rec.id)
             self.table.promote_copy(rec, "lost")
             self.tally.counters["copies_promoted"] += 1
-            return
+            return None
+        moved = None
         rt = r.runtime_s
         if r.status != "lost" and math.isfinite(rt) and rt > 0:
             # a short task's "started" rides in the same report as its result (the node
@@ -477,7 +484,7 @@ class Fleet:
                         if info.runtime_s is None
                         else (info.runtime_s + EWMA_ALPHA * (rt - info.runtime_s))
                     )
-                    self.table.size_window(info)
+                    moved = info.name
             rec.progress = 100
             self.table.finalize(rec, Status.DONE, now)
         elif r.status == "lost":
@@ -487,6 +494,7 @@ class Fleet:
         else:  # failed, timeout, cancelled on the node
             rec.error = r.error or ErrorInfo(type="Failed", message=f"task {r.status}")
             self.table.finalize(rec, Status.FAILED, now)
+        return moved
 
     def probe(self) -> bytes:
         """A message to ourselves, through the broker, behind everything sent to us so far.

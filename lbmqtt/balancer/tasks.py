@@ -45,6 +45,18 @@ SET_BYTES_MAX = 1 << 20
 tasks' mean size (at least one a slot)."""
 
 
+def window_per_slot(
+    covers_s: float, runtime_s: float, slots: int, most: int, max_per_slot: int
+) -> int:
+    """Tasks a slot holds to run through ``covers_s`` at ``runtime_s`` each (MIN_RUNTIME_S
+    at least), at most ``max_per_slot`` and ``most`` over the ``slots``, one at least."""
+    return min(
+        max_per_slot,
+        max(1, most // slots),
+        max(1, math.ceil(covers_s / max(runtime_s, MIN_RUNTIME_S))),
+    )
+
+
 def assignment_json(
     rec: TaskRecord, *, attempt: int | None = None, group: int | None = None
 ) -> bytes:
@@ -412,11 +424,7 @@ class TaskTable:
                 SET_BYTES_MAX // max(1, info.task_bytes),
                 WINDOW_CLUSTER_MAX * slots // max(slots, self.scheduler.slots),
             )
-            window = min(
-                s.pipeline_window_max,
-                max(1, most // slots),
-                max(1, math.ceil(covers / max(rt, MIN_RUNTIME_S))),
-            )
+            window = window_per_slot(covers, rt, slots, most, s.pipeline_window_max)
         self.scheduler.set_window(info.name, window, covers)
         if window != info.window:
             info.window = window
