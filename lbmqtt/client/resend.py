@@ -100,6 +100,7 @@ async def query(client: AsyncClient, task_id: str) -> TaskState:
     fut = client._book.watch_next(task_id)
     deadline = time.monotonic() + client.ack_timeout_s
     resend = _resends()
+    ids = client._book.ask_with(task_id)  # (the first time: with others dropped unread)
     while not fut.done():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -108,7 +109,8 @@ async def query(client: AsyncClient, task_id: str) -> TaskState:
                 f"no answer about task {task_id} within "
                 f"{client.ack_timeout_s:g} s: is the balancer running?"
             )
-        client._publish_ids(client.topics.query(client.user), [task_id])
+        client._publish_ids(client.topics.query(client.user), ids)
+        ids = [task_id]
         await asyncio.wait([fut], timeout=min(resend.next(), remaining))
     try:
         return fut.result()

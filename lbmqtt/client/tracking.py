@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 from ..errors import error_from_code
 from ..protocol import ErrorItem, TaskState
 
-__all__ = ["COLLECTED_CACHE", "TaskBook", "Tracked"]
+__all__ = ["ASK_AHEAD", "COLLECTED_CACHE", "DROPPED_IDS_MAX", "TaskBook", "Tracked"]
 
 COLLECTED_CACHE = 10_000
+"""Final states kept: of those handed to the caller, and of those nobody waited for yet."""
+DROPPED_IDS_MAX = 1_000_000
+"""Ids kept of final states dropped unread from the cache above (~100 bytes each)."""
+ASK_AHEAD = 1_000
+"""A wait for a task whose final state was dropped asks the balancer about this many of
+the dropped ones at once, oldest first: a caller that waits for 60,000 tasks one by one
+after submitting them all (more than the cache holds) then pays one round trip a thousand
+tasks, not one a task (bench/run.py throughput --tasks 60000 ran 5x slower with one)."""
 
 
 @dataclass
@@ -34,6 +42,8 @@ class TaskBook:
         self.collected: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
         # ... and final states that arrived while nobody waited for them
         self.finished: collections.OrderedDict[str, TaskState] = collections.OrderedDict()
+        # ... and the ids of those dropped from it unread, oldest first
+        self.dropped: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.loop: asyncio.AbstractEventLoop | None = None
         """The client's loop (set when it starts): the futures belong to it."""
 
@@ -68,7 +78,22 @@ class TaskBook:
         """A final state reached the caller: remember it a while, follow it no more."""
         self.tracked.pop(state.id, None)
         self.finished.pop(state.id, None)
+        self.dropped.pop(state.id, None)
         _remember(self.collected, state)
+
+    def ask_with(self, task_id: str) -> list[str]:
+        """The ids to ask the balancer about with ``task_id``: if its final state was
+        dropped unread, the oldest others dropped too (ASK_AHEAD in all), whose answers are
+        then kept in :attr:`finished` as they come."""
+        if task_id not in self.dropped:
+            return [task_id]
+        out = [task_id]
+        for tid in self.dropped:
+            if len(out) >= ASK_AHEAD:
+                break
+            if tid != task_id:
+                out.append(tid)
+        return out
 
     def unfinished(self) -> list[str]:
         """The tasks the balancer has told us about whose final state has not come yet
@@ -100,7 +125,10 @@ class TaskBook:
         for st in states:
             tr = self.tracked.get(st.id)
             if tr is None:
-                continue  # another client's task of the same user
+                if st.id in self.dropped and st.status.final:
+                    del self.dropped[st.id]  # (asked about again: see ask_with)
+                    self._keep_finished(st)
+                continue  # (else another client's task of the same user)
             tr.state = st
             for fut in tr.next:
                 if not fut.done():
@@ -112,13 +140,27 @@ class TaskBook:
                 elif tr.final is None and not tr.next:
                     # nobody waits for it now: keep it (bounded) for a later get/wait
                     self.tracked.pop(st.id, None)
-                    _remember(self.finished, st)
+                    self._keep_finished(st)
+
+    def _keep_finished(self, st: TaskState) -> None:
+        """Keep a final state nobody waits for yet; the oldest beyond COLLECTED_CACHE is
+        dropped, its id kept (a later wait for it asks the balancer: see ask_with)."""
+        self.dropped.pop(st.id, None)
+        dropped = _remember(self.finished, st)
+        dids = self.dropped
+        for tid in dropped:
+            dids[tid] = None
+        while len(dids) > DROPPED_IDS_MAX:
+            dids.popitem(last=False)
 
     def on_error(self, e: ErrorItem) -> bool:
         """A refusal from the balancer: raise it in who waits for the task's next state.
         False if it is about no task followed here."""
         tr = self.tracked.get(e.id) if e.id else None
         if tr is None:
+            if e.id and e.id in self.dropped:
+                del self.dropped[e.id]  # (asked about again, expired since: see ask_with)
+                return True
             return False
         for fut in tr.next:
             if not fut.done():
@@ -127,8 +169,11 @@ class TaskBook:
         return True
 
 
-def _remember(cache: collections.OrderedDict[str, TaskState], state: TaskState) -> None:
+def _remember(cache: collections.OrderedDict[str, TaskState], state: TaskState) -> list[str]:
+    """Keep ``state`` in ``cache`` (newest last); the ids of those it drops."""
     cache[state.id] = state
     cache.move_to_end(state.id)
+    dropped = []
     while len(cache) > COLLECTED_CACHE:
-        cache.popitem(last=False)
+        dropped.append(cache.popitem(last=False)[0])
+    return dropped
