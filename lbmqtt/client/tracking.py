@@ -15,8 +15,9 @@ __all__ = ["ASK_AHEAD", "COLLECTED_CACHE", "DROPPED_IDS_MAX", "TaskBook", "Track
 
 COLLECTED_CACHE = 10_000
 """Final states kept: of those handed to the caller, and of those nobody waited for yet."""
-DROPPED_IDS_MAX = 1_000_000
-"""Ids kept of final states dropped unread from the cache above (~100 bytes each)."""
+DROPPED_IDS_MAX = 200_000
+"""Ids kept of final states dropped unread from the cache above (~100 bytes each; older
+ones are asked about one by one)."""
 ASK_AHEAD = 1_000
 """A wait for a task whose final state was dropped asks the balancer about this many of
 the dropped ones at once, oldest first: a caller that waits for 60,000 tasks one by one
