@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,16 +165,25 @@ def test_a_malformed_task_in_a_batch_is_named_and_nothing_of_the_batch_is_sent(
     assert running.stats().submitted_total == 1
 
 
+def _small_results_cache(monkeypatch: Any) -> None:
+    """The client keeps 40 final states nobody waits for, and asks about 10 at a time."""
+    from lbmqtt.client import tracking
+
+    monkeypatch.setattr(tracking, "COLLECTED_CACHE", 40)
+    monkeypatch.setattr(tracking, "ASK_AHEAD", 10)
+
+
+def _queries(listener: RawClient, topic: str) -> list[list[str]]:
+    return [json.loads(p)["ids"] for p in listener.payloads(topic)]
+
+
 def test_waiting_in_turn_for_more_results_than_the_client_keeps_asks_in_batches(
     running: System, client: Client, raw: Callable[..., RawClient], monkeypatch: Any
 ) -> None:
     # submit more tasks than the client keeps final states of, then wait for each in turn:
     # a wait for one whose state was dropped asks about the next dropped ones with it, not
-    # one query each (bench/run.py throughput --tasks 60000 ran 4x slower with one a task)
-    from lbmqtt.client import tracking
-
-    monkeypatch.setattr(tracking, "COLLECTED_CACHE", 40)
-    monkeypatch.setattr(tracking, "ASK_AHEAD", 10)
+    # one query each (bench/run.py throughput --tasks 60000 ran 4.6x slower with one a task)
+    _small_results_cache(monkeypatch)
     query_topic = Topics(running.settings.topic_prefix).query(client.user)
     listener = raw()
     listener.subscribe(query_topic)
@@ -182,12 +193,83 @@ def test_waiting_in_turn_for_more_results_than_the_client_keeps_asks_in_batches(
     assert (len(book.finished), len(book.dropped)) == (40, 60)
     assert [client.wait(tid, timeout=20) for tid in ids] == [i + 1 for i in range(100)]
     assert not book.dropped
-    wait_until(lambda: len(listener.payloads(query_topic)) >= 6, 10, "the queries")
-    asked = [json.loads(p)["ids"] for p in listener.payloads(query_topic)]
-    # (60 queries of one id each without; results finish out of submit order, so a later
-    # wait may find its task dropped after all: a few more than 6 batches)
-    assert 6 <= len(asked) <= 12 and all(len(a) <= 10 for a in asked), asked
+    wait_until(lambda: len(listener.payloads(query_topic)) >= 12, 10, "the queries")
+    asked = _queries(listener, query_topic)
+    # (the task waited for alone, the 9 asked about ahead in a message of their own: 60
+    # queries of one id each without; results finish out of submit order, so a later wait
+    # may find its task dropped after all: a few more than 6 pairs)
+    assert 12 <= len(asked) <= 24 and all(len(a) <= 9 for a in asked), asked
     assert {t for a in asked for t in a} <= set(ids)
+
+
+def test_waits_at_the_same_time_do_not_ask_about_the_same_results_again(
+    running: System, raw: Callable[..., RawClient], monkeypatch: Any
+) -> None:
+    _small_results_cache(monkeypatch)
+    query_topic = Topics(running.settings.topic_prefix).query("carol")
+    listener = raw()
+    listener.subscribe(query_topic)
+
+    async def scenario() -> None:
+        async with AsyncClient(running.settings, user="carol") as c:
+            ids = await c.submit_many([{"name": "ADD", "args": [i, 1]} for i in range(100)])
+            book = c._book
+            deadline = time.monotonic() + 30
+            while len(book.finished) + len(book.dropped) < 100:
+                assert time.monotonic() < deadline, "the 100 results"
+                await asyncio.sleep(0.02)
+            assert len(book.dropped) == 60
+            results = await asyncio.gather(*(c.wait(t, timeout=20) for t in ids))
+            assert results == [i + 1 for i in range(100)]
+
+    asyncio.run(scenario())
+    wait_until(lambda: len(listener.payloads(query_topic)) >= 12, 10, "the queries")
+    asked = [t for a in _queries(listener, query_topic) for t in a]
+    # each of the 60 dropped asked about about once (ten times as many if every wait asked
+    # about the same ten again; a wait whose answer is on the way asks again only after
+    # RESEND_S)
+    assert 60 <= len(asked) <= 80, len(asked)
+
+
+def test_results_gone_from_the_balancer_are_asked_about_once_and_not_logged(
+    running: System,
+    client: Client,
+    raw: Callable[..., RawClient],
+    monkeypatch: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the oldest results the client let go were collected elsewhere and expired since: the
+    # balancer answers that it knows none of them (one error for all, beyond 20), which
+    # the client neither logs nor asks about again
+    from lbmqtt.client import tracking
+
+    _small_results_cache(monkeypatch)
+    monkeypatch.setattr(tracking, "ASK_AHEAD", 40)
+    monkeypatch.setattr(tracking, "ASKED_FOR_S", 0.0)  # (forgotten at the next ask)
+    query_topic = Topics(running.settings.topic_prefix).query(client.user)
+    listener = raw()
+    listener.subscribe(query_topic)
+    ids = client.submit_many([{"name": "ADD", "args": [i, 1]} for i in range(60)])
+    book = client._async._book
+    wait_until(lambda: len(book.finished) + len(book.dropped) == 60, 30, "60 results")
+    gone = [f"gone-{i}" for i in range(30)]  # (as if expired: the balancer never had them)
+
+    def let_go() -> None:
+        for t in reversed(gone):
+            book.dropped[t] = None
+            book.dropped.move_to_end(t, last=False)
+
+    running.lt.loop.call_soon_threadsafe(let_go)
+    wait_until(lambda: all(t in book.dropped for t in gone), 5, "the ids let go")
+    first = next(t for t in book.dropped if t not in gone)
+    with caplog.at_level(logging.WARNING, logger="lbmqtt.client.core"):
+        assert client.wait(first, timeout=20) == ids.index(first) + 1
+        second = next(iter(book.dropped), None) or ids[-1]
+        assert client.wait(second, timeout=20) == ids.index(second) + 1
+    assert not [r for r in caplog.records if "balancer says" in r.getMessage()]
+    asked = [t for a in _queries(listener, query_topic) for t in a]
+    assert all(asked.count(t) == 1 for t in gone), asked
+    assert not any(t in book.dropped or t in book.asked for t in gone)
 
 
 def test_task_error_comes_back_with_its_traceback(running: System, client: Client) -> None:

@@ -100,7 +100,10 @@ async def query(client: AsyncClient, task_id: str) -> TaskState:
     fut = client._book.watch_next(task_id)
     deadline = time.monotonic() + client.ack_timeout_s
     resend = _resends()
-    ids = client._book.ask_with(task_id)  # (the first time: with others dropped unread)
+    topic = client.topics.query(client.user)
+    more = client._book.ask_ahead(task_id)  # (others let go unread, asked about with it)
+    if more:
+        client._publish_ids(topic, more)  # (their own message: an error about them is theirs)
     while not fut.done():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -109,13 +112,15 @@ async def query(client: AsyncClient, task_id: str) -> TaskState:
                 f"no answer about task {task_id} within "
                 f"{client.ack_timeout_s:g} s: is the balancer running?"
             )
-        client._publish_ids(client.topics.query(client.user), ids)
-        ids = [task_id]
+        if more is not None:  # (None: asked about already, its answer on the way)
+            client._publish_ids(topic, [task_id])
+        more = []
         await asyncio.wait([fut], timeout=min(resend.next(), remaining))
     try:
         return fut.result()
     except UnknownTask:
         client._book.forget(task_id)
+        client._book.undrop(task_id)
         raise
 
 
