@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from lbmqtt.balancer import TaskRecord
-from lbmqtt.balancer.outbox import STATE_HOLD_S, Outbox
+from lbmqtt.balancer.outbox import EVENTS_BYTES_MAX, STATE_HOLD_S, Outbox
 from lbmqtt.protocol import Status, Topics
 
 from .conftest import task_record
@@ -94,3 +94,27 @@ def test_a_state_sent_once_written_is_not_sent_again_when_the_held_ones_go() -> 
     assert flush(box, {"a": a}) == [("a", "assigned")]
     assert box.release_held(math.inf) is True
     assert flush(box, {"a": a}) == []
+
+
+def test_states_beyond_the_events_bound_go_in_several_messages_in_order() -> None:
+    # (a query about a thousand large results answers them in one tick)
+    box = Outbox(Counter())
+    recs = [task_record(f"r{i}") for i in range(10)]
+    tasks = {r.id: r for r in recs}
+    for r in recs:
+        r.status = Status.DONE
+        box.emit(r)
+    big = "x" * (EVENTS_BYTES_MAX // 4)
+    payloads: list[bytes] = []
+
+    def publish(topic: str, payload: bytes, **kw: Any) -> None:
+        payloads.append(payload)
+
+    def state_dict(r: TaskRecord) -> dict[str, Any]:
+        return {"id": r.id, "status": r.status.value, "result": big}
+
+    box.flush_states(publish, TOPICS, tasks, state_dict)
+    assert len(payloads) > 1
+    assert all(len(p) <= EVENTS_BYTES_MAX for p in payloads)
+    sent = [s["id"] for p in payloads for s in json.loads(p)["states"]]
+    assert sent == [r.id for r in recs]

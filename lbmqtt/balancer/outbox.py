@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import DecodeError
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 BAD_LOG_INTERVAL_S = 10.0
 STATE_HOLD_S = 0.02
+EVENTS_BYTES_MAX = 1 << 20
+"""An events message over this size, of more than one state, goes as several (a query of
+a thousand large results must not make one message beyond the broker's packet limit)."""
 """Longest an announced task's assigned or running state (or progress) waits for its next
 state, which replaces it: a short task's result carries them, two states in the user's
 events instead of three or four. (The node holds a short task's started notice as long:
@@ -277,8 +280,8 @@ class Outbox:
             for r in recs.values():
                 states.append(state_dict(r))
                 r.announced = True
-            events = encode_model_json({"v": 1, "states": states})
-            publish(topics.events(user), events, qos=TASK_QOS)
+            for events in _events_payloads(states):
+                publish(topics.events(user), events, qos=TASK_QOS)
             for st, rec in zip(states, recs.values(), strict=True):
                 if rec.notify == "retained" and rec.id in tasks:
                     data = encode_model_json(st)
@@ -289,3 +292,15 @@ class Outbox:
         for user, errs in self.errors.items():
             publish(topics.errors(user), Errors(errors=errs).encode(), qos=TASK_QOS)
         self.errors.clear()
+
+
+def _events_payloads(states: list[dict[str, Any]]) -> Iterator[bytes]:
+    """``states`` as one events message, or, beyond EVENTS_BYTES_MAX, as several (in
+    order; one state alone is one message whatever its size)."""
+    events = encode_model_json({"v": 1, "states": states})
+    if len(events) <= EVENTS_BYTES_MAX or len(states) == 1:
+        yield events
+        return
+    half = len(states) // 2
+    yield from _events_payloads(states[:half])
+    yield from _events_payloads(states[half:])
