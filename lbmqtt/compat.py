@@ -121,7 +121,15 @@ def _pfile_arg(what: str) -> str | None:
 
 
 def _cprint(text: str) -> None:
-    print(" " + text, flush=True)
+    _line(" " + text)
+
+
+def _line(text: str) -> None:
+    """Print ``text`` as one write (not print()'s text, then newline: unbuffered, as with
+    PYTHONUNBUFFERED, another process's line on the same terminal or pipe could come
+    between them and run into ours)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- the parts
@@ -441,7 +449,7 @@ class Client:
         return c
 
     def _failed(self, call: str, exc: Exception) -> dict[str, Any]:
-        print(f"{call} ERROR WHILE SENDING/RECEIVING SOCKET: {exc}", flush=True)
+        _line(f"{call} ERROR WHILE SENDING/RECEIVING SOCKET: {exc}")
         return dict(LB_ERROR)
 
     def sendTask(

@@ -69,11 +69,14 @@ def clean_env() -> dict[str, str]:
 
 
 def answers(stdout: str) -> dict[str, Any]:
-    """The ``["label", answer]`` lines a program printed, by label."""
+    """The ``["label", answer]`` lines a program printed, by label. (What follows one on its
+    line is left: with PYTHONUNBUFFERED, print() writes its text and its newline apart, and
+    a line of another process on the same stdout may come between them.)"""
     out: dict[str, Any] = {}
+    decoder = json.JSONDecoder()
     for line in stdout.splitlines():
         if line.startswith('["'):
-            label, value = json.loads(line)
+            (label, value), _ = decoder.raw_decode(line)
             out[label] = value
     return out
 
