@@ -177,6 +177,20 @@ def _queries(listener: RawClient, topic: str) -> list[list[str]]:
     return [json.loads(p)["ids"] for p in listener.payloads(topic)]
 
 
+def _results_let_go(
+    running: System, client: Client, raw: Callable[..., RawClient], n: int
+) -> tuple[RawClient, str, list[str], Any]:
+    """Submit ``n`` ADD tasks and wait until the client has all their final states, kept
+    or let go; a listener on the user's query topic. (listener, topic, ids, TaskBook)"""
+    query_topic = Topics(running.settings.topic_prefix).query(client.user)
+    listener = raw()
+    listener.subscribe(query_topic)
+    ids = client.submit_many([{"name": "ADD", "args": [i, 1]} for i in range(n)])
+    book = client._async._book
+    wait_until(lambda: len(book.finished) + len(book.dropped) == n, 30, f"{n} results")
+    return listener, query_topic, ids, book
+
+
 def test_waiting_in_turn_for_more_results_than_the_client_keeps_asks_in_batches(
     running: System, client: Client, raw: Callable[..., RawClient], monkeypatch: Any
 ) -> None:
@@ -184,12 +198,7 @@ def test_waiting_in_turn_for_more_results_than_the_client_keeps_asks_in_batches(
     # a wait for one whose state was dropped asks about the next dropped ones with it, not
     # one query each (bench/run.py throughput --tasks 60000 ran 4.6x slower with one a task)
     _small_results_cache(monkeypatch)
-    query_topic = Topics(running.settings.topic_prefix).query(client.user)
-    listener = raw()
-    listener.subscribe(query_topic)
-    ids = client.submit_many([{"name": "ADD", "args": [i, 1]} for i in range(100)])
-    book = client._async._book
-    wait_until(lambda: len(book.finished) + len(book.dropped) == 100, 30, "100 results")
+    listener, query_topic, ids, book = _results_let_go(running, client, raw, 100)
     assert (len(book.finished), len(book.dropped)) == (40, 60)
     assert [client.wait(tid, timeout=20) for tid in ids] == [i + 1 for i in range(100)]
     assert not book.dropped
@@ -246,12 +255,7 @@ def test_results_gone_from_the_balancer_are_asked_about_once_and_not_logged(
     _small_results_cache(monkeypatch)
     monkeypatch.setattr(tracking, "ASK_AHEAD", 40)
     monkeypatch.setattr(tracking, "ASKED_FOR_S", 0.0)  # (forgotten at the next ask)
-    query_topic = Topics(running.settings.topic_prefix).query(client.user)
-    listener = raw()
-    listener.subscribe(query_topic)
-    ids = client.submit_many([{"name": "ADD", "args": [i, 1]} for i in range(60)])
-    book = client._async._book
-    wait_until(lambda: len(book.finished) + len(book.dropped) == 60, 30, "60 results")
+    listener, query_topic, ids, book = _results_let_go(running, client, raw, 60)
     gone = [f"gone-{i}" for i in range(30)]  # (as if expired: the balancer never had them)
 
     def let_go() -> None:
