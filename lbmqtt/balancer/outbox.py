@@ -27,15 +27,15 @@ log = logging.getLogger(__name__)
 
 BAD_LOG_INTERVAL_S = 10.0
 STATE_HOLD_S = 0.02
-EVENTS_BYTES_MAX = 1 << 20
-"""An events message over this size, of more than one state, goes as several (a query of
-a thousand large results must not make one message beyond the broker's packet limit)."""
 """Longest an announced task's assigned or running state (or progress) waits for its next
 state, which replaces it: a short task's result carries them, two states in the user's
 events instead of three or four. (The node holds a short task's started notice as long:
 STARTED_HOLD_S.)
 Measured with ``bench/run.py throughput``: the assigned states alone were ~12 % of the
 balancer's CPU per no-op task and ~17 % of the client's."""
+EVENTS_BYTES_MAX = 1 << 20
+"""An events message over this size, of more than one state, goes as several (a query of
+a thousand large results must not make one message beyond the broker's packet limit)."""
 
 Publish = Callable[..., Any]
 """The transport's ``publish(topic, payload, qos=..., retain=...)``."""
