@@ -133,15 +133,20 @@ class Scheduler:
         if busy < g.workers:
             return True
         # not behind a long (or unknown) task: the place would wait for it to end
-        if self._long_busy.get(key) or not self.runtimes.known(name):
+        if self._long_busy.get(key):
             return False
-        runtime = self.expected_runtime(name, caps)
-        return runtime < self.window_long_s and (
+        runtime = self._short_runtime(name, caps)
+        return runtime is not None and (
             busy < 2 * g.workers or self._windows.admits(caps.name, runtime)
         )
 
-    def _is_short(self, name: str, caps: NodeCaps) -> bool:
-        return self.runtimes.known(name) and self.expected_runtime(name, caps) < self.window_long_s
+    def _short_runtime(self, name: str, caps: NodeCaps) -> float | None:
+        """The expected runtime of ``name`` on ``caps`` if it is known and short there
+        (under ``window_long_s``: it may take a window place), else None."""
+        if not self.runtimes.known(name):
+            return None
+        runtime = self.expected_runtime(name, caps)
+        return runtime if runtime < self.window_long_s else None
 
     def capacity(self, node: str, group: Group) -> int:
         """Tasks a group may hold: its slots, plus the node's window for each."""
@@ -361,7 +366,7 @@ class Scheduler:
 
     def _place_copy(self, task_id: str, node: str, group: int) -> Copy:
         r = self._running[task_id]
-        long = not (r.task is not None and self._is_short(r.task.name, self._nodes[node]))
+        long = r.task is None or self._short_runtime(r.task.name, self._nodes[node]) is None
         self._copies[task_id] = Placed(node, group, r.user, r.requires, long=long, task=r.task)
         self._hold(node, group, r.requires, long)
         return Copy(task_id, node, group)
@@ -422,7 +427,7 @@ class Scheduler:
                 node,
                 gi,
                 task.requires,
-                long=not self._is_short(task.name, self._nodes[node]),
+                long=self._short_runtime(task.name, self._nodes[node]) is None,
                 task=task,
                 windowed=windowed,
             )
