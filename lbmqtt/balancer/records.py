@@ -159,8 +159,9 @@ class NodeInfo:
 REFILL_ALPHA = 0.2
 MAX_REFILL_SAMPLE_S = 0.5  # a longer refill was a stall (a journal outage, a lost link)
 REFILL_JUMP = 4.0
-"""A refill over 50 ms and over REFILL_JUMP times the average is a stall too (a short
-outage of the link or the journal): not averaged in."""
+REFILL_STALL_MIN_S = 0.05
+"""A refill over REFILL_STALL_MIN_S and over REFILL_JUMP times the average is a stall too
+(a short outage of the link or the journal): not averaged in."""
 
 
 def refilled(info: NodeInfo, sample: float) -> None:
@@ -171,7 +172,7 @@ def refilled(info: NodeInfo, sample: float) -> None:
         return
     if r is None:
         info.refill_s = sample
-    elif sample <= max(0.05, REFILL_JUMP * r):
+    elif sample <= max(REFILL_STALL_MIN_S, REFILL_JUMP * r):
         info.refill_s = r + REFILL_ALPHA * (sample - r)
 
 
