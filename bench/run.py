@@ -241,12 +241,13 @@ def bench_broker(
     exit, with the broker."""
     children: list[Child] = []
     mosq: subprocess.Popen[bytes] | None = None
+    conf_dir: Path | None = None
     try:
         if kind == "embedded":
             children.append(_spawn("broker", ["broker", "--broker-port", "0"], env=env))
             port, pid = int(children[0].info["port"]), children[0].proc.pid
         else:
-            mosq, port, _ = start_mosquitto()
+            mosq, port, conf_dir = start_mosquitto()
             pid = mosq.pid
         yield port, pid, children
     finally:
@@ -254,6 +255,8 @@ def bench_broker(
         if mosq is not None:
             mosq.terminate()
             mosq.wait(10)
+        if conf_dir is not None:
+            shutil.rmtree(conf_dir, ignore_errors=True)
 
 
 async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
@@ -1053,6 +1056,11 @@ def main() -> None:
                     c1["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
                     # CPU of each process over the whole run (warm-up included), % of one core
                     r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
+                    # and per task, in µs: what a change to the CPU a task costs shows in
+                    # (steadier than tasks/s on a shared machine; summed in "all")
+                    per_task = {k: round(1e6 * (c1[k] - c0[k]) / args.tasks, 1) for k in c0}
+                    per_task["all"] = round(sum(per_task.values()), 1)
+                    r["cpu_us_per_task"] = per_task
                     runs.setdefault(mode, []).append(r)
                 finally:
                     stop_children([balancer])
