@@ -312,8 +312,10 @@ class Assignment(_Lenient):
     priority: int = 0
     group: int = 0
     timeout_s: float | None = None
-    requires: dict[str, float] = {}
-    tags: list[str] = []
+    # (factories, not ``{}`` and ``[]``: pydantic deep-copies a mutable default for each
+    # instance, and that was half of validating a task at the node)
+    requires: dict[str, float] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
     cost: float | None = None
     """(kept in the set, as ``speculate``, so that a successor balancer adopting the task
     knows them; the node does not use them)"""
