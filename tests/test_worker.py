@@ -249,3 +249,64 @@ def test_a_task_reference_and_a_result_come_through_as_they_went_in() -> None:
         encode_result(float("nan"))  # (strict JSON, for any MQTT client)
     with pytest.raises(TypeError):
         encode_task_reference(TaskReference("N", "m:f", "auto", {"k": object()}))
+
+
+def test_held_tasks_go_to_a_worker_highest_priority_first_and_otherwise_in_order() -> None:
+    """The node's pipelining window holds tasks of several priorities: an urgent one goes
+    to the next idle worker before ordinary ones held earlier; tasks of one priority go in
+    the order they came (several at a time when known to be short)."""
+    from collections import Counter
+
+    from lbmqtt.node.reports import ReportBatcher
+    from lbmqtt.node.supervisor import HANDOFF_BATCH, HeldTask, Supervisor
+    from lbmqtt.protocol import Assignment, GroupInfo
+
+    async def handed(priorities: list[int], short: bool) -> list[list[tuple[str, int]]]:
+        """The hand-offs (ids and priorities of each write) to one worker that finishes
+        nothing, of tasks held with these priorities, and then of as many again."""
+        held: dict[str, HeldTask] = {}
+        reports = ReportBatcher("n", "i", "t", held, lambda: None)
+        sup = Supervisor(held, reports, Counter(), lambda: None)
+        sup.add_groups([GroupInfo(index=0, workers=1, min_p=0, max_p=99)], [])
+        if short:
+            sup._ran("NOOP", 1e-5)
+        w = sup.workers[0]
+        ours, theirs = socket.socketpair()
+        _, w.writer = await asyncio.open_connection(sock=ours)
+        w.state = "idle"
+        writes: list[list[tuple[str, int]]] = []
+        for i, p in enumerate(priorities):
+            a = Assignment(id=f"t{i}", attempt=1, user="u", name="NOOP", priority=p)
+            held[a.id] = lt = HeldTask(a=a, args_json=b"null")
+            assert sup.enqueue(lt)
+        for _ in range(len(priorities)):  # (each round: the worker's queue is let go)
+            sup.dispatch()
+            await w.writer.drain()
+            if not w.queue:
+                break
+            buf = bytearray(theirs.recv(1 << 20))
+            write = []
+            while (msg := take(buf)) is not None:
+                assert isinstance(msg, Run)
+                write.append((msg.id, msg.priority))
+            writes.append(write)
+            for lt in w.queue:
+                lt.state = "finished"
+            w.queue.clear()
+        w.writer.close()
+        theirs.close()
+        return writes
+
+    # not known to be short: one at a time, the urgent ones first, then in order
+    one_by_one = asyncio.run(handed([0, 0, 5, 0, 9, 5], short=False))
+    assert [w for [w] in one_by_one] == [
+        ("t4", 9), ("t2", 5), ("t5", 5), ("t0", 0), ("t1", 0), ("t3", 0)
+    ]  # fmt: skip
+    # known to be short: in batches, each in that order
+    n = HANDOFF_BATCH + 10
+    batches = asyncio.run(handed([0] * (n - 1) + [7], short=True))
+    assert [len(b) for b in batches] == [HANDOFF_BATCH, 10]
+    assert [tid for b in batches for tid, _ in b] == [f"t{n - 1}"] + [f"t{i}" for i in range(n - 1)]
+    # one priority: the order they came, whole batches
+    same = asyncio.run(handed([3] * n, short=True))
+    assert [tid for b in same for tid, _ in b] == [f"t{i}" for i in range(n)]

@@ -461,14 +461,16 @@ class Node:
     def _apply_set(self, tasks: list[Assignment]) -> None:
         wanted = {a.id: a for a in tasks}
         added = False
+        gone: set[str] = set()
         for tid, lt in list(self._local.items()):
             a = wanted.get(tid)
             if a is not None and a.attempt == lt.a.attempt:
                 continue
             # gone from the set (or replaced by a newer attempt): cancelled, moved or acked
             del self._local[tid]
-            self.reports.forget(tid)
+            gone.add(tid)
             self.supervisor.withdraw(lt)
+        self.reports.forget(gone)
         for a in tasks:
             if a.id in self._local:
                 continue

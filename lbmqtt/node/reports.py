@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 from ..protocol import NodeReport, Progress, Result, Started
@@ -70,12 +70,14 @@ class ReportBatcher:
         self._last = 0.0
         self._progress_timer: asyncio.TimerHandle | None = None
 
-    def forget(self, task_id: str) -> None:
-        """Drop what is pending about a task the node no longer holds."""
-        self.results.pop(task_id, None)
-        self.progress.pop(task_id, None)
-        if self.started:  # (a short task's may wait STARTED_HOLD_S)
-            self.started = [s for s in self.started if s.id != task_id]
+    def forget(self, task_ids: Collection[str]) -> None:
+        """Drop what is pending about tasks the node no longer holds (all of a set's at
+        once: one pass over the started notices, not one per task)."""
+        for tid in task_ids:
+            self.results.pop(tid, None)
+            self.progress.pop(tid, None)
+        if self.started and task_ids:  # (a short task's may wait STARTED_HOLD_S)
+            self.started = [s for s in self.started if s.id not in task_ids]
 
     def schedule(self, *, urgent: bool = True, short: bool = False) -> None:
         """Send a report soon: results (``urgent``) at once unless a report left less than

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -314,7 +314,17 @@ class Supervisor:
             return []
         live = [lt for lt in queue if self.held.get(lt.a.id) is lt and lt.state == "pending"]
         queue.clear()
-        order = sorted(range(len(live)), key=lambda i: (-live[i].a.priority, i))
+        if not live:
+            return []
+        top = live[0].a.priority
+        # (one priority, the common case: the queue's order already; no sort of the whole
+        # queue for each worker's pick)
+        uniform = all(lt.a.priority == top for lt in live)
+        order: Sequence[int] = (
+            range(len(live))
+            if uniform
+            else sorted(range(len(live)), key=lambda i: (-live[i].a.priority, i))
+        )
         take: list[HeldTask] = []
         runtimes = self._runtimes
         work = sum(runtimes.get(x.a.name, 0.0) for x in w.queue)  # (short ones only)
@@ -338,8 +348,11 @@ class Supervisor:
             take.append(lt)
             if not short:
                 break  # (a task not known to be short goes alone: none waits behind it)
-        chosen = {id(lt) for lt in take}
-        queue.extend(lt for lt in live if id(lt) not in chosen)
+        if uniform:  # (``take`` is the head of ``order``: here, of ``live``)
+            queue.extend(live[len(take) :])
+        else:
+            chosen = {id(lt) for lt in take}
+            queue.extend(lt for lt in live if id(lt) not in chosen)
         return take
 
     def _send(self, w: WorkerProc, *msgs: Message) -> bool:
