@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from ..backoff import Backoff, compute_backoff
 from ..protocol import Assignment, ErrorInfo, GroupInfo, Progress, Result, Started
+from ..protocol.codec import decode_json
 from ..protocol_worker import (
-    HEADER,
     Done,
     Failed,
     Hello,
@@ -34,9 +34,8 @@ from ..protocol_worker import (
     Skip,
     TaskProgress,
     WorkerMessageError,
-    decode,
-    decode_json,
     encode,
+    take,
 )
 from ..ratelog import LogLimiter
 from .reports import ReportBatcher
@@ -603,18 +602,24 @@ class Supervisor:
         """Read a worker's messages until its socket closes."""
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         w.writer = writer
+        buf = bytearray()
         try:
-            while True:
-                n, kind = HEADER.unpack(await reader.readexactly(HEADER.size))
-                body = await reader.readexactly(n)
-                try:
-                    self._on_worker_message(w, decode(kind, body))
-                except WorkerMessageError as exc:
-                    self._bad_log.warning("frame", "worker %d: %s; ignored", w.pid, exc)
-                except Exception:
-                    log.exception("failed to handle a message from worker %d", w.pid)
+            # what has arrived, at once: a busy worker's results are many small frames,
+            # and two awaits each (header, body) cost more than handling them
+            while chunk := await reader.read(1 << 16):
+                buf += chunk
+                while True:
+                    try:
+                        msg = take(buf)
+                        if msg is None:
+                            break
+                        self._on_worker_message(w, msg)
+                    except WorkerMessageError as exc:
+                        self._bad_log.warning("frame", "worker %d: %s; ignored", w.pid, exc)
+                    except Exception:
+                        log.exception("failed to handle a message from worker %d", w.pid)
                 self.on_change()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ConnectionError:
             pass
         finally:
             # no more work for it from here on, even before its process is reaped
