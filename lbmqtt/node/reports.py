@@ -87,6 +87,8 @@ class ReportBatcher:
         task's result carries them (STARTED_HOLD_S if they are all of ``short`` tasks)."""
         loop = asyncio.get_running_loop()
         now = loop.time()
+        if self._soon and self._due <= now:
+            return  # (a report is due at once: this rides along, whatever its kind)
         if not urgent:
             due = now + (STARTED_HOLD_S if short else REPORT_GAP_S)
         elif self.busy():
