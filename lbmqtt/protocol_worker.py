@@ -207,15 +207,26 @@ def decode_task_reference(text: str) -> TaskReference:
     return TaskReference(d["name"], d["ref"], d.get("style", "auto"), d.get("arguments"))
 
 
+_RESULT_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+_DECODER = json.JSONDecoder()
+# (json.dumps with options builds an encoder at each call, and json.loads of bytes detects
+# their encoding first: each doubled the cost of a small value, once per task)
+
+
 def encode_result(value: Any) -> bytes:
-    """A task's result as the JSON :class:`Done` carries (strict: no NaN).
+    """A task's result as the JSON :class:`Done` carries (strict: no NaN): what
+    ``json.dumps(value, allow_nan=False, separators=(",", ":"))`` gives.
 
     Raises:
         TypeError, ValueError: the value is not JSON-serializable.
     """
-    return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+    return _RESULT_ENCODER.encode(value).encode()
 
 
 def decode_json(data: bytes) -> Any:
-    """The value of a task's arguments (:class:`Run`) or result (:class:`Done`)."""
-    return json.loads(data)
+    """The value of a task's arguments (:class:`Run`) or result (:class:`Done`), as
+    ``json.loads(data)`` gives it (which decides whatever is not plain UTF-8 JSON)."""
+    try:
+        return _DECODER.decode(data.decode())
+    except ValueError:  # (UnicodeDecodeError too: a BOM, UTF-16, an escaped surrogate)
+        return json.loads(data)
