@@ -310,3 +310,45 @@ def test_held_tasks_go_to_a_worker_highest_priority_first_and_otherwise_in_order
     # one priority: the order they came, whole batches
     same = asyncio.run(handed([3] * n, short=True))
     assert [tid for b in same for tid, _ in b] == [f"t{i}" for i in range(n)]
+
+
+def test_the_node_reads_every_frame_of_a_burst_from_a_worker_in_order() -> None:
+    """A busy worker's results arrive as many small frames, more than one read takes and
+    cut anywhere: each is handled once, in the order sent."""
+    from collections import Counter
+
+    from lbmqtt.node.reports import ReportBatcher
+    from lbmqtt.node.supervisor import HeldTask, Supervisor
+    from lbmqtt.protocol import Assignment, GroupInfo
+
+    n = 3000  # (~60 bytes a frame: ~180 KB, reads of up to 64 KiB)
+
+    async def scenario() -> tuple[list[object], Any]:
+        held: dict[str, HeldTask] = {}
+        reports = ReportBatcher("n", "i", "t", held, lambda: None)
+        sup = Supervisor(held, reports, Counter(), lambda: None)
+        sup.add_groups([GroupInfo(index=0, workers=1, min_p=0, max_p=9)], [])
+        w = sup.workers[0]
+        for i in range(n):
+            a = Assignment(id=f"t{i}", attempt=1, user="u", name="ECHO")
+            held[a.id] = lt = HeldTask(a=a, args_json=b"null", state="running", worker=w)
+            w.queue.append(lt)
+        ours, theirs = socket.socketpair()
+        frames = encode(Hello(1234, ["ECHO"])) + b"".join(
+            encode(Done(f"t{i}", 1, json.dumps({"i": i}).encode(), 0.001)) for i in range(n)
+        )
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def send() -> None:
+            await loop.sock_sendall(theirs, frames)
+            theirs.close()
+
+        sender = asyncio.create_task(send())
+        await sup._serve(w, ours)
+        await sender
+        return [r.result for r in reports.results.values()], sup.counters
+
+    results, counters = asyncio.run(scenario())
+    assert results == [{"i": i} for i in range(n)]
+    assert counters["done"] == n
