@@ -3,7 +3,8 @@
 
 Scenarios (this file grows with the performance issue):
 
-``throughput``  N no-op tasks from one client (``map``): tasks/s, p50/p99 submit->result.
+``throughput``  N no-op tasks from one client (``map``): tasks/s, p50/p99 submit->result,
+                and each process's CPU per task in µs (``cpu_us_per_task``).
 ``latency``     one task at a time: p50/p99 submit->result. With ``--stages``, a second
                 pass of as many tasks with a listener on every topic (its own process):
                 the median time from submit to each message of a task (the submit, the
