@@ -302,6 +302,8 @@ def test_held_tasks_go_to_a_worker_highest_priority_first_and_otherwise_in_order
     assert [w for [w] in one_by_one] == [
         ("t4", 9), ("t2", 5), ("t5", 5), ("t0", 0), ("t1", 0), ("t3", 0)
     ]  # fmt: skip
+    ends_as_it_began = asyncio.run(handed([0, 5, 0], short=False))
+    assert [w for [w] in ends_as_it_began] == [("t1", 5), ("t0", 0), ("t2", 0)]
     # known to be short: in batches, each in that order
     n = HANDOFF_BATCH + 10
     batches = asyncio.run(handed([0] * (n - 1) + [7], short=True))
@@ -312,9 +314,13 @@ def test_held_tasks_go_to_a_worker_highest_priority_first_and_otherwise_in_order
     assert [tid for b in same for tid, _ in b] == [f"t{i}" for i in range(n)]
 
 
-def test_the_node_reads_every_frame_of_a_burst_from_a_worker_in_order() -> None:
+def test_the_node_reads_every_frame_of_a_burst_from_a_worker_in_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A busy worker's results arrive as many small frames, more than one read takes and
-    cut anywhere: each is handled once, in the order sent."""
+    cut anywhere: each is handled once, in the order sent; a malformed frame, or one whose
+    handling fails, is logged and the frames after it are still read, up to a last frame
+    cut short by the end of the stream."""
     from collections import Counter
 
     from lbmqtt.node.reports import ReportBatcher
@@ -334,8 +340,20 @@ def test_the_node_reads_every_frame_of_a_burst_from_a_worker_in_order() -> None:
             held[a.id] = lt = HeldTask(a=a, args_json=b"null", state="running", worker=w)
             w.queue.append(lt)
         ours, theirs = socket.socketpair()
-        frames = encode(Hello(1234, ["ECHO"])) + b"".join(
-            encode(Done(f"t{i}", 1, json.dumps({"i": i}).encode(), 0.001)) for i in range(n)
+
+        def done(i: int, result: bytes | None = None) -> bytes:
+            return encode(Done(f"t{i}", 1, result or json.dumps({"i": i}).encode(), 0.001))
+
+        half = n // 2
+        frames = (
+            encode(Hello(1234, ["ECHO"]))
+            + b"".join(done(i) for i in range(half))
+            + done(half, b"{not json")  # (its handling fails: the task stays unfinished)
+            + HEADER.pack(8, 2)
+            + b"\x80garbage"  # (a malformed frame)
+            + b"".join(done(i) for i in range(half, n))  # (the result of t{half} again)
+            + HEADER.pack(100, 2)
+            + b"cut short"
         )
         theirs.setblocking(False)
         loop = asyncio.get_running_loop()
@@ -352,3 +370,5 @@ def test_the_node_reads_every_frame_of_a_burst_from_a_worker_in_order() -> None:
     results, counters = asyncio.run(scenario())
     assert results == [{"i": i} for i in range(n)]
     assert counters["done"] == n
+    assert "failed to handle a message from worker 1234" in caplog.text
+    assert "worker 1234: malformed frame (8 bytes)" in caplog.text
