@@ -229,4 +229,5 @@ def decode_json(data: bytes) -> Any:
     try:
         return _DECODER.decode(data.decode())
     except ValueError:  # (UnicodeDecodeError too: a BOM, UTF-16, an escaped surrogate)
-        return json.loads(data)
+        pass
+    return json.loads(data)  # (outside the except: its error alone, not chained to ours)
