@@ -207,11 +207,15 @@ def start_mosquitto() -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     conf = loopback_mosquitto_conf((ROOT / "broker" / "mosquitto.conf").read_text(), port)
     d = Path(tempfile.mkdtemp(prefix="lbmqtt-bench-"))
-    (d / "m.conf").write_text(conf)
-    proc = subprocess.Popen(
-        [exe, "-c", str(d / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_listening(proc, port, "mosquitto")
+    try:
+        (d / "m.conf").write_text(conf)
+        proc = subprocess.Popen(
+            [exe, "-c", str(d / "m.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_listening(proc, port, "mosquitto")
+    except BaseException:  # (SystemExit from wait_listening too: no directory left behind)
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     return proc, port, d
 
 
@@ -253,11 +257,13 @@ def bench_broker(
         yield port, pid, children
     finally:
         stop_children(children)
-        if mosq is not None:
-            mosq.terminate()
-            mosq.wait(10)
-        if conf_dir is not None:
-            shutil.rmtree(conf_dir, ignore_errors=True)
+        try:
+            if mosq is not None:
+                mosq.terminate()
+                mosq.wait(10)
+        finally:
+            if conf_dir is not None:
+                shutil.rmtree(conf_dir, ignore_errors=True)
 
 
 async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
@@ -1058,7 +1064,8 @@ def main() -> None:
                     # CPU of each process over the whole run (warm-up included), % of one core
                     r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
                     # and per task, in µs: what a change to the CPU a task costs shows in
-                    # (steadier than tasks/s on a shared machine; summed in "all")
+                    # (steadier than tasks/s on a shared machine; summed in "all"; the
+                    # warm-up's 50 tasks and the client's start are in it, as above)
                     per_task = {k: round(1e6 * (c1[k] - c0[k]) / args.tasks, 1) for k in c0}
                     per_task["all"] = round(sum(per_task.values()), 1)
                     r["cpu_us_per_task"] = per_task
