@@ -4,7 +4,8 @@
 Scenarios (this file grows with the performance issue):
 
 ``throughput``  N no-op tasks from one client (``map``): tasks/s, p50/p99 submit->result,
-                and each process's CPU per task in µs (``cpu_us_per_task``).
+                each process's CPU per task in µs (``cpu_us_per_task``) and the share of
+                the run it was ready to run but waited for a CPU (``runqueue_wait_pct``).
 ``latency``     one task at a time: p50/p99 submit->result. With ``--stages``, a second
                 pass of as many tasks with a listener on every topic (its own process):
                 the median time from submit to each message of a task (the submit, the
@@ -99,6 +100,23 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of a process have spent runnable but waiting for a CPU (Linux
+    /proc/PID/task/*/schedstat, second field; 0 where the kernel does not keep it)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # (a thread gone meanwhile)
+    return total / 1e9
 
 
 def pct(values: list[float], q: float) -> float:
@@ -231,6 +249,15 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
     proc.kill()
     proc.wait(10)
     raise SystemExit(f"{what} did not start")
+
+
+def runqueue_waits(pids: dict[str, int], node_pid: int) -> dict[str, float]:
+    """:func:`runqueue_wait_seconds` of the bench's processes by role (the client is this
+    process; the node's workers summed)."""
+    out = {k: runqueue_wait_seconds(p) for k, p in pids.items()}
+    out["client"] = runqueue_wait_seconds(os.getpid())
+    out["workers"] = sum(runqueue_wait_seconds(p) for p in children_of(node_pid))
+    return out
 
 
 MACHINE = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -1055,12 +1082,14 @@ def main() -> None:
                     c0 = {k: cpu_seconds(p) for k, p in pids.items()}
                     c0["client"] = time.process_time()
                     c0["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
+                    q0 = runqueue_waits(pids, node_child.proc.pid)
                     w0 = time.perf_counter()
                     r = asyncio.run(scenario(args, port, prefix))
                     wall = time.perf_counter() - w0
                     c1 = {k: cpu_seconds(p) for k, p in pids.items()}
                     c1["client"] = time.process_time()
                     c1["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
+                    q1 = runqueue_waits(pids, node_child.proc.pid)
                     # CPU of each process over the whole run (warm-up included), % of one core
                     r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
                     # and per task, in µs: what a change to the CPU a task costs shows in
@@ -1069,6 +1098,9 @@ def main() -> None:
                     per_task = {k: round(1e6 * (c1[k] - c0[k]) / args.tasks, 1) for k in c0}
                     per_task["all"] = round(sum(per_task.values()), 1)
                     r["cpu_us_per_task"] = per_task
+                    # how long each was ready to run but had no CPU, % of the run: the
+                    # contention for the cores (all processes share the machine's 2)
+                    r["runqueue_wait_pct"] = {k: round(100 * (q1[k] - q0[k]) / wall, 1) for k in q0}
                     runs.setdefault(mode, []).append(r)
                 finally:
                     stop_children([balancer])

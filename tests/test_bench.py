@@ -129,3 +129,12 @@ def test_bench_run_unequal_runs_with_and_without_copies() -> None:
     )
     # (the figures are read by people; a makespan below the bound would be a broken bench)
     assert out["over_bound_speculate_on"] >= 1.0 and out["over_bound_speculate_off"] >= 1.0
+
+
+def test_bench_throughput_runs_and_accounts_each_process() -> None:
+    out = _bench("bench/run.py", "throughput", "--tasks", "300", timeout=180)
+    roles = {"balancer", "node", "broker", "client", "workers"}
+    assert out["tasks_per_s"] > 0
+    assert set(out["cpu_us_per_task"]) == roles | {"all"}
+    assert set(out["runqueue_wait_pct"]) == roles
+    assert all(v >= 0 for v in out["runqueue_wait_pct"].values())
