@@ -19,6 +19,7 @@ explained by retries) / faults injected.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -141,10 +142,14 @@ def main() -> int:
             elif fault == "node-stop":
                 pids = [cluster.pid(node), *cluster.workers_of(node)]
                 for pid in pids:
-                    os.kill(pid, signal.SIGSTOP)
+                    with contextlib.suppress(ProcessLookupError):  # (one that just ended)
+                        os.kill(pid, signal.SIGSTOP)
                 time.sleep(3.5)  # past NODE_TIMEOUT_S and 1.5 x keep-alive
-                for pid in pids:
-                    os.kill(pid, signal.SIGCONT)
+                # the workers first: the node, continued, may at once kill a worker whose
+                # task was moved meanwhile, and the pid would be gone
+                for pid in reversed(pids):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
             elif fault == "node-drain":
                 cluster.kill(node, signal.SIGTERM, timeout=30)
                 start_node(node)
