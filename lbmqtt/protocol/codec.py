@@ -59,7 +59,8 @@ def decode_json(raw: bytes) -> Any:
     """The value of JSON bytes, as :func:`json.loads` gives it: parsed by pydantic-core,
     ~20x quicker on the small values tasks mostly return (2.4 µs -> 0.1 µs for ``null``);
     what it refuses (a BOM, a lone surrogate's escape, nesting too deep) goes to
-    ``json.loads``, which decides.
+    ``json.loads``, which decides. (The worker has its own, without pydantic-core:
+    :func:`lbmqtt.protocol_worker.decode_json`.)
 
     Raises:
         ValueError: not JSON (``json.JSONDecodeError``).
