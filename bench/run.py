@@ -251,13 +251,18 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
     raise SystemExit(f"{what} did not start")
 
 
-def runqueue_waits(pids: dict[str, int], node_pid: int) -> dict[str, float]:
-    """:func:`runqueue_wait_seconds` of the bench's processes by role (the client is this
-    process; the node's workers summed)."""
-    out = {k: runqueue_wait_seconds(p) for k, p in pids.items()}
-    out["client"] = runqueue_wait_seconds(os.getpid())
-    out["workers"] = sum(runqueue_wait_seconds(p) for p in children_of(node_pid))
-    return out
+def process_times(pids: dict[str, int], node_pid: int) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU seconds (:func:`cpu_seconds`) and run-queue wait seconds
+    (:func:`runqueue_wait_seconds`) of the bench's processes by role: those of ``pids``,
+    the client (this process) and the node's workers (summed)."""
+    workers = children_of(node_pid)
+    cpu = {k: cpu_seconds(p) for k, p in pids.items()}
+    cpu["client"] = time.process_time()
+    cpu["workers"] = sum(cpu_seconds(p) for p in workers)
+    wait = {k: runqueue_wait_seconds(p) for k, p in pids.items()}
+    wait["client"] = runqueue_wait_seconds(os.getpid())
+    wait["workers"] = sum(runqueue_wait_seconds(p) for p in workers)
+    return cpu, wait
 
 
 MACHINE = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -1079,17 +1084,11 @@ def main() -> None:
                     "broker": broker_pid,
                 }
                 try:
-                    c0 = {k: cpu_seconds(p) for k, p in pids.items()}
-                    c0["client"] = time.process_time()
-                    c0["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
-                    q0 = runqueue_waits(pids, node_child.proc.pid)
+                    c0, q0 = process_times(pids, node_child.proc.pid)
                     w0 = time.perf_counter()
                     r = asyncio.run(scenario(args, port, prefix))
                     wall = time.perf_counter() - w0
-                    c1 = {k: cpu_seconds(p) for k, p in pids.items()}
-                    c1["client"] = time.process_time()
-                    c1["workers"] = sum(cpu_seconds(p) for p in children_of(node_child.proc.pid))
-                    q1 = runqueue_waits(pids, node_child.proc.pid)
+                    c1, q1 = process_times(pids, node_child.proc.pid)
                     # CPU of each process over the whole run (warm-up included), % of one core
                     r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
                     # and per task, in µs: what a change to the CPU a task costs shows in
