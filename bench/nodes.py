@@ -32,7 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import MACHINE, bench_broker, cpu_seconds  # noqa: E402
+from bench.procstat import cpu_seconds  # noqa: E402
+from bench.run import MACHINE, bench_broker  # noqa: E402
 from lbmqtt.client import AsyncClient  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
 from lbmqtt.launcher import spawn  # noqa: E402

@@ -79,6 +79,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.procstat import cpu_seconds, process_times  # noqa: E402
 from lbmqtt.broker import loopback_mosquitto_conf  # noqa: E402
 from lbmqtt.client import AsyncClient  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
@@ -87,36 +88,6 @@ from lbmqtt.mqtt import MqttTransport  # noqa: E402
 from tests.cluster import children_of, free_port  # noqa: E402
 
 DEMO = str(ROOT / "nodes" / "demo_tasks.py")
-
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def runqueue_wait_seconds(pid: int) -> float:
-    """Seconds the threads of a process have spent runnable but waiting for a CPU (Linux
-    /proc/PID/task/*/schedstat, second field; 0 where the kernel does not keep it)."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # (a thread gone meanwhile)
-    return total / 1e9
 
 
 def pct(values: list[float], q: float) -> float:
@@ -249,20 +220,6 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
     proc.kill()
     proc.wait(10)
     raise SystemExit(f"{what} did not start")
-
-
-def process_times(pids: dict[str, int], node_pid: int) -> tuple[dict[str, float], dict[str, float]]:
-    """CPU seconds (:func:`cpu_seconds`) and run-queue wait seconds
-    (:func:`runqueue_wait_seconds`) of the bench's processes by role: those of ``pids``,
-    the client (this process) and the node's workers (summed)."""
-    workers = children_of(node_pid)
-    cpu = {k: cpu_seconds(p) for k, p in pids.items()}
-    cpu["client"] = time.process_time()
-    cpu["workers"] = sum(cpu_seconds(p) for p in workers)
-    wait = {k: runqueue_wait_seconds(p) for k, p in pids.items()}
-    wait["client"] = runqueue_wait_seconds(os.getpid())
-    wait["workers"] = sum(runqueue_wait_seconds(p) for p in workers)
-    return cpu, wait
 
 
 MACHINE = f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"

@@ -1,0 +1,54 @@
+"""What the benchmarks read of their processes from Linux /proc: CPU seconds, and the
+seconds their threads were ready to run but waited for a CPU."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from tests.cluster import children_of
+
+__all__ = ["cpu_seconds", "process_times", "runqueue_wait_seconds"]
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of a process have spent runnable but waiting for a CPU (Linux
+    /proc/PID/task/*/schedstat, second field; 0 where the kernel does not keep it)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # (a thread gone meanwhile)
+    return total / 1e9
+
+
+def process_times(pids: dict[str, int], node_pid: int) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU seconds (:func:`cpu_seconds`) and run-queue wait seconds
+    (:func:`runqueue_wait_seconds`) of the bench's processes by role: those of ``pids``,
+    the client (this process) and the node's workers (summed)."""
+    workers = children_of(node_pid)
+    cpu = {k: cpu_seconds(p) for k, p in pids.items()}
+    cpu["client"] = time.process_time()
+    cpu["workers"] = sum(cpu_seconds(p) for p in workers)
+    wait = {k: runqueue_wait_seconds(p) for k, p in pids.items()}
+    wait["client"] = runqueue_wait_seconds(os.getpid())
+    wait["workers"] = sum(runqueue_wait_seconds(p) for p in workers)
+    return cpu, wait
