@@ -461,6 +461,38 @@ def test_qos0_read_and_delivered_at_once_keeps_order_with_qos1(
     assert (broker.patched.inline_deliveries > 0) == (case == "patched")
 
 
+def test_a_retained_qos0_message_is_delivered_at_once_and_kept_as_amqtt_keeps_it(
+    case: str, cleanup: list[Any]
+) -> None:
+    broker = broker_for(case, "inline_qos0")
+    cleanup.append(broker)
+    a = _client(broker, cleanup, "r/#", 0)
+    pub = _raw_session(broker.port, "retainer")
+    cleanup.append(pub)
+    retained = bytes([0x31])  # (PUBLISH, QoS 0, retained)
+    before = broker.patched.inline_deliveries
+    # When a client publishes retained QoS 0 messages, then a plain one behind them
+    one = raw_publish_packet("r/x", b"one")
+    two = raw_publish_packet("r/y", b"two")
+    pub.sendall(retained + one[1:] + retained + two[1:] + raw_publish_packet("r/z", b"plain"))
+    wait_until(lambda: len(a.messages) >= 3, 10, "the three messages")
+    # Then its subscribers get them in order, as live messages (retain flag off)
+    assert a.messages == [("r/x", b"one", False), ("r/y", b"two", False), ("r/z", b"plain", False)]
+    # (the patched broker read and delivered them at once, without amqtt's tasks)
+    assert (broker.patched.inline_deliveries - before >= 3) == (case == "patched")
+    # When one of them is cleared by an empty retained message
+    empty = raw_publish_packet("r/y", b"")
+    pub.sendall(retained + empty[1:])
+    wait_until(lambda: len(a.messages) >= 4, 10, "the empty message")
+    assert a.messages[3] == ("r/y", b"", False)
+    # Then a later subscriber gets the one still kept, flagged retained, and not the other
+    late = _client(broker, cleanup)
+    late.subscribe("r/#", qos=0)
+    late.publish("r/marker", b"m", qos=0)
+    wait_until(lambda: late.payloads("r/marker"), 10, "the late subscriber's marker")
+    assert [m for m in late.messages if m[0] != "r/marker"] == [("r/x", b"one", True)]
+
+
 def test_a_publish_right_behind_its_subscribe_reaches_the_new_subscription(
     case: str, cleanup: list[Any]
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from amqtt.broker import RetainedApplicationMessage
 from amqtt.events import BrokerEvents, MQTTEvents
 from amqtt.mqtt.packet import SUBSCRIBE
 from amqtt.session import Session
@@ -24,6 +25,8 @@ _INLINE_EVENTS = (
     BrokerEvents.MESSAGE_BROADCAST,
 )
 """Plugin events a message delivered inline would skip (inline_qos0 waits if any is seen)."""
+_RETAIN_EVENTS = (*_INLINE_EVENTS, BrokerEvents.RETAINED_MESSAGE)
+"""...and those a retained one would skip too."""
 
 
 def _resolve(future: asyncio.Future[None] | None) -> None:
@@ -37,6 +40,7 @@ class InlineReading:
     if TYPE_CHECKING:  # (PatchedBroker's and amqtt's, which this mixin comes before)
         patches: frozenset[str]
         guard: AccessGuard | None
+        _retained_messages: dict[str, RetainedApplicationMessage]
         plugins_manager: Any
         inline_deliveries: int
 
@@ -86,11 +90,20 @@ class InlineReading:
         handler.handle_connect = handle_connect
         handler.start = start_then_report
 
-    def _publish_inline(self, handler: Any, topic: str, data: bytes, running_tasks: Any) -> bool:
-        """Deliver a QoS 0 message (not retained) that ``handler``'s reader has just read,
-        as amqtt's path would but without its tasks, if nothing of that client is ahead
-        of it and nothing asks to see it on the way. False (nothing done): amqtt's path."""
-        if not self._inline_allowed:
+    def _publish_inline(
+        self, handler: Any, topic: str, data: bytes, running_tasks: Any, retain: bool = False
+    ) -> bool:
+        """Deliver a QoS 0 message that ``handler``'s reader has just read, as amqtt's path
+        would but without its tasks, if nothing of that client is ahead of it and nothing
+        asks to see it on the way; ``retain``: then keep it as the topic's retained message
+        (an empty one clears it), as amqtt's path would once it has broadcast it. False
+        (nothing done): amqtt's path.
+
+        Retained messages come this way too: lbmqtt's assignment sets are, and a set that
+        took amqtt's path made the message behind it (the tick's states) take it as well,
+        to keep their order: ~0.3 ms more a lone task's set took to reach its node than
+        with Mosquitto (``bench/run.py latency --stages``)."""
+        if not self._inline_allowed(_RETAIN_EVENTS if retain else _INLINE_EVENTS):
             return False
         session = handler.session
         waiters = getattr(handler, "lbmqtt_waiters", None)
@@ -113,19 +126,27 @@ class InlineReading:
                 role, "publish", topic, session.username or "", session.client_id or ""
             ):
                 return False  # (refused: amqtt's path counts and logs it)
+            if retain and not self.guard.may(
+                role, "retain", topic, session.username or "", session.client_id or ""
+            ):
+                return False  # (refused: amqtt's path drops, counts and logs it)
         # (without a guard, amqtt's topic plugins decide, asynchronously: _deliver_now
         # declines when there are any)
         if not self._send_direct(topic, data):
             return False
+        if retain:  # (amqtt's Broker.retain_message, but for its plugin event: none here)
+            if data:
+                self._retained_messages[topic] = RetainedApplicationMessage(session, topic, data, 0)
+            else:
+                self._retained_messages.pop(topic, None)
         self.inline_deliveries += 1
         return True
 
-    @property
-    def _inline_allowed(self) -> bool:
-        """No amqtt plugin sees each packet or message received (their events are
-        coroutines: amqtt's path fires them)."""
+    def _inline_allowed(self, events: tuple[Any, ...]) -> bool:
+        """No amqtt plugin listens for ``events`` (their handlers are coroutines: amqtt's
+        path fires them)."""
         callbacks = getattr(self.plugins_manager, "_event_plugin_callbacks", None)
-        return callbacks is not None and not any(e in callbacks for e in _INLINE_EVENTS)
+        return callbacks is not None and not any(e in callbacks for e in events)
 
     async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
         """amqtt's per-client loop, which also leaves the futures it waits on in

@@ -65,10 +65,11 @@ Patches (NOTES.md, "Bugs to work around"):
     it, and passes a PUBLISH through the session's queue to the per-client loop, which
     wakes through ``asyncio.wait`` and makes a task to wait for the next: ~5 tasks per
     message. lbmqtt's reader loop (:mod:`lbmqtt.broker.reader`) watches the keep-alive
-    with one timer per period instead, and hands a QoS 0 PUBLISH (not retained) to
-    direct_qos0's writes as it is read, when nothing of the same client is ahead of it:
-    no task of its packets unfinished, nothing in its queues, its per-client loop idle,
-    and no plugin that sees each packet or message (else amqtt's path, as before). Same
+    with one timer per period instead, and hands a QoS 0 PUBLISH to direct_qos0's writes
+    as it is read (a retained one is then kept as amqtt keeps it), when nothing of the same
+    client is ahead of it: no task of its packets unfinished, nothing in its queues, its
+    per-client loop idle, and no plugin that sees each packet or message (else amqtt's
+    path, as before). Same
     order, same access rules. It also has none of three bugs of amqtt's loop (see that
     module): a DISCONNECT or EOF read before ``start()`` returned was lost (a zombie
     session), a client that kept sending after a protocol violation was never cut off

@@ -26,7 +26,7 @@ CPU for a message.
   its topic, closes the connection (MQTT-4.8.0-1, as amqtt's reads past its end did);
 * SUBSCRIBE and UNSUBSCRIBE go, in the order read, to one queue, ``handler.lbmqtt_changes``
   (amqtt keeps one of each, and applies a SUBSCRIBE first when both have one ready);
-* a QoS 0 PUBLISH (not retained) is handed to ``deliver`` as soon as it is read, when
+* a QoS 0 PUBLISH (retained or not) is handed to ``deliver`` as soon as it is read, when
   nothing of the same client is still ahead of it (:meth:`InlineReading._publish_inline
   <lbmqtt.broker.inline.InlineReading._publish_inline>` decides, and may decline: then
   amqtt's path, as before).
@@ -86,9 +86,10 @@ _HANDLERS = {
 """amqtt's handler method for each packet type it serves, in a task (CONNECT is awaited;
 SUBSCRIBE and UNSUBSCRIBE go to ``handler.lbmqtt_changes``)."""
 
-Deliver = Callable[[Any, str, bytes, "collections.deque[asyncio.Task[None]]"], bool]
-"""``deliver(handler, topic, data, running_tasks)``: True if it delivered the QoS 0
-message (nothing more to do), False to leave it to amqtt's path."""
+Deliver = Callable[[Any, str, bytes, "collections.deque[asyncio.Task[None]]", bool], bool]
+"""``deliver(handler, topic, data, running_tasks, retain)``: True if it delivered the QoS 0
+message (and, ``retain``, retained it: nothing more to do), False to leave it to amqtt's
+path."""
 
 
 class MalformedPublish(ValueError):
@@ -225,8 +226,8 @@ async def reader_loop(handler: Any, deliver: Deliver) -> None:
                     body = await read_or_raise(reader, fixed_header.remaining_length)
                     topic, packet_id, data = parse_publish(fixed_header, body)
                     if (
-                        fixed_header.flags == 0  # (QoS 0, not DUP, not retained)
-                        and deliver(handler, topic, data, running_tasks)
+                        fixed_header.flags <= 1  # (QoS 0, not DUP; retained or not)
+                        and deliver(handler, topic, data, running_tasks, fixed_header.flags == 1)
                     ):
                         continue
                     try:
