@@ -713,15 +713,16 @@ def test_subscriptions_are_capped_and_unsubscribed_filters_forgotten(
     alice.close()
 
 
+@pytest.mark.parametrize("qos", [1, 0])  # (amqtt's path; read and delivered at once)
 def test_retained_messages_only_where_the_role_may_retain(
-    guarded: tuple[BrokerThread, Path],
+    guarded: tuple[BrokerThread, Path], qos: int
 ) -> None:
     broker, _ = guarded
     b = broker.patched
     mon = logged_in(broker.port, "mon")
-    mon.c.publish(f"p/probe/{mon.client_id}", b"x" * 1000, qos=1, retain=True).wait_for_publish(5)
+    mon.c.publish(f"p/probe/{mon.client_id}", b"x" * 1000, qos=qos, retain=True).wait_for_publish(5)
     mon.c.publish(
-        "p/dashboard/status", b'{"v": 1, "online": true}', qos=1, retain=True
+        "p/dashboard/status", b'{"v": 1, "online": true}', qos=qos, retain=True
     ).wait_for_publish(5)
     wait_until(lambda: "p/dashboard/status" in b._retained_messages, 5, "the presence")
     assert f"p/probe/{mon.client_id}" not in b._retained_messages
