@@ -491,6 +491,38 @@ def test_a_retained_qos0_message_is_delivered_at_once_and_kept_as_amqtt_keeps_it
     late.publish("r/marker", b"m", qos=0)
     wait_until(lambda: late.payloads("r/marker"), 10, "the late subscriber's marker")
     assert [m for m in late.messages if m[0] != "r/marker"] == [("r/x", b"one", True)]
+    kept = broker.lt.call(lambda: broker.patched._retained_messages["r/x"])
+    assert (kept.data, kept.qos, kept.source_session.client_id) == (b"one", 0, "retainer")
+
+
+def test_a_retained_message_goes_amqtts_way_when_a_plugin_listens_for_retained_ones(
+    cleanup: list[Any],
+) -> None:
+    from amqtt.events import BrokerEvents
+
+    broker = BrokerThread()
+    cleanup.append(broker)
+    told: list[bytes] = []
+
+    async def on_retained(**kwargs: Any) -> None:
+        told.append(bytes(kwargs["retained_message"].data))
+
+    callbacks = broker.patched.plugins_manager._event_plugin_callbacks
+    broker.lt.call(lambda: callbacks[BrokerEvents.RETAINED_MESSAGE].append(on_retained))
+    a = _client(broker, cleanup, "r/#", 0)
+    pub = _raw_session(broker.port, "retainer")
+    cleanup.append(pub)
+    before = broker.patched.inline_deliveries
+    # When a plugin listens for retained messages and a client keeps one, then clears it
+    pub.sendall(bytes([0x31]) + raw_publish_packet("r/x", b"one")[1:])
+    wait_until(lambda: told == [b"one"], 10, "the plugin told of the message")
+    pub.sendall(bytes([0x31]) + raw_publish_packet("r/x", b"")[1:])
+    wait_until(lambda: len(told) == 2, 10, "the plugin told of the clearing")
+    wait_until(lambda: len(a.messages) == 2, 10, "both messages")
+    # Then both took amqtt's path, which tells it (the inline one would not)
+    assert told == [b"one", b""]
+    assert a.messages == [("r/x", b"one", False), ("r/x", b"", False)]
+    assert broker.patched.inline_deliveries == before
 
 
 def test_a_publish_right_behind_its_subscribe_reaches_the_new_subscription(

@@ -24,7 +24,8 @@ _INLINE_EVENTS = (
     BrokerEvents.MESSAGE_RECEIVED,
     BrokerEvents.MESSAGE_BROADCAST,
 )
-"""Plugin events a message delivered inline would skip (inline_qos0 waits if any is seen)."""
+"""Plugin events a message delivered inline would skip (inline_qos0 declines, leaving the
+message to amqtt's path, while a plugin listens for any)."""
 _RETAIN_EVENTS = (*_INLINE_EVENTS, BrokerEvents.RETAINED_MESSAGE)
 """...and those a retained one would skip too."""
 
@@ -134,7 +135,7 @@ class InlineReading:
         # declines when there are any)
         if not self._send_direct(topic, data):
             return False
-        if retain:  # (amqtt's Broker.retain_message, but for its plugin event: none here)
+        if retain:  # (amqtt's Broker.retain_message but for its plugin event: none listens)
             if data:
                 self._retained_messages[topic] = RetainedApplicationMessage(session, topic, data, 0)
             else:

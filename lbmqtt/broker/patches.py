@@ -68,13 +68,13 @@ Patches (NOTES.md, "Bugs to work around"):
     with one timer per period instead, and hands a QoS 0 PUBLISH to direct_qos0's writes
     as it is read (a retained one is then kept as amqtt keeps it), when nothing of the same
     client is ahead of it: no task of its packets unfinished, nothing in its queues, its
-    per-client loop idle, and no plugin that sees each packet or message (else amqtt's
-    path, as before). Same
-    order, same access rules. It also has none of three bugs of amqtt's loop (see that
-    module): a DISCONNECT or EOF read before ``start()`` returned was lost (a zombie
-    session), a client that kept sending after a protocol violation was never cut off
-    (Python 3.11's ``wait_for``), and an UNSUBSCRIBE then SUBSCRIBE read together ended
-    unsubscribed (:mod:`lbmqtt.broker.inline`).
+    per-client loop idle, and no plugin that sees each packet or message (or, for a
+    retained one, each message kept; else amqtt's path, as before). Same order, same access
+    rules (for a retained one, the right to retain too). It also has none of three bugs of
+    amqtt's loop (see that module): a DISCONNECT or EOF read before ``start()`` returned
+    was lost (a zombie session), a client that kept sending after a protocol violation was
+    never cut off (Python 3.11's ``wait_for``), and an UNSUBSCRIBE then SUBSCRIBE read
+    together ended unsubscribed (:mod:`lbmqtt.broker.inline`).
 ``connect_close`` (part of every broker, not optional)
     amqtt closes the socket for only some failed CONNECTs: a first packet other than
     CONNECT left the connection open and never read again, and a client that left before
