@@ -8,7 +8,13 @@ import time
 
 from tests.cluster import children_of
 
-__all__ = ["cpu_seconds", "process_times", "runqueue_wait_seconds"]
+__all__ = [
+    "cpu_seconds",
+    "oncpu_by_role",
+    "oncpu_seconds",
+    "process_times",
+    "runqueue_wait_seconds",
+]
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -23,9 +29,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def runqueue_wait_seconds(pid: int) -> float:
-    """Seconds the threads of a process have spent runnable but waiting for a CPU (Linux
-    /proc/PID/task/*/schedstat, second field; 0 where the kernel does not keep it)."""
+def _schedstat_seconds(pid: int, field: int) -> float:
+    """A field of /proc/PID/task/*/schedstat summed over the process's threads, in
+    seconds (0: on-CPU ns, 1: run-queue wait ns; 0 where the kernel does not keep it)."""
     total = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -34,10 +40,32 @@ def runqueue_wait_seconds(pid: int) -> float:
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[1])
+                total += int(f.read().split()[field])
         except (OSError, IndexError, ValueError):
             continue  # (a thread gone meanwhile)
     return total / 1e9
+
+
+def oncpu_seconds(pid: int) -> float:
+    """Seconds the threads of a process have run on a CPU, to the nanosecond (schedstat):
+    /proc/PID/stat's CPU ticks (:func:`cpu_seconds`) are 10 ms apart, too coarse for a
+    phase of a fraction of a second."""
+    return _schedstat_seconds(pid, 0)
+
+
+def oncpu_by_role(pids: dict[str, int], node_pid: int) -> dict[str, float]:
+    """:func:`oncpu_seconds` of the bench's processes by role: those of ``pids``, the
+    client (this process) and the node's workers (summed)."""
+    out = {k: oncpu_seconds(p) for k, p in pids.items()}
+    out["client"] = oncpu_seconds(os.getpid())
+    out["workers"] = sum(oncpu_seconds(p) for p in children_of(node_pid))
+    return out
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds the threads of a process have spent runnable but waiting for a CPU (Linux
+    /proc/PID/task/*/schedstat, second field; 0 where the kernel does not keep it)."""
+    return _schedstat_seconds(pid, 1)
 
 
 def process_times(pids: dict[str, int], node_pid: int) -> tuple[dict[str, float], dict[str, float]]:

@@ -4,8 +4,11 @@
 Scenarios (this file grows with the performance issue):
 
 ``throughput``  N no-op tasks from one client (``map``): tasks/s, p50/p99 submit->result,
-                each process's CPU per task in µs (``cpu_us_per_task``) and the share of
-                the run it was ready to run but waited for a CPU (``runqueue_wait_pct``).
+                each process's CPU per task in µs (``cpu_us_per_task``), the share of
+                the run it was ready to run but waited for a CPU (``runqueue_wait_pct``),
+                and its CPU (% of a core) while the client submits and after
+                (``cpu_pct_by_phase``: ``submit``, ``drain``; ``all`` summed): which
+                process bounds each phase, and whether both cores are kept busy.
 ``latency``     one task at a time: p50/p99 submit->result. With ``--stages``, a second
                 pass of as many tasks with a listener on every topic (its own process):
                 the median time from submit to each message of a task (the submit, the
@@ -72,14 +75,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.procstat import cpu_seconds, process_times  # noqa: E402
+from bench.procstat import cpu_seconds, oncpu_by_role, process_times  # noqa: E402
 from lbmqtt.broker import loopback_mosquitto_conf  # noqa: E402
 from lbmqtt.client import AsyncClient  # noqa: E402
 from lbmqtt.config import load_settings  # noqa: E402
@@ -309,9 +312,52 @@ async def broker_baseline(port: int, n: int = 2000) -> dict[str, float]:
     return {"broker_rtt_p50_ms": 1000 * pct(rtts, 0.5), "broker_msgs_per_s": rate}
 
 
+PHASES = (("submit", "start", "submitted"), ("drain", "submitted", "end"))
+"""A throughput run's phases, between the points ``scenario`` marks: the client submitting
+(the balancer accepts and dispatches at once), then the rest of the results coming in."""
+
+
+class PhaseMarks:
+    """``scenario``'s ``mark``: the time and each process's on-CPU seconds (by role) at each
+    point it marks."""
+
+    def __init__(self, pids: dict[str, int], node_pid: int):
+        self.pids = pids
+        self.node_pid = node_pid
+        self.marks: dict[str, tuple[float, dict[str, float]]] = {}
+
+    def __call__(self, point: str) -> None:
+        self.marks[point] = (time.perf_counter(), oncpu_by_role(self.pids, self.node_pid))
+
+
+def cpu_by_phase(
+    marks: dict[str, tuple[float, dict[str, float]]],
+) -> dict[str, dict[str, float]]:
+    """Each process's CPU in each phase of a run, % of one core, and all of them summed
+    (``all``): from the (time, on-CPU seconds by role) taken at each marked point."""
+    out: dict[str, dict[str, float]] = {}
+    for phase, a, b in PHASES:
+        if a not in marks or b not in marks:
+            continue
+        (ta, ca), (tb, cb) = marks[a], marks[b]
+        if tb <= ta:
+            continue
+        pct = {k: 100 * (cb[k] - ca[k]) / (tb - ta) for k in ca}
+        pct["all"] = sum(pct.values())
+        out[phase] = {k: round(v, 1) for k, v in pct.items()}
+    return out
+
+
 async def scenario(
-    args: argparse.Namespace, port: int, prefix: str, host: str = "127.0.0.1"
+    args: argparse.Namespace,
+    port: int,
+    prefix: str,
+    host: str = "127.0.0.1",
+    mark: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """Run one scenario's client side; ``mark(point)``, if given, is called at the points
+    of a throughput run that split it into phases: ``start``, ``submitted``, ``end``."""
+    note = mark or (lambda point: None)
     if args.scenario in ("journal", "lan"):
         args = argparse.Namespace(**{**vars(args), "scenario": "throughput"})
     s = load_settings(
@@ -329,15 +375,18 @@ async def scenario(
         await c.map("NOOP", [None] * min(50, args.tasks))  # warm-up
         if args.scenario == "throughput":
             n = args.tasks
+            note("start")
             t0 = time.perf_counter()
             ids = await c.submit_many({"name": "NOOP", "args": i} for i in range(n))
             submitted = time.perf_counter()
+            note("submitted")
             lat = []
             for tid in ids:
                 st = await c.wait_state(tid, timeout=600)
                 if st.finished_at and st.submitted_at:
                     lat.append(st.finished_at - st.submitted_at)
             elapsed = time.perf_counter() - t0
+            note("end")
             out.update(
                 tasks=n,
                 seconds=elapsed,
@@ -1041,11 +1090,14 @@ def main() -> None:
                     "broker": broker_pid,
                 }
                 try:
+                    mark = PhaseMarks(pids, node_child.proc.pid)
                     c0, q0 = process_times(pids, node_child.proc.pid)
                     w0 = time.perf_counter()
-                    r = asyncio.run(scenario(args, port, prefix))
+                    r = asyncio.run(scenario(args, port, prefix, mark=mark))
                     wall = time.perf_counter() - w0
                     c1, q1 = process_times(pids, node_child.proc.pid)
+                    if phases := cpu_by_phase(mark.marks):
+                        r["cpu_pct_by_phase"] = phases
                     # CPU of each process over the whole run (warm-up included), % of one core
                     r["cpu_pct"] = {k: round(100 * (c1[k] - c0[k]) / wall, 1) for k in c0}
                     # and per task, in µs: what a change to the CPU a task costs shows in

@@ -138,3 +138,10 @@ def test_bench_throughput_runs_and_accounts_each_process() -> None:
     assert set(out["cpu_us_per_task"]) == roles | {"all"}
     assert set(out["runqueue_wait_pct"]) == roles
     assert all(v >= 0 for v in out["runqueue_wait_pct"].values())
+    phases = out["cpu_pct_by_phase"]
+    assert set(phases) == {"submit", "drain"}
+    for pct in phases.values():
+        assert set(pct) == roles | {"all"}
+        assert all(v >= 0 for v in pct.values())
+        assert pct["all"] == pytest.approx(sum(v for k, v in pct.items() if k != "all"), abs=1)
+        assert pct["client"] > 0  # (it submits, then takes the results in, in each phase)
