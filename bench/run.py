@@ -319,15 +319,18 @@ PHASES = (("submit", "start", "submitted"), ("drain", "submitted", "end"))
 
 class PhaseMarks:
     """``scenario``'s ``mark``: the time and each process's on-CPU seconds (by role) at each
-    point it marks."""
+    point it marks (the node's workers are found at the first, before the run is timed)."""
 
     def __init__(self, pids: dict[str, int], node_pid: int):
         self.pids = pids
         self.node_pid = node_pid
+        self.workers: list[int] | None = None
         self.marks: dict[str, tuple[float, dict[str, float]]] = {}
 
     def __call__(self, point: str) -> None:
-        self.marks[point] = (time.perf_counter(), oncpu_by_role(self.pids, self.node_pid))
+        if self.workers is None:
+            self.workers = children_of(self.node_pid)
+        self.marks[point] = (time.perf_counter(), oncpu_by_role(self.pids, self.workers))
 
 
 def cpu_by_phase(
