@@ -576,6 +576,8 @@ class MqttTransport:
                 return
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return
+            if client.buffered():
+                continue  # (read from the socket already: paho takes it from there)
             sock = client.socket()
             if sock is None:
                 return
@@ -587,6 +589,11 @@ class MqttTransport:
                 return
             if not readable:
                 return
+        # (512 packets read and more buffered: the socket may be dry now, it would not wake
+        # us for them)
+        if client.buffered():
+            assert self._loop is not None
+            self._loop.call_soon(self._on_readable)
 
     def _on_writable(self) -> None:
         client = self._client

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import socket
+import struct
+import termios
 from typing import Any
 
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from lbmqtt.broker import EmbeddedBroker
 from lbmqtt.errors import BrokerUnavailable, ConfigError
 from lbmqtt.mqtt import MqttTransport, Will
-from lbmqtt.paho_fixes import JOIN_MAX_BYTES, JOINED, coalesce
+from lbmqtt.paho_fixes import JOIN_MAX_BYTES, JOINED, READ_CHUNK, PahoClient, coalesce
 
 from .cluster import free_port
 
@@ -247,3 +251,90 @@ def test_a_burst_of_every_size_arrives_whole_and_in_order() -> None:
             await pub.close()
 
     asyncio.run(scenario())
+
+
+def test_more_packets_than_one_turn_of_the_read_loop_takes_all_arrive_in_order() -> None:
+    """A read brings up to READ_CHUNK bytes: thousands of tiny messages at once, more than
+    the 512 packets one turn of the read loop takes. The rest wait in the client's buffer,
+    not in the socket, so no readiness event would come for them: the loop must come back
+    by itself."""
+    n = 3000
+    payloads = [str(i).encode() for i in range(n)]
+    size = sum(2 + 2 + len("s/x") + len(p) for p in payloads)  # (header, topic, payload)
+
+    async def scenario() -> None:
+        async with EmbeddedBroker() as broker:
+            got: list[bytes] = []
+            sub = MqttTransport(
+                host="127.0.0.1",
+                port=broker.port,
+                client_id="sub",
+                on_message=lambda t, p, r: got.append(p),
+                subscriptions=[("s/#", 0)],
+                keepalive_s=60,  # (no ping's answer to wake its loop meanwhile)
+            )
+            pub = MqttTransport(
+                host="127.0.0.1", port=broker.port, client_id="pub", on_message=lambda *a: None
+            )
+            await sub.start(wait=True)
+            await pub.start(wait=True)
+            sock = sub._client.socket()
+            assert sock is not None and sub._fd is not None
+            loop = asyncio.get_running_loop()
+            # Given every message waiting in the subscriber's socket at once (its loop not
+            # reading meanwhile), within what one read takes
+            loop.remove_reader(sub._fd)
+            for p in payloads:
+                pub.publish("s/x", p)
+            pub.flush()
+
+            def waiting() -> int:
+                raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+                return int(struct.unpack("i", raw)[0])
+
+            await until(lambda: waiting() >= size, 20)
+            assert size <= READ_CHUNK
+            # When it reads again
+            loop.add_reader(sub._fd, sub._on_readable)
+            # Then every message arrives, in order
+            await until(lambda: len(got) >= n, 10)
+            assert got == payloads
+            await sub.close()
+            await pub.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_read_buffer_serves_paho_s_small_reads_and_starts_empty_on_a_new_socket() -> None:
+    c = PahoClient(CallbackAPIVersion.VERSION2)
+    a, b = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    try:
+        for s in (a, a2):
+            s.setblocking(False)
+        c._sock = a
+        # Given bytes that came in one go: paho's small reads are served from one recv
+        b.sendall(b"abcdef")
+        assert c._sock_recv(1) == b"a"
+        assert c.buffered()
+        assert c._sock_recv(2) == b"bc"
+        assert c._sock_recv(10) == b"def"  # (less than asked: what there is)
+        assert not c.buffered()
+        with pytest.raises(BlockingIOError):
+            c._sock_recv(1)  # (nothing buffered, nothing in the socket)
+        # When a connection ends with bytes still buffered and a new one starts
+        b.sendall(b"xyz")
+        assert c._sock_recv(1) == b"x" and c.buffered()
+        c._sock = a2
+        # Then none of the old connection's bytes reach the new one
+        assert not c.buffered()
+        b2.sendall(b"new")
+        assert c._sock_recv(3) == b"new"
+        # (and closing the socket empties the buffer too)
+        b2.sendall(b"123")
+        assert c._sock_recv(1) == b"1" and c.buffered()
+        c._sock_close()
+        assert not c.buffered() and c._rbuf == b""
+    finally:
+        for s in (a, b, a2, b2):
+            s.close()
