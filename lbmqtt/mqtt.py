@@ -566,6 +566,8 @@ class MqttTransport:
     def _on_readable(self) -> None:
         # Read every packet already in the socket buffer in one go, so that a burst of
         # messages is handled in one loop iteration (and batched by the components).
+        if self._fd is None:
+            return  # (unregistered since: a call_soon from below, after close())
         client = self._client
         for _ in range(512):
             try:
@@ -589,8 +591,8 @@ class MqttTransport:
                 return
             if not readable:
                 return
-        # (512 packets read and more buffered: the socket may be dry now, it would not wake
-        # us for them)
+        # (512 turns over and bytes still buffered: the socket may be dry now, it would not
+        # wake us for them)
         if client.buffered():
             assert self._loop is not None
             self._loop.call_soon(self._on_readable)

@@ -94,16 +94,17 @@ class PahoClient(paho.Client):
 
     def _sock_recv(self, bufsize: int) -> bytes:
         """Up to ``bufsize`` bytes: from what the last read brought, else from one read of
-        up to READ_CHUNK. paho asks for each packet's command byte, then for each byte of
-        its length, then for the rest, and lbmqtt's loop asked the socket with a
-        ``select`` whether more had come after each packet: five syscalls a small
-        message. One read now serves a whole burst. Same-run ABBA, one task at a time with
+        up to READ_CHUNK (or ``bufsize``, if more: a large body is read as paho reads it).
+        paho asks for each packet's command byte, then for each byte of its length, then
+        for the rest, and lbmqtt's loop asked the socket with a ``select`` whether more
+        had come after each packet: three ``recv`` and a ``select`` for a message under
+        128 bytes. One read now serves a whole burst. Same-run ABBA, one task at a time with
         Mosquitto (``bench/run.py latency``, 3 blocks of 1,000): p50 1.56 vs 1.33 ms, CPU
         a task over all processes 2,133 vs 1,831 µs; throughput unchanged."""
         buf = self._rbuf
         pos = self._rpos
         if pos >= len(buf) or self._rsock is not self._sock:
-            data = super()._sock_recv(READ_CHUNK)  # (its errors, as paho maps them)
+            data = super()._sock_recv(max(bufsize, READ_CHUNK))  # (errors mapped by paho)
             if len(data) <= bufsize:
                 self._rbuf, self._rpos = b"", 0
                 return data

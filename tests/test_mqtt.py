@@ -261,6 +261,7 @@ def test_more_packets_than_one_turn_of_the_read_loop_takes_all_arrive_in_order()
     n = 3000
     payloads = [str(i).encode() for i in range(n)]
     size = sum(2 + 2 + len("s/x") + len(p) for p in payloads)  # (header, topic, payload)
+    assert size <= READ_CHUNK  # (all of them within one read)
 
     async def scenario() -> None:
         async with EmbeddedBroker() as broker:
@@ -293,8 +294,10 @@ def test_more_packets_than_one_turn_of_the_read_loop_takes_all_arrive_in_order()
                 return int(struct.unpack("i", raw)[0])
 
             await until(lambda: waiting() >= size, 20)
-            assert size <= READ_CHUNK
-            # When it reads again
+            # When it reads again: one turn of its read loop takes 512 of them, and leaves
+            # the rest buffered, none in the socket
+            sub._on_readable()
+            assert len(got) == 512 and sub._client.buffered() and waiting() == 0
             loop.add_reader(sub._fd, sub._on_readable)
             # Then every message arrives, in order
             await until(lambda: len(got) >= n, 10)
@@ -335,6 +338,12 @@ def test_the_read_buffer_serves_paho_s_small_reads_and_starts_empty_on_a_new_soc
         assert c._sock_recv(1) == b"1" and c.buffered()
         c._sock_close()
         assert not c.buffered() and c._rbuf == b""
+        # (bytes buffered, then the peer's end: the bytes first, then the end, b"")
+        c._sock = a
+        b.sendall(b"tail")
+        b.shutdown(socket.SHUT_WR)
+        assert c._sock_recv(1) == b"t" and c._sock_recv(10) == b"ail"
+        assert c._sock_recv(1) == b""
     finally:
         for s in (a, b, a2, b2):
             s.close()
