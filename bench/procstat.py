@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from tests.cluster import children_of
 
@@ -54,12 +55,23 @@ def oncpu_seconds(pid: int) -> float:
 
 
 def oncpu_by_role(pids: dict[str, int], workers: list[int]) -> dict[str, float]:
-    """:func:`oncpu_seconds` of the bench's processes by role: those of ``pids``, the
-    client (this process) and the node's ``workers`` (summed; :func:`children_of` of the
-    node, which scans /proc: ~1.6 ms, so the caller finds them once)."""
-    out = {k: oncpu_seconds(p) for k, p in pids.items()}
-    out["client"] = oncpu_seconds(os.getpid())
-    out["workers"] = sum(oncpu_seconds(p) for p in workers)
+    """:func:`oncpu_seconds` of the bench's processes by role (:func:`_by_role`; the node's
+    ``workers`` from :func:`children_of`, which scans /proc: ~1.6 ms, so the caller finds
+    them once)."""
+    return _by_role(oncpu_seconds, pids, workers)
+
+
+def _by_role(
+    read: Callable[[int], float],
+    pids: dict[str, int],
+    workers: list[int],
+    client: float | None = None,
+) -> dict[str, float]:
+    """``read(pid)`` of the bench's processes by role: those of ``pids``, the client (this
+    process; ``client`` instead if given) and the node's ``workers`` (summed)."""
+    out = {k: read(p) for k, p in pids.items()}
+    out["client"] = read(os.getpid()) if client is None else client
+    out["workers"] = sum(read(p) for p in workers)
     return out
 
 
@@ -74,10 +86,6 @@ def process_times(pids: dict[str, int], node_pid: int) -> tuple[dict[str, float]
     (:func:`runqueue_wait_seconds`) of the bench's processes by role: those of ``pids``,
     the client (this process) and the node's workers (summed)."""
     workers = children_of(node_pid)
-    cpu = {k: cpu_seconds(p) for k, p in pids.items()}
-    cpu["client"] = time.process_time()
-    cpu["workers"] = sum(cpu_seconds(p) for p in workers)
-    wait = {k: runqueue_wait_seconds(p) for k, p in pids.items()}
-    wait["client"] = runqueue_wait_seconds(os.getpid())
-    wait["workers"] = sum(runqueue_wait_seconds(p) for p in workers)
+    cpu = _by_role(cpu_seconds, pids, workers, client=time.process_time())
+    wait = _by_role(runqueue_wait_seconds, pids, workers)
     return cpu, wait
