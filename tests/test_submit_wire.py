@@ -52,3 +52,21 @@ def test_ids_are_sent_in_messages_of_at_most_5000() -> None:
     messages = [decode(IdList, raw).all_ids() for raw in encode_id_lists(ids)]
     assert [len(m) for m in messages] == [5000, 5000, 2001]
     assert [i for m in messages for i in m] == ids
+
+
+def test_the_client_gives_each_task_without_an_id_its_own_random_one() -> None:
+    from lbmqtt.client import AsyncClient
+
+    c = AsyncClient(user="u")  # (not connected: building specs needs no broker)
+    given = TaskSpec(name="HELLO", id="mine-2")
+    specs = c._specs(
+        [{"name": "HELLO"}, {"name": "HELLO", "id": "mine-1"}, given, TaskSpec(name="HELLO")]
+        + [{"name": "NOOP", "args": i} for i in range(1000)]
+    )
+    ids = [s.id or "" for s in specs]
+    assert ids[1:3] == ["mine-1", "mine-2"]
+    made = [ids[0], ids[3], *ids[4:]]
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in made)
+    assert len(set(made)) == len(made)  # (a slice off by one would repeat or cut ids)
+    assert [s.args for s in specs[4:]] == list(range(1000))
+    assert {s.notify for s in specs} == {"events"}
