@@ -141,6 +141,8 @@ SETS = [
     _set([_assignment("a"), _assignment("b", 2, priority=5, timeout_s=1.5, tags=["gpu"])]),
     _set([_assignment("held"), _assignment("new", group=1, requires={"cores": 2})]),
     _set([_assignment("held", 2)]),  # a newer attempt of a held task: validated again
+    # new ones around a held one (validated in one call, put back in their places)
+    _set([_assignment("n1"), _assignment("held"), _assignment("n2", 3), _assignment("n3")]),
     _set([_assignment("a", unknown_field="ignored")]),
 ]
 
@@ -173,3 +175,13 @@ def test_a_malformed_assignment_set_is_refused_as_full_validation_refuses_it(
         decode(AssignmentSet, payload)
     with pytest.raises((DecodeError, ValidationError)):
         decode_assignment_set(payload, lambda tid: None)
+
+
+def test_a_bad_task_among_new_ones_is_named_by_its_own_error() -> None:
+    from pydantic import ValidationError
+
+    payload = _set([_assignment("ok"), _assignment("x", attempt="one"), _assignment("ok2")])
+    with pytest.raises(ValidationError) as info:
+        decode_assignment_set(payload, lambda tid: None)
+    assert info.value.title == "Assignment"  # (not list[Assignment], with an index)
+    assert [e["loc"] for e in info.value.errors()] == [("attempt",)]

