@@ -566,8 +566,12 @@ class Scheduler:
         a place that stopped taking such a task never takes it again. The top of the heap,
         still valid and with its key unchanged, is then the minimum of a full scan - at
         O(log n) per placement instead of O(free places) (many nodes: the scan was the
-        balancer's main cost).
+        balancer's main cost). The one free place, when there is one, is the answer:
+        :meth:`_user_head` returns only tasks a free place can run (its band, fit and
+        window), and looking again cost a quarter of placing a task.
         """
+        if len(free) == 1:  # (one node with one group, or all others full: no choice)
+            return next(iter(free))
         heaps = self._slot_heaps
         if heaps is None:
             return self._scan_best_slot(task, free)
