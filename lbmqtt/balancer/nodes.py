@@ -382,6 +382,9 @@ class Fleet:
         mono = time.monotonic()
         if rep.results and not info.freed_at:
             info.freed_at = mono  # (the refill it asks for: see Outbox.flush_sets)
+        # (a short task's "started" rides in the report that carries its result: no
+        # running state for it, which the result would replace in this very tick)
+        ending = {r.id: r.attempt for r in rep.results} if rep.started and rep.results else {}
         for s in rep.started:
             rec = self.current(info, s.id, s.attempt)
             if rec is None:
@@ -391,9 +394,7 @@ class Fleet:
                     c.started_at = now
                 continue
             if rec.status == Status.ASSIGNED:
-                self.table.set_status(rec, Status.RUNNING)
                 rec.started_at = now
-                self.scheduler.started(rec.id, mono)
                 sample = mono - rec.assigned_at
                 if not rec.prefetched and rec.assigned_at and sample < MAX_RTT_SAMPLE_S:
                     info.rtt_s = (
@@ -401,6 +402,10 @@ class Fleet:
                         if info.rtt_s is None
                         else (info.rtt_s + EWMA_ALPHA * (sample - info.rtt_s))
                     )
+                if ending.get(s.id) == s.attempt:
+                    continue
+                self.table.set_status(rec, Status.RUNNING)
+                self.scheduler.started(rec.id, mono)
                 self.outbox.emit(rec, hold=True)
         for p in rep.progress:
             rec = self.current(info, p.id, p.attempt)
