@@ -382,8 +382,8 @@ class Fleet:
         mono = time.monotonic()
         if rep.results and not info.freed_at:
             info.freed_at = mono  # (the refill it asks for: see Outbox.flush_sets)
-        # (a short task's "started" rides in the report that carries its result: no
-        # running state for it, which the result would replace in this very tick)
+        # (a short task's "started" rides in the report that carries its result, or is left
+        # out of it: no running state for it, which the result would replace in this tick)
         ending = {r.id: r.attempt for r in rep.results} if rep.started and rep.results else {}
         for s in rep.started:
             rec = self.current(info, s.id, s.attempt)
@@ -395,13 +395,7 @@ class Fleet:
                 continue
             if rec.status == Status.ASSIGNED:
                 rec.started_at = now
-                sample = mono - rec.assigned_at
-                if not rec.prefetched and rec.assigned_at and sample < MAX_RTT_SAMPLE_S:
-                    info.rtt_s = (
-                        sample
-                        if info.rtt_s is None
-                        else (info.rtt_s + EWMA_ALPHA * (sample - info.rtt_s))
-                    )
+                self._rtt_sample(info, rec, mono)
                 if ending.get(s.id) == s.attempt:
                     continue
                 self.table.set_status(rec, Status.RUNNING)
@@ -429,11 +423,23 @@ class Fleet:
                 # stale or already recorded: the node drops it once it sees a set without it
                 self.outbox.dirty_nodes.add(name)
                 continue
+            if rec.started_at is None and rec.status == Status.ASSIGNED:
+                self._rtt_sample(info, rec, mono)  # (its start is in its result, see above)
             if (moved := self.apply_result(rec, r, now)) is not None:
                 timed.add(moved)
         for n in timed:
             if (timed_info := self.nodes.get(n)) is not None:
                 self.table.size_window(timed_info)  # (once a report, not once a result)
+
+    @staticmethod
+    def _rtt_sample(info: NodeInfo, rec: TaskRecord, mono: float) -> None:
+        """The dispatch round trip, from a task placed on an idle slot (not held in the
+        node's window) to word that it started: an EWMA sample (TaskTable.size_window)."""
+        sample = mono - rec.assigned_at
+        if not rec.prefetched and rec.assigned_at and sample < MAX_RTT_SAMPLE_S:
+            info.rtt_s = (
+                sample if info.rtt_s is None else (info.rtt_s + EWMA_ALPHA * (sample - info.rtt_s))
+            )
 
     def copy_here(self, info: NodeInfo, task_id: str, attempt: int) -> CopyAttempt | None:
         """The speculative copy if this attempt is the copy placed on this node, else None."""

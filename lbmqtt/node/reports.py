@@ -131,10 +131,17 @@ class ReportBatcher:
         if not t.connected:
             return
         now = time.monotonic()
+        started = self.started
+        if started and self.results:
+            # (a task whose result goes in this report has started: the result says so)
+            results = self.results
+            started = [
+                s for s in started if (r := results.get(s.id)) is None or r.attempt != s.attempt
+            ]
         report = NodeReport(
             node=self.node,
             instance=self.instance,
-            started=self.started,
+            started=started,
             progress=list(self.progress.values()),
             results=list(self.results.values()),
         )
