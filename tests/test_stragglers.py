@@ -311,3 +311,47 @@ def test_a_slow_machine_is_learned_and_a_never_seen_name_goes_to_the_fast_one(
         if stats is not None:
             stats.close()
         cluster.close()
+
+
+@pytest.mark.parametrize("status", ["done", "failed"])
+@pytest.mark.parametrize("notice", [True, False], ids=["with-notice", "result-alone"])
+def test_a_short_copy_s_start_is_dated_from_its_result_when_no_notice_came(
+    status: str, notice: bool
+) -> None:
+    # (a node leaves a task's "started" out of the report that carries its result: for a
+    # speculative copy that ran 5 ms, the task's start and the copy's bar in the stats are
+    # the copy's, not the original's a minute earlier)
+    import time
+
+    from lbmqtt.balancer import Balancer
+    from lbmqtt.balancer.records import CopyAttempt, NodeInfo
+    from lbmqtt.balancer.tasks import assignment_json
+    from lbmqtt.protocol import NodeReport, Result, Started
+
+    from .conftest import task_record
+
+    b = Balancer(make_settings(1883, "t/copy"))
+    for n in ("n1", "n2"):
+        b.nodes[n] = NodeInfo(name=n, instance="i", online=True)
+    rec = task_record("a")
+    b.table.tasks["a"] = rec
+    now = time.time()
+    rec.status, rec.node, rec.group, rec.attempt, rec.top_attempt = Status.RUNNING, "n1", 0, 1, 2
+    rec.started_at = now - 60.0  # the original has run a minute on the slow n1
+    rec.assignment_json = assignment_json(rec)
+    b.nodes["n1"].assigned["a"] = None
+    rec.copy = CopyAttempt(node="n2", group=0, attempt=2, assignment_json=b"{}")
+    b.nodes["n2"].assigned["a"] = None
+    rep = NodeReport(
+        node="n2",
+        instance="i",
+        started=[Started(id="a", attempt=2, time=now)] if notice else [],
+        results=[Result(id="a", attempt=2, status=status, result=1, runtime_s=0.005)],
+    )
+    b.fleet.on_reports("n2", rep.model_dump_json().encode())
+    bars = [e for e in b.tally.ended if e[0] == "a" and e[6]]  # (the copy's attempts)
+    assert [e[5] for e in bars] == [status]  # the copy's bar, ended as it did ...
+    assert bars[0][4] - bars[0][3] < 1.0  # ... 5 ms long, not a minute
+    if status == "done":
+        assert rec.status == Status.DONE
+        assert rec.started_at is not None and now - rec.started_at < 1.0

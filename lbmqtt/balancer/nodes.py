@@ -410,7 +410,11 @@ class Fleet:
         timed: set[str] = set()  # (nodes whose short-task runtime moved: sized once, below)
         for r in rep.results:
             rec = self.current(info, r.id, r.attempt)
-            if rec is None and self.copy_here(info, r.id, r.attempt) is not None:
+            if rec is None and (c := self.copy_here(info, r.id, r.attempt)) is not None:
+                if not c.started:  # (its start is in its result, as an original's below)
+                    c.started = True
+                    rt = r.runtime_s
+                    c.started_at = now - rt if math.isfinite(rt) and 0 < rt < now else now
                 rec = self.table.tasks[r.id]
                 if r.status != "done":
                     # a copy that failed or was lost: the original runs on (if the task
