@@ -382,9 +382,6 @@ class Fleet:
         mono = time.monotonic()
         if rep.results and not info.freed_at:
             info.freed_at = mono  # (the refill it asks for: see Outbox.flush_sets)
-        # (a short task's "started" rides in the report that carries its result, or is left
-        # out of it: no running state for it, which the result would replace in this tick)
-        ending = {r.id: r.attempt for r in rep.results} if rep.started and rep.results else {}
         for s in rep.started:
             rec = self.current(info, s.id, s.attempt)
             if rec is None:
@@ -394,12 +391,10 @@ class Fleet:
                     c.started_at = now
                 continue
             if rec.status == Status.ASSIGNED:
-                rec.started_at = now
-                self._rtt_sample(info, rec, mono)
-                if ending.get(s.id) == s.attempt:
-                    continue
                 self.table.set_status(rec, Status.RUNNING)
+                rec.started_at = now
                 self.scheduler.started(rec.id, mono)
+                self._rtt_sample(info, rec, mono)
                 self.outbox.emit(rec, hold=True)
         for p in rep.progress:
             rec = self.current(info, p.id, p.attempt)
@@ -411,11 +406,11 @@ class Fleet:
         for r in rep.results:
             rec = self.current(info, r.id, r.attempt)
             if rec is None and (c := self.copy_here(info, r.id, r.attempt)) is not None:
-                if not c.started:  # (its start is in its result, as an original's below)
-                    c.started = True
-                    rt = r.runtime_s
-                    c.started_at = now - rt if math.isfinite(rt) and 0 < rt < now else now
                 rec = self.table.tasks[r.id]
+                if not c.started:  # (the node left its notice out: its result says it ran)
+                    c.started = True
+                    began = _began(rec, r, now)
+                    c.started_at = now if began is None else began
                 if r.status != "done":
                     # a copy that failed or was lost: the original runs on (if the task
                     # itself fails, the original says so)
@@ -428,7 +423,8 @@ class Fleet:
                 self.outbox.dirty_nodes.add(name)
                 continue
             if rec.started_at is None and rec.status == Status.ASSIGNED:
-                self._rtt_sample(info, rec, mono)  # (its start is in its result, see above)
+                # (a short task's notice is left out of the report with its result)
+                self._rtt_sample(info, rec, mono)
             if (moved := self.apply_result(rec, r, now)) is not None:
                 timed.add(moved)
         for n in timed:
@@ -480,11 +476,10 @@ class Fleet:
             self.tally.counters["copies_promoted"] += 1
             return None
         moved = None
-        rt = r.runtime_s
-        if r.status != "lost" and math.isfinite(rt) and rt > 0:
-            # a short task's "started" rides in the same report as its result (the node
-            # coalesces them): the run began runtime_s ago by the node's measure, not now
-            rec.started_at = max(rec.submitted_at, min(rec.started_at, now - rt))
+        if r.status != "lost" and (began := _began(rec, r, now)) is not None:
+            # a short task's start is told by its result (the node leaves its "started"
+            # out of that report): the run began runtime_s ago by the node's measure, not now
+            rec.started_at = max(rec.submitted_at, min(rec.started_at, began))
         self.table.unplace(rec)
         if r.status == "done":
             rec.result = r.result
@@ -603,3 +598,12 @@ class Fleet:
                 self.node_lost(info, f"went silent (no heartbeat for {deadline:g} s)")
             elif info.assigned:  # adopted from an earlier balancer, never came back
                 self.node_lost(info, "did not come back")
+
+
+def _began(rec: TaskRecord, r: Result, now: float) -> float | None:
+    """When the attempt that ``r`` ends began, by the runtime the node measured (not before
+    the task's submit), or None if ``r`` carries no runtime."""
+    rt = r.runtime_s
+    if not math.isfinite(rt) or rt <= 0:
+        return None
+    return max(rec.submitted_at, now - rt)
