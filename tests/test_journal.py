@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import marshal
 import os
 import sqlite3
 import termios
@@ -419,8 +420,9 @@ class WatchedJournal(MemoryJournal):
         new: Sequence[JournalEntry],
         changed: Sequence[JournalEntry] = (),
         gone: Iterable[int] = (),
+        collected: Sequence[tuple[int, float]] = (),
     ) -> int:
-        n = super().commit(new, changed, gone)
+        n = super().commit(new, changed, gone, collected)
         for e in (*new, *changed):
             self.status[e.id] = e.status
         self.sizes.append(len(new) + len(changed))
@@ -612,6 +614,54 @@ def test_both_stores_keep_the_same_entries_from_the_same_commits(store: JournalS
     ]
 
 
+def test_a_collection_writes_its_time_alone_and_every_store_keeps_it(
+    store: JournalStore, tmp_path: Path
+) -> None:
+    done = _row("a", 1, "done")._replace(result=b"[1]", finished_at=3.0)
+    store.commit([done, _row("b", 2)])
+    # a collection time for a, none for b, and one for a seq never written (passed over)
+    store.commit([], collected=[(1, 7.5), (99, 8.0)])
+    # a deleted seq's collection in the same commit is passed over too
+    store.commit([], gone=[2], collected=[(2, 9.0)])
+    got = [(e.id, e.status, e.result, e.finished_at, e.collected_at) for e in store.load()]
+    assert got == [("a", "done", b"[1]", 3.0, 7.5)]
+    path = getattr(store, "path", ":memory:")
+    if path != ":memory:":  # (and once it is opened again)
+        store.close()
+        again = LogJournal(path) if isinstance(store, LogJournal) else SqliteJournal(path)
+        try:
+            assert [(e.id, e.collected_at) for e in again.load()] == [("a", 7.5)]
+        finally:
+            again.close()
+
+
+def test_a_log_journal_s_collection_times_pass_as_deletions_of_nothing_to_an_older_reader(
+    tmp_path: Path,
+) -> None:
+    """A balancer from before collection times were written alone read each frame as
+    ``new, changed, gone = marshal.loads(body)`` and deleted every item of ``gone``: a
+    frame with a collection must read whole that way, deleting nothing more."""
+    import lbmqtt.balancer.logstore as logstore
+
+    path = tmp_path / "j.log"
+    j = LogJournal(path)
+    j.commit([_row("a", 1, "done"), _row("b", 2, "done")])
+    j.commit([], gone=[2], collected=[(1, 7.5)])
+    j.close()
+    data = path.read_bytes()[len(logstore.MAGIC) :]
+    entries: dict[int, object] = {}
+    while data:  # (the older reader's loop)
+        length, _crc = logstore.FRAME.unpack(data[: logstore.FRAME.size])
+        body = data[logstore.FRAME.size : logstore.FRAME.size + length]
+        new, _changed, gone = marshal.loads(body)
+        for seq in gone:
+            entries.pop(seq, None)
+        for row in new:
+            entries[row[JournalEntry._fields.index("seq")]] = row
+        data = data[logstore.FRAME.size + length :]
+    assert sorted(entries) == [1]
+
+
 def test_a_balancer_resumes_from_a_memory_journal_what_another_wrote() -> None:
     # Given a balancer (not connected: its logic alone) that accepted tasks of two users,
     # one of which was then cancelled, all on a memory journal
@@ -675,6 +725,7 @@ def _churn(stores: list[JournalStore], n: int, start: int = 0) -> None:
                 [],
                 [_change("done", 1, "n1", 0, 2.0, 3.0, b"[1]", None, None, 0, q) for q in seqs],
                 gone=[q - n // 2 for q in seqs if q - n // 2 >= start],
+                collected=[(q, 4.0 + q) for q in seqs if q % 3 == 0],
             )
 
 

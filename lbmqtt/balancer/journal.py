@@ -105,11 +105,14 @@ class JournalStore(Protocol):
         new: Sequence[JournalEntry],
         changed: Sequence[JournalEntry] = (),
         gone: Iterable[int] = (),
+        collected: Sequence[tuple[int, float]] = (),
     ) -> int:
         """In one transaction: delete the entries of the ``gone`` seqs, write the ``new``
-        entries whole (replacing any of the same seq) and update the :data:`CHANGING`
-        fields of the ``changed`` ones (written before). Returns the number of entries
-        written.
+        entries whole (replacing any of the same seq), update the :data:`CHANGING`
+        fields of the ``changed`` ones (written before), then set ``collected_at`` of the
+        ``collected`` ``(seq, time)`` pairs (a result collected: only its time is written,
+        not the whole changed entry; a seq not in the journal is passed over). Returns the
+        number of entries written.
 
         Raises:
             LookupError: a changed entry was never written (then nothing is).
@@ -156,6 +159,7 @@ class MemoryJournal:
         new: Sequence[JournalEntry],
         changed: Sequence[JournalEntry] = (),
         gone: Iterable[int] = (),
+        collected: Sequence[tuple[int, float]] = (),
     ) -> int:
         gone = set(gone)
         refuse_unwritten(new, changed, gone, self.entries.__contains__)
@@ -167,6 +171,9 @@ class MemoryJournal:
             self.entries[e.seq] = self.entries[e.seq]._replace(
                 **{f: getattr(e, f) for f in CHANGING}
             )
+        for seq, when in collected:
+            if (entry := self.entries.get(seq)) is not None:
+                self.entries[seq] = entry._replace(collected_at=when)
         self.commits += 1
         return len(new) + len(changed)
 
@@ -332,7 +339,7 @@ class JournalWriter:
         and in parts, between which the balancer reads the nodes' reports (2,000 new rows
         take ~26 ms to write)."""
         j, outbox = self.store, self.outbox
-        if j is None or not (outbox.durable or outbox.gone):
+        if j is None or not (outbox.durable or outbox.gone or outbox.collected):
             return True
         durable = outbox.durable
         if unqueued:  # (among the records changed since the last such call: not a burst)
@@ -342,11 +349,13 @@ class JournalWriter:
                 if r.status is not Status.QUEUED and r.id in durable
             ]
             gone: Collection[int] = ()
+            collected: list[tuple[int, float]] = []
         elif limit is not None and len(durable) > limit:
             dirty, gone = list(itertools.islice(durable.values(), limit)), outbox.gone
+            collected = outbox.collected
         else:
-            dirty, gone = durable.values(), outbox.gone
-        if not dirty and not gone:
+            dirty, gone, collected = durable.values(), outbox.gone, outbox.collected
+        if not dirty and not gone and not collected:
             if unqueued:
                 outbox.touched.clear()
             return True
@@ -356,10 +365,11 @@ class JournalWriter:
                     [entry_of(r) for r in dirty if not r.journaled],
                     [change_of(r) for r in dirty if r.journaled],
                     gone,
+                    collected,
                 )
             except LookupError as exc:  # (a row gone from under us: write them whole)
                 log.warning("journal %s: %s; writing whole rows", j.path, exc)
-                j.commit([entry_of(r) for r in dirty], (), gone)
+                j.commit([entry_of(r) for r in dirty], (), gone, collected)
         except Exception as exc:  # the store's errors mostly; never let it escape the tick
             self.counters["journal_errors"] += 1
             if self.error != str(exc):
@@ -383,6 +393,8 @@ class JournalWriter:
                 del durable[r.id]
         if gone:
             outbox.gone.clear()
+        if collected:
+            collected.clear()  # (outbox.collected)
         if unqueued or not durable:
             outbox.touched.clear()
         return True

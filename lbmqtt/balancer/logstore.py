@@ -5,8 +5,12 @@ SQLite rewrites a task's row at every change (6-8 µs per row in a busy balancer
 its time at 4.2 rows per task); this store appends. Each group commit is one frame, written
 with one ``write``: a header (the body's length and its CRC-32) and the body, the commit's
 new entries, changes and deleted seqs as ``marshal`` data (plain tuples of str, int, float,
-bytes and None). A write to a file survives the balancer being killed at any moment, as
-SQLite's WAL does at ``JOURNAL_SYNC: normal``; ``full`` adds an fsync per commit.
+bytes and None). The times results were collected ride among the deleted seqs as
+``(seq, collected_at)`` pairs, applied after the frame's entries and changes: a balancer
+from before them took every item there for a seq to delete, so it passes over a pair (no
+entry has a tuple for its seq) and reads such a journal whole, only without those times.
+A write to a file survives the balancer being killed at any moment, as SQLite's WAL does
+at ``JOURNAL_SYNC: normal``; ``full`` adds an fsync per commit.
 
 Opening replays the frames in order, one at a time. A frame cut short or damaged (a power
 cut in the middle of a write) ends the journal there: it and whatever follows are cut off,
@@ -55,6 +59,7 @@ SNAPSHOT_FRAME = 10_000
 
 _FIRST_CHANGING = len(JournalEntry._fields) - len(CHANGING)
 _SEQ = JournalEntry._fields.index("seq")
+_COLLECTED = JournalEntry._fields.index("collected_at")
 
 
 class LogJournal:
@@ -150,10 +155,11 @@ class LogJournal:
         new: Sequence[JournalEntry],
         changed: Sequence[JournalEntry] = (),
         gone: Iterable[int] = (),
+        collected: Sequence[tuple[int, float]] = (),
     ) -> int:
         """Append one frame: delete the ``gone`` seqs, write the ``new`` entries whole,
-        then the :data:`CHANGING` fields of the ``changed`` ones. Returns the number of
-        entries written.
+        then the :data:`CHANGING` fields of the ``changed`` ones, then the ``collected``
+        (seq, time) pairs. Returns the number of entries written (whole or changed).
 
         Raises:
             LookupError: a changed entry was never written, or was deleted (then nothing
@@ -163,7 +169,7 @@ class LogJournal:
         """
         t0 = time.perf_counter()
         gone = list(gone)
-        if not new and not changed and not gone:
+        if not new and not changed and not gone and not collected:
             return 0
         if self._broken:
             raise OSError(f"the journal cannot be written to since: {self._broken}")
@@ -173,7 +179,7 @@ class LogJournal:
             (
                 list(map(tuple, new)),
                 [(e[_SEQ], *e[_FIRST_CHANGING:]) for e in changed],
-                gone,
+                [*gone, *collected] if collected else gone,
             )
         )
         frame = _frame(body)
@@ -197,9 +203,9 @@ class LogJournal:
             if not _has(live, e.seq):
                 _set(live, e.seq)
                 self._entries += 1
-        self._records += len(new) + len(changed) + len(gone)
+        self._records += len(new) + len(changed) + len(gone) + len(collected)
         self.commits += 1
-        self.rows_written += len(new) + len(changed)
+        self.rows_written += len(new) + len(changed) + len(collected)
         if self._compacted is not None:
             self._switch()
         elif (
@@ -381,14 +387,22 @@ def _replay(path: str, end: int | None) -> tuple[dict[int, tuple[object, ...]], 
             except (ValueError, EOFError, TypeError):
                 return entries, pos, records, True
             del body
+            collected = []
             for seq in gone:
-                entries.pop(seq, None)
+                if type(seq) is tuple:
+                    collected.append(seq)  # (seq, collected_at)
+                else:
+                    entries.pop(seq, None)
             for row in new:
                 entries[row[_SEQ]] = tuple(row)
             for ch in changed:
                 row = entries.get(ch[0])
                 if row is not None:
                     entries[ch[0]] = row[:first] + ch[1:]
+            for seq, when in collected:
+                row = entries.get(seq)
+                if row is not None:
+                    entries[seq] = (*row[:_COLLECTED], when, *row[_COLLECTED + 1 :])
             records += len(new) + len(changed) + len(gone)
             pos += head + length
     return entries, pos, records, False

@@ -124,10 +124,12 @@ class SqliteJournal:
         new: Sequence[JournalEntry],
         changed: Sequence[JournalEntry] = (),
         gone: Iterable[int] = (),
+        collected: Sequence[tuple[int, float]] = (),
     ) -> int:
         """Delete the rows of the ``gone`` seqs, write the ``new`` entries whole and the
-        :data:`CHANGING` columns of the ``changed`` ones, in one transaction. Returns the
-        number of rows written. Raises sqlite3.Error, and LookupError if a change has no
+        :data:`CHANGING` columns of the ``changed`` ones, then the ``collected_at`` of the
+        ``collected`` (seq, time) pairs, in one transaction. Returns the number of rows
+        written (whole or changed). Raises sqlite3.Error, and LookupError if a change has no
         row (then nothing is written).
 
         Rows are keyed by the task's ``seq`` (submit order), not its id: new rows append
@@ -138,7 +140,7 @@ class SqliteJournal:
         rows = new
         changes = changed
         deleted = [(seq,) for seq in gone]
-        if not rows and not deleted and not changes:
+        if not rows and not deleted and not changes and not collected:
             return 0
         db = self._db
         db.execute("BEGIN")
@@ -157,6 +159,11 @@ class SqliteJournal:
                         f"{len(changes) - updated} of {len(changes)} changed "
                         f"tasks have no row in the journal"
                     )
+            if collected:
+                db.executemany(
+                    "UPDATE tasks SET collected_at = ? WHERE seq = ?",
+                    [(when, seq) for seq, when in collected],
+                )
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -164,7 +171,7 @@ class SqliteJournal:
                     db.execute("ROLLBACK")
             raise
         self.commits += 1
-        self.rows_written += len(rows) + len(changes)
+        self.rows_written += len(rows) + len(changes) + len(collected)
         self.commit_seconds += time.perf_counter() - t0
         return len(rows) + len(changes)
 

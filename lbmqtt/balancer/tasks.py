@@ -327,7 +327,7 @@ class TaskTable:
         """Its user has its result: it expires sooner (RESULT_COLLECTED_TTL_S)."""
         if rec.collected_at is None:
             rec.collected_at = now
-            self.outbox.write(rec)
+            self.outbox.collect(rec)
             heapq.heappush(self.expiry, (self.expires_at(rec), rec.id))
 
     def expire_queued(self, now: float) -> None:
