@@ -59,7 +59,10 @@ class ReportBatcher:
         self.transport: MqttTransport | None = None
         self.busy: Callable[[], bool] = lambda: False
         """Whether other tasks run or wait here (their results may share the next report)."""
-        self.started: list[Started] = []
+        self.started: list[tuple[str, int, float]] = []
+        """(task id, attempt, time) of the tasks started since the last report: a
+        :class:`Started` is made only for those that go out (most short tasks' notices are
+        left out: their results carry them)."""
         self.progress: dict[str, Progress] = {}
         self.results: dict[str, Result] = {}
         self._held = held
@@ -77,7 +80,7 @@ class ReportBatcher:
             self.results.pop(tid, None)
             self.progress.pop(tid, None)
         if self.started and task_ids:  # (a short task's may wait STARTED_HOLD_S)
-            self.started = [s for s in self.started if s.id not in task_ids]
+            self.started = [s for s in self.started if s[0] not in task_ids]
 
     def schedule(self, *, urgent: bool = True, short: bool = False) -> None:
         """Send a report soon: results (``urgent``) at once unless a report left less than
@@ -135,13 +138,11 @@ class ReportBatcher:
         if started and self.results:
             # (a task whose result goes in this report has started: the result says so)
             results = self.results
-            started = [
-                s for s in started if (r := results.get(s.id)) is None or r.attempt != s.attempt
-            ]
+            started = [s for s in started if (r := results.get(s[0])) is None or r.attempt != s[1]]
         report = NodeReport(
             node=self.node,
             instance=self.instance,
-            started=started,
+            started=[Started(id=tid, attempt=attempt, time=at) for tid, attempt, at in started],
             progress=list(self.progress.values()),
             results=list(self.results.values()),
         )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..backoff import Backoff, compute_backoff
-from ..protocol import Assignment, ErrorInfo, GroupInfo, Progress, Result, Started
+from ..protocol import Assignment, ErrorInfo, GroupInfo, Progress, Result
 from ..protocol.codec import decode_json
 from ..protocol_worker import (
     Done,
@@ -387,7 +387,7 @@ class Supervisor:
             self.counters["started"] += 1
             if not behind:
                 lt.start_reported = True
-                started.append(Started(id=lt.a.id, attempt=lt.a.attempt, time=now))
+                started.append((lt.a.id, lt.a.attempt, now))
         if was_idle:
             self._began(w)
         if not behind:
@@ -400,7 +400,7 @@ class Supervisor:
         lt.started_mono = time.monotonic()
         if not lt.start_reported:
             lt.start_reported = True
-            self.reports.started.append(Started(id=lt.a.id, attempt=lt.a.attempt, time=time.time()))
+            self.reports.started.append((lt.a.id, lt.a.attempt, time.time()))
             self.reports.schedule(urgent=False)
         if lt.a.timeout_s is not None:
             lt.timeout_handle = asyncio.get_running_loop().call_later(
