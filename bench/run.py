@@ -3,7 +3,8 @@
 
 Scenarios (this file grows with the performance issue):
 
-``throughput``  N no-op tasks from one client (``map``): tasks/s, p50/p99 submit->result,
+``throughput``  N no-op tasks from one client (``submit_many``, then ``wait_state`` for
+                each in turn): tasks/s, p50/p99 submit->result,
                 each process's CPU per task in µs (``cpu_us_per_task``), the share of
                 the run it was ready to run but waited for a CPU (``runqueue_wait_pct``),
                 and its CPU (% of a core) while the client submits and after

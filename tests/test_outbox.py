@@ -9,7 +9,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from lbmqtt.balancer import TaskRecord
+from lbmqtt.balancer import MemoryJournal, TaskRecord
+from lbmqtt.balancer.journal import JournalWriter
 from lbmqtt.balancer.outbox import EVENTS_BYTES_MAX, STATE_HOLD_S, Outbox
 from lbmqtt.protocol import Status, Topics
 
@@ -118,3 +119,98 @@ def test_states_beyond_the_events_bound_go_in_several_messages_in_order() -> Non
     assert all(len(p) <= EVENTS_BYTES_MAX for p in payloads)
     sent = [s["id"] for p in payloads for s in json.loads(p)["states"]]
     assert sent == [r.id for r in recs]
+
+
+# --------------------------------------------- a collected result's time, to the journal
+
+
+class _ThreeArgumentStore(MemoryJournal):
+    """A store written to the three-argument commit of earlier releases."""
+
+    def commit(self, new: Any, changed: Any = (), gone: Any = ()) -> int:  # type: ignore[override]
+        return super().commit(new, changed, gone)
+
+
+class _FailingStore(MemoryJournal):
+    fail = False
+
+    def commit(self, *args: Any, **kw: Any) -> int:
+        if self.fail:
+            raise OSError("disk full")
+        return super().commit(*args, **kw)
+
+
+def _journaled(box: Outbox, writer: JournalWriter, *recs: TaskRecord) -> None:
+    """``recs`` finished and written (their states announced)."""
+    for r in recs:
+        r.status = Status.DONE
+        r.result = [r.id] * 100  # (a result a collection must not write again)
+        box.emit(r)
+    assert writer.commit()
+    box.states.clear()
+
+
+def _collect(box: Outbox, rec: TaskRecord, when: float) -> None:
+    rec.collected_at = when
+    box.collect(rec)
+
+
+def test_a_collection_goes_to_the_journal_as_its_time_alone_with_the_tick_s_whole_commit() -> None:
+    box, store = Outbox(Counter()), MemoryJournal()
+    writer = JournalWriter(box, Counter())
+    writer.open(store)
+    a, b, c = task_record("a"), task_record("b"), task_record("c")
+    a.seq, b.seq, c.seq = 1, 2, 3
+    _journaled(box, writer, a, b)
+    entries = dict(store.entries)
+    _collect(box, a, 7.0)
+    assert box.collected == [(1, 7.0)] and not box.durable  # (not the whole entry again)
+    # the commit a tick makes before its sets (placed and ended tasks) leaves it for later
+    box.emit(c)
+    assert writer.commit(unqueued=True) and box.collected == [(1, 7.0)]
+    assert store.entries[1] is entries[1]
+    # the tick's whole commit writes it: the time, the result not again
+    assert writer.commit() and box.collected == [] and store.entries[1].collected_at == 7.0
+    assert store.entries[1].result == entries[1].result
+    # a record whose write is pending carries its time in the entry: no pair
+    b.attempt += 1
+    box.emit(b)
+    _collect(box, b, 8.0)
+    assert box.collected == []
+    assert writer.commit() and store.entries[2].collected_at == 8.0
+    # a record never written is written whole, with its time
+    d = task_record("d")
+    d.seq, d.status = 4, Status.DONE
+    _collect(box, d, 9.0)
+    assert "d" in box.durable and box.collected == []
+    assert writer.commit() and store.entries[4].collected_at == 9.0
+    # collected, then expired in the same tick: deleted, the pair passed over
+    _collect(box, c, 10.0)
+    box.forget(c)
+    assert writer.commit() and 3 not in store.entries
+
+
+def test_a_failed_write_keeps_the_collections_for_the_next_one() -> None:
+    box, store = Outbox(Counter()), _FailingStore()
+    writer = JournalWriter(box, Counter())
+    writer.open(store)
+    a = task_record("a")
+    _journaled(box, writer, a)
+    _collect(box, a, 7.0)
+    store.fail = True
+    assert not writer.commit() and box.collected == [(1, 7.0)]
+    store.fail = False
+    assert writer.commit() and box.collected == [] and store.entries[1].collected_at == 7.0
+
+
+def test_a_store_with_the_older_three_argument_commit_gets_a_collection_as_a_change() -> None:
+    box, store = Outbox(Counter()), _ThreeArgumentStore()
+    counters: Counter[str] = Counter()
+    writer = JournalWriter(box, counters)
+    writer.open(store)
+    a = task_record("a")
+    _journaled(box, writer, a)
+    _collect(box, a, 7.0)
+    assert box.collected == [] and "a" in box.durable
+    assert writer.commit() and not counters["journal_errors"]
+    assert store.entries[1].collected_at == 7.0

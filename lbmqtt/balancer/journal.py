@@ -18,6 +18,7 @@ needed to run, reconcile and answer for a task is.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
@@ -307,6 +308,16 @@ def recover(entries: Iterable[JournalEntry], table: TaskTable) -> int:
 # ---------------------------------------------------------------------- the writer
 
 
+def _takes_collected(store: JournalStore) -> bool:
+    """Whether ``store.commit`` takes ``collected`` (the stores of earlier releases did
+    not: a collection was a changed entry)."""
+    try:
+        params = inspect.signature(store.commit).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "collected" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 class JournalWriter:
     """Writes the outbox's journal changes to a store, one group commit per tick.
 
@@ -326,6 +337,9 @@ class JournalWriter:
         """Write to ``store`` from now on (None: no journal)."""
         self.store = store
         self.outbox.journaling = store is not None
+        # a store written to the three-argument commit of earlier releases gets a
+        # collection as the task's changed entry, as it did then
+        self.outbox.collect_alone = store is not None and _takes_collected(store)
 
     def commit(self, *, unqueued: bool = False, limit: int | None = None) -> bool:
         """Write the records changed since the last commit (one transaction). False if the
@@ -359,17 +373,18 @@ class JournalWriter:
             if unqueued:
                 outbox.touched.clear()
             return True
+        more = {"collected": collected} if collected else {}  # (see open())
         try:
             try:
                 j.commit(
                     [entry_of(r) for r in dirty if not r.journaled],
                     [change_of(r) for r in dirty if r.journaled],
                     gone,
-                    collected,
+                    **more,
                 )
             except LookupError as exc:  # (a row gone from under us: write them whole)
                 log.warning("journal %s: %s; writing whole rows", j.path, exc)
-                j.commit([entry_of(r) for r in dirty], (), gone, collected)
+                j.commit([entry_of(r) for r in dirty], (), gone, **more)
         except Exception as exc:  # the store's errors mostly; never let it escape the tick
             self.counters["journal_errors"] += 1
             if self.error != str(exc):

@@ -231,8 +231,10 @@ class LogJournal:
                 os.close(done[2])
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        if self._fd >= 0:  # (closed once: a second close must not hit a reused fd number)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
 
     # -------------------------------------------------------------------- compaction
 

@@ -69,6 +69,8 @@ class Outbox:
         self.collected: list[tuple[int, float]] = []
         """(seq, collected_at) of journaled tasks whose results were collected since the
         last write (:meth:`collect`)."""
+        self.collect_alone = True
+        """The journal takes a collection's time alone (set by the journal's writer)."""
         self.held: dict[str, dict[str, TaskRecord]] = {}
         """user -> task id -> record whose assigned or running state waits (STATE_HOLD_S)
         for the next one."""
@@ -139,7 +141,7 @@ class Outbox:
         is pending carries the time in its entry."""
         if not self.journaling or rec.id in self.durable:
             return
-        if not rec.journaled:  # (never written: its whole entry goes, with the time)
+        if not rec.journaled or not self.collect_alone:  # (the whole entry, with the time)
             self.write(rec)
             return
         assert rec.collected_at is not None
