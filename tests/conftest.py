@@ -164,6 +164,9 @@ def make_settings(port: int, prefix: str, **overrides: Any) -> Settings:
         "CLIENT_ACK_TIMEOUT_S": 10.0,
         "CONNECT_TIMEOUT_S": 5.0,
         "BROKER_KEEPALIVE_S": 5,
+        # (a free port: the repository's parameters.json names 9110, which the tests'
+        # balancers running side by side took in turn, logging an error for each other)
+        "METRICS_PORT": 0,
         "NODE_TASKS": [DEMO_TASKS],
         "WKHUB_WORKERS": [
             {"nWorkers": 2, "minP": 0, "maxP": 9, "processP": 0},
